@@ -1,0 +1,2951 @@
+#!/usr/bin/env python3
+"""tunnel.py -- expose a local port through a relay you host yourself.
+
+One file, standard library only.  The same module is the *relay* (run it on a
+machine with a public address) and the *client* (run it next to the service
+you want to share)::
+
+    relay$   python tunnel.py serve --domain example.com
+    laptop$  python tunnel.py expose 5000 --relay example.com:7835 --token T
+    Forwarding http://brave-otter-17.example.com -> http://127.0.0.1:5000
+
+Picture::
+
+      visitor (browser, curl)                 private machine
+           |                                 +----------------------+
+           | HTTP, Host: NAME.DOMAIN         |  tunnel.py expose    |
+           v                                 |   (client)           |
+    +-------------------+   one TCP control  |      |               |
+    | tunnel.py serve   |<===================|      v               |
+    |   (relay)         |  socket, framed,   |  127.0.0.1:5000      |
+    |  :8080 visitors   |  many streams      |  (your service)      |
+    |  :7835 clients    |                    +----------------------+
+    +-------------------+
+
+The client dials *out* to the relay's control port (so it works from behind
+NAT and firewalls), proves it holds the shared token, and claims a name.  Each
+visitor connection to ``NAME.DOMAIN`` becomes one *stream* multiplexed over that
+single control socket; the client opens a fresh connection to the local target
+for every stream and copies bytes both ways.  The relay parses every HTTP
+request on a visitor connection (routing by ``Host``, rejecting ambiguous
+framing, replacing ``X-Forwarded-*``) and every response (to find message
+boundaries, spot ``101 Switching Protocols`` and write an access log).  Bodies
+are streamed, never buffered whole.
+
+Handshake (client C, relay R, shared token K; the token never crosses)::
+
+    C -> R  preamble  b"TUNNEL" + u16 version          (8 bytes)
+    C -> R  HELLO     client nonce Nc                   (32 random bytes)
+    R -> C  CHALLENGE relay nonce Nr                    (32 random bytes)
+    C -> R  AUTH      Mc + request JSON                 {"subdomain", "client_id"}
+            Mc = HMAC-SHA256(K, "tunnel.py/1 client" 0 Nc Nr request)
+    R -> C  WELCOME   Mr + welcome JSON                 {"name", "url", ...}
+            Mr = HMAC-SHA256(K, "tunnel.py/1 relay" 0 Nr Nc Mc welcome)
+       or   REFUSE    JSON {"error": CODE, "message": TEXT}
+            CODE is one of auth, version, invalid_name, name_taken
+
+Both sides check the other's MAC with ``hmac.compare_digest``, so each knows
+the other holds K.  A client refused with ``auth`` exits with status 2.
+
+Frames (after the preamble, everything on the control socket is a frame)::
+
+    +--------+--------+----------------+----------------+----------...
+    | type 1 | flags 1| stream id 4    | length 4       | payload
+    +--------+--------+----------------+----------------+----------...
+    network byte order; length <= MAX_FRAME_PAYLOAD (handshake: 4 KiB)
+
+    type       stream  payload                       meaning
+    ---------  ------  ----------------------------  ------------------------
+    1 HELLO      0     nonce                         handshake, see above
+    2 CHALLENGE  0     nonce
+    3 AUTH       0     MAC + JSON
+    4 WELCOME    0     MAC + JSON
+    5 REFUSE     0     JSON
+    6 OPEN       id    JSON {"peer", "host"}         relay opens a stream
+    7 DATA       id    bytes                         counts against the window
+    8 WINDOW     id    u32 increment                 grant send credit
+    9 FIN        id    -                             half-close: no more DATA
+   10 RST        id    reason text                   abort the stream
+   11 PING       0     u64 opaque; flag ACK=1        heartbeat and RTT probe
+   12 GOAWAY     0     u32 code + reason text        sender is shutting down
+   13 LOG        id    u16 status, u32 us, u64 bytes, one finished request,
+                       "METHOD target"               for the client's log
+
+Streams are opened only by the relay, with increasing ids.  A frame for a
+stream id that was never opened, an unknown type, an over-long frame or a
+flow-control violation is a protocol error: that session is closed with a
+logged reason, other sessions are untouched.  Frames for a stream that was
+already closed or reset are dropped silently (they may have crossed a RST).
+
+Flow control (in the spirit of yamux): each direction of each stream starts
+with INITIAL_WINDOW bytes of credit.  A sender stops reading its socket when
+the credit is spent; the receiver grants more (WINDOW) as it writes the data
+out to its own socket, so memory per stream is bounded by the window.  A
+stream whose grants come faster than twice the measured round trip is
+window-bound, and its window doubles, up to MAX_WINDOW.  When the control
+socket's own output queue passes SESSION_HIGH_WATER every stream of that
+session stops reading until it drains, so one bulk stream cannot build a
+queue in front of the others.
+
+Both sides send PING every heartbeat interval and declare the session dead
+after the heartbeat timeout without any incoming frame.
+
+Run ``python tunnel.py --help`` for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import enum
+import errno
+import hashlib
+import heapq
+import hmac
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("tunnel")
+
+# =============================================================================
+# Constants
+# =============================================================================
+
+# -- wire format --------------------------------------------------------------
+MAGIC = b"TUNNEL"                       # first bytes a client sends
+PROTOCOL_VERSION = 1                    # bumped on any incompatible change
+PREAMBLE = struct.Struct("!6sH")        # magic, version
+FRAME_HEADER = struct.Struct("!BBII")   # type, flags, stream id, payload length
+MAX_FRAME_PAYLOAD = 256 * 1024          # largest payload a peer may send
+MAX_HANDSHAKE_PAYLOAD = 4 * 1024        # largest payload before authentication
+NONCE_SIZE = 32                         # bytes of randomness per side
+MAC_SIZE = 32                           # HMAC-SHA256 digest size
+MAC_LABEL = b"tunnel.py/1 "             # domain separation for the MACs
+U32 = struct.Struct("!I")               # WINDOW increment, GOAWAY code
+PING_PAYLOAD = struct.Struct("!Q")      # opaque PING counter
+LOG_RECORD = struct.Struct("!HIQ")      # status, duration in us, bytes
+MAX_CREDIT = 2 ** 31 - 1                # send credit beyond this is an error
+FLAG_ACK = 0x01                         # PING: this is the answer
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    REFUSE = 5
+    OPEN = 6
+    DATA = 7
+    WINDOW = 8
+    FIN = 9
+    RST = 10
+    PING = 11
+    GOAWAY = 12
+    LOG = 13
+
+
+FRAME_TYPES = frozenset(int(t) for t in FrameType)
+HANDSHAKE_TYPES = frozenset({FrameType.HELLO, FrameType.CHALLENGE, FrameType.AUTH,
+                             FrameType.WELCOME, FrameType.REFUSE})
+
+GOAWAY_NORMAL = 0                       # planned shutdown
+
+# -- flow control and buffering -----------------------------------------------
+INITIAL_WINDOW = 256 * 1024             # per-stream credit at open
+MAX_WINDOW = 16 * 1024 * 1024           # a busy stream's window grows to this
+MIN_RTT = 0.001                         # floor for the window-growth test (s)
+SESSION_HIGH_WATER = 1024 * 1024        # control output queue: pause readers
+SESSION_LOW_WATER = 256 * 1024          # ... and resume them below this
+READ_SIZE = 256 * 1024                  # bytes per recv_into
+ACCEPT_BATCH = 64                       # accept() calls per readable listener
+
+# -- HTTP limits --------------------------------------------------------------
+MAX_HEAD_SIZE = 64 * 1024               # request or response head
+MAX_REQUEST_LINE = 8 * 1024             # longer request line: 414
+MAX_HEADER_COUNT = 100                  # more fields: 431
+MAX_CHUNK_LINE = 4 * 1024               # chunk-size line or trailer line
+MAX_TRAILER_SIZE = 16 * 1024            # all trailer lines together
+
+# -- timeouts and retry (seconds) ---------------------------------------------
+HEARTBEAT_INTERVAL = 10.0               # PING this often
+HEARTBEAT_TIMEOUT = 30.0                # silent this long: session is dead
+HANDSHAKE_TIMEOUT = 10.0                # control connection must authenticate
+CONNECT_TIMEOUT = 10.0                  # client -> relay, client -> target
+NAME_RESERVATION = 60.0                 # name kept for its owner after a drop
+BACKOFF_INITIAL = 0.5                   # first reconnect delay
+BACKOFF_MAX = 30.0                      # reconnect delay cap
+BACKOFF_JITTER = 0.2                    # delay is scaled by 1 - U(0, this)
+GRACE_PERIOD = 10.0                     # in-flight work may finish this long
+
+# -- defaults for the command line --------------------------------------------
+DEFAULT_BIND = "0.0.0.0"
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_CONTROL_PORT = 7835
+DEFAULT_DOMAIN = "localhost"
+DEFAULT_RELAY = "localhost:%d" % DEFAULT_CONTROL_PORT
+LISTEN_BACKLOG = 1024
+TOKEN_BYTES = 32                        # generated tokens: 256 bits
+
+# -- exit statuses -------------------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILURE = 1                        # could not listen, relay refused, ...
+EXIT_USAGE = 2                          # bad command line or token rejected
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+
+class TunnelError(Exception):
+    """Base of every error this module raises on purpose."""
+
+
+class ProtocolError(TunnelError):
+    """The peer broke the wire protocol; the session is closed."""
+
+
+class AuthError(TunnelError):
+    """The other side does not hold the token."""
+
+
+class RefusedError(TunnelError):
+    """The relay refused the handshake for a reason other than the token."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class HTTPError(TunnelError):
+    """An HTTP-level failure answered with ``status`` and a short text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# =============================================================================
+# Utilities
+# =============================================================================
+
+_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_ADJECTIVES = ("amber", "brave", "calm", "clever", "cosmic", "crisp", "eager", "fancy",
+               "gentle", "happy", "jolly", "keen", "lively", "lucky", "merry", "misty",
+               "noble", "polite", "proud", "quick", "quiet", "rapid", "shiny", "silent",
+               "smart", "sunny", "swift", "tidy", "vivid", "witty")
+_NOUNS = ("badger", "beacon", "canyon", "comet", "falcon", "fern", "fox", "harbor",
+          "heron", "island", "lagoon", "lemur", "lynx", "maple", "meadow", "otter",
+          "panda", "pebble", "pine", "raven", "river", "robin", "salmon", "spruce",
+          "tiger", "tulip", "walrus", "willow", "wombat", "zebra")
+NAME_NUMBER_RANGE = 100                 # suffix 0..99 in generated names
+
+
+def valid_name(name: str) -> bool:
+    """True if ``name`` is one DNS label: a-z, 0-9, inner hyphens, 1-63 chars."""
+    return bool(_NAME_RE.match(name))
+
+
+def random_name() -> str:
+    """A readable random subdomain such as ``brave-otter-17``."""
+    rnd = secrets.SystemRandom()
+    return "%s-%s-%d" % (rnd.choice(_ADJECTIVES), rnd.choice(_NOUNS),
+                         rnd.randrange(NAME_NUMBER_RANGE))
+
+
+def new_token() -> str:
+    """A strong random token, URL- and shell-safe."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def compute_mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 over a labelled concatenation; only the last part may vary in length."""
+    return hmac.new(key, MAC_LABEL + label + b"\0" + b"".join(parts), hashlib.sha256).digest()
+
+
+def parse_hostport(text: str, default_host: Optional[str] = None,
+                   default_port: Optional[int] = None) -> Tuple[str, int]:
+    """Parse ``PORT``, ``HOST:PORT`` or ``[V6]:PORT``; raise ValueError if malformed."""
+    text = text.strip()
+    host, port = default_host, None
+    if text.isdigit():
+        port = text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("unclosed '[' in %r" % text)
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected ':PORT' after ']' in %r" % text)
+            port = rest[1:]
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+    else:
+        host = text
+    if not host:
+        raise ValueError("no host in %r" % text)
+    if port is None:
+        if default_port is None:
+            raise ValueError("no port in %r" % text)
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("invalid port %r" % port)
+    return host, int(port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def describe_oserror(exc: OSError) -> str:
+    """``connection refused`` rather than ``[Errno 111] Connection refused``."""
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or exc.__class__.__name__
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle: every write of ours is a complete message or a full buffer."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def format_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return ("%d%s" % (n, unit)) if unit == "B" else ("%.1f%s" % (n, unit))
+        n /= 1024.0
+    return "%dB" % n  # pragma: no cover - loop always returns
+
+
+def http_response(status: int, text: str, method: str = "GET",
+                  headers: Tuple[Tuple[str, str], ...] = ()) -> bytes:
+    """A complete, self-delimited plain-text response that closes the connection."""
+    body = (text.rstrip("\n") + "\n").encode("utf-8")
+    lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "Error")),
+             "Content-Type: text/plain; charset=utf-8",
+             "Content-Length: %d" % len(body),
+             "Cache-Control: no-store",
+             "X-Content-Type-Options: nosniff",
+             "Connection: close"]
+    lines.extend("%s: %s" % kv for kv in headers)
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if method == "HEAD" else head + body
+
+
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+                421: "Misdirected Request", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error", 502: "Bad Gateway",
+                503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+# =============================================================================
+# Frame codec (pure: bytes in, frames out)
+# =============================================================================
+
+
+class Frame(collections.namedtuple("Frame", "type flags stream_id payload")):
+    """One decoded frame; ``payload`` is ``bytes``."""
+
+    __slots__ = ()
+
+
+class Preamble(collections.namedtuple("Preamble", "version")):
+    """The client's opening magic and protocol version, as seen by the relay."""
+
+    __slots__ = ()
+
+
+def encode_frame(ftype: int, stream_id: int = 0, payload: bytes = b"", flags: int = 0) -> bytes:
+    """Header plus payload as one ``bytes`` (for control frames; DATA is framed in place)."""
+    return FRAME_HEADER.pack(ftype, flags, stream_id, len(payload)) + bytes(payload)
+
+
+def encode_preamble(version: int = PROTOCOL_VERSION) -> bytes:
+    return PREAMBLE.pack(MAGIC, version)
+
+
+class FrameDecoder:
+    """Incremental frame decoder: ``feed(bytes) -> [Frame | Preamble]``.
+
+    The length in each header is checked against ``max_payload`` as soon as the
+    header is complete, before any of the payload is buffered.  Raises
+    ``ProtocolError`` on bad magic, an unknown type or an over-long frame.
+    """
+
+    def __init__(self, expect_preamble: bool = False,
+                 max_payload: int = MAX_FRAME_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._want_preamble = expect_preamble
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: Any) -> List[Any]:
+        buf = self._buf
+        if buf:
+            buf += data
+            src: Any = buf
+        else:
+            src = data
+        out: List[Any] = []
+        pos, end = 0, len(src)
+        hsize = FRAME_HEADER.size
+        view = memoryview(src)
+        try:
+            if self._want_preamble:
+                have = min(end, len(MAGIC))
+                if bytes(view[:have]) != MAGIC[:have]:
+                    raise ProtocolError("not a tunnel.py client (bad magic)")
+                if end < PREAMBLE.size:
+                    if src is not buf:
+                        buf += view
+                    return out
+                self._want_preamble = False
+                out.append(Preamble(PREAMBLE.unpack_from(src, 0)[1]))
+                pos = PREAMBLE.size
+            while end - pos >= hsize:
+                ftype, flags, sid, length = FRAME_HEADER.unpack_from(src, pos)
+                if ftype not in FRAME_TYPES:
+                    raise ProtocolError("unknown frame type %d" % ftype)
+                if length > self.max_payload:
+                    raise ProtocolError("frame of %d bytes exceeds the limit of %d"
+                                        % (length, self.max_payload))
+                stop = pos + hsize + length
+                if stop > end:
+                    break
+                out.append(Frame(ftype, flags, sid, bytes(view[pos + hsize:stop])))
+                pos = stop
+            if src is not buf and pos < end:
+                buf += view[pos:]
+        finally:
+            view.release()
+        if src is buf and pos:
+            del buf[:pos]
+        return out
+
+
+# =============================================================================
+# Handshake (pure state machines; the session feeds them frames)
+# =============================================================================
+
+
+def _json_payload(payload: bytes, what: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("%s is not valid JSON: %s" % (what, exc)) from None
+    if not isinstance(value, dict):
+        raise ProtocolError("%s is not a JSON object" % what)
+    return value
+
+
+def _json_bytes(value: Dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+class ClientHandshake:
+    """Client side: ``start()`` gives the opening bytes, ``receive(frame)`` the replies.
+
+    When ``done`` is true, ``welcome`` holds the relay's JSON answer.  Raises
+    ``AuthError`` when the relay rejects the token or cannot prove it holds it,
+    ``RefusedError`` for any other refusal, ``ProtocolError`` for nonsense.
+    """
+
+    def __init__(self, token: str, request: Dict[str, Any], nonce: Optional[bytes] = None,
+                 version: int = PROTOCOL_VERSION) -> None:
+        self._key = token.encode("utf-8")
+        self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
+        self._request = _json_bytes(request)
+        self._version = version
+        self._relay_nonce: Optional[bytes] = None
+        self._mac: Optional[bytes] = None
+        self.done = False
+        self.failed: Optional[str] = None
+        self.welcome: Dict[str, Any] = {}
+
+    def start(self) -> bytes:
+        return encode_preamble(self._version) + encode_frame(FrameType.HELLO, 0, self._nonce)
+
+    def receive(self, frame: Any) -> bytes:
+        ftype = getattr(frame, "type", None)
+        if ftype == FrameType.REFUSE:
+            info = _json_payload(frame.payload, "refusal")
+            code, message = str(info.get("error", "")), str(info.get("message", ""))
+            if code == "auth":
+                raise AuthError("relay rejected the token")
+            raise RefusedError(code, message or "relay refused the connection (%s)" % code)
+        if ftype == FrameType.CHALLENGE and self._mac is None:
+            if len(frame.payload) != NONCE_SIZE:
+                raise ProtocolError("challenge of %d bytes, expected %d"
+                                    % (len(frame.payload), NONCE_SIZE))
+            self._relay_nonce = frame.payload
+            self._mac = compute_mac(self._key, b"client", self._nonce, self._relay_nonce,
+                                    self._request)
+            return encode_frame(FrameType.AUTH, 0, self._mac + self._request)
+        if ftype == FrameType.WELCOME and self._mac is not None and not self.done:
+            mac, body = frame.payload[:MAC_SIZE], frame.payload[MAC_SIZE:]
+            assert self._relay_nonce is not None
+            expected = compute_mac(self._key, b"relay", self._relay_nonce, self._nonce,
+                                   self._mac, body)
+            if not hmac.compare_digest(mac, expected):
+                raise AuthError("the relay could not prove it holds the token")
+            self.welcome = _json_payload(body, "welcome")
+            self.done = True
+            return b""
+        raise ProtocolError("unexpected %s during the handshake" % _frame_name(frame))
+
+
+class RelayHandshake:
+    """Relay side of the handshake.
+
+    ``accept(request) -> welcome`` is called once the client has proved it holds
+    the token; it may raise ``RefusedError`` (name taken, invalid name).  After a
+    refusal ``failed`` holds the reason and the caller sends the returned bytes
+    and closes.  ``AuthError`` is never raised: a wrong token is a refusal too.
+    """
+
+    def __init__(self, token: str, accept: Callable[[Dict[str, Any]], Dict[str, Any]],
+                 nonce: Optional[bytes] = None) -> None:
+        self._key = token.encode("utf-8")
+        self._accept = accept
+        self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
+        self._client_nonce: Optional[bytes] = None
+        self._state = "preamble"
+        self.done = False
+        self.failed: Optional[str] = None
+        self.request: Dict[str, Any] = {}
+        self.welcome: Dict[str, Any] = {}
+
+    def _refuse(self, code: str, message: str) -> bytes:
+        self.failed = "%s: %s" % (code, message)
+        self._state = "failed"
+        return encode_frame(FrameType.REFUSE, 0, _json_bytes({"error": code, "message": message}))
+
+    def receive(self, frame: Any) -> bytes:
+        if self._state == "preamble" and isinstance(frame, Preamble):
+            if frame.version != PROTOCOL_VERSION:
+                return self._refuse("version", "unsupported protocol version %d; this relay "
+                                    "speaks version %d" % (frame.version, PROTOCOL_VERSION))
+            self._state = "hello"
+            return b""
+        ftype = getattr(frame, "type", None)
+        if self._state == "hello" and ftype == FrameType.HELLO:
+            if len(frame.payload) != NONCE_SIZE:
+                raise ProtocolError("hello nonce of %d bytes, expected %d"
+                                    % (len(frame.payload), NONCE_SIZE))
+            self._client_nonce = frame.payload
+            self._state = "auth"
+            return encode_frame(FrameType.CHALLENGE, 0, self._nonce)
+        if self._state == "auth" and ftype == FrameType.AUTH:
+            mac, body = frame.payload[:MAC_SIZE], frame.payload[MAC_SIZE:]
+            assert self._client_nonce is not None
+            expected = compute_mac(self._key, b"client", self._client_nonce, self._nonce, body)
+            if not hmac.compare_digest(mac, expected):
+                return self._refuse("auth", "relay rejected the token")
+            self.request = _json_payload(body, "request")
+            try:
+                self.welcome = self._accept(self.request)
+            except RefusedError as exc:
+                return self._refuse(exc.code, str(exc))
+            reply = _json_bytes(self.welcome)
+            proof = compute_mac(self._key, b"relay", self._nonce, self._client_nonce, mac, reply)
+            self._state = "done"
+            self.done = True
+            return encode_frame(FrameType.WELCOME, 0, proof + reply)
+        raise ProtocolError("unexpected %s during the handshake" % _frame_name(frame))
+
+
+def _frame_name(frame: Any) -> str:
+    if isinstance(frame, Preamble):
+        return "preamble"
+    try:
+        return "%s frame" % FrameType(frame.type).name
+    except ValueError:
+        return "frame of type %r" % (frame.type,)
+
+
+# =============================================================================
+# Stream (one visitor connection, multiplexed)
+# =============================================================================
+
+
+class StreamState(enum.Enum):
+    OPEN = "open"                   # both directions carry data
+    LOCAL_CLOSED = "local-closed"   # we sent FIN; we may still receive
+    REMOTE_CLOSED = "remote-closed"  # peer sent FIN; we may still send
+    CLOSED = "closed"               # both FINs: done
+    RESET = "reset"                 # aborted by either side
+
+
+# (state, event) -> next state; anything missing is illegal.
+STREAM_TRANSITIONS: Dict[Tuple[StreamState, str], StreamState] = {
+    (StreamState.OPEN, "send_fin"): StreamState.LOCAL_CLOSED,
+    (StreamState.OPEN, "recv_fin"): StreamState.REMOTE_CLOSED,
+    (StreamState.LOCAL_CLOSED, "recv_fin"): StreamState.CLOSED,
+    (StreamState.REMOTE_CLOSED, "send_fin"): StreamState.CLOSED,
+}
+for _state in (StreamState.OPEN, StreamState.LOCAL_CLOSED, StreamState.REMOTE_CLOSED):
+    STREAM_TRANSITIONS[(_state, "send_rst")] = StreamState.RESET
+    STREAM_TRANSITIONS[(_state, "recv_rst")] = StreamState.RESET
+del _state
+
+CAN_SEND = frozenset({StreamState.OPEN, StreamState.REMOTE_CLOSED})
+CAN_RECEIVE = frozenset({StreamState.OPEN, StreamState.LOCAL_CLOSED})
+TERMINAL = frozenset({StreamState.CLOSED, StreamState.RESET})
+
+
+class StreamHandler:
+    """What a stream tells its owner (a visitor or target connection)."""
+
+    def on_stream_data(self, stream: "Stream", data: bytes) -> None: ...
+
+    def on_stream_fin(self, stream: "Stream") -> None: ...
+
+    def on_stream_reset(self, stream: "Stream", reason: str) -> None: ...
+
+    def on_stream_writable(self, stream: "Stream") -> None: ...
+
+
+class Stream:
+    """One bidirectional byte stream inside a session, with credit-based flow control."""
+
+    def __init__(self, session: "Session", stream_id: int) -> None:
+        self.session = session
+        self.id = stream_id
+        self.state = StreamState.OPEN
+        self.handler: StreamHandler = StreamHandler()
+        self.send_window = INITIAL_WINDOW   # bytes we may still send
+        self.recv_window = INITIAL_WINDOW   # size of the window we grant
+        self.recv_credit = INITIAL_WINDOW   # bytes the peer may still send
+        self.unacked = 0                    # consumed here, not yet granted
+        self.last_grant = time.monotonic()
+        self.pending = bytearray()          # written while out of credit
+        self.fin_pending = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        return "<Stream %d %s>" % (self.id, self.state.value)
+
+    # -- transitions (the one place the state changes) -----------------------
+    def _transition(self, event: str) -> None:
+        new = STREAM_TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise ProtocolError("stream %d: %s while %s" % (self.id, event, self.state.value))
+        self.state = new
+        if new in TERMINAL:
+            self.session._forget(self)
+
+    # -- used by the owner ----------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        """True when the owner should read more from its socket for this stream."""
+        return (not self.pending and self.send_window > 0 and self.state in CAN_SEND
+                and not self.session.congested)
+
+    def write(self, data: Any) -> None:
+        """Send bytes; what exceeds the credit waits in ``pending``."""
+        if self.state not in CAN_SEND or self.fin_pending:
+            if self.state in TERMINAL:
+                return
+            raise TunnelError("stream %d: write after close" % self.id)
+        if self.pending:
+            self.pending += data
+            return
+        size = len(data)
+        n = min(size, self.send_window)
+        if n:
+            self.send_window -= n
+            self.bytes_out += n
+            self.session._send_data(self.id, data if n == size else data[:n])
+        if n < size:
+            self.pending += data[n:]
+
+    def close_write(self) -> None:
+        """Half-close: FIN after any pending data."""
+        if self.state not in CAN_SEND or self.fin_pending:
+            return
+        if self.pending:
+            self.fin_pending = True
+            return
+        self.session._send(encode_frame(FrameType.FIN, self.id))
+        self._transition("send_fin")
+
+    def reset(self, reason: str = "") -> None:
+        """Abort both directions and tell the peer."""
+        if self.state in TERMINAL:
+            return
+        self.session._send(encode_frame(FrameType.RST, self.id, reason.encode("utf-8")[:200]))
+        self.pending = bytearray()
+        self._transition("send_rst")
+
+    def consumed(self, n: int) -> None:
+        """The owner wrote ``n`` received bytes out; grant the peer more credit."""
+        if self.state in TERMINAL:
+            return
+        self.unacked += n
+        if self.unacked < self.recv_window // 2 or self.state not in CAN_RECEIVE:
+            return
+        now = time.monotonic()
+        extra = 0
+        if (self.recv_window < MAX_WINDOW
+                and now - self.last_grant < 2 * max(self.session.rtt, MIN_RTT)):
+            extra = min(self.recv_window, MAX_WINDOW - self.recv_window)
+            self.recv_window += extra
+        increment = self.unacked + extra
+        self.unacked = 0
+        self.recv_credit += increment
+        self.last_grant = now
+        self.session._send(encode_frame(FrameType.WINDOW, self.id, U32.pack(increment)))
+
+    # -- called by the session ------------------------------------------------
+    def _on_data(self, payload: bytes) -> None:
+        if self.state not in CAN_RECEIVE:
+            raise ProtocolError("stream %d: DATA after FIN" % self.id)
+        if len(payload) > self.recv_credit:
+            raise ProtocolError("stream %d: %d bytes exceed the window of %d"
+                                % (self.id, len(payload), self.recv_credit))
+        self.recv_credit -= len(payload)
+        self.bytes_in += len(payload)
+        self.handler.on_stream_data(self, payload)
+
+    def _on_window(self, increment: int) -> None:
+        self.send_window += increment
+        if self.send_window > MAX_CREDIT:
+            raise ProtocolError("stream %d: window overflow" % self.id)
+        if self.state not in CAN_SEND:
+            return
+        if self.pending:
+            n = min(len(self.pending), self.send_window)
+            chunk = bytes(self.pending[:n])
+            del self.pending[:n]
+            self.send_window -= n
+            self.bytes_out += n
+            self.session._send_data(self.id, chunk)
+            if self.pending:
+                return
+            if self.fin_pending:
+                self.fin_pending = False
+                self.close_write()
+                return
+        if self.writable:
+            self.handler.on_stream_writable(self)
+
+    def _on_fin(self) -> None:
+        self._transition("recv_fin")
+        self.handler.on_stream_fin(self)
+
+    def _on_rst(self, reason: str) -> None:
+        self._transition("recv_rst")
+        self.handler.on_stream_reset(self, reason)
+
+    def _abort(self, reason: str) -> None:
+        """The whole session is gone: reset locally without a frame."""
+        if self.state in TERMINAL:
+            return
+        self.state = StreamState.RESET
+        self.handler.on_stream_reset(self, reason)
+
+
+# =============================================================================
+# Event loop
+# =============================================================================
+
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Conn:
+    """A non-blocking socket in the loop.  Subclasses override the ``on_*`` hooks.
+
+    Interest is derived from state by ``update()``: read while ``wants_read()``,
+    write only while output is buffered (or ``wants_write()`` says so).
+    """
+
+    def __init__(self, loop: "EventLoop", sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        sock.setblocking(False)
+        self.out = bytearray()
+        self.closed = False
+        self._mask = 0
+        loop.conns.add(self)
+
+    def wants_read(self) -> bool:
+        return True
+
+    def wants_write(self) -> bool:
+        return bool(self.out)
+
+    def update(self) -> None:
+        if self.closed:
+            return
+        mask = ((selectors.EVENT_READ if self.wants_read() else 0)
+                | (selectors.EVENT_WRITE if self.wants_write() else 0))
+        if mask == self._mask:
+            return
+        sel = self.loop.selector
+        if not self._mask:
+            sel.register(self.sock, mask, self)
+        elif not mask:
+            sel.unregister(self.sock)
+        else:
+            sel.modify(self.sock, mask, self)
+        self._mask = mask
+
+    def close_socket(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._mask:
+            self.loop.selector.unregister(self.sock)
+            self._mask = 0
+        self.loop.conns.discard(self)
+        self.sock.close()
+
+    def on_read(self) -> None:
+        pass
+
+    def on_write(self) -> None:
+        pass
+
+    def abort(self, reason: str) -> None:
+        """Tear down after an error at this connection's boundary."""
+        log.debug("closing %r: %s", self, reason)
+        self.close_socket()
+
+
+class EventLoop:
+    """A ``selectors`` loop with timers, a wake-up socketpair and end-of-turn flushes."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.conns: set = set()
+        self.scratch = bytearray(READ_SIZE)
+        self.scratch_view = memoryview(self.scratch)
+        self._timers: List[Tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._calls: Deque[Callable[[], None]] = collections.deque()
+        self._flush: List[Any] = []
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.thread_id: Optional[int] = None
+
+    # -- scheduling -------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        self._calls.append(callback)
+        self._wake()
+
+    def schedule_flush(self, conn: Any) -> None:
+        """``conn.flush()`` runs once at the end of this loop turn (coalescing writes)."""
+        if not conn.flush_scheduled:
+            conn.flush_scheduled = True
+            self._flush.append(conn)
+
+    def stop(self) -> None:
+        """Thread- and signal-safe."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def run_in_loop(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` on the loop thread and return its result (for tests and tools)."""
+        if self.thread_id == threading.get_ident():
+            return fn()
+        done = threading.Event()
+        box: List[Any] = []
+
+        def call() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # handed back to the calling thread
+                box.append((False, exc))
+            done.set()
+        self.call_soon_threadsafe(call)
+        if not done.wait(timeout):
+            raise TimeoutError("event loop did not answer")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    # -- running ----------------------------------------------------------------
+    def run(self) -> None:
+        self.thread_id = threading.get_ident()
+        self._stopping = False
+        while not self._stopping:
+            self.run_once()
+
+    def run_once(self, max_wait: Optional[float] = None) -> None:
+        timeout = max_wait
+        if self._calls or self._flush:
+            timeout = 0
+        elif self._timers:
+            wait = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        for key, mask in self.selector.select(timeout):
+            conn = key.data
+            if conn is None:
+                self._drain_wake()
+                continue
+            try:
+                if mask & selectors.EVENT_READ and not conn.closed:
+                    conn.on_read()
+                if mask & selectors.EVENT_WRITE and not conn.closed:
+                    conn.on_write()
+            except (TunnelError, OSError) as exc:
+                conn.abort(str(exc))
+            except Exception:
+                log.exception("internal error on %r; closing it", conn)
+                conn.abort("internal error")
+        self._run_timers()
+        while self._calls:
+            self._calls.popleft()()
+        self._run_flushes()
+
+    def _run_flushes(self) -> None:
+        while self._flush:
+            batch, self._flush = self._flush, []
+            for conn in batch:
+                conn.flush_scheduled = False
+                if not conn.closed:
+                    conn.flush()
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
+            if timer.cancelled:
+                continue
+            try:
+                timer.callback()
+            except TunnelError as exc:
+                log.warning("timer failed: %s", exc)
+            except Exception:
+                log.exception("internal error in a timer")
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        """Close every connection still known and the loop's own sockets."""
+        for conn in list(self.conns):
+            conn.close_socket()
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# =============================================================================
+# Session (one control connection: handshake, frames, streams, heartbeats)
+# =============================================================================
+
+
+class SessionDelegate:
+    """What a session tells the relay or the client."""
+
+    def on_session_up(self, session: "Session") -> None: ...
+
+    def on_session_closed(self, session: "Session", reason: str,
+                          error: Optional[BaseException]) -> None: ...
+
+    def on_stream_open(self, session: "Session", stream: Stream, info: Dict[str, Any]) -> None:
+        stream.reset("streams are not accepted here")
+
+    def on_goaway(self, session: "Session", reason: str) -> None: ...
+
+    def on_access_log(self, session: "Session", record: Dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class SessionConfig:
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+
+class Session(Conn):
+    """The control socket of one client, on either side.
+
+    The relay side opens streams (``open_stream``); the client side accepts
+    them (``SessionDelegate.on_stream_open``).  Output frames are queued in
+    ``out`` and written once per loop turn.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, peer: str,
+                 handshake: Any, delegate: SessionDelegate, is_relay: bool,
+                 config: Optional[SessionConfig] = None) -> None:
+        super().__init__(loop, sock)
+        set_nodelay(sock)
+        self.sid = next(Session._ids)
+        self.peer = peer
+        self.handshake = handshake
+        self.delegate = delegate
+        self.is_relay = is_relay
+        self.config = config or SessionConfig()
+        self.decoder = FrameDecoder(expect_preamble=is_relay, max_payload=MAX_HANDSHAKE_PAYLOAD)
+        self.established = False
+        self.streams: Dict[int, Stream] = {}
+        self.highest_id = 0              # largest stream id opened so far
+        self.rtt = 0.0                   # last measured PING round trip
+        self.name = ""                   # tunnel name, set by the relay/client
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.flush_scheduled = False
+        self.close_reason: Optional[str] = None
+        self._close_when_flushed: Optional[str] = None
+        self._congested = False
+        self._ping_seq = 0
+        self._ping_sent: Dict[int, float] = {}
+        self.last_rx = time.monotonic()
+        self._timers: List[Timer] = [loop.call_later(self.config.handshake_timeout,
+                                                     self._handshake_timeout)]
+        if not is_relay:
+            self._send(handshake.start())
+        self.update()
+
+    def __repr__(self) -> str:
+        return "<Session %d %s %s>" % (self.sid, self.name or "-", self.peer)
+
+    @property
+    def label(self) -> str:
+        return "session %d (%s%s)" % (self.sid, self.name + " from " if self.name else "",
+                                      self.peer)
+
+    # -- output -----------------------------------------------------------------
+    @property
+    def congested(self) -> bool:
+        return self._congested
+
+    def _send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.out += data
+        if not self._congested and len(self.out) >= SESSION_HIGH_WATER:
+            self._congested = True
+        self.loop.schedule_flush(self)
+
+    def _send_data(self, stream_id: int, data: Any) -> None:
+        if self.closed:
+            return
+        out = self.out
+        size = len(data)
+        if size <= MAX_FRAME_PAYLOAD:
+            out += FRAME_HEADER.pack(FrameType.DATA, 0, stream_id, size)
+            out += data
+        else:
+            with memoryview(data) as view:
+                for start in range(0, size, MAX_FRAME_PAYLOAD):
+                    chunk = view[start:start + MAX_FRAME_PAYLOAD]
+                    out += FRAME_HEADER.pack(FrameType.DATA, 0, stream_id, len(chunk))
+                    out += chunk
+        if not self._congested and len(out) >= SESSION_HIGH_WATER:
+            self._congested = True
+        self.loop.schedule_flush(self)
+
+    def flush(self) -> None:
+        if self.closed or not self.out:
+            return
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close("connection error: %s" % describe_oserror(exc))
+            return
+        if sent == len(self.out):
+            self.out.clear()
+        elif sent:
+            del self.out[:sent]
+        self._after_output()
+
+    def on_write(self) -> None:
+        self.flush()
+
+    def _after_output(self) -> None:
+        if self._congested and len(self.out) <= SESSION_LOW_WATER:
+            self._congested = False
+            for stream in list(self.streams.values()):
+                if stream.writable:
+                    stream.handler.on_stream_writable(stream)
+        if not self.out and self._close_when_flushed is not None:
+            self.close(self._close_when_flushed)
+            return
+        self.update()
+
+    # -- input ------------------------------------------------------------------
+    def on_read(self) -> None:
+        try:
+            n = self.sock.recv_into(self.loop.scratch)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close("connection error: %s" % describe_oserror(exc))
+            return
+        if not n:
+            self.close("connection closed by the peer")
+            return
+        self.last_rx = time.monotonic()
+        try:
+            for frame in self.decoder.feed(self.loop.scratch_view[:n]):
+                self._dispatch(frame)
+                if self.closed or self._close_when_flushed is not None:
+                    return
+        except ProtocolError as exc:
+            self.close("protocol error: %s" % exc, exc)
+        except (AuthError, RefusedError) as exc:
+            self.close(str(exc), exc)
+
+    def _dispatch(self, frame: Any) -> None:
+        if not self.established:
+            self._handshake_step(frame)
+            return
+        ftype = frame.type
+        if ftype == FrameType.DATA:
+            stream = self._stream_for(frame.stream_id)
+            if stream is not None:
+                stream._on_data(frame.payload)
+        elif ftype == FrameType.WINDOW:
+            if len(frame.payload) != U32.size:
+                raise ProtocolError("WINDOW payload of %d bytes" % len(frame.payload))
+            stream = self._stream_for(frame.stream_id)
+            if stream is not None:
+                stream._on_window(U32.unpack(frame.payload)[0])
+        elif ftype == FrameType.FIN:
+            stream = self._stream_for(frame.stream_id)
+            if stream is not None:
+                stream._on_fin()
+        elif ftype == FrameType.RST:
+            stream = self._stream_for(frame.stream_id)
+            if stream is not None:
+                stream._on_rst(frame.payload.decode("utf-8", "replace"))
+        elif ftype == FrameType.OPEN:
+            self._on_open(frame)
+        elif ftype == FrameType.PING:
+            self._on_ping(frame)
+        elif ftype == FrameType.GOAWAY:
+            self.goaway_received = True
+            reason = frame.payload[U32.size:].decode("utf-8", "replace")
+            log.info("%s: peer is going away%s", self.label, ": " + reason if reason else "")
+            self.delegate.on_goaway(self, reason)
+        elif ftype == FrameType.LOG and not self.is_relay:
+            self._on_log(frame)
+        else:
+            raise ProtocolError("unexpected %s" % _frame_name(frame))
+
+    def _stream_for(self, stream_id: int) -> Optional[Stream]:
+        stream = self.streams.get(stream_id)
+        if stream is None and (stream_id == 0 or stream_id > self.highest_id):
+            raise ProtocolError("frame for unknown stream %d" % stream_id)
+        return stream
+
+    def _on_open(self, frame: Frame) -> None:
+        if self.is_relay:
+            raise ProtocolError("clients may not open streams")
+        if frame.stream_id <= self.highest_id:
+            raise ProtocolError("stream id %d reused or out of order" % frame.stream_id)
+        info = _json_payload(frame.payload, "OPEN")
+        self.highest_id = frame.stream_id
+        stream = Stream(self, frame.stream_id)
+        self.streams[stream.id] = stream
+        self.delegate.on_stream_open(self, stream, info)
+
+    def _on_ping(self, frame: Frame) -> None:
+        if len(frame.payload) != PING_PAYLOAD.size:
+            raise ProtocolError("PING payload of %d bytes" % len(frame.payload))
+        if frame.flags & FLAG_ACK:
+            sent = self._ping_sent.pop(PING_PAYLOAD.unpack(frame.payload)[0], None)
+            if sent is not None:
+                self.rtt = time.monotonic() - sent
+        else:
+            self._send(encode_frame(FrameType.PING, 0, frame.payload, FLAG_ACK))
+
+    def _on_log(self, frame: Frame) -> None:
+        if len(frame.payload) < LOG_RECORD.size:
+            raise ProtocolError("LOG payload of %d bytes" % len(frame.payload))
+        status, micros, nbytes = LOG_RECORD.unpack_from(frame.payload)
+        what = frame.payload[LOG_RECORD.size:].decode("utf-8", "replace")
+        method, _, target = what.partition(" ")
+        self.delegate.on_access_log(self, {"method": method, "target": target, "status": status,
+                                           "duration": micros / 1e6, "bytes": nbytes})
+
+    def _handshake_step(self, frame: Any) -> None:
+        reply = self.handshake.receive(frame)
+        if reply:
+            self._send(reply)
+        if self.handshake.failed:
+            self._close_when_flushed = "handshake refused: %s" % self.handshake.failed
+            self.flush()
+            return
+        if self.handshake.done:
+            self.established = True
+            self.decoder.max_payload = MAX_FRAME_PAYLOAD
+            for timer in self._timers:
+                timer.cancel()
+            self._timers = []
+            self.delegate.on_session_up(self)
+            if not self.closed:
+                self.ping()
+                self._timers.append(self.loop.call_later(self.config.heartbeat_interval,
+                                                         self._heartbeat))
+
+    def _handshake_timeout(self) -> None:
+        if not self.established:
+            self.close("handshake timed out after %.0fs" % self.config.handshake_timeout)
+
+    def _heartbeat(self) -> None:
+        if self.closed:
+            return
+        silent = time.monotonic() - self.last_rx
+        if silent > self.config.heartbeat_timeout:
+            self.close("heartbeat timeout: nothing received for %.1fs" % silent)
+            return
+        self.ping()
+        self._timers = [self.loop.call_later(self.config.heartbeat_interval, self._heartbeat)]
+
+    # -- public -----------------------------------------------------------------
+    def ping(self) -> None:
+        self._ping_seq += 1
+        if len(self._ping_sent) > 16:  # answers that never came
+            self._ping_sent.clear()
+        self._ping_sent[self._ping_seq] = time.monotonic()
+        self._send(encode_frame(FrameType.PING, 0, PING_PAYLOAD.pack(self._ping_seq)))
+
+    def open_stream(self, info: Dict[str, Any]) -> Stream:
+        """Relay side: a new stream towards the client."""
+        self.highest_id += 1
+        stream = Stream(self, self.highest_id)
+        self.streams[stream.id] = stream
+        self._send(encode_frame(FrameType.OPEN, stream.id, _json_bytes(info)))
+        return stream
+
+    def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
+                 method: str, target: str) -> None:
+        text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
+        record = LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
+                                 min(nbytes, 2 ** 64 - 1))
+        self._send(encode_frame(FrameType.LOG, stream_id, record + text))
+
+    def go_away(self, reason: str = "") -> None:
+        if self.goaway_sent or self.closed or not self.established:
+            return
+        self.goaway_sent = True
+        self._send(encode_frame(FrameType.GOAWAY, 0,
+                                U32.pack(GOAWAY_NORMAL) + reason.encode("utf-8")[:200]))
+
+    def close_after_flush(self, reason: str) -> None:
+        self._close_when_flushed = reason
+        self.loop.schedule_flush(self)
+        if not self.out:
+            self.close(reason)
+
+    def _forget(self, stream: Stream) -> None:
+        self.streams.pop(stream.id, None)
+
+    def close(self, reason: str, error: Optional[BaseException] = None) -> None:
+        if self.closed:
+            return
+        self.close_reason = reason
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        streams = list(self.streams.values())
+        self.streams.clear()
+        self.close_socket()
+        if self.established or error is not None:
+            log.info("%s closed: %s", self.label, reason)
+        else:
+            log.info("control connection from %s closed: %s", self.peer, reason)
+        for stream in streams:
+            stream._abort(reason)
+        self.delegate.on_session_closed(self, reason, error)
+
+    def abort(self, reason: str) -> None:
+        self.close(reason)
+
+
+# =============================================================================
+# HTTP head parser (pure: bytes in, events out)
+# =============================================================================
+
+EV_HEAD = "head"     # value: Request or Response
+EV_BODY = "body"     # value: memoryview of raw body bytes (framing included)
+EV_END = "end"       # value: bytes the whole message took
+EV_ERROR = "error"   # value: HTTPError; the parser is dead afterwards
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\Z")
+_STATUS_LINE_RE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+_FIELD_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z")
+_CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+_DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
+_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]*))?\Z")
+_ABSOLUTE_RE = re.compile(r"(?i:https?)://([^/?#]*)([^#]*)")
+
+# Parser states.
+_S_HEAD, _S_LENGTH, _S_CHUNK_SIZE, _S_CHUNK_DATA, _S_CHUNK_END, _S_TRAILER, \
+    _S_UNTIL_CLOSE, _S_UPGRADE_WAIT, _S_TUNNEL, _S_DEAD = range(10)
+
+
+class Headers:
+    """An ordered multi-map of fields that keeps every duplicate."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: List[Tuple[str, str]]) -> None:
+        self.items = items
+
+    def get_all(self, name: str) -> List[str]:
+        name = name.lower()
+        return [v for k, v in self.items if k.lower() == name]
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        values = self.get_all(name)
+        return values[0] if values else default
+
+    def tokens(self, name: str) -> List[str]:
+        """Comma-separated list values of every ``name`` field, lower-cased."""
+        return [t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()]
+
+    def __iter__(self) -> Any:
+        return iter(self.items)
+
+
+class Request:
+    __slots__ = ("method", "target", "version", "headers", "host", "host_header",
+                 "keep_alive", "upgrade", "body")
+
+    def __init__(self, method: str, target: str, version: Tuple[int, int],
+                 headers: Headers) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = ""            # lower-case, port stripped
+        self.host_header = ""     # as sent
+        self.keep_alive = True
+        self.upgrade: Optional[str] = None
+        self.body = "none"        # none | length | chunked
+
+
+class Response:
+    __slots__ = ("status", "version", "headers", "keep_alive")
+
+    def __init__(self, status: int, version: Tuple[int, int], headers: Headers) -> None:
+        self.status = status
+        self.version = version
+        self.headers = headers
+        self.keep_alive = True
+
+
+def _parse_fields(lines: List[bytes]) -> Headers:
+    if len(lines) > MAX_HEADER_COUNT:
+        raise HTTPError(431, "too many header fields (limit %d)" % MAX_HEADER_COUNT)
+    items = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPError(400, "obsolete line folding in the header")
+        m = _FIELD_RE.match(line)
+        if m is None:
+            raise HTTPError(400, "malformed header field")
+        items.append((m.group(1).decode("ascii"), m.group(2).decode("latin-1")))
+    return Headers(items)
+
+
+def _content_length(headers: Headers) -> Optional[int]:
+    values = headers.get_all("content-length")
+    if not values:
+        return None
+    found = {part.strip() for v in values for part in v.split(",")}
+    if len(found) != 1:
+        raise HTTPError(400, "conflicting Content-Length values")
+    value = found.pop()
+    if not _DIGITS_RE.match(value):
+        raise HTTPError(400, "invalid Content-Length")
+    return int(value)
+
+
+def _split_host(value: str) -> Tuple[str, str]:
+    m = _HOST_RE.match(value)
+    if m is None:
+        raise HTTPError(400, "invalid Host header")
+    return m.group(1).lower(), m.group(2) or ""
+
+
+class HTTPParser:
+    """Incremental HTTP/1.x message framing for one direction of a connection.
+
+    ``feed(data) -> [(event, value), ...]`` with events ``EV_HEAD``, ``EV_BODY``
+    (raw body bytes including chunk framing, to be forwarded verbatim),
+    ``EV_END`` and finally ``EV_ERROR`` carrying an ``HTTPError``.  A request
+    parser checks RFC 9112 framing strictly (request smuggling); a response
+    parser needs the request methods in order (``expect(method)``) so it knows
+    which responses have no body.  Heads are limited to ``max_head`` bytes
+    before anything is buffered past it.
+    """
+
+    def __init__(self, is_request: bool, max_head: int = MAX_HEAD_SIZE,
+                 emit_body: bool = True) -> None:
+        self.is_request = is_request
+        self.max_head = max_head
+        self.emit_body = emit_body
+        self.methods: Deque[str] = collections.deque()
+        self._buf = bytearray()
+        self._state = _S_HEAD
+        self._remaining = 0
+        self._trailer_size = 0
+        self._after_end = _S_HEAD
+        self.message_bytes = 0          # bytes of the current message so far
+
+    # -- public -----------------------------------------------------------------
+    @property
+    def awaiting_upgrade(self) -> bool:
+        return self._state == _S_UPGRADE_WAIT
+
+    @property
+    def idle(self) -> bool:
+        """At a message boundary with nothing buffered."""
+        return self._state == _S_HEAD and not self._buf
+
+    @property
+    def tunnel(self) -> bool:
+        return self._state == _S_TUNNEL
+
+    def expect(self, method: str) -> None:
+        self.methods.append(method)
+
+    def feed(self, data: Any) -> List[Tuple[str, Any]]:
+        events: List[Tuple[str, Any]] = []
+        if self._state in (_S_DEAD, _S_TUNNEL):
+            return events
+        try:
+            self._run(memoryview(data), events)
+        except HTTPError as exc:
+            self._state = _S_DEAD
+            events.append((EV_ERROR, exc))
+        return events
+
+    def feed_eof(self) -> List[Tuple[str, Any]]:
+        """The peer closed its side: finish a read-until-close body or fail."""
+        st = self._state
+        if st == _S_UNTIL_CLOSE:
+            self._state = _S_DEAD
+            return [(EV_END, self.message_bytes)]
+        if st == _S_HEAD and not self._buf.strip(b"\r\n") or st in (_S_DEAD, _S_TUNNEL):
+            self._state = _S_DEAD
+            return []
+        self._state = _S_DEAD
+        return [(EV_ERROR, HTTPError(400 if self.is_request else 502,
+                                     "connection closed in the middle of a message"))]
+
+    def upgrade_done(self) -> bytes:
+        """The origin answered 101: return what was buffered and stop parsing."""
+        self._state = _S_TUNNEL
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+    def upgrade_refused(self) -> List[Tuple[str, Any]]:
+        """The origin answered the upgrade request normally: keep parsing HTTP."""
+        if self._state != _S_UPGRADE_WAIT:
+            return []
+        self._state = _S_HEAD
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return self.feed(rest)
+
+    # -- machinery ----------------------------------------------------------------
+    def _take_until(self, mv: memoryview, pos: int, sep: bytes, limit: int,
+                    status: int, what: str) -> Tuple[Optional[bytes], int]:
+        """Collect bytes up to ``sep``; return (block without sep, new pos) or (None, pos)."""
+        buf = self._buf
+        old = len(buf)
+        room = limit + len(sep) - old
+        piece = mv[pos:pos + room]
+        buf += piece
+        i = buf.find(sep, max(0, old - len(sep) + 1))
+        if i < 0:
+            if len(buf) >= limit + len(sep):
+                raise HTTPError(status, "%s larger than %d bytes" % (what, limit))
+            return None, pos + len(piece)
+        block = bytes(buf[:i])
+        used = i + len(sep) - old
+        buf.clear()
+        return block, pos + used
+
+    def _run(self, mv: memoryview, events: List[Tuple[str, Any]]) -> None:
+        pos, end = 0, len(mv)
+        while True:
+            st = self._state
+            if st == _S_HEAD:
+                if pos >= end:
+                    return
+                if self.is_request and not self._buf:
+                    while pos < end and mv[pos] in (13, 10):  # empty lines before a request
+                        pos += 1
+                    if pos >= end:
+                        return
+                start = pos
+                head, pos = self._take_until(mv, pos, b"\r\n\r\n", self.max_head, 431 if
+                                             self.is_request else 502, "message head")
+                self.message_bytes += pos - start
+                if head is None:
+                    if (self.is_request and len(self._buf) > MAX_REQUEST_LINE
+                            and self._buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0):
+                        raise HTTPError(414, "request line longer than %d bytes"
+                                        % MAX_REQUEST_LINE)
+                    return
+                if self.is_request:
+                    self._on_request_head(head, events)
+                else:
+                    self._on_response_head(head, events)
+            elif st == _S_LENGTH or st == _S_CHUNK_DATA:
+                take = min(self._remaining, end - pos)
+                if take:
+                    if self.emit_body:
+                        events.append((EV_BODY, mv[pos:pos + take]))
+                    pos += take
+                    self._remaining -= take
+                    self.message_bytes += take
+                if self._remaining:
+                    return
+                if st == _S_LENGTH:
+                    self._end(events)
+                else:
+                    self._state = _S_CHUNK_END
+            elif st in (_S_CHUNK_SIZE, _S_CHUNK_END, _S_TRAILER):
+                if pos >= end:
+                    return
+                start = pos
+                line, pos = self._take_until(mv, pos, b"\r\n", MAX_CHUNK_LINE, 400
+                                             if self.is_request else 502, "chunk line")
+                if pos > start:
+                    self.message_bytes += pos - start
+                    if self.emit_body:
+                        events.append((EV_BODY, mv[start:pos]))
+                if line is None:
+                    return
+                self._on_chunk_line(st, line, events)
+            elif st == _S_UNTIL_CLOSE:
+                if pos < end:
+                    if self.emit_body:
+                        events.append((EV_BODY, mv[pos:end]))
+                    self.message_bytes += end - pos
+                return
+            elif st == _S_UPGRADE_WAIT:
+                if len(self._buf) + end - pos > self.max_head:
+                    raise HTTPError(400, "data sent before the upgrade was answered")
+                self._buf += mv[pos:end]
+                return
+            else:  # tunnel or dead: nothing to parse
+                return
+
+    def _on_chunk_line(self, st: int, line: bytes, events: List[Tuple[str, Any]]) -> None:
+        bad = 400 if self.is_request else 502
+        if st == _S_CHUNK_END:
+            if line:
+                raise HTTPError(bad, "chunk data longer than its size")
+            self._state = _S_CHUNK_SIZE
+        elif st == _S_CHUNK_SIZE:
+            m = _CHUNK_SIZE_RE.match(line)
+            if m is None:
+                raise HTTPError(bad, "invalid chunk size line")
+            size = int(m.group(1), 16)
+            if size:
+                self._remaining = size
+                self._state = _S_CHUNK_DATA
+            else:
+                self._trailer_size = 0
+                self._state = _S_TRAILER
+        else:  # trailer section: lines until an empty one
+            if not line:
+                self._end(events)
+                return
+            self._trailer_size += len(line) + 2
+            if self._trailer_size > MAX_TRAILER_SIZE:
+                raise HTTPError(431 if self.is_request else 502, "trailer section too large")
+            if line[:1] in (b" ", b"\t") or _FIELD_RE.match(line) is None:
+                raise HTTPError(bad, "malformed trailer field")
+
+    def _end(self, events: List[Tuple[str, Any]]) -> None:
+        events.append((EV_END, self.message_bytes))
+        self.message_bytes = 0
+        self._state = self._after_end
+        self._after_end = _S_HEAD
+
+    def _split_head(self, head: bytes) -> List[bytes]:
+        lines = head.split(b"\r\n")
+        for line in lines:
+            if b"\r" in line or b"\n" in line:
+                raise HTTPError(400 if self.is_request else 502, "bare CR or LF in the head")
+        return lines
+
+    def _on_request_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
+        lines = self._split_head(head)
+        if len(lines[0]) > MAX_REQUEST_LINE:
+            raise HTTPError(414, "request line longer than %d bytes" % MAX_REQUEST_LINE)
+        m = _REQUEST_LINE_RE.match(lines[0])
+        if m is None:
+            raise HTTPError(400, "malformed request line")
+        method = m.group(1).decode("ascii")
+        target = m.group(2).decode("latin-1")
+        version = (int(m.group(3)), int(m.group(4)))
+        if version not in ((1, 0), (1, 1)):
+            raise HTTPError(505, "HTTP/%d.%d is not supported" % version)
+        headers = _parse_fields(lines[1:])
+        req = Request(method, target, version, headers)
+        if method == "CONNECT":
+            raise HTTPError(405, "CONNECT is not supported by this relay")
+        # Host (RFC 9112 section 3.2)
+        hosts = headers.get_all("host")
+        if len(hosts) > 1:
+            raise HTTPError(400, "more than one Host header")
+        if not hosts and version == (1, 1):
+            raise HTTPError(400, "missing Host header")
+        req.host_header = hosts[0] if hosts else ""
+        req.host = _split_host(req.host_header)[0] if hosts else ""
+        absolute = _ABSOLUTE_RE.match(target)
+        if absolute:
+            authority = _split_host(absolute.group(1))[0]
+            if hosts and authority != req.host:
+                raise HTTPError(400, "request target names a different host than Host")
+            if not hosts:
+                req.host, req.host_header = authority, absolute.group(1)
+            req.target = absolute.group(2) or "/"
+        elif not (target.startswith("/") or (target == "*" and method == "OPTIONS")):
+            raise HTTPError(400, "invalid request target")
+        # Body framing (RFC 9112 section 6.3): ambiguity is an error, never a guess.
+        codings = headers.tokens("transfer-encoding")
+        length = _content_length(headers)
+        if headers.get_all("transfer-encoding"):
+            if length is not None:
+                raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+            if version == (1, 0):
+                raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if not codings or codings[-1] != "chunked" or codings.count("chunked") != 1:
+                raise HTTPError(400, "Transfer-Encoding must end with chunked")
+            req.body = "chunked"
+        elif length:
+            req.body = "length"
+        connection = headers.tokens("connection")
+        if version == (1, 1):
+            req.keep_alive = "close" not in connection
+        else:
+            req.keep_alive = "keep-alive" in connection and "close" not in connection
+        upgrade = headers.get("upgrade")
+        if "upgrade" in connection and upgrade and version == (1, 1):
+            req.upgrade = upgrade
+        events.append((EV_HEAD, req))
+        self._after_end = _S_UPGRADE_WAIT if req.upgrade else _S_HEAD
+        self._start_body(req.body, length, events)
+
+    def _on_response_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
+        lines = self._split_head(head)
+        m = _STATUS_LINE_RE.match(lines[0])
+        if m is None:
+            raise HTTPError(502, "malformed status line from the origin")
+        version = (int(m.group(1)), int(m.group(2)))
+        status = int(m.group(3))
+        try:
+            headers = _parse_fields(lines[1:])
+        except HTTPError as exc:
+            raise HTTPError(502, "origin response: %s" % exc) from None
+        resp = Response(status, version, headers)
+        connection = headers.tokens("connection")
+        resp.keep_alive = ("close" not in connection if version >= (1, 1)
+                           else "keep-alive" in connection)
+        events.append((EV_HEAD, resp))
+        if 100 <= status < 200 and status != 101:
+            self.message_bytes = 0   # interim response; the final one follows
+            return
+        method = self.methods.popleft() if self.methods else "GET"
+        if status == 101:
+            self._after_end = _S_TUNNEL
+            self._end(events)
+            return
+        if method == "HEAD" or status in (204, 304):
+            self._end(events)
+            return
+        codings = headers.tokens("transfer-encoding")
+        if codings:
+            self._start_body("chunked" if codings[-1] == "chunked" else "close", None, events)
+            return
+        try:
+            length = _content_length(headers)
+        except HTTPError as exc:
+            raise HTTPError(502, "origin response: %s" % exc) from None
+        if length is None:
+            self._start_body("close", None, events)
+        else:
+            self._start_body("length" if length else "none", length, events)
+
+    def _start_body(self, kind: str, length: Optional[int], events: List[Tuple[str, Any]]) -> None:
+        if kind == "length":
+            self._remaining = length or 0
+            self._state = _S_LENGTH
+        elif kind == "chunked":
+            self._state = _S_CHUNK_SIZE
+        elif kind == "close":
+            self._state = _S_UNTIL_CLOSE
+        else:
+            self._end(events)
+
+
+# Hop-by-hop and forwarding fields the relay never passes on as received.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade"})
+FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host",
+                        "x-forwarded-proto", "x-forwarded-port", "x-real-ip"})
+# Named in Connection, these would change message framing if dropped: never drop.
+PROTECTED = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> bytes:
+    """The request head as the origin sees it: hop-by-hop fields handled per
+    RFC 9110 section 7.6.1, forwarding fields replaced, not trusted."""
+    named = set(req.headers.tokens("connection")) - PROTECTED
+    lines = ["%s %s HTTP/%d.%d" % (req.method, req.target, req.version[0], req.version[1])]
+    for name, value in req.headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in FORWARDING or lower in named:
+            continue
+        lines.append("%s: %s" % (name, value))
+    if req.upgrade:
+        lines.append("Connection: Upgrade")
+        lines.append("Upgrade: %s" % req.upgrade)
+    elif not req.keep_alive:
+        lines.append("Connection: close")
+    elif req.version == (1, 0):
+        lines.append("Connection: keep-alive")
+    host = req.host_header
+    for_ip = '"[%s]"' % peer_ip if ":" in peer_ip else peer_ip
+    lines.append("X-Forwarded-For: %s" % peer_ip)
+    lines.append("X-Forwarded-Proto: %s" % proto)
+    lines.append("X-Forwarded-Host: %s" % host)
+    lines.append('Forwarded: for=%s;host="%s";proto=%s' % (for_ip, host.replace('"', ""), proto))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# =============================================================================
+# Pipes: a socket joined to a stream (the shared data path of both sides)
+# =============================================================================
+
+
+class Pipe(Conn, StreamHandler):
+    """Copies bytes between a socket and a stream, honouring flow control.
+
+    Bytes from the stream go to the socket; the stream is credited as the
+    kernel accepts them (``Stream.consumed``).  Bytes from the socket go to the
+    stream while ``stream.writable``; otherwise reading pauses.
+    """
+
+    def __init__(self, loop: EventLoop, sock: socket.socket) -> None:
+        super().__init__(loop, sock)
+        set_nodelay(sock)
+        self.stream: Optional[Stream] = None
+        self.read_eof = False       # the socket's peer sent FIN
+        self.write_eof = False      # we shut down our writing side
+        self.shutdown_pending = False
+        self.close_pending = False
+        self.counted = 0            # bytes in ``out`` owed to the stream's credit
+
+    def wants_read(self) -> bool:
+        return (not self.read_eof and not self.close_pending
+                and (self.stream is None or self.stream.writable))
+
+    # -- socket -> stream ---------------------------------------------------------
+    def on_read(self) -> None:
+        stream = self.stream
+        limit = READ_SIZE
+        if stream is not None and 0 < stream.send_window < limit:
+            limit = stream.send_window
+        try:
+            n = self.sock.recv_into(self.loop.scratch, limit)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.on_socket_error(exc)
+            return
+        if not n:
+            self.read_eof = True
+            self.on_socket_eof()
+        else:
+            self.on_socket_data(self.loop.scratch_view[:n])
+        self.update()
+
+    def on_socket_data(self, data: memoryview) -> None:
+        if self.stream is not None:
+            self.stream.write(data)
+
+    def on_socket_eof(self) -> None:
+        if self.stream is not None:
+            self.stream.close_write()
+        self._maybe_done()
+
+    def on_socket_error(self, exc: OSError) -> None:
+        if self.stream is not None:
+            self.stream.reset(describe_oserror(exc))
+        self.close_socket()
+
+    # -- stream -> socket ---------------------------------------------------------
+    def send_bytes(self, data: Any, credited: bool) -> None:
+        """Write to the socket now if possible, buffer the rest."""
+        if self.closed or self.write_eof:
+            if credited and self.stream is not None:
+                self.stream.consumed(len(data))
+            return
+        if self.out:
+            self.out += data
+            if credited:
+                self.counted += len(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.on_socket_error(exc)
+            return
+        if credited and sent and self.stream is not None:
+            self.stream.consumed(sent)
+        if sent < len(data):
+            self.out += data[sent:]
+            if credited:
+                self.counted += len(data) - sent
+            self.update()
+
+    def on_write(self) -> None:
+        if not self.out:
+            self.update()
+            return
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.on_socket_error(exc)
+            return
+        credit = min(sent, self.counted)
+        self.counted -= credit
+        if sent == len(self.out):
+            self.out.clear()
+        else:
+            del self.out[:sent]
+        if credit and self.stream is not None:
+            self.stream.consumed(credit)
+        if not self.out:
+            self._drained()
+        self.update()
+
+    def _drained(self) -> None:
+        if self.close_pending:
+            self.finish()
+        elif self.shutdown_pending:
+            self.shutdown_pending = False
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        if self.write_eof or self.closed:
+            return
+        self.write_eof = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._maybe_done()
+
+    def shutdown_after_flush(self) -> None:
+        if self.out:
+            self.shutdown_pending = True
+        else:
+            self._shutdown_write()
+
+    def close_after_flush(self) -> None:
+        self.close_pending = True
+        if not self.out:
+            self.finish()
+        else:
+            self.update()
+
+    def _maybe_done(self) -> None:
+        stream = self.stream
+        if self.read_eof and self.write_eof and (stream is None or stream.state in TERMINAL):
+            self.finish()
+
+    def finish(self) -> None:
+        """Close the socket; reset the stream if it is still open."""
+        if self.stream is not None and self.stream.state not in TERMINAL:
+            if self.stream.state == StreamState.REMOTE_CLOSED and not self.stream.pending:
+                self.stream.close_write()
+            else:
+                self.stream.reset("connection closed")
+        self.close_socket()
+
+    # -- stream events ------------------------------------------------------------
+    def on_stream_data(self, stream: Stream, data: bytes) -> None:
+        self.send_bytes(data, True)
+
+    def on_stream_fin(self, stream: Stream) -> None:
+        self.shutdown_after_flush()
+
+    def on_stream_reset(self, stream: Stream, reason: str) -> None:
+        self.close_socket()
+
+    def on_stream_writable(self, stream: Stream) -> None:
+        self.update()
+
+    def abort(self, reason: str) -> None:
+        if self.stream is not None:
+            self.stream.reset(reason)
+        self.close_socket()
+
+
+class Listener(Conn):
+    """A listening socket; ``factory(sock, addr)`` handles each accepted connection."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket,
+                 factory: Callable[[socket.socket, Any], None]) -> None:
+        super().__init__(loop, sock)
+        self.factory = factory
+        self.update()
+
+    def on_read(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep listening
+                log.warning("accept failed: %s", describe_oserror(exc))
+                return
+            self.factory(sock, addr)
+
+    def abort(self, reason: str) -> None:
+        log.warning("listener error: %s", reason)
+
+
+def make_listener(host: str, port: int) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (IPv4 or IPv6 by ``host``)."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               0, socket.AI_PASSIVE)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def peer_text(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return format_hostport(addr[0], addr[1])
+    return str(addr) or "local"
+
+
+# =============================================================================
+# Relay
+# =============================================================================
+
+
+@dataclasses.dataclass
+class RelayConfig:
+    bind: str = DEFAULT_BIND
+    http_port: int = DEFAULT_HTTP_PORT
+    control_port: int = DEFAULT_CONTROL_PORT
+    domain: str = DEFAULT_DOMAIN
+    token: str = ""
+    public_port: Optional[int] = None       # port printed in URLs (default: http_port)
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    reservation: float = NAME_RESERVATION
+    grace: float = GRACE_PERIOD
+
+
+class Tunnel:
+    """A live name on the relay."""
+
+    __slots__ = ("name", "session", "owner", "client_id", "url")
+
+    def __init__(self, name: str, session: Session, owner: str, client_id: str,
+                 url: str) -> None:
+        self.name = name
+        self.session = session
+        self.owner = owner
+        self.client_id = client_id
+        self.url = url
+
+
+class Exchange:
+    """One request on a visitor connection, waiting for or receiving its response."""
+
+    __slots__ = ("method", "target", "started", "status", "upgrade")
+
+    def __init__(self, method: str, target: str, upgrade: bool) -> None:
+        self.method = method
+        self.target = target
+        self.started = time.monotonic()
+        self.status = 0
+        self.upgrade = upgrade
+
+
+class VisitorConn(Pipe):
+    """A public HTTP connection: parses requests, routes them, relays responses."""
+
+    def __init__(self, relay: "Relay", sock: socket.socket, peer: Tuple[str, int]) -> None:
+        super().__init__(relay.loop, sock)
+        self.relay = relay
+        self.peer_ip = peer[0]
+        self.peer = peer_text(peer)
+        self.requests = HTTPParser(is_request=True)
+        self.responses = HTTPParser(is_request=False, emit_body=False)
+        self.tunnel: Optional[Tunnel] = None
+        self.inflight: Deque[Exchange] = collections.deque()
+        self.deferred: Optional[HTTPError] = None   # answer once in-flight ones finish
+        self.upgraded = False
+        self.in_body = False          # between a forwarded head and its end
+        self.close_after = False      # the request being read asked to close
+        self.last_request = False     # ... and it has been read whole
+        self.update()
+
+    def __repr__(self) -> str:
+        return "<Visitor %s %s>" % (self.peer, self.tunnel.name if self.tunnel else "-")
+
+    def wants_read(self) -> bool:
+        if not self.upgraded and (self.deferred is not None or self.last_request
+                                  or self.requests.awaiting_upgrade):
+            return False
+        return super().wants_read()
+
+    # -- visitor -> origin ---------------------------------------------------------
+    def on_socket_data(self, data: memoryview) -> None:
+        if self.upgraded:
+            assert self.stream is not None
+            self.stream.write(data)
+            return
+        self._handle_requests(self.requests.feed(data))
+
+    def _handle_requests(self, events: List[Tuple[str, Any]]) -> None:
+        for kind, value in events:
+            if self.closed or self.close_pending or self.last_request:
+                return
+            if kind == EV_BODY:
+                if self.stream is not None:
+                    self.stream.write(value)
+            elif kind == EV_HEAD:
+                try:
+                    self._forward_head(value)
+                except HTTPError as exc:
+                    self.fail(exc, value.method)
+                    return
+            elif kind == EV_END:
+                self.in_body = False
+                self.last_request = self.close_after
+            else:
+                self.fail(value)
+                return
+
+    def _forward_head(self, req: Request) -> None:
+        name = self.relay.route(req)
+        if self.tunnel is None:
+            self.tunnel = self.relay.tunnel_for(name)
+            self.stream = self.tunnel.session.open_stream({"peer": self.peer,
+                                                           "host": req.host_header})
+            self.stream.handler = self
+            log.debug("visitor %s -> %s stream %d", self.peer, name, self.stream.id)
+        elif name != self.tunnel.name:
+            raise HTTPError(421, "This connection is bound to %s.%s; open a new connection "
+                            "for %s." % (self.tunnel.name, self.relay.config.domain, req.host))
+        if self.stream is None or self.stream.state not in CAN_SEND:
+            raise HTTPError(502, "The tunnel's client went away.")
+        self.stream.write(rewrite_request_head(req, self.peer_ip))
+        self.responses.expect(req.method)
+        self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
+        self.in_body = True
+        self.close_after = not req.keep_alive
+
+    def on_socket_eof(self) -> None:
+        if self.upgraded:
+            super().on_socket_eof()
+            return
+        if self.requests.feed_eof() and not self.last_request:  # closed mid-request
+            self.abort("visitor closed mid-request")
+            return
+        if self.inflight and self.stream is not None:
+            self.stream.close_write()   # half-close: the responses may still come
+        else:
+            self.finish()
+
+    def fail(self, exc: HTTPError, method: str = "GET") -> None:
+        """Answer a relay-made error once the responses before it are sent."""
+        if exc.status >= 400:
+            log.info("visitor %s: %d %s", self.peer, exc.status, exc)
+        if self.in_body:
+            self.abort("bad request body: %s" % exc)   # the origin has half a request
+        elif self.inflight:
+            self.deferred = exc
+            self.update()
+        else:
+            self.send_error(exc, method)
+
+    def send_error(self, exc: HTTPError, method: str = "GET") -> None:
+        if self.stream is not None and self.stream.state not in TERMINAL:
+            self.stream.reset("relay answered %d" % exc.status)
+        self.send_bytes(http_response(exc.status, str(exc), method), False)
+        self.close_after_flush()
+
+    # -- origin -> visitor ---------------------------------------------------------
+    def on_stream_data(self, stream: Stream, data: bytes) -> None:
+        self.send_bytes(data, True)
+        if self.upgraded:
+            return
+        for kind, value in self.responses.feed(data):
+            if kind == EV_HEAD:
+                self._on_response_head(value)
+            elif kind == EV_END:
+                self._on_response_end(value)
+            elif kind == EV_ERROR:
+                log.info("visitor %s: %s", self.peer, value)
+                self.close_after_flush()
+                return
+            if self.closed or self.close_pending:
+                return
+
+    def _on_response_head(self, resp: Response) -> None:
+        if not self.inflight or 100 <= resp.status < 200 and resp.status != 101:
+            return
+        ex = self.inflight[0]
+        ex.status = resp.status
+        if ex.upgrade:
+            if resp.status == 101:
+                self.upgraded = True
+                rest = self.requests.upgrade_done()
+                if rest and self.stream is not None:
+                    self.stream.write(rest)
+            else:
+                self._handle_requests(self.requests.upgrade_refused())
+            self.update()
+
+    def _on_response_end(self, nbytes: int) -> None:
+        if not self.inflight:
+            return
+        ex = self.inflight.popleft()
+        elapsed = time.monotonic() - ex.started
+        if self.stream is not None and self.tunnel is not None:
+            self.tunnel.session.send_log(self.stream.id, ex.status, elapsed, nbytes,
+                                         ex.method, ex.target)
+        if self.upgraded:
+            return
+        if not self.inflight:
+            if self.deferred is not None:
+                self.send_error(self.deferred)
+            elif self.last_request or self.read_eof:
+                self.close_after_flush()
+
+    def on_stream_fin(self, stream: Stream) -> None:
+        if self.upgraded:
+            self.shutdown_after_flush()
+            return
+        for kind, value in self.responses.feed_eof():
+            if kind == EV_END:
+                self._on_response_end(value)
+        self._origin_gone("The local service closed the connection without a response.")
+
+    def on_stream_reset(self, stream: Stream, reason: str) -> None:
+        if stream.session.closed:
+            why = "The tunnel's client went away."
+        else:
+            why = "The tunnel's client reset the stream: %s." % reason
+        self._origin_gone(why)
+
+    def _origin_gone(self, why: str) -> None:
+        """No more response bytes will come: 502 if nothing was answered yet, then close."""
+        if self.closed:
+            return
+        if (self.inflight and not self.upgraded and self.inflight[0].status == 0
+                and self.responses.message_bytes == 0):
+            method = self.inflight[0].method
+            self.inflight.clear()
+            self.send_bytes(http_response(502, why, method), False)
+        self.close_after_flush()
+
+    def close_socket(self) -> None:
+        super().close_socket()
+        self.relay.visitors.discard(self)
+
+
+class Relay(SessionDelegate):
+    """The public side: visitors on ``http_port``, tunnel clients on ``control_port``."""
+
+    def __init__(self, config: RelayConfig, loop: Optional[EventLoop] = None) -> None:
+        self.config = config
+        self.loop = loop or EventLoop()
+        self.tunnels: Dict[str, Tunnel] = {}
+        self.reserved: Dict[str, Tuple[str, str, float]] = {}   # name -> owner, client id, until
+        self.sessions: set = set()
+        self.visitors: set = set()
+        self.listeners: List[Listener] = []
+        self.http_port = 0
+        self.control_port = 0
+        self.stopping = False
+        self.session_config = SessionConfig(config.heartbeat_interval, config.heartbeat_timeout,
+                                            config.handshake_timeout)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Bind both ports (raises OSError); the loop is run by ``run``."""
+        http = make_listener(self.config.bind, self.config.http_port)
+        try:
+            control = make_listener(self.config.bind, self.config.control_port)
+        except OSError:
+            http.close()
+            raise
+        self.http_port = http.getsockname()[1]
+        self.control_port = control.getsockname()[1]
+        self.listeners = [Listener(self.loop, http, self._accept_visitor),
+                          Listener(self.loop, control, self._accept_control)]
+        log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
+                 format_hostport(self.config.bind, self.http_port),
+                 format_hostport(self.config.bind, self.control_port), self.config.domain)
+
+    def run(self) -> None:
+        try:
+            self.loop.run()
+        finally:
+            self.loop.close()
+
+    def stop(self) -> None:
+        """Stop now (thread-safe)."""
+        self.loop.stop()
+
+    def shutdown(self, grace: Optional[float] = None) -> None:
+        """Graceful stop (call on the loop thread): go-away, drain, then stop."""
+        if self.stopping:
+            self.loop.stop()
+            return
+        self.stopping = True
+        grace = self.config.grace if grace is None else grace
+        log.info("relay shutting down: %d tunnels, %d visitor connections; waiting up to "
+                 "%.0fs", len(self.tunnels), len(self.visitors), grace)
+        for listener in self.listeners:
+            listener.close_socket()
+        for session in list(self.sessions):
+            session.go_away("relay shutting down")
+        deadline = time.monotonic() + grace
+
+        def check() -> None:
+            if not self.visitors or time.monotonic() >= deadline:
+                for session in list(self.sessions):
+                    session.close_after_flush("relay shut down")
+                self.loop.call_later(0.05, self.loop.stop)
+            else:
+                self.loop.call_later(0.05, check)
+        check()
+
+    # -- accepting ------------------------------------------------------------------
+    def _accept_visitor(self, sock: socket.socket, addr: Any) -> None:
+        self.visitors.add(VisitorConn(self, sock, addr))
+
+    def _accept_control(self, sock: socket.socket, addr: Any) -> None:
+        session = None
+
+        def accept(request: Dict[str, Any]) -> Dict[str, Any]:
+            assert session is not None
+            return self._claim(session, request)
+        handshake = RelayHandshake(self.config.token, accept)
+        session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
+                          config=self.session_config)
+        self.sessions.add(session)
+
+    # -- names ------------------------------------------------------------------------
+    def public_url(self, name: str) -> str:
+        port = self.config.public_port or self.http_port
+        suffix = "" if port == 80 else ":%d" % port
+        return "http://%s.%s%s" % (name, self.config.domain, suffix)
+
+    def _claim(self, session: Session, request: Dict[str, Any]) -> Dict[str, Any]:
+        if self.stopping:
+            raise RefusedError("shutting_down", "the relay is shutting down")
+        owner = ""  # single-token relay: every client is the same owner
+        client_id = str(request.get("client_id", ""))
+        wanted = request.get("subdomain")
+        now = time.monotonic()
+        for name in [n for n, r in self.reserved.items() if r[2] <= now]:
+            del self.reserved[name]
+        if wanted:
+            name = str(wanted).lower()
+            if not valid_name(name):
+                raise RefusedError("invalid_name", "%r is not a valid subdomain: use a-z, 0-9 "
+                                   "and inner hyphens, 1-63 characters" % str(wanted))
+            live = self.tunnels.get(name)
+            if live is not None:
+                if client_id and live.client_id == client_id and live.owner == owner:
+                    live.session.close("replaced by a new connection from the same client")
+                else:
+                    raise RefusedError("name_taken", "subdomain %r is in use by another "
+                                       "tunnel" % name)
+            held = self.reserved.get(name)
+            if held is not None and held[0] != owner:
+                raise RefusedError("name_taken", "subdomain %r is reserved for its previous "
+                                   "owner for a while" % name)
+        else:
+            for _ in range(100):
+                name = random_name()
+                if name not in self.tunnels and name not in self.reserved:
+                    break
+            else:
+                raise RefusedError("name_taken", "could not find a free name")
+        self.reserved.pop(name, None)
+        session.name = name
+        url = self.public_url(name)
+        self.tunnels[name] = Tunnel(name, session, owner, client_id, url)
+        return {"name": name, "url": url, "heartbeat_interval": self.config.heartbeat_interval}
+
+    def route(self, req: Request) -> str:
+        """The tunnel name for a request, or an ``HTTPError`` page."""
+        host = req.host.rstrip(".")
+        domain = self.config.domain.lower()
+        if host == domain or not host:
+            raise HTTPError(200, "This is a tunnel.py relay.\nTunnels are reached at "
+                            "http://NAME.%s; expose a local port with:\n  python tunnel.py "
+                            "expose PORT --relay %s:%d --token TOKEN"
+                            % (domain, domain, self.control_port))
+        if not host.endswith("." + domain):
+            raise HTTPError(404, "This relay serves *.%s; %s is not one of its names."
+                            % (domain, host))
+        name = host[:-len(domain) - 1]
+        if not valid_name(name):
+            raise HTTPError(404, "No tunnel named %r is online." % name)
+        return name
+
+    def tunnel_for(self, name: str) -> Tunnel:
+        tunnel = self.tunnels.get(name)
+        if tunnel is not None and not tunnel.session.goaway_received:
+            return tunnel
+        held = self.reserved.get(name)
+        if tunnel is not None or (held is not None and held[2] > time.monotonic()):
+            raise HTTPError(502, "The tunnel %s.%s exists but its client is not connected "
+                            "right now." % (name, self.config.domain))
+        raise HTTPError(404, "No tunnel named %r is online on this relay." % name)
+
+    # -- session events -------------------------------------------------------------
+    def on_session_up(self, session: Session) -> None:
+        log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
+
+    def on_session_closed(self, session: Session, reason: str,
+                          error: Optional[BaseException]) -> None:
+        self.sessions.discard(session)
+        tunnel = self.tunnels.get(session.name)
+        if tunnel is not None and tunnel.session is session:
+            del self.tunnels[session.name]
+            self.reserved[session.name] = (tunnel.owner, tunnel.client_id,
+                                           time.monotonic() + self.config.reservation)
+
+    def on_goaway(self, session: Session, reason: str) -> None:
+        if not session.streams:
+            session.close("client went away")
+
+    def stats(self) -> Dict[str, int]:
+        """Counts of live objects (for tests and operators)."""
+        return {"tunnels": len(self.tunnels), "sessions": len(self.sessions),
+                "visitors": len(self.visitors),
+                "streams": sum(len(s.streams) for s in self.sessions)}
+
+
+# =============================================================================
+# Client
+# =============================================================================
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    target_host: str = "127.0.0.1"
+    target_port: int = 5000
+    relay_host: str = "localhost"
+    relay_port: int = DEFAULT_CONTROL_PORT
+    token: str = ""
+    subdomain: Optional[str] = None
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+    grace: float = GRACE_PERIOD
+    access_log: bool = True
+
+
+class TargetConn(Pipe):
+    """Client side of a stream: a connection to the local service."""
+
+    def __init__(self, client: "Client", stream: Stream, info: Dict[str, Any]) -> None:
+        cfg = client.config
+        self.client = client
+        self.target = format_hostport(cfg.target_host, cfg.target_port)
+        self.connecting = True
+        self.failed = False
+        family = socket.AF_INET6 if ":" in cfg.target_host else socket.AF_INET
+        try:
+            addr = socket.getaddrinfo(cfg.target_host, cfg.target_port, 0,
+                                      socket.SOCK_STREAM)[0]
+            family = addr[0]
+            sockaddr = addr[4]
+        except OSError as exc:
+            sockaddr = None
+            resolve_error: Optional[OSError] = exc
+        else:
+            resolve_error = None
+        super().__init__(client.loop, socket.socket(family, socket.SOCK_STREAM))
+        self.stream = stream
+        stream.handler = self
+        self.peer = str(info.get("peer", "?"))
+        self._timer: Optional[Timer] = None
+        if resolve_error is not None:
+            self._connect_failed(resolve_error)
+            return
+        err = self.sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self._connect_failed(OSError(err, os.strerror(err)))
+            return
+        self._timer = self.loop.call_later(cfg.connect_timeout, self._connect_timeout)
+        self.update()
+
+    def __repr__(self) -> str:
+        return "<Target %s stream %s>" % (self.target, self.stream.id if self.stream else "-")
+
+    def wants_read(self) -> bool:
+        return not self.connecting and super().wants_read()
+
+    def wants_write(self) -> bool:
+        return self.connecting or bool(self.out)
+
+    def on_write(self) -> None:
+        if self.connecting:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._connect_failed(OSError(err, os.strerror(err)))
+                return
+            self.connecting = False
+            if self._timer is not None:
+                self._timer.cancel()
+            if self.shutdown_pending and not self.out:
+                self.shutdown_pending = False
+                self._shutdown_write()
+        super().on_write()
+
+    def send_bytes(self, data: Any, credited: bool) -> None:
+        if self.connecting and not self.failed:
+            self.out += data
+            if credited:
+                self.counted += len(data)
+            return
+        if self.failed:  # the visitor already has its 502; discard what follows
+            if credited and self.stream is not None:
+                self.stream.consumed(len(data))
+            return
+        super().send_bytes(data, credited)
+
+    def shutdown_after_flush(self) -> None:
+        if self.failed:
+            return
+        if self.connecting:
+            self.shutdown_pending = True
+            return
+        super().shutdown_after_flush()
+
+    def _connect_timeout(self) -> None:
+        if self.connecting and not self.closed:
+            self._connect_failed(socket.timeout("timed out"))
+
+    def _connect_failed(self, exc: OSError) -> None:
+        self.failed = True
+        self.connecting = False
+        if self._timer is not None:
+            self._timer.cancel()
+        why = "could not connect to %s: %s" % (self.target, describe_oserror(exc))
+        log.warning("stream %d: %s", self.stream.id if self.stream else 0, why)
+        self.out.clear()
+        stream = self.stream
+        if stream is not None and stream.state in CAN_SEND:
+            if self.counted:
+                stream.consumed(self.counted)
+            stream.write(http_response(502, why))
+            stream.close_write()
+        self.counted = 0
+        self.close_socket()
+
+    def on_stream_data(self, stream: Stream, data: bytes) -> None:
+        self.send_bytes(data, True)
+
+    def on_stream_reset(self, stream: Stream, reason: str) -> None:
+        if self.failed:
+            return
+        self.close_socket()
+
+    def close_socket(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().close_socket()
+        self.client.targets.discard(self)
+
+
+class Client(SessionDelegate):
+    """The private side: keeps a session to the relay and serves its streams."""
+
+    def __init__(self, config: ClientConfig, loop: Optional[EventLoop] = None,
+                 output: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.loop = loop or EventLoop()
+        self.output = output
+        self.client_id = secrets.token_hex(16)
+        self.session: Optional[Session] = None
+        self.targets: set = set()
+        self.name: Optional[str] = config.subdomain.lower() if config.subdomain else None
+        self.url: Optional[str] = None
+        self.exit_code = EXIT_OK
+        self.error: Optional[str] = None
+        self.attempt = 0
+        self.stopping = False
+        self.ready = threading.Event()
+        self._connector: Optional[_Connector] = None
+        self._reconnect_timer: Optional[Timer] = None
+        self.session_config = SessionConfig(config.heartbeat_interval, config.heartbeat_timeout,
+                                            config.handshake_timeout)
+
+    @property
+    def target_url(self) -> str:
+        return "http://%s" % format_hostport(self.config.target_host, self.config.target_port)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def run(self) -> int:
+        self.loop.call_soon_threadsafe(self.connect)
+        try:
+            self.loop.run()
+        finally:
+            self.loop.close()
+        return self.exit_code
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def shutdown(self, grace: Optional[float] = None) -> None:
+        """Graceful stop (on the loop thread): go-away, let streams finish, stop."""
+        if self.stopping:
+            self.loop.stop()
+            return
+        self.stopping = True
+        grace = self.config.grace if grace is None else grace
+        if self._reconnect_timer is not None:
+            self._reconnect_timer.cancel()
+        session = self.session
+        if session is None or session.closed:
+            self.loop.stop()
+            return
+        session.go_away("client shutting down")
+        deadline = time.monotonic() + grace
+
+        def check() -> None:
+            if not session.streams or time.monotonic() >= deadline or session.closed:
+                session.close_after_flush("client shut down")
+                self.loop.call_later(0.05, self.loop.stop)
+            else:
+                self.loop.call_later(0.05, check)
+        check()
+
+    def connect(self) -> None:
+        if self.stopping:
+            return
+        cfg = self.config
+        relay = format_hostport(cfg.relay_host, cfg.relay_port)
+        if self.attempt:
+            log.info("connecting to relay %s (attempt %d)", relay, self.attempt + 1)
+        else:
+            log.info("connecting to relay %s", relay)
+        self._connector = _Connector(self, cfg.relay_host, cfg.relay_port, cfg.connect_timeout)
+
+    def _connected(self, sock: socket.socket) -> None:
+        self._connector = None
+        request = {"subdomain": self.name, "client_id": self.client_id,
+                   "version": __version__}
+        handshake = ClientHandshake(self.config.token, request)
+        self.session = Session(self.loop, sock,
+                               format_hostport(self.config.relay_host, self.config.relay_port),
+                               handshake, self, is_relay=False, config=self.session_config)
+
+    def _connect_failed(self, why: str) -> None:
+        self._connector = None
+        log.warning("could not reach the relay: %s", why)
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self.stopping:
+            self.loop.stop()
+            return
+        delay = min(self.config.backoff_max, self.config.backoff_initial * (2 ** self.attempt))
+        delay *= 1.0 - random.uniform(0, BACKOFF_JITTER)
+        self.attempt = min(self.attempt + 1, 30)
+        log.info("reconnecting in %.1fs", delay)
+        self._reconnect_timer = self.loop.call_later(delay, self.connect)
+
+    # -- session events ---------------------------------------------------------------
+    def on_session_up(self, session: Session) -> None:
+        welcome = session.handshake.welcome
+        url = str(welcome.get("url", ""))
+        self.name = session.name = str(welcome.get("name", ""))
+        self.attempt = 0
+        if url != self.url:
+            self.url = url
+            self.output("Forwarding %s -> %s" % (url, self.target_url))
+        log.info("tunnel up: %s -> %s", url, self.target_url)
+        self.ready.set()
+
+    def on_session_closed(self, session: Session, reason: str,
+                          error: Optional[BaseException]) -> None:
+        if session is self.session:
+            self.session = None
+        self.ready.clear()
+        if isinstance(error, AuthError):
+            self.fatal(EXIT_USAGE, str(error))
+            return
+        if isinstance(error, RefusedError):
+            if error.code in ("invalid_name", "version") or (error.code == "name_taken"
+                                                             and self.url is None):
+                self.fatal(EXIT_FAILURE, str(error))
+                return
+            log.warning("relay refused: %s", error)
+        if self.stopping:
+            self.loop.stop()
+            return
+        if session.goaway_received:
+            self.attempt = 0
+        self._schedule_reconnect()
+
+    def fatal(self, code: int, message: str) -> None:
+        self.exit_code = code
+        self.error = message     # main() prints it as the last line on stderr
+        self.stopping = True
+        self.loop.stop()
+
+    def on_stream_open(self, session: Session, stream: Stream, info: Dict[str, Any]) -> None:
+        if self.stopping:
+            stream.reset("client shutting down")
+            return
+        log.debug("stream %d from %s", stream.id, info.get("peer"))
+        target = TargetConn(self, stream, info)
+        if not target.closed:
+            self.targets.add(target)
+
+    def on_goaway(self, session: Session, reason: str) -> None:
+        pass
+
+    def on_access_log(self, session: Session, record: Dict[str, Any]) -> None:
+        if not self.config.access_log:
+            return
+        self.output("%s %s %s %d %.1fms %s" % (
+            time.strftime("%H:%M:%S"), record["method"], record["target"], record["status"],
+            record["duration"] * 1000.0, format_size(record["bytes"])))
+
+    def stats(self) -> Dict[str, int]:
+        session = self.session
+        return {"streams": len(session.streams) if session else 0, "targets": len(self.targets)}
+
+
+class _Connector(Conn):
+    """A non-blocking connect to the relay, with a timeout."""
+
+    def __init__(self, client: Client, host: str, port: int, timeout: float) -> None:
+        self.client = client
+        try:
+            family, stype, proto, _, addr = socket.getaddrinfo(host, port, 0,
+                                                               socket.SOCK_STREAM)[0]
+        except OSError as exc:
+            client.loop.call_later(0, lambda: client._connect_failed(
+                "cannot resolve %s: %s" % (host, describe_oserror(exc))))
+            self.closed = True
+            return
+        super().__init__(client.loop, socket.socket(family, stype, proto))
+        err = self.sock.connect_ex(addr)
+        self.timer = self.loop.call_later(timeout, self._timeout)
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self._fail(os.strerror(err).lower())
+            return
+        self.update()
+
+    def wants_read(self) -> bool:
+        return False
+
+    def wants_write(self) -> bool:
+        return True
+
+    def on_write(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(os.strerror(err).lower())
+            return
+        self.timer.cancel()
+        self.loop.selector.unregister(self.sock)
+        self._mask = 0
+        self.loop.conns.discard(self)
+        self.closed = True  # the socket now belongs to the session
+        self.client._connected(self.sock)
+
+    def _timeout(self) -> None:
+        if not self.closed:
+            self._fail("timed out")
+
+    def _fail(self, why: str) -> None:
+        self.timer.cancel()
+        self.close_socket()
+        self.client._connect_failed(why)
+
+    def abort(self, reason: str) -> None:
+        self._fail(reason)
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+EPILOG = """\
+examples:
+  python tunnel.py serve                        # relay for http://NAME.localhost:8080
+  python tunnel.py expose 5000 --token T        # share 127.0.0.1:5000 through it
+  python tunnel.py serve --domain example.com --http-port 80 --token T
+  python tunnel.py expose 192.168.1.20:3000 --relay example.com:7835 --subdomain demo
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, status 2 (not argparse's usage dump)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log every stream (DEBUG)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings and errors (and the Forwarding line)")
+    common.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL,
+                        metavar="SEC", help="PING interval (default %(default)s)")
+    common.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
+                        metavar="SEC", help="silence that kills a session (default %(default)s)")
+    common.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SEC",
+                        help="on SIGTERM/Ctrl-C, let in-flight requests finish this long "
+                        "(default %(default)s)")
+    parser = _Parser(prog="tunnel.py", description="Expose a local port through a relay you "
+                     "host yourself.", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="tunnel.py " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", parents=[common], help="run the relay",
+                           description="Run the relay: visitors connect to --http-port, "
+                           "tunnel clients to --control-port.", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
+                       help="address to listen on (default %(default)s)")
+    serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, metavar="PORT",
+                       help="port for visitors (default %(default)s)")
+    serve.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
+                       metavar="PORT", help="port for tunnel clients (default %(default)s)")
+    serve.add_argument("--domain", default=DEFAULT_DOMAIN,
+                       help="tunnels are NAME.DOMAIN (default %(default)s)")
+    serve.add_argument("--token", default=None,
+                       help="shared secret (default: $TUNNEL_TOKEN, else a generated one)")
+    serve.add_argument("--public-port", type=int, default=None, metavar="PORT",
+                       help="port shown in URLs, when a proxy in front maps ports")
+    serve.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                       metavar="SEC", help="clients must authenticate within (default "
+                       "%(default)s)")
+    expose = sub.add_parser("expose", parents=[common], help="share a local port",
+                            description="Share a local port through a relay.", epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    expose.add_argument("target", metavar="TARGET", help="PORT (127.0.0.1:PORT) or HOST:PORT")
+    expose.add_argument("--relay", default=None, metavar="HOST:PORT",
+                        help="relay control address (default: $TUNNEL_RELAY, else %s)"
+                        % DEFAULT_RELAY)
+    expose.add_argument("--token", default=None, help="shared secret (default: $TUNNEL_TOKEN)")
+    expose.add_argument("--subdomain", default=None, metavar="NAME",
+                        help="ask for NAME.DOMAIN (default: a random readable name)")
+    expose.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT,
+                        metavar="SEC", help="for the relay and the target (default "
+                        "%(default)s)")
+    expose.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="SEC",
+                        help="longest wait between reconnects (default %(default)s)")
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _print(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _install_signals(on_signal: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        on_signal()
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _check_timeouts(args: argparse.Namespace) -> None:
+    if args.heartbeat_interval <= 0 or args.grace < 0:
+        raise UsageError("--heartbeat-interval must be positive and --grace not negative")
+    if args.heartbeat_timeout <= args.heartbeat_interval:
+        raise UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("TUNNEL_TOKEN", "")
+    generated = not token
+    if generated:
+        token = new_token()
+    for port in (args.http_port, args.control_port):
+        if not 0 <= port < 65536:
+            raise UsageError("invalid port %d" % port)
+    domain = args.domain.strip().lower().rstrip(".")
+    if not domain or not all(valid_name(p) for p in domain.split(".")):
+        raise UsageError("invalid --domain %r" % args.domain)
+    config = RelayConfig(bind=args.bind, http_port=args.http_port,
+                         control_port=args.control_port, domain=domain, token=token,
+                         public_port=args.public_port,
+                         heartbeat_interval=args.heartbeat_interval,
+                         heartbeat_timeout=args.heartbeat_timeout,
+                         handshake_timeout=args.handshake_timeout, grace=args.grace)
+    relay = Relay(config)
+    try:
+        relay.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.bind, describe_oserror(exc))
+        relay.loop.close()
+        return EXIT_FAILURE
+    if generated:
+        _print("No token given; generated one for this run. Expose a port with:")
+        _print("  python tunnel.py expose 5000 --relay %s:%d --token %s"
+               % (domain, relay.control_port, token))
+    _install_signals(relay.shutdown)
+    relay.run()
+    log.info("relay stopped")
+    return EXIT_OK
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    try:
+        target_host, target_port = parse_hostport(args.target, default_host="127.0.0.1")
+    except ValueError as exc:
+        raise UsageError("invalid TARGET %r: expected PORT or HOST:PORT (%s)"
+                         % (args.target, exc)) from None
+    relay_text = args.relay or os.environ.get("TUNNEL_RELAY") or DEFAULT_RELAY
+    try:
+        relay_host, relay_port = parse_hostport(relay_text, default_port=DEFAULT_CONTROL_PORT)
+    except ValueError as exc:
+        raise UsageError("invalid --relay %r: expected HOST:PORT (%s)" % (relay_text, exc)) \
+            from None
+    token = args.token or os.environ.get("TUNNEL_TOKEN", "")
+    if not token:
+        raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints one)")
+    if args.subdomain is not None and not valid_name(args.subdomain.lower()):
+        raise UsageError("invalid --subdomain %r: use a-z, 0-9 and inner hyphens, 1-63 "
+                         "characters" % args.subdomain)
+    config = ClientConfig(target_host=target_host, target_port=target_port,
+                          relay_host=relay_host, relay_port=relay_port, token=token,
+                          subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
+                          heartbeat_timeout=args.heartbeat_timeout,
+                          connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
+                          grace=args.grace, access_log=not args.quiet)
+    client = Client(config, output=_print)
+    _install_signals(client.shutdown)
+    code = client.run()
+    if client.error and code != EXIT_OK:
+        sys.stderr.write("tunnel.py: %s\n" % client.error)
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: ``python tunnel.py serve|expose ...``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE
+        _check_timeouts(args)
+        _setup_logging(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        return cmd_expose(args)
+    except UsageError as exc:
+        sys.stderr.write("tunnel.py: error: %s (see --help)\n" % exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
