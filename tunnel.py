@@ -543,6 +543,8 @@ class RelayHandshake:
         return encode_frame(FrameType.REFUSE, 0, _json_bytes({"error": code, "message": message}))
 
     def receive(self, frame: Any) -> bytes:
+        if self._state == "failed":   # refused: whatever else the client sent is moot
+            return b""
         if self._state == "preamble" and isinstance(frame, Preamble):
             if frame.version != PROTOCOL_VERSION:
                 return self._refuse("version", "unsupported protocol version %d; this relay "
@@ -2561,6 +2563,8 @@ class Client(SessionDelegate):
         self.attempt = 0
         self.stopping = False
         self.ready = threading.Event()
+        self.up_count = 0                    # sessions established so far
+        self.changed = threading.Condition()  # notified when the session goes up or down
         self._connector: Optional[_Connector] = None
         self._reconnect_timer: Optional[Timer] = None
         self.session_config = SessionConfig(config.heartbeat_interval, config.heartbeat_timeout,
@@ -2651,13 +2655,18 @@ class Client(SessionDelegate):
             self.url = url
             self.output("Forwarding %s -> %s" % (url, self.target_url))
         log.info("tunnel up: %s -> %s", url, self.target_url)
-        self.ready.set()
+        with self.changed:
+            self.up_count += 1
+            self.ready.set()
+            self.changed.notify_all()
 
     def on_session_closed(self, session: Session, reason: str,
                           error: Optional[BaseException]) -> None:
         if session is self.session:
             self.session = None
-        self.ready.clear()
+        with self.changed:
+            self.ready.clear()
+            self.changed.notify_all()
         if isinstance(error, AuthError):
             self.fatal(EXIT_USAGE, str(error))
             return

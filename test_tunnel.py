@@ -1,0 +1,1257 @@
+"""Tests for tunnel.py: standard library only, real sockets on 127.0.0.1.
+
+Three tiers:
+  1. pure codecs and parsers, fed byte literals (also one byte at a time);
+  2. session pairs over socket.socketpair(), driven by one event loop;
+  3. end to end: a real relay, client and origin HTTP server on ephemeral ports.
+
+Run with:  python -m unittest -v test_tunnel
+"""
+
+import base64
+import concurrent.futures
+import hashlib
+import http.client
+import http.server
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import urllib.parse
+
+import tunnel
+from tunnel import (EV_BODY, EV_END, EV_ERROR, EV_HEAD, ClientHandshake, FrameDecoder,
+                    FrameType, HTTPParser, ProtocolError, RelayHandshake, StreamState)
+
+TOKEN = "test-token-0123456789"
+if not os.environ.get("TUNNEL_TEST_LOG"):   # set it to see the tool's own log lines
+    logging.getLogger("tunnel").addHandler(logging.NullHandler())
+    logging.getLogger("tunnel").propagate = False
+HERE = os.path.dirname(os.path.abspath(__file__))
+TUNNEL_PY = os.path.join(HERE, "tunnel.py")
+WAIT = 10.0          # upper bound for anything that should happen "now"
+FAST = dict(heartbeat_interval=0.2, heartbeat_timeout=1.0, handshake_timeout=2.0)
+
+
+def wait_until(cond, timeout=WAIT, what="condition"):
+    """Wait for a state change that has no event to wait on (checked every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.01)
+
+
+# =============================================================================
+# Tier 1: codecs and parsers
+# =============================================================================
+
+
+def feed_all(parser, data, one_byte=False):
+    events = []
+    if one_byte:
+        for i in range(len(data)):
+            events.extend(parser.feed(data[i:i + 1]))
+    else:
+        events.extend(parser.feed(data))
+    return events
+
+
+def squash(events):
+    """Merge body events into bytes for easy comparison."""
+    out = []
+    for kind, value in events:
+        if kind == EV_BODY:
+            if out and out[-1][0] == EV_BODY:
+                out[-1] = (EV_BODY, out[-1][1] + bytes(value))
+            else:
+                out.append((EV_BODY, bytes(value)))
+        else:
+            out.append((kind, value))
+    return out
+
+
+class FrameCodecTest(unittest.TestCase):
+    def frames(self):
+        return (tunnel.encode_frame(FrameType.DATA, 1, b"hello")
+                + tunnel.encode_frame(FrameType.WINDOW, 1, struct.pack("!I", 4096))
+                + tunnel.encode_frame(FrameType.FIN, 1)
+                + tunnel.encode_frame(FrameType.PING, 0, b"\0" * 8, tunnel.FLAG_ACK))
+
+    def check(self, got):
+        self.assertEqual([(f.type, f.flags, f.stream_id, f.payload) for f in got], [
+            (FrameType.DATA, 0, 1, b"hello"),
+            (FrameType.WINDOW, 0, 1, b"\x00\x00\x10\x00"),
+            (FrameType.FIN, 0, 1, b""),
+            (FrameType.PING, 1, 0, b"\0" * 8)])
+
+    def test_whole_and_one_byte_at_a_time(self):
+        data = self.frames()
+        self.check(FrameDecoder().feed(data))
+        dec = FrameDecoder()
+        got = []
+        for i in range(len(data)):
+            got.extend(dec.feed(data[i:i + 1]))
+        self.check(got)
+        self.assertEqual(dec.buffered, 0)
+
+    def test_header_layout(self):
+        self.assertEqual(tunnel.encode_frame(FrameType.DATA, 0x01020304, b"ab"),
+                         b"\x07\x00\x01\x02\x03\x04\x00\x00\x00\x02ab")
+
+    def test_preamble_then_frames(self):
+        data = tunnel.encode_preamble() + tunnel.encode_frame(FrameType.HELLO, 0, b"n" * 32)
+        dec = FrameDecoder(expect_preamble=True)
+        got = []
+        for i in range(len(data)):
+            got.extend(dec.feed(data[i:i + 1]))
+        self.assertEqual(got[0], tunnel.Preamble(1))
+        self.assertEqual(got[1].payload, b"n" * 32)
+
+    def test_bad_magic_is_rejected_early(self):
+        with self.assertRaisesRegex(ProtocolError, "bad magic"):
+            FrameDecoder(expect_preamble=True).feed(b"GET")
+        with self.assertRaisesRegex(ProtocolError, "bad magic"):
+            FrameDecoder(expect_preamble=True).feed(b"GET / HTTP/1.1\r\n\r\n")
+
+    def test_oversized_frame_rejected_before_payload(self):
+        header = struct.pack("!BBII", FrameType.DATA, 0, 1, tunnel.MAX_FRAME_PAYLOAD + 1)
+        with self.assertRaisesRegex(ProtocolError, "exceeds the limit"):
+            FrameDecoder().feed(header)   # the header alone is enough to refuse
+        dec = FrameDecoder(max_payload=16)
+        with self.assertRaises(ProtocolError):
+            dec.feed(struct.pack("!BBII", FrameType.AUTH, 0, 0, 17))
+
+    def test_unknown_type(self):
+        with self.assertRaisesRegex(ProtocolError, "unknown frame type 99"):
+            FrameDecoder().feed(struct.pack("!BBII", 99, 0, 0, 0))
+
+
+class HandshakeTest(unittest.TestCase):
+    def run_handshake(self, client_token, relay_token, accept=None, version=1):
+        accept = accept or (lambda req: {"name": req.get("subdomain") or "x", "url": "u"})
+        client = ClientHandshake(client_token, {"subdomain": "demo"}, version=version)
+        relay = RelayHandshake(relay_token, accept)
+        to_relay = FrameDecoder(expect_preamble=True, max_payload=tunnel.MAX_HANDSHAKE_PAYLOAD)
+        to_client = FrameDecoder(max_payload=tunnel.MAX_HANDSHAKE_PAYLOAD)
+        pending = client.start()
+        for _ in range(4):
+            replies = b"".join(relay.receive(f) for f in to_relay.feed(pending))
+            if relay.failed or not replies:
+                for f in to_client.feed(replies):
+                    client.receive(f)
+                break
+            pending = b"".join(client.receive(f) for f in to_client.feed(replies))
+            if client.done:
+                break
+        return client, relay
+
+    def test_mutual_success(self):
+        client, relay = self.run_handshake(TOKEN, TOKEN)
+        self.assertTrue(client.done and relay.done)
+        self.assertEqual(client.welcome, {"name": "demo", "url": "u"})
+        self.assertEqual(relay.request["subdomain"], "demo")
+
+    def test_token_never_on_the_wire(self):
+        client = ClientHandshake(TOKEN, {})
+        relay = RelayHandshake(TOKEN, lambda r: {"name": "a"})
+        wire = client.start()
+        dec = FrameDecoder(expect_preamble=True)
+        challenge = b"".join(relay.receive(f) for f in dec.feed(wire))
+        auth = b"".join(client.receive(f) for f in FrameDecoder().feed(challenge))
+        wire += challenge + auth
+        self.assertNotIn(TOKEN.encode(), wire)
+
+    def test_wrong_token_refused(self):
+        with self.assertRaisesRegex(tunnel.AuthError, "relay rejected the token"):
+            self.run_handshake("wrong", TOKEN)
+
+    def test_impostor_relay_detected(self):
+        # A relay that does not hold the token cannot answer with a valid proof.
+        client = ClientHandshake(TOKEN, {})
+        relay = RelayHandshake(TOKEN, lambda r: {"name": "a"})
+        challenge = b"".join(relay.receive(f) for f in
+                             FrameDecoder(expect_preamble=True).feed(client.start()))
+        client.receive(FrameDecoder().feed(challenge)[0])
+        forged = tunnel.encode_frame(FrameType.WELCOME, 0, b"\0" * 32 + b'{"name":"a"}')
+        with self.assertRaisesRegex(tunnel.AuthError, "could not prove"):
+            client.receive(FrameDecoder().feed(forged)[0])
+
+    def test_unsupported_version(self):
+        with self.assertRaises(tunnel.RefusedError) as cm:
+            self.run_handshake(TOKEN, TOKEN, version=9)
+        self.assertEqual(cm.exception.code, "version")
+
+    def test_refusal_from_accept(self):
+        def accept(req):
+            raise tunnel.RefusedError("name_taken", "subdomain 'demo' is in use")
+        with self.assertRaisesRegex(tunnel.RefusedError, "in use"):
+            self.run_handshake(TOKEN, TOKEN, accept=accept)
+
+
+class StreamStateTest(unittest.TestCase):
+    def test_transition_table(self):
+        T = tunnel.STREAM_TRANSITIONS
+        self.assertEqual(T[(StreamState.OPEN, "send_fin")], StreamState.LOCAL_CLOSED)
+        self.assertEqual(T[(StreamState.LOCAL_CLOSED, "recv_fin")], StreamState.CLOSED)
+        self.assertEqual(T[(StreamState.REMOTE_CLOSED, "send_fin")], StreamState.CLOSED)
+        self.assertNotIn((StreamState.REMOTE_CLOSED, "recv_fin"), T)
+        self.assertNotIn((StreamState.CLOSED, "recv_rst"), T)
+
+
+REQ_GET = b"GET /a?b=1 HTTP/1.1\r\nHost: demo.localhost:8080\r\nUser-Agent: t\r\n\r\n"
+
+
+class RequestParserTest(unittest.TestCase):
+    def parse(self, data, one_byte=False):
+        return squash(feed_all(HTTPParser(is_request=True), data, one_byte))
+
+    def assert_error(self, data, status, pattern="."):
+        for one_byte in (False, True):
+            events = self.parse(data, one_byte)
+            self.assertEqual(events[-1][0], EV_ERROR, events)
+            self.assertEqual(events[-1][1].status, status, events[-1][1])
+            self.assertRegex(str(events[-1][1]), pattern)
+
+    def test_get(self):
+        for one_byte in (False, True):
+            events = self.parse(REQ_GET, one_byte)
+            self.assertEqual([e[0] for e in events], [EV_HEAD, EV_END])
+            req = events[0][1]
+            self.assertEqual((req.method, req.target, req.version), ("GET", "/a?b=1", (1, 1)))
+            self.assertEqual(req.host, "demo.localhost")
+            self.assertEqual(req.headers.get_all("user-agent"), ["t"])
+            self.assertTrue(req.keep_alive)
+
+    def test_content_length_body_and_pipelining(self):
+        data = (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello" + REQ_GET)
+        for one_byte in (False, True):
+            events = self.parse(data, one_byte)
+            self.assertEqual([e[0] for e in events], [EV_HEAD, EV_BODY, EV_END, EV_HEAD, EV_END])
+            self.assertEqual(events[1][1], b"hello")
+
+    def test_chunked_body_passes_framing_through(self):
+        body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n"
+        data = b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+        for one_byte in (False, True):
+            events = self.parse(data + REQ_GET, one_byte)
+            self.assertEqual([e[0] for e in events], [EV_HEAD, EV_BODY, EV_END, EV_HEAD, EV_END])
+            self.assertEqual(events[1][1], body)
+
+    def test_http10_and_connection_close(self):
+        req = self.parse(b"GET / HTTP/1.0\r\n\r\n")[0][1]
+        self.assertFalse(req.keep_alive)
+        req = self.parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")[0][1]
+        self.assertTrue(req.keep_alive)
+        req = self.parse(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")[0][1]
+        self.assertFalse(req.keep_alive)
+
+    def test_upgrade_waits_then_resumes(self):
+        p = HTTPParser(is_request=True)
+        up = b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        events = p.feed(up + b"rawbytes")
+        self.assertEqual([e[0] for e in events], [EV_HEAD, EV_END])
+        self.assertEqual(events[0][1].upgrade, "websocket")
+        self.assertTrue(p.awaiting_upgrade)
+        self.assertEqual(p.upgrade_done(), b"rawbytes")
+        p2 = HTTPParser(is_request=True)
+        p2.feed(up + REQ_GET)
+        self.assertEqual([e[0] for e in p2.upgrade_refused()], [EV_HEAD, EV_END])
+
+    def test_smuggling_and_malformed_framing(self):
+        cases = [
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n", 400, "both Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+             400, "conflicting"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\n", 400, "conflicting"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", 400, "invalid"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+             400, "end with chunked"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n", 400, "end with chunked"),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "HTTP/1.0"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+             400, "chunk size"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n",
+             400, "longer than its size"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n  folded\r\n\r\n", 400, "folding"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-A : 1\r\n\r\n", 400, "malformed header"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n", 400, "malformed header"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n", 400, "bare CR"),
+            (b"GET / HTTP/1.1\r\n\r\n", 400, "missing Host"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host"),
+            (b"GET http://evil.example/ HTTP/1.1\r\nHost: demo.localhost\r\n\r\n",
+             400, "different host"),
+            (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505, "not supported"),
+            (b"GET /\x01 HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
+            (b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", 405, "CONNECT"),
+        ]
+        for data, status, pattern in cases:
+            with self.subTest(data=data):
+                self.assert_error(data, status, pattern)
+
+    def test_limits(self):
+        self.assert_error(b"GET /" + b"a" * (tunnel.MAX_REQUEST_LINE + 10) + b" HTTP/1.1\r\n",
+                          414)
+        big = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X-Big: " + b"a" * tunnel.MAX_HEAD_SIZE
+        self.assert_error(big, 431)
+        many = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: 1\r\n" * (tunnel.MAX_HEADER_COUNT + 1)
+        self.assert_error(many + b"\r\n", 431, "too many")
+
+    def test_absolute_form_becomes_origin_form(self):
+        req = self.parse(b"GET http://demo.localhost:8080/x?y HTTP/1.1\r\n"
+                         b"Host: demo.localhost:8080\r\n\r\n")[0][1]
+        self.assertEqual(req.target, "/x?y")
+
+    def test_duplicate_headers_are_all_kept(self):
+        req = self.parse(b"GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nA: 2\r\n\r\n")[0][1]
+        self.assertEqual(req.headers.get_all("a"), ["1", "2"])
+
+    def test_eof_mid_request_is_an_error(self):
+        p = HTTPParser(is_request=True)
+        p.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+        self.assertEqual(p.feed_eof()[0][0], EV_ERROR)
+        self.assertEqual(HTTPParser(is_request=True).feed_eof(), [])
+
+
+class ResponseParserTest(unittest.TestCase):
+    def parse(self, data, methods=("GET",), one_byte=False):
+        p = HTTPParser(is_request=False)
+        for m in methods:
+            p.expect(m)
+        return p, squash(feed_all(p, data, one_byte))
+
+    def test_length_chunked_and_no_body(self):
+        data = (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"          # answer to HEAD
+                b"HTTP/1.1 204 No Content\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n")
+        for one_byte in (False, True):
+            _, events = self.parse(data, ("GET", "HEAD", "GET", "GET"), one_byte)
+            kinds = [e[0] for e in events]
+            self.assertEqual(kinds, [EV_HEAD, EV_BODY, EV_END, EV_HEAD, EV_END, EV_HEAD, EV_END,
+                                     EV_HEAD, EV_BODY, EV_END])
+
+    def test_interim_then_final(self):
+        _, events = self.parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
+                               b"Content-Length: 0\r\n\r\n")
+        self.assertEqual([(k, getattr(v, "status", None)) for k, v in events if k == EV_HEAD],
+                         [(EV_HEAD, 100), (EV_HEAD, 201)])
+        self.assertEqual(events[-1][0], EV_END)
+
+    def test_until_close_and_switching_protocols(self):
+        p, events = self.parse(b"HTTP/1.1 200 OK\r\n\r\nstream...")
+        self.assertEqual(events[-1][0], EV_BODY)
+        self.assertEqual(p.feed_eof()[0][0], EV_END)
+        p, events = self.parse(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+                               b"\x81\x02hi")
+        self.assertTrue(p.tunnel)
+        self.assertEqual([e[0] for e in events], [EV_HEAD, EV_END])
+
+    def test_garbage_from_origin(self):
+        _, events = self.parse(b"SSH-2.0-OpenSSH\r\n\r\n")
+        self.assertEqual(events[-1][0], EV_ERROR)
+        self.assertEqual(events[-1][1].status, 502)
+
+
+class RewriteTest(unittest.TestCase):
+    def rewrite(self, raw):
+        req = squash(HTTPParser(is_request=True).feed(raw))[0][1]
+        return tunnel.rewrite_request_head(req, "203.0.113.9").decode("latin-1")
+
+    def test_forwarding_headers_replaced_and_hop_by_hop_dropped(self):
+        out = self.rewrite(b"GET / HTTP/1.1\r\nHost: demo.localhost\r\n"
+                           b"X-Forwarded-For: 1.2.3.4\r\nx-forwarded-host: evil\r\n"
+                           b"Forwarded: for=1.2.3.4\r\nX-Real-IP: 1.2.3.4\r\n"
+                           b"Connection: keep-alive, X-Secret\r\nX-Secret: s\r\n"
+                           b"Keep-Alive: 5\r\nTE: trailers\r\nX-Keep: 1\r\n\r\n")
+        self.assertNotIn("1.2.3.4", out)
+        self.assertNotIn("evil", out)
+        self.assertNotIn("X-Secret", out)
+        self.assertNotIn("Keep-Alive", out)
+        self.assertNotIn("TE:", out)
+        self.assertIn("X-Keep: 1\r\n", out)
+        self.assertIn("X-Forwarded-For: 203.0.113.9\r\n", out)
+        self.assertIn("X-Forwarded-Proto: http\r\n", out)
+        self.assertIn("X-Forwarded-Host: demo.localhost\r\n", out)
+        self.assertTrue(out.endswith("\r\n\r\n"))
+
+    def test_framing_headers_survive_connection_tricks(self):
+        out = self.rewrite(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n"
+                           b"Connection: content-length, host\r\n\r\nab")
+        self.assertIn("Content-Length: 2\r\n", out)
+        self.assertIn("Host: h\r\n", out)
+
+    def test_close_and_upgrade_kept(self):
+        self.assertIn("Connection: close", self.rewrite(
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+        out = self.rewrite(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+                           b"Upgrade: websocket\r\n\r\n")
+        self.assertIn("Connection: Upgrade\r\nUpgrade: websocket\r\n", out)
+
+
+class UtilityTest(unittest.TestCase):
+    def test_names(self):
+        for good in ("a", "demo", "a-b", "x" * 63, "0ab"):
+            self.assertTrue(tunnel.valid_name(good), good)
+        for bad in ("", "-a", "a-", "A", "a.b", "x" * 64, "a_b", "a\n"):
+            self.assertFalse(tunnel.valid_name(bad), bad)
+        for _ in range(50):
+            self.assertTrue(tunnel.valid_name(tunnel.random_name()))
+
+    def test_parse_hostport(self):
+        p = tunnel.parse_hostport
+        self.assertEqual(p("5000", default_host="127.0.0.1"), ("127.0.0.1", 5000))
+        self.assertEqual(p("example.com:80"), ("example.com", 80))
+        self.assertEqual(p("[::1]:81"), ("::1", 81))
+        self.assertEqual(p("relay", default_port=7835), ("relay", 7835))
+        for bad in ("abc", "host:99999", "host:x", ":80", "[::1"):
+            with self.assertRaises(ValueError):
+                p(bad)
+
+
+# =============================================================================
+# Tier 2: session pairs over socketpair()
+# =============================================================================
+
+
+class Recorder(tunnel.SessionDelegate, tunnel.StreamHandler):
+    """A delegate and stream handler that records what happens and consumes on demand."""
+
+    def __init__(self, auto_consume=True):
+        self.auto_consume = auto_consume
+        self.up = False
+        self.closed = None
+        self.streams = []
+        self.data = bytearray()
+        self.unconsumed = 0
+        self.fins = 0
+        self.resets = []
+
+    def on_session_up(self, session):
+        self.up = True
+
+    def on_session_closed(self, session, reason, error):
+        self.closed = reason
+
+    def on_stream_open(self, session, stream, info):
+        stream.handler = self
+        self.streams.append((stream, info))
+
+    def on_stream_data(self, stream, data):
+        self.data += data
+        if self.auto_consume:
+            stream.consumed(len(data))
+        else:
+            self.unconsumed += len(data)
+
+    def on_stream_fin(self, stream):
+        self.fins += 1
+
+    def on_stream_reset(self, stream, reason):
+        self.resets.append(reason)
+
+
+class SessionPairTest(unittest.TestCase):
+    def setUp(self):
+        self.loop = tunnel.EventLoop()
+        self.addCleanup(self.loop.close)
+        a, b = socket.socketpair()
+        self.relay_side = Recorder()
+        self.client_side = Recorder()
+        cfg = tunnel.SessionConfig(**FAST)
+        self.relay = tunnel.Session(self.loop, a, "pair-relay", RelayHandshake(
+            TOKEN, lambda req: {"name": "pair", "url": "http://pair"}), self.relay_side,
+            is_relay=True, config=cfg)
+        self.client = tunnel.Session(self.loop, b, "pair-client", ClientHandshake(
+            TOKEN, {"subdomain": "pair"}), self.client_side, is_relay=False, config=cfg)
+        self.pump(lambda: self.relay_side.up and self.client_side.up)
+
+    def pump(self, cond, timeout=WAIT):
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out")
+            self.loop.run_once(0.01)
+
+    def test_stream_data_and_half_close(self):
+        stream = self.relay.open_stream({"peer": "p", "host": "h"})
+        stream.handler = self.relay_side
+        stream.write(b"ping")
+        stream.close_write()
+        self.pump(lambda: self.client_side.fins == 1)
+        self.assertEqual(bytes(self.client_side.data), b"ping")
+        remote, info = self.client_side.streams[0]
+        self.assertEqual(info, {"peer": "p", "host": "h"})
+        self.assertEqual(remote.state, StreamState.REMOTE_CLOSED)
+        remote.write(b"pong")           # the other direction still works
+        remote.close_write()
+        self.pump(lambda: self.relay_side.fins == 1)
+        self.assertEqual(bytes(self.relay_side.data), b"pong")
+        self.assertEqual(stream.state, StreamState.CLOSED)
+        self.assertEqual((self.relay.streams, self.client.streams), ({}, {}))
+
+    def test_flow_control_stops_at_the_window(self):
+        self.client_side.auto_consume = False
+        stream = self.relay.open_stream({})
+        stream.handler = self.relay_side
+        total = 3 * tunnel.INITIAL_WINDOW
+        stream.write(os.urandom(total))
+        self.pump(lambda: self.client_side.unconsumed == tunnel.INITIAL_WINDOW)
+        for _ in range(20):       # nothing more arrives while nobody consumes
+            self.loop.run_once(0.005)
+        self.assertEqual(len(self.client_side.data), tunnel.INITIAL_WINDOW)
+        self.assertEqual(stream.send_window, 0)
+        self.assertFalse(stream.writable)
+        remote = self.client_side.streams[0][0]
+        self.client_side.auto_consume = True
+        remote.consumed(self.client_side.unconsumed)
+        self.pump(lambda: len(self.client_side.data) == total)
+
+    def test_window_grows_for_a_busy_stream(self):
+        self.client.rtt = 1.0    # pretend a long link: grants come "faster than 2 RTT"
+        stream = self.relay.open_stream({})
+        stream.handler = self.relay_side
+        stream.write(b"x" * (4 * tunnel.INITIAL_WINDOW))
+        self.pump(lambda: len(self.client_side.data) == 4 * tunnel.INITIAL_WINDOW)
+        remote = self.client_side.streams[0][0]
+        self.assertGreater(remote.recv_window, tunnel.INITIAL_WINDOW)
+        self.assertLessEqual(remote.recv_window, tunnel.MAX_WINDOW)
+
+    def test_reset_crossing_data_is_not_an_error(self):
+        stream = self.relay.open_stream({})
+        stream.handler = self.relay_side
+        self.pump(lambda: self.client_side.streams)
+        remote = self.client_side.streams[0][0]
+        remote.write(b"late data")     # crosses the RST below
+        stream.reset("gone")
+        self.pump(lambda: self.client_side.resets)
+        for _ in range(10):
+            self.loop.run_once(0.005)
+        self.assertIsNone(self.relay_side.closed)
+        self.assertIsNone(self.client_side.closed)
+
+    def assert_protocol_error(self, frame, pattern):
+        self.client._send(frame)
+        self.pump(lambda: self.relay_side.closed is not None)
+        self.assertRegex(self.relay_side.closed, pattern)
+        self.pump(lambda: self.client_side.closed is not None)
+
+    def test_data_for_unknown_stream(self):
+        self.assert_protocol_error(tunnel.encode_frame(FrameType.DATA, 99, b"x"),
+                                   "unknown stream 99")
+
+    def test_window_overflow(self):
+        stream = self.relay.open_stream({})
+        stream.handler = self.relay_side
+        self.pump(lambda: self.client_side.streams)
+        self.assert_protocol_error(tunnel.encode_frame(FrameType.WINDOW, stream.id,
+                                                       struct.pack("!I", 2 ** 31)), "overflow")
+
+    def test_flow_control_violation(self):
+        self.relay_side.auto_consume = False   # no credit comes back
+        stream = self.relay.open_stream({})
+        stream.handler = self.relay_side
+        self.pump(lambda: self.client_side.streams)
+        big = b"x" * tunnel.MAX_FRAME_PAYLOAD
+        self.assert_protocol_error(tunnel.encode_frame(FrameType.DATA, stream.id, big) * 2,
+                                   "exceed the window")
+
+    def test_client_may_not_open_streams(self):
+        self.assert_protocol_error(tunnel.encode_frame(FrameType.OPEN, 1, b"{}"),
+                                   "may not open")
+
+    def test_heartbeat_timeout(self):
+        # Stop the client side from reading: the relay side hears nothing and gives up.
+        self.client.closed = True   # its loop callbacks are skipped from now on
+        self.loop.selector.unregister(self.client.sock)
+        self.client._mask = 0
+        started = time.monotonic()
+        self.pump(lambda: self.relay_side.closed is not None, timeout=5)
+        self.assertIn("heartbeat timeout", self.relay_side.closed)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.client.sock.close()
+
+    def test_ping_measures_rtt(self):
+        self.relay.ping()
+        self.pump(lambda: self.relay.rtt > 0)
+
+
+# =============================================================================
+# Tier 3: end to end
+# =============================================================================
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class OriginHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body, ctype="text/plain", extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b""):
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def do_GET(self):
+        url = urllib.parse.urlsplit(self.path)
+        q = dict(urllib.parse.parse_qsl(url.query))
+        if url.path == "/hello":
+            self.reply(200, b"hello")
+        elif url.path == "/headers":
+            self.reply(200, json.dumps(self.headers.items()).encode(), "application/json")
+        elif url.path == "/bytes":
+            n = int(q["n"])
+            seed = int(q.get("seed", "0"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            self.wfile.write(pattern(n, seed))
+        elif url.path == "/blob":
+            self.reply(200, self.server.blob, "application/octet-stream")
+        elif url.path == "/sse":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i, gate in enumerate((None, self.server.sse_gate)):
+                if gate is not None:
+                    gate.wait(WAIT)
+                event = ("data: event %d\n\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        elif url.path == "/ws":
+            self.websocket()
+        elif url.path == "/split":   # head and body in separate segments
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            self.wfile.flush()
+            self.wfile.write(b"split")
+        else:
+            self.reply(404, b"origin: not found")
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        body = self.read_body()
+        self.reply(200, json.dumps({"sha256": hashlib.sha256(body).hexdigest(),
+                                    "length": len(body)}).encode(), "application/json")
+
+    def websocket(self):
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        while True:
+            opcode, payload = ws_read(self.rfile)
+            if opcode is None:
+                return
+            self.wfile.write(ws_frame(opcode, payload, mask=False))
+            self.wfile.flush()
+            if opcode == 8:
+                return
+
+
+def pattern(n, seed=0):
+    block = hashlib.sha256(b"%d" % seed).digest() * 2048   # 64 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+def ws_frame(opcode, payload, mask=True):
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if mask:
+        key = os.urandom(4)
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        head += key
+    return head + payload
+
+
+def ws_read(f):
+    head = f.read(2)
+    if len(head) < 2:
+        return None, b""
+    opcode, n = head[0] & 0x0F, head[1] & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", f.read(2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", f.read(8))[0]
+    key = f.read(4) if head[1] & 0x80 else None
+    payload = f.read(n)
+    if key:
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return opcode, payload
+
+
+class Origin(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+            super().handle_error(request, client_address)   # a real bug in the test origin
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), OriginHandler)
+        self.blob = b""
+        self.sse_gate = threading.Event()
+
+
+def recv_until(sock, marker, limit=1 << 26):
+    data = bytearray()
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            break
+    return bytes(data)
+
+
+def recv_all(sock):
+    data = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+class EndToEnd(unittest.TestCase):
+    """A relay, a client and an origin, all in this process on 127.0.0.1."""
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay()
+        self.client, self.lines = self.start_client("demo")
+
+    # -- fixtures -----------------------------------------------------------------
+    def start_origin(self):
+        origin = Origin()
+        thread = threading.Thread(target=origin.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+
+        def stop():
+            origin.shutdown()
+            origin.server_close()
+            thread.join(WAIT)
+        self.addCleanup(stop)
+        return origin
+
+    def start_relay(self, http_port=0, control_port=0, **kw):
+        opts = dict(FAST)
+        opts.update(kw)
+        relay = tunnel.Relay(tunnel.RelayConfig(bind="127.0.0.1", http_port=http_port,
+                                                control_port=control_port, token=TOKEN,
+                                                **opts))
+        relay.start()
+        thread = threading.Thread(target=relay.run, name="relay")
+        thread.start()
+        relay.thread = thread
+
+        def stop():
+            relay.stop()
+            thread.join(WAIT)
+        self.addCleanup(stop)
+        return relay
+
+    def start_client(self, subdomain=None, target_port=None, token=TOKEN, relay=None,
+                     wait=True, **kw):
+        relay = relay or self.relay
+        opts = dict(FAST, backoff_initial=0.05, backoff_max=0.5)
+        opts.update(kw)
+        lines = []
+        client = tunnel.Client(tunnel.ClientConfig(
+            target_host="127.0.0.1",
+            target_port=target_port or self.origin.server_address[1],
+            relay_host="127.0.0.1", relay_port=relay.control_port, token=token,
+            subdomain=subdomain, **opts), output=lines.append)
+        thread = threading.Thread(target=client.run, name="client")
+        thread.start()
+        client.thread = thread
+
+        def stop():
+            client.stop()
+            thread.join(WAIT)
+        self.addCleanup(stop)
+        if wait:
+            self.assertTrue(client.ready.wait(WAIT), "client did not come up")
+        return client, lines
+
+    def conn(self, relay=None):
+        c = http.client.HTTPConnection("127.0.0.1", (relay or self.relay).http_port,
+                                       timeout=WAIT)
+        self.addCleanup(c.close)
+        return c
+
+    def get(self, path, host="demo.localhost", method="GET", body=None, headers=None):
+        c = self.conn()
+        h = {"Host": host}
+        h.update(headers or {})
+        c.request(method, path, body=body, headers=h)
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return r.status, body, r
+
+    def raw(self, data, relay=None, shut=False):
+        s = socket.create_connection(("127.0.0.1", (relay or self.relay).http_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        return s
+
+    def relay_stats(self, relay=None):
+        relay = relay or self.relay
+        return relay.loop.run_in_loop(relay.stats)
+
+    # -- basics -----------------------------------------------------------------------
+    def test_forwarding_line_and_access_log(self):
+        port = self.relay.http_port
+        self.assertEqual(self.lines[0], "Forwarding http://demo.localhost:%d -> "
+                         "http://127.0.0.1:%d" % (port, self.origin.server_address[1]))
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        wait_until(lambda: len(self.lines) >= 2, what="access log line")
+        fields = self.lines[1].split()
+        self.assertEqual(fields[1:4], ["GET", "/hello", "200"])
+        self.assertTrue(fields[4].endswith("ms") and fields[5].endswith("B"), self.lines[1])
+
+    def test_get_post_content_length_and_chunked(self):
+        status, body, _ = self.get("/hello")
+        self.assertEqual((status, body), (200, b"hello"))
+        payload = os.urandom(100000)
+        status, body, _ = self.get("/echo", method="POST", body=payload)
+        self.assertEqual(json.loads(body)["sha256"], hashlib.sha256(payload).hexdigest())
+        c = self.conn()
+        c.request("POST", "/echo", body=iter([b"abc", b"defg", b"h" * 70000]),
+                  headers={"Host": "demo.localhost", "Transfer-Encoding": "chunked"},
+                  encode_chunked=True)
+        result = json.loads(c.getresponse().read())
+        self.assertEqual(result["length"], 70007)
+        self.assertEqual(result["sha256"], hashlib.sha256(b"abcdefg" + b"h" * 70000).hexdigest())
+
+    def test_keep_alive_many_requests_one_connection(self):
+        c = self.conn()
+        for i in range(20):
+            c.request("GET", "/bytes?n=%d&seed=%d" % (1000 + i, i),
+                      headers={"Host": "demo.localhost"})
+            r = c.getresponse()
+            self.assertEqual(r.read(), pattern(1000 + i, i))
+        c.request("HEAD", "/hello", headers={"Host": "demo.localhost"})
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("Content-Length"), r.read()), (200, "5", b""))
+        c.request("GET", "/hello", headers={"Host": "demo.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+
+    def test_pipelined_requests_answered_in_order(self):
+        req = b"GET /bytes?n=%d HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+        s = self.raw(req % 3000 + req % 10 + b"GET /hello HTTP/1.1\r\nHost: demo.localhost"
+                     b"\r\nConnection: close\r\n\r\n")
+        data = recv_all(s)
+        self.assertEqual(data.count(b"HTTP/1.1 200"), 3)
+        self.assertTrue(data.endswith(b"hello"))
+        self.assertIn(pattern(10), data)
+
+    def test_forwarded_headers_replaced(self):
+        status, body, _ = self.get("/headers", headers={"X-Forwarded-For": "6.6.6.6",
+                                                       "X-Forwarded-Host": "evil"})
+        headers = dict((k.lower(), v) for k, v in json.loads(body))
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+        self.assertEqual(headers["x-forwarded-host"], "demo.localhost")
+        self.assertEqual(headers["x-forwarded-proto"], "http")
+        self.assertEqual(headers["host"], "demo.localhost")
+
+    def test_split_segments(self):
+        self.assertEqual(self.get("/split")[:2], (200, b"split"))
+
+    def test_http10_and_connection_close(self):
+        s = self.raw(b"GET /hello HTTP/1.0\r\nHost: demo.localhost\r\n\r\n")
+        data = recv_all(s)   # the relay closes after the response
+        self.assertTrue(data.startswith(b"HTTP/1.") and data.endswith(b"hello"), data)
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nConnection: close\r\n\r\n")
+        self.assertTrue(recv_all(s).endswith(b"hello"))
+
+    def test_half_close(self):
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n", shut=True)
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello"), data)
+
+    def test_expect_100_continue(self):
+        s = self.raw(b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        self.assertIn(b"100 Continue", recv_until(s, b"\r\n\r\n"))
+        s.sendall(b"data")
+        self.assertIn(hashlib.sha256(b"data").hexdigest().encode(), recv_until(s, b"}"))
+
+    # -- concurrency, big bodies, flow control ---------------------------------------
+    def test_fifty_concurrent_visitors(self):
+        def one(i):
+            c = http.client.HTTPConnection("127.0.0.1", self.relay.http_port, timeout=WAIT)
+            try:
+                for j in range(3):
+                    n = 5000 + 997 * i + j
+                    c.request("GET", "/bytes?n=%d&seed=%d" % (n, i),
+                              headers={"Host": "demo.localhost"})
+                    r = c.getresponse()
+                    if r.read() != pattern(n, i):
+                        return "bad body %d/%d" % (i, j)
+                return "ok"
+            finally:
+                c.close()
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(one, range(50)))
+        self.assertEqual(results, ["ok"] * 50)
+
+    def test_32_mib_each_way(self):
+        size = 32 * 1024 * 1024
+        blob = os.urandom(size)
+        self.origin.blob = blob
+        status, body, _ = self.get("/blob")
+        self.assertEqual(status, 200)
+        self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(blob).hexdigest())
+        status, body, _ = self.get("/echo", method="POST", body=blob)
+        self.assertEqual(json.loads(body), {"sha256": hashlib.sha256(blob).hexdigest(),
+                                            "length": size})
+
+    def test_stalled_reader_does_not_block_other_streams(self):
+        stalled = socket.socket()
+        self.addCleanup(stalled.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", self.relay.http_port))
+        stalled.sendall(b"GET /bytes?n=%d HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                        % (64 * 1024 * 1024))
+        stalled.recv(1)   # the download has started; now never read again
+
+        def visitor_buffer():
+            return max((len(v.out) for v in self.relay.visitors), default=0)
+        wait_until(lambda: self.relay.loop.run_in_loop(visitor_buffer) > 0,
+                   what="the stalled visitor's buffer to fill")
+        started = time.monotonic()
+        for _ in range(5):
+            self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        self.assertLess(time.monotonic() - started, 5.0)
+        # What the relay holds for the stalled visitor is bounded by the stream window.
+        self.assertLessEqual(self.relay.loop.run_in_loop(visitor_buffer),
+                             tunnel.MAX_WINDOW + tunnel.READ_SIZE)
+        stalled.close()
+        wait_until(lambda: self.relay_stats()["streams"] == 0, what="stream cleanup")
+
+    # -- streaming: WebSocket, SSE -----------------------------------------------------
+    def test_websocket_echo(self):
+        key = base64.b64encode(os.urandom(16)).decode()
+        s = self.raw(("GET /ws HTTP/1.1\r\nHost: demo.localhost\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+        head = recv_until(s, b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head)
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest())
+        self.assertIn(b"Sec-WebSocket-Accept: " + accept, head)
+        f = s.makefile("rb")
+        self.addCleanup(f.close)
+        for message in (b"hello websocket", os.urandom(70000)):
+            s.sendall(ws_frame(2, message))
+            self.assertEqual(ws_read(f), (2, message))
+        s.sendall(ws_frame(8, b"\x03\xe8"))
+        self.assertEqual(ws_read(f)[0], 8)
+
+    def test_server_sent_events_arrive_one_by_one(self):
+        s = self.raw(b"GET /sse HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        first = recv_until(s, b"event 0")
+        self.assertIn(b"text/event-stream", first)
+        self.assertNotIn(b"event 1", first)   # the origin is still holding event 1
+        self.origin.sse_gate.set()
+        self.assertIn(b"event 1", first + recv_until(s, b"event 1"))
+
+    # -- errors ------------------------------------------------------------------------
+    def test_unknown_name_404_and_bare_domain(self):
+        status, body, _ = self.get("/", host="nobody.localhost")
+        self.assertEqual(status, 404)
+        self.assertIn(b"nobody", body)
+        status, body, _ = self.get("/", host="localhost:%d" % self.relay.http_port)
+        self.assertEqual(status, 200)
+        self.assertIn(b"tunnel.py relay", body)
+        self.assertNotIn(b"demo", body)   # no list of tunnels
+
+    def test_local_service_down_502(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+        probe.close()
+        self.start_client("down", target_port=dead_port)
+        status, body, _ = self.get("/", host="down.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"could not connect to 127.0.0.1:%d: connection refused" % dead_port,
+                      body)
+
+    def test_cl_te_request_is_400_and_not_forwarded(self):
+        s = self.raw(b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 4\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /hello HTTP/1.1\r\n"
+                     b"Host: demo.localhost\r\n\r\n")
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 400"), data)
+        self.assertEqual(data.count(b"HTTP/1.1"), 1)
+        self.assertNotIn(b"hello", data.split(b"\r\n\r\n", 1)[1])
+
+    def test_second_request_smuggled_after_good_one(self):
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                     b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 1\r\n"
+                     b"Content-Length: 2\r\n\r\n")
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+        self.assertIn(b"hello", data)
+        self.assertIn(b"HTTP/1.1 400", data)   # answered after the first, in order
+
+    def test_other_tunnel_on_same_connection_421(self):
+        self.start_client("other")
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                     b"GET /hello HTTP/1.1\r\nHost: other.localhost\r\n\r\n")
+        data = recv_all(s)
+        self.assertIn(b"HTTP/1.1 200", data)
+        self.assertIn(b"HTTP/1.1 421", data)
+
+    def test_garbage_to_control_port_leaves_relay_serving(self):
+        for junk in (b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096), b"TUNNEL\x00\x01" +
+                     struct.pack("!BBII", 99, 0, 0, 0), b"TUNNEL\x00\x01" +
+                     struct.pack("!BBII", 1, 0, 0, 1 << 30)):
+            s = socket.create_connection(("127.0.0.1", self.relay.control_port), WAIT)
+            self.addCleanup(s.close)
+            s.sendall(junk)
+            self.assertEqual(recv_all(s)[:0], b"")   # closed by the relay, not hung
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+
+    def handshake_by_hand(self, subdomain):
+        s = socket.create_connection(("127.0.0.1", self.relay.control_port), WAIT)
+        self.addCleanup(s.close)
+        hs = ClientHandshake(TOKEN, {"subdomain": subdomain})
+        s.sendall(hs.start())
+        dec = FrameDecoder()
+        while not hs.done:
+            chunk = s.recv(4096)
+            self.assertTrue(chunk, "relay closed during handshake")
+            for frame in dec.feed(chunk):
+                out = hs.receive(frame)
+                if out:
+                    s.sendall(out)
+                if hs.done:   # PINGs may follow in the same segment; ignore them
+                    break
+        return s
+
+    def test_oversized_frame_closes_only_that_session(self):
+        s = self.handshake_by_hand("rogue")
+        s.sendall(struct.pack("!BBII", FrameType.DATA, 0, 1, tunnel.MAX_FRAME_PAYLOAD + 1))
+        recv_all(s)   # the relay closes the rogue session
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+
+    def test_silent_client_is_dropped_by_heartbeat(self):
+        s = self.handshake_by_hand("silent")
+        started = time.monotonic()
+        recv_all(s)   # pings come, we never answer; the relay gives up
+        self.assertLess(time.monotonic() - started, 5.0)
+        status, body, _ = self.get("/", host="silent.localhost")
+        self.assertEqual(status, 502)   # name reserved, client gone
+        self.assertIn(b"not connected", body)
+
+    def test_name_taken_and_invalid_name(self):
+        client, _ = self.start_client("demo", wait=False)
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, tunnel.EXIT_FAILURE)
+        self.assertIn("in use", client.error)
+        client, _ = self.start_client("Bad_Name", wait=False)
+        client.thread.join(WAIT)
+        self.assertIn("not a valid subdomain", client.error)
+
+    def test_wrong_token_in_process(self):
+        client, _ = self.start_client("x", token="wrong", wait=False)
+        client.thread.join(WAIT)
+        self.assertEqual((client.exit_code, client.error), (2, "relay rejected the token"))
+
+    # -- restarts ------------------------------------------------------------------------
+    def test_client_restart_reclaims_name(self):
+        self.client.stop()
+        self.client.thread.join(WAIT)
+        wait_until(lambda: self.relay_stats()["tunnels"] == 0, what="tunnel to go")
+        self.assertEqual(self.get("/hello")[0], 502)
+        client, lines = self.start_client("demo")
+        self.assertEqual(lines[0], self.lines[0])
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+
+    def test_relay_restart_client_reconnects(self):
+        client, lines = self.start_client()   # random name: reclaimed too
+        name = client.name
+        http_port, control_port = self.relay.http_port, self.relay.control_port
+        self.relay.stop()
+        self.relay.thread.join(WAIT)
+        relay = self.start_relay(http_port=http_port, control_port=control_port)
+        for c in (client, self.client):
+            with c.changed:
+                self.assertTrue(c.changed.wait_for(lambda: c.up_count >= 2, WAIT))
+        self.assertEqual(client.name, name)
+        self.assertEqual(len(lines), 1)   # same URL: no second Forwarding line
+        self.assertEqual(self.get("/hello", host=name + ".localhost")[:2], (200, b"hello"))
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        self.assertEqual(relay.http_port, http_port)
+
+    def test_tunnel_client_gone_gives_502(self):
+        self.client.stop()
+        self.client.thread.join(WAIT)
+        wait_until(lambda: self.relay_stats()["tunnels"] == 0, what="tunnel to go")
+        status, body, _ = self.get("/hello")
+        self.assertEqual(status, 502)
+        self.assertIn(b"client is not connected", body)
+
+    def test_counts_return_to_zero(self):
+        for _ in range(3):
+            self.get("/hello")
+        self.assertEqual(self.get("/bytes?n=1000000")[0], 200)
+        wait_until(lambda: self.relay_stats() == {"tunnels": 1, "sessions": 1, "visitors": 0,
+                                                  "streams": 0}, what="relay counts")
+        wait_until(lambda: self.client.loop.run_in_loop(self.client.stats) ==
+                   {"streams": 0, "targets": 0}, what="client counts")
+
+
+# =============================================================================
+# Command line (subprocesses)
+# =============================================================================
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CommandLineTest(unittest.TestCase):
+    def spawn(self, *args, env=None):
+        e = dict(os.environ)
+        e.pop("TUNNEL_TOKEN", None)
+        e.pop("TUNNEL_RELAY", None)
+        e.update(env or {})
+        p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY] + list(args),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
+
+        def cleanup():
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=WAIT)
+        self.addCleanup(cleanup)
+        return p
+
+    def test_usage_errors_exit_2_with_one_line(self):
+        for args in (["expose", "notaport", "--token", "t"], ["serve", "--http-port", "x"],
+                     ["expose", "5000"], ["bogus"]):
+            p = self.spawn(*args)
+            out, err = p.communicate(timeout=WAIT)
+            self.assertEqual(p.returncode, 2, (args, err))
+            self.assertEqual(len(err.decode().strip().splitlines()), 1, err)
+            self.assertNotIn(b"Traceback", err)
+
+    def test_help_has_examples(self):
+        p = self.spawn("expose", "--help")
+        out, _ = p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 0)
+        self.assertIn(b"examples:", out)
+        self.assertIn(b"--subdomain", out)
+
+    def test_serve_generates_token_expose_forwards_and_sigterm_exits_0(self):
+        http_port, control_port = free_port(), free_port()
+        relay = self.spawn("serve", "--bind", "127.0.0.1", "--http-port", str(http_port),
+                           "--control-port", str(control_port))
+        lines = [relay.stdout.readline().decode() for _ in range(2)]
+        self.assertIn("generated", lines[0])
+        command = lines[1].split()
+        self.assertEqual(command[:6], ["python", "tunnel.py", "expose", "5000", "--relay",
+                                       "localhost:%d" % control_port])
+        token = command[command.index("--token") + 1]
+        self.assertGreaterEqual(len(token), 32)
+
+        origin = Origin()
+        thread = threading.Thread(target=origin.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        self.addCleanup(origin.server_close)
+        self.addCleanup(origin.shutdown)
+        client = self.spawn("expose", str(origin.server_address[1]), "--relay",
+                            "127.0.0.1:%d" % control_port, "--subdomain", "cli",
+                            env={"TUNNEL_TOKEN": token})
+        line = client.stdout.readline().decode().strip()
+        self.assertEqual(line, "Forwarding http://cli.localhost:%d -> http://127.0.0.1:%d"
+                         % (http_port, origin.server_address[1]))
+        c = http.client.HTTPConnection("127.0.0.1", http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "cli.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+        access = client.stdout.readline().decode().split()
+        self.assertEqual(access[1:4], ["GET", "/hello", "200"])
+        c.close()
+
+        wrong = self.spawn("expose", "5000", "--relay", "127.0.0.1:%d" % control_port,
+                           "--token", "wrong")
+        _, err = wrong.communicate(timeout=WAIT)
+        self.assertEqual(wrong.returncode, 2)
+        self.assertEqual(err.decode().strip().splitlines()[-1], "tunnel.py: relay rejected "
+                         "the token")
+
+        for p in (client, relay):
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=WAIT)
+            self.assertEqual(p.returncode, 0, err)
+            self.assertNotIn(b"Traceback", err)
+
+    def test_port_in_use_is_one_line_exit_1(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            p = self.spawn("serve", "--bind", "127.0.0.1", "--http-port", str(port),
+                           "--control-port", "0", "--token", "t")
+            _, err = p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn(b"address already in use", err)
+        self.assertNotIn(b"Traceback", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
