@@ -798,15 +798,15 @@ class EndToEnd(unittest.TestCase):
         return relay
 
     def start_client(self, subdomain=None, target_port=None, token=TOKEN, relay=None,
-                     wait=True, **kw):
+                     wait=True, relay_host="127.0.0.1", target_host="127.0.0.1", **kw):
         relay = relay or self.relay
         opts = dict(FAST, backoff_initial=0.05, backoff_max=0.5)
         opts.update(kw)
         lines = []
         client = tunnel.Client(tunnel.ClientConfig(
-            target_host="127.0.0.1",
+            target_host=target_host,
             target_port=target_port or self.origin.server_address[1],
-            relay_host="127.0.0.1", relay_port=relay.control_port, token=token,
+            relay_host=relay_host, relay_port=relay.control_port, token=token,
             subdomain=subdomain, **opts), output=lines.append)
         thread = threading.Thread(target=client.run, name="client")
         thread.start()
@@ -1025,6 +1025,23 @@ class EndToEnd(unittest.TestCase):
         self.assertEqual(status, 502)
         self.assertIn(b"could not connect to 127.0.0.1:%d: connection refused" % dead_port,
                       body)
+
+    def test_localhost_names_try_every_address(self):
+        # "localhost" may resolve to ::1 first while everything listens on 127.0.0.1 only.
+        client, _ = self.start_client("names", relay_host="localhost", target_host="localhost")
+        self.assertEqual(self.get("/hello", host="names.localhost")[:2], (200, b"hello"))
+        self.assertEqual(tunnel.dial([])[0], None)
+        # Make the fallback certain: a resolver answer whose first address refuses.
+        real = tunnel.resolve
+        dead = free_port()
+
+        def resolve(host, port):
+            return ([(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", dead))]
+                    + real("127.0.0.1", port))
+        tunnel.resolve = resolve
+        self.addCleanup(setattr, tunnel, "resolve", real)
+        self.start_client("fallback")
+        self.assertEqual(self.get("/hello", host="fallback.localhost")[:2], (200, b"hello"))
 
     def test_cl_te_request_is_400_and_not_forwarded(self):
         s = self.raw(b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 4\r\n"

@@ -825,6 +825,16 @@ class Conn:
             sel.modify(self.sock, mask, self)
         self._mask = mask
 
+    def replace_socket(self, sock: socket.socket) -> None:
+        """Swap in a new socket (the next address of a connect attempt)."""
+        if self._mask:
+            self.loop.selector.unregister(self.sock)
+            self._mask = 0
+        self.sock.close()
+        self.sock = sock
+        sock.setblocking(False)
+        self.update()
+
     def close_socket(self) -> None:
         if self.closed:
             return
@@ -1992,6 +2002,27 @@ def make_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def resolve(host: str, port: int) -> List[Any]:
+    """Every TCP address for host:port (``localhost`` is often ::1 and 127.0.0.1)."""
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+
+def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
+    """Start a non-blocking connect to the first address that does not fail at once;
+    ``infos`` is consumed as addresses are tried."""
+    error: Optional[OSError] = None
+    while infos:
+        family, stype, proto, _, addr = infos.pop(0)
+        sock = socket.socket(family, stype, proto)
+        sock.setblocking(False)
+        err = sock.connect_ex(addr)
+        if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            return sock, None
+        sock.close()
+        error = OSError(err, os.strerror(err))
+    return None, error or OSError(errno.EADDRNOTAVAIL, "no address to connect to")
+
+
 def peer_text(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return format_hostport(addr[0], addr[1])
@@ -2440,28 +2471,20 @@ class TargetConn(Pipe):
         self.target = format_hostport(cfg.target_host, cfg.target_port)
         self.connecting = True
         self.failed = False
-        family = socket.AF_INET6 if ":" in cfg.target_host else socket.AF_INET
         try:
-            addr = socket.getaddrinfo(cfg.target_host, cfg.target_port, 0,
-                                      socket.SOCK_STREAM)[0]
-            family = addr[0]
-            sockaddr = addr[4]
+            self._addrs = resolve(cfg.target_host, cfg.target_port)
         except OSError as exc:
-            sockaddr = None
-            resolve_error: Optional[OSError] = exc
+            self._addrs = []
+            sock, error = None, exc
         else:
-            resolve_error = None
-        super().__init__(client.loop, socket.socket(family, socket.SOCK_STREAM))
+            sock, error = dial(self._addrs)
+        super().__init__(client.loop, sock or socket.socket())
         self.stream = stream
         stream.handler = self
         self.peer = str(info.get("peer", "?"))
         self._timer: Optional[Timer] = None
-        if resolve_error is not None:
-            self._connect_failed(resolve_error)
-            return
-        err = self.sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            self._connect_failed(OSError(err, os.strerror(err)))
+        if error is not None:
+            self._connect_failed(error)
             return
         self._timer = self.loop.call_later(cfg.connect_timeout, self._connect_timeout)
         self.update()
@@ -2479,8 +2502,13 @@ class TargetConn(Pipe):
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
+                sock, _ = dial(self._addrs) if self._addrs else (None, None)
+                if sock is not None:   # e.g. ::1 refused, 127.0.0.1 next
+                    self.replace_socket(sock)
+                    return
                 self._connect_failed(OSError(err, os.strerror(err)))
                 return
+            set_nodelay(self.sock)
             self.connecting = False
             if self._timer is not None:
                 self._timer.cancel()
@@ -2714,23 +2742,22 @@ class Client(SessionDelegate):
 
 
 class _Connector(Conn):
-    """A non-blocking connect to the relay, with a timeout."""
+    """A non-blocking connect to the relay, trying each address, with a timeout."""
 
     def __init__(self, client: Client, host: str, port: int, timeout: float) -> None:
         self.client = client
+        self.where = format_hostport(host, port)
         try:
-            family, stype, proto, _, addr = socket.getaddrinfo(host, port, 0,
-                                                               socket.SOCK_STREAM)[0]
+            self.addrs = resolve(host, port)
         except OSError as exc:
-            client.loop.call_later(0, lambda: client._connect_failed(
-                "cannot resolve %s: %s" % (host, describe_oserror(exc))))
-            self.closed = True
-            return
-        super().__init__(client.loop, socket.socket(family, stype, proto))
-        err = self.sock.connect_ex(addr)
+            self.addrs = []
+            sock, error = None, exc
+        else:
+            sock, error = dial(self.addrs)
+        super().__init__(client.loop, sock or socket.socket())
         self.timer = self.loop.call_later(timeout, self._timeout)
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            self._fail(os.strerror(err).lower())
+        if error is not None:
+            self._fail(describe_oserror(error))
             return
         self.update()
 
@@ -2743,7 +2770,11 @@ class _Connector(Conn):
     def on_write(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._fail(os.strerror(err).lower())
+            sock, _ = dial(self.addrs) if self.addrs else (None, None)
+            if sock is not None:
+                self.replace_socket(sock)
+            else:
+                self._fail(os.strerror(err).lower())
             return
         self.timer.cancel()
         self.loop.selector.unregister(self.sock)
@@ -2759,7 +2790,7 @@ class _Connector(Conn):
     def _fail(self, why: str) -> None:
         self.timer.cancel()
         self.close_socket()
-        self.client._connect_failed(why)
+        self.client._connect_failed("%s: %s" % (self.where, why))
 
     def abort(self, reason: str) -> None:
         self._fail(reason)
