@@ -200,6 +200,7 @@ DEFAULT_CONTROL_PORT = 7835
 DEFAULT_DOMAIN = "localhost"
 DEFAULT_RELAY = "localhost:%d" % DEFAULT_CONTROL_PORT
 LISTEN_BACKLOG = 1024
+FD_LIMIT_WANTED = 65536                 # soft RLIMIT_NOFILE we ask for at start
 TOKEN_BYTES = 32                        # generated tokens: 256 bits
 
 # -- exit statuses -------------------------------------------------------------
@@ -2316,6 +2317,9 @@ class Relay(SessionDelegate):
                  "%.0fs", len(self.tunnels), len(self.visitors), grace)
         for listener in self.listeners:
             listener.close_socket()
+        for visitor in list(self.visitors):
+            if not visitor.inflight:        # idle keep-alive: nothing to finish
+                visitor.finish()
         for session in list(self.sessions):
             session.go_away("relay shutting down")
         deadline = time.monotonic() + grace
@@ -2872,6 +2876,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
+    """Lift the soft open-files limit towards the hard one (each visitor costs a
+    descriptor on the relay and one on the client); returns the new soft limit."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
@@ -2977,6 +2999,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         _check_timeouts(args)
         _setup_logging(args)
+        raise_fd_limit()
         if args.command == "serve":
             return cmd_serve(args)
         return cmd_expose(args)
