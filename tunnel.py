@@ -637,6 +637,9 @@ class Stream:
         self.session = session
         self.id = stream_id
         self.state = StreamState.OPEN
+        self.can_send = True                # derived from state (hot-path flags)
+        self.can_receive = True
+        self.done = False
         self.handler: StreamHandler = StreamHandler()
         self.send_window = INITIAL_WINDOW   # bytes we may still send
         self.recv_window = INITIAL_WINDOW   # size of the window we grant
@@ -656,21 +659,27 @@ class Stream:
         new = STREAM_TRANSITIONS.get((self.state, event))
         if new is None:
             raise ProtocolError("stream %d: %s while %s" % (self.id, event, self.state.value))
-        self.state = new
-        if new in TERMINAL:
+        self._set_state(new)
+        if self.done:
             self.session._forget(self)
+
+    def _set_state(self, new: StreamState) -> None:
+        self.state = new
+        self.can_send = new in CAN_SEND
+        self.can_receive = new in CAN_RECEIVE
+        self.done = new in TERMINAL
 
     # -- used by the owner ----------------------------------------------------
     @property
     def writable(self) -> bool:
         """True when the owner should read more from its socket for this stream."""
-        return (not self.pending and self.send_window > 0 and self.state in CAN_SEND
-                and not self.session.congested)
+        return (self.send_window > 0 and self.can_send and not self.pending
+                and not self.session._congested)
 
     def write(self, data: Any) -> None:
         """Send bytes; what exceeds the credit waits in ``pending``."""
-        if self.state not in CAN_SEND or self.fin_pending:
-            if self.state in TERMINAL:
+        if not self.can_send or self.fin_pending:
+            if self.done:
                 return
             raise TunnelError("stream %d: write after close" % self.id)
         if self.pending:
@@ -687,7 +696,7 @@ class Stream:
 
     def close_write(self) -> None:
         """Half-close: FIN after any pending data."""
-        if self.state not in CAN_SEND or self.fin_pending:
+        if not self.can_send or self.fin_pending:
             return
         if self.pending:
             self.fin_pending = True
@@ -697,7 +706,7 @@ class Stream:
 
     def reset(self, reason: str = "") -> None:
         """Abort both directions and tell the peer."""
-        if self.state in TERMINAL:
+        if self.done:
             return
         self.session._send(encode_frame(FrameType.RST, self.id, reason.encode("utf-8")[:200]))
         self.pending = bytearray()
@@ -705,10 +714,10 @@ class Stream:
 
     def consumed(self, n: int) -> None:
         """The owner wrote ``n`` received bytes out; grant the peer more credit."""
-        if self.state in TERMINAL:
+        if self.done:
             return
         self.unacked += n
-        if self.unacked < self.recv_window // 2 or self.state not in CAN_RECEIVE:
+        if self.unacked < self.recv_window // 2 or not self.can_receive:
             return
         now = time.monotonic()
         extra = 0
@@ -724,7 +733,7 @@ class Stream:
 
     # -- called by the session ------------------------------------------------
     def _on_data(self, payload: bytes) -> None:
-        if self.state not in CAN_RECEIVE:
+        if not self.can_receive:
             raise ProtocolError("stream %d: DATA after FIN" % self.id)
         if len(payload) > self.recv_credit:
             raise ProtocolError("stream %d: %d bytes exceed the window of %d"
@@ -737,7 +746,7 @@ class Stream:
         self.send_window += increment
         if self.send_window > MAX_CREDIT:
             raise ProtocolError("stream %d: window overflow" % self.id)
-        if self.state not in CAN_SEND:
+        if not self.can_send:
             return
         if self.pending:
             n = min(len(self.pending), self.send_window)
@@ -765,9 +774,9 @@ class Stream:
 
     def _abort(self, reason: str) -> None:
         """The whole session is gone: reset locally without a frame."""
-        if self.state in TERMINAL:
+        if self.done:
             return
-        self.state = StreamState.RESET
+        self._set_state(StreamState.RESET)
         self.handler.on_stream_reset(self, reason)
 
 
@@ -1336,10 +1345,15 @@ EV_BODY = "body"     # value: memoryview of raw body bytes (framing included)
 EV_END = "end"       # value: bytes the whole message took
 EV_ERROR = "error"   # value: HTTPError; the parser is dead afterwards
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\Z")
-_STATUS_LINE_RE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
-_FIELD_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z")
+# Heads are decoded as latin-1 once and matched as str; a field is
+# token ":" OWS value OWS CRLF, with no control bytes but HT in the value.
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*?"
+_REQUEST_LINE_RE = re.compile(r"(" + _TOKEN + r") ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\Z")
+_STATUS_LINE_RE = re.compile(r"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+_FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*(" + _VALUE + r")[ \t]*\r\n")
+_FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[ \t]*" + _VALUE + r"[ \t]*\r\n)*")
+_TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]*))?\Z")
@@ -1351,16 +1365,27 @@ _S_HEAD, _S_LENGTH, _S_CHUNK_SIZE, _S_CHUNK_DATA, _S_CHUNK_END, _S_TRAILER, \
 
 
 class Headers:
-    """An ordered multi-map of fields that keeps every duplicate."""
+    """An ordered multi-map of fields that keeps every duplicate.
 
-    __slots__ = ("items",)
+    ``items`` keeps the order and case as received; ``index`` maps each
+    lower-cased name to all its values, built once.
+    """
+
+    __slots__ = ("items", "index")
 
     def __init__(self, items: List[Tuple[str, str]]) -> None:
         self.items = items
+        index: Dict[str, List[str]] = {}
+        for name, value in items:
+            lower = name.lower()
+            if lower in index:
+                index[lower].append(value)
+            else:
+                index[lower] = [value]
+        self.index = index
 
     def get_all(self, name: str) -> List[str]:
-        name = name.lower()
-        return [v for k, v in self.items if k.lower() == name]
+        return self.index.get(name, [])
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.get_all(name)
@@ -1401,18 +1426,27 @@ class Response:
         self.keep_alive = True
 
 
-def _parse_fields(lines: List[bytes]) -> Headers:
-    if len(lines) > MAX_HEADER_COUNT:
+def _parse_fields(block: str) -> Headers:
+    """Fields of a head: ``block`` is every line after the start line, each ending in CRLF.
+    One regex validates the whole block, one extracts it (both in C)."""
+    if _FIELDS_RE.fullmatch(block) is None:
+        for line in block.split("\r\n"):
+            if line[:1] in (" ", "\t"):
+                raise HTTPError(400, "obsolete line folding in the header")
+            if "\r" in line or "\n" in line:
+                raise HTTPError(400, "bare CR or LF in the head")
+        raise HTTPError(400, "malformed header field")
+    items = _FIELD_RE.findall(block)
+    if len(items) > MAX_HEADER_COUNT:
         raise HTTPError(431, "too many header fields (limit %d)" % MAX_HEADER_COUNT)
-    items = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise HTTPError(400, "obsolete line folding in the header")
-        m = _FIELD_RE.match(line)
-        if m is None:
-            raise HTTPError(400, "malformed header field")
-        items.append((m.group(1).decode("ascii"), m.group(2).decode("latin-1")))
     return Headers(items)
+
+
+def _split_start_line(head: bytes) -> Tuple[str, str]:
+    """(start line, field block) of a head given without its final empty line."""
+    text = head.decode("latin-1")
+    start, sep, rest = text.partition("\r\n")
+    return start, (rest + "\r\n") if sep else ""
 
 
 def _content_length(headers: Headers) -> Optional[int]:
@@ -1627,7 +1661,7 @@ class HTTPParser:
             self._trailer_size += len(line) + 2
             if self._trailer_size > MAX_TRAILER_SIZE:
                 raise HTTPError(431 if self.is_request else 502, "trailer section too large")
-            if line[:1] in (b" ", b"\t") or _FIELD_RE.match(line) is None:
+            if _TRAILER_RE.match(line) is None:
                 raise HTTPError(bad, "malformed trailer field")
 
     def _end(self, events: List[Tuple[str, Any]]) -> None:
@@ -1636,26 +1670,18 @@ class HTTPParser:
         self._state = self._after_end
         self._after_end = _S_HEAD
 
-    def _split_head(self, head: bytes) -> List[bytes]:
-        lines = head.split(b"\r\n")
-        for line in lines:
-            if b"\r" in line or b"\n" in line:
-                raise HTTPError(400 if self.is_request else 502, "bare CR or LF in the head")
-        return lines
-
     def _on_request_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
-        lines = self._split_head(head)
-        if len(lines[0]) > MAX_REQUEST_LINE:
+        line, block = _split_start_line(head)
+        if len(line) > MAX_REQUEST_LINE:
             raise HTTPError(414, "request line longer than %d bytes" % MAX_REQUEST_LINE)
-        m = _REQUEST_LINE_RE.match(lines[0])
+        m = _REQUEST_LINE_RE.match(line)
         if m is None:
             raise HTTPError(400, "malformed request line")
-        method = m.group(1).decode("ascii")
-        target = m.group(2).decode("latin-1")
+        method, target = m.group(1), m.group(2)
         version = (int(m.group(3)), int(m.group(4)))
         if version not in ((1, 0), (1, 1)):
             raise HTTPError(505, "HTTP/%d.%d is not supported" % version)
-        headers = _parse_fields(lines[1:])
+        headers = _parse_fields(block)
         req = Request(method, target, version, headers)
         if method == "CONNECT":
             raise HTTPError(405, "CONNECT is not supported by this relay")
@@ -1703,14 +1729,14 @@ class HTTPParser:
         self._start_body(req.body, length, events)
 
     def _on_response_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
-        lines = self._split_head(head)
-        m = _STATUS_LINE_RE.match(lines[0])
+        line, block = _split_start_line(head)
+        m = _STATUS_LINE_RE.match(line)
         if m is None:
             raise HTTPError(502, "malformed status line from the origin")
         version = (int(m.group(1)), int(m.group(2)))
         status = int(m.group(3))
         try:
-            headers = _parse_fields(lines[1:])
+            headers = _parse_fields(block)
         except HTTPError as exc:
             raise HTTPError(502, "origin response: %s" % exc) from None
         resp = Response(status, version, headers)
@@ -1931,12 +1957,12 @@ class Pipe(Conn, StreamHandler):
 
     def _maybe_done(self) -> None:
         stream = self.stream
-        if self.read_eof and self.write_eof and (stream is None or stream.state in TERMINAL):
+        if self.read_eof and self.write_eof and (stream is None or stream.done):
             self.finish()
 
     def finish(self) -> None:
         """Close the socket; reset the stream if it is still open."""
-        if self.stream is not None and self.stream.state not in TERMINAL:
+        if self.stream is not None and not self.stream.done:
             if self.stream.state == StreamState.REMOTE_CLOSED and not self.stream.pending:
                 self.stream.close_write()
             else:
@@ -2144,7 +2170,7 @@ class VisitorConn(Pipe):
         elif name != self.tunnel.name:
             raise HTTPError(421, "This connection is bound to %s.%s; open a new connection "
                             "for %s." % (self.tunnel.name, self.relay.config.domain, req.host))
-        if self.stream is None or self.stream.state not in CAN_SEND:
+        if self.stream is None or not self.stream.can_send:
             raise HTTPError(502, "The tunnel's client went away.")
         self.stream.write(rewrite_request_head(req, self.peer_ip))
         self.responses.expect(req.method)
@@ -2177,7 +2203,7 @@ class VisitorConn(Pipe):
             self.send_error(exc, method)
 
     def send_error(self, exc: HTTPError, method: str = "GET") -> None:
-        if self.stream is not None and self.stream.state not in TERMINAL:
+        if self.stream is not None and not self.stream.done:
             self.stream.reset("relay answered %d" % exc.status)
         self.send_bytes(http_response(exc.status, str(exc), method), False)
         self.close_after_flush()
@@ -2554,7 +2580,7 @@ class TargetConn(Pipe):
         log.warning("stream %d: %s", self.stream.id if self.stream else 0, why)
         self.out.clear()
         stream = self.stream
-        if stream is not None and stream.state in CAN_SEND:
+        if stream is not None and stream.can_send:
             if self.counted:
                 stream.consumed(self.counted)
             stream.write(http_response(502, why))

@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: direct to nginx, through `ssh -R`, through tunnel.py.
+
+Every row is measured in the same run on the same machine, and the table reports
+ratios (tunnel.py / ssh -R, tunnel.py / direct), since absolute numbers on a shared
+machine are noise.  Everything runs on 127.0.0.1.
+
+    bash bench/setup.sh          # nginx, wrk, curl, openssh (Debian packages)
+    python3 bench/run.py         # about 3 minutes; --quick for a 1-second smoke run
+
+Rows and metrics follow issue 3: wrk at 1 and 50 connections (rps, p50, p99), a
+1-connection run where the origin sends head and body in separate segments, a
+256 MiB download and upload (curl, bytes verified), small-request p99 while a bulk
+download runs, memory (idle, peak under load, 1,000 idle visitors), and 500 tunnel
+clients on one relay.
+"""
+
+import argparse
+import hashlib
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TUNNEL_PY = os.path.join(os.path.dirname(HERE), "tunnel.py")
+sys.path.insert(0, os.path.dirname(HERE))
+import tunnel  # noqa: E402  (for the 500-client scale test)
+
+TOKEN = "bench-token-" + "x" * 20
+HOST = "bench.localhost"
+BIG = 256 * 1024 * 1024
+PROCS = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("port %d did not open" % port)
+
+
+def spawn(args, **kw):
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, **kw)
+    PROCS.append(p)
+    return p
+
+
+def rss_kib(pid, field="VmRSS"):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    pids = [int(x) for x in out.split()]
+    return pids + [g for c in pids for g in children(c)]
+
+
+# -- origin and peers -------------------------------------------------------------------
+
+NGINX_CONF = """
+{user}
+worker_processes 1;
+worker_rlimit_nofile 8192;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {dir}/www;
+        sendfile off;
+        location /split/ {{ sendfile on; tcp_nopush off; tcp_nodelay on; }}
+        location /upload/ {{
+            dav_methods PUT; client_max_body_size 0; create_full_put_path on;
+            client_body_buffer_size 1m;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(work):
+    port = free_port()
+    www = os.path.join(work, "www")
+    os.makedirs(os.path.join(www, "split"))
+    os.makedirs(os.path.join(www, "upload"))
+    small = b"x" * 99 + b"\n"
+    for path in ("small", "split/small"):
+        with open(os.path.join(www, path), "wb") as f:
+            f.write(small)
+    big = os.path.join(www, "big")
+    digest = hashlib.sha256()
+    with open(big, "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(BIG >> 20):
+            chunk = hashlib.sha256(b"%d" % i).digest() + block[32:]
+            digest.update(chunk)
+            f.write(chunk)
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(dir=work, port=port,
+                                  user="user root;" if os.geteuid() == 0 else ""))
+    spawn(["nginx", "-c", conf, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return port, digest.hexdigest()
+
+
+def start_ssh(work, nginx_port):
+    os.makedirs("/run/sshd", exist_ok=True)
+    key = os.path.join(work, "id_ed25519")
+    hostkey = os.path.join(work, "host_ed25519")
+    for k in (key, hostkey):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k], check=True)
+    auth = os.path.join(work, "authorized_keys")
+    shutil.copy(key + ".pub", auth)
+    os.chmod(auth, 0o600)
+    sport, rport = free_port(), free_port()
+    conf = os.path.join(work, "sshd_config")
+    with open(conf, "w") as f:
+        f.write("Port %d\nListenAddress 127.0.0.1\nHostKey %s\nAuthorizedKeysFile %s\n"
+                "PermitRootLogin yes\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n"
+                "PidFile %s/sshd.pid\nAllowTcpForwarding yes\nGatewayPorts no\n"
+                % (sport, hostkey, auth, work))
+    sshd = spawn(["/usr/sbin/sshd", "-D", "-e", "-f", conf], stderr=subprocess.DEVNULL)
+    wait_port(sport)
+    user = os.environ.get("USER") or "root"
+    client = spawn(["ssh", "-N", "-q", "-i", key, "-p", str(sport), "-o", "BatchMode=yes",
+                    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                    "-o", "ExitOnForwardFailure=yes",
+                    "-R", "127.0.0.1:%d:127.0.0.1:%d" % (rport, nginx_port),
+                    "%s@127.0.0.1" % user])
+    wait_port(rport)
+    return rport, [sshd, client]
+
+
+def start_tunnel(nginx_port):
+    http_port, control_port = free_port(), free_port()
+    relay = spawn([sys.executable, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
+                   str(http_port), "--control-port", str(control_port), "--token", TOKEN,
+                   "-q"])
+    wait_port(control_port)
+    client = spawn([sys.executable, TUNNEL_PY, "expose", str(nginx_port), "--relay",
+                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", "bench",
+                    "-q"], stdout=subprocess.PIPE)
+    line = client.stdout.readline().decode()
+    if not line.startswith("Forwarding"):
+        raise SystemExit("tunnel did not come up: %r" % line)
+    return http_port, control_port, relay, client
+
+
+# -- measurements -------------------------------------------------------------------------
+
+def parse_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000.0 if unit == "us" else value * 1000.0 if unit == "s" else value
+
+
+def wrk(url, conns, seconds, host=None):
+    args = ["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency", "--timeout", "5s"]
+    if host:
+        args += ["-H", "Host: " + host]
+    out = subprocess.run(args + [url], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    return {"rps": rps, "p50": parse_ms(lat["50"]), "p99": parse_ms(lat["99"]),
+            "errors": errors}
+
+
+def curl_download(url, host, expect_sha, work):
+    out = os.path.join(work, "download")
+    args = ["curl", "-s", "-o", out, "-w", "%{size_download} %{time_total} %{http_code}"]
+    if host:
+        args += ["-H", "Host: " + host]
+    res = subprocess.run(args + [url], capture_output=True, text=True).stdout.split()
+    size, seconds = int(res[0]), float(res[1])
+    ok = res[2] == "200" and size == BIG and sha_file(out) == expect_sha
+    os.unlink(out)
+    return {"MBps": size / seconds / 1e6, "ok": ok}
+
+
+def curl_upload(url, host, source, expect_sha, work, name):
+    args = ["curl", "-s", "-T", source, "-o", "/dev/null", "-w",
+            "%{size_upload} %{time_total} %{http_code}"]
+    if host:
+        args += ["-H", "Host: " + host]
+    res = subprocess.run(args + [url + "upload/" + name], capture_output=True,
+                         text=True).stdout.split()
+    size, seconds = int(res[0]), float(res[1])
+    stored = os.path.join(work, "www", "upload", name)
+    ok = (res[2] in ("201", "204") and os.path.exists(stored)
+          and os.path.getsize(stored) == BIG and sha_file(stored) == expect_sha)
+    if os.path.exists(stored):
+        os.unlink(stored)
+    return {"MBps": size / seconds / 1e6, "ok": ok}
+
+
+def sha_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fairness(url, host, seconds):
+    """p99 of small requests while bulk downloads run on the same path."""
+    stop = threading.Event()
+    args = ["curl", "-s", "-o", "/dev/null"] + (["-H", "Host: " + host] if host else [])
+
+    def bulk():
+        while not stop.is_set():
+            subprocess.run(args + [url + "big"])
+    t = threading.Thread(target=bulk)
+    t.start()
+    time.sleep(0.5)   # let the download reach full speed
+    try:
+        return wrk(url + "small", 1, seconds, host)
+    finally:
+        stop.set()
+        t.join()
+
+
+def hold_idle(port, host, n):
+    socks = []
+    req = ("GET /small HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode()
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), 10)
+        s.sendall(req)
+        socks.append(s)
+    for s in socks:
+        data = b""
+        while not data.endswith(b"x\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                raise SystemExit("idle visitor connection closed early")
+            data += chunk
+    return socks
+
+
+def scale(control_port, n):
+    """n tunnel clients in this process (one event loop), connected to one relay."""
+    loop = tunnel.EventLoop()
+    clients = []
+    for i in range(n):
+        cfg = tunnel.ClientConfig(target_port=1, relay_host="127.0.0.1",
+                                  relay_port=control_port, token=TOKEN,
+                                  subdomain="scale-%d" % i, access_log=False)
+        clients.append(tunnel.Client(cfg, loop=loop, output=lambda line: None))
+    started = time.monotonic()
+    for c in clients:
+        c.connect()
+    deadline = started + 60
+    while sum(c.ready.is_set() for c in clients) < n and time.monotonic() < deadline:
+        loop.run_once(0.05)
+    elapsed = time.monotonic() - started
+    up = sum(c.ready.is_set() for c in clients)
+    return loop, up, elapsed
+
+
+# -- the run ------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=5, help="per wrk run (default 5)")
+    ap.add_argument("--quick", action="store_true", help="1-second runs, fewer clients")
+    args = ap.parse_args()
+    for tool in ("nginx", "wrk", "curl", "ssh", "/usr/sbin/sshd"):
+        if not shutil.which(tool):
+            raise SystemExit("%s is missing: run bash bench/setup.sh first" % tool)
+    secs = 1 if args.quick else args.seconds
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    work = tempfile.mkdtemp(prefix="tunnel-bench-", dir="/dev/shm" if os.path.isdir(
+        "/dev/shm") else None)
+    try:
+        run(work, secs, args.quick)
+    finally:
+        for p in reversed(PROCS):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in PROCS:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work, secs, quick):
+    print("preparing nginx, sshd and tunnel.py on 127.0.0.1 ...", flush=True)
+    nginx_port, big_sha = start_nginx(work)
+    ssh_port, ssh_procs = start_ssh(work, nginx_port)
+    t_http, t_control, relay, client = start_tunnel(nginx_port)
+    idle = {"relay": rss_kib(relay.pid), "client": rss_kib(client.pid)}
+    rows = [("direct", "http://127.0.0.1:%d/" % nginx_port, None),
+            ("ssh -R", "http://127.0.0.1:%d/" % ssh_port, None),
+            ("tunnel.py", "http://127.0.0.1:%d/" % t_http, HOST)]
+    results = {name: {} for name, _, _ in rows}
+    for name, url, host in rows:
+        r = results[name]
+        print("measuring %s ..." % name, flush=True)
+        r["c1"] = wrk(url + "small", 1, secs, host)
+        r["c50"] = wrk(url + "small", 50, secs, host)
+        if name == "tunnel.py":
+            r["peak"] = {"relay": rss_kib(relay.pid, "VmHWM"),
+                         "client": rss_kib(client.pid, "VmHWM")}
+        r["split"] = wrk(url + "split/small", 1, secs, host)
+        r["down"] = curl_download(url + "big", host, big_sha, work)
+        r["up"] = curl_upload(url, host, os.path.join(work, "www", "big"), big_sha, work,
+                              name.replace(" ", "").replace(".", "") + ".bin")
+        r["fair"] = fairness(url, host, secs)
+    ssh_rss = sum(rss_kib(p) for p in [ssh_procs[1].pid] + children(ssh_procs[0].pid))
+
+    print("holding 1,000 idle visitor connections ...", flush=True)
+    before = rss_kib(relay.pid) + rss_kib(client.pid)
+    socks = hold_idle(t_http, HOST, 1000)
+    held = rss_kib(relay.pid) + rss_kib(client.pid)
+    for s in socks:
+        s.close()
+
+    n = 100 if quick else 500
+    print("connecting %d tunnel clients to one relay ..." % n, flush=True)
+    relay_before = rss_kib(relay.pid)
+    loop, up, elapsed = scale(t_control, n)
+    relay_scaled = rss_kib(relay.pid)
+    loop.close()
+
+    report(results, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
+           secs)
+
+
+def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
+           secs):
+    d, s, t = res["direct"], res["ssh -R"], res["tunnel.py"]
+    mib = lambda kib: kib / 1024.0  # noqa: E731
+    lines = ["", "## Results (wrk -t1, %ds per run, nginx origin, 100-byte file; %s)"
+             % (secs, time.strftime("%Y-%m-%d")), "",
+             "| path | 1 conn rps | 1 conn p99 | 50 conn rps | 50 conn p99 | split p99 | "
+             "256 MiB down | 256 MiB up | p99 under bulk | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("direct", "ssh -R", "tunnel.py"):
+        r = res[name]
+        errors = sum(r[k]["errors"] for k in ("c1", "c50", "split", "fair"))
+        ok = r["down"]["ok"] and r["up"]["ok"]
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %.0f MB/s | "
+                     "%.0f MB/s | %.2f ms | %d%s |" % (
+                         name, r["c1"]["rps"], r["c1"]["p99"], r["c50"]["rps"],
+                         r["c50"]["p99"], r["split"]["p99"], r["down"]["MBps"],
+                         r["up"]["MBps"], r["fair"]["p99"], errors,
+                         "" if ok else ", BYTES WRONG"))
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    lines += ["", "| ratio | 1 conn rps | 50 conn rps | download | upload | "
+              "p99 under bulk / unloaded |", "|---|---|---|---|---|---|"]
+    for label, base in (("tunnel.py / ssh -R", s), ("tunnel.py / direct", d)):
+        lines.append("| %s | %.2f | %.2f | %.2f | %.2f | |" % (
+            label, ratio(t["c1"]["rps"], base["c1"]["rps"]),
+            ratio(t["c50"]["rps"], base["c50"]["rps"]),
+            ratio(t["down"]["MBps"], base["down"]["MBps"]),
+            ratio(t["up"]["MBps"], base["up"]["MBps"])))
+    lines.append("| tunnel.py fairness | | | | | %.2f |"
+                 % ratio(t["fair"]["p99"], t["c1"]["p99"]))
+    lines += ["", "Memory (RSS):", "",
+              "- tunnel.py idle: relay %.1f MiB, client %.1f MiB"
+              % (mib(idle["relay"]), mib(idle["client"])),
+              "- tunnel.py peak under the 50-connection load: relay %.1f MiB + client %.1f MiB "
+              "= %.1f MiB" % (mib(t["peak"]["relay"]), mib(t["peak"]["client"]),
+                              mib(t["peak"]["relay"] + t["peak"]["client"])),
+              "- ssh -R (ssh client + sshd session) after its runs: %.1f MiB" % mib(ssh_rss),
+              "- 1,000 idle keep-alive visitors add %.1f MiB (relay + client)"
+              % mib(held - before),
+              "- %d tunnel clients: %d connected in %.2f s; relay RSS %.1f -> %.1f MiB"
+              % (n, up, elapsed, mib(relay_before), mib(relay_scaled))]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "latest.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
