@@ -1353,6 +1353,8 @@ _REQUEST_LINE_RE = re.compile(r"(" + _TOKEN + r") ([^\x00-\x20\x7f]+) HTTP/(\d)\
 _STATUS_LINE_RE = re.compile(r"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*(" + _VALUE + r")[ \t]*\r\n")
 _FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[ \t]*" + _VALUE + r"[ \t]*\r\n)*")
+_RESPONSE_FRAMING_RE = re.compile(r"\r\n(content-length|transfer-encoding|connection)[ \t]*:"
+                                  r"[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.I)
 _TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
@@ -1401,10 +1403,12 @@ class Headers:
 
 class Request:
     __slots__ = ("method", "target", "version", "headers", "host", "host_header",
-                 "keep_alive", "upgrade", "body")
+                 "keep_alive", "upgrade", "body", "raw", "target_changed")
 
     def __init__(self, method: str, target: str, version: Tuple[int, int],
-                 headers: Headers) -> None:
+                 headers: Headers, raw: bytes = b"") -> None:
+        self.raw = raw                # the head as received, without the last CRLF CRLF
+        self.target_changed = False   # absolute-form rewritten to origin-form
         self.method = method
         self.target = target
         self.version = version
@@ -1682,7 +1686,7 @@ class HTTPParser:
         if version not in ((1, 0), (1, 1)):
             raise HTTPError(505, "HTTP/%d.%d is not supported" % version)
         headers = _parse_fields(block)
-        req = Request(method, target, version, headers)
+        req = Request(method, target, version, headers, head)
         if method == "CONNECT":
             raise HTTPError(405, "CONNECT is not supported by this relay")
         # Host (RFC 9112 section 3.2)
@@ -1701,6 +1705,7 @@ class HTTPParser:
             if not hosts:
                 req.host, req.host_header = authority, absolute.group(1)
             req.target = absolute.group(2) or "/"
+            req.target_changed = True
         elif not (target.startswith("/") or (target == "*" and method == "OPTIONS")):
             raise HTTPError(400, "invalid request target")
         # Body framing (RFC 9112 section 6.3): ambiguity is an error, never a guess.
@@ -1735,10 +1740,8 @@ class HTTPParser:
             raise HTTPError(502, "malformed status line from the origin")
         version = (int(m.group(1)), int(m.group(2)))
         status = int(m.group(3))
-        try:
-            headers = _parse_fields(block)
-        except HTTPError as exc:
-            raise HTTPError(502, "origin response: %s" % exc) from None
+        # The response is forwarded verbatim; the relay only needs its framing.
+        headers = Headers(_RESPONSE_FRAMING_RE.findall("\r\n" + block))
         resp = Response(status, version, headers)
         connection = headers.tokens("connection")
         resp.keep_alive = ("close" not in connection if version >= (1, 1)
@@ -1784,6 +1787,7 @@ class HTTPParser:
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade"})
 FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host",
                         "x-forwarded-proto", "x-forwarded-port", "x-real-ip"})
+HOP_OR_FORWARDING = HOP_BY_HOP | FORWARDING
 # Named in Connection, these would change message framing if dropped: never drop.
 PROTECTED = frozenset({"host", "content-length", "transfer-encoding"})
 
@@ -1792,12 +1796,19 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
     """The request head as the origin sees it: hop-by-hop fields handled per
     RFC 9110 section 7.6.1, forwarding fields replaced, not trusted."""
     named = set(req.headers.tokens("connection")) - PROTECTED
-    lines = ["%s %s HTTP/%d.%d" % (req.method, req.target, req.version[0], req.version[1])]
-    for name, value in req.headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in FORWARDING or lower in named:
-            continue
-        lines.append("%s: %s" % (name, value))
+    if not req.target_changed and HOP_OR_FORWARDING.isdisjoint(req.headers.index) \
+            and not named:
+        head = req.raw     # nothing to remove: splice the added fields after it
+        lines = [""]
+    else:
+        head = b""
+        lines = ["%s %s HTTP/%d.%d" % (req.method, req.target, req.version[0],
+                                       req.version[1])]
+        for name, value in req.headers:
+            lower = name.lower()
+            if lower in HOP_OR_FORWARDING or lower in named:
+                continue
+            lines.append("%s: %s" % (name, value))
     if req.upgrade:
         lines.append("Connection: Upgrade")
         lines.append("Upgrade: %s" % req.upgrade)
@@ -1811,7 +1822,7 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
     lines.append("X-Forwarded-Proto: %s" % proto)
     lines.append("X-Forwarded-Host: %s" % host)
     lines.append('Forwarded: for=%s;host="%s";proto=%s' % (for_ip, host.replace('"', ""), proto))
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 # =============================================================================
@@ -2079,10 +2090,11 @@ class RelayConfig:
 class Tunnel:
     """A live name on the relay."""
 
-    __slots__ = ("name", "session", "owner", "client_id", "url")
+    __slots__ = ("name", "session", "owner", "client_id", "url", "wants_log")
 
     def __init__(self, name: str, session: Session, owner: str, client_id: str,
-                 url: str) -> None:
+                 url: str, wants_log: bool = True) -> None:
+        self.wants_log = wants_log   # the client prints an access log: send LOG frames
         self.name = name
         self.session = session
         self.owner = owner
@@ -2245,7 +2257,7 @@ class VisitorConn(Pipe):
             return
         ex = self.inflight.popleft()
         elapsed = time.monotonic() - ex.started
-        if self.stream is not None and self.tunnel is not None:
+        if self.stream is not None and self.tunnel is not None and self.tunnel.wants_log:
             self.tunnel.session.send_log(self.stream.id, ex.status, elapsed, nbytes,
                                          ex.method, ex.target)
         if self.upgraded:
@@ -2415,7 +2427,8 @@ class Relay(SessionDelegate):
         self.reserved.pop(name, None)
         session.name = name
         url = self.public_url(name)
-        self.tunnels[name] = Tunnel(name, session, owner, client_id, url)
+        self.tunnels[name] = Tunnel(name, session, owner, client_id, url,
+                                    bool(request.get("log", True)))
         return {"name": name, "url": url, "heartbeat_interval": self.config.heartbeat_interval}
 
     def route(self, req: Request) -> str:
@@ -2682,7 +2695,7 @@ class Client(SessionDelegate):
     def _connected(self, sock: socket.socket) -> None:
         self._connector = None
         request = {"subdomain": self.name, "client_id": self.client_id,
-                   "version": __version__}
+                   "version": __version__, "log": self.config.access_log}
         handshake = ClientHandshake(self.config.token, request)
         self.session = Session(self.loop, sock,
                                format_hostport(self.config.relay_host, self.config.relay_port),
