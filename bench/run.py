@@ -74,6 +74,18 @@ def rss_kib(pid, field="VmRSS"):
     return 0
 
 
+def pss_kib(pid):
+    """Proportional set size: shared pages (libpython, libcrypto) split between users."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def children(pid):
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     pids = [int(x) for x in out.split()]
@@ -170,12 +182,14 @@ def start_tunnel(nginx_port):
                    str(http_port), "--control-port", str(control_port), "--token", TOKEN,
                    "-q"])
     wait_port(control_port)
+    # The client runs as a user would: access log on (one line per request, drained here).
     client = spawn([sys.executable, TUNNEL_PY, "expose", str(nginx_port), "--relay",
-                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", "bench",
-                    "-q"], stdout=subprocess.PIPE)
+                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", "bench"],
+                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = client.stdout.readline().decode()
     if not line.startswith("Forwarding"):
         raise SystemExit("tunnel did not come up: %r" % line)
+    threading.Thread(target=lambda: [None for _ in client.stdout], daemon=True).start()
     return http_port, control_port, relay, client
 
 
@@ -302,6 +316,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run (default 5)")
     ap.add_argument("--quick", action="store_true", help="1-second runs, fewer clients")
+    ap.add_argument("--tunnel-only", action="store_true",
+                    help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
     for tool in ("nginx", "wrk", "curl", "ssh", "/usr/sbin/sshd"):
         if not shutil.which(tool):
@@ -312,7 +328,7 @@ def main():
     work = tempfile.mkdtemp(prefix="tunnel-bench-", dir="/dev/shm" if os.path.isdir(
         "/dev/shm") else None)
     try:
-        run(work, secs, args.quick)
+        run(work, secs, args.quick, args.tunnel_only)
     finally:
         for p in reversed(PROCS):
             if p.poll() is None:
@@ -325,12 +341,22 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work, secs, quick):
+def run(work, secs, quick, tunnel_only=False):
     print("preparing nginx, sshd and tunnel.py on 127.0.0.1 ...", flush=True)
     nginx_port, big_sha = start_nginx(work)
-    ssh_port, ssh_procs = start_ssh(work, nginx_port)
     t_http, t_control, relay, client = start_tunnel(nginx_port)
-    idle = {"relay": rss_kib(relay.pid), "client": rss_kib(client.pid)}
+    if tunnel_only:
+        url = "http://127.0.0.1:%d/" % t_http
+        for label, r in (("50 conn", wrk(url + "small", 50, secs, HOST)),
+                         ("1 conn", wrk(url + "small", 1, secs, HOST)),
+                         ("1 conn under bulk", fairness(url, HOST, secs))):
+            print("%-18s %8.0f rps  p50 %.2f ms  p99 %.2f ms  errors %d"
+                  % (label, r["rps"], r["p50"], r["p99"], r["errors"]))
+        print("download %.0f MB/s" % curl_download(url + "big", HOST, big_sha, work)["MBps"])
+        return
+    ssh_port, ssh_procs = start_ssh(work, nginx_port)
+    idle = {"relay": rss_kib(relay.pid), "client": rss_kib(client.pid),
+            "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
     rows = [("direct", "http://127.0.0.1:%d/" % nginx_port, None),
             ("ssh -R", "http://127.0.0.1:%d/" % ssh_port, None),
             ("tunnel.py", "http://127.0.0.1:%d/" % t_http, HOST)]
@@ -342,7 +368,8 @@ def run(work, secs, quick):
         r["c50"] = wrk(url + "small", 50, secs, host)
         if name == "tunnel.py":
             r["peak"] = {"relay": rss_kib(relay.pid, "VmHWM"),
-                         "client": rss_kib(client.pid, "VmHWM")}
+                         "client": rss_kib(client.pid, "VmHWM"),
+                         "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
         r["split"] = wrk(url + "split/small", 1, secs, host)
         r["down"] = curl_download(url + "big", host, big_sha, work)
         r["up"] = curl_upload(url, host, os.path.join(work, "www", "big"), big_sha, work,
@@ -399,11 +426,13 @@ def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay
     lines.append("| tunnel.py fairness | | | | | %.2f |"
                  % ratio(t["fair"]["p99"], t["c1"]["p99"]))
     lines += ["", "Memory (RSS):", "",
-              "- tunnel.py idle: relay %.1f MiB, client %.1f MiB"
-              % (mib(idle["relay"]), mib(idle["client"])),
+              "- tunnel.py idle: relay %.1f MiB, client %.1f MiB (PSS of both: %.1f MiB; "
+              "RSS counts the shared libpython/libcrypto pages twice)"
+              % (mib(idle["relay"]), mib(idle["client"]), mib(idle["pss"])),
               "- tunnel.py peak under the 50-connection load: relay %.1f MiB + client %.1f MiB "
-              "= %.1f MiB" % (mib(t["peak"]["relay"]), mib(t["peak"]["client"]),
-                              mib(t["peak"]["relay"] + t["peak"]["client"])),
+              "= %.1f MiB (PSS right after: %.1f MiB)" % (
+                  mib(t["peak"]["relay"]), mib(t["peak"]["client"]),
+                  mib(t["peak"]["relay"] + t["peak"]["client"]), mib(t["peak"]["pss"])),
               "- ssh -R (ssh client + sshd session) after its runs: %.1f MiB" % mib(ssh_rss),
               "- 1,000 idle keep-alive visitors add %.1f MiB (relay + client)"
               % mib(held - before),
