@@ -652,6 +652,18 @@ class OriginHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         elif url.path == "/ws":
             self.websocket()
+        elif url.path == "/truncate":   # promises 1000 bytes, sends 10, closes
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            self.wfile.flush()
+            self.close_connection = True
+        elif url.path == "/reset":      # an abortive close (RST) before any response
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.close_connection = True
+        elif url.path == "/slow":       # answers when the test opens the gate
+            self.server.slow_started.set()
+            self.server.slow_gate.wait(WAIT)
+            self.reply(200, b"slow done")
         elif url.path == "/split":   # head and body in separate segments
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
             self.wfile.flush()
@@ -736,6 +748,8 @@ class Origin(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), OriginHandler)
         self.blob = b""
         self.sse_gate = threading.Event()
+        self.slow_gate = threading.Event()
+        self.slow_started = threading.Event()
 
 
 def recv_until(sock, marker, limit=1 << 26):
@@ -759,8 +773,8 @@ def recv_all(sock):
         data += chunk
 
 
-class EndToEnd(unittest.TestCase):
-    """A relay, a client and an origin, all in this process on 127.0.0.1."""
+class EndToEndBase(unittest.TestCase):
+    """Fixtures: a relay, clients and an origin, all in this process on 127.0.0.1."""
 
     def setUp(self):
         self.origin = self.start_origin()
@@ -847,6 +861,10 @@ class EndToEnd(unittest.TestCase):
     def relay_stats(self, relay=None):
         relay = relay or self.relay
         return relay.loop.run_in_loop(relay.stats)
+
+
+class EndToEnd(EndToEndBase):
+    """Issue 2's behaviours, end to end."""
 
     # -- basics -----------------------------------------------------------------------
     def test_forwarding_line_and_access_log(self):
@@ -1167,6 +1185,335 @@ class EndToEnd(unittest.TestCase):
                                                   "streams": 0}, what="relay counts")
         wait_until(lambda: self.client.loop.run_in_loop(self.client.stats) ==
                    {"streams": 0, "targets": 0}, what="client counts")
+
+
+# =============================================================================
+# Hardening (issue 4): limits, slow clients, caps, fuzzing, faults, load
+# =============================================================================
+
+
+class LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self, level=logging.DEBUG):
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+class HardeningTest(EndToEndBase):
+    RELAY = dict(head_timeout=0.4, idle_timeout=0.6, handshake_timeout=0.5)
+
+    def setUp(self):
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old_level)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(**self.RELAY)
+        self.client, self.lines = self.start_client("demo")
+
+    def status_of(self, data):
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+    def assert_no_internal_errors(self):
+        bad = [m for m in self.capture.messages(logging.ERROR)]
+        self.assertEqual(bad, [])
+
+    # -- visitor limits and slow clients -----------------------------------------
+    def test_oversized_heads(self):
+        big = b"GET / HTTP/1.1\r\nHost: demo.localhost\r\nX-Big: " + b"a" * (70 * 1024)
+        self.assertEqual(self.status_of(recv_all(self.raw(big))), 431)
+        line = b"GET /" + b"a" * (9 * 1024) + b" HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+        self.assertEqual(self.status_of(recv_all(self.raw(line))), 414)
+        many = (b"GET / HTTP/1.1\r\nHost: demo.localhost\r\n" + b"X-A: 1\r\n" * 150 + b"\r\n")
+        self.assertEqual(self.status_of(recv_all(self.raw(many))), 431)
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+
+    def test_slowloris_gets_408(self):
+        started = time.monotonic()
+        dribble = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.lo")
+        silent = self.raw(b"")
+        for s in (dribble, silent):
+            data = recv_all(s)
+            self.assertEqual(self.status_of(data), 408, data)
+        self.assertLess(time.monotonic() - started, 5.0)
+
+    def test_idle_keep_alive_is_closed(self):
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertTrue(recv_until(s, b"hello").endswith(b"hello"))
+        started = time.monotonic()
+        self.assertEqual(recv_all(s), b"")     # closed by the relay, no bytes
+        self.assertGreater(time.monotonic() - started, 0.3)
+
+    def test_smuggling_end_to_end(self):
+        cases = [
+            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 1\r\n"
+            b"Content-Length: 2\r\n\r\nab",
+            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: 1\r\n folded\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost : demo.localhost\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: a\x00b\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: a\rb\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\n\r\n",
+            b"GET http://other.localhost/hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nHost: other.localhost\r\n\r\n",
+        ]
+        for data in cases:
+            with self.subTest(data=data):
+                reply = recv_all(self.raw(data))
+                self.assertEqual(self.status_of(reply), 400, reply)
+                self.assertEqual(reply.count(b"HTTP/1.1 "), 1)
+                self.assertNotIn(b"hello", reply.split(b"\r\n\r\n", 1)[1])
+        wait_until(lambda: self.relay_stats()["streams"] == 0, what="streams closed")
+
+    # -- caps -------------------------------------------------------------------------
+    def test_visitor_caps_503(self):
+        relay = self.start_relay(max_visitors=3, max_visitors_per_tunnel=2)
+        self.start_client("capped", relay=relay)
+        req = b"GET /hello HTTP/1.1\r\nHost: capped.localhost\r\n\r\n"
+        held = [self.raw(req, relay=relay) for _ in range(2)]
+        for s in held:
+            self.assertTrue(recv_until(s, b"hello").endswith(b"hello"))
+        third = recv_all(self.raw(req, relay=relay))     # a third on the tunnel: 503
+        self.assertEqual(self.status_of(third), 503, third)
+        extra = self.raw(b"", relay=relay)              # third connection overall
+        wait_until(lambda: relay.loop.run_in_loop(lambda: len(relay.visitors)) == 3,
+                   what="three visitors")
+        fourth = recv_all(self.raw(req, relay=relay))   # a fourth overall: 503 at accept
+        self.assertEqual(self.status_of(fourth), 503, fourth)
+        extra.close()
+
+    def test_unauthenticated_cap_and_handshake_timeout(self):
+        relay = self.start_relay(max_unauthenticated=2, handshake_timeout=0.5)
+        quiet = [socket.create_connection(("127.0.0.1", relay.control_port), WAIT)
+                 for _ in range(2)]
+        for s in quiet:
+            self.addCleanup(s.close)
+        wait_until(lambda: relay.loop.run_in_loop(lambda: len(relay.unauthenticated)) == 2,
+                   what="two pending handshakes")
+        third = socket.create_connection(("127.0.0.1", relay.control_port), WAIT)
+        self.addCleanup(third.close)
+        self.assertEqual(recv_all(third), b"")            # refused at once
+        started = time.monotonic()
+        for s in quiet:
+            self.assertEqual(recv_all(s), b"")            # handshake timeout
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertTrue(any("handshake timed out" in m for m in self.capture.messages()))
+
+    # -- fuzzing ----------------------------------------------------------------------
+    def fuzz_frames(self, rnd):
+        frames = []
+        for _ in range(rnd.randint(1, 6)):
+            kind = rnd.random()
+            ftype = rnd.choice(list(FrameType) + [0, 14, 99, 255])
+            sid = rnd.choice([0, 1, 2, 7, 2 ** 31, 2 ** 32 - 1])
+            payload = os.urandom(rnd.choice([0, 1, 4, 8, 13, 100]))
+            if kind < 0.2:   # oversized length, no payload
+                frames.append(struct.pack("!BBII", ftype, 0, sid,
+                                          rnd.choice([tunnel.MAX_FRAME_PAYLOAD + 1, 2 ** 32 - 1])))
+            elif kind < 0.35:  # window overflow
+                frames.append(tunnel.encode_frame(FrameType.WINDOW, sid,
+                                                  struct.pack("!I", 2 ** 31 + rnd.randint(0, 9))))
+            else:
+                frame = struct.pack("!BBII", ftype, rnd.randint(0, 255), sid, len(payload))
+                frames.append(frame + payload)
+        data = b"".join(frames)
+        if rnd.random() < 0.3:   # truncate
+            data = data[:rnd.randint(0, len(data))]
+        return data
+
+    def test_fuzz_control_channel(self):
+        rnd = random.Random(20261201)
+        cases = 1200
+        started = time.monotonic()
+        for i in range(cases):
+            s = socket.create_connection(("127.0.0.1", self.relay.control_port), WAIT)
+            try:
+                if rnd.random() < 0.5:
+                    # mutate the opening handshake itself
+                    hs = ClientHandshake(TOKEN, {"subdomain": None})
+                    data = bytearray(hs.start() + tunnel.encode_frame(FrameType.AUTH, 0,
+                                                                      os.urandom(40)))
+                    for _ in range(rnd.randint(1, 4)):
+                        data[rnd.randrange(len(data))] = rnd.randrange(256)
+                    if rnd.random() < 0.3:
+                        data = data[:rnd.randint(0, len(data))]
+                    s.sendall(bytes(data))
+                else:
+                    hs = ClientHandshake(TOKEN, {"subdomain": None})
+                    s.sendall(hs.start())
+                    dec = FrameDecoder()
+                    while not hs.done:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        for frame in dec.feed(chunk):
+                            out = hs.receive(frame)
+                            if out:
+                                s.sendall(out)
+                            if hs.done:
+                                break
+                    self.assertTrue(hs.done)
+                    s.sendall(self.fuzz_frames(rnd))
+                s.shutdown(socket.SHUT_WR)
+                recv_all(s)     # the relay closes: EOF, never a hang
+            finally:
+                s.close()
+            if i % 200 == 0:
+                self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        self.assertLess(time.monotonic() - started, 30.0)
+        self.assert_no_internal_errors()
+        reasons = [m for m in self.capture.messages(logging.INFO) if "closed:" in m]
+        self.assertGreaterEqual(len(reasons), cases)   # every session closed, with a reason
+        self.assertTrue(any("protocol error" in m for m in reasons))
+        wait_until(lambda: self.relay_stats()["sessions"] == 1, what="fuzz sessions gone")
+
+    # -- faults -----------------------------------------------------------------------
+    def test_origin_closes_mid_response(self):
+        data = recv_all(self.raw(b"GET /truncate HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"))
+        head, body = data.split(b"\r\n\r\n", 1)
+        self.assertEqual(body, b"0123456789")   # what the origin sent, nothing made up
+        data = recv_all(self.raw(b"GET /reset HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"))
+        self.assertIn(self.status_of(data), (502, None))   # 502 page, or just closed
+        wait_until(lambda: self.relay_stats()["streams"] == 0, what="streams closed")
+
+    def test_visitor_disconnect_mid_download_leaves_nothing(self):
+        s = self.raw(b"GET /bytes?n=%d HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                     % (200 * 1024 * 1024))
+        s.recv(65536)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        wait_until(lambda: self.relay_stats() == {"tunnels": 1, "sessions": 1, "visitors": 0,
+                                                  "streams": 0}, what="relay counts")
+        wait_until(lambda: self.client.loop.run_in_loop(self.client.stats) ==
+                   {"streams": 0, "targets": 0}, what="client counts")
+
+    def test_graceful_relay_stop_finishes_in_flight(self):
+        result = {}
+
+        def slow():
+            result["reply"] = self.get("/slow")[:2]
+        t = threading.Thread(target=slow)
+        t.start()
+        self.assertTrue(self.origin.slow_started.wait(WAIT))
+        self.relay.loop.call_soon_threadsafe(self.relay.shutdown)
+        wait_until(lambda: self.relay.stopping, what="shutdown to begin")
+        with self.assertRaises(OSError):    # no longer accepting
+            wait_until(lambda: socket.create_connection(
+                ("127.0.0.1", self.relay.http_port), 0.2).close() and False, timeout=1.0)
+            raise AssertionError("unreachable")
+        self.origin.slow_gate.set()
+        t.join(WAIT)
+        self.assertEqual(result["reply"], (200, b"slow done"))
+        self.relay.thread.join(WAIT)
+        self.assertFalse(self.relay.thread.is_alive())
+
+    def test_graceful_client_stop_finishes_in_flight(self):
+        result = {}
+
+        def slow():
+            result["reply"] = self.get("/slow")[:2]
+        t = threading.Thread(target=slow)
+        t.start()
+        self.assertTrue(self.origin.slow_started.wait(WAIT))
+        self.client.loop.call_soon_threadsafe(self.client.shutdown)
+        self.origin.slow_gate.set()
+        t.join(WAIT)
+        self.assertEqual(result["reply"], (200, b"slow done"))
+        self.client.thread.join(WAIT)
+        self.assertFalse(self.client.thread.is_alive())
+
+    # -- nothing lost under load ------------------------------------------------------------
+    def test_200_visitors_3_tunnels_mixed_sizes(self):
+        self.start_client("second")
+        self.start_client("third")
+        names = ["demo", "second", "third"]
+        sizes = [0, 1, 100, 5000, 70000, 1 << 20, 3 << 20]
+
+        def one(i):
+            rnd = random.Random(i)
+            host = names[i % 3] + ".localhost"
+            c = http.client.HTTPConnection("127.0.0.1", self.relay.http_port, timeout=30)
+            try:
+                for j in range(3):
+                    n = rnd.choice(sizes)
+                    if rnd.random() < 0.5:
+                        c.request("GET", "/bytes?n=%d&seed=%d" % (n, i), headers={"Host": host})
+                        r = c.getresponse()
+                        if r.status != 200 or r.read() != pattern(n, i):
+                            return "bad download %d/%d" % (i, j)
+                    else:
+                        body = pattern(n, i + 1000)
+                        c.request("POST", "/echo", body=body, headers={"Host": host})
+                        r = c.getresponse()
+                        got = json.loads(r.read())
+                        if got != {"sha256": hashlib.sha256(body).hexdigest(), "length": n}:
+                            return "bad upload %d/%d" % (i, j)
+                return "ok"
+            except (OSError, http.client.HTTPException) as exc:
+                return "error %d: %r" % (i, exc)
+            finally:
+                c.close()
+        with concurrent.futures.ThreadPoolExecutor(200) as pool:
+            results = list(pool.map(one, range(200)))
+        self.assertEqual([r for r in results if r != "ok"], [])
+        self.assert_no_internal_errors()
+
+
+class ParserFuzzTest(unittest.TestCase):
+    SEEDS = [
+        b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    ]
+
+    def outcome(self, events):
+        out = []
+        for kind, value in squash(events):
+            if kind == EV_HEAD:
+                out.append((kind, value.method, value.target, value.body))
+            elif kind == EV_ERROR:
+                out.append((kind, value.status))
+            else:
+                out.append((kind, bytes(value) if kind == EV_BODY else value))
+        return out
+
+    def test_seeded_mutations(self):
+        rnd = random.Random(4242)
+        alphabet = b"\r\n :;,\t\x00\x7fAz09-chunkedTransfer-EncodingContent-Length"
+        started = time.monotonic()
+        for _ in range(3000):
+            data = bytearray(rnd.choice(self.SEEDS) * rnd.randint(1, 2))
+            for _ in range(rnd.randint(1, 5)):
+                op = rnd.random()
+                pos = rnd.randrange(len(data) + 1)
+                if op < 0.4:
+                    data[pos:pos + 1] = bytes([rnd.choice(alphabet)])
+                elif op < 0.7:
+                    del data[pos:pos + rnd.randint(1, 8)]
+                else:
+                    data[pos:pos] = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(1, 8)))
+            data = bytes(data)
+            whole = HTTPParser(is_request=True).feed(data)
+            bytewise = feed_all(HTTPParser(is_request=True), data, one_byte=True)
+            self.assertEqual(self.outcome(whole), self.outcome(bytewise), data)
+            for kind, value in whole:
+                if kind == EV_ERROR:
+                    self.assertIn(value.status, (400, 405, 414, 431, 505))
+        self.assertLess(time.monotonic() - started, 30.0)
 
 
 # =============================================================================

@@ -193,6 +193,16 @@ BACKOFF_INITIAL = 0.5                   # first reconnect delay
 BACKOFF_MAX = 30.0                      # reconnect delay cap
 BACKOFF_JITTER = 0.2                    # delay is scaled by 1 - U(0, this)
 GRACE_PERIOD = 10.0                     # in-flight work may finish this long
+HEAD_TIMEOUT = 10.0                     # a request head must arrive whole within (408)
+IDLE_TIMEOUT = 75.0                     # idle keep-alive visitor connections are closed
+SWEEP_INTERVAL = 1.0                    # how often the relay checks those deadlines
+LINGER_TIMEOUT = 2.0                    # after an error page: drain input this long
+
+# -- caps (over a cap: 503 for visitors, a refusal for clients) -----------------
+MAX_VISITORS = 10000                    # visitor connections on the relay
+MAX_VISITORS_PER_TUNNEL = 2000          # visitor connections bound to one tunnel
+MAX_STREAMS = 2000                      # open streams in one session
+MAX_UNAUTHENTICATED = 64                # control connections still in the handshake
 
 # -- defaults for the command line --------------------------------------------
 DEFAULT_BIND = "0.0.0.0"
@@ -850,6 +860,15 @@ class Conn:
         else:
             sel.modify(self.sock, mask, self)
         self._mask = mask
+
+    def detach(self) -> socket.socket:
+        """Leave the loop without closing the socket (it is handed to someone else)."""
+        if self._mask:
+            self.loop.selector.unregister(self.sock)
+            self._mask = 0
+        self.closed = True
+        self.loop.conns.discard(self)
+        return self.sock
 
     def replace_socket(self, sock: socket.socket) -> None:
         """Swap in a new socket (the next address of a connect attempt)."""
@@ -2038,6 +2057,51 @@ class Listener(Conn):
         log.warning("listener error: %s", reason)
 
 
+class Lingering(Conn):
+    """Send a last answer, half-close, and discard input until EOF or LINGER_TIMEOUT.
+
+    Closing a socket that still has unread input makes the kernel send RST, which
+    can destroy the answer before the peer reads it (the "lingering close" of
+    RFC 9112 section 9.6)."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, data: bytes) -> None:
+        super().__init__(loop, sock)
+        self.out += data
+        self._timer = loop.call_later(LINGER_TIMEOUT, self.close_socket)
+        self.on_write()
+
+    def on_write(self) -> None:
+        try:
+            sent = self.sock.send(self.out) if self.out else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close_socket()
+            return
+        del self.out[:sent]
+        if not self.out:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.close_socket()
+                return
+        self.update()
+
+    def on_read(self) -> None:
+        try:
+            data = self.sock.recv_into(self.loop.scratch)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = 0
+        if not data:
+            self.close_socket()
+
+    def close_socket(self) -> None:
+        self._timer.cancel()
+        super().close_socket()
+
+
 def make_listener(host: str, port: int) -> socket.socket:
     """A bound, listening, non-blocking TCP socket (IPv4 or IPv6 by ``host``)."""
     infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
@@ -2099,16 +2163,23 @@ class RelayConfig(Settings):
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     reservation: float = NAME_RESERVATION
     grace: float = GRACE_PERIOD
+    head_timeout: float = HEAD_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    max_visitors: int = MAX_VISITORS
+    max_visitors_per_tunnel: int = MAX_VISITORS_PER_TUNNEL
+    max_streams: int = MAX_STREAMS
+    max_unauthenticated: int = MAX_UNAUTHENTICATED
 
 
 class Tunnel:
     """A live name on the relay."""
 
-    __slots__ = ("name", "session", "owner", "client_id", "url", "wants_log")
+    __slots__ = ("name", "session", "owner", "client_id", "url", "wants_log", "visitors")
 
     def __init__(self, name: str, session: Session, owner: str, client_id: str,
                  url: str, wants_log: bool = True) -> None:
         self.wants_log = wants_log   # the client prints an access log: send LOG frames
+        self.visitors = 0            # visitor connections bound to this tunnel
         self.name = name
         self.session = session
         self.owner = owner
@@ -2146,6 +2217,8 @@ class VisitorConn(Pipe):
         self.in_body = False          # between a forwarded head and its end
         self.close_after = False      # the request being read asked to close
         self.last_request = False     # ... and it has been read whole
+        self.fresh = True             # nothing received yet
+        self.head_started = self.last_active = time.monotonic()
         self.update()
 
     def __repr__(self) -> str:
@@ -2163,7 +2236,22 @@ class VisitorConn(Pipe):
             assert self.stream is not None
             self.stream.write(data)
             return
+        if self.fresh:
+            self.fresh = False          # the head clock started at accept
+        elif self.requests.idle:
+            self.head_started = time.monotonic()
         self._handle_requests(self.requests.feed(data))
+
+    def check_deadlines(self, head_by: float, idle_by: float) -> None:
+        """Called by the relay's sweeper with the oldest acceptable start times."""
+        if self.closed or self.close_pending or self.upgraded or self.inflight:
+            return
+        if self.fresh or not self.requests.idle:
+            if self.head_started < head_by:
+                self.fail(HTTPError(408, "The request head did not arrive in time."))
+        elif self.last_active < idle_by:
+            log.debug("visitor %s: idle keep-alive connection closed", self.peer)
+            self.finish()
 
     def _handle_requests(self, events: List[Tuple[str, Any]]) -> None:
         for kind, value in events:
@@ -2188,9 +2276,18 @@ class VisitorConn(Pipe):
     def _forward_head(self, req: Request) -> None:
         name = self.relay.route(req)
         if self.tunnel is None:
-            self.tunnel = self.relay.tunnel_for(name)
-            self.stream = self.tunnel.session.open_stream({"peer": self.peer,
-                                                           "host": req.host_header})
+            tunnel = self.relay.tunnel_for(name)
+            cfg = self.relay.config
+            if tunnel.visitors >= cfg.max_visitors_per_tunnel:
+                raise HTTPError(503, "The tunnel %s is at its limit of %d connections; try "
+                                "again soon." % (name, cfg.max_visitors_per_tunnel))
+            if len(tunnel.session.streams) >= cfg.max_streams:
+                raise HTTPError(503, "The tunnel %s is at its limit of %d streams; try "
+                                "again soon." % (name, cfg.max_streams))
+            self.tunnel = tunnel
+            tunnel.visitors += 1
+            self.stream = tunnel.session.open_stream({"peer": self.peer,
+                                                      "host": req.host_header})
             self.stream.handler = self
             log.debug("visitor %s -> %s stream %d", self.peer, name, self.stream.id)
         elif name != self.tunnel.name:
@@ -2221,7 +2318,14 @@ class VisitorConn(Pipe):
         if exc.status >= 400:
             log.info("visitor %s: %d %s", self.peer, exc.status, exc)
         if self.in_body:
-            self.abort("bad request body: %s" % exc)   # the origin has half a request
+            # The origin has half a request: reset its stream so it never completes, and
+            # answer the visitor ourselves if the origin has not started a response.
+            if len(self.inflight) == 1 and self.inflight[0].status == 0 \
+                    and self.responses.message_bytes == 0:
+                self.inflight.clear()
+                self.send_error(exc)
+            else:
+                self.abort("bad request body: %s" % exc)
         elif self.inflight:
             self.deferred = exc
             self.update()
@@ -2229,10 +2333,15 @@ class VisitorConn(Pipe):
             self.send_error(exc, method)
 
     def send_error(self, exc: HTTPError, method: str = "GET") -> None:
+        """Answer with a relay-made page and end the connection (lingering close)."""
         if self.stream is not None and not self.stream.done:
             self.stream.reset("relay answered %d" % exc.status)
-        self.send_bytes(http_response(exc.status, str(exc), method), False)
-        self.close_after_flush()
+        page = bytes(self.out) + http_response(exc.status, str(exc), method)
+        self.out.clear()
+        self.counted = 0
+        relay = self.relay
+        sock = self.detach()
+        Lingering(relay.loop, sock, page)
 
     # -- origin -> visitor ---------------------------------------------------------
     def on_stream_data(self, stream: Stream, data: bytes) -> None:
@@ -2277,6 +2386,7 @@ class VisitorConn(Pipe):
         if self.upgraded:
             return
         if not self.inflight:
+            self.last_active = time.monotonic()
             if self.deferred is not None:
                 self.send_error(self.deferred)
             elif self.last_request or self.read_eof:
@@ -2309,9 +2419,18 @@ class VisitorConn(Pipe):
             self.send_bytes(http_response(502, why, method), False)
         self.close_after_flush()
 
-    def close_socket(self) -> None:
-        super().close_socket()
+    def _gone(self) -> None:
+        if not self.closed and self.tunnel is not None:
+            self.tunnel.visitors -= 1
         self.relay.visitors.discard(self)
+
+    def close_socket(self) -> None:
+        self._gone()
+        super().close_socket()
+
+    def detach(self) -> socket.socket:
+        self._gone()
+        return super().detach()
 
 
 class Relay(SessionDelegate):
@@ -2323,6 +2442,7 @@ class Relay(SessionDelegate):
         self.tunnels: Dict[str, Tunnel] = {}
         self.reserved: Dict[str, Tuple[str, str, float]] = {}   # name -> owner, client id, until
         self.sessions: set = set()
+        self.unauthenticated: set = set()       # sessions still in the handshake
         self.visitors: set = set()
         self.listeners: List[Listener] = []
         self.http_port = 0
@@ -2345,6 +2465,7 @@ class Relay(SessionDelegate):
         self.control_port = control.getsockname()[1]
         self.listeners = [Listener(self.loop, http, self._accept_visitor),
                           Listener(self.loop, control, self._accept_control)]
+        self.loop.call_later(self._sweep_interval(), self._sweep)
         log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
                  format_hostport(self.config.bind, self.http_port),
                  format_hostport(self.config.bind, self.control_port), self.config.domain)
@@ -2386,11 +2507,36 @@ class Relay(SessionDelegate):
                 self.loop.call_later(0.05, check)
         check()
 
+    def _sweep_interval(self) -> float:
+        cfg = self.config
+        return max(0.01, min(SWEEP_INTERVAL, cfg.head_timeout / 4, cfg.idle_timeout / 4))
+
+    def _sweep(self) -> None:
+        """Close visitors whose request head is late (408) or that idled too long."""
+        now = time.monotonic()
+        head_by = now - self.config.head_timeout
+        idle_by = now - self.config.idle_timeout
+        for visitor in list(self.visitors):
+            visitor.check_deadlines(head_by, idle_by)
+        self.loop.call_later(self._sweep_interval(), self._sweep)
+
     # -- accepting ------------------------------------------------------------------
     def _accept_visitor(self, sock: socket.socket, addr: Any) -> None:
+        if len(self.visitors) >= self.config.max_visitors:
+            Lingering(self.loop, sock, http_response(
+                503, "The relay is at its limit of %d visitor connections; try again soon."
+                % self.config.max_visitors))
+            log.warning("visitor %s refused: %d connections (--max-visitors)",
+                        peer_text(addr), len(self.visitors))
+            return
         self.visitors.add(VisitorConn(self, sock, addr))
 
     def _accept_control(self, sock: socket.socket, addr: Any) -> None:
+        if len(self.unauthenticated) >= self.config.max_unauthenticated:
+            log.warning("control connection from %s refused: %d still in the handshake",
+                        peer_text(addr), len(self.unauthenticated))
+            sock.close()
+            return
         session = None
 
         def accept(request: Dict[str, Any]) -> Dict[str, Any]:
@@ -2400,6 +2546,7 @@ class Relay(SessionDelegate):
         session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
                           config=self.session_config)
         self.sessions.add(session)
+        self.unauthenticated.add(session)
 
     # -- names ------------------------------------------------------------------------
     def public_url(self, name: str) -> str:
@@ -2475,11 +2622,13 @@ class Relay(SessionDelegate):
 
     # -- session events -------------------------------------------------------------
     def on_session_up(self, session: Session) -> None:
+        self.unauthenticated.discard(session)
         log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
 
     def on_session_closed(self, session: Session, reason: str,
                           error: Optional[BaseException]) -> None:
         self.sessions.discard(session)
+        self.unauthenticated.discard(session)
         tunnel = self.tunnels.get(session.name)
         if tunnel is not None and tunnel.session is session:
             del self.tunnels[session.name]
@@ -2912,6 +3061,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
                        metavar="SEC", help="clients must authenticate within (default "
                        "%(default)s)")
+    serve.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, metavar="SEC",
+                       help="a visitor's request head must arrive within, else 408 "
+                       "(default %(default)s)")
+    serve.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SEC",
+                       help="idle keep-alive visitor connections are closed after "
+                       "(default %(default)s)")
+    serve.add_argument("--max-visitors", type=int, default=MAX_VISITORS, metavar="N",
+                       help="visitor connections on the relay; more get 503 (default "
+                       "%(default)s)")
+    serve.add_argument("--max-visitors-per-tunnel", type=int, default=MAX_VISITORS_PER_TUNNEL,
+                       metavar="N", help="visitor connections per tunnel; more get 503 "
+                       "(default %(default)s)")
+    serve.add_argument("--max-streams", type=int, default=MAX_STREAMS, metavar="N",
+                       help="open streams per client session; more get 503 (default "
+                       "%(default)s)")
+    serve.add_argument("--max-unauthenticated", type=int, default=MAX_UNAUTHENTICATED,
+                       metavar="N", help="control connections still in the handshake; "
+                       "more are closed (default %(default)s)")
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3014,7 +3181,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          public_port=args.public_port,
                          heartbeat_interval=args.heartbeat_interval,
                          heartbeat_timeout=args.heartbeat_timeout,
-                         handshake_timeout=args.handshake_timeout, grace=args.grace)
+                         handshake_timeout=args.handshake_timeout, grace=args.grace,
+                         head_timeout=args.head_timeout, idle_timeout=args.idle_timeout,
+                         max_visitors=args.max_visitors,
+                         max_visitors_per_tunnel=args.max_visitors_per_tunnel,
+                         max_streams=args.max_streams,
+                         max_unauthenticated=args.max_unauthenticated)
     relay = Relay(config)
     try:
         relay.start()
