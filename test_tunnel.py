@@ -1604,6 +1604,80 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(p.returncode, 0, err)
             self.assertNotIn(b"Traceback", err)
 
+    def test_client_sigkill_closes_visitors_and_502(self):
+        relay = tunnel.Relay(tunnel.RelayConfig(bind="127.0.0.1", http_port=0, control_port=0,
+                                                token=TOKEN, **FAST))
+        relay.start()
+        thread = threading.Thread(target=relay.run)
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        self.addCleanup(relay.stop)
+        origin = Origin()
+        othread = threading.Thread(target=origin.serve_forever, kwargs={"poll_interval": 0.05})
+        othread.start()
+        self.addCleanup(othread.join, WAIT)
+        self.addCleanup(origin.server_close)
+        self.addCleanup(origin.shutdown)
+        self.addCleanup(origin.slow_gate.set)
+        client = self.spawn("expose", str(origin.server_address[1]), "--relay",
+                            "127.0.0.1:%d" % relay.control_port, "--subdomain", "doomed",
+                            "--heartbeat-interval", "0.2", "--heartbeat-timeout", "1",
+                            env={"TUNNEL_TOKEN": TOKEN})
+        self.assertTrue(client.stdout.readline().startswith(b"Forwarding"))
+        inflight = socket.create_connection(("127.0.0.1", relay.http_port), WAIT)
+        self.addCleanup(inflight.close)
+        inflight.sendall(b"GET /slow HTTP/1.1\r\nHost: doomed.localhost\r\n\r\n")
+        self.assertTrue(origin.slow_started.wait(WAIT))
+        started = time.monotonic()
+        client.kill()
+        client.wait(WAIT)
+        data = recv_all(inflight)            # closed, with a 502 page: no response had begun
+        self.assertTrue(data.startswith(b"HTTP/1.1 502"), data)
+        c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/", headers={"Host": "doomed.localhost"})
+        self.assertEqual(c.getresponse().status, 502)
+        self.assertLess(time.monotonic() - started, 2.0)   # within the heartbeat timeout
+
+    def test_relay_sigkill_and_restart(self):
+        http_port, control_port = free_port(), free_port()
+        args = ("serve", "--bind", "127.0.0.1", "--http-port", str(http_port),
+                "--control-port", str(control_port), "--token", TOKEN)
+        relay = self.spawn(*args)
+        wait_until(lambda: self.port_open(control_port), what="relay to listen")
+        origin = Origin()
+        othread = threading.Thread(target=origin.serve_forever, kwargs={"poll_interval": 0.05})
+        othread.start()
+        self.addCleanup(othread.join, WAIT)
+        self.addCleanup(origin.server_close)
+        self.addCleanup(origin.shutdown)
+        client = tunnel.Client(tunnel.ClientConfig(
+            target_port=origin.server_address[1], relay_host="127.0.0.1",
+            relay_port=control_port, token=TOKEN, subdomain="phoenix", backoff_initial=0.05,
+            backoff_max=0.3, **FAST), output=lambda line: None)
+        cthread = threading.Thread(target=client.run)
+        cthread.start()
+        self.addCleanup(cthread.join, WAIT)
+        self.addCleanup(client.stop)
+        self.assertTrue(client.ready.wait(WAIT))
+        relay.kill()
+        relay.wait(WAIT)
+        relay = self.spawn(*args)
+        with client.changed:
+            self.assertTrue(client.changed.wait_for(lambda: client.up_count >= 2, WAIT))
+        c = http.client.HTTPConnection("127.0.0.1", http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "phoenix.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+
+    @staticmethod
+    def port_open(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
     def test_port_in_use_is_one_line_exit_1(self):
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))

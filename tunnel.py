@@ -193,6 +193,7 @@ BACKOFF_INITIAL = 0.5                   # first reconnect delay
 BACKOFF_MAX = 30.0                      # reconnect delay cap
 BACKOFF_JITTER = 0.2                    # delay is scaled by 1 - U(0, this)
 GRACE_PERIOD = 10.0                     # in-flight work may finish this long
+DRAIN_POLL = 0.05                       # how often a graceful stop checks for idleness
 HEAD_TIMEOUT = 10.0                     # a request head must arrive whole within (408)
 IDLE_TIMEOUT = 75.0                     # idle keep-alive visitor connections are closed
 SWEEP_INTERVAL = 1.0                    # how often the relay checks those deadlines
@@ -936,6 +937,20 @@ class EventLoop:
         if not conn.flush_scheduled:
             conn.flush_scheduled = True
             self._flush.append(conn)
+
+    def stop_when(self, done: Callable[[], bool], grace: float,
+                  finish: Callable[[], None]) -> None:
+        """Graceful stop: check ``done()`` every DRAIN_POLL seconds until it holds or
+        ``grace`` has passed, then ``finish()`` and stop one poll later (to flush)."""
+        deadline = time.monotonic() + grace
+
+        def check() -> None:
+            if done() or time.monotonic() >= deadline:
+                finish()
+                self.call_later(DRAIN_POLL, self.stop)
+            else:
+                self.call_later(DRAIN_POLL, check)
+        check()
 
     def stop(self) -> None:
         """Thread- and signal-safe."""
@@ -2496,16 +2511,11 @@ class Relay(SessionDelegate):
                 visitor.finish()
         for session in list(self.sessions):
             session.go_away("relay shutting down")
-        deadline = time.monotonic() + grace
 
-        def check() -> None:
-            if not self.visitors or time.monotonic() >= deadline:
-                for session in list(self.sessions):
-                    session.close_after_flush("relay shut down")
-                self.loop.call_later(0.05, self.loop.stop)
-            else:
-                self.loop.call_later(0.05, check)
-        check()
+        def finish() -> None:
+            for session in list(self.sessions):
+                session.close_after_flush("relay shut down")
+        self.loop.stop_when(lambda: not self.visitors, grace, finish)
 
     def _sweep_interval(self) -> float:
         cfg = self.config
@@ -2835,15 +2845,8 @@ class Client(SessionDelegate):
             self.loop.stop()
             return
         session.go_away("client shutting down")
-        deadline = time.monotonic() + grace
-
-        def check() -> None:
-            if not session.streams or time.monotonic() >= deadline or session.closed:
-                session.close_after_flush("client shut down")
-                self.loop.call_later(0.05, self.loop.stop)
-            else:
-                self.loop.call_later(0.05, check)
-        check()
+        self.loop.stop_when(lambda: not session.streams or session.closed, grace,
+                            lambda: session.close_after_flush("client shut down"))
 
     def connect(self) -> None:
         if self.stopping:

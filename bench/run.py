@@ -122,7 +122,7 @@ http {{
 """
 
 
-def start_nginx(work):
+def start_nginx(work, with_big=True):
     port = free_port()
     www = os.path.join(work, "www")
     os.makedirs(os.path.join(www, "split"))
@@ -135,7 +135,7 @@ def start_nginx(work):
     digest = hashlib.sha256()
     with open(big, "wb") as f:
         block = os.urandom(1 << 20)
-        for i in range(BIG >> 20):
+        for i in range((BIG >> 20) if with_big else 0):
             chunk = hashlib.sha256(b"%d" % i).digest() + block[32:]
             digest.update(chunk)
             f.write(chunk)
@@ -330,15 +330,20 @@ def main():
     try:
         run(work, secs, args.quick, args.tunnel_only)
     finally:
-        for p in reversed(PROCS):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in PROCS:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stop_all():
+    """SIGTERM every process this run started (tunnel.py exits 0 on it), then reap."""
+    for p in reversed(PROCS):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in PROCS:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def run(work, secs, quick, tunnel_only=False):
