@@ -408,6 +408,20 @@ class UtilityTest(unittest.TestCase):
         for _ in range(50):
             self.assertTrue(tunnel.valid_name(tunnel.random_name()))
 
+    def test_throttle_logs_one_line_per_interval(self):
+        capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(capture)
+        self.addCleanup(logger.removeHandler, capture)
+        throttle = tunnel.Throttle(interval=60)
+        for i in range(5):
+            throttle.warn("refused %d", i)
+        self.assertEqual(capture.messages(), ["refused 0"])
+        self.assertEqual(throttle.suppressed, 4)
+        throttle.next_at = 0     # the interval has passed
+        throttle.warn("refused %d", 5)
+        self.assertEqual(capture.messages()[-1], "refused 5 (4 more like it not logged)")
+
     def test_parse_hostport(self):
         p = tunnel.parse_hostport
         self.assertEqual(p("5000", default_host="127.0.0.1"), ("127.0.0.1", 5000))

@@ -88,7 +88,22 @@ session stops reading until it drains, so one bulk stream cannot build a
 queue in front of the others.
 
 Both sides send PING every heartbeat interval and declare the session dead
-after the heartbeat timeout without any incoming frame.
+after the heartbeat timeout without any incoming frame.  LOG frames are sent
+only to clients that asked for them in the handshake ("log": true).
+
+Visitor HTTP at the relay (RFC 9110/9112): every request on a connection is
+parsed.  Ambiguous framing is refused with 400 and never forwarded (both
+Content-Length and Transfer-Encoding, differing lengths, a coding list not
+ending in chunked, bad chunk sizes, obs-fold, whitespace before a colon,
+control bytes, missing or duplicate Host, an absolute-form target naming
+another host).  Hop-by-hop fields go, X-Forwarded-For/-Proto/-Host and
+Forwarded are replaced.  Heads are limited (64 KiB, 431; request line 8 KiB,
+414; 100 fields, 431) and must arrive within the head timeout (408); idle
+keep-alive connections are closed; caps answer 503.  Requests on one
+connection must name one tunnel (421 otherwise); responses come back in
+order.  ``Connection: Upgrade`` requests become a raw two-way pipe once the
+origin answers 101.  Relay-made answers use a lingering close so the visitor
+reads them even while still sending.
 
 Run ``python tunnel.py --help`` for the command line.
 """
@@ -198,6 +213,7 @@ HEAD_TIMEOUT = 10.0                     # a request head must arrive whole withi
 IDLE_TIMEOUT = 75.0                     # idle keep-alive visitor connections are closed
 SWEEP_INTERVAL = 1.0                    # how often the relay checks those deadlines
 LINGER_TIMEOUT = 2.0                    # after an error page: drain input this long
+THROTTLE_INTERVAL = 10.0                # repeated warnings: one line per this long
 
 # -- caps (over a cap: 503 for visitors, a refusal for clients) -----------------
 MAX_VISITORS = 10000                    # visitor connections on the relay
@@ -282,6 +298,28 @@ class Settings:
         keys = [k for k in dir(type(self)) if not k.startswith("_")]
         return "%s(%s)" % (type(self).__name__,
                            ", ".join("%s=%r" % (k, getattr(self, k)) for k in keys))
+
+
+class Throttle:
+    """At most one log line per ``interval`` for a repeated event; counts the rest
+    (a flood of refusals must not become a flood of log lines)."""
+
+    def __init__(self, interval: float = THROTTLE_INTERVAL) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def warn(self, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            fmt += " (%d more like it not logged)"
+            args += (self.suppressed,)
+        log.warning(fmt, *args)
+        self.suppressed = 0
+        self.next_at = now + self.interval
 
 
 def valid_name(name: str) -> bool:
@@ -2458,6 +2496,8 @@ class Relay(SessionDelegate):
         self.reserved: Dict[str, Tuple[str, str, float]] = {}   # name -> owner, client id, until
         self.sessions: set = set()
         self.unauthenticated: set = set()       # sessions still in the handshake
+        self._visitor_cap_log = Throttle()
+        self._handshake_cap_log = Throttle()
         self.visitors: set = set()
         self.listeners: List[Listener] = []
         self.http_port = 0
@@ -2536,15 +2576,16 @@ class Relay(SessionDelegate):
             Lingering(self.loop, sock, http_response(
                 503, "The relay is at its limit of %d visitor connections; try again soon."
                 % self.config.max_visitors))
-            log.warning("visitor %s refused: %d connections (--max-visitors)",
-                        peer_text(addr), len(self.visitors))
+            self._visitor_cap_log.warn("visitor %s refused: %d connections (--max-visitors)",
+                                       peer_text(addr), len(self.visitors))
             return
         self.visitors.add(VisitorConn(self, sock, addr))
 
     def _accept_control(self, sock: socket.socket, addr: Any) -> None:
         if len(self.unauthenticated) >= self.config.max_unauthenticated:
-            log.warning("control connection from %s refused: %d still in the handshake",
-                        peer_text(addr), len(self.unauthenticated))
+            self._handshake_cap_log.warn("control connection from %s refused: %d still in "
+                                         "the handshake (--max-unauthenticated)",
+                                         peer_text(addr), len(self.unauthenticated))
             sock.close()
             return
         session = None

@@ -180,7 +180,7 @@ def start_tunnel(nginx_port):
     http_port, control_port = free_port(), free_port()
     relay = spawn([sys.executable, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
                    str(http_port), "--control-port", str(control_port), "--token", TOKEN,
-                   "-q"])
+                   "-q"], stderr=subprocess.DEVNULL)
     wait_port(control_port)
     # The client runs as a user would: access log on (one line per request, drained here).
     client = spawn([sys.executable, TUNNEL_PY, "expose", str(nginx_port), "--relay",
