@@ -17,11 +17,14 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -1528,6 +1531,116 @@ class ParserFuzzTest(unittest.TestCase):
                 if kind == EV_ERROR:
                     self.assertIn(value.status, (400, 405, 414, 431, 505))
         self.assertLess(time.monotonic() - started, 30.0)
+
+
+# =============================================================================
+# TLS (issue 5): HTTPS visitors, TLS control channel, verification
+# =============================================================================
+
+TLS_DOMAIN = "tunnel.test"
+
+
+def make_certificate(directory):
+    """A throwaway self-signed wildcard certificate, made with the openssl command."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=" + TLS_DOMAIN, "-addext",
+                    "subjectAltName=DNS:*.%s,DNS:%s,IP:127.0.0.1" % (TLS_DOMAIN, TLS_DOMAIN)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a "
+                     "throwaway certificate")
+class TLSTest(EndToEndBase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="tunnel-tls-")
+        cls.cert, cls.key = make_certificate(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(tls_cert=self.cert, tls_key=self.key, domain=TLS_DOMAIN,
+                                      head_timeout=0.5, redirect_port=0)
+        self.client, self.lines = self.start_client("demo", tls_ca=self.cert)
+
+    def https(self, raw, host="demo." + TLS_DOMAIN):
+        ctx = ssl.create_default_context(cafile=self.cert)
+        s = socket.create_connection(("127.0.0.1", self.relay.http_port), WAIT)
+        tls = ctx.wrap_socket(s, server_hostname=host)
+        self.addCleanup(tls.close)
+        tls.sendall(raw)
+        return tls
+
+    def test_https_visitor_over_tls_control_channel(self):
+        self.assertEqual(self.lines[0], "Forwarding https://demo.%s:%d -> http://127.0.0.1:%d"
+                         % (TLS_DOMAIN, self.relay.http_port, self.origin.server_address[1]))
+        tls = self.https(b"GET /headers HTTP/1.1\r\nHost: demo.tunnel.test\r\n"
+                         b"Connection: close\r\n\r\n")
+        data = recv_all(tls)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+        headers = dict((k.lower(), v) for k, v in json.loads(data.split(b"\r\n\r\n", 1)[1]))
+        self.assertEqual(headers["x-forwarded-proto"], "https")
+        n = 3 * 1024 * 1024 + 17
+        tls = self.https(b"GET /bytes?n=%d HTTP/1.1\r\nHost: demo.tunnel.test\r\n"
+                         b"Connection: close\r\n\r\n" % n)
+        self.assertEqual(recv_all(tls).split(b"\r\n\r\n", 1)[1], pattern(n))
+        body = os.urandom(2 * 1024 * 1024)
+        tls = self.https(b"POST /echo HTTP/1.1\r\nHost: demo.tunnel.test\r\nContent-Length: %d"
+                         b"\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        reply = json.loads(recv_all(tls).split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(reply["sha256"], hashlib.sha256(body).hexdigest())
+
+    def test_fingerprint_pinning(self):
+        fp = self.relay.fingerprint
+        self.assertRegex(fp, r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
+        client, lines = self.start_client("pinned", tls_fingerprint=fp.replace(":", "").lower())
+        self.assertTrue(lines[0].startswith("Forwarding https://pinned."))
+        wrong = "00" * 32
+        client, _ = self.start_client("wrong", tls_fingerprint=wrong, wait=False)
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, 2)
+        self.assertIn("does not match --tls-fingerprint", client.error)
+
+    def test_unverifiable_relay_is_fatal(self):
+        client, _ = self.start_client("nope", tls=True, wait=False)   # system store only
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, 2)
+        self.assertIn("could not verify the relay's certificate", client.error)
+
+    def test_stalled_tls_handshakes_block_nobody(self):
+        silent = socket.create_connection(("127.0.0.1", self.relay.http_port), WAIT)
+        self.addCleanup(silent.close)
+        partial = socket.create_connection(("127.0.0.1", self.relay.http_port), WAIT)
+        self.addCleanup(partial.close)
+        partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")   # half a ClientHello
+        started = time.monotonic()
+        tls = self.https(b"GET /hello HTTP/1.1\r\nHost: demo.tunnel.test\r\nConnection: close"
+                         b"\r\n\r\n")
+        self.assertTrue(recv_all(tls).endswith(b"hello"))
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(recv_all(silent), b"")      # closed after the head timeout
+        self.assertEqual(recv_all(partial), b"")
+
+    def test_plain_http_port_redirects(self):
+        s = socket.create_connection(("127.0.0.1", self.relay.redirect_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(b"GET /a/b?c=1 HTTP/1.1\r\nHost: demo.tunnel.test\r\n\r\n")
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 308"), data)
+        self.assertIn(b"Location: https://demo.tunnel.test:%d/a/b?c=1\r\n"
+                      % self.relay.http_port, data)
+
+    def test_fingerprint_helpers(self):
+        self.assertEqual(tunnel.normalize_fingerprint("SHA256:" + "ab" * 32),
+                         ":".join(["AB"] * 32))
+        with self.assertRaises(ValueError):
+            tunnel.normalize_fingerprint("abc")
 
 
 # =============================================================================

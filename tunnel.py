@@ -264,9 +264,11 @@ class RefusedError(TunnelError):
 class HTTPError(TunnelError):
     """An HTTP-level failure answered with ``status`` and a short text."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str,
+                 headers: Tuple[Tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers    # extra response fields, e.g. Location
 
 
 # =============================================================================
@@ -298,6 +300,53 @@ class Settings:
         keys = [k for k in dir(type(self)) if not k.startswith("_")]
         return "%s(%s)" % (type(self).__name__,
                            ", ".join("%s=%r" % (k, getattr(self, k)) for k in keys))
+
+
+# Exceptions that mean "try again when the selector says so".  TLS adds its own
+# two once ``load_ssl`` has imported ssl (lazily: it costs memory and start-up).
+WOULD_BLOCK: Tuple[type, ...] = (BlockingIOError, InterruptedError)
+
+
+def load_ssl() -> Any:
+    """Import ``ssl`` on first use and teach ``WOULD_BLOCK`` its want-read/write errors."""
+    global WOULD_BLOCK
+    import ssl
+    WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                   ssl.SSLWantWriteError)
+    return ssl
+
+
+def cert_fingerprint(der: bytes) -> str:
+    """SHA-256 of a DER certificate as colon-separated upper-case hex (like openssl)."""
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def normalize_fingerprint(text: str) -> str:
+    """Accept ``AB:CD:...``, ``abcd...`` or ``SHA256:...``; raise ValueError otherwise."""
+    hexdigits = re.sub(r"[\s:]", "", text.strip().upper().replace("SHA256", "", 1))
+    if not re.fullmatch(r"[0-9A-F]{64}", hexdigits):
+        raise ValueError("not a SHA-256 fingerprint: %r" % text)
+    return ":".join(hexdigits[i:i + 2] for i in range(0, 64, 2))
+
+
+def server_tls_context(cert: str, key: Optional[str]) -> Any:
+    """A TLS server context for one certificate chain (TLS 1.2 or newer)."""
+    ssl = load_ssl()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def certificate_der(cert_file: str) -> bytes:
+    """The first certificate of a PEM file, as DER (for the printed fingerprint)."""
+    ssl = load_ssl()
+    with open(cert_file, encoding="ascii") as f:
+        pem = f.read()
+    start = pem.index("-----BEGIN CERTIFICATE-----")
+    end = pem.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
+    return ssl.PEM_cert_to_DER_cert(pem[start:end])
 
 
 class Throttle:
@@ -417,7 +466,7 @@ def http_response(status: int, text: str, method: str = "GET",
     return head if method == "HEAD" else head + body
 
 
-HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+HTTP_REASONS = {200: "OK", 308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
                 421: "Misdirected Request", 431: "Request Header Fields Too Large",
                 500: "Internal Server Error", 502: "Bad Gateway",
@@ -873,6 +922,7 @@ class Conn:
         self.loop = loop
         self.sock = sock
         sock.setblocking(False)
+        self.tls = hasattr(sock, "pending")   # an ssl.SSLSocket
         self.out = bytearray()
         self.closed = False
         self._mask = 0
@@ -935,6 +985,11 @@ class Conn:
     def on_write(self) -> None:
         pass
 
+    def read_pending(self) -> None:
+        """TLS may hold decrypted bytes the selector cannot see: read them this turn."""
+        if self.tls and not self.closed and self.sock.pending() and self.wants_read():
+            self.loop.call_soon(self.on_read)
+
     def abort(self, reason: str) -> None:
         """Tear down after an error at this connection's boundary."""
         log.debug("closing %r: %s", self, reason)
@@ -965,6 +1020,10 @@ class EventLoop:
         timer = Timer(time.monotonic() + delay, callback)
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` later in this loop turn (loop thread only)."""
+        self._calls.append(callback)
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         self._calls.append(callback)
@@ -1053,7 +1112,13 @@ class EventLoop:
                 conn.abort("internal error")
         self._run_timers()
         while self._calls:
-            self._calls.popleft()()
+            callback = self._calls.popleft()
+            try:
+                callback()
+            except (TunnelError, OSError) as exc:
+                log.warning("callback failed: %s", exc)
+            except Exception:
+                log.exception("internal error in a callback")
         self._run_flushes()
 
     def _run_flushes(self) -> None:
@@ -1207,7 +1272,7 @@ class Session(Conn):
             return
         try:
             sent = self.sock.send(self.out)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             sent = 0
         except OSError as exc:
             self.close("connection error: %s" % describe_oserror(exc))
@@ -1236,7 +1301,7 @@ class Session(Conn):
     def on_read(self) -> None:
         try:
             n = self.sock.recv_into(self.loop.scratch)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError as exc:
             self.close("connection error: %s" % describe_oserror(exc))
@@ -1252,8 +1317,11 @@ class Session(Conn):
                     return
         except ProtocolError as exc:
             self.close("protocol error: %s" % exc, exc)
+            return
         except (AuthError, RefusedError) as exc:
             self.close(str(exc), exc)
+            return
+        self.read_pending()
 
     def _dispatch(self, frame: Any) -> None:
         if not self.established:
@@ -1947,7 +2015,7 @@ class Pipe(Conn, StreamHandler):
             limit = stream.send_window
         try:
             n = self.sock.recv_into(self.loop.scratch, limit)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError as exc:
             self.on_socket_error(exc)
@@ -1958,6 +2026,7 @@ class Pipe(Conn, StreamHandler):
         else:
             self.on_socket_data(self.loop.scratch_view[:n])
         self.update()
+        self.read_pending()
 
     def on_socket_data(self, data: memoryview) -> None:
         if self.stream is not None:
@@ -1987,7 +2056,7 @@ class Pipe(Conn, StreamHandler):
             return
         try:
             sent = self.sock.send(data)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             sent = 0
         except OSError as exc:
             self.on_socket_error(exc)
@@ -2006,7 +2075,7 @@ class Pipe(Conn, StreamHandler):
             return
         try:
             sent = self.sock.send(self.out)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError as exc:
             self.on_socket_error(exc)
@@ -2032,6 +2101,9 @@ class Pipe(Conn, StreamHandler):
 
     def _shutdown_write(self) -> None:
         if self.write_eof or self.closed:
+            return
+        if self.tls:   # TLS has no half-close (shutdown would drop to raw bytes): close
+            self.finish()
             return
         self.write_eof = True
         try:
@@ -2126,7 +2198,7 @@ class Lingering(Conn):
     def on_write(self) -> None:
         try:
             sent = self.sock.send(self.out) if self.out else 0
-        except BlockingIOError:
+        except WOULD_BLOCK:
             sent = 0
         except OSError:
             self.close_socket()
@@ -2143,7 +2215,7 @@ class Lingering(Conn):
     def on_read(self) -> None:
         try:
             data = self.sock.recv_into(self.loop.scratch)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError:
             data = 0
@@ -2153,6 +2225,56 @@ class Lingering(Conn):
     def close_socket(self) -> None:
         self._timer.cancel()
         super().close_socket()
+
+
+class TLSHandshake(Conn):
+    """A non-blocking TLS handshake in the loop; a stalled one blocks nobody.
+
+    ``done(sslsock)`` gets the socket when the handshake completes; ``failed(why)``
+    is called on an error or after ``timeout``."""
+
+    def __init__(self, loop: EventLoop, sock: Any, timeout: float,
+                 done: Callable[[Any], None], failed: Callable[[str], None]) -> None:
+        super().__init__(loop, sock)
+        self.done_cb = done
+        self.failed_cb = failed
+        self.want_write = False
+        self._timer = loop.call_later(timeout, lambda: self._fail("TLS handshake timed out"))
+        self.step()
+
+    def wants_write(self) -> bool:
+        return self.want_write
+
+    def step(self) -> None:
+        ssl = load_ssl()
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.want_write = False
+        except ssl.SSLWantWriteError:
+            self.want_write = True
+        except (ssl.SSLError, OSError) as exc:
+            self._fail("TLS handshake failed: %s" % (getattr(exc, "reason", None) or
+                                                     describe_oserror(exc)))
+            return
+        else:
+            self._timer.cancel()
+            self.done_cb(self.detach())
+            return
+        self.update()
+
+    on_read = step
+    on_write = step
+
+    def _fail(self, why: str) -> None:
+        if self.closed:
+            return
+        self._timer.cancel()
+        self.close_socket()
+        self.failed_cb(why)
+
+    def abort(self, reason: str) -> None:
+        self._fail(reason)
 
 
 def make_listener(host: str, port: int) -> socket.socket:
@@ -2222,6 +2344,11 @@ class RelayConfig(Settings):
     max_visitors_per_tunnel: int = MAX_VISITORS_PER_TUNNEL
     max_streams: int = MAX_STREAMS
     max_unauthenticated: int = MAX_UNAUTHENTICATED
+    tls_cert: Optional[str] = None          # visitors over HTTPS (and control, by default)
+    tls_key: Optional[str] = None
+    control_tls_cert: Optional[str] = None  # a separate certificate for the control port
+    control_tls_key: Optional[str] = None
+    redirect_port: Optional[int] = None     # plain HTTP port that redirects to HTTPS
 
 
 class Tunnel:
@@ -2256,9 +2383,11 @@ class Exchange:
 class VisitorConn(Pipe):
     """A public HTTP connection: parses requests, routes them, relays responses."""
 
-    def __init__(self, relay: "Relay", sock: socket.socket, peer: Tuple[str, int]) -> None:
+    def __init__(self, relay: "Relay", sock: socket.socket, peer: Tuple[str, int],
+                 redirect: bool = False) -> None:
         super().__init__(relay.loop, sock)
         self.relay = relay
+        self.redirect = redirect      # the plain-HTTP port of an HTTPS relay
         self.peer_ip = peer[0]
         self.peer = peer_text(peer)
         self.requests = HTTPParser(is_request=True)
@@ -2327,6 +2456,9 @@ class VisitorConn(Pipe):
                 return
 
     def _forward_head(self, req: Request) -> None:
+        if self.redirect:
+            url = "https://%s%s%s" % (req.host, self.relay.https_port_suffix(), req.target)
+            raise HTTPError(308, "This relay serves HTTPS: %s" % url, (("Location", url),))
         name = self.relay.route(req)
         if self.tunnel is None:
             tunnel = self.relay.tunnel_for(name)
@@ -2348,7 +2480,7 @@ class VisitorConn(Pipe):
                             "for %s." % (self.tunnel.name, self.relay.config.domain, req.host))
         if self.stream is None or not self.stream.can_send:
             raise HTTPError(502, "The tunnel's client went away.")
-        self.stream.write(rewrite_request_head(req, self.peer_ip))
+        self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
         self.responses.expect(req.method)
         self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
         self.in_body = True
@@ -2389,7 +2521,7 @@ class VisitorConn(Pipe):
         """Answer with a relay-made page and end the connection (lingering close)."""
         if self.stream is not None and not self.stream.done:
             self.stream.reset("relay answered %d" % exc.status)
-        page = bytes(self.out) + http_response(exc.status, str(exc), method)
+        page = bytes(self.out) + http_response(exc.status, str(exc), method, exc.headers)
         self.out.clear()
         self.counted = 0
         relay = self.relay
@@ -2502,6 +2634,12 @@ class Relay(SessionDelegate):
         self.listeners: List[Listener] = []
         self.http_port = 0
         self.control_port = 0
+        self.redirect_port = 0
+        self.scheme = "http"
+        self.visitor_tls: Any = None            # ssl.SSLContext when serving HTTPS
+        self.control_tls: Any = None
+        self.fingerprint = ""                   # of the control certificate
+        self.tls_pending: set = set()           # TLS handshakes in progress
         self.stopping = False
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
@@ -2509,7 +2647,23 @@ class Relay(SessionDelegate):
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        """Bind both ports (raises OSError); the loop is run by ``run``."""
+        """Load certificates and bind the ports (raises OSError, ssl.SSLError);
+        the loop is run by ``run``."""
+        cfg = self.config
+        control_cert = cfg.control_tls_cert or cfg.tls_cert
+        try:
+            if cfg.tls_cert:
+                self.visitor_tls = server_tls_context(cfg.tls_cert, cfg.tls_key)
+                self.scheme = "https"
+            if control_cert:
+                self.control_tls = (server_tls_context(control_cert, cfg.control_tls_key)
+                                    if cfg.control_tls_cert else self.visitor_tls)
+                self.fingerprint = cert_fingerprint(certificate_der(control_cert))
+        except (OSError, ValueError) as exc:
+            raise TunnelError("cannot load the TLS certificate or key: %s" % exc) from None
+        if control_cert:
+            log.info("control channel over TLS; certificate SHA-256 fingerprint %s",
+                     self.fingerprint)
         http = make_listener(self.config.bind, self.config.http_port)
         try:
             control = make_listener(self.config.bind, self.config.control_port)
@@ -2520,6 +2674,11 @@ class Relay(SessionDelegate):
         self.control_port = control.getsockname()[1]
         self.listeners = [Listener(self.loop, http, self._accept_visitor),
                           Listener(self.loop, control, self._accept_control)]
+        cfg = self.config
+        if cfg.redirect_port is not None:
+            redirect = make_listener(cfg.bind, cfg.redirect_port)
+            self.redirect_port = redirect.getsockname()[1]
+            self.listeners.append(Listener(self.loop, redirect, self._accept_redirect))
         self.loop.call_later(self._sweep_interval(), self._sweep)
         log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
                  format_hostport(self.config.bind, self.http_port),
@@ -2571,23 +2730,59 @@ class Relay(SessionDelegate):
         self.loop.call_later(self._sweep_interval(), self._sweep)
 
     # -- accepting ------------------------------------------------------------------
-    def _accept_visitor(self, sock: socket.socket, addr: Any) -> None:
-        if len(self.visitors) >= self.config.max_visitors:
+    def _accept_visitor(self, sock: socket.socket, addr: Any, redirect: bool = False) -> None:
+        if len(self.visitors) + len(self.tls_pending) >= self.config.max_visitors:
             Lingering(self.loop, sock, http_response(
                 503, "The relay is at its limit of %d visitor connections; try again soon."
                 % self.config.max_visitors))
             self._visitor_cap_log.warn("visitor %s refused: %d connections (--max-visitors)",
                                        peer_text(addr), len(self.visitors))
             return
-        self.visitors.add(VisitorConn(self, sock, addr))
+        if self.visitor_tls is not None and not redirect:
+            self._tls_accept(sock, addr, self.visitor_tls, self.config.head_timeout,
+                             lambda tls: self.visitors.add(VisitorConn(self, tls, addr)))
+        else:
+            self.visitors.add(VisitorConn(self, sock, addr, redirect=redirect))
+
+    def _accept_redirect(self, sock: socket.socket, addr: Any) -> None:
+        self._accept_visitor(sock, addr, redirect=True)
+
+    def _tls_accept(self, sock: socket.socket, addr: Any, ctx: Any, timeout: float,
+                    then: Callable[[Any], None]) -> None:
+        """Wrap an accepted socket and run its TLS handshake inside the loop."""
+        try:
+            tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.debug("TLS wrap failed for %s: %s", peer_text(addr), exc)
+            sock.close()
+            return
+        holder: List[Any] = []
+
+        def done(ready: Any) -> None:
+            self.tls_pending.discard(holder[0])
+            then(ready)
+
+        def failed(why: str) -> None:
+            self.tls_pending.discard(holder[0])
+            log.debug("%s: %s", peer_text(addr), why)
+        holder.append(TLSHandshake(self.loop, tls, timeout, done, failed))
+        if not holder[0].closed:
+            self.tls_pending.add(holder[0])
 
     def _accept_control(self, sock: socket.socket, addr: Any) -> None:
-        if len(self.unauthenticated) >= self.config.max_unauthenticated:
+        if len(self.unauthenticated) + len(self.tls_pending) >= self.config.max_unauthenticated:
             self._handshake_cap_log.warn("control connection from %s refused: %d still in "
                                          "the handshake (--max-unauthenticated)",
                                          peer_text(addr), len(self.unauthenticated))
             sock.close()
             return
+        if self.control_tls is not None:
+            self._tls_accept(sock, addr, self.control_tls, self.config.handshake_timeout,
+                             lambda tls: self._start_session(tls, addr))
+        else:
+            self._start_session(sock, addr)
+
+    def _start_session(self, sock: Any, addr: Any) -> None:
         session = None
 
         def accept(request: Dict[str, Any]) -> Dict[str, Any]:
@@ -2602,8 +2797,9 @@ class Relay(SessionDelegate):
     # -- names ------------------------------------------------------------------------
     def public_url(self, name: str) -> str:
         port = self.config.public_port or self.http_port
-        suffix = "" if port == 80 else ":%d" % port
-        return "http://%s.%s%s" % (name, self.config.domain, suffix)
+        default = 443 if self.scheme == "https" else 80
+        suffix = "" if port == default else ":%d" % port
+        return "%s://%s.%s%s" % (self.scheme, name, self.config.domain, suffix)
 
     def _claim(self, session: Session, request: Dict[str, Any]) -> Dict[str, Any]:
         if self.stopping:
@@ -2643,6 +2839,10 @@ class Relay(SessionDelegate):
         self.tunnels[name] = Tunnel(name, session, owner, client_id, url,
                                     bool(request.get("log", True)))
         return {"name": name, "url": url, "heartbeat_interval": self.config.heartbeat_interval}
+
+    def https_port_suffix(self) -> str:
+        port = self.config.public_port or self.http_port
+        return "" if port == 443 else ":%d" % port
 
     def route(self, req: Request) -> str:
         """The tunnel name for a request, or an ``HTTPError`` page."""
@@ -2717,6 +2917,10 @@ class ClientConfig(Settings):
     backoff_max: float = BACKOFF_MAX
     grace: float = GRACE_PERIOD
     access_log: bool = True
+    tls: bool = False                       # TLS to the relay's control port
+    tls_ca: Optional[str] = None            # verify with this CA file (default: system)
+    tls_fingerprint: Optional[str] = None   # or pin the relay certificate's SHA-256
+    insecure: bool = False                  # or do not verify at all (warned about)
 
 
 class TargetConn(Pipe):
@@ -2851,6 +3055,7 @@ class Client(SessionDelegate):
         self.up_count = 0                    # sessions established so far
         self.changed = threading.Condition()  # notified when the session goes up or down
         self._connector: Optional[_Connector] = None
+        self._tls_context: Any = None
         self._reconnect_timer: Optional[Timer] = None
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
@@ -2899,6 +3104,55 @@ class Client(SessionDelegate):
         else:
             log.info("connecting to relay %s", relay)
         self._connector = _Connector(self, cfg.relay_host, cfg.relay_port, cfg.connect_timeout)
+
+    def tls_context(self) -> Any:
+        """The client's TLS context, built once: system store, --tls-ca, or none
+        (fingerprint pinning and --insecure check the certificate themselves)."""
+        if self._tls_context is None:
+            ssl = load_ssl()
+            cfg = self.config
+            if cfg.tls_fingerprint or cfg.insecure:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            else:
+                ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._tls_context = ctx
+        return self._tls_context
+
+    def _tcp_connected(self, sock: socket.socket) -> None:
+        cfg = self.config
+        if not (cfg.tls or cfg.tls_ca or cfg.tls_fingerprint or cfg.insecure):
+            self._connected(sock)
+            return
+        ctx = self.tls_context()
+        name = cfg.relay_host if ctx.check_hostname else None
+        try:
+            tls = ctx.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+        except OSError as exc:
+            sock.close()
+            self._connect_failed("TLS: %s" % exc)
+            return
+        TLSHandshake(self.loop, tls, cfg.connect_timeout, self._tls_connected,
+                     self._tls_failed)
+
+    def _tls_connected(self, tls: Any) -> None:
+        wanted = self.config.tls_fingerprint
+        if wanted:
+            got = cert_fingerprint(tls.getpeercert(binary_form=True) or b"")
+            if got != normalize_fingerprint(wanted):
+                tls.close()
+                self.fatal(EXIT_USAGE, "relay certificate fingerprint %s does not match "
+                           "--tls-fingerprint" % got)
+                return
+        self._connected(tls)
+
+    def _tls_failed(self, why: str) -> None:
+        if "CERTIFICATE_VERIFY_FAILED" in why or "certificate verify failed" in why:
+            self.fatal(EXIT_USAGE, "could not verify the relay's certificate: %s" % why)
+            return
+        self._connect_failed(why)
 
     def _connected(self, sock: socket.socket) -> None:
         self._connector = None
@@ -3028,11 +3282,7 @@ class _Connector(Conn):
                 self._fail(os.strerror(err).lower())
             return
         self.timer.cancel()
-        self.loop.selector.unregister(self.sock)
-        self._mask = 0
-        self.loop.conns.discard(self)
-        self.closed = True  # the socket now belongs to the session
-        self.client._connected(self.sock)
+        self.client._tcp_connected(self.detach())   # the socket now belongs to the client
 
     def _timeout(self) -> None:
         if not self.closed:
@@ -3120,6 +3370,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-streams", type=int, default=MAX_STREAMS, metavar="N",
                        help="open streams per client session; more get 503 (default "
                        "%(default)s)")
+    serve.add_argument("--tls-cert", metavar="FILE", default=None,
+                       help="serve visitors over HTTPS with this certificate chain (PEM; "
+                       "normally a wildcard for *.DOMAIN); also used for the control port")
+    serve.add_argument("--tls-key", metavar="FILE", default=None,
+                       help="private key for --tls-cert (default: in the same file)")
+    serve.add_argument("--control-tls-cert", metavar="FILE", default=None,
+                       help="a separate certificate for the control port (TLS there even "
+                       "without --tls-cert)")
+    serve.add_argument("--control-tls-key", metavar="FILE", default=None,
+                       help="private key for --control-tls-cert")
+    serve.add_argument("--http-redirect-port", type=int, default=None, metavar="PORT",
+                       help="with --tls-cert: also listen on PORT for plain HTTP that "
+                       "only redirects to HTTPS")
     serve.add_argument("--max-unauthenticated", type=int, default=MAX_UNAUTHENTICATED,
                        metavar="N", help="control connections still in the handshake; "
                        "more are closed (default %(default)s)")
@@ -3136,6 +3399,15 @@ def build_parser() -> argparse.ArgumentParser:
     expose.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT,
                         metavar="SEC", help="for the relay and the target (default "
                         "%(default)s)")
+    expose.add_argument("--tls", action="store_true",
+                        help="connect to the relay over TLS, verified with the system store")
+    expose.add_argument("--tls-ca", metavar="FILE", default=None,
+                        help="verify the relay with this CA file instead (implies --tls)")
+    expose.add_argument("--tls-fingerprint", metavar="SHA256", default=None,
+                        help="pin the relay certificate's SHA-256 fingerprint, as printed "
+                        "by serve (implies --tls; for self-signed relays)")
+    expose.add_argument("--insecure", action="store_true",
+                        help="TLS without verifying the relay at all (not recommended)")
     expose.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="SEC",
                         help="longest wait between reconnects (default %(default)s)")
     return parser
@@ -3230,18 +3502,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_visitors=args.max_visitors,
                          max_visitors_per_tunnel=args.max_visitors_per_tunnel,
                          max_streams=args.max_streams,
-                         max_unauthenticated=args.max_unauthenticated)
+                         max_unauthenticated=args.max_unauthenticated,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         control_tls_cert=args.control_tls_cert,
+                         control_tls_key=args.control_tls_key,
+                         redirect_port=args.http_redirect_port)
+    if args.http_redirect_port is not None and not args.tls_cert:
+        raise UsageError("--http-redirect-port needs --tls-cert")
+    if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
+        raise UsageError("a TLS key needs its certificate (--tls-cert/--control-tls-cert)")
     relay = Relay(config)
     try:
         relay.start()
+    except TunnelError as exc:
+        log.error("%s", exc)
+        relay.loop.close()
+        return EXIT_FAILURE
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.bind, describe_oserror(exc))
         relay.loop.close()
         return EXIT_FAILURE
+    tls_flag = ""
+    if relay.fingerprint:
+        _print("TLS certificate SHA-256 fingerprint: %s" % relay.fingerprint)
+        tls_flag = " --tls-fingerprint %s" % relay.fingerprint.replace(":", "")
     if generated:
         _print("No token given; generated one for this run. Expose a port with:")
-        _print("  python tunnel.py expose 5000 --relay %s:%d --token %s"
-               % (domain, relay.control_port, token))
+        _print("  python tunnel.py expose 5000 --relay %s:%d --token %s%s"
+               % (domain, relay.control_port, token, tls_flag))
     _install_signals(relay.shutdown)
     relay.run()
     log.info("relay stopped")
@@ -3263,6 +3551,14 @@ def cmd_expose(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("TUNNEL_TOKEN", "")
     if not token:
         raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints one)")
+    if args.tls_fingerprint:
+        try:
+            normalize_fingerprint(args.tls_fingerprint)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if args.insecure:
+        log.warning("--insecure: the relay's certificate is NOT verified; anyone on the path "
+                    "can impersonate the relay (use --tls-fingerprint instead)")
     if args.subdomain is not None and not valid_name(args.subdomain.lower()):
         raise UsageError("invalid --subdomain %r: use a-z, 0-9 and inner hyphens, 1-63 "
                          "characters" % args.subdomain)
@@ -3271,7 +3567,9 @@ def cmd_expose(args: argparse.Namespace) -> int:
                           subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
-                          grace=args.grace, access_log=not args.quiet)
+                          grace=args.grace, access_log=not args.quiet,
+                          tls=args.tls, tls_ca=args.tls_ca,
+                          tls_fingerprint=args.tls_fingerprint, insecure=args.insecure)
     loop = EventLoop()
     client = Client(config, loop=loop, output=LineOutput(loop))
     _install_signals(client.shutdown)
