@@ -466,7 +466,8 @@ def http_response(status: int, text: str, method: str = "GET",
     return head if method == "HEAD" else head + body
 
 
-HTTP_REASONS = {200: "OK", 308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+HTTP_REASONS = {200: "OK", 303: "See Other", 308: "Permanent Redirect", 400: "Bad Request",
+                401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests", 404: "Not Found", 405: "Method Not Allowed",
                 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
                 421: "Misdirected Request", 431: "Request Header Fields Too Large",
                 500: "Internal Server Error", 502: "Bad Gateway",
@@ -634,26 +635,33 @@ class ClientHandshake:
 class RelayHandshake:
     """Relay side of the handshake.
 
-    ``accept(request) -> welcome`` is called once the client has proved it holds
-    the token; it may raise ``RefusedError`` (name taken, invalid name).  After a
-    refusal ``failed`` holds the reason and the caller sends the returned bytes
-    and closes.  ``AuthError`` is never raised: a wrong token is a refusal too.
+    ``token`` is the shared token, or a function ``user -> token or None`` for a
+    relay with per-user tokens: the request names its user, so exactly one token
+    is checked.  An unknown user is checked against a random key, so a refusal
+    takes the same time and says the same thing ("auth") whether or not the user
+    exists.  ``accept(request) -> welcome`` runs once the client has proved it
+    holds the token; it may raise ``RefusedError``.  After a refusal ``failed``
+    holds the reason (``failed_code`` the code) and the caller sends the returned
+    bytes and closes.  ``AuthError`` is never raised: a wrong token is a refusal.
     """
 
-    def __init__(self, token: str, accept: Callable[[Dict[str, Any]], Dict[str, Any]],
+    def __init__(self, token: Any, accept: Callable[[Dict[str, Any]], Dict[str, Any]],
                  nonce: Optional[bytes] = None) -> None:
-        self._key = token.encode("utf-8")
+        self._token_for: Callable[[str], Optional[str]] = (
+            token if callable(token) else (lambda user: token))
         self._accept = accept
         self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
         self._client_nonce: Optional[bytes] = None
         self._state = "preamble"
         self.done = False
         self.failed: Optional[str] = None
+        self.failed_code = ""
         self.request: Dict[str, Any] = {}
         self.welcome: Dict[str, Any] = {}
 
     def _refuse(self, code: str, message: str) -> bytes:
         self.failed = "%s: %s" % (code, message)
+        self.failed_code = code
         self._state = "failed"
         return encode_frame(FrameType.REFUSE, 0, _json_bytes({"error": code, "message": message}))
 
@@ -677,16 +685,20 @@ class RelayHandshake:
         if self._state == "auth" and ftype == FrameType.AUTH:
             mac, body = frame.payload[:MAC_SIZE], frame.payload[MAC_SIZE:]
             assert self._client_nonce is not None
-            expected = compute_mac(self._key, b"client", self._client_nonce, self._nonce, body)
-            if not hmac.compare_digest(mac, expected):
+            request = _json_payload(body, "request")   # bounded by MAX_HANDSHAKE_PAYLOAD
+            user = request.get("user")
+            token = self._token_for(user if isinstance(user, str) else "")
+            key = token.encode("utf-8") if token else secrets.token_bytes(MAC_SIZE)
+            expected = compute_mac(key, b"client", self._client_nonce, self._nonce, body)
+            if not hmac.compare_digest(mac, expected) or not token:
                 return self._refuse("auth", "relay rejected the token")
-            self.request = _json_payload(body, "request")
+            self.request = request
             try:
                 self.welcome = self._accept(self.request)
             except RefusedError as exc:
                 return self._refuse(exc.code, str(exc))
             reply = _json_bytes(self.welcome)
-            proof = compute_mac(self._key, b"relay", self._nonce, self._client_nonce, mac, reply)
+            proof = compute_mac(key, b"relay", self._nonce, self._client_nonce, mac, reply)
             self._state = "done"
             self.done = True
             return encode_frame(FrameType.WELCOME, 0, proof + reply)
@@ -1177,6 +1189,10 @@ class SessionDelegate:
 
     def on_goaway(self, session: "Session", reason: str) -> None: ...
 
+    def on_handshake_refused(self, session: "Session", handshake: Any) -> float:
+        """Relay side: a refusal is about to go out; return seconds to delay it."""
+        return 0.0
+
     def on_access_log(self, session: "Session", record: Dict[str, Any]) -> None: ...
 
 
@@ -1218,6 +1234,7 @@ class Session(Conn):
         self.flush_scheduled = False
         self.close_reason: Optional[str] = None
         self._close_when_flushed: Optional[str] = None
+        self._hold = False               # output held back (a delayed refusal)
         self._congested = False
         self._ping_seq = 0
         self._ping_sent: Dict[int, float] = {}
@@ -1267,8 +1284,12 @@ class Session(Conn):
             self._congested = True
         self.loop.schedule_flush(self)
 
+    def _release(self) -> None:
+        self._hold = False
+        self.flush()
+
     def flush(self) -> None:
-        if self.closed or not self.out:
+        if self.closed or not self.out or self._hold:
             return
         try:
             sent = self.sock.send(self.out)
@@ -1402,7 +1423,12 @@ class Session(Conn):
             self._send(reply)
         if self.handshake.failed:
             self._close_when_flushed = "handshake refused: %s" % self.handshake.failed
-            self.flush()
+            delay = self.delegate.on_handshake_refused(self, self.handshake)
+            if delay > 0:   # slow down guessing: hold the refusal back
+                self._hold = True
+                self._timers.append(self.loop.call_later(delay, self._release))
+            else:
+                self.flush()
             return
         if self.handshake.done:
             self.established = True
@@ -1558,12 +1584,14 @@ class Headers:
 
 class Request:
     __slots__ = ("method", "target", "version", "headers", "host", "host_header",
-                 "keep_alive", "upgrade", "body", "raw", "target_changed")
+                 "keep_alive", "upgrade", "body", "raw", "target_changed", "strip", "extra")
 
     def __init__(self, method: str, target: str, version: Tuple[int, int],
                  headers: Headers, raw: bytes = b"") -> None:
         self.raw = raw                # the head as received, without the last CRLF CRLF
         self.target_changed = False   # absolute-form rewritten to origin-form
+        self.strip: set = set()       # lower-case fields to drop (our credentials)
+        self.extra: List[Tuple[str, str]] = []   # fields to add (a trimmed Cookie)
         self.method = method
         self.target = target
         self.version = version
@@ -1951,6 +1979,7 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
     """The request head as the origin sees it: hop-by-hop fields handled per
     RFC 9110 section 7.6.1, forwarding fields replaced, not trusted."""
     named = set(req.headers.tokens("connection")) - PROTECTED
+    named |= req.strip
     if not req.target_changed and HOP_OR_FORWARDING.isdisjoint(req.headers.index) \
             and not named:
         head = req.raw     # nothing to remove: splice the added fields after it
@@ -1964,6 +1993,7 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
             if lower in HOP_OR_FORWARDING or lower in named:
                 continue
             lines.append("%s: %s" % (name, value))
+        lines.extend("%s: %s" % kv for kv in req.extra)
     if req.upgrade:
         lines.append("Connection: Upgrade")
         lines.append("Upgrade: %s" % req.upgrade)
@@ -1978,6 +2008,261 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
     lines.append("X-Forwarded-Host: %s" % host)
     lines.append('Forwarded: for=%s;host="%s";proto=%s' % (for_ip, host.replace('"', ""), proto))
     return head + ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# =============================================================================
+# Visitor access control (pure: a request and a peer in, a verdict out)
+# =============================================================================
+
+PBKDF2_PREFIX = "pbkdf2_sha256"         # hash format: prefix$iterations$salt$hash
+PBKDF2_ITERATIONS = 100000              # for hash-password and --basic-auth USER:PASS
+PBKDF2_MAX_ITERATIONS = 2000000         # a hash asking for more is refused
+COOKIE_NAME = "tunnel_auth"             # signed visitor-token cookie
+COOKIE_TTL = 12 * 3600                  # seconds a visitor cookie stays valid
+TOKEN_PARAM = "tunnel_token"            # ?tunnel_token=... sets the cookie once
+TOKEN_HEADER = "x-tunnel-token"         # or send the token in this header
+AUTH_CACHE_SIZE = 256                   # verified basic-auth credentials remembered
+PENALTY_WINDOW = 300.0                  # failures older than this are forgotten (s)
+PENALTY_BAN_AFTER = 10                  # failures in the window before a ban
+PENALTY_BAN_TIME = 300.0                # ban length (s)
+PENALTY_DELAY = 0.25                    # first refusal delay; doubles per failure
+PENALTY_MAX_DELAY = 4.0                 # refusal delay cap (s)
+
+
+def _b64(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    import base64
+    import binascii
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return b""
+
+
+def hash_password(password: str, salt: Optional[bytes] = None,
+                  iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A PBKDF2-SHA256 hash, ``pbkdf2_sha256$ITERATIONS$SALT$HASH`` (base64)."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return "%s$%d$%s$%s" % (PBKDF2_PREFIX, iterations, _b64(salt), _b64(digest))
+
+
+def is_password_hash(text: str) -> bool:
+    parts = text.split("$")
+    return (len(parts) == 4 and parts[0] == PBKDF2_PREFIX and parts[1].isdigit()
+            and 0 < int(parts[1]) <= PBKDF2_MAX_ITERATIONS and bool(_unb64(parts[2]))
+            and len(_unb64(parts[3])) == 32)
+
+
+def verify_password(password: str, stored: str) -> bool:
+    if not is_password_hash(stored):
+        return False
+    _, iterations, salt, digest = stored.split("$")
+    got = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), _unb64(salt),
+                              int(iterations))
+    return hmac.compare_digest(got, _unb64(digest))
+
+
+class Penalties:
+    """Failures per source address: a growing delay, then a temporary ban."""
+
+    def __init__(self, ban_after: int = PENALTY_BAN_AFTER,
+                 ban_time: float = PENALTY_BAN_TIME) -> None:
+        self.ban_after = ban_after
+        self.ban_time = ban_time
+        self._failures: Dict[str, Tuple[int, float]] = {}   # ip -> count, last failure
+        self._banned: Dict[str, float] = {}                 # ip -> until
+
+    def banned(self, ip: str, now: Optional[float] = None) -> bool:
+        now = time.monotonic() if now is None else now
+        until = self._banned.get(ip)
+        if until is None:
+            return False
+        if until <= now:
+            del self._banned[ip]
+            return False
+        return True
+
+    def fail(self, ip: str, now: Optional[float] = None) -> float:
+        """Record a failure; return how long to delay the refusal."""
+        now = time.monotonic() if now is None else now
+        if len(self._failures) > 100000:   # bounded memory under a wide attack
+            self._failures.clear()
+        count, last = self._failures.get(ip, (0, now))
+        if now - last > PENALTY_WINDOW:
+            count = 0
+        count += 1
+        self._failures[ip] = (count, now)
+        if self.ban_after and count >= self.ban_after:
+            self._banned[ip] = now + self.ban_time
+            del self._failures[ip]
+        return min(PENALTY_MAX_DELAY, PENALTY_DELAY * 2 ** (count - 1))
+
+    def succeed(self, ip: str) -> None:
+        self._failures.pop(ip, None)
+
+
+def _parse_networks(values: Any, what: str) -> List[Any]:
+    import ipaddress
+    if values is None:
+        return []
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise RefusedError("invalid_access", "%s must be a list of CIDR strings" % what)
+    try:
+        return [ipaddress.ip_network(v, strict=False) for v in values]
+    except ValueError as exc:
+        raise RefusedError("invalid_access", "%s: %s" % (what, exc)) from None
+
+
+class AccessPolicy:
+    """Who may reach one tunnel; built from the client's handshake request.
+
+    ``check(req, peer_ip, now)`` raises ``HTTPError`` (401, 403 or a 303 that sets
+    the visitor cookie) or returns, after marking in ``req`` what credential
+    fields to strip before the request is forwarded.
+    """
+
+    def __init__(self, spec: Dict[str, Any], secret: bytes, name: str,
+                 secure: bool = False) -> None:
+        basic = spec.get("basic_auth")
+        self.basic_user = self.basic_hash = ""
+        if basic is not None:
+            if (not isinstance(basic, dict) or not isinstance(basic.get("user"), str)
+                    or not is_password_hash(str(basic.get("hash", "")))):
+                raise RefusedError("invalid_access", "basic_auth needs a user and a "
+                                   "pbkdf2_sha256 hash")
+            self.basic_user, self.basic_hash = basic["user"], basic["hash"]
+        token = spec.get("visitor_token_sha256")
+        if token is not None and not (isinstance(token, str)
+                                      and re.fullmatch(r"[0-9a-f]{64}", token)):
+            raise RefusedError("invalid_access", "visitor_token_sha256 must be 64 hex digits")
+        self.token_hash = token or ""
+        self.allow = _parse_networks(spec.get("allow"), "allow")
+        self.deny = _parse_networks(spec.get("deny"), "deny")
+        self.name = name
+        self.secure = secure
+        self.cookie_key = hmac.new(secret, b"cookie\0" + name.encode() + b"\0" +
+                                   self.token_hash.encode(), hashlib.sha256).digest()
+        self._verified: Dict[str, bool] = {}
+
+    @property
+    def needs_credentials(self) -> bool:
+        return bool(self.basic_hash or self.token_hash)
+
+    def peer_allowed(self, peer_ip: str) -> bool:
+        if not self.allow and not self.deny:
+            return True
+        import ipaddress
+        try:
+            ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if any(ip in net for net in self.deny):
+            return False
+        return not self.allow or any(ip in net for net in self.allow)
+
+    # -- credentials -------------------------------------------------------------
+    def _token_ok(self, presented: str) -> bool:
+        digest = hashlib.sha256(presented.encode("utf-8", "replace")).hexdigest()
+        return hmac.compare_digest(digest, self.token_hash)
+
+    def make_cookie(self, now: float) -> str:
+        expiry = int(now) + COOKIE_TTL
+        mac = hmac.new(self.cookie_key, b"%d" % expiry, hashlib.sha256).hexdigest()
+        return "%d.%s" % (expiry, mac)
+
+    def cookie_ok(self, value: str, now: float) -> bool:
+        expiry, _, mac = value.partition(".")
+        if not expiry.isdigit() or int(expiry) <= now:
+            return False
+        good = hmac.new(self.cookie_key, expiry.encode(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(mac, good)
+
+    def _basic_ok(self, value: str) -> bool:
+        scheme, _, encoded = value.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        user, sep, password = _unb64(encoded.strip()).decode("utf-8", "replace").partition(":")
+        if not sep or not hmac.compare_digest(user.encode(), self.basic_user.encode()):
+            return False
+        key = hashlib.sha256(encoded.strip().encode()).hexdigest()
+        if key not in self._verified:
+            if len(self._verified) >= AUTH_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[key] = verify_password(password, self.basic_hash)
+        return self._verified[key]
+
+    def check(self, req: Request, now: float) -> None:
+        if not self.needs_credentials:
+            return
+        index = req.headers.index
+        if req.method == "OPTIONS" and "access-control-request-method" in index:
+            return   # CORS preflight: browsers never attach credentials to it
+        if self.token_hash:
+            presented = index.get(TOKEN_HEADER, [])
+            if presented:
+                req.strip.add(TOKEN_HEADER)
+                if any(self._token_ok(v) for v in presented):
+                    self._strip_cookie(req, now)
+                    return
+            if self._strip_cookie(req, now):
+                return
+            path, _, query = req.target.partition("?")
+            if TOKEN_PARAM + "=" in query:
+                self._token_from_query(path, query, now)
+        if self.basic_hash:
+            for value in index.get("authorization", []):
+                if self._basic_ok(value):
+                    req.strip.add("authorization")   # it carried our credential
+                    return
+        headers: Tuple[Tuple[str, str], ...] = ()
+        if self.basic_hash:
+            headers = (("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % self.name),)
+        how = []
+        if self.basic_hash:
+            how.append("HTTP Basic credentials")
+        if self.token_hash:
+            how.append("a visitor token (X-Tunnel-Token header or ?%s=)" % TOKEN_PARAM)
+        raise HTTPError(401, "This tunnel needs %s." % " or ".join(how), headers)
+
+    def _strip_cookie(self, req: Request, now: float) -> bool:
+        """Remove our cookie from Cookie; True if it was valid."""
+        values = req.headers.index.get("cookie")
+        if not values:
+            return False
+        valid = False
+        kept = []
+        found = False
+        for value in values:
+            for part in value.split(";"):
+                name, _, cookie = part.strip().partition("=")
+                if name == COOKIE_NAME:
+                    found = True
+                    valid = valid or self.cookie_ok(cookie.strip(), now)
+                elif part.strip():
+                    kept.append(part.strip())
+        if found:
+            req.strip.add("cookie")
+            if kept:
+                req.extra.append(("Cookie", "; ".join(kept)))
+        return valid
+
+    def _token_from_query(self, path: str, query: str, now: float) -> None:
+        import urllib.parse
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        tokens = [v for k, v in pairs if k == TOKEN_PARAM]
+        if not any(self._token_ok(v) for v in tokens):
+            raise HTTPError(401, "The visitor token in ?%s= is not valid." % TOKEN_PARAM)
+        rest = urllib.parse.urlencode([(k, v) for k, v in pairs if k != TOKEN_PARAM])
+        location = path + ("?" + rest if rest else "")
+        cookie = "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax%s" % (
+            COOKIE_NAME, self.make_cookie(now), COOKIE_TTL, "; Secure" if self.secure else "")
+        raise HTTPError(303, "Signed in; continue at %s" % location,
+                        (("Location", location), ("Set-Cookie", cookie)))
 
 
 # =============================================================================
@@ -2240,7 +2525,11 @@ class TLSHandshake(Conn):
         self.failed_cb = failed
         self.want_write = False
         self._timer = loop.call_later(timeout, lambda: self._fail("TLS handshake timed out"))
+
+    def start(self) -> "TLSHandshake":
+        """First step; may finish (and call ``done``) at once if the peer was quick."""
         self.step()
+        return self
 
     def wants_write(self) -> bool:
         return self.want_write
@@ -2349,17 +2638,81 @@ class RelayConfig(Settings):
     control_tls_cert: Optional[str] = None  # a separate certificate for the control port
     control_tls_key: Optional[str] = None
     redirect_port: Optional[int] = None     # plain HTTP port that redirects to HTTPS
+    tokens_file: Optional[str] = None       # per-user tokens (JSON); replaces token
+    auth_ban_after: int = PENALTY_BAN_AFTER  # failed attempts per address before a ban
+    auth_ban_time: float = PENALTY_BAN_TIME
+
+
+class User:
+    """One entry of the tokens file."""
+
+    def __init__(self, name: str, token: str, patterns: Optional[List[str]],
+                 max_tunnels: Optional[int]) -> None:
+        self.name = name
+        self.token = token
+        self.digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        self.patterns = patterns        # None: any name
+        self.max_tunnels = max_tunnels
+
+    def may_use(self, name: str) -> bool:
+        import fnmatch
+        return self.patterns is None or any(fnmatch.fnmatchcase(name, p)
+                                            for p in self.patterns)
+
+    def candidates(self) -> Any:
+        """Free-name candidates that fit the patterns: exact names, then PREFIX-random."""
+        for pattern in self.patterns or ():
+            if "*" not in pattern and "?" not in pattern and valid_name(pattern):
+                yield pattern
+        for _ in range(100):
+            for pattern in self.patterns or ():
+                if pattern.count("*") == 1 and "?" not in pattern:
+                    name = pattern.replace("*", random_name())
+                    if valid_name(name):
+                        yield name
+
+
+def load_users(path: str) -> Dict[str, User]:
+    """Parse ``{"users": {"alice": {"token": ..., "subdomains": [...], "max_tunnels": 3}}}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise TunnelError("cannot read tokens file %s: %s" % (path, exc)) from None
+    users = data.get("users") if isinstance(data, dict) else None
+    if not isinstance(users, dict):
+        raise TunnelError("tokens file %s: expected {\"users\": {NAME: {...}}}" % path)
+    out = {}
+    for name, entry in users.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str) \
+                or len(entry["token"]) < 16:
+            raise TunnelError("tokens file %s: user %r needs a token of 16+ characters"
+                              % (path, name))
+        patterns = entry.get("subdomains")
+        if patterns is not None and (not isinstance(patterns, list) or
+                                     not all(isinstance(p, str) for p in patterns)):
+            raise TunnelError("tokens file %s: subdomains of %r must be a list of patterns"
+                              % (path, name))
+        cap = entry.get("max_tunnels")
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
+            raise TunnelError("tokens file %s: max_tunnels of %r must be a whole number"
+                              % (path, name))
+        out[name] = User(name, entry["token"], patterns, cap)
+    return out
 
 
 class Tunnel:
     """A live name on the relay."""
 
-    __slots__ = ("name", "session", "owner", "client_id", "url", "wants_log", "visitors")
+    __slots__ = ("name", "session", "owner", "client_id", "url", "wants_log", "visitors",
+                 "policy", "token_digest")
 
     def __init__(self, name: str, session: Session, owner: str, client_id: str,
                  url: str, wants_log: bool = True) -> None:
         self.wants_log = wants_log   # the client prints an access log: send LOG frames
         self.visitors = 0            # visitor connections bound to this tunnel
+        self.policy: Optional[AccessPolicy] = None   # who may reach it
+        self.token_digest = ""       # of the owner's token, to notice a change on reload
         self.name = name
         self.session = session
         self.owner = owner
@@ -2388,6 +2741,7 @@ class VisitorConn(Pipe):
         super().__init__(relay.loop, sock)
         self.relay = relay
         self.redirect = redirect      # the plain-HTTP port of an HTTPS relay
+        self.peer_ok: Optional[bool] = None   # allow/deny verdict for this address
         self.peer_ip = peer[0]
         self.peer = peer_text(peer)
         self.requests = HTTPParser(is_request=True)
@@ -2460,8 +2814,13 @@ class VisitorConn(Pipe):
             url = "https://%s%s%s" % (req.host, self.relay.https_port_suffix(), req.target)
             raise HTTPError(308, "This relay serves HTTPS: %s" % url, (("Location", url),))
         name = self.relay.route(req)
+        tunnel = self.tunnel or self.relay.tunnel_for(name)
+        if name != tunnel.name:
+            raise HTTPError(421, "This connection is bound to %s.%s; open a new connection "
+                            "for %s." % (tunnel.name, self.relay.config.domain, req.host))
+        if tunnel.policy is not None:
+            self._check_access(tunnel.policy, req)   # before anything reaches the client
         if self.tunnel is None:
-            tunnel = self.relay.tunnel_for(name)
             cfg = self.relay.config
             if tunnel.visitors >= cfg.max_visitors_per_tunnel:
                 raise HTTPError(503, "The tunnel %s is at its limit of %d connections; try "
@@ -2475,9 +2834,6 @@ class VisitorConn(Pipe):
                                                       "host": req.host_header})
             self.stream.handler = self
             log.debug("visitor %s -> %s stream %d", self.peer, name, self.stream.id)
-        elif name != self.tunnel.name:
-            raise HTTPError(421, "This connection is bound to %s.%s; open a new connection "
-                            "for %s." % (self.tunnel.name, self.relay.config.domain, req.host))
         if self.stream is None or not self.stream.can_send:
             raise HTTPError(502, "The tunnel's client went away.")
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
@@ -2485,6 +2841,27 @@ class VisitorConn(Pipe):
         self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
         self.in_body = True
         self.close_after = not req.keep_alive
+
+    def _check_access(self, policy: AccessPolicy, req: Request) -> None:
+        """Every request, upgrades included: address, then credentials."""
+        if self.peer_ok is None:
+            self.peer_ok = policy.peer_allowed(self.peer_ip)
+        if not self.peer_ok:
+            raise HTTPError(403, "Your address may not reach this tunnel.")
+        if not policy.needs_credentials:
+            return
+        penalties = self.relay.visitor_penalties
+        if penalties.banned(self.peer_ip):
+            raise HTTPError(429, "Too many failed attempts from your address; try again "
+                            "later.")
+        try:
+            policy.check(req, time.time())
+        except HTTPError as exc:
+            index = req.headers.index
+            if exc.status == 401 and ("authorization" in index or TOKEN_HEADER in index
+                                      or TOKEN_PARAM + "=" in req.target):
+                penalties.fail(self.peer_ip)     # wrong credentials, not just missing ones
+            raise
 
     def on_socket_eof(self) -> None:
         if self.upgraded:
@@ -2640,6 +3017,11 @@ class Relay(SessionDelegate):
         self.control_tls: Any = None
         self.fingerprint = ""                   # of the control certificate
         self.tls_pending: set = set()           # TLS handshakes in progress
+        self.secret = secrets.token_bytes(32)   # signs visitor cookies (per relay run)
+        self.penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
+        self.visitor_penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
+        self.users: Optional[Dict[str, "User"]] = (load_users(config.tokens_file)
+                                                   if config.tokens_file else None)
         self.stopping = False
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
@@ -2756,20 +3138,21 @@ class Relay(SessionDelegate):
             log.debug("TLS wrap failed for %s: %s", peer_text(addr), exc)
             sock.close()
             return
-        holder: List[Any] = []
-
         def done(ready: Any) -> None:
-            self.tls_pending.discard(holder[0])
+            self.tls_pending.discard(handshake)
             then(ready)
 
         def failed(why: str) -> None:
-            self.tls_pending.discard(holder[0])
+            self.tls_pending.discard(handshake)
             log.debug("%s: %s", peer_text(addr), why)
-        holder.append(TLSHandshake(self.loop, tls, timeout, done, failed))
-        if not holder[0].closed:
-            self.tls_pending.add(holder[0])
+        handshake = TLSHandshake(self.loop, tls, timeout, done, failed)
+        self.tls_pending.add(handshake)
+        handshake.start()
 
     def _accept_control(self, sock: socket.socket, addr: Any) -> None:
+        if self.penalties.banned(str(addr[0]) if isinstance(addr, tuple) else ""):
+            sock.close()
+            return
         if len(self.unauthenticated) + len(self.tls_pending) >= self.config.max_unauthenticated:
             self._handshake_cap_log.warn("control connection from %s refused: %d still in "
                                          "the handshake (--max-unauthenticated)",
@@ -2788,7 +3171,7 @@ class Relay(SessionDelegate):
         def accept(request: Dict[str, Any]) -> Dict[str, Any]:
             assert session is not None
             return self._claim(session, request)
-        handshake = RelayHandshake(self.config.token, accept)
+        handshake = RelayHandshake(self.token_for, accept)
         session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
                           config=self.session_config)
         self.sessions.add(session)
@@ -2804,7 +3187,8 @@ class Relay(SessionDelegate):
     def _claim(self, session: Session, request: Dict[str, Any]) -> Dict[str, Any]:
         if self.stopping:
             raise RefusedError("shutting_down", "the relay is shutting down")
-        owner = ""  # single-token relay: every client is the same owner
+        user = self.users.get(str(request.get("user"))) if self.users is not None else None
+        owner = user.name if user is not None else ""   # single token: one owner
         client_id = str(request.get("client_id", ""))
         wanted = request.get("subdomain")
         now = time.monotonic()
@@ -2815,6 +3199,9 @@ class Relay(SessionDelegate):
             if not valid_name(name):
                 raise RefusedError("invalid_name", "%r is not a valid subdomain: use a-z, 0-9 "
                                    "and inner hyphens, 1-63 characters" % str(wanted))
+            if user is not None and not user.may_use(name):
+                raise RefusedError("name_not_allowed", "user %s may not use subdomain %r"
+                                   % (user.name, name))
             live = self.tunnels.get(name)
             if live is not None:
                 if client_id and live.client_id == client_id and live.owner == owner:
@@ -2827,18 +3214,67 @@ class Relay(SessionDelegate):
                 raise RefusedError("name_taken", "subdomain %r is reserved for its previous "
                                    "owner for a while" % name)
         else:
-            for _ in range(100):
-                name = random_name()
+            candidates = (user.candidates() if user is not None and user.patterns is not None
+                          else (random_name() for _ in range(100)))
+            for name in candidates:
                 if name not in self.tunnels and name not in self.reserved:
                     break
             else:
                 raise RefusedError("name_taken", "could not find a free name")
+        if user is not None and user.max_tunnels is not None:
+            count = sum(1 for t in self.tunnels.values() if t.owner == owner)
+            if count >= user.max_tunnels:
+                raise RefusedError("limit", "user %s already has %d tunnels (the limit)"
+                                   % (user.name, count))
+        spec = request.get("access") or {}
+        if not isinstance(spec, dict):
+            raise RefusedError("invalid_access", "access must be an object")
+        policy = AccessPolicy(spec, self.secret, "%s.%s" % (name, self.config.domain),
+                              secure=self.scheme == "https")
         self.reserved.pop(name, None)
         session.name = name
         url = self.public_url(name)
-        self.tunnels[name] = Tunnel(name, session, owner, client_id, url,
-                                    bool(request.get("log", True)))
+        tunnel = Tunnel(name, session, owner, client_id, url, bool(request.get("log", True)))
+        tunnel.policy = policy
+        tunnel.token_digest = user.digest if user is not None else ""
+        self.tunnels[name] = tunnel
         return {"name": name, "url": url, "heartbeat_interval": self.config.heartbeat_interval}
+
+    # -- users (serve --tokens FILE) ---------------------------------------------------
+    def token_for(self, user: str) -> Optional[str]:
+        if self.users is None:
+            return self.config.token
+        found = self.users.get(user)
+        return found.token if found is not None else None
+
+    def reload_users(self) -> None:
+        """SIGHUP: read the tokens file again; disconnect removed or re-keyed users."""
+        if not self.config.tokens_file:
+            log.info("SIGHUP ignored: no --tokens file")
+            return
+        try:
+            users = load_users(self.config.tokens_file)
+        except TunnelError as exc:
+            log.error("tokens file not reloaded, keeping the old one: %s", exc)
+            return
+        self.users = users
+        for tunnel in list(self.tunnels.values()):
+            user = users.get(tunnel.owner)
+            if user is None or user.digest != tunnel.token_digest:
+                tunnel.session.close("user %s removed or token changed" % tunnel.owner)
+        for name in [n for n, r in self.reserved.items() if r[0] not in users]:
+            del self.reserved[name]
+        log.info("tokens file reloaded: %d users", len(users))
+
+    def on_handshake_refused(self, session: Session, handshake: Any) -> float:
+        if getattr(handshake, "failed_code", "") != "auth":
+            return 0.0
+        ip = session.peer.rsplit(":", 1)[0].strip("[]")
+        delay = self.penalties.fail(ip)
+        if self.penalties.banned(ip):
+            log.warning("control connections from %s banned for %.0fs after repeated "
+                        "failed handshakes", ip, self.penalties.ban_time)
+        return delay
 
     def https_port_suffix(self) -> str:
         port = self.config.public_port or self.http_port
@@ -2921,6 +3357,8 @@ class ClientConfig(Settings):
     tls_ca: Optional[str] = None            # verify with this CA file (default: system)
     tls_fingerprint: Optional[str] = None   # or pin the relay certificate's SHA-256
     insecure: bool = False                  # or do not verify at all (warned about)
+    user: Optional[str] = None              # user name on a relay with --tokens
+    access: Optional[Dict[str, Any]] = None  # visitor access policy (AccessPolicy spec)
 
 
 class TargetConn(Pipe):
@@ -3135,7 +3573,7 @@ class Client(SessionDelegate):
             self._connect_failed("TLS: %s" % exc)
             return
         TLSHandshake(self.loop, tls, cfg.connect_timeout, self._tls_connected,
-                     self._tls_failed)
+                     self._tls_failed).start()
 
     def _tls_connected(self, tls: Any) -> None:
         wanted = self.config.tls_fingerprint
@@ -3158,6 +3596,10 @@ class Client(SessionDelegate):
         self._connector = None
         request = {"subdomain": self.name, "client_id": self.client_id,
                    "version": __version__, "log": self.config.access_log}
+        if self.config.user:
+            request["user"] = self.config.user
+        if self.config.access:
+            request["access"] = self.config.access
         handshake = ClientHandshake(self.config.token, request)
         self.session = Session(self.loop, sock,
                                format_hostport(self.config.relay_host, self.config.relay_port),
@@ -3204,8 +3646,9 @@ class Client(SessionDelegate):
             self.fatal(EXIT_USAGE, str(error))
             return
         if isinstance(error, RefusedError):
-            if error.code in ("invalid_name", "version") or (error.code == "name_taken"
-                                                             and self.url is None):
+            if error.code in ("invalid_name", "version", "invalid_access",
+                              "name_not_allowed") or (error.code in ("name_taken", "limit")
+                                                      and self.url is None):
                 self.fatal(EXIT_FAILURE, str(error))
                 return
             log.warning("relay refused: %s", error)
@@ -3370,6 +3813,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-streams", type=int, default=MAX_STREAMS, metavar="N",
                        help="open streams per client session; more get 503 (default "
                        "%(default)s)")
+    serve.add_argument("--tokens", metavar="FILE", default=None,
+                       help='per-user tokens instead of --token: JSON {"users": {NAME: '
+                       '{"token": T, "subdomains": ["NAME", "NAME-*"], "max_tunnels": 3}}}; '
+                       "SIGHUP reloads it")
+    serve.add_argument("--auth-ban-after", type=int, default=PENALTY_BAN_AFTER, metavar="N",
+                       help="failed handshakes (or visitor logins) from one address before "
+                       "a temporary ban; 0 disables (default %(default)s)")
+    serve.add_argument("--auth-ban-time", type=float, default=PENALTY_BAN_TIME,
+                       metavar="SEC", help="length of that ban (default %(default)s)")
     serve.add_argument("--tls-cert", metavar="FILE", default=None,
                        help="serve visitors over HTTPS with this certificate chain (PEM; "
                        "normally a wildcard for *.DOMAIN); also used for the control port")
@@ -3399,6 +3851,18 @@ def build_parser() -> argparse.ArgumentParser:
     expose.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT,
                         metavar="SEC", help="for the relay and the target (default "
                         "%(default)s)")
+    expose.add_argument("--user", default=None, metavar="NAME",
+                        help="user name on a relay with --tokens (default: $TUNNEL_USER)")
+    expose.add_argument("--basic-auth", metavar="USER:PASS", default=None,
+                        help="visitors must log in with HTTP Basic; PASS may be a hash from "
+                        "'tunnel.py hash-password'")
+    expose.add_argument("--visitor-token", metavar="TOKEN", default=None,
+                        help="visitors must send TOKEN (X-Tunnel-Token header, or once "
+                        "?tunnel_token=TOKEN, which sets a cookie)")
+    expose.add_argument("--allow", metavar="CIDR", action="append", default=None,
+                        help="only visitors from these addresses (repeatable)")
+    expose.add_argument("--deny", metavar="CIDR", action="append", default=None,
+                        help="never visitors from these addresses (repeatable)")
     expose.add_argument("--tls", action="store_true",
                         help="connect to the relay over TLS, verified with the system store")
     expose.add_argument("--tls-ca", metavar="FILE", default=None,
@@ -3410,6 +3874,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TLS without verifying the relay at all (not recommended)")
     expose.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="SEC",
                         help="longest wait between reconnects (default %(default)s)")
+    sub.add_parser("token", help="print a new strong token",
+                   description="Print a new random token (256 bits, URL-safe).")
+    sub.add_parser("hash-password", help="print a PBKDF2 hash for --basic-auth",
+                   description="Read a password (prompted, or one line on stdin) and print "
+                   "its PBKDF2-SHA256 hash, usable as --basic-auth USER:HASH.")
     return parser
 
 
@@ -3467,11 +3936,16 @@ class LineOutput:
             self.closed = True
 
 
-def _install_signals(on_signal: Callable[[], None]) -> None:
+def _install_signals(loop: EventLoop, on_signal: Callable[[], None],
+                     on_hup: Optional[Callable[[], None]] = None) -> None:
+    """Signals only queue work for the loop: a handler runs between any two bytecodes,
+    so doing the work there could interrupt the loop in the middle of a change."""
     def handler(signum: int, frame: Any) -> None:
-        on_signal()
+        loop.call_soon_threadsafe(on_signal)
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    if on_hup is not None and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: loop.call_soon_threadsafe(on_hup))
 
 
 def _check_timeouts(args: argparse.Namespace) -> None:
@@ -3482,8 +3956,10 @@ def _check_timeouts(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.tokens and args.token:
+        raise UsageError("--tokens and --token exclude each other")
     token = args.token or os.environ.get("TUNNEL_TOKEN", "")
-    generated = not token
+    generated = not token and not args.tokens
     if generated:
         token = new_token()
     for port in (args.http_port, args.control_port):
@@ -3506,12 +3982,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
                          control_tls_cert=args.control_tls_cert,
                          control_tls_key=args.control_tls_key,
-                         redirect_port=args.http_redirect_port)
+                         redirect_port=args.http_redirect_port,
+                         tokens_file=args.tokens, auth_ban_after=args.auth_ban_after,
+                         auth_ban_time=args.auth_ban_time)
     if args.http_redirect_port is not None and not args.tls_cert:
         raise UsageError("--http-redirect-port needs --tls-cert")
     if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
         raise UsageError("a TLS key needs its certificate (--tls-cert/--control-tls-cert)")
-    relay = Relay(config)
+    try:
+        relay = Relay(config)
+    except TunnelError as exc:     # an unreadable tokens file
+        log.error("%s", exc)
+        return EXIT_FAILURE
     try:
         relay.start()
     except TunnelError as exc:
@@ -3530,7 +4012,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print("No token given; generated one for this run. Expose a port with:")
         _print("  python tunnel.py expose 5000 --relay %s:%d --token %s%s"
                % (domain, relay.control_port, token, tls_flag))
-    _install_signals(relay.shutdown)
+    _install_signals(relay.loop, relay.shutdown, relay.reload_users)
     relay.run()
     log.info("relay stopped")
     return EXIT_OK
@@ -3551,6 +4033,27 @@ def cmd_expose(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("TUNNEL_TOKEN", "")
     if not token:
         raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints one)")
+    access: Dict[str, Any] = {}
+    if args.basic_auth is not None:
+        user, sep, password = args.basic_auth.partition(":")
+        if not sep or not user or not password:
+            raise UsageError("--basic-auth needs USER:PASS")
+        # The relay gets a hash, never the password itself.
+        access["basic_auth"] = {"user": user, "hash": password if is_password_hash(password)
+                                else hash_password(password)}
+    if args.visitor_token is not None:
+        if len(args.visitor_token) < 8:
+            raise UsageError("--visitor-token must be at least 8 characters")
+        access["visitor_token_sha256"] = hashlib.sha256(
+            args.visitor_token.encode("utf-8")).hexdigest()
+    for flag in ("allow", "deny"):
+        values = getattr(args, flag)
+        if values:
+            try:
+                _parse_networks(values, "--" + flag)
+            except RefusedError as exc:
+                raise UsageError(str(exc)) from None
+            access[flag] = values
     if args.tls_fingerprint:
         try:
             normalize_fingerprint(args.tls_fingerprint)
@@ -3569,14 +4072,32 @@ def cmd_expose(args: argparse.Namespace) -> int:
                           connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
                           grace=args.grace, access_log=not args.quiet,
                           tls=args.tls, tls_ca=args.tls_ca,
-                          tls_fingerprint=args.tls_fingerprint, insecure=args.insecure)
+                          tls_fingerprint=args.tls_fingerprint, insecure=args.insecure,
+                          user=args.user or os.environ.get("TUNNEL_USER") or None,
+                          access=access or None)
     loop = EventLoop()
     client = Client(config, loop=loop, output=LineOutput(loop))
-    _install_signals(client.shutdown)
+    _install_signals(loop, client.shutdown)
     code = client.run()
     if client.error and code != EXIT_OK:
         sys.stderr.write("tunnel.py: %s\n" % client.error)
     return code
+
+
+def cmd_hash_password() -> int:
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            sys.stderr.write("tunnel.py: the passwords differ\n")
+            return EXIT_USAGE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        sys.stderr.write("tunnel.py: empty password\n")
+        return EXIT_USAGE
+    _print(hash_password(password))
+    return EXIT_OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -3587,9 +4108,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.command:
             parser.print_help()
             return EXIT_USAGE
-        _check_timeouts(args)
+        if args.command in ("token", "hash-password"):
+            args.verbose = args.quiet = False
+        else:
+            _check_timeouts(args)
         _setup_logging(args)
         raise_fd_limit()
+        if args.command == "token":
+            _print(new_token())
+            return EXIT_OK
+        if args.command == "hash-password":
+            return cmd_hash_password()
         if args.command == "serve":
             return cmd_serve(args)
         return cmd_expose(args)
