@@ -690,6 +690,10 @@ class OriginHandler(http.server.BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def do_OPTIONS(self):
+        self.server.seen.append(("OPTIONS", self.path))
+        self.reply(204, b"")
+
     def do_POST(self):
         body = self.read_body()
         self.reply(200, json.dumps({"sha256": hashlib.sha256(body).hexdigest(),
@@ -767,6 +771,7 @@ class Origin(http.server.ThreadingHTTPServer):
         self.sse_gate = threading.Event()
         self.slow_gate = threading.Event()
         self.slow_started = threading.Event()
+        self.seen = []
 
 
 def recv_until(sock, marker, limit=1 << 26):
@@ -1644,6 +1649,255 @@ class TLSTest(EndToEndBase):
 
 
 # =============================================================================
+# Many users, visitor access control (issue 5)
+# =============================================================================
+
+
+def basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+class MultiUserTest(EndToEndBase):
+    ALICE = "alice-token-0123456789abcdef"
+    BOB = "bob-token-0123456789abcdef"
+
+    def write_users(self, users):
+        with open(self.tokens_file, "w") as f:
+            json.dump({"users": users}, f)
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="tunnel-users-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.tokens_file = os.path.join(self.dir, "tokens.json")
+        self.write_users({"alice": {"token": self.ALICE, "subdomains": ["alice", "alice-*"],
+                                    "max_tunnels": 2},
+                          "bob": {"token": self.BOB}})
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(tokens_file=self.tokens_file, auth_ban_after=0)
+
+    def user_client(self, user, token, subdomain=None, wait=True):
+        return self.start_client(subdomain, token=token, user=user, wait=wait)
+
+    def finished(self, client):
+        client.thread.join(WAIT)
+        return client.exit_code, client.error
+
+    def test_names_patterns_and_tunnel_cap(self):
+        c1, lines = self.user_client("alice", self.ALICE)          # random, within patterns
+        self.assertTrue(c1.name == "alice" or c1.name.startswith("alice-"), c1.name)
+        c2, _ = self.user_client("alice", self.ALICE, "alice-two")
+        self.assertEqual(self.get("/hello", host="alice-two.localhost")[:2], (200, b"hello"))
+        c3, _ = self.user_client("alice", self.ALICE, "alice-three", wait=False)
+        self.assertEqual(self.finished(c3)[0], tunnel.EXIT_FAILURE)
+        self.assertIn("already has 2 tunnels", c3.error)
+        c4, _ = self.user_client("bob", self.BOB, "alice-x")     # bob may use any name
+        c5, _ = self.user_client("alice", self.ALICE, "bobs-name", wait=False)
+        self.assertIn("may not use subdomain", self.finished(c5)[1])
+
+    def test_unknown_user_and_wrong_token_are_refused_alike(self):
+        for user, token in (("mallory", self.ALICE), ("alice", self.BOB), (None, self.ALICE)):
+            client, _ = self.user_client(user, token, wait=False)
+            self.assertEqual(self.finished(client), (2, "relay rejected the token"))
+
+    def test_reload_disconnects_removed_and_rekeyed_users(self):
+        alice, _ = self.user_client("alice", self.ALICE, "alice")
+        bob, _ = self.user_client("bob", self.BOB, "bob")
+        carol_token = "carol-token-0123456789abcdef"
+        self.write_users({"alice": {"token": "alice-NEW-token-0123456789"},
+                          "carol": {"token": carol_token}})
+        self.relay.loop.run_in_loop(self.relay.reload_users)
+        for client in (alice, bob):     # dropped; their reconnect is refused: exit 2
+            self.assertEqual(self.finished(client), (2, "relay rejected the token"))
+        carol, _ = self.user_client("carol", carol_token, "carol")
+        self.assertEqual(self.get("/hello", host="carol.localhost")[:2], (200, b"hello"))
+        with open(self.tokens_file, "w") as f:
+            f.write("{not json")
+        self.relay.loop.run_in_loop(self.relay.reload_users)   # bad file: keep the old one
+        self.assertEqual(self.get("/hello", host="carol.localhost")[:2], (200, b"hello"))
+
+    def test_failed_handshakes_lead_to_a_ban(self):
+        relay = self.start_relay(tokens_file=self.tokens_file, auth_ban_after=3)
+
+        def attempt(user, token):
+            s = socket.create_connection(("127.0.0.1", relay.control_port), WAIT)
+            self.addCleanup(s.close)
+            hs = ClientHandshake(token, {"user": user})
+            s.sendall(hs.start())
+            dec = FrameDecoder()
+            try:
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        return "closed"
+                    for frame in dec.feed(chunk):
+                        out = hs.receive(frame)
+                        if out:
+                            s.sendall(out)
+                        if hs.done:
+                            return "welcome"
+            except tunnel.AuthError:
+                return "refused"
+        started = time.monotonic()
+        self.assertEqual([attempt("alice", "wrong-token-0123456789") for _ in range(3)],
+                         ["refused"] * 3)
+        self.assertGreater(time.monotonic() - started, 0.25 + 0.5)   # growing delay
+        self.assertEqual(attempt("alice", self.ALICE), "closed")    # banned, even if right
+        self.assertEqual(attempt("bob", self.BOB), "closed")
+
+
+class VisitorAccessTest(EndToEndBase):
+    TOKEN_V = "visitor-secret-42"
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay()
+        self.hash = tunnel.hash_password("s3cret", iterations=1000)
+        self.basic_client, _ = self.start_client(
+            "basic", access={"basic_auth": {"user": "ann", "hash": self.hash}})
+        self.vt_client, _ = self.start_client("vt", access={
+            "visitor_token_sha256": hashlib.sha256(self.TOKEN_V.encode()).hexdigest()})
+
+    def raw_status(self, data):
+        return int(data.split(b" ", 2)[1])
+
+    def origin_headers(self, body):
+        return dict((k.lower(), v) for k, v in json.loads(body))
+
+    def test_basic_auth(self):
+        status, body, r = self.get("/hello", host="basic.localhost")
+        self.assertEqual(status, 401)
+        self.assertIn('Basic realm="basic.localhost"', r.getheader("WWW-Authenticate"))
+        self.assertEqual(self.get("/hello", host="basic.localhost",
+                                  headers={"Authorization": basic("ann", "nope")})[0], 401)
+        self.assertEqual(self.get("/hello", host="basic.localhost",
+                                  headers={"Authorization": basic("bob", "s3cret")})[0], 401)
+        status, body, _ = self.get("/headers", host="basic.localhost",
+                                   headers={"AUTHORIZATION": basic("ann", "s3cret")})
+        self.assertEqual(status, 200)
+        self.assertNotIn("authorization", self.origin_headers(body))   # ours: removed
+
+    def test_refused_traffic_never_reaches_the_client(self):
+        for _ in range(3):
+            self.assertEqual(self.get("/hello", host="basic.localhost")[0], 401)
+        ws = self.raw(b"GET /ws HTTP/1.1\r\nHost: basic.localhost\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Key: x\r\n\r\n")
+        self.assertEqual(self.raw_status(recv_all(ws)), 401)     # upgrades are checked too
+        absolute = self.raw(b"GET http://basic.localhost/hello HTTP/1.1\r\n"
+                            b"Host: basic.localhost\r\n\r\n")
+        self.assertEqual(self.raw_status(recv_all(absolute)), 401)
+        session = self.basic_client.session
+        self.assertEqual(self.basic_client.loop.run_in_loop(lambda: session.highest_id), 0)
+
+    def test_visitor_token_header_and_apps_own_authorization(self):
+        status, body, _ = self.get("/headers", host="vt.localhost", headers={
+            "x-TUNNEL-token": self.TOKEN_V, "Authorization": "Bearer app-token"})
+        self.assertEqual(status, 200)
+        seen = self.origin_headers(body)
+        self.assertNotIn("x-tunnel-token", seen)
+        self.assertEqual(seen["authorization"], "Bearer app-token")   # the app's: kept
+        self.assertEqual(self.get("/hello", host="vt.localhost",
+                                  headers={"X-Tunnel-Token": "wrong-token"})[0], 401)
+
+    def test_query_token_sets_cookie_then_cookie_works(self):
+        status, body, r = self.get("/headers?tunnel_token=%s&x=1" % self.TOKEN_V,
+                                   host="vt.localhost")
+        self.assertEqual(status, 303)
+        self.assertEqual(r.getheader("Location"), "/headers?x=1")
+        cookie = r.getheader("Set-Cookie")
+        for attr in ("tunnel_auth=", "HttpOnly", "SameSite=Lax", "Path=/"):
+            self.assertIn(attr, cookie)
+        self.assertNotIn("Secure", cookie)     # plain HTTP relay
+        value = cookie.split(";")[0]
+        status, body, _ = self.get("/headers?x=1", host="vt.localhost",
+                                   headers={"Cookie": "theme=dark; %s; lang=en" % value})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.origin_headers(body)["cookie"], "theme=dark; lang=en")
+
+    def test_forged_and_expired_cookies(self):
+        policy = self.relay.loop.run_in_loop(lambda: self.relay.tunnels["vt"].policy)
+        expired = policy.make_cookie(time.time() - 2 * tunnel.COOKIE_TTL)
+        good = policy.make_cookie(time.time())
+        forged = good[:-4] + ("0000" if not good.endswith("0000") else "1111")
+        for value in (forged, expired, "garbage", str(int(time.time()) + 999999) + ".00"):
+            self.assertEqual(self.get("/hello", host="vt.localhost", headers={
+                "Cookie": "tunnel_auth=" + value})[0], 401, value)
+        self.assertEqual(self.get("/hello", host="vt.localhost", headers={
+            "Cookie": "tunnel_auth=" + good})[:2], (200, b"hello"))
+
+    def test_cors_preflight_passes(self):
+        status, _, _ = self.get("/api", host="vt.localhost", method="OPTIONS", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        self.assertEqual(status, 204)
+        self.assertIn(("OPTIONS", "/api"), self.origin.seen)
+        self.assertEqual(self.get("/api", host="vt.localhost", method="OPTIONS")[0], 401)
+
+    def test_second_pipelined_request_without_credentials(self):
+        s = self.raw(("GET /hello HTTP/1.1\r\nHost: vt.localhost\r\nX-Tunnel-Token: %s\r\n\r\n"
+                      "GET /hello HTTP/1.1\r\nHost: vt.localhost\r\n\r\n" % self.TOKEN_V).encode())
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+        self.assertIn(b"HTTP/1.1 401", data)
+        self.assertEqual(data.count(b"hello"), 1)
+        dup = self.raw(("GET /hello HTTP/1.1\r\nHost: vt.localhost\r\nHost: demo.localhost\r\n"
+                        "X-Tunnel-Token: %s\r\n\r\n" % self.TOKEN_V).encode())
+        self.assertEqual(self.raw_status(recv_all(dup)), 400)
+
+    def test_allow_and_deny(self):
+        self.start_client("nets10", access={"allow": ["10.0.0.0/8"]})
+        self.start_client("denied", access={"allow": ["127.0.0.0/8"], "deny": ["127.0.0.1/32"]})
+        self.start_client("local", access={"allow": ["127.0.0.0/8", "::1/128"]})
+        self.assertEqual(self.get("/hello", host="nets10.localhost")[0], 403)
+        self.assertEqual(self.get("/hello", host="denied.localhost")[0], 403)
+        self.assertEqual(self.get("/hello", host="local.localhost")[:2], (200, b"hello"))
+        client, _ = self.start_client("badnet", access={"allow": ["not-a-cidr"]}, wait=False)
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, tunnel.EXIT_FAILURE)
+
+    def test_repeated_wrong_credentials_get_429(self):
+        for _ in range(tunnel.PENALTY_BAN_AFTER):
+            self.assertEqual(self.get("/hello", host="basic.localhost",
+                                      headers={"Authorization": basic("ann", "x")})[0], 401)
+        self.assertEqual(self.get("/hello", host="basic.localhost",
+                                  headers={"Authorization": basic("ann", "s3cret")})[0], 429)
+
+
+class AccessUnitTest(unittest.TestCase):
+    def test_password_hashes(self):
+        h = tunnel.hash_password("pw", iterations=1000)
+        self.assertTrue(h.startswith("pbkdf2_sha256$1000$"))
+        self.assertTrue(tunnel.verify_password("pw", h))
+        self.assertFalse(tunnel.verify_password("PW", h))
+        self.assertFalse(tunnel.verify_password("pw", "pbkdf2_sha256$99999999$AA==$AA=="))
+        self.assertFalse(tunnel.is_password_hash("plain"))
+
+    def test_penalties(self):
+        p = tunnel.Penalties(ban_after=3, ban_time=60)
+        self.assertEqual([p.fail("1.2.3.4", now=0) for _ in range(2)], [0.25, 0.5])
+        self.assertFalse(p.banned("1.2.3.4", now=1))
+        p.fail("1.2.3.4", now=2)
+        self.assertTrue(p.banned("1.2.3.4", now=3))
+        self.assertFalse(p.banned("1.2.3.4", now=63))
+        self.assertFalse(p.banned("5.6.7.8", now=3))
+
+    def test_bad_specs_are_refused(self):
+        for spec in ({"basic_auth": {"user": "a", "hash": "plain"}},
+                     {"visitor_token_sha256": "xyz"}, {"allow": "10.0.0.0/8"},
+                     {"deny": ["300.0.0.0/8"]}):
+            with self.assertRaises(tunnel.RefusedError):
+                tunnel.AccessPolicy(spec, b"k" * 32, "x.localhost")
+
+    def test_users_file_validation(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "t.json")
+            for bad in ('{"users": {"a": {"token": "short"}}}', '[]', '{"users": 3}',
+                        '{"users": {"a": {"token": "0123456789abcdefgh", "max_tunnels": "x"}}}'):
+                with open(path, "w") as f:
+                    f.write(bad)
+                with self.assertRaises(tunnel.TunnelError):
+                    tunnel.load_users(path)
+
+
+# =============================================================================
 # Command line (subprocesses)
 # =============================================================================
 
@@ -1804,6 +2058,54 @@ class CommandLineTest(unittest.TestCase):
             return True
         except OSError:
             return False
+
+    def test_token_and_hash_password_commands(self):
+        p = self.spawn("token")
+        out, _ = p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 0)
+        self.assertRegex(out.decode().strip(), r"^[A-Za-z0-9_-]{43}$")
+        p = subprocess.run([sys.executable, TUNNEL_PY, "hash-password"], input=b"pw\n",
+                           capture_output=True, timeout=WAIT)
+        self.assertEqual(p.returncode, 0)
+        self.assertTrue(tunnel.verify_password("pw", p.stdout.decode().strip()))
+
+    def test_bad_access_flags_and_tokens_file(self):
+        for args in (["expose", "5000", "--token", "t", "--basic-auth", "nopass"],
+                     ["expose", "5000", "--token", "t", "--allow", "nonsense"],
+                     ["expose", "5000", "--token", "t", "--tls-fingerprint", "abc"],
+                     ["serve", "--tokens", "x.json", "--token", "t"]):
+            p = self.spawn(*args)
+            _, err = p.communicate(timeout=WAIT)
+            self.assertEqual(p.returncode, 2, (args, err))
+            self.assertEqual(len(err.decode().strip().splitlines()), 1, err)
+        p = self.spawn("serve", "--bind", "127.0.0.1", "--http-port", "0", "--control-port",
+                       "0", "--tokens", "/nonexistent/tokens.json")
+        _, err = p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn(b"cannot read tokens file", err)
+        self.assertNotIn(b"Traceback", err)
+
+    def test_sighup_reloads_tokens_file(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "tokens.json")
+            with open(path, "w") as f:
+                json.dump({"users": {"a": {"token": "a" * 20}}}, f)
+            p = self.spawn("serve", "--bind", "127.0.0.1", "--http-port", "0",
+                           "--control-port", "0", "--tokens", path)
+            line = b""
+            while b"relay listening" not in line:
+                line = p.stderr.readline()
+                self.assertTrue(line, "relay exited")
+            with open(path, "w") as f:
+                json.dump({"users": {"a": {"token": "a" * 20}, "b": {"token": "b" * 20}}}, f)
+            p.send_signal(signal.SIGHUP)
+            while b"tokens file reloaded" not in line:
+                line = p.stderr.readline()
+                self.assertTrue(line, "relay exited")
+            self.assertIn(b"2 users", line)
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=WAIT)
+            self.assertEqual(p.returncode, 0)
 
     def test_port_in_use_is_one_line_exit_1(self):
         with socket.socket() as busy:

@@ -3000,6 +3000,9 @@ class Relay(SessionDelegate):
 
     def __init__(self, config: RelayConfig, loop: Optional[EventLoop] = None) -> None:
         self.config = config
+        # Before anything that holds resources: an unreadable file raises TunnelError.
+        self.users: Optional[Dict[str, "User"]] = (load_users(config.tokens_file)
+                                                   if config.tokens_file else None)
         self.loop = loop or EventLoop()
         self.tunnels: Dict[str, Tunnel] = {}
         self.reserved: Dict[str, Tuple[str, str, float]] = {}   # name -> owner, client id, until
@@ -3020,8 +3023,6 @@ class Relay(SessionDelegate):
         self.secret = secrets.token_bytes(32)   # signs visitor cookies (per relay run)
         self.penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
         self.visitor_penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
-        self.users: Optional[Dict[str, "User"]] = (load_users(config.tokens_file)
-                                                   if config.tokens_file else None)
         self.stopping = False
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
