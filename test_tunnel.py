@@ -1726,7 +1726,10 @@ class MultiUserTest(EndToEndBase):
             dec = FrameDecoder()
             try:
                 while True:
-                    chunk = s.recv(4096)
+                    try:
+                        chunk = s.recv(4096)
+                    except ConnectionResetError:   # closed with our bytes unread: RST
+                        chunk = b""
                     if not chunk:
                         return "closed"
                     for frame in dec.feed(chunk):

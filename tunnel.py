@@ -37,7 +37,8 @@ Handshake (client C, relay R, shared token K; the token never crosses)::
     C -> R  preamble  b"TUNNEL" + u16 version          (8 bytes)
     C -> R  HELLO     client nonce Nc                   (32 random bytes)
     R -> C  CHALLENGE relay nonce Nr                    (32 random bytes)
-    C -> R  AUTH      Mc + request JSON                 {"subdomain", "client_id"}
+    C -> R  AUTH      Mc + request JSON                 {"subdomain", "client_id",
+                                                         "user", "access", "log"}
             Mc = HMAC-SHA256(K, "tunnel.py/1 client" 0 Nc Nr request)
     R -> C  WELCOME   Mr + welcome JSON                 {"name", "url", ...}
             Mr = HMAC-SHA256(K, "tunnel.py/1 relay" 0 Nr Nc Mc welcome)
@@ -45,7 +46,15 @@ Handshake (client C, relay R, shared token K; the token never crosses)::
             CODE is one of auth, version, invalid_name, name_taken
 
 Both sides check the other's MAC with ``hmac.compare_digest``, so each knows
-the other holds K.  A client refused with ``auth`` exits with status 2.
+the other holds K.  A client refused with ``auth`` exits with status 2.  On a
+relay with per-user tokens (``serve --tokens``) the request names its user and
+K is that user's token; an unknown user is checked against a random key, so
+the refusal is the same.  Refusals from one address grow slower (0.25 s,
+doubling) and end in a temporary ban.  ``access`` is the visitor policy the
+relay enforces for this tunnel: a basic-auth user with a PBKDF2 hash (never
+the password), the SHA-256 of a visitor token, allow/deny CIDR lists.  With
+``--tls-cert`` the control port speaks TLS first and all of this runs inside
+it; the client verifies the relay by CA or by a pinned SHA-256 fingerprint.
 
 Frames (after the preamble, everything on the control socket is a frame)::
 
@@ -3287,9 +3296,9 @@ class Relay(SessionDelegate):
         domain = self.config.domain.lower()
         if host == domain or not host:
             raise HTTPError(200, "This is a tunnel.py relay.\nTunnels are reached at "
-                            "http://NAME.%s; expose a local port with:\n  python tunnel.py "
+                            "%s://NAME.%s; expose a local port with:\n  python tunnel.py "
                             "expose PORT --relay %s:%d --token TOKEN"
-                            % (domain, domain, self.control_port))
+                            % (self.scheme, domain, domain, self.control_port))
         if not host.endswith("." + domain):
             raise HTTPError(404, "This relay serves *.%s; %s is not one of its names."
                             % (domain, host))
@@ -3995,6 +4004,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except TunnelError as exc:     # an unreadable tokens file
         log.error("%s", exc)
         return EXIT_FAILURE
+    _install_signals(relay.loop, relay.shutdown, relay.reload_users)  # before "listening"
     try:
         relay.start()
     except TunnelError as exc:
@@ -4013,7 +4023,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print("No token given; generated one for this run. Expose a port with:")
         _print("  python tunnel.py expose 5000 --relay %s:%d --token %s%s"
                % (domain, relay.control_port, token, tls_flag))
-    _install_signals(relay.loop, relay.shutdown, relay.reload_users)
     relay.run()
     log.info("relay stopped")
     return EXIT_OK
