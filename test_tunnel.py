@@ -133,6 +133,10 @@ class FrameCodecTest(unittest.TestCase):
         with self.assertRaises(ProtocolError):
             dec.feed(struct.pack("!BBII", FrameType.AUTH, 0, 0, 17))
 
+    def test_tls_client_on_plain_port_is_named(self):
+        with self.assertRaisesRegex(ProtocolError, "TLS client on a plain control port"):
+            FrameDecoder(expect_preamble=True).feed(b"\x16\x03\x01\x02\x00")
+
     def test_unknown_type(self):
         with self.assertRaisesRegex(ProtocolError, "unknown frame type 99"):
             FrameDecoder().feed(struct.pack("!BBII", 99, 0, 0, 0))
@@ -1640,6 +1644,29 @@ class TLSTest(EndToEndBase):
         self.assertTrue(data.startswith(b"HTTP/1.1 308"), data)
         self.assertIn(b"Location: https://demo.tunnel.test:%d/a/b?c=1\r\n"
                       % self.relay.http_port, data)
+
+    def test_visitor_cookie_is_secure_on_https(self):
+        self.start_client("vt", tls_ca=self.cert, access={
+            "visitor_token_sha256": hashlib.sha256(b"visitor-token-1").hexdigest()})
+        tls = self.https(b"GET /x?tunnel_token=visitor-token-1 HTTP/1.1\r\n"
+                         b"Host: vt.tunnel.test\r\n\r\n", host="vt." + TLS_DOMAIN)
+        head = recv_all(tls).split(b"\r\n\r\n", 1)[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 303"), head)
+        cookie = [l for l in head.split(b"\r\n") if l.startswith(b"Set-Cookie:")][0]
+        self.assertIn(b"; Secure", cookie)
+        self.assertIn(b"HttpOnly", cookie)
+
+    def test_insecure_works_but_warns(self):
+        p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY, "expose",
+                              str(self.origin.server_address[1]), "--relay",
+                              "127.0.0.1:%d" % self.relay.control_port, "--token", TOKEN,
+                              "--subdomain", "careless", "--insecure"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(p.communicate, timeout=WAIT)
+        self.addCleanup(p.send_signal, signal.SIGTERM)
+        self.assertTrue(p.stdout.readline().startswith(b"Forwarding https://careless."))
+        warning = p.stderr.readline()
+        self.assertIn(b"NOT verified", warning)
 
     def test_fingerprint_helpers(self):
         self.assertEqual(tunnel.normalize_fingerprint("SHA256:" + "ab" * 32),

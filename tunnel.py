@@ -541,6 +541,9 @@ class FrameDecoder:
             if self._want_preamble:
                 have = min(end, len(MAGIC))
                 if bytes(view[:have]) != MAGIC[:have]:
+                    if bytes(view[:2]) == b"\x16\x03":
+                        raise ProtocolError("a TLS client on a plain control port (give the "
+                                            "relay --tls-cert, or the client no --tls)")
                     raise ProtocolError("not a tunnel.py client (bad magic)")
                 if end < PREAMBLE.size:
                     if src is not buf:
@@ -3665,6 +3668,11 @@ class Client(SessionDelegate):
         if self.stopping:
             self.loop.stop()
             return
+        cfg = self.config
+        if not session.established and error is None and not (
+                cfg.tls or cfg.tls_ca or cfg.tls_fingerprint or cfg.insecure):
+            log.warning("the relay closed the connection during the handshake; if its "
+                        "control port uses TLS, add --tls, --tls-ca or --tls-fingerprint")
         if session.goaway_received:
             self.attempt = 0
         self._schedule_reconnect()
