@@ -1424,7 +1424,8 @@ class HardeningTest(EndToEndBase):
         wait_until(lambda: self.client.loop.run_in_loop(self.client.stats) ==
                    {"streams": 0, "targets": 0}, what="client counts")
 
-    def test_graceful_relay_stop_finishes_in_flight(self):
+    def start_slow_request(self):
+        """GET /slow in a thread; returns (thread, result) once the origin holds it."""
         result = {}
 
         def slow():
@@ -1432,6 +1433,10 @@ class HardeningTest(EndToEndBase):
         t = threading.Thread(target=slow)
         t.start()
         self.assertTrue(self.origin.slow_started.wait(WAIT))
+        return t, result
+
+    def test_graceful_relay_stop_finishes_in_flight(self):
+        t, result = self.start_slow_request()
         self.relay.loop.call_soon_threadsafe(self.relay.shutdown)
         wait_until(lambda: self.relay.stopping, what="shutdown to begin")
         with self.assertRaises(OSError):    # no longer accepting
@@ -1445,13 +1450,7 @@ class HardeningTest(EndToEndBase):
         self.assertFalse(self.relay.thread.is_alive())
 
     def test_graceful_client_stop_finishes_in_flight(self):
-        result = {}
-
-        def slow():
-            result["reply"] = self.get("/slow")[:2]
-        t = threading.Thread(target=slow)
-        t.start()
-        self.assertTrue(self.origin.slow_started.wait(WAIT))
+        t, result = self.start_slow_request()
         self.client.loop.call_soon_threadsafe(self.client.shutdown)
         self.origin.slow_gate.set()
         t.join(WAIT)
@@ -1908,6 +1907,9 @@ class AccessUnitTest(unittest.TestCase):
         self.assertTrue(p.banned("1.2.3.4", now=3))
         self.assertFalse(p.banned("1.2.3.4", now=63))
         self.assertFalse(p.banned("5.6.7.8", now=3))
+        p.fail("5.6.7.8", now=0)
+        p.succeed("5.6.7.8")                       # a good login clears the count
+        self.assertEqual(p.fail("5.6.7.8", now=1), 0.25)
 
     def test_bad_specs_are_refused(self):
         for spec in ({"basic_auth": {"user": "a", "hash": "plain"}},

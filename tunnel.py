@@ -186,8 +186,6 @@ class FrameType(enum.IntEnum):
 
 
 FRAME_TYPES = frozenset(int(t) for t in FrameType)
-HANDSHAKE_TYPES = frozenset({FrameType.HELLO, FrameType.CHALLENGE, FrameType.AUTH,
-                             FrameType.WELCOME, FrameType.REFUSE})
 
 GOAWAY_NORMAL = 0                       # planned shutdown
 
@@ -1266,10 +1264,6 @@ class Session(Conn):
                                       self.peer)
 
     # -- output -----------------------------------------------------------------
-    @property
-    def congested(self) -> bool:
-        return self._congested
-
     def _send(self, data: bytes) -> None:
         if self.closed:
             return
@@ -2866,14 +2860,17 @@ class VisitorConn(Pipe):
         if penalties.banned(self.peer_ip):
             raise HTTPError(429, "Too many failed attempts from your address; try again "
                             "later.")
+        index = req.headers.index
+        presented = ("authorization" in index or TOKEN_HEADER in index
+                     or TOKEN_PARAM + "=" in req.target)
         try:
             policy.check(req, time.time())
         except HTTPError as exc:
-            index = req.headers.index
-            if exc.status == 401 and ("authorization" in index or TOKEN_HEADER in index
-                                      or TOKEN_PARAM + "=" in req.target):
+            if exc.status == 401 and presented:
                 penalties.fail(self.peer_ip)     # wrong credentials, not just missing ones
             raise
+        if presented:
+            penalties.succeed(self.peer_ip)
 
     def on_socket_eof(self) -> None:
         if self.upgraded:
@@ -3323,6 +3320,7 @@ class Relay(SessionDelegate):
     # -- session events -------------------------------------------------------------
     def on_session_up(self, session: Session) -> None:
         self.unauthenticated.discard(session)
+        self.penalties.succeed(session.peer.rsplit(":", 1)[0].strip("[]"))
         log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
 
     def on_session_closed(self, session: Session, reason: str,
