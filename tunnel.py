@@ -142,7 +142,7 @@ import threading
 import time
 TYPE_CHECKING = False   # typing costs 2 MiB at run time; annotations are strings anyway
 if TYPE_CHECKING:
-    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type
 
 __version__ = "0.1.0"
 
@@ -311,7 +311,7 @@ class Settings:
 
 # Exceptions that mean "try again when the selector says so".  TLS adds its own
 # two once ``load_ssl`` has imported ssl (lazily: it costs memory and start-up).
-WOULD_BLOCK: Tuple[type, ...] = (BlockingIOError, InterruptedError)
+WOULD_BLOCK: Tuple[Type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
 
 def load_ssl() -> Any:
@@ -451,11 +451,15 @@ def set_nodelay(sock: socket.socket) -> None:
 
 
 def format_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return ("%d%s" % (n, unit)) if unit == "B" else ("%.1f%s" % (n, unit))
-        n /= 1024.0
-    return "%dB" % n  # pragma: no cover - loop always returns
+    """``512B``, ``1.2KB``, ``3.4MB``: for the access log."""
+    if n < 1024:
+        return "%dB" % n
+    size = float(n)
+    for unit in ("KB", "MB", "GB"):
+        size /= 1024.0
+        if size < 1024 or unit == "GB":
+            break
+    return "%.1f%s" % (size, unit)
 
 
 def http_response(status: int, text: str, method: str = "GET",
@@ -942,9 +946,9 @@ class Conn:
 
     def __init__(self, loop: "EventLoop", sock: socket.socket) -> None:
         self.loop = loop
-        self.sock = sock
+        self.sock: Any = sock                 # a socket, or an ssl.SSLSocket
         sock.setblocking(False)
-        self.tls = hasattr(sock, "pending")   # an ssl.SSLSocket
+        self.tls = hasattr(sock, "pending")
         self.out = bytearray()
         self.closed = False
         self._mask = 0
@@ -3381,6 +3385,7 @@ class TargetConn(Pipe):
         self.target = format_hostport(cfg.target_host, cfg.target_port)
         self.connecting = True
         self.failed = False
+        error: Optional[OSError]
         try:
             self._addrs = resolve(cfg.target_host, cfg.target_port)
         except OSError as exc:
@@ -3605,7 +3610,7 @@ class Client(SessionDelegate):
 
     def _connected(self, sock: socket.socket) -> None:
         self._connector = None
-        request = {"subdomain": self.name, "client_id": self.client_id,
+        request: Dict[str, Any] = {"subdomain": self.name, "client_id": self.client_id,
                    "version": __version__, "log": self.config.access_log}
         if self.config.user:
             request["user"] = self.config.user
@@ -3711,6 +3716,7 @@ class _Connector(Conn):
     def __init__(self, client: Client, host: str, port: int, timeout: float) -> None:
         self.client = client
         self.where = format_hostport(host, port)
+        error: Optional[OSError]
         try:
             self.addrs = resolve(host, port)
         except OSError as exc:
@@ -3779,7 +3785,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log every stream (DEBUG)")
     common.add_argument("-q", "--quiet", action="store_true",
                         help="only warnings and errors (and the Forwarding line)")
