@@ -1557,6 +1557,9 @@ _S_HEAD, _S_LENGTH, _S_CHUNK_SIZE, _S_CHUNK_DATA, _S_CHUNK_END, _S_TRAILER, \
     _S_UNTIL_CLOSE, _S_UPGRADE_WAIT, _S_TUNNEL, _S_DEAD = range(10)
 
 
+_NO_VALUES: List[str] = []
+
+
 class Headers:
     """An ordered multi-map of fields that keeps every duplicate.
 
@@ -1578,7 +1581,8 @@ class Headers:
         self.index = index
 
     def get_all(self, name: str) -> List[str]:
-        return self.index.get(name, [])
+        """Every value of ``name`` (lower-case), in order; do not modify the list."""
+        return self.index.get(name, _NO_VALUES)
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.get_all(name)
@@ -1586,7 +1590,10 @@ class Headers:
 
     def tokens(self, name: str) -> List[str]:
         """Comma-separated list values of every ``name`` field, lower-cased."""
-        return [t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()]
+        values = self.index.get(name)
+        if not values:       # the common case: the field is absent
+            return []
+        return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
 
     def __iter__(self) -> Any:
         return iter(self.items)
@@ -1904,7 +1911,7 @@ class HTTPParser:
         # Body framing (RFC 9112 section 6.3): ambiguity is an error, never a guess.
         codings = headers.tokens("transfer-encoding")
         length = _content_length(headers)
-        if headers.get_all("transfer-encoding"):
+        if "transfer-encoding" in headers.index:
             if length is not None:
                 raise HTTPError(400, "both Content-Length and Transfer-Encoding")
             if version == (1, 0):
