@@ -602,6 +602,36 @@ class SessionPairTest(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 3.0)
         self.client.sock.close()
 
+    def test_fuzz_frames_for_closed_and_unknown_streams(self):
+        rnd = random.Random(99)
+        errors = []
+        for case in range(200):
+            if self.relay_side.closed is not None:   # last case killed the pair: new one
+                self.setUp()
+            streams = [self.relay.open_stream({}) for _ in range(3)]
+            for stream in streams:
+                stream.handler = self.relay_side
+            self.pump(lambda: len(self.client_side.streams) >= 3)
+            streams[0].reset("gone")           # closed by RST
+            streams[1].close_write()           # half-closed, then closed by the peer
+            remote = [s for s, _ in self.client_side.streams][-2]
+            remote.close_write()
+            for _ in range(3):
+                self.loop.run_once(0.001)
+            sids = [s.id for s in streams] + [0, 999, 2 ** 32 - 1]
+            frame = tunnel.encode_frame(rnd.choice([FrameType.DATA, FrameType.WINDOW,
+                                                    FrameType.FIN, FrameType.RST,
+                                                    FrameType.OPEN, FrameType.PING, 99]),
+                                        rnd.choice(sids), os.urandom(rnd.choice([0, 4, 8, 9])))
+            try:
+                self.client._send(frame)
+                for _ in range(5):
+                    self.loop.run_once(0.001)
+            except Exception as exc:   # nothing may escape the session boundary
+                errors.append((case, frame, exc))
+            self.client_side.streams.clear()
+        self.assertEqual(errors, [])
+
     def test_ping_measures_rtt(self):
         self.relay.ping()
         self.pump(lambda: self.relay.rtt > 0)
@@ -705,6 +735,9 @@ class OriginHandler(http.server.BaseHTTPRequestHandler):
 
     def websocket(self):
         key = self.headers["Sec-WebSocket-Key"]
+        if key is None:
+            self.reply(400, b"origin: no Sec-WebSocket-Key")
+            return
         accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
         self.send_response(101)
         self.send_header("Upgrade", "websocket")
@@ -1262,6 +1295,15 @@ class HardeningTest(EndToEndBase):
         self.assertEqual(self.status_of(recv_all(self.raw(many))), 431)
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
 
+    def test_head_limit_is_configurable(self):
+        relay = self.start_relay(max_head_size=2048)
+        self.start_client("small", relay=relay)
+        head = b"GET /hello HTTP/1.1\r\nHost: small.localhost\r\nX-Pad: %s\r\n\r\n"
+        self.assertEqual(self.status_of(recv_all(self.raw(head % (b"a" * 3000),
+                                                          relay=relay))), 431)
+        self.assertTrue(recv_all(self.raw(head % (b"a" * 1000) + b"", relay=relay,
+                                          shut=True)).endswith(b"hello"))
+
     def test_slowloris_gets_408(self):
         started = time.monotonic()
         dribble = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.lo")
@@ -1359,7 +1401,8 @@ class HardeningTest(EndToEndBase):
 
     def test_fuzz_control_channel(self):
         rnd = random.Random(20261201)
-        cases = 1200
+        cases = 2500
+        health = self.conn()   # one keep-alive visitor, asked after every case
         started = time.monotonic()
         for i in range(cases):
             s = socket.create_connection(("127.0.0.1", self.relay.control_port), WAIT)
@@ -1394,8 +1437,8 @@ class HardeningTest(EndToEndBase):
                 recv_all(s)     # the relay closes: EOF, never a hang
             finally:
                 s.close()
-            if i % 200 == 0:
-                self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+            health.request("GET", "/hello", headers={"Host": "demo.localhost"})
+            self.assertEqual(health.getresponse().read(), b"hello", "after case %d" % i)
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
         self.assertLess(time.monotonic() - started, 30.0)
         self.assert_no_internal_errors()
@@ -1403,6 +1446,23 @@ class HardeningTest(EndToEndBase):
         self.assertGreaterEqual(len(reasons), cases)   # every session closed, with a reason
         self.assertTrue(any("protocol error" in m for m in reasons))
         wait_until(lambda: self.relay_stats()["sessions"] == 1, what="fuzz sessions gone")
+
+    def test_fuzz_visitor_requests(self):
+        rnd = random.Random(77)
+        health = self.conn()
+        for i in range(300):
+            data = bytearray(rnd.choice(ParserFuzzTest.SEEDS).replace(b"Host: h",
+                                                                      b"Host: demo.localhost"))
+            for _ in range(rnd.randint(1, 4)):
+                pos = rnd.randrange(len(data))
+                data[pos:pos + rnd.randint(0, 3)] = os.urandom(rnd.randint(0, 3))
+            s = self.raw(bytes(data), shut=True)
+            reply = recv_all(s)
+            s.close()
+            self.assertTrue(reply == b"" or reply.startswith(b"HTTP/1."), (data, reply[:80]))
+            health.request("GET", "/hello", headers={"Host": "demo.localhost"})
+            self.assertEqual(health.getresponse().read(), b"hello", "after case %d" % i)
+        self.assert_no_internal_errors()
 
     # -- faults -----------------------------------------------------------------------
     def test_origin_closes_mid_response(self):

@@ -148,7 +148,31 @@ def start_nginx(work, with_big=True):
     return port, digest.hexdigest()
 
 
-def start_ssh(work, nginx_port):
+PY_ORIGIN = r"""
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"          # keep-alive, and no TCP_NODELAY:
+    def log_message(self, *a): pass        # head and body go out in two writes
+    def do_GET(self):
+        body = b"x" * 99 + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def start_python_origin():
+    """An origin that writes head and body separately without TCP_NODELAY (the case
+    where Nagle meets delayed ACKs: 40 ms per request on a naive path)."""
+    port = free_port()
+    spawn([sys.executable, "-c", PY_ORIGIN, str(port)])
+    wait_port(port)
+    return port
+
+
+def start_ssh(work, nginx_port, py_port=None):
     os.makedirs("/run/sshd", exist_ok=True)
     key = os.path.join(work, "id_ed25519")
     hostkey = os.path.join(work, "host_ed25519")
@@ -157,7 +181,7 @@ def start_ssh(work, nginx_port):
     auth = os.path.join(work, "authorized_keys")
     shutil.copy(key + ".pub", auth)
     os.chmod(auth, 0o600)
-    sport, rport = free_port(), free_port()
+    sport, rport, rport2 = free_port(), free_port(), free_port()
     conf = os.path.join(work, "sshd_config")
     with open(conf, "w") as f:
         f.write("Port %d\nListenAddress 127.0.0.1\nHostKey %s\nAuthorizedKeysFile %s\n"
@@ -171,9 +195,21 @@ def start_ssh(work, nginx_port):
                     "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                     "-o", "ExitOnForwardFailure=yes",
                     "-R", "127.0.0.1:%d:127.0.0.1:%d" % (rport, nginx_port),
+                    "-R", "127.0.0.1:%d:127.0.0.1:%d" % (rport2, py_port or nginx_port),
                     "%s@127.0.0.1" % user])
     wait_port(rport)
-    return rport, [sshd, client]
+    wait_port(rport2)
+    return rport, rport2, [sshd, client]
+
+
+def expose(control_port, port, name):
+    """One more tunnel client (default options) for ``port``, named ``name``."""
+    client = spawn([sys.executable, TUNNEL_PY, "expose", str(port), "--relay",
+                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", name, "-q"],
+                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if not client.stdout.readline().startswith(b"Forwarding"):
+        raise SystemExit("tunnel %s did not come up" % name)
+    return client
 
 
 def start_tunnel(nginx_port):
@@ -359,12 +395,17 @@ def run(work, secs, quick, tunnel_only=False):
                   % (label, r["rps"], r["p50"], r["p99"], r["errors"]))
         print("download %.0f MB/s" % curl_download(url + "big", HOST, big_sha, work)["MBps"])
         return
-    ssh_port, ssh_procs = start_ssh(work, nginx_port)
+    py_port = start_python_origin()
+    ssh_port, ssh_py_port, ssh_procs = start_ssh(work, nginx_port, py_port)
+    expose(t_control, py_port, "pyorigin")
     idle = {"relay": rss_kib(relay.pid), "client": rss_kib(client.pid),
             "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
     rows = [("direct", "http://127.0.0.1:%d/" % nginx_port, None),
             ("ssh -R", "http://127.0.0.1:%d/" % ssh_port, None),
             ("tunnel.py", "http://127.0.0.1:%d/" % t_http, HOST)]
+    py_rows = {"direct": ("http://127.0.0.1:%d/" % py_port, None),
+               "ssh -R": ("http://127.0.0.1:%d/" % ssh_py_port, None),
+               "tunnel.py": ("http://127.0.0.1:%d/" % t_http, "pyorigin.localhost")}
     results = {name: {} for name, _, _ in rows}
     for name, url, host in rows:
         r = results[name]
@@ -376,6 +417,7 @@ def run(work, secs, quick, tunnel_only=False):
                          "client": rss_kib(client.pid, "VmHWM"),
                          "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
         r["split"] = wrk(url + "split/small", 1, secs, host)
+        r["nagle"] = wrk(py_rows[name][0] + "small", 1, secs, py_rows[name][1])
         r["down"] = curl_download(url + "big", host, big_sha, work)
         r["up"] = curl_upload(url, host, os.path.join(work, "www", "big"), big_sha, work,
                               name.replace(" ", "").replace(".", "") + ".bin")
@@ -407,16 +449,17 @@ def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay
     lines = ["", "## Results (wrk -t1, %ds per run, nginx origin, 100-byte file; %s)"
              % (secs, time.strftime("%Y-%m-%d")), "",
              "| path | 1 conn rps | 1 conn p99 | 50 conn rps | 50 conn p99 | split p99 | "
-             "256 MiB down | 256 MiB up | p99 under bulk | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "no-NODELAY origin p99 | 256 MiB down | 256 MiB up | p99 under bulk | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("direct", "ssh -R", "tunnel.py"):
         r = res[name]
-        errors = sum(r[k]["errors"] for k in ("c1", "c50", "split", "fair"))
+        errors = sum(r[k]["errors"] for k in ("c1", "c50", "split", "nagle", "fair"))
         ok = r["down"]["ok"] and r["up"]["ok"]
-        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %.0f MB/s | "
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %.2f ms | %.0f MB/s | "
                      "%.0f MB/s | %.2f ms | %d%s |" % (
                          name, r["c1"]["rps"], r["c1"]["p99"], r["c50"]["rps"],
-                         r["c50"]["p99"], r["split"]["p99"], r["down"]["MBps"],
+                         r["c50"]["p99"], r["split"]["p99"], r["nagle"]["p99"],
+                         r["down"]["MBps"],
                          r["up"]["MBps"], r["fair"]["p99"], errors,
                          "" if ok else ", BYTES WRONG"))
     ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
