@@ -3533,6 +3533,7 @@ class Client(SessionDelegate):
         self.changed = threading.Condition()  # notified when the session goes up or down
         self._connector: Optional[_Connector] = None
         self._tls_context: Any = None
+        self._hinted = False
         self._reconnect_timer: Optional[Timer] = None
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
@@ -3695,8 +3696,10 @@ class Client(SessionDelegate):
             self.loop.stop()
             return
         cfg = self.config
-        if not session.established and error is None and not (
-                cfg.tls or cfg.tls_ca or cfg.tls_fingerprint or cfg.insecure):
+        if (not session.established and error is None and self.url is None
+                and not self._hinted and not (cfg.tls or cfg.tls_ca or cfg.tls_fingerprint
+                                              or cfg.insecure)):
+            self._hinted = True   # once: a busy relay closes early too
             log.warning("the relay closed the connection during the handshake; if its "
                         "control port uses TLS, add --tls, --tls-ca or --tls-fingerprint")
         if session.goaway_received:

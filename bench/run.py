@@ -327,7 +327,10 @@ def hold_idle(port, host, n):
 
 
 def scale(control_port, n):
-    """n tunnel clients in this process (one event loop), connected to one relay."""
+    """n tunnel clients in this process (one event loop), connected to one relay.
+    Clients beyond the relay's unauthenticated cap are refused and back off."""
+    import logging
+    logging.getLogger("tunnel").setLevel(logging.ERROR)   # their retries are expected
     loop = tunnel.EventLoop()
     clients = []
     for i in range(n):
