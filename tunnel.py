@@ -999,6 +999,14 @@ class Conn:
         self.loop.conns.discard(self)
         return self.sock
 
+    def dial_next(self, addrs: List[Any]) -> bool:
+        """After a failed connect: start one to the next address, if any is left."""
+        sock, _ = dial(addrs) if addrs else (None, None)
+        if sock is None:
+            return False
+        self.replace_socket(sock)
+        return True
+
     def replace_socket(self, sock: socket.socket) -> None:
         """Swap in a new socket (the next address of a connect attempt)."""
         if self._mask:
@@ -1242,11 +1250,12 @@ class Session(Conn):
 
     def __init__(self, loop: EventLoop, sock: socket.socket, peer: str,
                  handshake: Any, delegate: SessionDelegate, is_relay: bool,
-                 config: Optional[SessionConfig] = None) -> None:
+                 config: Optional[SessionConfig] = None, peer_ip: str = "") -> None:
         super().__init__(loop, sock)
         set_nodelay(sock)
         self.sid = next(Session._ids)
         self.peer = peer
+        self.peer_ip = peer_ip           # for per-address penalties (relay side)
         self.handshake = handshake
         self.delegate = delegate
         self.is_relay = is_relay
@@ -2340,7 +2349,8 @@ class Pipe(Conn, StreamHandler):
             self.read_eof = True
             self.on_socket_eof()
         else:
-            quickack(self.sock)
+            if n < limit:   # a short read: maybe a small write the peer waits to have ACKed
+                quickack(self.sock)
             self.on_socket_data(self.loop.scratch_view[:n])
         self.update()
         self.read_pending()
@@ -3210,7 +3220,8 @@ class Relay(SessionDelegate):
             return self._claim(session, request)
         handshake = RelayHandshake(self.token_for, accept)
         session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
-                          config=self.session_config)
+                          config=self.session_config,
+                          peer_ip=str(addr[0]) if isinstance(addr, tuple) else "")
         self.sessions.add(session)
         self.unauthenticated.add(session)
 
@@ -3306,7 +3317,7 @@ class Relay(SessionDelegate):
     def on_handshake_refused(self, session: Session, handshake: Any) -> float:
         if getattr(handshake, "failed_code", "") != "auth":
             return 0.0
-        ip = session.peer.rsplit(":", 1)[0].strip("[]")
+        ip = session.peer_ip
         delay = self.penalties.fail(ip)
         if self.penalties.banned(ip):
             log.warning("control connections from %s banned for %.0fs after repeated "
@@ -3347,7 +3358,7 @@ class Relay(SessionDelegate):
     # -- session events -------------------------------------------------------------
     def on_session_up(self, session: Session) -> None:
         self.unauthenticated.discard(session)
-        self.penalties.succeed(session.peer.rsplit(":", 1)[0].strip("[]"))
+        self.penalties.succeed(session.peer_ip)
         log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
 
     def on_session_closed(self, session: Session, reason: str,
@@ -3440,11 +3451,8 @@ class TargetConn(Pipe):
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                sock, _ = dial(self._addrs) if self._addrs else (None, None)
-                if sock is not None:   # e.g. ::1 refused, 127.0.0.1 next
-                    self.replace_socket(sock)
-                    return
-                self._connect_failed(OSError(err, os.strerror(err)))
+                if not self.dial_next(self._addrs):   # e.g. ::1 refused, 127.0.0.1 next
+                    self._connect_failed(OSError(err, os.strerror(err)))
                 return
             set_nodelay(self.sock)
             self.connecting = False
@@ -3766,10 +3774,7 @@ class _Connector(Conn):
     def on_write(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            sock, _ = dial(self.addrs) if self.addrs else (None, None)
-            if sock is not None:
-                self.replace_socket(sock)
-            else:
+            if not self.dial_next(self.addrs):
                 self._fail(os.strerror(err).lower())
             return
         self.timer.cancel()
