@@ -200,6 +200,7 @@ ACCEPT_BATCH = 64                       # accept() calls per readable listener
 
 # -- HTTP limits --------------------------------------------------------------
 MAX_HEAD_SIZE = 64 * 1024               # request or response head
+HEAD_PROBE = 4 * 1024                   # a head found within this many bytes is not buffered
 MAX_REQUEST_LINE = 8 * 1024             # longer request line: 414
 MAX_HEADER_COUNT = 100                  # more fields: 431
 MAX_CHUNK_LINE = 4 * 1024               # chunk-size line or trailer line
@@ -1564,11 +1565,9 @@ EV_ERROR = "error"   # value: HTTPError; the parser is dead afterwards
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*?"
 _REQUEST_LINE_RE = re.compile(r"(" + _TOKEN + r") ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\Z")
-_STATUS_LINE_RE = re.compile(r"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+_STATUS_LINE_RE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?(?:\r\n|\Z)")
 _FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*(" + _VALUE + r")[ \t]*\r\n")
 _FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[ \t]*" + _VALUE + r"[ \t]*\r\n)*")
-_RESPONSE_FRAMING_RE = re.compile(r"\r\n(content-length|transfer-encoding|connection)[ \t]*:"
-                                  r"[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.I)
 _TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
@@ -1613,10 +1612,7 @@ class Headers:
 
     def tokens(self, name: str) -> List[str]:
         """Comma-separated list values of every ``name`` field, lower-cased."""
-        values = self.index.get(name)
-        if not values:       # the common case: the field is absent
-            return []
-        return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+        return _list_tokens(self.index.get(name, _NO_VALUES))
 
     def __iter__(self) -> Any:
         return iter(self.items)
@@ -1644,12 +1640,13 @@ class Request:
 
 
 class Response:
-    __slots__ = ("status", "version", "headers", "keep_alive")
+    """A response head: only what framing needs (the head itself is forwarded verbatim)."""
 
-    def __init__(self, status: int, version: Tuple[int, int], headers: Headers) -> None:
+    __slots__ = ("status", "version", "keep_alive")
+
+    def __init__(self, status: int, version: Tuple[int, int]) -> None:
         self.status = status
         self.version = version
-        self.headers = headers
         self.keep_alive = True
 
 
@@ -1676,10 +1673,14 @@ def _split_start_line(head: bytes) -> Tuple[str, str]:
     return start, (rest + "\r\n") if sep else ""
 
 
-def _content_length(headers: Headers) -> Optional[int]:
-    values = headers.get_all("content-length")
+def _length_from(values: List[str]) -> Optional[int]:
+    """The Content-Length given by every value of the field, or None without one."""
     if not values:
         return None
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and value.isascii() and len(value) <= 18:
+            return int(value)     # the common case: one plain number
     found = {part.strip() for v in values for part in v.split(",")}
     if len(found) != 1:
         raise HTTPError(400, "conflicting Content-Length values")
@@ -1687,6 +1688,32 @@ def _content_length(headers: Headers) -> Optional[int]:
     if not _DIGITS_RE.match(value):
         raise HTTPError(400, "invalid Content-Length")
     return int(value)
+
+
+def _list_tokens(values: List[str]) -> List[str]:
+    """Comma-separated list values, lower-cased, empty elements dropped."""
+    if not values:       # the common case: the field is absent
+        return []
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def _field_values(lower: bytes, name: bytes) -> List[str]:
+    """Every value of field ``name`` (given as CRLF + lower-case name) in a lower-cased
+    head, without parsing the other fields: a response head is forwarded verbatim and
+    only its framing fields matter to the relay."""
+    values: List[str] = []
+    i = lower.find(name)
+    while i >= 0:
+        j = i + len(name)
+        colon = j
+        while lower[colon:colon + 1] in (b" ", b"\t"):
+            colon += 1
+        if lower[colon:colon + 1] == b":":     # else a longer name (Connection-X)
+            eol = lower.find(b"\r\n", colon)
+            values.append(lower[colon + 1:eol if eol >= 0 else len(lower)]
+                          .strip(b" \t").decode("latin-1"))
+        i = lower.find(name, j)
+    return values
 
 
 def _split_host(value: str) -> Tuple[str, str]:
@@ -1810,8 +1837,15 @@ class HTTPParser:
                     if pos >= end:
                         return
                 start = pos
-                head, pos = self._take_until(mv, pos, b"\r\n\r\n", self.max_head, 431 if
-                                             self.is_request else 502, "message head")
+                head = None
+                if not self._buf:    # fast path: the whole head is in this piece
+                    probe = bytes(mv[pos:pos + HEAD_PROBE])
+                    i = probe.find(b"\r\n\r\n")
+                    if 0 <= i <= self.max_head:
+                        head, pos = probe[:i], pos + i + 4
+                if head is None:
+                    head, pos = self._take_until(mv, pos, b"\r\n\r\n", self.max_head, 431
+                                                 if self.is_request else 502, "message head")
                 self.message_bytes += pos - start
                 if head is None:
                     if (self.is_request and len(self._buf) > MAX_REQUEST_LINE
@@ -1920,7 +1954,7 @@ class HTTPParser:
             raise HTTPError(400, "missing Host header")
         req.host_header = hosts[0] if hosts else ""
         req.host = _split_host(req.host_header)[0] if hosts else ""
-        absolute = _ABSOLUTE_RE.match(target)
+        absolute = None if target[:1] == "/" else _ABSOLUTE_RE.match(target)
         if absolute:
             authority = _split_host(absolute.group(1))[0]
             if hosts and authority != req.host:
@@ -1932,9 +1966,10 @@ class HTTPParser:
         elif not (target.startswith("/") or (target == "*" and method == "OPTIONS")):
             raise HTTPError(400, "invalid request target")
         # Body framing (RFC 9112 section 6.3): ambiguity is an error, never a guess.
-        codings = headers.tokens("transfer-encoding")
-        length = _content_length(headers)
-        if "transfer-encoding" in headers.index:
+        index = headers.index
+        length = _length_from(index["content-length"]) if "content-length" in index else None
+        if "transfer-encoding" in index:
+            codings = headers.tokens("transfer-encoding")
             if length is not None:
                 raise HTTPError(400, "both Content-Length and Transfer-Encoding")
             if version == (1, 0):
@@ -1957,16 +1992,16 @@ class HTTPParser:
         self._start_body(req.body, length, events)
 
     def _on_response_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
-        line, block = _split_start_line(head)
-        m = _STATUS_LINE_RE.match(line)
+        m = _STATUS_LINE_RE.match(head)
         if m is None:
             raise HTTPError(502, "malformed status line from the origin")
         version = (int(m.group(1)), int(m.group(2)))
         status = int(m.group(3))
-        # The response is forwarded verbatim; the relay only needs its framing.
-        headers = Headers(_RESPONSE_FRAMING_RE.findall("\r\n" + block))
-        resp = Response(status, version, headers)
-        connection = headers.tokens("connection")
+        # The response is forwarded verbatim; the relay only needs its framing, found
+        # with plain searches of the lower-cased head (no per-field parsing).
+        lower = head.lower()
+        connection = _list_tokens(_field_values(lower, b"\r\nconnection"))
+        resp = Response(status, version)
         resp.keep_alive = ("close" not in connection if version >= (1, 1)
                            else "keep-alive" in connection)
         events.append((EV_HEAD, resp))
@@ -1981,12 +2016,12 @@ class HTTPParser:
         if method == "HEAD" or status in (204, 304):
             self._end(events)
             return
-        codings = headers.tokens("transfer-encoding")
+        codings = _list_tokens(_field_values(lower, b"\r\ntransfer-encoding"))
         if codings:
             self._start_body("chunked" if codings[-1] == "chunked" else "close", None, events)
             return
         try:
-            length = _content_length(headers)
+            length = _length_from(_field_values(lower, b"\r\ncontent-length"))
         except HTTPError as exc:
             raise HTTPError(502, "origin response: %s" % exc) from None
         if length is None:
@@ -2349,11 +2384,17 @@ class Pipe(Conn, StreamHandler):
             self.read_eof = True
             self.on_socket_eof()
         else:
-            if n < limit:   # a short read: maybe a small write the peer waits to have ACKed
-                quickack(self.sock)
             self.on_socket_data(self.loop.scratch_view[:n])
+            # A short read mid-message: the peer may hold its next small write until
+            # this one is ACKed (Nagle), so ACK now rather than after 40 ms.
+            if n < limit and self.mid_message() and not self.closed:
+                quickack(self.sock)
         self.update()
         self.read_pending()
+
+    def mid_message(self) -> bool:
+        """Will the peer send more before it hears from us?  (Unknown: assume so.)"""
+        return True
 
     def on_socket_data(self, data: memoryview) -> None:
         if self.stream is not None:
@@ -2790,6 +2831,7 @@ class VisitorConn(Pipe):
         self.requests = HTTPParser(is_request=True, max_head=relay.config.max_head_size)
         self.responses = HTTPParser(is_request=False, emit_body=False)
         self.tunnel: Optional[Tunnel] = None
+        self.bound_host = ""          # the Host that bound this connection to its tunnel
         self.inflight: Deque[Exchange] = collections.deque()
         self.deferred: Optional[HTTPError] = None   # answer once in-flight ones finish
         self.upgraded = False
@@ -2810,6 +2852,9 @@ class VisitorConn(Pipe):
         return super().wants_read()
 
     # -- visitor -> origin ---------------------------------------------------------
+    def mid_message(self) -> bool:
+        return self.upgraded or not self.requests.idle
+
     def on_socket_data(self, data: memoryview) -> None:
         if self.upgraded:
             assert self.stream is not None
@@ -2856,8 +2901,12 @@ class VisitorConn(Pipe):
         if self.redirect:
             url = "https://%s%s%s" % (req.host, self.relay.https_port_suffix(), req.target)
             raise HTTPError(308, "This relay serves HTTPS: %s" % url, (("Location", url),))
-        name = self.relay.route(req)
-        tunnel = self.tunnel or self.relay.tunnel_for(name)
+        tunnel = self.tunnel
+        if tunnel is None or req.host != self.bound_host:   # a new connection or Host
+            name = self.relay.route(req)
+            tunnel = tunnel or self.relay.tunnel_for(name)
+        else:
+            name = tunnel.name
         if name != tunnel.name:
             raise HTTPError(421, "This connection is bound to %s.%s; open a new connection "
                             "for %s." % (tunnel.name, self.relay.config.domain, req.host))
@@ -2872,6 +2921,7 @@ class VisitorConn(Pipe):
                 raise HTTPError(503, "The tunnel %s is at its limit of %d streams; try "
                                 "again soon." % (name, cfg.max_streams))
             self.tunnel = tunnel
+            self.bound_host = req.host
             tunnel.visitors += 1
             self.stream = tunnel.session.open_stream({"peer": self.peer,
                                                       "host": req.host_header})
