@@ -2013,13 +2013,13 @@ def free_port():
 
 
 class CommandLineTest(unittest.TestCase):
-    def spawn(self, *args, env=None):
+    def spawn(self, *args, env=None, cwd=None):
         e = dict(os.environ)
         e.pop("TUNNEL_TOKEN", None)
         e.pop("TUNNEL_RELAY", None)
         e.update(env or {})
         p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY] + list(args),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=cwd)
 
         def cleanup():
             if p.poll() is None:
@@ -2036,6 +2036,18 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(p.returncode, 2, (args, err))
             self.assertEqual(len(err.decode().strip().splitlines()), 1, err)
             self.assertNotIn(b"Traceback", err)
+
+    def test_script_run_ignores_modules_in_the_working_directory(self):
+        # serve/expose hand over to a fresh interpreter (to free the script's parse
+        # tree); like a script run, it must not import from the working directory.
+        work = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, work)
+        with open(os.path.join(work, "selectors.py"), "w") as f:
+            f.write("raise SystemExit('imported selectors.py from the working directory')\n")
+        p = self.spawn("serve", "--http-port", "x", cwd=work)
+        _, err = p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 2, err)
+        self.assertIn(b"invalid int value", err)
 
     def test_help_has_examples(self):
         p = self.spawn("expose", "--help")
