@@ -281,6 +281,7 @@ class RequestParserTest(unittest.TestCase):
              400, "conflicting"),
             (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 4\r\n\r\n", 400, "conflicting"),
             (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", 400, "invalid"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \xb9\r\n\r\n", 400, "invalid"),
             (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
              400, "end with chunked"),
             (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
@@ -363,6 +364,44 @@ class ResponseParserTest(unittest.TestCase):
                                b"\x81\x02hi")
         self.assertTrue(p.tunnel)
         self.assertEqual([e[0] for e in events], [EV_HEAD, EV_END])
+
+    def test_framing_fields_are_found_by_name_only(self):
+        # Case-insensitive, longer names ignored, whitespace tolerated, head only.
+        for head, body_kind in [
+                (b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 3\r\n\r\n", "abc"),
+                (b"HTTP/1.1 200 OK\r\nContent-Length-X: 9\r\ncontent-length :\t3 \r\n\r\n",
+                 "abc"),
+                (b"HTTP/1.1 200 OK\r\nX-Note: content-length: 9\r\nContent-Length: 3\r\n\r\n",
+                 "abc"),
+                (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n", "chunked"),
+                (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n",
+                 "close")]:
+            for one_byte in (False, True):
+                body = {"abc": b"abcHTTP/1.1 204 No Content\r\n\r\n",
+                        "chunked": b"3\r\nabc\r\n0\r\n\r\n", "close": b"abc"}[body_kind]
+                p, events = self.parse(head + body, ("GET", "GET"), one_byte)
+                kinds = [e[0] for e in events]
+                if body_kind == "close":
+                    self.assertEqual(kinds, [EV_HEAD, EV_BODY], head)
+                    self.assertEqual(p.feed_eof(), [(EV_END, len(head) + 3)])
+                else:
+                    self.assertEqual(kinds[:3], [EV_HEAD, EV_BODY, EV_END], head)
+                    self.assertEqual(events[2][1], len(head + body) -
+                                     (len(body) - 3 if body_kind == "abc" else 0))
+
+    def test_connection_and_version_decide_keep_alive(self):
+        for head, keep in [(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\n", False),
+                           (b"HTTP/1.1 200 OK\r\nConnection-X: close\r\n", True),
+                           (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n", True),
+                           (b"HTTP/1.0 200 OK\r\n", False)]:
+            _, events = self.parse(head + b"Content-Length: 0\r\n\r\n")
+            self.assertEqual(events[0][1].keep_alive, keep, head)
+
+    def test_conflicting_lengths_from_origin_are_502(self):
+        _, events = self.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                               b"content-length: 4\r\n\r\nabcd")
+        self.assertEqual(events[-1][0], EV_ERROR)
+        self.assertEqual(events[-1][1].status, 502)
 
     def test_garbage_from_origin(self):
         _, events = self.parse(b"SSH-2.0-OpenSSH\r\n\r\n")
