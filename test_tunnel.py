@@ -671,9 +671,15 @@ class SessionPairTest(unittest.TestCase):
             self.client_side.streams.clear()
         self.assertEqual(errors, [])
 
-    def test_ping_measures_rtt(self):
+    def test_ping_measures_rtt_and_keeps_the_least(self):
         self.relay.ping()
         self.pump(lambda: self.relay.rtt > 0)
+        quick = self.relay.rtt
+        self.relay.ping()    # this one "waited" 5 s behind a queue: it must not count
+        self.relay._ping_sent[self.relay._ping_seq] -= 5.0
+        self.pump(lambda: not self.relay._ping_sent)
+        self.assertLess(self.relay.rtt, 1.0)
+        self.assertLessEqual(self.relay.rtt, quick)
 
 
 # =============================================================================

@@ -90,7 +90,8 @@ Flow control (in the spirit of yamux): each direction of each stream starts
 with INITIAL_WINDOW bytes of credit.  A sender stops reading its socket when
 the credit is spent; the receiver grants more (WINDOW) as it writes the data
 out to its own socket, so memory per stream is bounded by the window.  A
-stream whose grants come faster than twice the measured round trip is
+stream whose grants come faster than twice the round trip (the least of the
+last few PINGs, so a PING stuck behind bulk data does not count) is
 window-bound, and its window doubles, up to MAX_WINDOW.  When the control
 socket's own output queue passes SESSION_HIGH_WATER every stream of that
 session stops reading until it drains, so one bulk stream cannot build a
@@ -193,6 +194,7 @@ GOAWAY_NORMAL = 0                       # planned shutdown
 INITIAL_WINDOW = 256 * 1024             # per-stream credit at open
 MAX_WINDOW = 16 * 1024 * 1024           # a busy stream's window grows to this
 MIN_RTT = 0.0002                        # floor for the window-growth test (s)
+RTT_SAMPLES = 6                         # the window test uses the least of this many PINGs
 SESSION_HIGH_WATER = 256 * 1024         # control output queue: pause stream readers
 SESSION_LOW_WATER = 64 * 1024           # ... and resume them below this
 READ_SIZE = 64 * 1024                   # bytes per recv_into: bounds one loop turn
@@ -1277,7 +1279,8 @@ class Session(Conn):
         self.established = False
         self.streams: Dict[int, Stream] = {}
         self.highest_id = 0              # largest stream id opened so far
-        self.rtt = 0.0                   # last measured PING round trip
+        self.rtt = 0.0                   # smallest of the recent PING round trips
+        self._rtts: Deque[float] = collections.deque(maxlen=RTT_SAMPLES)
         self.name = ""                   # tunnel name, set by the relay/client
         self.goaway_sent = False
         self.goaway_received = False
@@ -1450,7 +1453,10 @@ class Session(Conn):
         if frame.flags & FLAG_ACK:
             sent = self._ping_sent.pop(PING_PAYLOAD.unpack(frame.payload)[0], None)
             if sent is not None:
-                self.rtt = time.monotonic() - sent
+                # The minimum: a PING queued behind bulk data measures the queue, and
+                # windows grown from that would only make the queue longer.
+                self._rtts.append(time.monotonic() - sent)
+                self.rtt = min(self._rtts)
         else:
             self._send(encode_frame(FrameType.PING, 0, frame.payload, FLAG_ACK))
 
