@@ -124,6 +124,7 @@ import argparse
 import collections
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -207,6 +208,7 @@ MAX_REQUEST_LINE = 8 * 1024             # longer request line: 414
 MAX_HEADER_COUNT = 100                  # more fields: 431
 MAX_CHUNK_LINE = 4 * 1024               # chunk-size line or trailer line
 MAX_TRAILER_SIZE = 16 * 1024            # all trailer lines together
+FORWARDING_CACHE = 1024                 # (peer, host) pairs whose added fields are kept
 
 # -- timeouts and retry (seconds) ---------------------------------------------
 HEARTBEAT_INTERVAL = 10.0               # PING this often
@@ -1527,9 +1529,9 @@ class Session(Conn):
     def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
                  method: str, target: str) -> None:
         text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
-        record = LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
-                                 min(nbytes, 2 ** 64 - 1))
-        self._send(encode_frame(FrameType.LOG, stream_id, record + text))
+        self._send(FRAME_HEADER.pack(FrameType.LOG, 0, stream_id, LOG_RECORD.size + len(text))
+                   + LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
+                                     min(nbytes, 2 ** 64 - 1)) + text)
 
     def go_away(self, reason: str = "") -> None:
         if self.goaway_sent or self.closed or not self.established:
@@ -2094,13 +2096,18 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
         lines.append("Connection: close")
     elif req.version == (1, 0):
         lines.append("Connection: keep-alive")
-    host = req.host_header
+    lines.append(forwarding_fields(peer_ip, req.host_header, proto))
+    return head + "\r\n".join(lines).encode("latin-1")
+
+
+@functools.lru_cache(maxsize=FORWARDING_CACHE)
+def forwarding_fields(peer_ip: str, host: str, proto: str) -> str:
+    """The fields the relay adds to every request, and the head's final empty line
+    (the same for every request of a connection, so cached)."""
     for_ip = '"[%s]"' % peer_ip if ":" in peer_ip else peer_ip
-    lines.append("X-Forwarded-For: %s" % peer_ip)
-    lines.append("X-Forwarded-Proto: %s" % proto)
-    lines.append("X-Forwarded-Host: %s" % host)
-    lines.append('Forwarded: for=%s;host="%s";proto=%s' % (for_ip, host.replace('"', ""), proto))
-    return head + ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return ('X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n'
+            'Forwarded: for=%s;host="%s";proto=%s\r\n\r\n'
+            % (peer_ip, proto, host, for_ip, host.replace('"', ""), proto))
 
 
 # =============================================================================
