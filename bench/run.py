@@ -18,6 +18,7 @@ clients on one relay.
 import argparse
 import hashlib
 import os
+import py_compile
 import re
 import resource
 import shutil
@@ -114,9 +115,9 @@ class PeakRSS:
         self._thread.join()
 
 
-def bare_interpreter_kib():
+def bare_interpreter_kib(python=sys.executable):
     """RSS of this Python doing nothing: the floor under each tunnel.py process."""
-    out = subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"],
+    out = subprocess.run([python, "-c", "print(open('/proc/self/status').read())"],
                          capture_output=True, text=True).stdout
     return int(re.search(r"VmRSS:\s+(\d+)", out).group(1))
 
@@ -255,14 +256,21 @@ def expose(control_port, port, name):
     return client
 
 
-def start_tunnel(nginx_port):
+def clean_python(work):
+    """A venv without site-packages: the interpreter of a fresh machine, for memory."""
+    venv = os.path.join(work, "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    return os.path.join(venv, "bin", "python3")
+
+
+def start_tunnel(nginx_port, python=sys.executable):
     http_port, control_port = free_port(), free_port()
-    relay = spawn([sys.executable, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
+    relay = spawn([python, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
                    str(http_port), "--control-port", str(control_port), "--token", TOKEN,
                    "-q"], stderr=subprocess.DEVNULL)
     wait_port(control_port)
     # The client runs as a user would: access log on (one line per request, drained here).
-    client = spawn([sys.executable, TUNNEL_PY, "expose", str(nginx_port), "--relay",
+    client = spawn([python, TUNNEL_PY, "expose", str(nginx_port), "--relay",
                     "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", "bench"],
                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = client.stdout.readline().decode()
@@ -432,6 +440,9 @@ def stop_all():
 
 def run(work, secs, quick, tunnel_only=False):
     print("preparing nginx, sshd and tunnel.py on 127.0.0.1 ...", flush=True)
+    # The bytecode cache any earlier run leaves (this machine may set
+    # PYTHONDONTWRITEBYTECODE, so make it here): tunnel.py then starts without compiling.
+    py_compile.compile(TUNNEL_PY, doraise=True)
     nginx_port, big_sha = start_nginx(work)
     t_http, t_control, relay, client = start_tunnel(nginx_port)
     if tunnel_only:
@@ -475,6 +486,19 @@ def run(work, secs, quick, tunnel_only=False):
             name.replace(" ", "").replace(".", "") + ".bin"))
         r["fair"] = fairness(url, host, secs)
     ssh_rss = sum(rss_kib(p) for p in [ssh_procs[1].pid] + children(ssh_procs[0].pid))
+
+    print("measuring memory with a clean interpreter (a venv without site-packages) ...",
+          flush=True)
+    clean = clean_python(work)
+    c_http, _, c_relay, c_client = start_tunnel(nginx_port, clean)
+    with PeakRSS([c_relay.pid, c_client.pid]) as peak:
+        c50 = wrk("http://127.0.0.1:%d/small" % c_http, 50, secs, HOST)
+    results["clean"] = {"relay": peak.peak[c_relay.pid], "client": peak.peak[c_client.pid],
+                        "sum": peak.peak_sum, "bare": bare_interpreter_kib(clean),
+                        "errors": c50["errors"]}
+    for p in (c_client, c_relay):
+        p.terminate()
+        p.wait()
 
     print("holding 1,000 idle visitor connections ...", flush=True)
     before = rss_kib(relay.pid) + rss_kib(client.pid)
@@ -537,6 +561,11 @@ def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay
               "tunnel.py's own share of that peak is %.1f MiB"
               % (os.path.basename(sys.executable), mib(idle["bare"]),
                  mib(t["peak"]["sum"] - 2 * idle["bare"])),
+              "- the same load with a clean interpreter (a venv without site-packages, as on "
+              "a fresh machine; bare %.1f MiB): relay %.1f MiB, client %.1f MiB, together "
+              "%.1f MiB, errors %d" % (mib(res["clean"]["bare"]), mib(res["clean"]["relay"]),
+                                       mib(res["clean"]["client"]), mib(res["clean"]["sum"]),
+                                       res["clean"]["errors"]),
               "- ssh -R (ssh client + sshd session) after its runs: %.1f MiB" % mib(ssh_rss),
               "- 1,000 idle keep-alive visitors add %.1f MiB (relay + client)"
               % mib(held - before),
