@@ -90,9 +90,11 @@ Flow control (in the spirit of yamux): each direction of each stream starts
 with INITIAL_WINDOW bytes of credit.  A sender stops reading its socket when
 the credit is spent; the receiver grants more (WINDOW) as it writes the data
 out to its own socket, so memory per stream is bounded by the window.  A
-stream whose grants come faster than twice the round trip (the least of the
-last few PINGs, so a PING stuck behind bulk data does not count) is
-window-bound, and its window doubles, up to MAX_WINDOW.  When the control
+stream whose grants come (smoothed) more often than once per round trip (the
+least of the last few PINGs, so a PING stuck behind bulk data does not count)
+is window-bound, and its window doubles, up to MAX_WINDOW: about twice the
+bandwidth-delay product, and no more, since every byte of window is a byte of
+queue in front of the session's other streams.  When the control
 socket's own output queue passes SESSION_HIGH_WATER every stream of that
 session stops reading until it drains, so one bulk stream cannot build a
 queue in front of the others.
@@ -195,6 +197,7 @@ GOAWAY_NORMAL = 0                       # planned shutdown
 INITIAL_WINDOW = 256 * 1024             # per-stream credit at open
 MAX_WINDOW = 16 * 1024 * 1024           # a busy stream's window grows to this
 MIN_RTT = 0.0002                        # floor for the window-growth test (s)
+GRANT_SMOOTHING = 0.25                  # weight of the newest interval between grants
 RTT_SAMPLES = 6                         # the window test uses the least of this many PINGs
 SESSION_HIGH_WATER = 256 * 1024         # control output queue: pause stream readers
 SESSION_LOW_WATER = 64 * 1024           # ... and resume them below this
@@ -817,6 +820,7 @@ class Stream:
         self.recv_credit = INITIAL_WINDOW   # bytes the peer may still send
         self.unacked = 0                    # consumed here, not yet granted
         self.last_grant = time.monotonic()
+        self.grant_interval = -1.0          # smoothed time between grants (s; -1: none yet)
         self.pending = bytearray()          # written while out of credit
         self.fin_pending = False
         self.bytes_in = 0
@@ -891,11 +895,20 @@ class Stream:
         if self.unacked < self.recv_window // 2 or not self.can_receive:
             return
         now = time.monotonic()
+        # Smoothed: a burst of quick grants (this side catching up on a backlog) is not
+        # a sign that the peer waits for credit, and growing then only lengthens the
+        # queue in front of the session's other streams.
+        interval = now - self.last_grant
+        if self.grant_interval < 0:
+            self.grant_interval = interval
+        else:
+            self.grant_interval += (interval - self.grant_interval) * GRANT_SMOOTHING
         extra = 0
         if (self.recv_window < MAX_WINDOW
-                and now - self.last_grant < 2 * max(self.session.rtt, MIN_RTT)):
+                and self.grant_interval < max(self.session.rtt, MIN_RTT)):
             extra = min(self.recv_window, MAX_WINDOW - self.recv_window)
             self.recv_window += extra
+            self.grant_interval *= 2        # at the same rate, grants now come half as often
         increment = self.unacked + extra
         self.unacked = 0
         self.recv_credit += increment
