@@ -90,11 +90,11 @@ Flow control (in the spirit of yamux): each direction of each stream starts
 with INITIAL_WINDOW bytes of credit.  A sender stops reading its socket when
 the credit is spent; the receiver grants more (WINDOW) as it writes the data
 out to its own socket, so memory per stream is bounded by the window.  A
-stream whose grants come (smoothed) more often than once per round trip (the
-least of the last few PINGs, so a PING stuck behind bulk data does not count)
-is window-bound, and its window doubles, up to MAX_WINDOW: about twice the
-bandwidth-delay product, and no more, since every byte of window is a byte of
-queue in front of the session's other streams.  When the control
+stream whose grants come (smoothed) more often than twice per two round trips
+(the least of the last few PINGs, so a PING stuck behind bulk data does not
+count) is window-bound, and its window doubles, up to MAX_WINDOW.  Smoothing
+keeps a burst of quick grants from growing it: every byte of window is a byte
+of queue in front of the session's other streams.  When the control
 socket's own output queue passes SESSION_HIGH_WATER every stream of that
 session stops reading until it drains, so one bulk stream cannot build a
 queue in front of the others.
@@ -905,7 +905,7 @@ class Stream:
             self.grant_interval += (interval - self.grant_interval) * GRANT_SMOOTHING
         extra = 0
         if (self.recv_window < MAX_WINDOW
-                and self.grant_interval < max(self.session.rtt, MIN_RTT)):
+                and self.grant_interval < 2 * max(self.session.rtt, MIN_RTT)):
             extra = min(self.recv_window, MAX_WINDOW - self.recv_window)
             self.recv_window += extra
             self.grant_interval *= 2        # at the same rate, grants now come half as often
