@@ -90,11 +90,12 @@ Flow control (in the spirit of yamux): each direction of each stream starts
 with INITIAL_WINDOW bytes of credit.  A sender stops reading its socket when
 the credit is spent; the receiver grants more (WINDOW) as it writes the data
 out to its own socket, so memory per stream is bounded by the window.  A
-stream whose grants come (smoothed) more often than twice per two round trips
-(the least of the last few PINGs, so a PING stuck behind bulk data does not
-count) is window-bound, and its window doubles, up to MAX_WINDOW.  Smoothing
-keeps a burst of quick grants from growing it: every byte of window is a byte
-of queue in front of the session's other streams.  When the control
+stream whose grants come less than two round trips apart (the interval
+smoothed, so that a burst of quick grants does not count; the round trip is
+the least of the last few PINGs, so that one stuck behind bulk data does not
+count either) is window-bound, and its window doubles, up to MAX_WINDOW.
+Every byte of window is a byte of queue in front of the session's other
+streams, so it grows only when the peer really waits for credit.  When the control
 socket's own output queue passes SESSION_HIGH_WATER every stream of that
 session stops reading until it drains, so one bulk stream cannot build a
 queue in front of the others.
@@ -512,7 +513,8 @@ def http_response(status: int, text: str, method: str = "GET",
 
 
 HTTP_REASONS = {200: "OK", 303: "See Other", 308: "Permanent Redirect", 400: "Bad Request",
-                401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests", 404: "Not Found", 405: "Method Not Allowed",
+                401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                405: "Method Not Allowed", 429: "Too Many Requests",
                 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
                 421: "Misdirected Request", 431: "Request Header Fields Too Large",
                 500: "Internal Server Error", 502: "Bad Gateway",
@@ -1598,7 +1600,8 @@ EV_ERROR = "error"   # value: HTTPError; the parser is dead afterwards
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*?"
 _REQUEST_LINE_RE = re.compile(r"(" + _TOKEN + r") ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\Z")
-_STATUS_LINE_RE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?(?:\r\n|\Z)")
+_STATUS_LINE_RE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?"
+                             rb"(?:\r\n|\Z)")
 _FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*(" + _VALUE + r")[ \t]*\r\n")
 _FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[ \t]*" + _VALUE + r"[ \t]*\r\n)*")
 _TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
