@@ -16,6 +16,7 @@ clients on one relay.
 """
 
 import argparse
+import contextlib
 import hashlib
 import os
 import py_compile
@@ -96,7 +97,6 @@ class PeakRSS:
         self.peak = {pid: 0 for pid in pids}
         self.peak_sum = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
 
     def _run(self):
         while not self._stop.is_set():
@@ -106,13 +106,17 @@ class PeakRSS:
             self.peak_sum = max(self.peak_sum, sum(now.values()))
             self._stop.wait(self.interval)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    @contextlib.contextmanager
+    def sampling(self):
+        """Sample while the block runs (may be entered again: the peaks accumulate)."""
+        self._stop.clear()
+        thread = threading.Thread(target=self._run)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
 
 
 def bare_interpreter_kib(python=sys.executable):
@@ -408,6 +412,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run (default 5)")
     ap.add_argument("--quick", action="store_true", help="1-second runs, fewer clients")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="wrk runs per row at 1 and 50 connections, taking turns; the median "
+                         "is reported (default 3)")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -420,7 +427,7 @@ def main():
     work = tempfile.mkdtemp(prefix="tunnel-bench-", dir="/dev/shm" if os.path.isdir(
         "/dev/shm") else None)
     try:
-        run(work, secs, args.quick, args.tunnel_only)
+        run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -438,7 +445,7 @@ def stop_all():
             p.kill()
 
 
-def run(work, secs, quick, tunnel_only=False):
+def run(work, secs, quick, tunnel_only=False, rounds=3):
     print("preparing nginx, sshd and tunnel.py on 127.0.0.1 ...", flush=True)
     # The bytecode cache any earlier run leaves (this machine may set
     # PYTHONDONTWRITEBYTECODE, so make it here): tunnel.py then starts without compiling.
@@ -466,18 +473,29 @@ def run(work, secs, quick, tunnel_only=False):
                "ssh -R": ("http://127.0.0.1:%d/" % ssh_py_port, None),
                "tunnel.py": ("http://127.0.0.1:%d/" % t_http, "pyorigin.localhost")}
     results = {name: {} for name, _, _ in rows}
+    # Requests per second: the rows take turns, `rounds` times, and each reports its median
+    # run, so a slow spell of this shared machine does not land on one row only.
+    runs = {(name, conns): [] for name, _, _ in rows for conns in (1, 50)}
+    peak = PeakRSS([relay.pid, client.pid])
+    for i in range(rounds):
+        print("requests per second, round %d of %d ..." % (i + 1, rounds), flush=True)
+        for name, url, host in rows:
+            runs[name, 1].append(wrk(url + "small", 1, secs, host))
+            if name == "tunnel.py":
+                with peak.sampling():
+                    runs[name, 50].append(wrk(url + "small", 50, secs, host))
+            else:
+                runs[name, 50].append(wrk(url + "small", 50, secs, host))
+    for (name, conns), rs in runs.items():
+        median = sorted(rs, key=lambda r: r["rps"])[len(rs) // 2]
+        median["errors"] = sum(r["errors"] for r in rs)
+        results[name]["c%d" % conns] = median
+    results["tunnel.py"]["peak"] = {"relay": peak.peak[relay.pid],
+                                    "client": peak.peak[client.pid], "sum": peak.peak_sum,
+                                    "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
     for name, url, host in rows:
         r = results[name]
         print("measuring %s ..." % name, flush=True)
-        r["c1"] = wrk(url + "small", 1, secs, host)
-        if name == "tunnel.py":
-            with PeakRSS([relay.pid, client.pid]) as peak:
-                r["c50"] = wrk(url + "small", 50, secs, host)
-            r["peak"] = {"relay": peak.peak[relay.pid], "client": peak.peak[client.pid],
-                         "sum": peak.peak_sum,
-                         "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
-        else:
-            r["c50"] = wrk(url + "small", 50, secs, host)
         r["split"] = wrk(url + "split/small", 1, secs, host)
         r["nagle"] = wrk(py_rows[name][0] + "small", 1, secs, py_rows[name][1])
         r["down"] = best_of(2, lambda: curl_download(url + "big", host, big_sha, work))
@@ -491,7 +509,8 @@ def run(work, secs, quick, tunnel_only=False):
           flush=True)
     clean = clean_python(work)
     c_http, _, c_relay, c_client = start_tunnel(nginx_port, clean)
-    with PeakRSS([c_relay.pid, c_client.pid]) as peak:
+    peak = PeakRSS([c_relay.pid, c_client.pid])
+    with peak.sampling():
         c50 = wrk("http://127.0.0.1:%d/small" % c_http, 50, secs, HOST)
     results["clean"] = {"relay": peak.peak[c_relay.pid], "client": peak.peak[c_client.pid],
                         "sum": peak.peak_sum, "bare": bare_interpreter_kib(clean),
@@ -515,15 +534,15 @@ def run(work, secs, quick, tunnel_only=False):
     loop.close()
 
     report(results, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
-           secs)
+           secs, rounds)
 
 
 def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
-           secs):
+           secs, rounds):
     d, s, t = res["direct"], res["ssh -R"], res["tunnel.py"]
     mib = lambda kib: kib / 1024.0  # noqa: E731
-    lines = ["", "## Results (wrk -t1, %ds per run, nginx origin, 100-byte file; %s)"
-             % (secs, time.strftime("%Y-%m-%d")), "",
+    lines = ["", "## Results (wrk -t1, %ds per run, median of %d for the rps columns, nginx "
+             "origin, 100-byte file; %s)" % (secs, rounds, time.strftime("%Y-%m-%d")), "",
              "| path | 1 conn rps | 1 conn p99 | 50 conn rps | 50 conn p99 | split p99 | "
              "no-NODELAY origin p99 | 256 MiB down | 256 MiB up | p99 under bulk | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
