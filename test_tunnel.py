@@ -315,6 +315,18 @@ class RequestParserTest(unittest.TestCase):
         many = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: 1\r\n" * (tunnel.MAX_HEADER_COUNT + 1)
         self.assert_error(many + b"\r\n", 431, "too many")
 
+    def test_heads_larger_than_the_probe_parse_the_same(self):
+        pad = b"p" * (tunnel.HEAD_PROBE * 2)
+        data = (b"POST /x HTTP/1.1\r\nHost: h\r\nX-Pad: " + pad + b"\r\n"
+                b"Content-Length: 3\r\n\r\nabc" + REQ_GET)
+        for one_byte in (False, True):
+            p = HTTPParser(is_request=True)
+            events = squash(feed_all(p, data, one_byte))
+            self.assertEqual([e[0] for e in events],
+                             [EV_HEAD, EV_BODY, EV_END, EV_HEAD, EV_END], one_byte)
+            self.assertEqual(events[0][1].headers.get("x-pad"), pad.decode())
+            self.assertEqual(events[1][1], b"abc")
+
     def test_absolute_form_becomes_origin_form(self):
         req = self.parse(b"GET http://demo.localhost:8080/x?y HTTP/1.1\r\n"
                          b"Host: demo.localhost:8080\r\n\r\n")[0][1]
