@@ -1544,9 +1544,9 @@ class Session(Conn):
     def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
                  method: str, target: str) -> None:
         text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
-        self._send(FRAME_HEADER.pack(FrameType.LOG, 0, stream_id, LOG_RECORD.size + len(text))
-                   + LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
-                                     min(nbytes, 2 ** 64 - 1)) + text)
+        record = LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
+                                 min(nbytes, 2 ** 64 - 1))
+        self._send(encode_frame(FrameType.LOG, stream_id, record + text))
 
     def go_away(self, reason: str = "") -> None:
         if self.goaway_sent or self.closed or not self.established:
