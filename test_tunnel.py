@@ -295,6 +295,11 @@ class RequestParserTest(unittest.TestCase):
             (b"GET / HTTP/1.1\r\nHost: h\r\nX-A : 1\r\n\r\n", 400, "malformed header"),
             (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n", 400, "malformed header"),
             (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n", 400, "bare CR"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\nX-B: b\r\n\r\n", 400, "bare CR or LF"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x7f\r\n\r\n", 400, "malformed header"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: \x1b[0m\r\n\r\n", 400, "malformed header"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\n: empty name\r\n\r\n", 400, "malformed header"),
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX A: 1\r\n\r\n", 400, "malformed header"),
             (b"GET / HTTP/1.1\r\n\r\n", 400, "missing Host"),
             (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host"),
             (b"GET http://evil.example/ HTTP/1.1\r\nHost: demo.localhost\r\n\r\n",
@@ -315,6 +320,23 @@ class RequestParserTest(unittest.TestCase):
         many = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: 1\r\n" * (tunnel.MAX_HEADER_COUNT + 1)
         self.assert_error(many + b"\r\n", 431, "too many")
 
+    def test_hostile_heads_are_rejected_in_linear_time(self):
+        # Each of these once took the field regexes more than ten seconds (backtracking);
+        # now they take milliseconds.  The bound is loose on purpose: it catches a
+        # quadratic or worse pattern, not a slow machine.
+        room = tunnel.MAX_HEAD_SIZE - 100
+        heads = [b"X-A: b\r\n" * (room // 8) + b"bad line\r\n",
+                 b"X-A: " + b" " * room + b"\x01\r\n",
+                 b"X-A: " + b"a " * (room // 2) + b"\rb\r\n",
+                 b"X-A: a" + b" \t" * (room // 2) + b"\r\n" + b"X-B\r\n"]
+        for head in heads:
+            data = b"GET / HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n"
+            started = time.monotonic()
+            events = self.parse(data)
+            self.assertLess(time.monotonic() - started, 2.0, head[:20])
+            self.assertEqual(events[-1][0], EV_ERROR)
+            self.assertEqual(events[-1][1].status, 400)
+
     def test_heads_larger_than_the_probe_parse_the_same(self):
         pad = b"p" * (tunnel.HEAD_PROBE * 2)
         data = (b"POST /x HTTP/1.1\r\nHost: h\r\nX-Pad: " + pad + b"\r\n"
@@ -331,6 +353,12 @@ class RequestParserTest(unittest.TestCase):
         req = self.parse(b"GET http://demo.localhost:8080/x?y HTTP/1.1\r\n"
                          b"Host: demo.localhost:8080\r\n\r\n")[0][1]
         self.assertEqual(req.target, "/x?y")
+
+    def test_field_values_lose_only_surrounding_whitespace(self):
+        req = self.parse(b"GET / HTTP/1.1\r\nHost:demo.localhost \t\r\nA: \t x \t y\t \r\n"
+                         b"B:\r\nC: \t \r\nD: \x80\xff \r\n\r\n")[0][1]
+        self.assertEqual(req.host, "demo.localhost")
+        self.assertEqual([req.headers.get(n) for n in "abcd"], ["x \t y", "", "", "\x80\xff"])
 
     def test_duplicate_headers_are_all_kept(self):
         req = self.parse(b"GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nA: 2\r\n\r\n")[0][1]
@@ -448,6 +476,27 @@ class RewriteTest(unittest.TestCase):
                            b"Connection: content-length, host\r\n\r\nab")
         self.assertIn("Content-Length: 2\r\n", out)
         self.assertIn("Host: h\r\n", out)
+
+    def test_kept_fields_are_forwarded_byte_for_byte(self):
+        out = self.rewrite(b"GET / HTTP/1.1\r\nHost: demo.localhost\r\nX-Spaced:  a  b \r\n"
+                           b"connection: Keep-Alive, X-SECRET\r\nx-secret: s\r\n"
+                           b"CONNECTION: x-other\r\nX-Other: o\r\nUpgrade-Insecure-Requests: 1\r\n"
+                           b"TE-Not: kept\r\nX-Forwarded-Forever: kept\r\nkeep-alive: 5\r\n"
+                           b"Cookie: a=b\r\n\r\n")
+        self.assertEqual(out, "GET / HTTP/1.1\r\nHost: demo.localhost\r\nX-Spaced:  a  b \r\n"
+                              "Upgrade-Insecure-Requests: 1\r\nTE-Not: kept\r\n"
+                              "X-Forwarded-Forever: kept\r\nCookie: a=b\r\n"
+                              + tunnel.forwarding_fields("203.0.113.9", "demo.localhost",
+                                                         "http"))
+
+    def test_absolute_form_target_is_rewritten_in_place(self):
+        out = self.rewrite(b"GET HTTP://demo.localhost/p?q HTTP/1.1\r\nHost: demo.localhost\r\n"
+                           b"X-A: 1\r\n\r\n")
+        self.assertTrue(out.startswith("GET /p?q HTTP/1.1\r\nHost: demo.localhost\r\n"
+                                       "X-A: 1\r\nX-Forwarded-For: "), out)
+        out = self.rewrite(b"GET http://demo.localhost HTTP/1.0\r\n\r\n")
+        self.assertTrue(out.startswith("GET / HTTP/1.0\r\nConnection: close\r\nX-Forwarded-For: "),
+                        out)
 
     def test_close_and_upgrade_kept(self):
         self.assertIn("Connection: close", self.rewrite(

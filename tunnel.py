@@ -1596,15 +1596,19 @@ EV_END = "end"       # value: bytes the whole message took
 EV_ERROR = "error"   # value: HTTPError; the parser is dead afterwards
 
 # Heads are decoded as latin-1 once and matched as str; a field is
-# token ":" OWS value OWS CRLF, with no control bytes but HT in the value.
+# token ":" OWS value OWS CRLF, with no control bytes but HT in the value.  The
+# patterns avoid lazy repeats (slow in ``re``): one checks the line structure, one
+# finds control bytes, one extracts the fields with the value's OWS trimmed.
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*?"
 _REQUEST_LINE_RE = re.compile(r"(" + _TOKEN + r") ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\Z")
 _STATUS_LINE_RE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?"
                              rb"(?:\r\n|\Z)")
-_FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*(" + _VALUE + r")[ \t]*\r\n")
-_FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[ \t]*" + _VALUE + r"[ \t]*\r\n)*")
+_FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*((?:[^\r\n]*[^\r\n \t])?)[ \t]*\r\n")
+_FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[^\r\n]*\r\n)*")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # CR and LF: by structure
 _TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_FRAMING_RE = re.compile(rb"\r\n(connection|transfer-encoding|content-length)[ \t]*:([^\r\n]*)")
+_FRAMING_SLOT = {b"connection": 0, b"transfer-encoding": 1, b"content-length": 2}
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]*))?\Z")
@@ -1689,7 +1693,7 @@ class Response:
 def _parse_fields(block: str) -> Headers:
     """Fields of a head: ``block`` is every line after the start line, each ending in CRLF.
     One regex validates the whole block, one extracts it (both in C)."""
-    if _FIELDS_RE.fullmatch(block) is None:
+    if _FIELDS_RE.fullmatch(block) is None or _CONTROL_RE.search(block) is not None:
         for line in block.split("\r\n"):
             if line[:1] in (" ", "\t"):
                 raise HTTPError(400, "obsolete line folding in the header")
@@ -1733,23 +1737,14 @@ def _list_tokens(values: List[str]) -> List[str]:
     return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
 
 
-def _field_values(lower: bytes, name: bytes) -> List[str]:
-    """Every value of field ``name`` (given as CRLF + lower-case name) in a lower-cased
-    head, without parsing the other fields: a response head is forwarded verbatim and
-    only its framing fields matter to the relay."""
-    values: List[str] = []
-    i = lower.find(name)
-    while i >= 0:
-        j = i + len(name)
-        colon = j
-        while lower[colon:colon + 1] in (b" ", b"\t"):
-            colon += 1
-        if lower[colon:colon + 1] == b":":     # else a longer name (Connection-X)
-            eol = lower.find(b"\r\n", colon)
-            values.append(lower[colon + 1:eol if eol >= 0 else len(lower)]
-                          .strip(b" \t").decode("latin-1"))
-        i = lower.find(name, j)
-    return values
+def _framing_fields(lower: bytes) -> Tuple[List[str], List[str], List[str]]:
+    """The values of Connection, Transfer-Encoding and Content-Length in a lower-cased
+    head, found in one pass without parsing the other fields: a response head is
+    forwarded verbatim and only its framing matters to the relay."""
+    found: Tuple[List[str], List[str], List[str]] = ([], [], [])
+    for name, value in _FRAMING_RE.findall(lower):
+        found[_FRAMING_SLOT[name]].append(value.strip(b" \t").decode("latin-1"))
+    return found
 
 
 def _split_host(value: str) -> Tuple[str, str]:
@@ -2036,7 +2031,8 @@ class HTTPParser:
         # The response is forwarded verbatim; the relay only needs its framing, found
         # with plain searches of the lower-cased head (no per-field parsing).
         lower = head.lower()
-        connection = _list_tokens(_field_values(lower, b"\r\nconnection"))
+        connection_values, codings_values, length_values = _framing_fields(lower)
+        connection = _list_tokens(connection_values)
         resp = Response(status, version)
         resp.keep_alive = ("close" not in connection if version >= (1, 1)
                            else "keep-alive" in connection)
@@ -2052,12 +2048,12 @@ class HTTPParser:
         if method == "HEAD" or status in (204, 304):
             self._end(events)
             return
-        codings = _list_tokens(_field_values(lower, b"\r\ntransfer-encoding"))
+        codings = _list_tokens(codings_values)
         if codings:
             self._start_body("chunked" if codings[-1] == "chunked" else "close", None, events)
             return
         try:
-            length = _length_from(_field_values(lower, b"\r\ncontent-length"))
+            length = _length_from(length_values)
         except HTTPError as exc:
             raise HTTPError(502, "origin response: %s" % exc) from None
         if length is None:
@@ -2086,25 +2082,32 @@ HOP_OR_FORWARDING = HOP_BY_HOP | FORWARDING
 PROTECTED = frozenset({"host", "content-length", "transfer-encoding"})
 
 
+_HOP_FIELD_RE = re.compile(rb"\r\n(?:" + "|".join(sorted(HOP_OR_FORWARDING)).encode("ascii")
+                           + rb"):[^\r\n]*", re.IGNORECASE)
+
+
 def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> bytes:
     """The request head as the origin sees it: hop-by-hop fields handled per
-    RFC 9110 section 7.6.1, forwarding fields replaced, not trusted."""
-    named = set(req.headers.tokens("connection")) - PROTECTED
+    RFC 9110 section 7.6.1, forwarding fields replaced, not trusted.  The fields
+    kept are forwarded byte for byte: lines are removed from the head as received."""
+    index = req.headers.index
+    head = req.raw
+    if req.target_changed:      # absolute-form: the origin gets origin-form
+        eol = head.find(b"\r\n")
+        head = (("%s %s HTTP/%d.%d" % (req.method, req.target, req.version[0], req.version[1]))
+                .encode("latin-1") + (head[eol:] if eol >= 0 else b""))
+    if not HOP_OR_FORWARDING.isdisjoint(index):
+        head = _HOP_FIELD_RE.sub(b"", head)
+    named = set(_list_tokens(index["connection"])) - PROTECTED if "connection" in index \
+        else set()
     named |= req.strip
-    if not req.target_changed and HOP_OR_FORWARDING.isdisjoint(req.headers.index) \
-            and not named:
-        head = req.raw     # nothing to remove: splice the added fields after it
-        lines = [""]
-    else:
-        head = b""
-        lines = ["%s %s HTTP/%d.%d" % (req.method, req.target, req.version[0],
-                                       req.version[1])]
-        for name, value in req.headers:
-            lower = name.lower()
-            if lower in HOP_OR_FORWARDING or lower in named:
-                continue
-            lines.append("%s: %s" % (name, value))
-        lines.extend("%s: %s" % kv for kv in req.extra)
+    named -= HOP_OR_FORWARDING          # already gone
+    if named and not named.isdisjoint(index):
+        parts = head.split(b"\r\n")
+        head = b"\r\n".join([parts[0]] + [part for part in parts[1:] if part.partition(b":")[0]
+                                           .decode("latin-1").lower() not in named])
+    lines = [""]
+    lines.extend("%s: %s" % kv for kv in req.extra)
     if req.upgrade:
         lines.append("Connection: Upgrade")
         lines.append("Upgrade: %s" % req.upgrade)
