@@ -449,6 +449,33 @@ class ResponseParserTest(unittest.TestCase):
         self.assertEqual(events[-1][1].status, 502)
 
 
+class WholeResponseTest(unittest.TestCase):
+    """The client's test for skipping an early ACK: True only for one whole response."""
+
+    def test_one_whole_response(self):
+        for data in (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+                     b"HTTP/1.0 404 Not Found\r\nX: 1\r\ncontent-length :\t0 \r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 5\r\nServer: s\r\n\r\nhello"):
+            self.assertTrue(tunnel.whole_response(data), data)
+            self.assertTrue(tunnel.whole_response(memoryview(bytearray(data))), data)
+
+    def test_anything_else_is_not(self):
+        for data in (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",       # head alone
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabc",    # body in pieces
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n",            # head in pieces
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab",     # a second one
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n"
+                     b"Content-Length: 0\r\n\r\n",                           # pipelined
+                     b"HTTP/1.1 100 Continue\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nContent-Length-X: 0\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nX-Note: 1\r\n\r\ncontent-length: 0\r\n",
+                     b"abc", b"", b"\x81\x05hello",
+                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                     % (tunnel.WHOLE_RESPONSE_PROBE, b"x" * tunnel.WHOLE_RESPONSE_PROBE)):
+            self.assertFalse(tunnel.whole_response(data), data[:60])
+
+
 class RewriteTest(unittest.TestCase):
     def rewrite(self, raw):
         req = squash(HTTPParser(is_request=True).feed(raw))[0][1]
@@ -514,6 +541,26 @@ class UtilityTest(unittest.TestCase):
             self.assertFalse(tunnel.valid_name(bad), bad)
         for _ in range(50):
             self.assertTrue(tunnel.valid_name(tunnel.random_name()))
+
+    def test_access_log_lines_of_one_turn_are_one_write(self):
+        writes = []
+
+        class Sink:
+            def write(self, text):
+                writes.append(text)
+
+            def flush(self):
+                pass
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        output = tunnel.LineOutput(loop, Sink())
+        for n in range(3):
+            output("line %d" % n)
+        self.assertEqual(writes, [])
+        loop.run_once(0)
+        self.assertEqual(writes, ["line 0\nline 1\nline 2\n"])
+        loop.run_once(0)
+        self.assertEqual(len(writes), 1)
 
     def test_throttle_logs_one_line_per_interval(self):
         capture = LogCapture()
