@@ -695,6 +695,66 @@ class SessionPairTest(unittest.TestCase):
         self.assertGreater(remote.recv_window, tunnel.INITIAL_WINDOW)
         self.assertLessEqual(remote.recv_window, tunnel.MAX_WINDOW)
 
+    def test_shared_means_more_than_one_open_stream_moved_data(self):
+        now = self.relay._active_since     # the clock is passed in: no waiting here
+        self.assertFalse(self.relay.shared(now))
+        a = self.relay.open_stream({})
+        b = self.relay.open_stream({})
+        a.write(b"x")
+        self.assertFalse(self.relay.shared(now))
+        b.write(b"y")
+        self.assertTrue(self.relay.shared(now))
+        # The next window still remembers both; the one after, neither.
+        self.assertTrue(self.relay.shared(now + tunnel.ACTIVITY_WINDOW))
+        self.assertFalse(self.relay.shared(now + 2.5 * tunnel.ACTIVITY_WINDOW))
+        a.write(b"x")
+        b.reset("done")                 # a finished stream no longer competes
+        self.assertFalse(self.relay.shared(now + 2.5 * tunnel.ACTIVITY_WINDOW))
+
+    def test_a_large_window_shrinks_while_another_stream_is_active(self):
+        stream = self.relay.open_stream({})
+        stream.handler = self.relay_side
+        stream.write(b"x")
+        self.pump(lambda: self.client_side.streams)
+        remote = self.client_side.streams[0][0]
+        # A window that grew while the stream was alone, now on a slow grant rhythm (one
+        # grant a second: the bandwidth-delay product is tiny), with another stream active.
+        big = 4 * tunnel.SHARED_WINDOW
+        remote.recv_window = remote.recv_credit = big
+        remote.unacked = 0
+        remote.grant_interval = 1.0
+        self.client.rtt = 0.001
+        self.client._active.update({remote.id, remote.id + 2})
+        credit = remote.recv_credit
+        remote.consumed(big // 2)           # half the window: a grant is due ...
+        self.assertEqual(remote.recv_window, big // 2)
+        self.assertEqual(remote.recv_credit, credit)     # ... and all of it is withheld
+        remote.consumed(big // 4)
+        self.assertEqual((remote.recv_window, remote.recv_credit),
+                         (tunnel.SHARED_WINDOW, credit))
+        remote.consumed(tunnel.SHARED_WINDOW // 2)        # at the floor: granted back
+        self.assertEqual((remote.recv_window, remote.recv_credit),
+                         (tunnel.SHARED_WINDOW, credit + tunnel.SHARED_WINDOW // 2))
+        self.pump(lambda: stream.send_window == tunnel.INITIAL_WINDOW - 1
+                  + tunnel.SHARED_WINDOW // 2)
+
+    def test_transfers_complete_while_windows_shrink(self):
+        a = self.relay.open_stream({})
+        b = self.relay.open_stream({})
+        a.handler = b.handler = self.relay_side
+        total = 16 * tunnel.INITIAL_WINDOW
+        payload = os.urandom(total).replace(b".", b"x")
+        a.write(payload)
+        deadline = time.monotonic() + WAIT
+        while len(self.client_side.data.replace(b".", b"")) < total:
+            self.assertLess(time.monotonic(), deadline, "transfer stalled")
+            if b.writable:
+                b.write(b".")           # keeps the session shared the whole time
+            self.loop.run_once(0.01)
+        self.assertEqual(bytes(self.client_side.data.replace(b".", b"")), payload)
+        remote_a = self.client_side.streams[0][0]
+        self.assertEqual(remote_a.bytes_in, total)
+
     def test_reset_crossing_data_is_not_an_error(self):
         stream = self.relay.open_stream({})
         stream.handler = self.relay_side

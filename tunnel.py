@@ -200,6 +200,8 @@ MAX_WINDOW = 16 * 1024 * 1024           # a busy stream's window grows to this
 MIN_RTT = 0.0002                        # floor for the window-growth test (s)
 GRANT_SMOOTHING = 0.25                  # weight of the newest interval between grants
 RTT_SAMPLES = 6                         # the window test uses the least of this many PINGs
+SHARED_WINDOW = 256 * 1024              # a stream's window while other streams are active
+ACTIVITY_WINDOW = 0.1                   # a stream that moved data this recently is active (s)
 SESSION_HIGH_WATER = 256 * 1024         # control output queue: pause stream readers
 SESSION_LOW_WATER = 64 * 1024           # ... and resume them below this
 READ_SIZE = 64 * 1024                   # bytes per recv_into: bounds one loop turn
@@ -906,17 +908,29 @@ class Stream:
             self.grant_interval = interval
         else:
             self.grant_interval += (interval - self.grant_interval) * GRANT_SMOOTHING
-        extra = 0
-        if (self.recv_window < MAX_WINDOW
-                and self.grant_interval < 2 * max(self.session.rtt, MIN_RTT)):
-            extra = min(self.recv_window, MAX_WINDOW - self.recv_window)
+        increment = self.unacked
+        rtt = max(self.session.rtt, MIN_RTT)
+        target = MAX_WINDOW
+        if self.session.shared(now):
+            # Other streams of the session are active, and what this one has in flight
+            # queues in front of theirs: keep it near two bandwidth-delay products
+            # (rate x round trip), but not below SHARED_WINDOW.
+            rate = self.recv_window / 2 / max(self.grant_interval, MIN_RTT)
+            target = min(MAX_WINDOW, max(SHARED_WINDOW, int(2 * rate * rtt)))
+        if self.recv_window > target:           # shrink: grant back less
+            withheld = min(self.unacked, self.recv_window - target)
+            self.recv_window -= withheld
+            increment -= withheld
+        elif self.recv_window < target and self.grant_interval < 2 * rtt:
+            extra = min(self.recv_window, target - self.recv_window)
             self.recv_window += extra
+            increment += extra
             self.grant_interval *= 2        # at the same rate, grants now come half as often
-        increment = self.unacked + extra
         self.unacked = 0
-        self.recv_credit += increment
         self.last_grant = now
-        self.session._send(encode_frame(FrameType.WINDOW, self.id, U32.pack(increment)))
+        if increment:
+            self.recv_credit += increment
+            self.session._send(encode_frame(FrameType.WINDOW, self.id, U32.pack(increment)))
 
     # -- called by the session ------------------------------------------------
     def _on_data(self, payload: bytes) -> None:
@@ -1310,6 +1324,9 @@ class Session(Conn):
         self._ping_seq = 0
         self._ping_sent: Dict[int, float] = {}
         self.last_rx = time.monotonic()
+        self._active: set = set()        # streams that moved data since _active_since
+        self._active_before = 0          # ... and how many did in the window before
+        self._active_since = self.last_rx
         self._timers: List[Timer] = [loop.call_later(self.config.handshake_timeout,
                                                      self._handshake_timeout)]
         if not is_relay:
@@ -1336,6 +1353,7 @@ class Session(Conn):
     def _send_data(self, stream_id: int, data: Any) -> None:
         if self.closed:
             return
+        self._active.add(stream_id)
         out = self.out
         size = len(data)
         if size <= MAX_FRAME_PAYLOAD:
@@ -1419,6 +1437,7 @@ class Session(Conn):
         if ftype == FrameType.DATA:
             stream = self._stream_for(frame.stream_id)
             if stream is not None:
+                self._active.add(stream.id)
                 stream._on_data(frame.payload)
         elif ftype == FrameType.WINDOW:
             if len(frame.payload) != U32.size:
@@ -1447,6 +1466,15 @@ class Session(Conn):
             self._on_log(frame)
         else:
             raise ProtocolError("unexpected %s" % _frame_name(frame))
+
+    def shared(self, now: float) -> bool:
+        """Has more than one stream moved data within about ACTIVITY_WINDOW?"""
+        if now - self._active_since >= ACTIVITY_WINDOW:
+            self._active_before = len(self._active) if now - self._active_since < \
+                2 * ACTIVITY_WINDOW else 0
+            self._active.clear()
+            self._active_since = now
+        return len(self._active) > 1 or self._active_before > 1
 
     def _stream_for(self, stream_id: int) -> Optional[Stream]:
         stream = self.streams.get(stream_id)
@@ -1564,6 +1592,7 @@ class Session(Conn):
 
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
+        self._active.discard(stream.id)     # only open streams compete
 
     def close(self, reason: str, error: Optional[BaseException] = None) -> None:
         if self.closed:
