@@ -413,8 +413,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run (default 5)")
     ap.add_argument("--quick", action="store_true", help="1-second runs, fewer clients")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="wrk runs per row at 1 and 50 connections, taking turns; the median "
-                         "is reported (default 3)")
+                    help="wrk runs per row (1 and 50 connections, split, no-NODELAY, under "
+                         "bulk), taking turns; the median is reported (default 3)")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -473,36 +473,40 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
                "ssh -R": ("http://127.0.0.1:%d/" % ssh_py_port, None),
                "tunnel.py": ("http://127.0.0.1:%d/" % t_http, "pyorigin.localhost")}
     results = {name: {} for name, _, _ in rows}
-    # Requests per second: the rows take turns, `rounds` times, and each reports its median
-    # run, so a slow spell of this shared machine does not land on one row only.
-    runs = {(name, conns): [] for name, _, _ in rows for conns in (1, 50)}
+    # The wrk runs: the rows take turns, `rounds` times, and each reports its median run
+    # (by rps for the throughput runs, by p99 for the latency ones), so a slow spell of
+    # this shared machine does not land on one row only.
+    kinds = ("c1", "c50", "split", "nagle", "fair")
+    runs: dict = {(name, kind): [] for name, _, _ in rows for kind in kinds}
     peak = PeakRSS([relay.pid, client.pid])
     for i in range(rounds):
-        print("requests per second, round %d of %d ..." % (i + 1, rounds), flush=True)
+        print("wrk runs, round %d of %d ..." % (i + 1, rounds), flush=True)
         for name, url, host in rows:
-            runs[name, 1].append(wrk(url + "small", 1, secs, host))
+            runs[name, "c1"].append(wrk(url + "small", 1, secs, host))
             if name == "tunnel.py":
                 with peak.sampling():
-                    runs[name, 50].append(wrk(url + "small", 50, secs, host))
+                    runs[name, "c50"].append(wrk(url + "small", 50, secs, host))
             else:
-                runs[name, 50].append(wrk(url + "small", 50, secs, host))
-    for (name, conns), rs in runs.items():
-        median = sorted(rs, key=lambda r: r["rps"])[len(rs) // 2]
-        median["errors"] = sum(r["errors"] for r in rs)
-        results[name]["c%d" % conns] = median
+                runs[name, "c50"].append(wrk(url + "small", 50, secs, host))
+            runs[name, "split"].append(wrk(url + "split/small", 1, secs, host))
+            runs[name, "nagle"].append(wrk(py_rows[name][0] + "small", 1, secs,
+                                           py_rows[name][1]))
+            runs[name, "fair"].append(fairness(url, host, secs))
+    for (name, kind), rs in runs.items():
+        key = "rps" if kind in ("c1", "c50") else "p99"
+        median = sorted(rs, key=lambda r: r[key])[len(rs) // 2]
+        median = dict(median, errors=sum(r["errors"] for r in rs))
+        results[name][kind] = median
     results["tunnel.py"]["peak"] = {"relay": peak.peak[relay.pid],
                                     "client": peak.peak[client.pid], "sum": peak.peak_sum,
                                     "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
     for name, url, host in rows:
         r = results[name]
         print("measuring %s ..." % name, flush=True)
-        r["split"] = wrk(url + "split/small", 1, secs, host)
-        r["nagle"] = wrk(py_rows[name][0] + "small", 1, secs, py_rows[name][1])
         r["down"] = best_of(2, lambda: curl_download(url + "big", host, big_sha, work))
         r["up"] = best_of(2, lambda: curl_upload(
             url, host, os.path.join(work, "www", "big"), big_sha, work,
             name.replace(" ", "").replace(".", "") + ".bin"))
-        r["fair"] = fairness(url, host, secs)
     ssh_rss = sum(rss_kib(p) for p in [ssh_procs[1].pid] + children(ssh_procs[0].pid))
 
     print("measuring memory with a clean interpreter (a venv without site-packages) ...",
@@ -541,8 +545,8 @@ def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay
            secs, rounds):
     d, s, t = res["direct"], res["ssh -R"], res["tunnel.py"]
     mib = lambda kib: kib / 1024.0  # noqa: E731
-    lines = ["", "## Results (wrk -t1, %ds per run, median of %d for the rps columns, nginx "
-             "origin, 100-byte file; %s)" % (secs, rounds, time.strftime("%Y-%m-%d")), "",
+    lines = ["", "## Results (wrk -t1, %ds per run, median of %d for every wrk column, "
+             "nginx origin, 100-byte file; %s)" % (secs, rounds, time.strftime("%Y-%m-%d")), "",
              "| path | 1 conn rps | 1 conn p99 | 50 conn rps | 50 conn p99 | split p99 | "
              "no-NODELAY origin p99 | 256 MiB down | 256 MiB up | p99 under bulk | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
