@@ -95,7 +95,10 @@ smoothed, so that a burst of quick grants does not count; the round trip is
 the least of the last few PINGs, so that one stuck behind bulk data does not
 count either) is window-bound, and its window doubles, up to MAX_WINDOW.
 Every byte of window is a byte of queue in front of the session's other
-streams, so it grows only when the peer really waits for credit.  When the control
+streams, so it grows only when the peer really waits for credit, and while
+other streams of the session move data too (within ACTIVITY_WINDOW) it shrinks
+toward two bandwidth-delay products (rate times round trip, at least
+SHARED_WINDOW) by granting back less than was consumed.  When the control
 socket's own output queue passes SESSION_HIGH_WATER every stream of that
 session stops reading until it drains, so one bulk stream cannot build a
 queue in front of the others.
@@ -110,7 +113,9 @@ Content-Length and Transfer-Encoding, differing lengths, a coding list not
 ending in chunked, bad chunk sizes, obs-fold, whitespace before a colon,
 control bytes, missing or duplicate Host, an absolute-form target naming
 another host).  Hop-by-hop fields go, X-Forwarded-For/-Proto/-Host and
-Forwarded are replaced.  Heads are limited (64 KiB, 431; request line 8 KiB,
+Forwarded are replaced; the other fields are forwarded byte for byte.  The
+field patterns run in linear time (no lazy repeats), so a hostile head costs
+milliseconds, not the loop.  Heads are limited (64 KiB, 431; request line 8 KiB,
 414; 100 fields, 431) and must arrive within the head timeout (408); idle
 keep-alive connections are closed; caps answer 503.  Requests on one
 connection must name one tunnel (421 otherwise); responses come back in
