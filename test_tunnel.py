@@ -562,6 +562,26 @@ class UtilityTest(unittest.TestCase):
         loop.run_once(0)
         self.assertEqual(len(writes), 1)
 
+    def test_access_log_stops_quietly_when_stdout_breaks(self):
+        writes = []
+
+        class Broken:
+            def write(self, text):
+                writes.append(text)
+                raise BrokenPipeError(32, "Broken pipe")
+
+            def flush(self):
+                pass
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        output = tunnel.LineOutput(loop, Broken())
+        output("one")
+        loop.run_once(0)
+        self.assertTrue(output.closed)
+        output("two")                   # dropped: no more writes to a dead stdout
+        loop.run_once(0)
+        self.assertEqual(writes, ["one\n"])
+
     def test_throttle_logs_one_line_per_interval(self):
         capture = LogCapture()
         logger = logging.getLogger("tunnel")

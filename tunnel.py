@@ -1729,7 +1729,8 @@ class Response:
 
 def _parse_fields(block: str) -> Headers:
     """Fields of a head: ``block`` is every line after the start line, each ending in CRLF.
-    One regex validates the whole block, one extracts it (both in C)."""
+    Two regexes check the whole block (line structure, control bytes) and one extracts
+    the fields, all in C; only a bad block is looked at line by line, for the reason."""
     if _FIELDS_RE.fullmatch(block) is None or _CONTROL_RE.search(block) is not None:
         for line in block.split("\r\n"):
             if line[:1] in (" ", "\t"):
@@ -2080,7 +2081,7 @@ class HTTPParser:
         version = (int(m.group(1)), int(m.group(2)))
         status = int(m.group(3))
         # The response is forwarded verbatim; the relay only needs its framing, found
-        # with plain searches of the lower-cased head (no per-field parsing).
+        # in one search of the lower-cased head (no per-field parsing).
         lower = head.lower()
         connection_values, codings_values, length_values = _framing_fields(lower)
         connection = _list_tokens(connection_values)
@@ -4134,6 +4135,8 @@ class LineOutput:
         self.closed = False
 
     def __call__(self, line: str) -> None:
+        if self.closed:
+            return
         self.lines.append(line)
         self.loop.schedule_flush(self)
 
