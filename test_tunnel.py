@@ -470,6 +470,9 @@ class WholeResponseTest(unittest.TestCase):
                      b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                      b"HTTP/1.1 200 OK\r\nContent-Length-X: 0\r\n\r\n",
                      b"HTTP/1.1 200 OK\r\nX-Note: 1\r\n\r\ncontent-length: 0\r\n",
+                     b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab",        # not ASCII
+                     b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
                      b"abc", b"", b"\x81\x05hello",
                      b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
                      % (tunnel.WHOLE_RESPONSE_PROBE, b"x" * tunnel.WHOLE_RESPONSE_PROBE)):
@@ -758,7 +761,7 @@ class SessionPairTest(unittest.TestCase):
         self.pump(lambda: stream.send_window == tunnel.INITIAL_WINDOW - 1
                   + tunnel.SHARED_WINDOW // 2)
 
-    def test_transfers_complete_while_windows_shrink(self):
+    def test_a_transfer_completes_while_the_session_is_shared(self):
         a = self.relay.open_stream({})
         b = self.relay.open_stream({})
         a.handler = b.handler = self.relay_side

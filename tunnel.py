@@ -1474,9 +1474,9 @@ class Session(Conn):
 
     def shared(self, now: float) -> bool:
         """Has more than one stream moved data within about ACTIVITY_WINDOW?"""
-        if now - self._active_since >= ACTIVITY_WINDOW:
-            self._active_before = len(self._active) if now - self._active_since < \
-                2 * ACTIVITY_WINDOW else 0
+        elapsed = now - self._active_since
+        if elapsed >= ACTIVITY_WINDOW:     # a new window; the last one counts if it was
+            self._active_before = len(self._active) if elapsed < 2 * ACTIVITY_WINDOW else 0
             self._active.clear()
             self._active_since = now
         return len(self._active) > 1 or self._active_before > 1
@@ -1643,8 +1643,6 @@ _FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[^\r\n]*\r\n)*")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # CR and LF: by structure
 _TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _FRAMING_RE = re.compile(rb"\r\n(connection|transfer-encoding|content-length)[ \t]*:([^\r\n]*)")
-_WHOLE_LENGTH_RE = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,18})[ \t]*\r\n",
-                              re.IGNORECASE)
 _FRAMING_SLOT = {b"connection": 0, b"transfer-encoding": 1, b"content-length": 2}
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
@@ -1795,8 +1793,9 @@ def whole_response(data: Any) -> bool:
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return False
-    m = _WHOLE_LENGTH_RE.search(data, 0, end + 2)
-    return m is not None and end + 4 + int(m.group(1)) == len(data)
+    _, codings, lengths = _framing_fields(data[:end + 2].lower())
+    return (not codings and len(lengths) == 1 and _DIGITS_RE.match(lengths[0]) is not None
+            and end + 4 + int(lengths[0]) == len(data))
 
 
 def _split_host(value: str) -> Tuple[str, str]:
@@ -2150,8 +2149,7 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
                 .encode("latin-1") + (head[eol:] if eol >= 0 else b""))
     if not HOP_OR_FORWARDING.isdisjoint(index):
         head = _HOP_FIELD_RE.sub(b"", head)
-    named = set(_list_tokens(index["connection"])) - PROTECTED if "connection" in index \
-        else set()
+    named = set(req.headers.tokens("connection")) - PROTECTED
     named |= req.strip
     named -= HOP_OR_FORWARDING          # already gone
     if named and not named.isdisjoint(index):
@@ -2480,10 +2478,11 @@ class Pipe(Conn, StreamHandler):
             self.read_eof = True
             self.on_socket_eof()
         else:
-            self.on_socket_data(self.loop.scratch_view[:n])
+            data = self.loop.scratch_view[:n]
+            self.on_socket_data(data)
             # A short read mid-message: the peer may hold its next small write until
             # this one is ACKed (Nagle), so ACK now rather than after 40 ms.
-            if n < limit and not self.closed and self.mid_message(self.loop.scratch_view[:n]):
+            if n < limit and not self.closed and self.mid_message(data):
                 quickack(self.sock)
         self.update()
         self.read_pending()
