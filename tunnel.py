@@ -1658,16 +1658,14 @@ _NO_VALUES: List[str] = []
 
 
 class Headers:
-    """An ordered multi-map of fields that keeps every duplicate.
-
-    ``items`` keeps the order and case as received; ``index`` maps each
-    lower-cased name to all its values, built once.
+    """A multi-map of fields that keeps every duplicate: ``index`` maps each
+    lower-cased name to all its values in order, built once.  (The fields
+    themselves are forwarded as received, from the raw head.)
     """
 
-    __slots__ = ("items", "index")
+    __slots__ = ("index",)
 
     def __init__(self, items: List[Tuple[str, str]]) -> None:
-        self.items = items
         index: Dict[str, List[str]] = {}
         for name, value in items:
             lower = name.lower()
@@ -1688,9 +1686,6 @@ class Headers:
     def tokens(self, name: str) -> List[str]:
         """Comma-separated list values of every ``name`` field, lower-cased."""
         return _list_tokens(self.index.get(name, _NO_VALUES))
-
-    def __iter__(self) -> Any:
-        return iter(self.items)
 
 
 class Request:
