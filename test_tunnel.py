@@ -429,13 +429,31 @@ class ResponseParserTest(unittest.TestCase):
                     self.assertEqual(events[2][1], len(head + body) -
                                      (len(body) - 3 if body_kind == "abc" else 0))
 
-    def test_connection_and_version_decide_keep_alive(self):
-        for head, keep in [(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\n", False),
-                           (b"HTTP/1.1 200 OK\r\nConnection-X: close\r\n", True),
-                           (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n", True),
-                           (b"HTTP/1.0 200 OK\r\n", False)]:
-            _, events = self.parse(head + b"Content-Length: 0\r\n\r\n")
-            self.assertEqual(events[0][1].keep_alive, keep, head)
+    def test_content_length_forms_frame_the_same_on_every_path(self):
+        # The common single Content-Length takes a short path; every other form takes
+        # the general one.  Both must frame alike, and a bad length is a 502 on both.
+        for fields, body_size in [(b"Content-Length: 3\r\n", 3),
+                                  (b"content-length:\t3 \r\n", 3),
+                                  (b"Content-Length : 3\r\n", 3),
+                                  (b"Content-Length: 003\r\n", 3),
+                                  (b"Content-Length: 3, 3\r\n", 3),
+                                  (b"Content-Length: 3\r\nContent-Length: 3\r\n", 3),
+                                  (b"Connection: close\r\nContent-Length: 3\r\n", 3),
+                                  (b"Content-Length: 0\r\n", 0)]:
+            head = b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n"
+            for one_byte in (False, True):
+                _, events = self.parse(head + b"abc"[:body_size]
+                                       + b"HTTP/1.1 204 No Content\r\n\r\n",
+                                       ("GET", "GET"), one_byte)
+                self.assertEqual([k for k, _ in events if k != EV_BODY],
+                                 [EV_HEAD, EV_END, EV_HEAD, EV_END], fields)
+                ends = [v for k, v in events if k == EV_END]
+                self.assertEqual(ends[0], len(head) + body_size, fields)
+        for bad in (b"Content-Length: \xb9\r\n", b"Content-Length: 3x\r\n",
+                    b"Content-Length: 1234567890123456789\r\n", b"Content-Length: -1\r\n"):
+            _, events = self.parse(b"HTTP/1.1 200 OK\r\n" + bad + b"\r\nabc")
+            self.assertEqual(events[-1][0], EV_ERROR, bad)
+            self.assertEqual(events[-1][1].status, 502, bad)
 
     def test_conflicting_lengths_from_origin_are_502(self):
         _, events = self.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
@@ -515,9 +533,9 @@ class RewriteTest(unittest.TestCase):
                            b"Cookie: a=b\r\n\r\n")
         self.assertEqual(out, "GET / HTTP/1.1\r\nHost: demo.localhost\r\nX-Spaced:  a  b \r\n"
                               "Upgrade-Insecure-Requests: 1\r\nTE-Not: kept\r\n"
-                              "X-Forwarded-Forever: kept\r\nCookie: a=b\r\n"
+                              "X-Forwarded-Forever: kept\r\nCookie: a=b"
                               + tunnel.forwarding_fields("203.0.113.9", "demo.localhost",
-                                                         "http"))
+                                                         "http").decode("latin-1"))
 
     def test_absolute_form_target_is_rewritten_in_place(self):
         out = self.rewrite(b"GET HTTP://demo.localhost/p?q HTTP/1.1\r\nHost: demo.localhost\r\n"

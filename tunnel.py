@@ -1642,8 +1642,7 @@ _FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*((?:[^\r\n]*[^\r\n \t])?)[ \t]*
 _FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[^\r\n]*\r\n)*")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # CR and LF: by structure
 _TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
-_FRAMING_RE = re.compile(rb"\r\n(connection|transfer-encoding|content-length)[ \t]*:([^\r\n]*)")
-_FRAMING_SLOT = {b"connection": 0, b"transfer-encoding": 1, b"content-length": 2}
+_FRAMING_RE = re.compile(rb"\r\n(transfer-encoding|content-length)[ \t]*:([^\r\n]*)")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]*))?\Z")
@@ -1689,7 +1688,7 @@ class Headers:
 
 
 class Request:
-    __slots__ = ("method", "target", "version", "headers", "host", "host_header",
+    __slots__ = ("method", "target", "version", "headers", "host", "host_header", "connection",
                  "keep_alive", "upgrade", "body", "raw", "target_changed", "strip", "extra")
 
     def __init__(self, method: str, target: str, version: Tuple[int, int],
@@ -1704,20 +1703,20 @@ class Request:
         self.headers = headers
         self.host = ""            # lower-case, port stripped
         self.host_header = ""     # as sent
+        self.connection: List[str] = []   # the Connection tokens, lower-case
         self.keep_alive = True
         self.upgrade: Optional[str] = None
         self.body = "none"        # none | length | chunked
 
 
 class Response:
-    """A response head: only what framing needs (the head itself is forwarded verbatim)."""
+    """A response head: only its status (the head itself is forwarded verbatim, and
+    whether the connection stays open is the origin's to end)."""
 
-    __slots__ = ("status", "version", "keep_alive")
+    __slots__ = ("status",)
 
-    def __init__(self, status: int, version: Tuple[int, int]) -> None:
+    def __init__(self, status: int) -> None:
         self.status = status
-        self.version = version
-        self.keep_alive = True
 
 
 def _parse_fields(block: str) -> Headers:
@@ -1768,13 +1767,13 @@ def _list_tokens(values: List[str]) -> List[str]:
     return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
 
 
-def _framing_fields(lower: bytes) -> Tuple[List[str], List[str], List[str]]:
-    """The values of Connection, Transfer-Encoding and Content-Length in a lower-cased
-    head, found in one pass without parsing the other fields: a response head is
-    forwarded verbatim and only its framing matters to the relay."""
-    found: Tuple[List[str], List[str], List[str]] = ([], [], [])
+def _framing_fields(lower: bytes) -> Tuple[List[str], List[str]]:
+    """The values of Transfer-Encoding and Content-Length in a lower-cased head, found
+    in one pass without parsing the other fields: a response head is forwarded
+    verbatim and only its framing matters to the relay."""
+    found: Tuple[List[str], List[str]] = ([], [])
     for name, value in _FRAMING_RE.findall(lower):
-        found[_FRAMING_SLOT[name]].append(value.strip(b" \t").decode("latin-1"))
+        found[name == b"content-length"].append(value.strip(b" \t").decode("latin-1"))
     return found
 
 
@@ -1788,7 +1787,7 @@ def whole_response(data: Any) -> bool:
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return False
-    _, codings, lengths = _framing_fields(data[:end + 2].lower())
+    codings, lengths = _framing_fields(data[:end + 2].lower())
     return (not codings and len(lengths) == 1 and _DIGITS_RE.match(lengths[0]) is not None
             and end + 4 + int(lengths[0]) == len(data))
 
@@ -2015,8 +2014,8 @@ class HTTPParser:
         m = _REQUEST_LINE_RE.match(line)
         if m is None:
             raise HTTPError(400, "malformed request line")
-        method, target = m.group(1), m.group(2)
-        version = (int(m.group(3)), int(m.group(4)))
+        method, target, major, minor = m.groups()
+        version = (int(major), int(minor))
         if version not in ((1, 0), (1, 1)):
             raise HTTPError(505, "HTTP/%d.%d is not supported" % version)
         headers = _parse_fields(block)
@@ -2024,7 +2023,8 @@ class HTTPParser:
         if method == "CONNECT":
             raise HTTPError(405, "CONNECT is not supported by this relay")
         # Host (RFC 9112 section 3.2)
-        hosts = headers.get_all("host")
+        index = headers.index
+        hosts = index.get("host", _NO_VALUES)
         if len(hosts) > 1:
             raise HTTPError(400, "more than one Host header")
         if not hosts and version == (1, 1):
@@ -2043,7 +2043,6 @@ class HTTPParser:
         elif not (target.startswith("/") or (target == "*" and method == "OPTIONS")):
             raise HTTPError(400, "invalid request target")
         # Body framing (RFC 9112 section 6.3): ambiguity is an error, never a guess.
-        index = headers.index
         length = _length_from(index["content-length"]) if "content-length" in index else None
         if "transfer-encoding" in index:
             codings = headers.tokens("transfer-encoding")
@@ -2056,14 +2055,17 @@ class HTTPParser:
             req.body = "chunked"
         elif length:
             req.body = "length"
-        connection = headers.tokens("connection")
-        if version == (1, 1):
-            req.keep_alive = "close" not in connection
+        if "connection" in index:
+            connection = req.connection = _list_tokens(index["connection"])
+            if version == (1, 1):
+                req.keep_alive = "close" not in connection
+            else:
+                req.keep_alive = "keep-alive" in connection and "close" not in connection
+            upgrade = headers.get("upgrade")
+            if "upgrade" in connection and upgrade and version == (1, 1):
+                req.upgrade = upgrade
         else:
-            req.keep_alive = "keep-alive" in connection and "close" not in connection
-        upgrade = headers.get("upgrade")
-        if "upgrade" in connection and upgrade and version == (1, 1):
-            req.upgrade = upgrade
+            req.keep_alive = version == (1, 1)
         events.append((EV_HEAD, req))
         self._after_end = _S_UPGRADE_WAIT if req.upgrade else _S_HEAD
         self._start_body(req.body, length, events)
@@ -2072,17 +2074,8 @@ class HTTPParser:
         m = _STATUS_LINE_RE.match(head)
         if m is None:
             raise HTTPError(502, "malformed status line from the origin")
-        version = (int(m.group(1)), int(m.group(2)))
         status = int(m.group(3))
-        # The response is forwarded verbatim; the relay only needs its framing, found
-        # in one search of the lower-cased head (no per-field parsing).
-        lower = head.lower()
-        connection_values, codings_values, length_values = _framing_fields(lower)
-        connection = _list_tokens(connection_values)
-        resp = Response(status, version)
-        resp.keep_alive = ("close" not in connection if version >= (1, 1)
-                           else "keep-alive" in connection)
-        events.append((EV_HEAD, resp))
+        events.append((EV_HEAD, Response(status)))
         if 100 <= status < 200 and status != 101:
             self.message_bytes = 0   # interim response; the final one follows
             return
@@ -2094,6 +2087,16 @@ class HTTPParser:
         if method == "HEAD" or status in (204, 304):
             self._end(events)
             return
+        # The response is forwarded verbatim; the relay only needs its framing, found
+        # in one search of the lower-cased head (no per-field parsing).
+        fields = _FRAMING_RE.findall(head.lower())
+        if len(fields) == 1 and fields[0][0] == b"content-length":   # the common case
+            value = fields[0][1].strip(b" \t")
+            if value.isdigit() and len(value) <= 18:                  # ASCII digits only
+                length = int(value)
+                self._start_body("length" if length else "none", length, events)
+                return
+        codings_values, length_values = _framing_fields(head.lower())
         codings = _list_tokens(codings_values)
         if codings:
             self._start_body("chunked" if codings[-1] == "chunked" else "close", None, events)
@@ -2144,15 +2147,18 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
                 .encode("latin-1") + (head[eol:] if eol >= 0 else b""))
     if not HOP_OR_FORWARDING.isdisjoint(index):
         head = _HOP_FIELD_RE.sub(b"", head)
-    named = set(req.headers.tokens("connection")) - PROTECTED
-    named |= req.strip
-    named -= HOP_OR_FORWARDING          # already gone
-    if named and not named.isdisjoint(index):
-        parts = head.split(b"\r\n")
-        head = b"\r\n".join([parts[0]] + [part for part in parts[1:] if part.partition(b":")[0]
-                                           .decode("latin-1").lower() not in named])
-    lines = [""]
-    lines.extend("%s: %s" % kv for kv in req.extra)
+    if req.connection or req.strip:
+        named = set(req.connection) - PROTECTED
+        named |= req.strip
+        named -= HOP_OR_FORWARDING          # already gone
+        if named and not named.isdisjoint(index):
+            parts = head.split(b"\r\n")
+            head = b"\r\n".join([parts[0]] + [part for part in parts[1:] if part.partition(
+                b":")[0].decode("latin-1").lower() not in named])
+    forwarding = forwarding_fields(peer_ip, req.host_header, proto)
+    if req.version == (1, 1) and req.keep_alive and not (req.extra or req.upgrade):
+        return head + forwarding         # the common case: nothing else to add
+    lines = ["%s: %s" % kv for kv in req.extra]
     if req.upgrade:
         lines.append("Connection: Upgrade")
         lines.append("Upgrade: %s" % req.upgrade)
@@ -2160,18 +2166,17 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
         lines.append("Connection: close")
     elif req.version == (1, 0):
         lines.append("Connection: keep-alive")
-    lines.append(forwarding_fields(peer_ip, req.host_header, proto))
-    return head + "\r\n".join(lines).encode("latin-1")
+    return head + ("\r\n" + "\r\n".join(lines)).encode("latin-1") + forwarding
 
 
 @functools.lru_cache(maxsize=FORWARDING_CACHE)
-def forwarding_fields(peer_ip: str, host: str, proto: str) -> str:
+def forwarding_fields(peer_ip: str, host: str, proto: str) -> bytes:
     """The fields the relay adds to every request, and the head's final empty line
     (the same for every request of a connection, so cached)."""
     for_ip = '"[%s]"' % peer_ip if ":" in peer_ip else peer_ip
-    return ('X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n'
+    return ('\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n'
             'Forwarded: for=%s;host="%s";proto=%s\r\n\r\n'
-            % (peer_ip, proto, host, for_ip, host.replace('"', ""), proto))
+            % (peer_ip, proto, host, for_ip, host.replace('"', ""), proto)).encode("latin-1")
 
 
 # =============================================================================
