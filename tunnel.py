@@ -1767,12 +1767,12 @@ def _list_tokens(values: List[str]) -> List[str]:
     return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
 
 
-def _framing_fields(lower: bytes) -> Tuple[List[str], List[str]]:
-    """The values of Transfer-Encoding and Content-Length in a lower-cased head, found
-    in one pass without parsing the other fields: a response head is forwarded
-    verbatim and only its framing matters to the relay."""
+def _framing_fields(fields: List[Tuple[bytes, bytes]]) -> Tuple[List[str], List[str]]:
+    """The values of Transfer-Encoding and of Content-Length among ``fields``, what
+    ``_FRAMING_RE.findall`` found in a lower-cased head without parsing the other
+    fields: a response head is forwarded verbatim and only its framing matters."""
     found: Tuple[List[str], List[str]] = ([], [])
-    for name, value in _FRAMING_RE.findall(lower):
+    for name, value in fields:
         found[name == b"content-length"].append(value.strip(b" \t").decode("latin-1"))
     return found
 
@@ -1787,7 +1787,7 @@ def whole_response(data: Any) -> bool:
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return False
-    codings, lengths = _framing_fields(data[:end + 2].lower())
+    codings, lengths = _framing_fields(_FRAMING_RE.findall(data[:end + 2].lower()))
     return (not codings and len(lengths) == 1 and _DIGITS_RE.match(lengths[0]) is not None
             and end + 4 + int(lengths[0]) == len(data))
 
@@ -2093,10 +2093,10 @@ class HTTPParser:
         if len(fields) == 1 and fields[0][0] == b"content-length":   # the common case
             value = fields[0][1].strip(b" \t")
             if value.isdigit() and len(value) <= 18:                  # ASCII digits only
-                length = int(value)
-                self._start_body("length" if length else "none", length, events)
+                size = int(value)
+                self._start_body("length" if size else "none", size, events)
                 return
-        codings_values, length_values = _framing_fields(head.lower())
+        codings_values, length_values = _framing_fields(fields)
         codings = _list_tokens(codings_values)
         if codings:
             self._start_body("chunked" if codings[-1] == "chunked" else "close", None, events)
