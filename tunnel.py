@@ -539,6 +539,9 @@ class Frame(collections.namedtuple("Frame", "type flags stream_id payload")):
     __slots__ = ()
 
 
+_new_tuple = tuple.__new__   # builds a Frame without the namedtuple's Python-level __new__
+
+
 class Preamble(collections.namedtuple("Preamble", "version")):
     """The client's opening magic and protocol version, as seen by the relay."""
 
@@ -608,7 +611,7 @@ class FrameDecoder:
                 stop = pos + hsize + length
                 if stop > end:
                     break
-                out.append(Frame(ftype, flags, sid, bytes(view[pos + hsize:stop])))
+                out.append(_new_tuple(Frame, (ftype, flags, sid, bytes(view[pos + hsize:stop]))))
                 pos = stop
             if src is not buf and pos < end:
                 buf += view[pos:]
@@ -1578,9 +1581,16 @@ class Session(Conn):
     def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
                  method: str, target: str) -> None:
         text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
-        record = LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
-                                 min(nbytes, 2 ** 64 - 1))
-        self._send(encode_frame(FrameType.LOG, stream_id, record + text))
+        if self.closed:
+            return
+        out = self.out
+        out += FRAME_HEADER.pack(FrameType.LOG, 0, stream_id, LOG_RECORD.size + len(text))
+        out += LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
+                               min(nbytes, 2 ** 64 - 1))
+        out += text
+        if not self._congested and len(out) >= SESSION_HIGH_WATER:
+            self._congested = True
+        self.loop.schedule_flush(self)
 
     def go_away(self, reason: str = "") -> None:
         if self.goaway_sent or self.closed or not self.established:
@@ -1787,9 +1797,11 @@ def whole_response(data: Any) -> bool:
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return False
-    codings, lengths = _framing_fields(_FRAMING_RE.findall(data[:end + 2].lower()))
-    return (not codings and len(lengths) == 1 and _DIGITS_RE.match(lengths[0]) is not None
-            and end + 4 + int(lengths[0]) == len(data))
+    fields = _FRAMING_RE.findall(data[:end + 2].lower())
+    if len(fields) != 1 or fields[0][0] != b"content-length":
+        return False
+    value = fields[0][1].strip(b" \t")
+    return value.isdigit() and len(value) <= 18 and end + 4 + int(value) == len(data)
 
 
 def _split_host(value: str) -> Tuple[str, str]:
@@ -3133,14 +3145,14 @@ class VisitorConn(Pipe):
         if not self.inflight:
             return
         ex = self.inflight.popleft()
-        elapsed = time.monotonic() - ex.started
+        now = time.monotonic()
         if self.stream is not None and self.tunnel is not None and self.tunnel.wants_log:
-            self.tunnel.session.send_log(self.stream.id, ex.status, elapsed, nbytes,
+            self.tunnel.session.send_log(self.stream.id, ex.status, now - ex.started, nbytes,
                                          ex.method, ex.target)
         if self.upgraded:
             return
         if not self.inflight:
-            self.last_active = time.monotonic()
+            self.last_active = now
             if self.deferred is not None:
                 self.send_error(self.deferred)
             elif self.last_request or self.read_eof:
@@ -3694,6 +3706,7 @@ class Client(SessionDelegate):
         self._tls_context: Any = None
         self._hinted = False
         self._reconnect_timer: Optional[Timer] = None
+        self._clock = (0, "")                # (second, "HH:MM:SS") for the access log
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
                                             handshake_timeout=config.handshake_timeout)
@@ -3886,8 +3899,11 @@ class Client(SessionDelegate):
     def on_access_log(self, session: Session, record: Dict[str, Any]) -> None:
         if not self.config.access_log:
             return
+        second = int(time.time())
+        if second != self._clock[0]:     # strftime once a second, not once a line
+            self._clock = (second, time.strftime("%H:%M:%S", time.localtime(second)))
         self.output("%s %s %s %d %.1fms %s" % (
-            time.strftime("%H:%M:%S"), record["method"], record["target"], record["status"],
+            self._clock[1], record["method"], record["target"], record["status"],
             record["duration"] * 1000.0, format_size(record["bytes"])))
 
     def stats(self) -> Dict[str, int]:
