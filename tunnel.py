@@ -152,7 +152,7 @@ import threading
 import time
 TYPE_CHECKING = False   # typing costs 2 MiB at run time; annotations are strings anyway
 if TYPE_CHECKING:
-    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type
+    from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Tuple, Type
 
 __version__ = "0.1.0"
 
@@ -1658,12 +1658,15 @@ _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]*))?\Z")
 _ABSOLUTE_RE = re.compile(r"(?i:https?)://([^/?#]*)([^#]*)")
 
+_HTTP_VERSIONS = {("1", "0"): (1, 0), ("1", "1"): (1, 1)}   # the versions a request may use
+
 # Parser states.
 _S_HEAD, _S_LENGTH, _S_CHUNK_SIZE, _S_CHUNK_DATA, _S_CHUNK_END, _S_TRAILER, \
     _S_UNTIL_CLOSE, _S_UPGRADE_WAIT, _S_TUNNEL, _S_DEAD = range(10)
 
 
 _NO_VALUES: List[str] = []
+_NO_FIELDS: FrozenSet[str] = frozenset()
 
 
 class Headers:
@@ -1705,8 +1708,8 @@ class Request:
                  headers: Headers, raw: bytes = b"") -> None:
         self.raw = raw                # the head as received, without the last CRLF CRLF
         self.target_changed = False   # absolute-form rewritten to origin-form
-        self.strip: set = set()       # lower-case fields to drop (our credentials)
-        self.extra: List[Tuple[str, str]] = []   # fields to add (a trimmed Cookie)
+        self.strip: FrozenSet[str] = _NO_FIELDS   # lower-case fields to drop (our credentials)
+        self.extra: Tuple[Tuple[str, str], ...] = ()   # fields to add (a trimmed Cookie)
         self.method = method
         self.target = target
         self.version = version
@@ -1833,6 +1836,7 @@ class HTTPParser:
         self._state = _S_HEAD
         self._remaining = 0
         self._trailer_size = 0
+        self._host = ("", "")          # the last Host value and its checked host part
         self._after_end = _S_HEAD
         self.message_bytes = 0          # bytes of the current message so far
 
@@ -2027,9 +2031,9 @@ class HTTPParser:
         if m is None:
             raise HTTPError(400, "malformed request line")
         method, target, major, minor = m.groups()
-        version = (int(major), int(minor))
-        if version not in ((1, 0), (1, 1)):
-            raise HTTPError(505, "HTTP/%d.%d is not supported" % version)
+        version = _HTTP_VERSIONS.get((major, minor))
+        if version is None:
+            raise HTTPError(505, "HTTP/%s.%s is not supported" % (major, minor))
         headers = _parse_fields(block)
         req = Request(method, target, version, headers, head)
         if method == "CONNECT":
@@ -2041,8 +2045,11 @@ class HTTPParser:
             raise HTTPError(400, "more than one Host header")
         if not hosts and version == (1, 1):
             raise HTTPError(400, "missing Host header")
-        req.host_header = hosts[0] if hosts else ""
-        req.host = _split_host(req.host_header)[0] if hosts else ""
+        if hosts:
+            req.host_header = hosts[0]
+            if req.host_header != self._host[0]:   # a connection's Host rarely changes
+                self._host = (req.host_header, _split_host(req.host_header)[0])
+            req.host = self._host[1]
         absolute = None if target[:1] == "/" else _ABSOLUTE_RE.match(target)
         if absolute:
             authority = _split_host(absolute.group(1))[0]
@@ -2386,7 +2393,7 @@ class AccessPolicy:
         if self.token_hash:
             presented = index.get(TOKEN_HEADER, [])
             if presented:
-                req.strip.add(TOKEN_HEADER)
+                req.strip |= {TOKEN_HEADER}
                 if any(self._token_ok(v) for v in presented):
                     self._strip_cookie(req, now)
                     return
@@ -2398,7 +2405,7 @@ class AccessPolicy:
         if self.basic_hash:
             for value in index.get("authorization", []):
                 if self._basic_ok(value):
-                    req.strip.add("authorization")   # it carried our credential
+                    req.strip |= {"authorization"}   # it carried our credential
                     return
         headers: Tuple[Tuple[str, str], ...] = ()
         if self.basic_hash:
@@ -2427,9 +2434,9 @@ class AccessPolicy:
                 elif part.strip():
                     kept.append(part.strip())
         if found:
-            req.strip.add("cookie")
+            req.strip |= {"cookie"}
             if kept:
-                req.extra.append(("Cookie", "; ".join(kept)))
+                req.extra += (("Cookie", "; ".join(kept)),)
         return valid
 
     def _token_from_query(self, path: str, query: str, now: float) -> None:
