@@ -1716,7 +1716,7 @@ class Request:
         self.headers = headers
         self.host = ""            # lower-case, port stripped
         self.host_header = ""     # as sent
-        self.connection: List[str] = []   # the Connection tokens, lower-case
+        self.connection = _NO_VALUES   # the Connection tokens, lower-case (do not modify)
         self.keep_alive = True
         self.upgrade: Optional[str] = None
         self.body = "none"        # none | length | chunked
@@ -2185,7 +2185,7 @@ def rewrite_request_head(req: Request, peer_ip: str, proto: str = "http") -> byt
         lines.append("Connection: close")
     elif req.version == (1, 0):
         lines.append("Connection: keep-alive")
-    return head + ("\r\n" + "\r\n".join(lines)).encode("latin-1") + forwarding
+    return head + "".join(["\r\n" + line for line in lines]).encode("latin-1") + forwarding
 
 
 @functools.lru_cache(maxsize=FORWARDING_CACHE)
