@@ -455,6 +455,29 @@ class ResponseParserTest(unittest.TestCase):
             self.assertEqual(events[-1][0], EV_ERROR, bad)
             self.assertEqual(events[-1][1].status, 502, bad)
 
+    def test_a_whole_response_in_one_piece_frames_as_byte_by_byte(self):
+        # One whole response in one piece takes a short path; byte by byte, the general
+        # one.  Cases where Content-Length does not frame the body must decline it.
+        def summary(events):
+            return [(k, v.status if k in (EV_HEAD, EV_ERROR) else v) for k, v in events]
+        cases = [(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", ("GET",)),
+                 (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", ("GET",)),
+                 (b"HTTP/1.0 200 OK\r\nServer: x\r\nContent-Length:  3 \r\n\r\nabc", ()),
+                 (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nHTT", ("HEAD", "GET")),
+                 (b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\nabc", ("GET",)),
+                 (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\nabc", ("GET",)),
+                 (b"HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\nabc", ("GET",)),
+                 (b"HTTP/1.1 101 Switching\r\nContent-Length: 3\r\n\r\nabc", ("GET",)),
+                 (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+                  b"\r\n\r\n0\r\n\r\n", ("GET",))]
+        for data, methods in cases:
+            whole = self.parse(data, methods)[1]
+            self.assertEqual(summary(whole), summary(self.parse(data, methods, True)[1]), data)
+        p = HTTPParser(is_request=False, max_head=20)
+        p.expect("GET")
+        events = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual((events[-1][0], events[-1][1].status), (EV_ERROR, 502))
+
     def test_conflicting_lengths_from_origin_are_502(self):
         _, events = self.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
                                b"content-length: 4\r\n\r\nabcd")

@@ -1796,15 +1796,27 @@ def whole_response(data: Any) -> bool:
     a head in pieces), which only costs an early ACK."""
     if len(data) > WHOLE_RESPONSE_PROBE or data[:5] != b"HTTP/":
         return False
-    data = bytes(data)
-    end = data.find(b"\r\n\r\n")
+    return _one_response(bytes(data)) is not None
+
+
+def _one_response(data: bytes) -> Optional[Tuple[int, int]]:
+    """(status, head length) if ``data`` is exactly one response with a head within
+    HEAD_PROBE and a body framed by one plain Content-Length; otherwise None.  (Not
+    the whole story for a parser: 1xx, 204, 304 and answers to HEAD are framed
+    otherwise, whatever their Content-Length says.)"""
+    end = data.find(b"\r\n\r\n", 0, HEAD_PROBE)
     if end < 0:
-        return False
+        return None
+    m = _STATUS_LINE_RE.match(data, 0, end + 2)
+    if m is None:
+        return None
     fields = _FRAMING_RE.findall(data[:end + 2].lower())
     if len(fields) != 1 or fields[0][0] != b"content-length":
-        return False
+        return None
     value = fields[0][1].strip(b" \t")
-    return value.isdigit() and len(value) <= 18 and end + 4 + int(value) == len(data)
+    if not (value.isdigit() and len(value) <= 18) or end + 4 + int(value) != len(data):
+        return None
+    return int(m.group(3)), end + 4
 
 
 def _split_host(value: str) -> Tuple[str, str]:
@@ -1861,12 +1873,33 @@ class HTTPParser:
         events: List[Tuple[str, Any]] = []
         if self._state in (_S_DEAD, _S_TUNNEL):
             return events
+        if (not self.is_request and self._state == _S_HEAD and not self._buf
+                and type(data) is bytes and self._whole_response(data, events)):
+            return events
         try:
             self._run(memoryview(data), events)
         except HTTPError as exc:
             self._state = _S_DEAD
             events.append((EV_ERROR, exc))
         return events
+
+    def _whole_response(self, data: bytes, events: List[Tuple[str, Any]]) -> bool:
+        """The relay's common case in one step: ``data`` is one whole response,
+        framed by its Content-Length, to a request other than HEAD.  False, with
+        nothing changed, for anything else: the general path then takes it."""
+        found = _one_response(data)
+        if found is None or found[1] - 4 > self.max_head:
+            return False
+        status, head_size = found
+        if status < 200 or status in (204, 304) or (self.methods and self.methods[0] == "HEAD"):
+            return False
+        if self.methods:
+            self.methods.popleft()
+        events.append((EV_HEAD, Response(status)))
+        if self.emit_body and head_size < len(data):
+            events.append((EV_BODY, memoryview(data)[head_size:]))
+        events.append((EV_END, len(data)))
+        return True
 
     def feed_eof(self) -> List[Tuple[str, Any]]:
         """The peer closed its side: finish a read-until-close body or fail."""
