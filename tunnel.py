@@ -1642,15 +1642,14 @@ EV_ERROR = "error"   # value: HTTPError; the parser is dead afterwards
 
 # Heads are decoded as latin-1 once and matched as str; a field is
 # token ":" OWS value OWS CRLF, with no control bytes but HT in the value.  The
-# patterns avoid lazy repeats (slow in ``re``): one checks the line structure, one
-# finds control bytes, one extracts the fields with the value's OWS trimmed.
+# patterns avoid lazy repeats (slow in ``re``): one checks the line structure and
+# control bytes, one extracts the fields with the value's OWS trimmed.
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE_RE = re.compile(r"(" + _TOKEN + r") ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\Z")
 _STATUS_LINE_RE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?"
                              rb"(?:\r\n|\Z)")
 _FIELD_RE = re.compile(r"(" + _TOKEN + r"):[ \t]*((?:[^\r\n]*[^\r\n \t])?)[ \t]*\r\n")
-_FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[^\r\n]*\r\n)*")
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # CR and LF: by structure
+_FIELDS_RE = re.compile(r"(?:" + _TOKEN + r":[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")   # HT allowed
 _TRAILER_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _FRAMING_RE = re.compile(rb"\r\n(transfer-encoding|content-length)[ \t]*:([^\r\n]*)")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
@@ -1734,9 +1733,10 @@ class Response:
 
 def _parse_fields(block: str) -> Headers:
     """Fields of a head: ``block`` is every line after the start line, each ending in CRLF.
-    Two regexes check the whole block (line structure, control bytes) and one extracts
-    the fields, all in C; only a bad block is looked at line by line, for the reason."""
-    if _FIELDS_RE.fullmatch(block) is None or _CONTROL_RE.search(block) is not None:
+    One regex checks the whole block (line structure, no control bytes but HT) and one
+    extracts the fields, both in C; only a bad block is looked at line by line, for the
+    reason."""
+    if _FIELDS_RE.fullmatch(block) is None:
         for line in block.split("\r\n"):
             if line[:1] in (" ", "\t"):
                 raise HTTPError(400, "obsolete line folding in the header")
