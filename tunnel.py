@@ -1796,27 +1796,24 @@ def whole_response(data: Any) -> bool:
     a head in pieces), which only costs an early ACK."""
     if len(data) > WHOLE_RESPONSE_PROBE or data[:5] != b"HTTP/":
         return False
-    return _one_response(bytes(data)) is not None
+    return _whole_by_length(bytes(data)) > 0
 
 
-def _one_response(data: bytes) -> Optional[Tuple[int, int]]:
-    """(status, head length) if ``data`` is exactly one response with a head within
-    HEAD_PROBE and a body framed by one plain Content-Length; otherwise None.  (Not
-    the whole story for a parser: 1xx, 204, 304 and answers to HEAD are framed
-    otherwise, whatever their Content-Length says.)"""
+def _whole_by_length(data: bytes) -> int:
+    """The length of the head (through its empty line) if ``data`` is exactly one
+    message with a head within HEAD_PROBE and a body framed by one plain
+    Content-Length; otherwise 0.  (Not the whole story for a response: 1xx, 204, 304
+    and answers to HEAD are framed otherwise, whatever their Content-Length says.)"""
     end = data.find(b"\r\n\r\n", 0, HEAD_PROBE)
     if end < 0:
-        return None
-    m = _STATUS_LINE_RE.match(data, 0, end + 2)
-    if m is None:
-        return None
+        return 0
     fields = _FRAMING_RE.findall(data[:end + 2].lower())
     if len(fields) != 1 or fields[0][0] != b"content-length":
-        return None
+        return 0
     value = fields[0][1].strip(b" \t")
     if not (value.isdigit() and len(value) <= 18) or end + 4 + int(value) != len(data):
-        return None
-    return int(m.group(3)), end + 4
+        return 0
+    return end + 4
 
 
 def _split_host(value: str) -> Tuple[str, str]:
@@ -1887,10 +1884,13 @@ class HTTPParser:
         """The relay's common case in one step: ``data`` is one whole response,
         framed by its Content-Length, to a request other than HEAD.  False, with
         nothing changed, for anything else: the general path then takes it."""
-        found = _one_response(data)
-        if found is None or found[1] - 4 > self.max_head:
+        head_size = _whole_by_length(data)
+        if not head_size or head_size - 4 > self.max_head:
             return False
-        status, head_size = found
+        m = _STATUS_LINE_RE.match(data, 0, head_size - 2)
+        if m is None:
+            return False
+        status = int(m.group(3))
         if status < 200 or status in (204, 304) or (self.methods and self.methods[0] == "HEAD"):
             return False
         if self.methods:
