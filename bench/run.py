@@ -366,6 +366,32 @@ def fairness(url, host, seconds):
         t.join()
 
 
+def acking_p99(port, seconds):
+    """p99 (ms) of one keep-alive connection to ``port`` read by a client that ACKs every
+    read at once (TCP_QUICKACK), so an origin's Nagle costs nothing: the origin's own tail."""
+    req = b"GET /small HTTP/1.1\r\nHost: origin\r\n\r\n"
+    lat = []
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            s.sendall(req)
+            buf = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    raise SystemExit("the Python origin closed the connection")
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                buf += data
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0 and len(buf) >= end + 4 + 100:
+                    break
+            lat.append(time.perf_counter() - started)
+    lat.sort()
+    return lat[int(len(lat) * 0.99)] * 1e3
+
+
 def hold_idle(port, host, n):
     socks = []
     req = ("GET /small HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode()
@@ -478,6 +504,7 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
     # this shared machine does not land on one row only.
     kinds = ("c1", "c50", "split", "nagle", "fair")
     runs: dict = {(name, kind): [] for name, _, _ in rows for kind in kinds}
+    runs["origin alone"] = []
     peak = PeakRSS([relay.pid, client.pid])
     for i in range(rounds):
         print("wrk runs, round %d of %d ..." % (i + 1, rounds), flush=True)
@@ -492,11 +519,14 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
             runs[name, "nagle"].append(wrk(py_rows[name][0] + "small", 1, secs,
                                            py_rows[name][1]))
             runs[name, "fair"].append(fairness(url, host, secs))
+        runs["origin alone"].append(acking_p99(py_port, secs))
+    origin_alone = sorted(runs.pop("origin alone"))[rounds // 2]
     for (name, kind), rs in runs.items():
         key = "rps" if kind in ("c1", "c50") else "p99"
         median = sorted(rs, key=lambda r: r[key])[len(rs) // 2]
         median = dict(median, errors=sum(r["errors"] for r in rs))
         results[name][kind] = median
+    results["origin alone"] = origin_alone
     results["tunnel.py"]["peak"] = {"relay": peak.peak[relay.pid],
                                     "client": peak.peak[client.pid], "sum": peak.peak_sum,
                                     "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
@@ -572,6 +602,9 @@ def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay
             ratio(t["up"]["MBps"], base["up"]["MBps"])))
     lines.append("| tunnel.py fairness | | | | | %.2f |"
                  % ratio(t["fair"]["p99"], t["c1"]["p99"]))
+    lines += ["", "The no-NODELAY origin alone, read by a client that ACKs every read at once "
+              "(so Nagle costs nothing there): p99 %.2f ms (median of %d)."
+              % (res["origin alone"], rounds)]
     lines += ["", "Memory (RSS):", "",
               "- tunnel.py idle: relay %.1f MiB, client %.1f MiB (PSS of both: %.1f MiB; "
               "RSS counts the shared libpython/libcrypto pages twice)"
