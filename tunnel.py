@@ -1807,13 +1807,18 @@ def _whole_by_length(data: bytes) -> int:
     end = data.find(b"\r\n\r\n", 0, HEAD_PROBE)
     if end < 0:
         return 0
-    fields = _FRAMING_RE.findall(data[:end + 2].lower())
+    length = _plain_length(_FRAMING_RE.findall(data[:end + 2].lower()))
+    return end + 4 if length is not None and end + 4 + length == len(data) else 0
+
+
+def _plain_length(fields: List[Tuple[bytes, bytes]]) -> Optional[int]:
+    """The length if the framing ``fields`` (``_FRAMING_RE.findall`` of a lower-cased
+    head) are one Content-Length of plain ASCII digits and nothing else; None for every
+    other case, which the general rules decide."""
     if len(fields) != 1 or fields[0][0] != b"content-length":
-        return 0
+        return None
     value = fields[0][1].strip(b" \t")
-    if not (value.isdigit() and len(value) <= 18) or end + 4 + int(value) != len(data):
-        return 0
-    return end + 4
+    return int(value) if value.isdigit() and len(value) <= 18 else None   # ASCII only
 
 
 def _split_host(value: str) -> Tuple[str, str]:
@@ -1871,7 +1876,7 @@ class HTTPParser:
         if self._state in (_S_DEAD, _S_TUNNEL):
             return events
         if (not self.is_request and self._state == _S_HEAD and not self._buf
-                and type(data) is bytes and self._whole_response(data, events)):
+                and type(data) is bytes and self._feed_whole_response(data, events)):
             return events
         try:
             self._run(memoryview(data), events)
@@ -1880,7 +1885,7 @@ class HTTPParser:
             events.append((EV_ERROR, exc))
         return events
 
-    def _whole_response(self, data: bytes, events: List[Tuple[str, Any]]) -> bool:
+    def _feed_whole_response(self, data: bytes, events: List[Tuple[str, Any]]) -> bool:
         """The relay's common case in one step: ``data`` is one whole response,
         framed by its Content-Length, to a request other than HEAD.  False, with
         nothing changed, for anything else: the general path then takes it."""
@@ -2142,12 +2147,10 @@ class HTTPParser:
         # The response is forwarded verbatim; the relay only needs its framing, found
         # in one search of the lower-cased head (no per-field parsing).
         fields = _FRAMING_RE.findall(head.lower())
-        if len(fields) == 1 and fields[0][0] == b"content-length":   # the common case
-            value = fields[0][1].strip(b" \t")
-            if value.isdigit() and len(value) <= 18:                  # ASCII digits only
-                size = int(value)
-                self._start_body("length" if size else "none", size, events)
-                return
+        size = _plain_length(fields)
+        if size is not None:                    # the common case
+            self._start_body("length" if size else "none", size, events)
+            return
         codings_values, length_values = _framing_fields(fields)
         codings = _list_tokens(codings_values)
         if codings:
