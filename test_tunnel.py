@@ -320,6 +320,18 @@ class RequestParserTest(unittest.TestCase):
         many = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: 1\r\n" * (tunnel.MAX_HEADER_COUNT + 1)
         self.assert_error(many + b"\r\n", 431, "too many")
 
+    def test_each_request_of_a_connection_has_its_own_host(self):
+        # The Host check is remembered per connection; a new Host is checked anew.
+        p = HTTPParser(is_request=True)
+        hosts = []
+        for value in (b"A.localhost:8080", b"a.localhost:8080", b"b.localhost", b"", b"a b"):
+            for kind, v in p.feed(b"GET / HTTP/1.1\r\nHost: " + value + b"\r\n\r\n"):
+                if kind == EV_HEAD:
+                    hosts.append(v.host)
+                elif kind == EV_ERROR:
+                    hosts.append(v.status)
+        self.assertEqual(hosts, ["a.localhost", "a.localhost", "b.localhost", "", 400])
+
     def test_hostile_heads_are_rejected_in_linear_time(self):
         # Each of these once took the field regexes more than ten seconds (backtracking);
         # now they take milliseconds.  The bound is loose on purpose: it catches a
