@@ -3,7 +3,7 @@
 
 Timings on a shared 2-core VM drift by a third from one minute to the next; the
 number of instructions a process executes for the same work does not (repeat runs
-agree to about 0.2 %).  This runs one side at a time under ``valgrind --tool=callgrind``
+agree within about 1 %).  This runs one side at a time under ``valgrind --tool=callgrind``
 (the other side runs normally), sends a fixed number of keep-alive GETs over 50
 connections through the tunnel to nginx, and reports
 
