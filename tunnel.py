@@ -1581,16 +1581,9 @@ class Session(Conn):
     def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
                  method: str, target: str) -> None:
         text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
-        if self.closed:
-            return
-        out = self.out
-        out += FRAME_HEADER.pack(FrameType.LOG, 0, stream_id, LOG_RECORD.size + len(text))
-        out += LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
-                               min(nbytes, 2 ** 64 - 1))
-        out += text
-        if not self._congested and len(out) >= SESSION_HIGH_WATER:
-            self._congested = True
-        self.loop.schedule_flush(self)
+        self._send(FRAME_HEADER.pack(FrameType.LOG, 0, stream_id, LOG_RECORD.size + len(text))
+                   + LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
+                                     min(nbytes, 2 ** 64 - 1)) + text)
 
     def go_away(self, reason: str = "") -> None:
         if self.goaway_sent or self.closed or not self.established:
