@@ -116,7 +116,7 @@ class FrameCodecTest(unittest.TestCase):
         got = []
         for i in range(len(data)):
             got.extend(dec.feed(data[i:i + 1]))
-        self.assertEqual(got[0], tunnel.Preamble(1))
+        self.assertEqual(got[0], tunnel.Preamble(tunnel.PROTOCOL_VERSION))
         self.assertEqual(got[1].payload, b"n" * 32)
 
     def test_bad_magic_is_rejected_early(self):
@@ -143,7 +143,8 @@ class FrameCodecTest(unittest.TestCase):
 
 
 class HandshakeTest(unittest.TestCase):
-    def run_handshake(self, client_token, relay_token, accept=None, version=1):
+    def run_handshake(self, client_token, relay_token, accept=None,
+                      version=tunnel.PROTOCOL_VERSION):
         accept = accept or (lambda req: {"name": req.get("subdomain") or "x", "url": "u"})
         client = ClientHandshake(client_token, {"subdomain": "demo"}, version=version)
         relay = RelayHandshake(relay_token, accept)
@@ -1167,6 +1168,9 @@ class EndToEndBase(unittest.TestCase):
 
     def start_relay(self, http_port=0, control_port=0, **kw):
         opts = dict(FAST)
+        # Plain TCP on loopback unless a test asks for TLS (ControlChannelSecurityTest
+        # covers the default, TLS with the relay's own certificate).
+        opts["plaintext"] = not (kw.get("tls_cert") or kw.get("control_tls_cert"))
         opts.update(kw)
         relay = tunnel.Relay(tunnel.RelayConfig(bind="127.0.0.1", http_port=http_port,
                                                 control_port=control_port, token=TOKEN,
@@ -1178,7 +1182,8 @@ class EndToEndBase(unittest.TestCase):
     def start_client(self, subdomain=None, target_port=None, token=TOKEN, relay=None,
                      wait=True, relay_host="127.0.0.1", target_host="127.0.0.1", **kw):
         relay = relay or self.relay
-        opts = dict(FAST, backoff_initial=0.05, backoff_max=0.5)
+        opts = dict(FAST, backoff_initial=0.05, backoff_max=0.5,
+                    plaintext=relay.control_tls is None)
         opts.update(kw)
         lines = []
         client = tunnel.Client(tunnel.ClientConfig(
@@ -1506,7 +1511,11 @@ class EndToEnd(EndToEndBase):
         self.client.thread.join(WAIT)
         wait_until(lambda: self.relay_stats()["tunnels"] == 0, what="tunnel to go")
         self.assertEqual(self.get("/hello")[0], 502)
-        client, lines = self.start_client("demo")
+        # The name is reserved for that client (its sealed secret), not any token holder.
+        other, _ = self.start_client("demo", wait=False)
+        other.thread.join(WAIT)
+        self.assertIn("reserved for its previous client", other.error)
+        client, lines = self.start_client("demo", client_secret=self.client.client_secret)
         self.assertEqual(lines[0], self.lines[0])
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
 
@@ -2077,9 +2086,12 @@ class MultiUserTest(EndToEndBase):
         c3, _ = self.user_client("alice", self.ALICE, "alice-three", wait=False)
         self.assertEqual(self.finished(c3)[0], tunnel.EXIT_FAILURE)
         self.assertIn("already has 2 tunnels", c3.error)
-        c4, _ = self.user_client("bob", self.BOB, "alice-x")     # bob may use any name
-        c5, _ = self.user_client("alice", self.ALICE, "bobs-name", wait=False)
+        # bob has no patterns: any name but those in another user's namespace
+        c4, _ = self.user_client("bob", self.BOB, "bobs-name")
+        c5, _ = self.user_client("bob", self.BOB, "alice-x", wait=False)
         self.assertIn("may not use subdomain", self.finished(c5)[1])
+        c6, _ = self.user_client("alice", self.ALICE, "bobs-other", wait=False)
+        self.assertIn("may not use subdomain", self.finished(c6)[1])
 
     def test_unknown_user_and_wrong_token_are_refused_alike(self):
         for user, token in (("mallory", self.ALICE), ("alice", self.BOB), (None, self.ALICE)):
@@ -2127,12 +2139,15 @@ class MultiUserTest(EndToEndBase):
                             return "welcome"
             except tunnel.AuthError:
                 return "refused"
+            except tunnel.RefusedError as exc:
+                return exc.code
         started = time.monotonic()
         self.assertEqual([attempt("alice", "wrong-token-0123456789") for _ in range(3)],
                          ["refused"] * 3)
         self.assertGreater(time.monotonic() - started, 0.25 + 0.5)   # growing delay
-        self.assertEqual(attempt("alice", self.ALICE), "closed")    # banned, even if right
-        self.assertEqual(attempt("bob", self.BOB), "closed")
+        self.assertEqual(attempt("alice", self.ALICE), "banned")    # banned, even if right
+        # The ban is per (address, user): bob, from the same address, is not locked out.
+        self.assertEqual(attempt("bob", self.BOB), "welcome")
 
 
 class VisitorAccessTest(EndToEndBase):
@@ -2306,6 +2321,10 @@ class CommandLineTest(unittest.TestCase):
         e = dict(os.environ)
         e.pop("TUNNEL_TOKEN", None)
         e.pop("TUNNEL_RELAY", None)
+        if not hasattr(self, "state_dir"):      # the relay's generated key goes here
+            self.state_dir = tempfile.mkdtemp(prefix="tunnel-state-")
+            self.addCleanup(shutil.rmtree, self.state_dir, True)
+        e[tunnel.STATE_DIR_ENV] = self.state_dir
         e.update(env or {})
         p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY] + list(args),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=cwd)
@@ -2349,9 +2368,10 @@ class CommandLineTest(unittest.TestCase):
         http_port, control_port = free_port(), free_port()
         relay = self.spawn("serve", "--bind", "127.0.0.1", "--http-port", str(http_port),
                            "--control-port", str(control_port))
-        lines = [relay.stdout.readline().decode() for _ in range(2)]
-        self.assertIn("generated", lines[0])
-        command = lines[1].split()
+        lines = [relay.stdout.readline().decode() for _ in range(3)]
+        self.assertRegex(lines[0], r"^TLS certificate SHA-256 fingerprint: ([0-9A-F]{2}:){31}")
+        self.assertIn("generated", lines[1])
+        command = lines[2].split()
         self.assertEqual(command[:6], ["python", "tunnel.py", "expose", "5000", "--relay",
                                        "localhost:%d" % control_port])
         token = command[command.index("--token") + 1]

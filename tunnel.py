@@ -164,7 +164,7 @@ log = logging.getLogger("tunnel")
 
 # -- wire format --------------------------------------------------------------
 MAGIC = b"TUNNEL"                       # first bytes a client sends
-PROTOCOL_VERSION = 1                    # bumped on any incompatible change
+PROTOCOL_VERSION = 2                    # bumped on any incompatible change (2: binding, seal)
 PREAMBLE = struct.Struct("!6sH")        # magic, version
 FRAME_HEADER = struct.Struct("!BBII")   # type, flags, stream id, payload length
 MAX_FRAME_PAYLOAD = 256 * 1024          # largest payload a peer may send
@@ -173,6 +173,8 @@ NONCE_SIZE = 32                         # bytes of randomness per side
 MAC_SIZE = 32                           # HMAC-SHA256 digest size
 MAC_LABEL = b"tunnel.py/1 "             # domain separation for the MACs
 U32 = struct.Struct("!I")               # WINDOW increment, GOAWAY code
+U64 = struct.Struct("!Q")               # block counter of the seal's key stream
+MAX_JSON_CONTAINERS = 64                # '[' and '{' in one handshake JSON (no deep nesting)
 PING_PAYLOAD = struct.Struct("!Q")      # opaque PING counter
 LOG_RECORD = struct.Struct("!HIQ")      # status, duration in us, bytes
 MAX_CREDIT = 2 ** 31 - 1                # send credit beyond this is an error
@@ -198,6 +200,25 @@ class FrameType(enum.IntEnum):
 FRAME_TYPES = frozenset(int(t) for t in FrameType)
 
 GOAWAY_NORMAL = 0                       # planned shutdown
+
+# Refusal codes (the "error" of a REFUSE frame): what each means and what the client
+# does about it.  "stop" ends the client, "first" ends it only if its tunnel never came
+# up (later it is a passing state: the old session still holds the name), "retry"
+# reconnects with backoff.  Unknown codes are retried.
+REFUSE_STOP, REFUSE_FIRST, REFUSE_RETRY = "stop", "first", "retry"
+REFUSALS: Dict[str, Tuple[str, str]] = {
+    "auth": ("the relay does not accept the token (or user); exit status 2", REFUSE_STOP),
+    "binding": ("the relay's certificate is not the one the client saw: a man in the "
+                "middle or an undeclared TLS proxy; exit status 2", REFUSE_STOP),
+    "version": ("the relay speaks another protocol version", REFUSE_STOP),
+    "invalid_name": ("the subdomain is not a DNS label", REFUSE_STOP),
+    "name_not_allowed": ("the user may not use that subdomain", REFUSE_STOP),
+    "invalid_access": ("the visitor access policy is malformed", REFUSE_STOP),
+    "name_taken": ("another client holds or has reserved the name", REFUSE_FIRST),
+    "limit": ("the user has max_tunnels tunnels already", REFUSE_FIRST),
+    "shutting_down": ("the relay is stopping", REFUSE_RETRY),
+    "banned": ("too many failed handshakes from this address for this user", REFUSE_RETRY),
+}
 
 # -- flow control and buffering -----------------------------------------------
 INITIAL_WINDOW = 256 * 1024             # per-stream credit at open
@@ -244,6 +265,15 @@ MAX_VISITORS = 10000                    # visitor connections on the relay
 MAX_VISITORS_PER_TUNNEL = 2000          # visitor connections bound to one tunnel
 MAX_STREAMS = 2000                      # open streams in one session
 MAX_UNAUTHENTICATED = 64                # control connections still in the handshake
+
+# -- control channel security (TLS by default) --------------------------------
+IDENTITY_CERT = "relay-cert.pem"        # the relay's own certificate, in --state-dir
+IDENTITY_KEY = "relay-key.pem"          # ... and its Ed25519 key (mode 0600)
+IDENTITY_DAYS = 3650                    # validity of a generated certificate (10 years)
+IDENTITY_NAME = "tunnel.py relay"       # its subject and issuer common name
+STATE_DIR_ENV = "TUNNEL_STATE_DIR"      # overrides the default state directory
+SEAL_LABEL = b"seal"                    # MAC label of the key that seals AUTH's secrets
+CLIENT_SECRET_BYTES = 32                # per-client secret: binds a name reservation
 
 # -- defaults for the command line --------------------------------------------
 DEFAULT_BIND = "0.0.0.0"
@@ -374,6 +404,146 @@ def certificate_der(cert_file: str) -> bytes:
     return ssl.PEM_cert_to_DER_cert(pem[start:end])
 
 
+# -- the relay's own certificate, made with the standard library alone ---------
+# A relay without --tls-cert still speaks TLS on its control port: on first start it
+# makes an Ed25519 key (RFC 8032, below: about 7 ms of pure Python, once) and a
+# self-signed X.509 certificate written here in DER, and keeps both in its state
+# directory so that the fingerprint survives restarts.  Clients need not trust it by
+# any CA: the handshake binds the certificate each side saw (see the docstring).
+
+_ED_P = 2 ** 255 - 19                                              # the field prime
+_ED_L = 2 ** 252 + 27742317777372353535851937790883648493          # the group order
+_ED_D = -121665 * pow(121666, _ED_P - 2, _ED_P) % _ED_P            # curve constant d
+_ED_BX = 15112221349535400772501151409588531511454012693041857206046113283949847762202
+_ED_BY = 46316835694926478169428394003475163141307993866256225615783033603165251855960
+_ED_BASE = (_ED_BX, _ED_BY, 1, _ED_BX * _ED_BY % _ED_P)           # extended coordinates
+
+
+def _ed_add(p: Tuple[int, ...], q: Tuple[int, ...]) -> Tuple[int, int, int, int]:
+    """Point addition in extended coordinates (RFC 8032 section 5.1.4; also doubles)."""
+    m = _ED_P
+    a = (p[1] - p[0]) * (q[1] - q[0]) % m
+    b = (p[1] + p[0]) * (q[1] + q[0]) % m
+    c = 2 * p[3] * q[3] * _ED_D % m
+    d = 2 * p[2] * q[2] % m
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % m, g * h % m, f * g % m, e * h % m
+
+
+def _ed_mul(scalar: int, point: Tuple[int, ...]) -> Tuple[int, ...]:
+    result: Tuple[int, ...] = (0, 1, 1, 0)     # the neutral element
+    while scalar:
+        if scalar & 1:
+            result = _ed_add(result, point)
+        point = _ed_add(point, point)
+        scalar >>= 1
+    return result
+
+
+def _ed_encode(point: Tuple[int, ...]) -> bytes:
+    zinv = pow(point[2], _ED_P - 2, _ED_P)
+    x, y = point[0] * zinv % _ED_P, point[1] * zinv % _ED_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _ed_expand(seed: bytes) -> Tuple[int, bytes]:
+    digest = hashlib.sha512(seed).digest()
+    return (int.from_bytes(digest[:32], "little") & ((1 << 254) - 8) | 1 << 254,
+            digest[32:])
+
+
+def ed25519_public_key(seed: bytes) -> bytes:
+    """The 32-byte public key of a 32-byte Ed25519 private key (seed)."""
+    return _ed_encode(_ed_mul(_ed_expand(seed)[0], _ED_BASE))
+
+
+def ed25519_sign(seed: bytes, message: bytes) -> bytes:
+    """A 64-byte Ed25519 signature (RFC 8032 section 5.1.6).  Not constant-time: used
+    once per relay, to sign its own certificate, never on input from the network."""
+    scalar, prefix = _ed_expand(seed)
+    public = _ed_encode(_ed_mul(scalar, _ED_BASE))
+    r = int.from_bytes(hashlib.sha512(prefix + message).digest(), "little") % _ED_L
+    point_r = _ed_encode(_ed_mul(r, _ED_BASE))
+    k = int.from_bytes(hashlib.sha512(point_r + public + message).digest(), "little") % _ED_L
+    return point_r + ((r + k * scalar) % _ED_L).to_bytes(32, "little")
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    """One DER element: tag, definite length, body."""
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + body
+
+
+def _der_seq(*parts: bytes) -> bytes:
+    return _der(0x30, b"".join(parts))
+
+
+_DER_ED25519 = _der_seq(_der(0x06, b"\x2b\x65\x70"))        # AlgorithmIdentifier 1.3.101.112
+_DER_CN = _der(0x06, b"\x55\x04\x03")                       # id-at-commonName 2.5.4.3
+_DER_BASIC_CA = _der_seq(_der(0x06, b"\x55\x1d\x13"), _der(0x01, b"\xff"),   # critical
+                         _der(0x04, _der_seq(_der(0x01, b"\xff"))))        # cA: TRUE
+_PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")   # PKCS#8 before the seed
+
+
+def self_signed_certificate(seed: bytes, common_name: str = IDENTITY_NAME,
+                            days: int = IDENTITY_DAYS, now: Optional[float] = None) -> bytes:
+    """A DER X.509 v3 certificate for the Ed25519 key ``seed``, signed by itself."""
+    now = time.time() if now is None else now
+
+    def utc(t: float) -> bytes:     # UTCTime: fine until 2049
+        return _der(0x17, time.strftime("%y%m%d%H%M%SZ", time.gmtime(t)).encode("ascii"))
+    name = _der_seq(_der(0x31, _der_seq(_DER_CN, _der(0x0c, common_name.encode("utf-8")))))
+    serial = secrets.randbits(126) | 1 << 126        # positive, 16 bytes, minimal DER
+    tbs = _der_seq(_der(0xa0, _der(0x02, b"\x02")),  # version 3
+                   _der(0x02, serial.to_bytes(16, "big")), _DER_ED25519, name,
+                   _der_seq(utc(now - 86400), utc(now + days * 86400)), name,
+                   _der_seq(_DER_ED25519, _der(0x03, b"\0" + ed25519_public_key(seed))),
+                   _der(0xa3, _der_seq(_DER_BASIC_CA)))
+    return _der_seq(tbs, _DER_ED25519, _der(0x03, b"\0" + ed25519_sign(seed, tbs)))
+
+
+def pem_encode(kind: str, der: bytes) -> str:
+    text = _b64(der)
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (
+        kind, "\n".join(text[i:i + 64] for i in range(0, len(text), 64)), kind)
+
+
+def default_state_dir() -> str:
+    """$TUNNEL_STATE_DIR, else $XDG_STATE_HOME/tunnel.py, else ~/.local/state/tunnel.py."""
+    explicit = os.environ.get(STATE_DIR_ENV)
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                           ".local", "state")
+    return os.path.join(base, "tunnel.py")
+
+
+def write_private(path: str, text: str) -> None:
+    """Create ``path`` readable by its owner only (0600) and write ``text`` to it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(text)
+
+
+def relay_identity(state_dir: str) -> Tuple[str, str, bool]:
+    """(certificate file, key file, created now) of the relay's own identity in
+    ``state_dir``, made on first use; raises OSError if the directory is unusable."""
+    cert, key = os.path.join(state_dir, IDENTITY_CERT), os.path.join(state_dir, IDENTITY_KEY)
+    if os.path.exists(cert) and os.path.exists(key):
+        return cert, key, False
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    seed = secrets.token_bytes(32)
+    for path in (key, cert):         # a half-written pair from an earlier crash
+        if os.path.exists(path):
+            os.unlink(path)
+    write_private(key, pem_encode("PRIVATE KEY", _PKCS8_ED25519 + seed))
+    write_private(cert, pem_encode("CERTIFICATE", self_signed_certificate(seed)))
+    return cert, key, True
+
+
 class Throttle:
     """At most one log line per ``interval`` for a repeated event; counts the rest
     (a flood of refusals must not become a flood of log lines)."""
@@ -395,6 +565,15 @@ class Throttle:
         self.suppressed = 0
         self.next_at = now + self.interval
 
+
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")   # C0, DEL and C1 (CSI is \x9b)
+
+
+def escape_text(text: str) -> str:
+    """``text`` with control characters as ``\\xNN``: safe to print to a terminal."""
+    if _CONTROL_RE.search(text) is None:
+        return text
+    return _CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 def valid_name(name: str) -> bool:
     """True if ``name`` is one DNS label: a-z, 0-9, inner hyphens, 1-63 chars."""
@@ -452,6 +631,16 @@ def parse_hostport(text: str, default_host: Optional[str] = None,
 def format_hostport(host: str, port: int) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (an address, or ``localhost``) on this machine's loopback?"""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host.lower() == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
 
 def describe_oserror(exc: OSError) -> str:
     """``connection refused`` rather than ``[Errno 111] Connection refused``."""
@@ -628,9 +817,13 @@ class FrameDecoder:
 
 
 def _json_payload(payload: bytes, what: str) -> Dict[str, Any]:
+    """A JSON object from the wire: its size is bounded by the frame limit, its depth
+    here, before parsing (deep nesting would end in RecursionError)."""
+    if payload.count(b"[") + payload.count(b"{") > MAX_JSON_CONTAINERS:
+        raise ProtocolError("%s nests more than %d JSON containers" % (what, MAX_JSON_CONTAINERS))
     try:
         value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError("%s is not valid JSON: %s" % (what, exc)) from None
     if not isinstance(value, dict):
         raise ProtocolError("%s is not a JSON object" % what)
@@ -641,22 +834,42 @@ def _json_bytes(value: Dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
+def seal(key: bytes, data: bytes) -> bytes:
+    """XOR with an HMAC-SHA256 key stream (counter mode): it seals and unseals.  The key
+    is fresh per handshake (it covers both nonces), and AUTH's MAC covers the result."""
+    stream = b"".join(hmac.new(key, U64.pack(i), hashlib.sha256).digest()
+                      for i in range((len(data) + MAC_SIZE - 1) // MAC_SIZE))
+    n = len(data)
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream[:n], "big")).to_bytes(n, "big")
+
+
+def binding_of(der: bytes) -> str:
+    """Channel binding of a certificate (the idea of RFC 5929 tls-server-end-point):
+    the SHA-256 of its DER, as 64 lower-case hex digits."""
+    return hashlib.sha256(der).hexdigest()
+
+
 class ClientHandshake:
     """Client side: ``start()`` gives the opening bytes, ``receive(frame)`` the replies.
 
-    When ``done`` is true, ``welcome`` holds the relay's JSON answer.  Raises
-    ``AuthError`` when the relay rejects the token or cannot prove it holds it,
-    ``RefusedError`` for any other refusal, ``ProtocolError`` for nonsense.
+    ``request`` is sent as it is (it should carry ``binding``, the certificate the
+    client saw); ``sealed`` (visitor-access secrets, the client secret) travels
+    sealed under a key only token holders can derive.  When ``done`` is true,
+    ``welcome`` holds the relay's JSON answer.  Raises ``AuthError`` when the relay
+    rejects the token or cannot prove it holds it, ``RefusedError`` for any other
+    refusal, ``ProtocolError`` for nonsense.
     """
 
     def __init__(self, token: str, request: Dict[str, Any], nonce: Optional[bytes] = None,
-                 version: int = PROTOCOL_VERSION) -> None:
+                 version: int = PROTOCOL_VERSION,
+                 sealed: Optional[Dict[str, Any]] = None) -> None:
         self._key = token.encode("utf-8")
         self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
-        self._request = _json_bytes(request)
+        self._request = dict(request)
+        self._sealed = sealed
         self._version = version
-        self._relay_nonce: Optional[bytes] = None
-        self._mac: Optional[bytes] = None
+        self._relay_nonce = b""
+        self._mac = b""
         self.done = False
         self.failed: Optional[str] = None
         self.welcome: Dict[str, Any] = {}
@@ -672,17 +885,20 @@ class ClientHandshake:
             if code == "auth":
                 raise AuthError("relay rejected the token")
             raise RefusedError(code, message or "relay refused the connection (%s)" % code)
-        if ftype == FrameType.CHALLENGE and self._mac is None:
+        if ftype == FrameType.CHALLENGE and not self._mac:
             if len(frame.payload) != NONCE_SIZE:
                 raise ProtocolError("challenge of %d bytes, expected %d"
                                     % (len(frame.payload), NONCE_SIZE))
             self._relay_nonce = frame.payload
-            self._mac = compute_mac(self._key, b"client", self._nonce, self._relay_nonce,
-                                    self._request)
-            return encode_frame(FrameType.AUTH, 0, self._mac + self._request)
-        if ftype == FrameType.WELCOME and self._mac is not None and not self.done:
+            request = dict(self._request)
+            if self._sealed is not None:
+                key = compute_mac(self._key, SEAL_LABEL, self._nonce, self._relay_nonce)
+                request["sealed"] = _b64(seal(key, _json_bytes(self._sealed)))
+            body = _json_bytes(request)
+            self._mac = compute_mac(self._key, b"client", self._nonce, self._relay_nonce, body)
+            return encode_frame(FrameType.AUTH, 0, self._mac + body)
+        if ftype == FrameType.WELCOME and self._mac and not self.done:
             mac, body = frame.payload[:MAC_SIZE], frame.payload[MAC_SIZE:]
-            assert self._relay_nonce is not None
             expected = compute_mac(self._key, b"relay", self._relay_nonce, self._nonce,
                                    self._mac, body)
             if not hmac.compare_digest(mac, expected):
@@ -700,23 +916,35 @@ class RelayHandshake:
     relay with per-user tokens: the request names its user, so exactly one token
     is checked.  An unknown user is checked against a random key, so a refusal
     takes the same time and says the same thing ("auth") whether or not the user
-    exists.  ``accept(request) -> welcome`` runs once the client has proved it
-    holds the token; it may raise ``RefusedError``.  After a refusal ``failed``
-    holds the reason (``failed_code`` the code) and the caller sends the returned
-    bytes and closes.  ``AuthError`` is never raised: a wrong token is a refusal.
+    exists.  ``banned(user)`` is asked first, when the credential arrives: a banned
+    (address, user) is refused without a look at its MAC.  Once the MAC holds, the
+    client's ``binding`` must be one of ``bindings`` (the certificates a client may
+    see in front of this relay), or empty when ``unbound_ok`` (a plain-TCP control
+    port), or come with ``tls_interception`` (the client declared a TLS-inspecting
+    middlebox); else the refusal is ``binding``.  The sealed secrets are then opened
+    into ``request`` (``access``, ``client_secret``).  ``accept(request) -> welcome``
+    runs last; it may raise ``RefusedError``.  After a refusal ``failed`` holds the
+    reason (``failed_code`` the code) and the caller sends the returned bytes and
+    closes.  ``AuthError`` is never raised: a wrong token is a refusal.
     """
 
     def __init__(self, token: Any, accept: Callable[[Dict[str, Any]], Dict[str, Any]],
-                 nonce: Optional[bytes] = None) -> None:
+                 nonce: Optional[bytes] = None, bindings: FrozenSet[str] = frozenset(),
+                 unbound_ok: bool = True,
+                 banned: Callable[[str], bool] = lambda user: False) -> None:
         self._token_for: Callable[[str], Optional[str]] = (
             token if callable(token) else (lambda user: token))
         self._accept = accept
         self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
-        self._client_nonce: Optional[bytes] = None
+        self._client_nonce = b""
+        self._bindings = bindings
+        self._unbound_ok = unbound_ok
+        self._banned = banned
         self._state = "preamble"
         self.done = False
         self.failed: Optional[str] = None
         self.failed_code = ""
+        self.user = ""                  # the user the AUTH named (for penalties)
         self.request: Dict[str, Any] = {}
         self.welcome: Dict[str, Any] = {}
 
@@ -744,26 +972,65 @@ class RelayHandshake:
             self._state = "auth"
             return encode_frame(FrameType.CHALLENGE, 0, self._nonce)
         if self._state == "auth" and ftype == FrameType.AUTH:
-            mac, body = frame.payload[:MAC_SIZE], frame.payload[MAC_SIZE:]
-            assert self._client_nonce is not None
-            request = _json_payload(body, "request")   # bounded by MAX_HANDSHAKE_PAYLOAD
-            user = request.get("user")
-            token = self._token_for(user if isinstance(user, str) else "")
-            key = token.encode("utf-8") if token else secrets.token_bytes(MAC_SIZE)
-            expected = compute_mac(key, b"client", self._client_nonce, self._nonce, body)
-            if not hmac.compare_digest(mac, expected) or not token:
-                return self._refuse("auth", "relay rejected the token")
-            self.request = request
-            try:
-                self.welcome = self._accept(self.request)
-            except RefusedError as exc:
-                return self._refuse(exc.code, str(exc))
-            reply = _json_bytes(self.welcome)
-            proof = compute_mac(key, b"relay", self._nonce, self._client_nonce, mac, reply)
-            self._state = "done"
-            self.done = True
-            return encode_frame(FrameType.WELCOME, 0, proof + reply)
+            return self._on_auth(frame.payload[:MAC_SIZE], frame.payload[MAC_SIZE:])
         raise ProtocolError("unexpected %s during the handshake" % _frame_name(frame))
+
+    def _on_auth(self, mac: bytes, body: bytes) -> bytes:
+        request = _json_payload(body, "request")   # bounded by MAX_HANDSHAKE_PAYLOAD
+        user = request.get("user")
+        self.user = user if isinstance(user, str) else ""
+        if self._banned(self.user):
+            return self._refuse("banned", "too many failed attempts from your address; "
+                                "try again later")
+        token = self._token_for(self.user)
+        key = token.encode("utf-8") if token else secrets.token_bytes(MAC_SIZE)
+        expected = compute_mac(key, b"client", self._client_nonce, self._nonce, body)
+        if not hmac.compare_digest(mac, expected) or not token:
+            return self._refuse("auth", "relay rejected the token")
+        problem = self._binding_problem(request)
+        if problem:
+            return self._refuse("binding", problem)
+        request.pop("access", None)        # visitor secrets count only when sealed
+        sealed = request.pop("sealed", None)
+        if sealed is not None:
+            opened = seal(compute_mac(key, SEAL_LABEL, self._client_nonce, self._nonce),
+                          _unb64(sealed) if isinstance(sealed, str) else b"")
+            secret = _json_payload(opened, "sealed part of the request")
+            request["access"] = secret.get("access")
+            request["client_secret"] = secret.get("client_secret")
+        self.request = request
+        try:
+            self.welcome = self._accept(self.request)
+        except RefusedError as exc:
+            return self._refuse(exc.code, str(exc))
+        reply = _json_bytes(self.welcome)
+        proof = compute_mac(key, b"relay", self._nonce, self._client_nonce, mac, reply)
+        self._state = "done"
+        self.done = True
+        return encode_frame(FrameType.WELCOME, 0, proof + reply)
+
+    def _binding_problem(self, request: Dict[str, Any]) -> str:
+        """Why the certificate the client saw is not one it may see here ('' if fine)."""
+        seen = request.get("binding")
+        seen = seen if isinstance(seen, str) else ""
+        if seen in self._bindings or request.get("tls_interception") is True:
+            return ""
+        if not seen:
+            if self._unbound_ok:
+                return ""
+            return "the client spoke plain TCP, but this relay's control port speaks TLS"
+        if not self._bindings:
+            return ("the client saw a TLS certificate (SHA-256 %s) but this relay's control "
+                    "port speaks plain TCP: a TLS-terminating proxy or a man in the middle "
+                    "is on the path" % fingerprint_text(seen))
+        return ("the client saw the certificate SHA-256 %s, not this relay's: a man in the "
+                "middle, or a TLS proxy this relay was not told about" % fingerprint_text(seen))
+
+
+def fingerprint_text(binding: str) -> str:
+    """``AB:CD:...`` for a binding's hex digits (what serve prints)."""
+    hexdigits = re.sub(r"[^0-9A-Fa-f]", "", binding)[:64].upper()
+    return ":".join(hexdigits[i:i + 2] for i in range(0, len(hexdigits), 2)) or "(none)"
 
 
 def _frame_name(frame: Any) -> str:
@@ -2869,6 +3136,9 @@ class RelayConfig(Settings):
     tokens_file: Optional[str] = None       # per-user tokens (JSON); replaces token
     auth_ban_after: int = PENALTY_BAN_AFTER  # failed attempts per address before a ban
     auth_ban_time: float = PENALTY_BAN_TIME
+    plaintext: bool = False                 # control port without TLS (warned about)
+    state_dir: Optional[str] = None         # keeps the generated key (default_state_dir())
+    tls_proxy_fingerprints: Tuple[str, ...] = ()   # certificates of TLS proxies in front
 
 
 class User:
@@ -2929,13 +3199,29 @@ def load_users(path: str) -> Dict[str, User]:
     return out
 
 
+class Reservation(collections.namedtuple("Reservation", "owner client_key until")):
+    """A name kept after its client dropped: for that client (``client_key``, the
+    SHA-256 of the secret it sent sealed) or, on a relay with per-user tokens, for
+    its user, until ``until`` (monotonic seconds)."""
+
+    __slots__ = ()
+
+
+def may_take(holder: Any, owner: str, client_key: bytes) -> bool:
+    """May a client (``owner``, ``client_key``) take over a name ``holder`` (a Tunnel or
+    a Reservation) has?  Only the same client, or the same user of a --tokens relay
+    (a shared token is not an identity: every client has it)."""
+    return hmac.compare_digest(holder.client_key, client_key) or bool(
+        owner and holder.owner == owner)
+
+
 class Tunnel:
     """A live name on the relay."""
 
-    __slots__ = ("name", "session", "owner", "client_id", "url", "wants_log", "visitors",
+    __slots__ = ("name", "session", "owner", "client_key", "url", "wants_log", "visitors",
                  "policy", "token_digest")
 
-    def __init__(self, name: str, session: Session, owner: str, client_id: str,
+    def __init__(self, name: str, session: Session, owner: str, client_key: bytes,
                  url: str, wants_log: bool = True) -> None:
         self.wants_log = wants_log   # the client prints an access log: send LOG frames
         self.visitors = 0            # visitor connections bound to this tunnel
@@ -2944,7 +3230,7 @@ class Tunnel:
         self.name = name
         self.session = session
         self.owner = owner
-        self.client_id = client_id
+        self.client_key = client_key   # SHA-256 of the client's sealed secret
         self.url = url
 
 
@@ -3245,7 +3531,7 @@ class Relay(SessionDelegate):
                                                    if config.tokens_file else None)
         self.loop = loop or EventLoop()
         self.tunnels: Dict[str, Tunnel] = {}
-        self.reserved: Dict[str, Tuple[str, str, float]] = {}   # name -> owner, client id, until
+        self.reserved: Dict[str, Reservation] = {}
         self.sessions: set = set()
         self.unauthenticated: set = set()       # sessions still in the handshake
         self._visitor_cap_log = Throttle()
@@ -3259,6 +3545,8 @@ class Relay(SessionDelegate):
         self.visitor_tls: Any = None            # ssl.SSLContext when serving HTTPS
         self.control_tls: Any = None
         self.fingerprint = ""                   # of the control certificate
+        self.bindings: FrozenSet[str] = frozenset()   # certificates a client may see
+        self.identity_created = False           # the control certificate is new
         self.tls_pending: set = set()           # TLS handshakes in progress
         self.secret = secrets.token_bytes(32)   # signs visitor cookies (per relay run)
         self.penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
@@ -3273,7 +3561,7 @@ class Relay(SessionDelegate):
         """Load certificates and bind the ports (raises OSError, ssl.SSLError);
         the loop is run by ``run``."""
         cfg = self.config
-        control_cert = cfg.control_tls_cert or cfg.tls_cert
+        control_cert = None if cfg.plaintext else cfg.control_tls_cert or cfg.tls_cert
         try:
             if cfg.tls_cert:
                 self.visitor_tls = server_tls_context(cfg.tls_cert, cfg.tls_key)
@@ -3284,9 +3572,22 @@ class Relay(SessionDelegate):
                 self.fingerprint = cert_fingerprint(certificate_der(control_cert))
         except (OSError, ValueError) as exc:
             raise TunnelError("cannot load the TLS certificate or key: %s" % exc) from None
-        if control_cert:
+        if not control_cert and not cfg.plaintext:
+            self._load_identity()
+        if self.control_tls is not None:
             log.info("control channel over TLS; certificate SHA-256 fingerprint %s",
                      self.fingerprint)
+            self.bindings = frozenset({self.fingerprint.replace(":", "").lower()})
+        else:
+            log.warning("control port in plain TCP (--plaintext): anyone on the path can "
+                        "read and change tunnel traffic; use it on loopback or a trusted "
+                        "network only")
+        try:
+            proxies = frozenset(normalize_fingerprint(fp).replace(":", "").lower()
+                                for fp in cfg.tls_proxy_fingerprints)
+        except ValueError as exc:
+            raise TunnelError(str(exc)) from None
+        self.bindings |= proxies
         http = make_listener(self.config.bind, self.config.http_port)
         try:
             control = make_listener(self.config.bind, self.config.control_port)
@@ -3306,6 +3607,33 @@ class Relay(SessionDelegate):
         log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
                  format_hostport(self.config.bind, self.http_port),
                  format_hostport(self.config.bind, self.control_port), self.config.domain)
+
+    def _load_identity(self) -> None:
+        """TLS without --tls-cert: the relay's own key and self-signed certificate, made
+        on first start and kept in the state directory (so the fingerprint stays)."""
+        state_dir = self.config.state_dir or default_state_dir()
+        scratch = None
+        try:
+            cert, key, self.identity_created = relay_identity(state_dir)
+        except OSError as exc:
+            import tempfile
+            scratch = tempfile.mkdtemp(prefix="tunnel-identity-")
+            cert, key, self.identity_created = relay_identity(scratch)
+            log.warning("cannot keep the relay's key in %s (%s): using a certificate for "
+                        "this run only, its fingerprint changes at every start (pass "
+                        "--state-dir DIR)", state_dir, describe_oserror(exc))
+        try:
+            self.control_tls = server_tls_context(cert, key)
+            self.fingerprint = cert_fingerprint(certificate_der(cert))
+        except (OSError, ValueError) as exc:
+            raise TunnelError("cannot load the relay's key from %s: %s (move the directory "
+                              "away to make a new one)" % (state_dir, exc)) from None
+        finally:
+            if scratch is not None:
+                import shutil
+                shutil.rmtree(scratch, ignore_errors=True)
+        if self.identity_created and scratch is None:
+            log.info("made the relay's key and certificate in %s", state_dir)
 
     def run(self) -> None:
         try:
@@ -3391,9 +3719,7 @@ class Relay(SessionDelegate):
         handshake.start()
 
     def _accept_control(self, sock: socket.socket, addr: Any) -> None:
-        if self.penalties.banned(str(addr[0]) if isinstance(addr, tuple) else ""):
-            sock.close()
-            return
+        # (Bans are per address and user: checked when the AUTH names its user.)
         if len(self.unauthenticated) + len(self.tls_pending) >= self.config.max_unauthenticated:
             self._handshake_cap_log.warn("control connection from %s refused: %d still in "
                                          "the handshake (--max-unauthenticated)",
@@ -3412,10 +3738,12 @@ class Relay(SessionDelegate):
         def accept(request: Dict[str, Any]) -> Dict[str, Any]:
             assert session is not None
             return self._claim(session, request)
-        handshake = RelayHandshake(self.token_for, accept)
+        peer_ip = str(addr[0]) if isinstance(addr, tuple) else ""
+        handshake = RelayHandshake(self.token_for, accept, bindings=self.bindings,
+                                   unbound_ok=self.control_tls is None,
+                                   banned=lambda user: self.penalties.banned((peer_ip, user)))
         session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
-                          config=self.session_config,
-                          peer_ip=str(addr[0]) if isinstance(addr, tuple) else "")
+                          config=self.session_config, peer_ip=peer_ip)
         self.sessions.add(session)
         self.unauthenticated.add(session)
 
@@ -3431,35 +3759,40 @@ class Relay(SessionDelegate):
             raise RefusedError("shutting_down", "the relay is shutting down")
         user = self.users.get(str(request.get("user"))) if self.users is not None else None
         owner = user.name if user is not None else ""   # single token: one owner
-        client_id = str(request.get("client_id", ""))
+        secret = request.get("client_secret")
+        # Without a secret, a key nobody else has: such a client gets no reservation back.
+        client_key = hashlib.sha256(secret.encode("utf-8") if isinstance(secret, str)
+                                    and secret else secrets.token_bytes(32)).digest()
         wanted = request.get("subdomain")
         now = time.monotonic()
-        for name in [n for n, r in self.reserved.items() if r[2] <= now]:
+        for name in [n for n, r in self.reserved.items() if r.until <= now]:
             del self.reserved[name]
         if wanted:
             name = str(wanted).lower()
             if not valid_name(name):
                 raise RefusedError("invalid_name", "%r is not a valid subdomain: use a-z, 0-9 "
                                    "and inner hyphens, 1-63 characters" % str(wanted))
-            if user is not None and not user.may_use(name):
+            if not self.name_allowed(user, name):
                 raise RefusedError("name_not_allowed", "user %s may not use subdomain %r"
-                                   % (user.name, name))
+                                   % (owner or "-", name))
             live = self.tunnels.get(name)
             if live is not None:
-                if client_id and live.client_id == client_id and live.owner == owner:
+                if hmac.compare_digest(live.client_key, client_key) and live.owner == owner:
                     live.session.close("replaced by a new connection from the same client")
                 else:
                     raise RefusedError("name_taken", "subdomain %r is in use by another "
                                        "tunnel" % name)
             held = self.reserved.get(name)
-            if held is not None and held[0] != owner:
+            if held is not None and not may_take(held, owner, client_key):
                 raise RefusedError("name_taken", "subdomain %r is reserved for its previous "
-                                   "owner for a while" % name)
+                                   "client for a while" % name)
         else:
             candidates = (user.candidates() if user is not None and user.patterns is not None
                           else (random_name() for _ in range(100)))
             for name in candidates:
-                if name not in self.tunnels and name not in self.reserved:
+                held = self.reserved.get(name)
+                if (name not in self.tunnels and self.name_allowed(user, name)
+                        and (held is None or may_take(held, owner, client_key))):
                     break
             else:
                 raise RefusedError("name_taken", "could not find a free name")
@@ -3476,11 +3809,20 @@ class Relay(SessionDelegate):
         self.reserved.pop(name, None)
         session.name = name
         url = self.public_url(name)
-        tunnel = Tunnel(name, session, owner, client_id, url, bool(request.get("log", True)))
+        tunnel = Tunnel(name, session, owner, client_key, url, bool(request.get("log", True)))
         tunnel.policy = policy
         tunnel.token_digest = user.digest if user is not None else ""
         self.tunnels[name] = tunnel
         return {"name": name, "url": url, "heartbeat_interval": self.config.heartbeat_interval}
+
+    def name_allowed(self, user: Optional["User"], name: str) -> bool:
+        """A user with patterns may use the names they match; a user without may use any
+        name that no other user's patterns claim (their namespace is theirs)."""
+        if user is not None and user.patterns is not None:
+            return user.may_use(name)
+        return self.users is None or not any(
+            other.patterns is not None and other is not user and other.may_use(name)
+            for other in self.users.values())
 
     # -- users (serve --tokens FILE) ---------------------------------------------------
     def token_for(self, user: str) -> Optional[str]:
@@ -3490,7 +3832,8 @@ class Relay(SessionDelegate):
         return found.token if found is not None else None
 
     def reload_users(self) -> None:
-        """SIGHUP: read the tokens file again; disconnect removed or re-keyed users."""
+        """SIGHUP: read the tokens file again; disconnect the tunnels the new file does not
+        allow (user removed or re-keyed, name outside the patterns, over max_tunnels)."""
         if not self.config.tokens_file:
             log.info("SIGHUP ignored: no --tokens file")
             return
@@ -3500,22 +3843,38 @@ class Relay(SessionDelegate):
             log.error("tokens file not reloaded, keeping the old one: %s", exc)
             return
         self.users = users
-        for tunnel in list(self.tunnels.values()):
+        counts: Dict[str, int] = {}
+        for tunnel in list(self.tunnels.values()):     # oldest first: the newest go over a cap
             user = users.get(tunnel.owner)
             if user is None or user.digest != tunnel.token_digest:
                 tunnel.session.close("user %s removed or token changed" % tunnel.owner)
-        for name in [n for n, r in self.reserved.items() if r[0] not in users]:
+                continue
+            if not self.name_allowed(user, tunnel.name):
+                tunnel.session.close("user %s may no longer use %s" % (user.name, tunnel.name))
+                continue
+            counts[user.name] = counts.get(user.name, 0) + 1
+            if user.max_tunnels is not None and counts[user.name] > user.max_tunnels:
+                tunnel.session.close("user %s is over the new limit of %d tunnels"
+                                     % (user.name, user.max_tunnels))
+        for name in [n for n, r in self.reserved.items()
+                     if r.owner not in users or not self.name_allowed(users[r.owner], n)]:
             del self.reserved[name]
         log.info("tokens file reloaded: %d users", len(users))
 
     def on_handshake_refused(self, session: Session, handshake: Any) -> float:
-        if getattr(handshake, "failed_code", "") != "auth":
+        code = getattr(handshake, "failed_code", "")
+        if code == "binding":
+            log.warning("control connection from %s refused: %s", session.peer,
+                        handshake.failed)
             return 0.0
-        ip = session.peer_ip
-        delay = self.penalties.fail(ip)
-        if self.penalties.banned(ip):
-            log.warning("control connections from %s banned for %.0fs after repeated "
-                        "failed handshakes", ip, self.penalties.ban_time)
+        if code != "auth":
+            return 0.0
+        key = (session.peer_ip, handshake.user)
+        delay = self.penalties.fail(key)
+        if self.penalties.banned(key):
+            log.warning("control connections from %s for user %s banned for %.0fs after "
+                        "repeated failed handshakes", session.peer_ip,
+                        escape_text(handshake.user) or "-", self.penalties.ban_time)
         return delay
 
     def https_port_suffix(self) -> str:
@@ -3544,7 +3903,7 @@ class Relay(SessionDelegate):
         if tunnel is not None and not tunnel.session.goaway_received:
             return tunnel
         held = self.reserved.get(name)
-        if tunnel is not None or (held is not None and held[2] > time.monotonic()):
+        if tunnel is not None or (held is not None and held.until > time.monotonic()):
             raise HTTPError(502, "The tunnel %s.%s exists but its client is not connected "
                             "right now." % (name, self.config.domain))
         raise HTTPError(404, "No tunnel named %r is online on this relay." % name)
@@ -3552,8 +3911,13 @@ class Relay(SessionDelegate):
     # -- session events -------------------------------------------------------------
     def on_session_up(self, session: Session) -> None:
         self.unauthenticated.discard(session)
-        self.penalties.succeed(session.peer_ip)
+        handshake = session.handshake
+        self.penalties.succeed((session.peer_ip, handshake.user))   # this user's count only
         log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
+        if handshake.request.get("tls_interception") is True:
+            log.warning("%s: the client declared a TLS-inspecting middlebox (it saw the "
+                        "certificate SHA-256 %s): that middlebox can read its traffic",
+                        session.label, fingerprint_text(str(handshake.request.get("binding"))))
 
     def on_session_closed(self, session: Session, reason: str,
                           error: Optional[BaseException]) -> None:
@@ -3562,8 +3926,9 @@ class Relay(SessionDelegate):
         tunnel = self.tunnels.get(session.name)
         if tunnel is not None and tunnel.session is session:
             del self.tunnels[session.name]
-            self.reserved[session.name] = (tunnel.owner, tunnel.client_id,
-                                           time.monotonic() + self.config.reservation)
+            if not session.goaway_received:   # a client that said goodbye is not coming back
+                self.reserved[session.name] = Reservation(
+                    tunnel.owner, tunnel.client_key, time.monotonic() + self.config.reservation)
 
     def on_goaway(self, session: Session, reason: str) -> None:
         if not session.streams:
@@ -3602,6 +3967,9 @@ class ClientConfig(Settings):
     insecure: bool = False                  # or do not verify at all (warned about)
     user: Optional[str] = None              # user name on a relay with --tokens
     access: Optional[Dict[str, Any]] = None  # visitor access policy (AccessPolicy spec)
+    plaintext: bool = False                 # control channel without TLS (warned about)
+    tls_interception: bool = False          # a TLS-inspecting middlebox is on the path
+    client_secret: Optional[str] = None     # keep one to reclaim a name after a crash
 
 
 class TargetConn(Pipe):
@@ -3726,7 +4094,11 @@ class Client(SessionDelegate):
         self.config = config
         self.loop = loop or EventLoop()
         self.output = output
-        self.client_id = secrets.token_hex(16)
+        self.client_id = secrets.token_hex(16)             # public: names it in logs
+        self.client_secret = (config.client_secret     # sealed: binds its name reservation
+                              or secrets.token_hex(CLIENT_SECRET_BYTES))
+        self.binding = ""                    # SHA-256 of the relay certificate last seen
+        self._warned_plaintext = False
         self.session: Optional[Session] = None
         self.targets: set = set()
         self.name: Optional[str] = config.subdomain.lower() if config.subdomain else None
@@ -3792,24 +4164,25 @@ class Client(SessionDelegate):
         self._connector = _Connector(self, cfg.relay_host, cfg.relay_port, cfg.connect_timeout)
 
     def tls_context(self) -> Any:
-        """The client's TLS context, built once: system store, --tls-ca, or none
-        (fingerprint pinning and --insecure check the certificate themselves)."""
+        """The client's TLS context, built once: the system store (--tls), a CA file
+        (--tls-ca), or no CA at all (the default: the handshake's channel binding proves
+        the relay, and --tls-fingerprint pins its certificate on top)."""
         if self._tls_context is None:
             ssl = load_ssl()
             cfg = self.config
-            if cfg.tls_fingerprint or cfg.insecure:
+            if cfg.tls or cfg.tls_ca:
+                ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+            else:
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            else:
-                ctx = ssl.create_default_context(cafile=cfg.tls_ca)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             self._tls_context = ctx
         return self._tls_context
 
     def _tcp_connected(self, sock: socket.socket) -> None:
         cfg = self.config
-        if not (cfg.tls or cfg.tls_ca or cfg.tls_fingerprint or cfg.insecure):
+        if cfg.plaintext:
             self._connected(sock)
             return
         ctx = self.tls_context()
@@ -3824,34 +4197,66 @@ class Client(SessionDelegate):
                      self._tls_failed).start()
 
     def _tls_connected(self, tls: Any) -> None:
+        der = tls.getpeercert(binary_form=True) or b""
         wanted = self.config.tls_fingerprint
         if wanted:
-            got = cert_fingerprint(tls.getpeercert(binary_form=True) or b"")
+            got = cert_fingerprint(der)
             if got != normalize_fingerprint(wanted):
                 tls.close()
                 self.fatal(EXIT_USAGE, "relay certificate fingerprint %s does not match "
                            "--tls-fingerprint" % got)
                 return
+        self.binding = binding_of(der)
         self._connected(tls)
 
     def _tls_failed(self, why: str) -> None:
         if "CERTIFICATE_VERIFY_FAILED" in why or "certificate verify failed" in why:
             self.fatal(EXIT_USAGE, "could not verify the relay's certificate: %s" % why)
             return
+        if self.url is None and not self._hinted:
+            self._hinted = True   # once: a relay that drops TLS may be plain or busy
+            log.warning("TLS to the relay failed; if it runs with --plaintext, pass "
+                        "--plaintext here too")
         self._connect_failed(why)
 
-    def _connected(self, sock: socket.socket) -> None:
+    def _connected(self, sock: Any) -> None:
         self._connector = None
+        cfg = self.config
+        if cfg.plaintext and not self._plaintext_ok(sock):
+            return
         request: Dict[str, Any] = {"subdomain": self.name, "client_id": self.client_id,
-                   "version": __version__, "log": self.config.access_log}
-        if self.config.user:
-            request["user"] = self.config.user
-        if self.config.access:
-            request["access"] = self.config.access
-        handshake = ClientHandshake(self.config.token, request)
-        self.session = Session(self.loop, sock,
-                               format_hostport(self.config.relay_host, self.config.relay_port),
+                                   "version": __version__, "log": cfg.access_log,
+                                   "binding": "" if cfg.plaintext else self.binding}
+        if cfg.user:
+            request["user"] = cfg.user
+        if cfg.tls_interception and not cfg.plaintext:
+            request["tls_interception"] = True
+        sealed = {"client_secret": self.client_secret, "access": cfg.access or None}
+        handshake = ClientHandshake(cfg.token, request, sealed=sealed)
+        self.session = Session(self.loop, sock, format_hostport(cfg.relay_host, cfg.relay_port),
                                handshake, self, is_relay=False, config=self.session_config)
+
+    def _plaintext_ok(self, sock: Any) -> bool:
+        """--plaintext: warn once when the session leaves loopback, and never send
+        visitor-protection secrets that way (the caller stops if this says no)."""
+        try:
+            peer = sock.getpeername()[0]
+        except (OSError, IndexError):
+            peer = ""
+        if is_loopback(peer):
+            return True
+        access = self.config.access or {}
+        if access.get("basic_auth") or access.get("visitor_token_sha256"):
+            sock.close()
+            self.fatal(EXIT_USAGE, "--plaintext to a relay that is not on loopback (%s): "
+                       "visitor credentials (--basic-auth, --visitor-token) are not sent "
+                       "over plain TCP; drop --plaintext" % peer)
+            return False
+        if not self._warned_plaintext:
+            self._warned_plaintext = True
+            log.warning("--plaintext: the control channel to %s is not encrypted; anyone on "
+                        "the path can read and change this tunnel's traffic", peer)
+        return True
 
     def _connect_failed(self, why: str) -> None:
         self._connector = None
@@ -3894,9 +4299,14 @@ class Client(SessionDelegate):
             self.fatal(EXIT_USAGE, str(error))
             return
         if isinstance(error, RefusedError):
-            if error.code in ("invalid_name", "version", "invalid_access",
-                              "name_not_allowed") or (error.code in ("name_taken", "limit")
-                                                      and self.url is None):
+            if error.code == "binding":
+                self.fatal(EXIT_USAGE, "the relay did not see the TLS certificate this client "
+                           "saw (SHA-256 %s): a man in the middle, or a TLS-terminating proxy "
+                           "or TLS-inspecting middlebox on the path (see --tls-interception; "
+                           "the relay says: %s)" % (fingerprint_text(self.binding), error))
+                return
+            action = REFUSALS.get(error.code, ("", REFUSE_RETRY))[1]
+            if action == REFUSE_STOP or (action == REFUSE_FIRST and self.url is None):
                 self.fatal(EXIT_FAILURE, str(error))
                 return
             log.warning("relay refused: %s", error)
@@ -3905,11 +4315,10 @@ class Client(SessionDelegate):
             return
         cfg = self.config
         if (not session.established and error is None and self.url is None
-                and not self._hinted and not (cfg.tls or cfg.tls_ca or cfg.tls_fingerprint
-                                              or cfg.insecure)):
+                and not self._hinted and cfg.plaintext):
             self._hinted = True   # once: a busy relay closes early too
-            log.warning("the relay closed the connection during the handshake; if its "
-                        "control port uses TLS, add --tls, --tls-ca or --tls-fingerprint")
+            log.warning("the relay closed the connection during the handshake; its control "
+                        "port speaks TLS unless it runs with --plaintext: drop --plaintext")
         if session.goaway_received:
             self.attempt = 0
         self._schedule_reconnect()
@@ -4088,6 +4497,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "without --tls-cert)")
     serve.add_argument("--control-tls-key", metavar="FILE", default=None,
                        help="private key for --control-tls-cert")
+    serve.add_argument("--state-dir", metavar="DIR", default=None,
+                       help="where the relay keeps the key and self-signed certificate it "
+                       "makes for its control port when it has no --tls-cert (default: "
+                       "$TUNNEL_STATE_DIR, else ~/.local/state/tunnel.py)")
+    serve.add_argument("--plaintext", action="store_true",
+                       help="control port in plain TCP instead of TLS: for loopback and "
+                       "trusted networks only (warns)")
+    serve.add_argument("--tls-proxy-fingerprint", metavar="SHA256", action="append",
+                       dest="tls_proxy_fingerprints", default=None,
+                       help="a TLS-terminating proxy in front of the control port shows "
+                       "clients this certificate: accept it in the channel binding "
+                       "(repeatable)")
     serve.add_argument("--http-redirect-port", type=int, default=None, metavar="PORT",
                        help="with --tls-cert: also listen on PORT for plain HTTP that "
                        "only redirects to HTTPS")
@@ -4122,14 +4543,25 @@ def build_parser() -> argparse.ArgumentParser:
     expose.add_argument("--deny", metavar="CIDR", action="append", default=None,
                         help="never visitors from these addresses (repeatable)")
     expose.add_argument("--tls", action="store_true",
-                        help="connect to the relay over TLS, verified with the system store")
+                        help="also verify the relay's certificate with the system store "
+                        "(the control channel is TLS anyway, and the handshake's channel "
+                        "binding detects a man in the middle without any CA)")
     expose.add_argument("--tls-ca", metavar="FILE", default=None,
-                        help="verify the relay with this CA file instead (implies --tls)")
+                        help="also verify the relay's certificate with this CA file")
     expose.add_argument("--tls-fingerprint", metavar="SHA256", default=None,
-                        help="pin the relay certificate's SHA-256 fingerprint, as printed "
-                        "by serve (implies --tls; for self-signed relays)")
+                        help="also pin the relay certificate's SHA-256 fingerprint, as "
+                        "printed by serve")
     expose.add_argument("--insecure", action="store_true",
-                        help="TLS without verifying the relay at all (not recommended)")
+                        help="no CA or fingerprint check: the default now (kept for old "
+                        "scripts; the channel binding still runs)")
+    expose.add_argument("--plaintext", action="store_true",
+                        help="control channel in plain TCP (for a relay started with "
+                        "--plaintext): loopback and trusted networks only; warns, and "
+                        "refuses to send visitor credentials off loopback")
+    expose.add_argument("--tls-interception", action="store_true",
+                        help="this network inspects TLS (a corporate middlebox re-signs "
+                        "it): skip the channel binding, verify the middlebox with --tls "
+                        "or --tls-ca; the relay logs it")
     expose.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="SEC",
                         help="longest wait between reconnects (default %(default)s)")
     sub.add_parser("token", help="print a new strong token",
@@ -4252,13 +4684,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          control_tls_key=args.control_tls_key,
                          redirect_port=args.http_redirect_port,
                          tokens_file=args.tokens, auth_ban_after=args.auth_ban_after,
-                         auth_ban_time=args.auth_ban_time)
+                         auth_ban_time=args.auth_ban_time, plaintext=args.plaintext,
+                         state_dir=args.state_dir,
+                         tls_proxy_fingerprints=tuple(args.tls_proxy_fingerprints or ()))
     if not 1024 <= args.max_head_size <= 16 * 1024 * 1024:
         raise UsageError("--max-head-size must be between 1024 and 16777216")
     if args.http_redirect_port is not None and not args.tls_cert:
         raise UsageError("--http-redirect-port needs --tls-cert")
     if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
         raise UsageError("a TLS key needs its certificate (--tls-cert/--control-tls-cert)")
+    if args.plaintext and args.control_tls_cert:
+        raise UsageError("--plaintext and --control-tls-cert exclude each other")
+    for fp in args.tls_proxy_fingerprints or ():
+        try:
+            normalize_fingerprint(fp)
+        except ValueError as exc:
+            raise UsageError("--tls-proxy-fingerprint: %s" % exc) from None
     try:
         relay = Relay(config)
     except TunnelError as exc:     # an unreadable tokens file
@@ -4275,10 +4716,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s: %s", args.bind, describe_oserror(exc))
         relay.loop.close()
         return EXIT_FAILURE
-    tls_flag = ""
+    tls_flag = " --plaintext" if relay.control_tls is None else ""
     if relay.fingerprint:
         _print("TLS certificate SHA-256 fingerprint: %s" % relay.fingerprint)
-        tls_flag = " --tls-fingerprint %s" % relay.fingerprint.replace(":", "")
     if generated:
         _print("No token given; generated one for this run. Expose a port with:")
         _print("  python tunnel.py expose 5000 --relay %s:%d --token %s%s"
@@ -4330,8 +4770,15 @@ def cmd_expose(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if args.insecure:
-        log.warning("--insecure: the relay's certificate is NOT verified; anyone on the path "
-                    "can impersonate the relay (use --tls-fingerprint instead)")
+        log.warning("--insecure: the relay's certificate is NOT verified by a CA or a "
+                    "fingerprint; that is the default now, and the handshake's channel "
+                    "binding still detects a man in the middle")
+    if args.tls_interception and not (args.tls or args.tls_ca):
+        raise UsageError("--tls-interception needs --tls or --tls-ca: the middlebox's "
+                         "certificate must verify")
+    if args.plaintext and (args.tls or args.tls_ca or args.tls_fingerprint
+                           or args.tls_interception):
+        raise UsageError("--plaintext excludes the TLS options")
     if args.subdomain is not None and not valid_name(args.subdomain.lower()):
         raise UsageError("invalid --subdomain %r: use a-z, 0-9 and inner hyphens, 1-63 "
                          "characters" % args.subdomain)
@@ -4343,6 +4790,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
                           grace=args.grace, access_log=not args.quiet,
                           tls=args.tls, tls_ca=args.tls_ca,
                           tls_fingerprint=args.tls_fingerprint, insecure=args.insecure,
+                          plaintext=args.plaintext, tls_interception=args.tls_interception,
                           user=args.user or os.environ.get("TUNNEL_USER") or None,
                           access=access or None)
     loop = EventLoop()
