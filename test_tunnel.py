@@ -1180,7 +1180,8 @@ class EndToEndBase(unittest.TestCase):
         return relay
 
     def start_client(self, subdomain=None, target_port=None, token=TOKEN, relay=None,
-                     wait=True, relay_host="127.0.0.1", target_host="127.0.0.1", **kw):
+                     wait=True, relay_host="127.0.0.1", target_host="127.0.0.1",
+                     relay_port=None, **kw):
         relay = relay or self.relay
         opts = dict(FAST, backoff_initial=0.05, backoff_max=0.5,
                     plaintext=relay.control_tls is None)
@@ -1189,7 +1190,7 @@ class EndToEndBase(unittest.TestCase):
         client = tunnel.Client(tunnel.ClientConfig(
             target_host=target_host,
             target_port=target_port or self.origin.server_address[1],
-            relay_host=relay_host, relay_port=relay.control_port, token=token,
+            relay_host=relay_host, relay_port=relay_port or relay.control_port, token=token,
             subdomain=subdomain, **opts), output=lines.append)
         client.thread = run_in_thread(self, client.run, client.stop, "client")
         if wait:
@@ -2149,6 +2150,42 @@ class MultiUserTest(EndToEndBase):
         # The ban is per (address, user): bob, from the same address, is not locked out.
         self.assertEqual(attempt("bob", self.BOB), "welcome")
 
+    # -- names and reservations (issue 11, item 14) ------------------------------------
+    def test_exact_name_user_gets_own_reserved_name_back(self):
+        self.write_users({"carol": {"token": self.ALICE, "subdomains": ["carol"]}})
+        self.relay.loop.run_in_loop(self.relay.reload_users)
+        first, _ = self.user_client("carol", self.ALICE)
+        self.assertEqual(first.name, "carol")
+        first.stop()                      # a crash: no goodbye, so the name is reserved
+        first.thread.join(WAIT)
+        wait_until(lambda: self.relay_stats()["tunnels"] == 0, what="tunnel to go")
+        again, _ = self.user_client("carol", self.ALICE)   # another process, same user
+        self.assertEqual(again.name, "carol")
+
+    def test_reload_rechecks_patterns_and_max_tunnels(self):
+        a, _ = self.user_client("alice", self.ALICE, "alice-a")
+        b, _ = self.user_client("alice", self.ALICE, "alice-b")
+        self.write_users({"alice": {"token": self.ALICE, "subdomains": ["alice-a", "alice-c"],
+                                    "max_tunnels": 1},
+                          "bob": {"token": self.BOB}})
+        self.relay.loop.run_in_loop(self.relay.reload_users)
+        code, error = self.finished(b)    # its name is outside the new patterns
+        self.assertEqual(code, tunnel.EXIT_FAILURE)
+        self.assertIn("may not use subdomain 'alice-b'", error)
+        self.assertEqual(self.get("/hello", host="alice-a.localhost")[:2], (200, b"hello"))
+        c, _ = self.user_client("alice", self.ALICE, "alice-c", wait=False)
+        self.assertIn("already has 1 tunnels", self.finished(c)[1])
+        # Lowering max_tunnels under the live count closes the newest tunnels.
+        d, _ = self.user_client("bob", self.BOB, "bob-1")
+        e, _ = self.user_client("bob", self.BOB, "bob-2")
+        self.write_users({"alice": {"token": self.ALICE, "subdomains": ["alice-a"]},
+                          "bob": {"token": self.BOB, "max_tunnels": 1}})
+        self.relay.loop.run_in_loop(self.relay.reload_users)
+        wait_until(lambda: "bob-2" not in self.relay.tunnels or
+                   self.relay.tunnels["bob-2"].session is not e.session, what="bob-2 closed")
+        self.assertEqual(self.get("/hello", host="bob-1.localhost")[:2], (200, b"hello"))
+        self.assertEqual(self.get("/hello", host="bob-2.localhost")[0], 502)  # retries, refused
+
 
 class VisitorAccessTest(EndToEndBase):
     TOKEN_V = "visitor-secret-42"
@@ -2521,6 +2558,370 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertIn(b"address already in use", err)
         self.assertNotIn(b"Traceback", err)
+
+
+# =============================================================================
+# The control channel, secure by default (issue 11, item 15) and handshake input
+# =============================================================================
+
+
+class TLSMiddle:
+    """A man in the middle, or a TLS-terminating proxy, written for the tests: accepts
+    TLS with its own certificate, dials the relay (TLS without verification, or plain
+    TCP), copies bytes both ways and records every plaintext byte the client sent."""
+
+    def __init__(self, test, upstream_port, cert, key, upstream_tls=True):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.upstream_tls = upstream_tls
+        self.seen = bytearray()
+        self.sockets = []
+        self.threads = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        accept = threading.Thread(target=self._accept, name="middle")
+        accept.start()
+        self.threads.append(accept)
+        test.addCleanup(self.close)
+
+    def _accept(self):
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                down = self.ctx.wrap_socket(raw, server_side=True)
+                up = socket.create_connection(self.upstream, WAIT)
+                if self.upstream_tls:
+                    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                    up = ctx.wrap_socket(up)
+            except OSError:
+                raw.close()
+                continue
+            self.sockets += [down, up]
+            for src, dst, record in ((down, up, True), (up, down, False)):
+                t = threading.Thread(target=self._pump, args=(src, dst, record))
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, src, dst, record):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if record:
+                    self.seen += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self.threads:
+            t.join(WAIT)
+        for s in self.sockets:
+            s.close()
+
+
+class StandInSocket:
+    """Only a peer address: what Client._plaintext_ok reads of a socket."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.closed = False
+
+    def getpeername(self):
+        return (self.peer, 7835)
+
+    def close(self):
+        self.closed = True
+
+
+class ControlChannelSecurityTest(EndToEndBase):
+    def setUp(self):
+        self.state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, self.state, True)
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(plaintext=False, state_dir=self.state)
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.INFO)
+
+    def middle_identity(self):
+        cert, key, _ = tunnel.relay_identity(os.path.join(self.state, "mitm"))
+        with open(cert) as f:
+            der = ssl.PEM_cert_to_DER_cert(f.read())
+        return cert, key, tunnel.binding_of(der)
+
+    def finished(self, client):
+        client.thread.join(WAIT)
+        self.assertFalse(client.thread.is_alive())
+        return client.exit_code, client.error
+
+    # -- the relay's own certificate ---------------------------------------------------
+    def test_ed25519_matches_rfc8032_vectors(self):
+        seed = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+        self.assertEqual(tunnel.ed25519_public_key(seed).hex(),
+                         "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+        self.assertEqual(tunnel.ed25519_sign(seed, b"").hex(),
+                         "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+                         "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+        seed = bytes.fromhex("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
+        self.assertEqual(tunnel.ed25519_sign(seed, b"\x72").hex(),
+                         "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+                         "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00")
+
+    def test_generated_certificate_verifies_in_openssl(self):
+        # OpenSSL checks the self-signature when the certificate is its own trust anchor.
+        cert, key, created = tunnel.relay_identity(os.path.join(self.state, "new"))
+        self.assertTrue(created)
+        for path in (cert, key):
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False
+        client.load_verify_locations(cert)          # verify_mode stays CERT_REQUIRED
+        bios = [ssl.MemoryBIO() for _ in range(4)]
+        c = client.wrap_bio(bios[0], bios[1])
+        s = server.wrap_bio(bios[2], bios[3], server_side=True)
+        for _ in range(10):
+            for obj in (c, s):
+                try:
+                    obj.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            bios[2].write(bios[1].read())
+            bios[0].write(bios[3].read())
+        self.assertIsNotNone(c.version())
+        with open(cert) as f:
+            self.assertEqual(c.getpeercert(binary_form=True), ssl.PEM_cert_to_DER_cert(f.read()))
+        self.assertEqual(tunnel.relay_identity(os.path.join(self.state, "new")),
+                         (cert, key, False))       # kept, not made again
+
+    def test_fingerprint_survives_a_restart(self):
+        fp = self.relay.fingerprint
+        self.assertRegex(fp, r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
+        again = tunnel.Relay(tunnel.RelayConfig(bind="127.0.0.1", http_port=0, control_port=0,
+                                                token=TOKEN, state_dir=self.state))
+        again.start()
+        again.loop.close()
+        self.assertEqual((again.fingerprint, again.identity_created), (fp, False))
+
+    # -- secure without any setup -------------------------------------------------------
+    def test_default_client_and_relay_speak_tls_with_binding(self):
+        client, lines = self.start_client("demo")
+        self.assertFalse(client.config.plaintext)
+        self.assertEqual(client.binding, self.relay.fingerprint.replace(":", "").lower())
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        sessions = self.relay.loop.run_in_loop(lambda: [s.tls for s in self.relay.sessions])
+        self.assertEqual(sessions, [True])
+
+    def test_man_in_the_middle_is_detected_and_learns_no_secret(self):
+        cert, key, mitm = self.middle_identity()
+        middle = TLSMiddle(self, self.relay.control_port, cert, key)
+        pw_hash = tunnel.hash_password("visitor password", iterations=1000)
+        token_digest = hashlib.sha256(b"visitor-token-1").hexdigest()
+        client, _ = self.start_client(
+            "demo", wait=False, relay=self.relay, relay_port=middle.port,
+            access={"basic_auth": {"user": "ann", "hash": pw_hash},
+                    "visitor_token_sha256": token_digest})
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn(tunnel.fingerprint_text(mitm), error)      # names what it saw
+        self.assertIn("man in the middle", error)
+        self.assertTrue(any("refused: binding" in m for m in self.capture.messages()),
+                        self.capture.messages())
+        seen = bytes(middle.seen)
+        self.assertIn(b'"subdomain":"demo"', seen)            # it did see the AUTH
+        for secret in (pw_hash.encode(), pw_hash.split("$")[3].encode(),
+                       token_digest.encode(), client.client_secret.encode(), TOKEN.encode()):
+            self.assertNotIn(secret, seen)
+        self.assertEqual(self.relay_stats()["tunnels"], 0)
+
+    def test_relay_behind_a_declared_tls_proxy(self):
+        plain = self.start_relay(plaintext=True)
+        cert, key, proxy_binding = self.middle_identity()
+        proxy = TLSMiddle(self, plain.control_port, cert, key, upstream_tls=False)
+        # Undeclared: the relay sees a client that saw a certificate it does not know.
+        client, _ = self.start_client("demo", wait=False, relay=plain, relay_port=proxy.port,
+                                      plaintext=False)
+        self.assertEqual(self.finished(client)[0], 2)
+        declared = self.start_relay(plaintext=True, tls_proxy_fingerprints=(proxy_binding,))
+        proxy = TLSMiddle(self, declared.control_port, cert, key, upstream_tls=False)
+        client, lines = self.start_client("demo", relay=declared, relay_port=proxy.port,
+                                          plaintext=False)
+        c = http.client.HTTPConnection("127.0.0.1", declared.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "demo.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+
+    @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command")
+    def test_declared_tls_interception_connects_and_is_logged(self):
+        ca_dir = tempfile.mkdtemp(prefix="tunnel-ca-")
+        self.addCleanup(shutil.rmtree, ca_dir, True)
+        cert, key = make_certificate(ca_dir)        # the "corporate" middlebox, IP SAN
+        middle = TLSMiddle(self, self.relay.control_port, cert, key)
+        client, _ = self.start_client("corp", relay_port=middle.port, tls_ca=cert,
+                                      tls_interception=True)
+        self.assertEqual(self.get("/hello", host="corp.localhost")[:2], (200, b"hello"))
+        self.assertTrue(any("TLS-inspecting middlebox" in m for m in self.capture.messages()))
+
+    def test_plaintext_never_sends_visitor_secrets_off_loopback(self):
+        config = tunnel.ClientConfig(token=TOKEN, plaintext=True, access={
+            "visitor_token_sha256": hashlib.sha256(b"visitor-token-1").hexdigest()})
+        client = tunnel.Client(config)
+        self.addCleanup(client.loop.close)
+        self.assertTrue(client._plaintext_ok(StandInSocket("127.0.0.1")))
+        off = StandInSocket("192.0.2.7")
+        self.assertFalse(client._plaintext_ok(off))
+        self.assertTrue(off.closed)
+        self.assertEqual(client.exit_code, 2)
+        self.assertIn("not sent over plain TCP", client.error)
+        quiet = tunnel.Client(tunnel.ClientConfig(token=TOKEN, plaintext=True))
+        self.addCleanup(quiet.loop.close)
+        self.assertTrue(quiet._plaintext_ok(StandInSocket("192.0.2.7")))   # warns once
+        self.assertTrue(quiet._plaintext_ok(StandInSocket("192.0.2.7")))
+        self.assertEqual(sum("not encrypted" in m for m in self.capture.messages()), 1)
+
+    def test_loopback_helper(self):
+        for host in ("127.0.0.1", "127.3.4.5", "::1", "::ffff:127.0.0.1", "localhost"):
+            self.assertTrue(tunnel.is_loopback(host), host)
+        for host in ("192.0.2.1", "::ffff:192.0.2.1", "example.com", "", "fe80::1%eth0"):
+            self.assertFalse(tunnel.is_loopback(host), host)
+
+    # -- the handshake as pure state machines ---------------------------------------------
+    def handshake(self, request, bindings=frozenset(), unbound_ok=True, sealed=None,
+                  token=TOKEN):
+        client = ClientHandshake(token, request, sealed=sealed)
+        relay = RelayHandshake(TOKEN, lambda r: {"name": "a"}, bindings=bindings,
+                               unbound_ok=unbound_ok)
+        to_relay = FrameDecoder(expect_preamble=True, max_payload=tunnel.MAX_HANDSHAKE_PAYLOAD)
+        to_client = FrameDecoder(max_payload=tunnel.MAX_HANDSHAKE_PAYLOAD)
+        wire, pending = b"", client.start()
+        while pending:
+            wire += pending
+            replies = b"".join(relay.receive(f) for f in to_relay.feed(pending))
+            pending = b"".join(client.receive(f) for f in to_client.feed(replies))
+        return client, relay, wire
+
+    def test_binding_rules(self):
+        mine, other = "a" * 64, "b" * 64
+        _, relay, _ = self.handshake({"binding": mine}, frozenset({mine}), unbound_ok=False)
+        self.assertTrue(relay.done)
+        for request in ({"binding": other}, {"binding": ""}, {}):
+            with self.assertRaises(tunnel.RefusedError) as cm:
+                self.handshake(request, frozenset({mine}), unbound_ok=False)
+            self.assertEqual(cm.exception.code, "binding")
+        with self.assertRaises(tunnel.RefusedError) as cm:     # TLS seen, plain relay
+            self.handshake({"binding": other})
+        self.assertIn("plain TCP", str(cm.exception))
+        _, relay, _ = self.handshake({"binding": other, "tls_interception": True},
+                                     frozenset({mine}), unbound_ok=False)
+        self.assertTrue(relay.done)
+        with self.assertRaises(tunnel.AuthError):   # the token is checked before the binding
+            self.handshake({"binding": other}, frozenset({mine}), token="wrong")
+
+    def test_secrets_are_sealed_and_plain_access_is_ignored(self):
+        spec = {"basic_auth": {"user": "ann", "hash": "pbkdf2_sha256$1000$c2FsdA==$" +
+                               base64.b64encode(b"h" * 32).decode()}}
+        _, relay, wire = self.handshake({"subdomain": "x"}, sealed={"access": spec,
+                                                                   "client_secret": "s3cr3t"})
+        self.assertEqual(relay.request["access"], spec)
+        self.assertEqual(relay.request["client_secret"], "s3cr3t")
+        self.assertNotIn(b"pbkdf2", wire)
+        self.assertNotIn(b"s3cr3t", wire)
+        _, relay, _ = self.handshake({"access": spec})
+        self.assertNotIn("access", relay.request)     # unsealed: not a policy
+
+    def test_nested_json_is_a_protocol_error_not_a_traceback(self):
+        with self.assertRaisesRegex(ProtocolError, "nests more than"):
+            tunnel._json_payload(b"[" * 4000, "request")
+        s = socket.create_connection(("127.0.0.1", self.relay.control_port), WAIT)
+        self.addCleanup(s.close)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        s = tls.wrap_socket(s)
+        self.addCleanup(s.close)
+        s.sendall(ClientHandshake(TOKEN, {}).start())
+        recv_until(s, b"\x02")      # the CHALLENGE frame's type byte
+        s.sendall(tunnel.encode_frame(FrameType.AUTH, 0, b"\0" * 32 + b"[" * 4000))
+        self.assertEqual(recv_all(s)[:1], b"")     # closed
+        wait_until(lambda: any("nests more than" in m for m in self.capture.messages()),
+                   what="the reason logged")
+        self.assertFalse([r for r in self.capture.records if r.exc_info])
+
+    def test_control_ban_is_checked_when_the_credential_arrives(self):
+        relay = self.start_relay(auth_ban_after=3)
+        socks = []
+        for _ in range(10):        # all connected and challenged before any guess
+            s = socket.create_connection(("127.0.0.1", relay.control_port), WAIT)
+            self.addCleanup(s.close)
+            hs = ClientHandshake("wrong-token-0123456789", {})
+            s.sendall(hs.start())
+            dec = FrameDecoder()
+            frames = []
+            while not frames:
+                frames = dec.feed(s.recv(4096))
+            socks.append((s, hs, hs.receive(frames[0]), dec))
+        for s, _, auth, _ in socks:
+            s.sendall(auth)
+        outcomes = []
+        for s, hs, _, dec in socks:
+            frames = []
+            while not frames:
+                chunk = s.recv(4096)
+                self.assertTrue(chunk, "closed without a refusal")
+                frames = dec.feed(chunk)
+            try:
+                hs.receive(frames[0])
+            except tunnel.AuthError:
+                outcomes.append("auth")
+            except tunnel.RefusedError as exc:
+                outcomes.append(exc.code)
+        self.assertEqual(outcomes.count("auth"), 3, outcomes)   # only three were evaluated
+        self.assertEqual(outcomes.count("banned"), 7, outcomes)
+        # Right token, same address and user: still banned; the client retries later.
+        client, _ = self.start_client("late", relay=relay, wait=False)
+        wait_until(lambda: any("too many failed attempts" in m
+                               for m in self.capture.messages()), what="banned refusal")
+        self.assertTrue(client.thread.is_alive())
+
+    # -- reservations ---------------------------------------------------------------------
+    def test_goodbye_releases_the_name_a_crash_keeps_it_for_that_client(self):
+        client, _ = self.start_client("demo")
+        client.loop.run_in_loop(client.shutdown)       # Ctrl-C: GOAWAY, then close
+        client.thread.join(WAIT)
+        wait_until(lambda: self.relay_stats()["tunnels"] == 0, what="tunnel to go")
+        other, _ = self.start_client("demo")            # taken over at once
+        other.stop()                                    # a crash: reserved for `other`
+        other.thread.join(WAIT)
+        wait_until(lambda: self.relay_stats()["tunnels"] == 0, what="tunnel to go")
+        third, _ = self.start_client("demo", wait=False)
+        self.assertIn("reserved for its previous client", self.finished(third)[1])
+        back, _ = self.start_client("demo", client_secret=other.client_secret)
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
 
 
 if __name__ == "__main__":
