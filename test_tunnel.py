@@ -2582,7 +2582,6 @@ class SessionMemoryTest(EndToEndBase):
         ping = tunnel.encode_frame(FrameType.PING, 0, b"\0" * 8)
         chunk = ping * 4096
         limit = 3 * mark + 2 * 1024 * 1024     # far more answers than the mark holds
-        result = {}
 
         def flood():
             sent = 0
@@ -2590,9 +2589,9 @@ class SessionMemoryTest(EndToEndBase):
                 while sent < limit:
                     rogue.sock.sendall(chunk)
                     sent += len(chunk)
-            except OSError as exc:      # the relay stopped reading, then dropped us
-                result["error"] = exc
-            result["sent"] = sent
+            except OSError:             # the relay stopped reading, then dropped us
+                pass
+        session = self.relay.loop.run_in_loop(lambda: self.session_of("flood"))
         thread = threading.Thread(target=flood, name="flood")
         thread.start()
         self.addCleanup(thread.join, WAIT)
@@ -2613,9 +2612,9 @@ class SessionMemoryTest(EndToEndBase):
             time.sleep(0.01)
         thread.join()
         self.assertLessEqual(highest, mark + tunnel.READ_SIZE)
-        # The relay stopped reading (the flood did not get through) and, hearing nothing
-        # it would read, dropped the session after the heartbeat timeout.
-        self.assertLess(result["sent"], limit)
+        # The relay stopped reading and, as the flooder drained nothing, dropped it after
+        # the heartbeat timeout.
+        self.assertRegex(session.close_reason, "has not read its output")
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
 
     # -- stalled streams with huge grants and a faked round trip ---------------------
@@ -2677,9 +2676,11 @@ class SessionMemoryTest(EndToEndBase):
         self.addCleanup(stop.set)
         session = relay.loop.run_in_loop(lambda: relay.tunnels["rogue"].session)
         wait_until(lambda: session.rtt >= delay, what="the faked round trip")
+        visitors = []
         for _ in range(streams):
             v = socket.socket()
             self.addCleanup(v.close)
+            visitors.append(v)
             v.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             v.connect(("127.0.0.1", relay.http_port))
             v.sendall(b"GET / HTTP/1.1\r\nHost: rogue.localhost\r\n\r\n")   # never read
@@ -2702,6 +2703,11 @@ class SessionMemoryTest(EndToEndBase):
         self.assertLessEqual(relay.loop.run_in_loop(lambda: sum(
             s.recv_window for s in session.streams.values())), budget)
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))   # the relay serves on
+        for v in visitors:              # the visitors go: so does what was held for them
+            v.close()
+        wait_until(lambda: relay.loop.run_in_loop(
+            lambda: not session.streams and session.window_held == 0),
+            what="the budget to be given back")
 
     def test_windows_share_the_budget_and_grow_within_it(self):
         budget = 2 * 1024 * 1024
@@ -2729,6 +2735,26 @@ class SessionMemoryTest(EndToEndBase):
             remote.close_write()
         pump(lambda: not client.streams and not relay.streams)
         self.assertEqual((client.window_held, relay.window_held), (0, 0))
+
+    def test_a_finished_stream_holds_what_it_has_not_written_out(self):
+        relay, client, sides, pump = self.pair()
+        sides[1].auto_consume = False   # the client's owner writes nothing out yet
+        stream = relay.open_stream({})
+        stream.handler = sides[0]
+        pump(lambda: sides[1].streams)
+        remote = sides[1].streams[0][0]
+        stream.write(b"x" * 1000)
+        stream.close_write()
+        pump(lambda: sides[1].fins == 1)
+        remote.close_write()            # both FINs: the stream is done and forgotten
+        pump(lambda: not client.streams)
+        self.assertEqual(client.window_held, 1000)      # still buffered by its owner
+        remote.consumed(600)
+        self.assertEqual(client.window_held, 400)
+        remote.discard()                # the owner closed and dropped the rest
+        self.assertEqual(client.window_held, 0)
+        remote.consumed(400)            # late calls change nothing
+        self.assertEqual(client.window_held, 0)
 
     # -- round trips ---------------------------------------------------------------
     def test_pings_are_unpredictable_and_the_round_trip_is_capped(self):
@@ -2790,8 +2816,10 @@ class SessionMemoryTest(EndToEndBase):
                              hashlib.sha256(down).digest())
             self.assertEqual(hashlib.sha256(local.handler.data).digest(),
                              hashlib.sha256(up).digest())
-        # Neither side ever came near the read-pause mark.
-        self.assertLess(max(highest), tunnel.SESSION_READ_PAUSE)
+        # DATA never took either queue past the high-water mark (frame headers and grants
+        # aside), let alone near the read-pause mark, though all was written at once.
+        self.assertLessEqual(max(highest), tunnel.SESSION_HIGH_WATER + 4096)
+        self.assertLess(tunnel.SESSION_HIGH_WATER + 4096, tunnel.SESSION_READ_PAUSE)
 
     def test_uploads_and_downloads_at_once_end_to_end(self):
         size = 2 * 1024 * 1024
@@ -2813,6 +2841,14 @@ class SessionMemoryTest(EndToEndBase):
             self.assertEqual(hashlib.sha256(body).hexdigest(), digest)
         for answer in ups:
             self.assertEqual(answer, {"sha256": digest, "length": size})
+        # Every finished stream gave its window back to the budget, on both sides.
+        relay_session = self.relay.loop.run_in_loop(lambda: self.session_of("demo"))
+        wait_until(lambda: self.relay_stats()["streams"] == 0, what="stream cleanup")
+        wait_until(lambda: self.client.loop.run_in_loop(self.client.stats)["streams"] == 0,
+                   what="client stream cleanup")
+        self.assertEqual(self.relay.loop.run_in_loop(lambda: relay_session.window_held), 0)
+        self.assertEqual(self.client.loop.run_in_loop(
+            lambda: self.client.session.window_held), 0)
 
 
 if __name__ == "__main__":
