@@ -2695,8 +2695,11 @@ class SessionMemoryTest(EndToEndBase):
             return sum(len(v.out) for v in mine) + len(session.out)
         wait_until(lambda: relay.loop.run_in_loop(held) is not None,
                    what="the rogue to use up its credit")
-        wait_until(lambda: all(n <= 0 for n in credit.values()),
-                   what="the rogue to run out of credit")
+
+        def spent():
+            with lock:
+                return len(credit) == streams and all(n <= 0 for n in credit.values())
+        wait_until(spent, what="the rogue to run out of credit")
         total = relay.loop.run_in_loop(held)
         self.assertIsNotNone(total)
         self.assertLessEqual(total, budget + tunnel.READ_SIZE)
@@ -2755,6 +2758,29 @@ class SessionMemoryTest(EndToEndBase):
         self.assertEqual(client.window_held, 0)
         remote.consumed(400)            # late calls change nothing
         self.assertEqual(client.window_held, 0)
+
+    def test_a_paused_session_lives_while_its_peer_drains(self):
+        relay, client, sides, pump = self.pair(heartbeat_interval=60, heartbeat_timeout=120)
+        # As if the relay side had paused its input with a queue the peer reads slowly.
+        relay._paused = True
+        relay.last_rx -= 200            # nothing read for longer than the timeout
+        relay._queued_at_beat = len(relay.out) + 1000   # ... but the queue got shorter
+        relay._heartbeat()
+        self.assertFalse(relay.closed)
+        relay._heartbeat()              # and now it did not
+        self.assertTrue(relay.closed)
+        self.assertRegex(relay.close_reason, "has not read its output")
+
+    def test_session_budget_flag_is_checked(self):
+        p = subprocess.Popen([sys.executable, TUNNEL_PY, "serve", "--session-budget", "1000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(p.kill)
+        out, err = p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 2, err)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("--session-budget must be between %d and %d"
+                      % (tunnel.INITIAL_WINDOW, tunnel.MAX_CREDIT), lines[0])
 
     # -- round trips ---------------------------------------------------------------
     def test_pings_are_unpredictable_and_the_round_trip_is_capped(self):
