@@ -921,7 +921,7 @@ class SessionPairTest(unittest.TestCase):
         self.pump(lambda: self.relay.rtt > 0)
         quick = self.relay.rtt
         self.relay.ping()    # this one "waited" 5 s behind a queue: it must not count
-        self.relay._ping_sent[self.relay._ping_seq] -= 5.0
+        self.relay._ping_sent[list(self.relay._ping_sent)[-1]] -= 5.0
         self.pump(lambda: not self.relay._ping_sent)
         self.assertLess(self.relay.rtt, 1.0)
         self.assertLessEqual(self.relay.rtt, quick)
@@ -2922,6 +2922,378 @@ class ControlChannelSecurityTest(EndToEndBase):
         self.assertIn("reserved for its previous client", self.finished(third)[1])
         back, _ = self.start_client("demo", client_secret=other.client_secret)
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+
+class RogueClient:
+    """A tunnel client that completes the handshake honestly over a plain socket, then
+    misbehaves (what it does is up to the test; ``frames`` is what came with the
+    handshake's last segment)."""
+
+    def __init__(self, test, relay, subdomain, rcvbuf=None):
+        s = socket.socket()
+        test.addCleanup(s.close)
+        if rcvbuf:                          # before connect: the window is set at SYN
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(WAIT)
+        s.connect(("127.0.0.1", relay.control_port))
+        hs = ClientHandshake(TOKEN, {"subdomain": subdomain})
+        s.sendall(hs.start())
+        self.decoder = FrameDecoder()
+        self.frames = []
+        while not hs.done:
+            chunk = s.recv(4096)
+            test.assertTrue(chunk, "relay closed during the handshake")
+            for frame in self.decoder.feed(chunk):
+                if hs.done:
+                    self.frames.append(frame)   # PINGs after WELCOME
+                    continue
+                reply = hs.receive(frame)
+                if reply:
+                    s.sendall(reply)
+        self.sock = s
+
+
+class PairHandler(tunnel.StreamHandler):
+    """Collects one stream's bytes and consumes them at once."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def on_stream_data(self, stream, data):
+        self.data += data
+        stream.consumed(len(data))
+
+
+class SessionMemoryTest(EndToEndBase):
+    """Issue 11, item 4: what a peer can make the other side queue or buffer is bounded."""
+
+    # -- helpers ----------------------------------------------------------------------
+    def session_of(self, name):
+        """The relay's session for tunnel ``name`` (None once it is gone)."""
+        tunnel_ = self.relay.tunnels.get(name)
+        return tunnel_.session if tunnel_ is not None else None
+
+    def pair(self, **config):
+        """A relay-side and a client-side session over a socketpair, on one loop."""
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        a, b = socket.socketpair()
+        sides = Recorder(), Recorder()
+        cfg = tunnel.SessionConfig(**dict(FAST, **config))
+        relay = tunnel.Session(loop, a, "pair-relay", RelayHandshake(
+            TOKEN, lambda req: {"name": "pair", "url": "http://pair"}), sides[0],
+            is_relay=True, config=cfg)
+        client = tunnel.Session(loop, b, "pair-client", ClientHandshake(
+            TOKEN, {"subdomain": "pair"}), sides[1], is_relay=False, config=cfg)
+
+        def pump(cond, timeout=WAIT):
+            deadline = time.monotonic() + timeout
+            while not cond():
+                if time.monotonic() > deadline:
+                    raise AssertionError("timed out")
+                loop.run_once(0.01)
+        pump(lambda: sides[0].up and sides[1].up)
+        return relay, client, sides, pump
+
+    # -- a PING flood from a client that never reads ---------------------------------
+    def test_ping_flood_without_reading_stays_under_the_mark(self):
+        mark = tunnel.SESSION_READ_PAUSE
+        rogue = RogueClient(self, self.relay, "flood", rcvbuf=4096)
+        ping = tunnel.encode_frame(FrameType.PING, 0, b"\0" * 8)
+        chunk = ping * 4096
+        limit = 3 * mark + 2 * 1024 * 1024     # far more answers than the mark holds
+
+        def flood():
+            sent = 0
+            try:
+                while sent < limit:
+                    rogue.sock.sendall(chunk)
+                    sent += len(chunk)
+            except OSError:             # the relay stopped reading, then dropped us
+                pass
+        session = self.relay.loop.run_in_loop(lambda: self.session_of("flood"))
+        thread = threading.Thread(target=flood, name="flood")
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+
+        def queued():
+            session = self.session_of("flood")
+            return len(session.out) if session is not None else 0
+        highest = 0
+        served = 0
+        deadline = time.monotonic() + WAIT
+        while thread.is_alive() or self.relay.loop.run_in_loop(
+                lambda: self.session_of("flood") is not None):
+            self.assertLess(time.monotonic(), deadline, "the flooder was never dropped")
+            highest = max(highest, self.relay.loop.run_in_loop(queued))
+            if served < 3:              # other tunnels keep working meanwhile
+                self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+                served += 1
+            time.sleep(0.01)
+        thread.join()
+        self.assertLessEqual(highest, mark + tunnel.READ_SIZE)
+        # The relay stopped reading and, as the flooder drained nothing, dropped it after
+        # the heartbeat timeout.
+        self.assertRegex(session.close_reason, "has not read its output")
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+
+    # -- stalled streams with huge grants and a faked round trip ---------------------
+    def test_stalled_streams_hold_at_most_the_session_budget(self):
+        budget = 2 * 1024 * 1024
+        streams = 4
+        self.assertGreater(budget, streams * tunnel.INITIAL_WINDOW)   # room to grow
+        relay = self.start_relay(session_budget=budget)
+        rogue = RogueClient(self, relay, "rogue")
+        stop = threading.Event()
+        credit = {}
+        lock = threading.Lock()
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n"
+        blob = b"x" * 65536
+        delay = 0.3                     # every PING answered this late: a "long" link
+
+        def run():
+            sock = rogue.sock
+            sock.settimeout(0.01)
+            acks = []
+            frames = list(rogue.frames)
+            while not stop.is_set():
+                for frame in frames:
+                    if frame.type == FrameType.PING and not frame.flags & tunnel.FLAG_ACK:
+                        acks.append((time.monotonic() + delay, frame.payload))
+                    elif frame.type == FrameType.OPEN:
+                        sock.sendall(tunnel.encode_frame(FrameType.WINDOW, frame.stream_id,
+                                                         struct.pack("!I", 2 ** 30)))
+                        sock.sendall(tunnel.encode_frame(FrameType.DATA, frame.stream_id,
+                                                         head))
+                        with lock:
+                            credit[frame.stream_id] = tunnel.INITIAL_WINDOW - len(head)
+                    elif frame.type == FrameType.WINDOW and frame.stream_id in credit:
+                        with lock:
+                            credit[frame.stream_id] += struct.unpack("!I", frame.payload)[0]
+                now = time.monotonic()
+                while acks and acks[0][0] <= now:
+                    sock.sendall(tunnel.encode_frame(FrameType.PING, 0, acks.pop(0)[1],
+                                                     tunnel.FLAG_ACK))
+                with lock:
+                    sends = [(sid, min(n, len(blob))) for sid, n in credit.items() if n > 0]
+                    for sid, n in sends:
+                        credit[sid] -= n
+                for sid, n in sends:
+                    sock.sendall(tunnel.encode_frame(FrameType.DATA, sid, blob[:n]))
+                try:
+                    data = sock.recv(65536)
+                except socket.timeout:
+                    frames = []
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                frames = rogue.decoder.feed(data)
+        thread = threading.Thread(target=run, name="rogue")
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        self.addCleanup(stop.set)
+        session = relay.loop.run_in_loop(lambda: relay.tunnels["rogue"].session)
+        wait_until(lambda: session.rtt >= delay, what="the faked round trip")
+        visitors = []
+        for _ in range(streams):
+            v = socket.socket()
+            self.addCleanup(v.close)
+            visitors.append(v)
+            v.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            v.connect(("127.0.0.1", relay.http_port))
+            v.sendall(b"GET / HTTP/1.1\r\nHost: rogue.localhost\r\n\r\n")   # never read
+
+        def held():
+            """What the relay holds for the rogue session, once the rogue has sent all
+            the credit it was given (None before that)."""
+            mine = [v for v in relay.visitors if v.stream is not None
+                    and v.stream.session is session]
+            if len(mine) < streams or any(v.stream.recv_credit for v in mine):
+                return None
+            return sum(len(v.out) for v in mine) + len(session.out)
+        wait_until(lambda: relay.loop.run_in_loop(held) is not None,
+                   what="the rogue to use up its credit")
+
+        def spent():
+            with lock:
+                return len(credit) == streams and all(n <= 0 for n in credit.values())
+        wait_until(spent, what="the rogue to run out of credit")
+        total = relay.loop.run_in_loop(held)
+        self.assertIsNotNone(total)
+        self.assertLessEqual(total, budget + tunnel.READ_SIZE)
+        self.assertLessEqual(relay.loop.run_in_loop(lambda: sum(
+            s.recv_window for s in session.streams.values())), budget)
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))   # the relay serves on
+        for v in visitors:              # the visitors go: so does what was held for them
+            v.close()
+        wait_until(lambda: relay.loop.run_in_loop(
+            lambda: not session.streams and session.window_held == 0),
+            what="the budget to be given back")
+
+    def test_windows_share_the_budget_and_grow_within_it(self):
+        budget = 2 * 1024 * 1024
+        relay, client, sides, pump = self.pair(window_budget=budget, heartbeat_interval=60,
+                                               heartbeat_timeout=120)
+        streams = [relay.open_stream({}) for _ in range(4)]
+        pump(lambda: len(sides[1].streams) == 4 and client.rtt > 0)   # first PING is back
+        client.rtt = 1.0        # a "long" link: every stream wants to grow
+        for stream in streams:
+            stream.write(b"x" * (4 * tunnel.INITIAL_WINDOW))
+        highest = 0
+        total = 4 * 4 * tunnel.INITIAL_WINDOW
+
+        def done():
+            nonlocal highest
+            highest = max(highest, sum(s.recv_window for s in client.streams.values()))
+            return len(sides[1].data) == total
+        pump(done)
+        self.assertLessEqual(highest, budget)
+        self.assertGreater(highest, 4 * tunnel.INITIAL_WINDOW)    # they did grow
+        self.assertLessEqual(client.window_held, budget)
+        for stream in streams:          # finished streams give their share back
+            stream.close_write()
+        for remote, _ in sides[1].streams:
+            remote.close_write()
+        pump(lambda: not client.streams and not relay.streams)
+        self.assertEqual((client.window_held, relay.window_held), (0, 0))
+
+    def test_a_finished_stream_holds_what_it_has_not_written_out(self):
+        relay, client, sides, pump = self.pair()
+        sides[1].auto_consume = False   # the client's owner writes nothing out yet
+        stream = relay.open_stream({})
+        stream.handler = sides[0]
+        pump(lambda: sides[1].streams)
+        remote = sides[1].streams[0][0]
+        stream.write(b"x" * 1000)
+        stream.close_write()
+        pump(lambda: sides[1].fins == 1)
+        remote.close_write()            # both FINs: the stream is done and forgotten
+        pump(lambda: not client.streams)
+        self.assertEqual(client.window_held, 1000)      # still buffered by its owner
+        remote.consumed(600)
+        self.assertEqual(client.window_held, 400)
+        remote.discard()                # the owner closed and dropped the rest
+        self.assertEqual(client.window_held, 0)
+        remote.consumed(400)            # late calls change nothing
+        self.assertEqual(client.window_held, 0)
+
+    def test_a_paused_session_lives_while_its_peer_drains(self):
+        relay, client, sides, pump = self.pair(heartbeat_interval=60, heartbeat_timeout=120)
+        # As if the relay side had paused its input with a queue the peer reads slowly.
+        relay._paused = True
+        relay.last_rx -= 200            # nothing read for longer than the timeout
+        relay._queued_at_beat = len(relay.out) + 1000   # ... but the queue got shorter
+        relay._heartbeat()
+        self.assertFalse(relay.closed)
+        relay._heartbeat()              # and now it did not
+        self.assertTrue(relay.closed)
+        self.assertRegex(relay.close_reason, "has not read its output")
+
+    def test_session_budget_flag_is_checked(self):
+        p = subprocess.Popen([sys.executable, TUNNEL_PY, "serve", "--session-budget", "1000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(p.kill)
+        out, err = p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 2, err)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("--session-budget must be between %d and %d"
+                      % (tunnel.INITIAL_WINDOW, tunnel.MAX_CREDIT), lines[0])
+
+    # -- round trips ---------------------------------------------------------------
+    def test_pings_are_unpredictable_and_the_round_trip_is_capped(self):
+        relay, client, sides, pump = self.pair()
+        pump(lambda: relay.rtt > 0)
+        payloads = set()
+        for _ in range(3):
+            relay.ping()
+            payloads.add(list(relay._ping_sent)[-1])
+        self.assertEqual(len(payloads), 3)
+        self.assertNotIn(bytes(8), payloads)
+        # An ACK for a PING never sent (a guess) is no sample.
+        before = list(relay._rtts)
+        client._send(tunnel.encode_frame(FrameType.PING, 0, struct.pack("!Q", 2),
+                                         tunnel.FLAG_ACK))
+        pump(lambda: not relay._ping_sent)
+        self.assertEqual(len(relay._rtts), len(before) + 3)
+        # A peer that sits on its answers (5 s) cannot make the round trip huge.
+        relay._rtts.clear()
+        relay.ping()
+        relay._ping_sent[list(relay._ping_sent)[-1]] -= 5.0
+        pump(lambda: not relay._ping_sent)
+        self.assertLessEqual(relay.rtt, tunnel.MAX_RTT)
+
+    def test_client_refuses_streams_beyond_its_cap(self):
+        relay, client, sides, pump = self.pair()
+        cap = tunnel.MAX_STREAMS
+        for _ in range(cap + 3):
+            stream = relay.open_stream({})
+            stream.handler = sides[0]
+        pump(lambda: len(sides[0].resets) == 3)
+        self.assertEqual(len(client.streams), cap)
+        self.assertIsNone(sides[1].closed)
+
+    # -- honest bulk both ways under the marks ---------------------------------------
+    def test_bulk_both_ways_on_several_streams_does_not_deadlock(self):
+        relay, client, sides, pump = self.pair()
+        size = 3 * 1024 * 1024          # per stream and direction
+        count = 4
+        streams = [relay.open_stream({}) for _ in range(count)]
+        pump(lambda: len(sides[1].streams) == count)
+        ends = []
+        for i, (local, (remote, _)) in enumerate(zip(streams, sides[1].streams)):
+            down, up = os.urandom(size), os.urandom(size)
+            local.handler, remote.handler = PairHandler(), PairHandler()
+            local.write(down)           # everything at once: most waits in ``pending``
+            remote.write(up)
+            ends.append((local, remote, down, up))
+        highest = [0, 0]
+
+        def arrived():
+            highest[0] = max(highest[0], len(relay.out))
+            highest[1] = max(highest[1], len(client.out))
+            return all(len(r.handler.data) == size and len(l.handler.data) == size
+                       for l, r, _, _ in ends)
+        pump(arrived, timeout=30)
+        for local, remote, down, up in ends:
+            self.assertEqual(hashlib.sha256(remote.handler.data).digest(),
+                             hashlib.sha256(down).digest())
+            self.assertEqual(hashlib.sha256(local.handler.data).digest(),
+                             hashlib.sha256(up).digest())
+        # DATA never took either queue past the high-water mark (frame headers and grants
+        # aside), let alone near the read-pause mark, though all was written at once.
+        self.assertLessEqual(max(highest), tunnel.SESSION_HIGH_WATER + 4096)
+        self.assertLess(tunnel.SESSION_HIGH_WATER + 4096, tunnel.SESSION_READ_PAUSE)
+
+    def test_uploads_and_downloads_at_once_end_to_end(self):
+        size = 2 * 1024 * 1024
+        blob = os.urandom(size)
+        self.origin.blob = blob
+
+        def download(_):
+            return self.get("/blob")[1]
+
+        def upload(_):
+            return json.loads(self.get("/echo", method="POST", body=blob)[1])
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:   # all eight at once
+            downs = [pool.submit(download, i) for i in range(4)]
+            ups = [pool.submit(upload, i) for i in range(4)]
+            downs = [f.result() for f in downs]
+            ups = [f.result() for f in ups]
+        digest = hashlib.sha256(blob).hexdigest()
+        for body in downs:
+            self.assertEqual(hashlib.sha256(body).hexdigest(), digest)
+        for answer in ups:
+            self.assertEqual(answer, {"sha256": digest, "length": size})
+        # Every finished stream gave its window back to the budget, on both sides.
+        relay_session = self.relay.loop.run_in_loop(lambda: self.session_of("demo"))
+        wait_until(lambda: self.relay_stats()["streams"] == 0, what="stream cleanup")
+        wait_until(lambda: self.client.loop.run_in_loop(self.client.stats)["streams"] == 0,
+                   what="client stream cleanup")
+        self.assertEqual(self.relay.loop.run_in_loop(lambda: relay_session.window_held), 0)
+        self.assertEqual(self.client.loop.run_in_loop(
+            lambda: self.client.session.window_held), 0)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ Frames (after the preamble, everything on the control socket is a frame)::
     8 WINDOW     id    u32 increment                 grant send credit
     9 FIN        id    -                             half-close: no more DATA
    10 RST        id    reason text                   abort the stream
-   11 PING       0     u64 opaque; flag ACK=1        heartbeat and RTT probe
+   11 PING       0     8 random bytes; flag ACK=1    heartbeat and RTT probe
    12 GOAWAY     0     u32 code + reason text        sender is shutting down
    13 LOG        id    u16 status, u32 us, u64 bytes, one finished request,
                        "METHOD target"               for the client's log
@@ -93,7 +93,10 @@ out to its own socket, so memory per stream is bounded by the window.  A
 stream whose grants come less than two round trips apart (the interval
 smoothed, so that a burst of quick grants does not count; the round trip is
 the least of the last few PINGs, so that one stuck behind bulk data does not
-count either) is window-bound, and its window doubles, up to MAX_WINDOW.
+count either, and at most MAX_RTT) is window-bound, and its window doubles, up
+to MAX_WINDOW, but only within the session's budget: the receive windows of
+all streams of a session together stay within SESSION_BUDGET (``serve
+--session-budget``), so stalled streams hold at most that, not MAX_WINDOW each.
 Every byte of window is a byte of queue in front of the session's other
 streams, so it grows only when the peer really waits for credit, and while
 other streams of the session move data too (within ACTIVITY_WINDOW) it shrinks
@@ -101,10 +104,15 @@ toward two bandwidth-delay products (rate times round trip, at least
 SHARED_WINDOW) by granting back less than was consumed.  When the control
 socket's own output queue passes SESSION_HIGH_WATER every stream of that
 session stops reading until it drains, so one bulk stream cannot build a
-queue in front of the others.
+queue in front of the others (no read or write takes DATA past that mark).
+Above SESSION_READ_PAUSE (far above what an honest peer makes it queue) the
+control socket itself is not read until the queue is below
+SESSION_READ_RESUME: a peer that sends (PINGs, say) and never reads cannot make
+us queue answers without bound.  A client accepts at most MAX_STREAMS streams.
 
-Both sides send PING every heartbeat interval and declare the session dead
-after the heartbeat timeout without any incoming frame.  LOG frames are sent
+Both sides send PING every heartbeat interval (a random payload, timed on the
+sender's clock) and declare the session dead after the heartbeat timeout
+without any incoming frame (or with its input paused).  LOG frames are sent
 only to clients that asked for them in the handshake ("log": true).
 
 Visitor HTTP at the relay (RFC 9110/9112): every request on a connection is
@@ -175,7 +183,7 @@ MAC_LABEL = b"tunnel.py/1 "             # domain separation for the MACs
 U32 = struct.Struct("!I")               # WINDOW increment, GOAWAY code
 U64 = struct.Struct("!Q")               # block counter of the seal's key stream
 MAX_JSON_CONTAINERS = 64                # '[' and '{' in one handshake JSON (no deep nesting)
-PING_PAYLOAD = struct.Struct("!Q")      # opaque PING counter
+PING_PAYLOAD = struct.Struct("!Q")      # PING payload: 8 random bytes, echoed in the ACK
 LOG_RECORD = struct.Struct("!HIQ")      # status, duration in us, bytes
 MAX_CREDIT = 2 ** 31 - 1                # send credit beyond this is an error
 FLAG_ACK = 0x01                         # PING: this is the answer
@@ -223,13 +231,18 @@ REFUSALS: Dict[str, Tuple[str, str]] = {
 # -- flow control and buffering -----------------------------------------------
 INITIAL_WINDOW = 256 * 1024             # per-stream credit at open
 MAX_WINDOW = 16 * 1024 * 1024           # a busy stream's window grows to this
+SESSION_BUDGET = 32 * 1024 * 1024       # all receive windows of one session together
 MIN_RTT = 0.0002                        # floor for the window-growth test (s)
+MAX_RTT = 1.0                           # round trips longer than this count as this (s)
+PINGS_OUTSTANDING = 16                  # unanswered PINGs remembered; more: forget them
 GRANT_SMOOTHING = 0.25                  # weight of the newest interval between grants
 RTT_SAMPLES = 6                         # the window test uses the least of this many PINGs
 SHARED_WINDOW = 128 * 1024              # a stream's window while other streams are active
 ACTIVITY_WINDOW = 0.1                   # a stream that moved data this recently is active (s)
 SESSION_HIGH_WATER = 256 * 1024         # control output queue: pause stream readers
 SESSION_LOW_WATER = 64 * 1024           # ... and resume them below this
+SESSION_READ_PAUSE = 2 * 1024 * 1024    # control output queue: stop reading that socket
+SESSION_READ_RESUME = 512 * 1024        # ... and read it again below this
 READ_SIZE = 64 * 1024                   # bytes per recv_into: bounds one loop turn
 ACCEPT_BATCH = 64                       # accept() calls per readable listener
 
@@ -1099,6 +1112,9 @@ class Stream:
         self.recv_window = INITIAL_WINDOW   # size of the window we grant
         self.recv_credit = INITIAL_WINDOW   # bytes the peer may still send
         self.unacked = 0                    # consumed here, not yet granted
+        self.held = 0                       # once done: budget still held (not written out)
+        self.discarded = False              # the owner dropped what it had not written
+        session.window_held += INITIAL_WINDOW   # while open, the stream holds recv_window
         self.last_grant = time.monotonic()
         self.grant_interval = -1.0          # smoothed time between grants (s; -1: none yet)
         self.pending = bytearray()          # written while out of credit
@@ -1116,6 +1132,7 @@ class Stream:
             raise ProtocolError("stream %d: %s while %s" % (self.id, event, self.state.value))
         self._set_state(new)
         if self.done:
+            self._settle()
             self.session._forget(self)
 
     def _set_state(self, new: StreamState) -> None:
@@ -1141,13 +1158,16 @@ class Stream:
             self.pending += data
             return
         size = len(data)
-        n = min(size, self.send_window)
-        if n:
+        # Within the credit, and never past the session's high-water mark: what does not
+        # fit waits in ``pending`` (the stream is not writable meanwhile) and goes out
+        # when the session drains, so DATA alone never queues more than the mark.
+        n = min(size, self.send_window, SESSION_HIGH_WATER - len(self.session.out))
+        if n > 0:
             self.send_window -= n
             self.bytes_out += n
             self.session._send_data(self.id, data if n == size else data[:n])
         if n < size:
-            self.pending += data[n:]
+            self.pending += data[n:] if n > 0 else data
 
     def close_write(self) -> None:
         """Half-close: FIN after any pending data."""
@@ -1170,6 +1190,10 @@ class Stream:
     def consumed(self, n: int) -> None:
         """The owner wrote ``n`` received bytes out; grant the peer more credit."""
         if self.done:
+            if self.held:               # bytes that arrived before the end, now written
+                n = min(n, self.held)
+                self.held -= n
+                self.session.window_held -= n
             return
         self.unacked += n
         if self.unacked < self.recv_window // 2 or not self.can_receive:
@@ -1195,17 +1219,40 @@ class Stream:
         if self.recv_window > target:           # shrink: grant back less
             withheld = min(self.unacked, self.recv_window - target)
             self.recv_window -= withheld
+            self.session.window_held -= withheld
             increment -= withheld
         elif self.recv_window < target and self.grant_interval < 2 * rtt:
-            extra = min(self.recv_window, target - self.recv_window)
-            self.recv_window += extra
-            increment += extra
-            self.grant_interval *= 2        # at the same rate, grants now come half as often
+            # Only within what the session's budget has left: all its streams' windows
+            # together stay within window_budget, however many of them are stalled.
+            session = self.session
+            extra = min(self.recv_window, target - self.recv_window,
+                        session.config.window_budget - session.window_held)
+            if extra > 0:
+                self.recv_window += extra
+                session.window_held += extra
+                increment += extra
+                self.grant_interval *= 2    # at the same rate, grants now come half as often
         self.unacked = 0
         self.last_grant = now
         if increment:
             self.recv_credit += increment
             self.session._send(encode_frame(FrameType.WINDOW, self.id, U32.pack(increment)))
+
+    def discard(self) -> None:
+        """The owner is gone and dropped what it had not written out: that part of the
+        window is free again."""
+        self.discarded = True
+        if self.held:
+            self.session.window_held -= self.held
+            self.held = 0
+
+    def _settle(self) -> None:
+        """Done: the window goes back to the budget, except what was received and not
+        yet written out (that is released by ``consumed`` or ``discard``)."""
+        keep = 0 if self.discarded else max(0, self.recv_window - self.recv_credit
+                                             - self.unacked)
+        self.session.window_held -= self.recv_window - keep
+        self.held = keep
 
     # -- called by the session ------------------------------------------------
     def _on_data(self, payload: bytes) -> None:
@@ -1225,7 +1272,12 @@ class Stream:
         if not self.can_send:
             return
         if self.pending:
-            n = min(len(self.pending), self.send_window)
+            # Like ``write``: never past the high-water mark; the rest goes out when the
+            # session drains (``Session._after_output`` calls this with 0).
+            n = min(len(self.pending), self.send_window,
+                    SESSION_HIGH_WATER - len(self.session.out))
+            if n <= 0:
+                return
             chunk = bytes(self.pending[:n])
             del self.pending[:n]
             self.send_window -= n
@@ -1558,6 +1610,7 @@ class SessionConfig(Settings):
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    window_budget: int = SESSION_BUDGET     # receive windows of all streams together
 
 
 class Session(Conn):
@@ -1587,6 +1640,7 @@ class Session(Conn):
         self.streams: Dict[int, Stream] = {}
         self.highest_id = 0              # largest stream id opened so far
         self.rtt = 0.0                   # smallest of the recent PING round trips
+        self.window_held = 0             # receive windows granted (see Stream.held)
         self._rtts: Deque[float] = collections.deque(maxlen=RTT_SAMPLES)
         self.name = ""                   # tunnel name, set by the relay/client
         self.goaway_sent = False
@@ -1596,8 +1650,9 @@ class Session(Conn):
         self._close_when_flushed: Optional[str] = None
         self._hold = False               # output held back (a delayed refusal)
         self._congested = False
-        self._ping_seq = 0
-        self._ping_sent: Dict[int, float] = {}
+        self._paused = False             # input not read: the peer does not read our output
+        self._queued_at_beat = 0         # len(out) at the last heartbeat
+        self._ping_sent: Dict[bytes, float] = {}   # random payload -> when it was sent
         self.last_rx = time.monotonic()
         self._active: set = set()        # streams that moved data since _active_since
         self._active_before = 0          # ... and how many did in the window before
@@ -1671,15 +1726,40 @@ class Session(Conn):
         if self._congested and len(self.out) <= SESSION_LOW_WATER:
             self._congested = False
             for stream in list(self.streams.values()):
-                if stream.writable:
+                if stream.pending:
+                    stream._on_window(0)    # what waited for the queue to drain
+                elif stream.writable:
                     stream.handler.on_stream_writable(stream)
         if not self.out and self._close_when_flushed is not None:
             self.close(self._close_when_flushed)
             return
+        if self._paused and len(self.out) <= SESSION_READ_RESUME:
+            self._paused = False
+            self.update()
+            self.read_pending()     # TLS may hold decrypted frames the selector cannot see
+            return
         self.update()
 
     # -- input ------------------------------------------------------------------
+    # Reading pauses while our output queue is above SESSION_READ_PAUSE: whatever a peer
+    # can make us answer (PING ACKs, RSTs for refused streams, grants, access-log lines)
+    # is generated by reading its frames, so a peer that sends and never reads holds at
+    # most the mark plus one read's answers, and is dropped by the heartbeat (nothing
+    # read for heartbeat_timeout).  Two honest peers cannot deadlock on this (each
+    # waiting for the other to read): DATA never takes the queue past SESSION_HIGH_WATER
+    # (Stream.write, Stream._on_window and Pipe.on_read stop at it), and the control
+    # frames an honest side queues on top of that are a few dozen bytes per stream
+    # (OPEN, WINDOW, FIN, RST; MAX_STREAMS of them are well under a MiB) plus PINGs, so
+    # an honest client's queue never reaches the mark and it always reads.  The relay's
+    # queue can (access-log lines for many tiny pipelined responses), but then only the
+    # relay pauses, the client goes on reading, and the relay resumes below
+    # SESSION_READ_RESUME.
+    def wants_read(self) -> bool:
+        return not self._paused
+
     def on_read(self) -> None:
+        if self._paused:            # selected in the same turn as the pause
+            return
         try:
             n = self.sock.recv_into(self.loop.scratch)
         except WOULD_BLOCK:
@@ -1701,6 +1781,12 @@ class Session(Conn):
             return
         except (AuthError, RefusedError) as exc:
             self.close(str(exc), exc)
+            return
+        if len(self.out) >= SESSION_READ_PAUSE:
+            self._paused = True
+            log.debug("%s: peer is not reading; input paused with %d bytes queued",
+                      self.label, len(self.out))
+            self.update()
             return
         self.read_pending()
 
@@ -1733,6 +1819,8 @@ class Session(Conn):
         elif ftype == FrameType.PING:
             self._on_ping(frame)
         elif ftype == FrameType.GOAWAY:
+            if self.goaway_received:        # once is news; a stream of them is noise
+                return
             self.goaway_received = True
             reason = frame.payload[U32.size:].decode("utf-8", "replace")
             log.info("%s: peer is going away%s", self.label, ": " + reason if reason else "")
@@ -1764,6 +1852,9 @@ class Session(Conn):
             raise ProtocolError("stream id %d reused or out of order" % frame.stream_id)
         info = _json_payload(frame.payload, "OPEN")
         self.highest_id = frame.stream_id
+        if len(self.streams) >= MAX_STREAMS:    # each one would be a socket to the target
+            self._send(encode_frame(FrameType.RST, frame.stream_id, b"too many streams"))
+            return
         stream = Stream(self, frame.stream_id)
         self.streams[stream.id] = stream
         self.delegate.on_stream_open(self, stream, info)
@@ -1772,12 +1863,15 @@ class Session(Conn):
         if len(frame.payload) != PING_PAYLOAD.size:
             raise ProtocolError("PING payload of %d bytes" % len(frame.payload))
         if frame.flags & FLAG_ACK:
-            sent = self._ping_sent.pop(PING_PAYLOAD.unpack(frame.payload)[0], None)
+            # Only an answer to a PING we sent counts (its payload is random, so a peer
+            # cannot answer one it has not received yet), timed on our own clock.
+            sent = self._ping_sent.pop(frame.payload, None)
             if sent is not None:
                 # The minimum: a PING queued behind bulk data measures the queue, and
-                # windows grown from that would only make the queue longer.
+                # windows grown from that would only make the queue longer.  At most
+                # MAX_RTT: a peer sitting on its answers does not get huge windows.
                 self._rtts.append(time.monotonic() - sent)
-                self.rtt = min(self._rtts)
+                self.rtt = min(min(self._rtts), MAX_RTT)
         else:
             self._send(encode_frame(FrameType.PING, 0, frame.payload, FLAG_ACK))
 
@@ -1823,19 +1917,26 @@ class Session(Conn):
         if self.closed:
             return
         silent = time.monotonic() - self.last_rx
+        queued, before = len(self.out), self._queued_at_beat
+        self._queued_at_beat = queued
         if silent > self.config.heartbeat_timeout:
-            self.close("heartbeat timeout: nothing received for %.1fs" % silent)
-            return
+            if not self._paused:
+                self.close("heartbeat timeout: nothing received for %.1fs" % silent)
+                return
+            if queued >= before:        # paused, and the peer reads nothing either
+                self.close("the peer has not read its output for %.1fs (%d bytes queued)"
+                           % (silent, queued))
+                return
         self.ping()
         self._timers = [self.loop.call_later(self.config.heartbeat_interval, self._heartbeat)]
 
     # -- public -----------------------------------------------------------------
     def ping(self) -> None:
-        self._ping_seq += 1
-        if len(self._ping_sent) > 16:  # answers that never came
+        if len(self._ping_sent) >= PINGS_OUTSTANDING:  # answers that never came
             self._ping_sent.clear()
-        self._ping_sent[self._ping_seq] = time.monotonic()
-        self._send(encode_frame(FrameType.PING, 0, PING_PAYLOAD.pack(self._ping_seq)))
+        payload = os.urandom(PING_PAYLOAD.size)
+        self._ping_sent[payload] = time.monotonic()
+        self._send(encode_frame(FrameType.PING, 0, payload))
 
     def open_stream(self, info: Dict[str, Any]) -> Stream:
         """Relay side: a new stream towards the client."""
@@ -2780,8 +2881,17 @@ class Pipe(Conn, StreamHandler):
     def on_read(self) -> None:
         stream = self.stream
         limit = READ_SIZE
-        if stream is not None and 0 < stream.send_window < limit:
-            limit = stream.send_window
+        if stream is not None:
+            # Within the credit and the room left under the session's high-water mark:
+            # several streams readable in one turn cannot push its queue past the mark.
+            if stream.send_window < limit:
+                limit = stream.send_window
+            room = SESSION_HIGH_WATER - len(stream.session.out)
+            if room < limit:
+                limit = room
+            if limit <= 0:              # selected in the turn the stream stopped
+                self.update()
+                return
         try:
             n = self.sock.recv_into(self.loop.scratch, limit)
         except WOULD_BLOCK:
@@ -2908,6 +3018,16 @@ class Pipe(Conn, StreamHandler):
         stream = self.stream
         if self.read_eof and self.write_eof and (stream is None or stream.done):
             self.finish()
+
+    def close_socket(self) -> None:
+        if self.stream is not None:
+            self.stream.discard()       # what ``out`` held for it is gone
+        super().close_socket()
+
+    def detach(self) -> socket.socket:
+        if self.stream is not None:
+            self.stream.discard()
+        return super().detach()
 
     def finish(self) -> None:
         """Close the socket; reset the stream if it is still open."""
@@ -3127,6 +3247,7 @@ class RelayConfig(Settings):
     max_visitors_per_tunnel: int = MAX_VISITORS_PER_TUNNEL
     max_streams: int = MAX_STREAMS
     max_unauthenticated: int = MAX_UNAUTHENTICATED
+    session_budget: int = SESSION_BUDGET    # receive windows of one client's streams together
     max_head_size: int = MAX_HEAD_SIZE       # request heads larger than this: 431
     tls_cert: Optional[str] = None          # visitors over HTTPS (and control, by default)
     tls_key: Optional[str] = None
@@ -3554,7 +3675,8 @@ class Relay(SessionDelegate):
         self.stopping = False
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
-                                            handshake_timeout=config.handshake_timeout)
+                                            handshake_timeout=config.handshake_timeout,
+                                            window_budget=config.session_budget)
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -3970,6 +4092,7 @@ class ClientConfig(Settings):
     plaintext: bool = False                 # control channel without TLS (warned about)
     tls_interception: bool = False          # a TLS-inspecting middlebox is on the path
     client_secret: Optional[str] = None     # keep one to reclaim a name after a crash
+    session_budget: int = SESSION_BUDGET    # receive windows of all streams together
 
 
 class TargetConn(Pipe):
@@ -4117,7 +4240,8 @@ class Client(SessionDelegate):
         self._clock = (0, "")                # (second, "HH:MM:SS") for the access log
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
-                                            handshake_timeout=config.handshake_timeout)
+                                            handshake_timeout=config.handshake_timeout,
+                                            window_budget=config.session_budget)
 
     @property
     def target_url(self) -> str:
@@ -4517,6 +4641,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-unauthenticated", type=int, default=MAX_UNAUTHENTICATED,
                        metavar="N", help="control connections still in the handshake; "
                        "more are closed (default %(default)s)")
+    serve.add_argument("--session-budget", type=int, default=SESSION_BUDGET, metavar="BYTES",
+                       help="receive windows of all of one client's streams together: what "
+                       "the relay may buffer for it (default %(default)s)")
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -4678,6 +4805,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_visitors_per_tunnel=args.max_visitors_per_tunnel,
                          max_streams=args.max_streams,
                          max_unauthenticated=args.max_unauthenticated,
+                         session_budget=args.session_budget,
                          max_head_size=args.max_head_size,
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
                          control_tls_cert=args.control_tls_cert,
@@ -4689,6 +4817,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          tls_proxy_fingerprints=tuple(args.tls_proxy_fingerprints or ()))
     if not 1024 <= args.max_head_size <= 16 * 1024 * 1024:
         raise UsageError("--max-head-size must be between 1024 and 16777216")
+    if not INITIAL_WINDOW <= args.session_budget <= MAX_CREDIT:
+        raise UsageError("--session-budget must be between %d and %d"
+                         % (INITIAL_WINDOW, MAX_CREDIT))
     if args.http_redirect_port is not None and not args.tls_cert:
         raise UsageError("--http-redirect-port needs --tls-cert")
     if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
