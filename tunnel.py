@@ -4435,7 +4435,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--max-head-size must be between 1024 and 16777216")
     if min(args.max_unauthenticated_per_source, args.max_visitors_per_source,
            args.max_visitors_per_source_per_tunnel) < 1:
-        raise UsageError("the --max-...-per-source limits must be at least 1")
+        raise UsageError("--max-unauthenticated-per-source, --max-visitors-per-source and "
+                         "--max-visitors-per-source-per-tunnel must be at least 1")
     if not args.body_timeout > 0:
         raise UsageError("--body-timeout must be positive")
     if args.http_redirect_port is not None and not args.tls_cert:
