@@ -1831,6 +1831,9 @@ class HardeningTest(EndToEndBase):
 
     # -- nothing lost under load ------------------------------------------------------------
     def test_200_visitors_3_tunnels_mixed_sizes(self):
+        # All from 127.0.0.1, about 67 to each tunnel at once: above the per-source cap.
+        self.relay = self.start_relay(max_visitors_per_source_per_tunnel=200, **self.RELAY)
+        self.start_client("demo")
         self.start_client("second")
         self.start_client("third")
         names = ["demo", "second", "third"]
@@ -2873,7 +2876,7 @@ class ControlChannelSecurityTest(EndToEndBase):
         self.assertFalse([r for r in self.capture.records if r.exc_info])
 
     def test_control_ban_is_checked_when_the_credential_arrives(self):
-        relay = self.start_relay(auth_ban_after=3)
+        relay = self.start_relay(auth_ban_after=3, max_unauthenticated_per_source=16)
         socks = []
         for _ in range(10):        # all connected and challenged before any guess
             s = socket.create_connection(("127.0.0.1", relay.control_port), WAIT)
@@ -3294,6 +3297,378 @@ class SessionMemoryTest(EndToEndBase):
         self.assertEqual(self.relay.loop.run_in_loop(lambda: relay_session.window_held), 0)
         self.assertEqual(self.client.loop.run_in_loop(
             lambda: self.client.session.window_held), 0)
+# Issue 11 items 5, 6, 7, 14: per-source limits, body timeout, unmapped peers, EMFILE
+# =============================================================================
+
+ATTACKER_IP = "127.0.0.2"     # loopback accepts any 127.x source on Linux
+
+
+def attacker_socket(port, payload=b""):
+    """A connection to 127.0.0.1:port from another source address, ATTACKER_IP."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.settimeout(WAIT)
+        s.bind((ATTACKER_IP, 0))
+        s.connect(("127.0.0.1", port))
+        if payload:
+            s.sendall(payload)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def ready_bytes(s):
+    """What the peer has sent so far, without waiting (b"" if nothing or closed)."""
+    s.setblocking(False)
+    try:
+        return s.recv(65536)
+    except BlockingIOError:
+        return None
+    except ConnectionResetError:
+        return b""
+    finally:
+        s.settimeout(WAIT)
+
+
+def dual_stack_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+            s.listen(1)
+            with socket.create_connection(("127.0.0.1", s.getsockname()[1]), WAIT):
+                pass
+    except OSError:
+        return False
+    return True
+
+
+def limit_descriptors(n):
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc (Linux)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class SourceLimitsTest(EndToEndBase):
+    """One source cannot take every slot; bodies must move; IPv4 rules hold on a
+    dual-stack bind; running out of descriptors does not spin the relay."""
+
+    def setUp(self):
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old_level)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.origin = self.start_origin()
+
+    def in_loop(self, relay, fn):
+        return relay.loop.run_in_loop(fn)
+
+    def attackers(self, port, n, payload=b""):
+        socks = [attacker_socket(port, payload) for _ in range(n)]
+        for s in socks:
+            self.addCleanup(s.close)
+        return socks
+
+    def status_of(self, data):
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+    # -- item 7: IPv4-mapped peers ----------------------------------------------------
+    def test_unmap_peer_and_source_key(self):
+        unmap = tunnel.unmap_peer
+        self.assertEqual(unmap(("::ffff:127.0.0.1", 80, 0, 0)), ("127.0.0.1", 80))
+        self.assertEqual(unmap(("::FFFF:10.1.2.3", 80, 0, 0)), ("10.1.2.3", 80))
+        self.assertEqual(unmap(("::ffff:a01:203", 80, 0, 0)), ("10.1.2.3", 80))
+        for addr in [("127.0.0.1", 80), ("::1", 80, 0, 0), ("fe80::1%lo", 80, 0, 1),
+                     ("::ffff:999.1.2.3", 80, 0, 0), ("2001:db8::ffff:10.1.2.3", 80, 0, 0),
+                     ("::10.1.2.3", 80, 0, 0), "local"]:
+            self.assertEqual(unmap(addr), addr)
+        key = tunnel.source_key
+        self.assertEqual(key("10.1.2.3"), "10.1.2.3")
+        self.assertEqual(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
+        self.assertEqual(key("2001:db8:1:2:bbbb:1:2:3"), "2001:db8:1:2::/64")
+        self.assertNotEqual(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"))
+        self.assertEqual(key("fe80::1%lo"), "fe80::/64")
+
+    @unittest.skipUnless(dual_stack_available(), "needs a dual-stack IPv6 socket")
+    def test_dual_stack_bind_applies_ipv4_rules(self):
+        from unittest import mock
+        real = tunnel.RelayConfig
+
+        def on_any_address(**values):
+            values["bind"] = "::"
+            return real(**values)
+        with mock.patch.object(tunnel, "RelayConfig", on_any_address):
+            relay = self.start_relay()
+        self.assertEqual(relay.listeners[0].sock.family, socket.AF_INET6)
+        self.start_client("denied", relay=relay, access={"deny": ["127.0.0.0/8"]})
+        self.start_client("allowed", relay=relay, access={"allow": ["127.0.0.1/32"]})
+        req = b"GET /headers HTTP/1.1\r\nHost: %s.localhost\r\nConnection: close\r\n\r\n"
+        denied = recv_all(self.raw(req % b"denied", relay=relay))
+        self.assertEqual(self.status_of(denied), 403, denied)
+        allowed = recv_all(self.raw(req % b"allowed", relay=relay))
+        self.assertEqual(self.status_of(allowed), 200, allowed)
+        headers = dict((k.lower(), v) for k, v in json.loads(allowed.split(b"\r\n\r\n", 1)[1]))
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+        peers = self.in_loop(relay, lambda: [s.peer_ip for s in relay.sessions])
+        self.assertEqual(peers, ["127.0.0.1", "127.0.0.1"])
+        self.assertFalse([m for m in self.capture.messages() if "ffff" in m])
+
+    # -- item 5: unauthenticated control connections ------------------------------------
+    def test_one_source_cannot_hold_every_handshake_slot(self):
+        relay = self.start_relay(max_unauthenticated=16, handshake_timeout=3 * WAIT)
+        idle = self.attackers(relay.control_port, 16)
+        client, _ = self.start_client("real", relay=relay, wait=False)
+        self.assertTrue(client.ready.wait(2.0), "the real client was locked out")
+        self.assertEqual(self.in_loop(relay, lambda: len(relay.unauthenticated)),
+                         tunnel.MAX_UNAUTHENTICATED_PER_SOURCE)
+        replies = [ready_bytes(s) for s in idle]
+        self.assertEqual(replies.count(b""), 16 - tunnel.MAX_UNAUTHENTICATED_PER_SOURCE)
+        self.assertEqual(replies.count(None), tunnel.MAX_UNAUTHENTICATED_PER_SOURCE)
+        self.assertTrue(any("--max-unauthenticated-per-source" in m
+                            for m in self.capture.messages(logging.WARNING)))
+
+    @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command")
+    def test_visitor_tls_handshakes_do_not_count_as_control_handshakes(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-limits-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory)
+        relay = self.start_relay(tls_cert=cert, tls_key=key, domain=TLS_DOMAIN,
+                                 max_unauthenticated=16, handshake_timeout=3 * WAIT,
+                                 head_timeout=3 * WAIT)
+        base = self.in_loop(relay, lambda: len(relay.loop.conns))
+        self.attackers(relay.http_port, 20)         # idle in the visitor TLS handshake
+        wait_until(lambda: self.in_loop(relay, lambda: len(relay.loop.conns)) == base + 20,
+                   what="20 visitor TLS handshakes")
+        self.attackers(relay.control_port, tunnel.MAX_UNAUTHENTICATED_PER_SOURCE)
+        client, _ = self.start_client("real", relay=relay, wait=False, tls_ca=cert)
+        self.assertTrue(client.ready.wait(2.0), "the real client was locked out")
+        self.assertEqual(self.in_loop(relay, lambda: (len(relay.visitor_tls_pending),
+                                                      relay.visitor_sources[ATTACKER_IP])),
+                         (20, 20))
+
+    # -- item 6: visitor connections per source ---------------------------------------------
+    def test_one_source_cannot_take_every_visitor_slot(self):
+        cap = tunnel.MAX_VISITORS_PER_SOURCE
+        relay = self.start_relay(max_visitors=cap + 10)
+        self.start_client("demo", relay=relay)
+        idle = self.attackers(relay.http_port, cap + 10)
+        wait_until(lambda: self.in_loop(relay, lambda: len(relay.visitors)) >= cap,
+                   what="the attacker's connections")
+        reply = recv_all(self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n"
+                                  b"Connection: close\r\n\r\n", relay=relay))
+        self.assertEqual(self.status_of(reply), 200, reply)
+        refused = [r for r in (ready_bytes(s) for s in idle) if r]
+        self.assertEqual(len(refused), 10)
+        self.assertEqual(self.status_of(refused[0]), 503, refused[0])
+        self.assertIn(b"Your address has %d connections" % cap, refused[0])
+        self.assertEqual(self.in_loop(relay, lambda: relay.visitor_sources),
+                         {ATTACKER_IP: cap})
+
+    def test_one_source_cannot_take_every_slot_of_a_tunnel(self):
+        cap = tunnel.MAX_VISITORS_PER_SOURCE_PER_TUNNEL
+        relay = self.start_relay(max_visitors_per_tunnel=cap + 6)
+        self.start_client("demo", relay=relay)
+        held = self.attackers(relay.http_port, cap + 6,
+                              b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        replies = [recv_until(s, b"hello") for s in held]
+        status, body, _ = self.get_from(relay, "/hello")     # another source: served
+        self.assertEqual((status, body), (200, b"hello"))
+        statuses = [self.status_of(r) for r in replies]
+        self.assertEqual((statuses.count(200), statuses.count(503)), (cap, 6), statuses)
+        self.assertTrue(any(b"connections to the tunnel demo" in r for r in replies))
+        for s in held:
+            s.close()
+        wait_until(lambda: self.in_loop(relay, lambda: (relay.tunnel_sources,
+                                                        relay.visitor_sources)) == ({}, {}),
+                   what="per-source counts back to zero")
+
+    def get_from(self, relay, path, host="demo.localhost"):
+        c = self.conn(relay)
+        c.request("GET", path, headers={"Host": host})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return r.status, body, r
+
+    # -- item 6: request bodies must move ---------------------------------------------------
+    def test_stalled_and_trickled_bodies_get_408(self):
+        relay = self.start_relay(body_timeout=0.4)
+        self.start_client("demo", relay=relay)
+        head = (b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 100000\r\n"
+                b"\r\n")
+        started = time.monotonic()
+        stalled = recv_all(self.raw(head + b"x" * 10, relay=relay))
+        self.assertEqual(self.status_of(stalled), 408, stalled)
+        self.assertIn(b"request body stalled", stalled)
+        trickle = self.raw(head, relay=relay)
+        deadline = time.monotonic() + 5.0
+        trickle.settimeout(0.02)
+        while time.monotonic() < deadline:        # one byte every 20 ms: 50 bytes/s
+            try:
+                if trickle.recv(1, socket.MSG_PEEK):  # the answer is there
+                    break
+            except socket.timeout:
+                pass
+            trickle.sendall(b"x")
+        trickle.settimeout(WAIT)
+        reply = recv_all(trickle)
+        self.assertEqual(self.status_of(reply), 408, reply)
+        self.assertLess(time.monotonic() - started, 4.0)
+        wait_until(lambda: self.relay_stats(relay)["streams"] == 0, what="streams reset")
+
+    def raw_origin(self, serve):
+        """An origin of our own: ``serve(conn)`` runs for each connection in a thread."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.05)
+        stopped = threading.Event()
+        conns, threads = [], []
+
+        def accept():
+            while not stopped.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                conn.settimeout(WAIT)
+                conns.append(conn)
+                threads.append(threading.Thread(target=serve, args=(conn,)))
+                threads[-1].start()
+        acceptor = threading.Thread(target=accept, name="raw origin")
+        acceptor.start()
+
+        def stop():
+            stopped.set()
+            acceptor.join(WAIT)
+            listener.close()
+            for conn in conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)     # wakes a serve() blocked in recv
+                except OSError:
+                    pass
+            for t in threads:
+                t.join(WAIT)
+            for conn in conns:
+                conn.close()
+        self.addCleanup(stop)
+        return listener.getsockname()[1]
+
+    def test_stalled_body_after_the_response_started_closes(self):
+        def serve(conn):
+            recv_until(conn, b"\r\n\r\n")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+            recv_all(conn)
+        port = self.raw_origin(serve)
+        relay = self.start_relay(body_timeout=0.4)
+        self.start_client("early", relay=relay, target_port=port)
+        started = time.monotonic()
+        s = self.raw(b"POST /up HTTP/1.1\r\nHost: early.localhost\r\nContent-Length: 1000\r\n"
+                     b"\r\n" + b"x" * 10, relay=relay)
+        reply = closed_by_peer(s)
+        self.assertLess(time.monotonic() - started, 3.0)    # the body timeout, not another
+        self.assertTrue(reply.endswith(b"\r\n\r\nearly"), reply)
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1)      # no 408 after a response
+
+    def test_body_paused_by_a_slow_origin_is_not_timed_out(self):
+        gate = threading.Event()
+        size = 16 * 1024 * 1024
+
+        def serve(conn):
+            head = recv_until(conn, b"\r\n\r\n")
+            gate.wait(WAIT)
+            got = len(head) - head.index(b"\r\n\r\n") - 4
+            while got < size:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    return
+                got += len(chunk)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d"
+                         % (len(str(got)), got))
+        port = self.raw_origin(serve)
+        relay = self.start_relay(body_timeout=0.3)
+        self.start_client("slow", relay=relay, target_port=port)
+        s = self.raw(b"POST /up HTTP/1.1\r\nHost: slow.localhost\r\nContent-Length: %d\r\n\r\n"
+                     % size, relay=relay)
+        def upload():
+            try:
+                s.sendall(b"x" * size)
+            except OSError:     # the test failed and shut the socket
+                pass
+        t = threading.Thread(target=upload)
+        t.start()
+        self.addCleanup(t.join, WAIT)
+
+        def unblock():          # on a failure: release the origin and the upload
+            gate.set()
+            if t.is_alive():
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.addCleanup(unblock)
+
+        def paused():
+            return any(v.in_body and not v.wants_read() for v in relay.visitors)
+        wait_until(lambda: self.in_loop(relay, paused), what="the relay to stop reading")
+        time.sleep(1.0)     # a pause of over three body timeouts: nothing may happen
+        self.assertTrue(self.in_loop(relay, paused))
+        gate.set()
+        reply = recv_until(s, b"\r\n\r\n%d" % size)
+        self.assertTrue(reply.endswith(b"\r\n\r\n%d" % size), reply[-200:])
+
+    # -- item 14: out of descriptors ------------------------------------------------------------
+    @unittest.skipUnless(os.path.exists("/proc/self/stat"), "needs /proc (Linux)")
+    def test_out_of_descriptors_pauses_accepting(self):
+        http_port, control_port = free_port(), free_port()
+        log_file = tempfile.TemporaryFile()
+        self.addCleanup(log_file.close)
+        relay = subprocess.Popen(
+            [sys.executable, "-W", "error", TUNNEL_PY, "serve", "--bind", "127.0.0.1",
+             "--http-port", str(http_port), "--control-port", str(control_port),
+             "--token", TOKEN], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=log_file, preexec_fn=lambda: limit_descriptors(32))
+
+        def stop():
+            relay.kill()
+            relay.wait(WAIT)
+        self.addCleanup(stop)
+
+        def log_text():
+            log_file.seek(0)
+            return log_file.read().decode()
+        wait_until(lambda: "relay listening" in log_text(), what="the relay to listen")
+        held = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        for _ in range(40):              # more than the relay has descriptors for
+            held.append(socket.create_connection(("127.0.0.1", http_port), WAIT))
+        wait_until(lambda: "accept failed" in log_text(), what="EMFILE")
+        cpu = cpu_seconds(relay.pid)
+        time.sleep(1.0)                  # a busy loop would burn this whole second
+        self.assertLess(cpu_seconds(relay.pid) - cpu, 0.2)
+        warnings = [l for l in log_text().splitlines() if "accept failed" in l]
+        self.assertEqual(len(warnings), 1, warnings[:3])
+        self.assertIn("too many open files", warnings[0])
+        for s in held:
+            s.close()
+        s = socket.create_connection(("127.0.0.1", http_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        reply = recv_all(s)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertIn(b"This is a tunnel.py relay", reply)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,7 @@ SESSION_READ_PAUSE = 2 * 1024 * 1024    # control output queue: stop reading tha
 SESSION_READ_RESUME = 512 * 1024        # ... and read it again below this
 READ_SIZE = 64 * 1024                   # bytes per recv_into: bounds one loop turn
 ACCEPT_BATCH = 64                       # accept() calls per readable listener
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # -- HTTP limits --------------------------------------------------------------
 MAX_HEAD_SIZE = 64 * 1024               # request or response head
@@ -272,12 +273,20 @@ IDLE_TIMEOUT = 75.0                     # idle keep-alive visitor connections ar
 SWEEP_INTERVAL = 1.0                    # how often the relay checks those deadlines
 LINGER_TIMEOUT = 2.0                    # after an error page: drain input this long
 THROTTLE_INTERVAL = 10.0                # repeated warnings: one line per this long
+BODY_TIMEOUT = 30.0                     # a request body must advance within this (408)
+BODY_MIN_PROGRESS = 1024                # ... by at least this many bytes (a trickle stalls)
+ACCEPT_PAUSE = 0.5                      # out of descriptors (EMFILE...): stop accepting this long
 
 # -- caps (over a cap: 503 for visitors, a refusal for clients) -----------------
 MAX_VISITORS = 10000                    # visitor connections on the relay
 MAX_VISITORS_PER_TUNNEL = 2000          # visitor connections bound to one tunnel
 MAX_STREAMS = 2000                      # open streams in one session
 MAX_UNAUTHENTICATED = 64                # control connections still in the handshake
+MAX_UNAUTHENTICATED_PER_SOURCE = 8      # ... of them from one source address
+MAX_VISITORS_PER_SOURCE = 256           # visitor connections from one source address
+MAX_VISITORS_PER_SOURCE_PER_TUNNEL = 64  # ... bound to one tunnel
+IPV6_SOURCE_PREFIX = 8                  # bytes of an IPv6 address that name its source (/64)
+IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"   # ::ffff:a.b.c.d, an IPv4 peer of a v6 socket
 
 # -- control channel security (TLS by default) --------------------------------
 IDENTITY_CERT = "relay-cert.pem"        # the relay's own certificate, in --state-dir
@@ -3058,13 +3067,25 @@ class Pipe(Conn, StreamHandler):
 
 
 class Listener(Conn):
-    """A listening socket; ``factory(sock, addr)`` handles each accepted connection."""
+    """A listening socket; ``factory(sock, addr)`` handles each accepted connection,
+    ``addr`` unmapped once here (``unmap_peer``) for every later check and log line.
+
+    Out of descriptors or kernel memory (ACCEPT_RESOURCE_ERRORS) the pending
+    connection stays queued and the socket stays readable, so retrying at once would
+    spin: instead it stops reading for ``pause`` seconds, with one warning a period."""
 
     def __init__(self, loop: EventLoop, sock: socket.socket,
-                 factory: Callable[[socket.socket, Any], None]) -> None:
+                 factory: Callable[[socket.socket, Any], None],
+                 pause: float = ACCEPT_PAUSE) -> None:
         super().__init__(loop, sock)
         self.factory = factory
+        self.pause = pause
+        self.paused = False
+        self._failures = Throttle()
         self.update()
+
+    def wants_read(self) -> bool:
+        return not self.paused
 
     def on_read(self) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -3072,10 +3093,21 @@ class Listener(Conn):
                 sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep listening
-                log.warning("accept failed: %s", describe_oserror(exc))
+            except OSError as exc:
+                if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                    self.paused = True
+                    self.update()
+                    self.loop.call_later(self.pause, self._resume)
+                    self._failures.warn("accept failed: %s; not accepting for %.1fs",
+                                        describe_oserror(exc), self.pause)
+                else:   # this connection is gone (ECONNABORTED...); the next may be fine
+                    self._failures.warn("accept failed: %s", describe_oserror(exc))
                 return
-            self.factory(sock, addr)
+            self.factory(sock, unmap_peer(addr))
+
+    def _resume(self) -> None:
+        self.paused = False
+        self.update()       # a no-op once closed
 
     def abort(self, reason: str) -> None:
         log.warning("listener error: %s", reason)
@@ -3218,6 +3250,34 @@ def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
     return None, error or OSError(errno.EADDRNOTAVAIL, "no address to connect to")
 
 
+def unmap_peer(addr: Any) -> Any:
+    """An accepted peer address, with an IPv4-mapped IPv6 host (``::ffff:a.b.c.d``, how
+    a dual-stack socket reports an IPv4 peer) as plain IPv4 ``(a.b.c.d, port)``, so
+    that allow/deny rules, penalties, caps, logs and X-Forwarded-For see one form."""
+    if isinstance(addr, tuple) and len(addr) >= 2 and ":" in addr[0]:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, addr[0])
+        except OSError:         # a scope id (fe80::1%eth0): not a mapped address
+            return addr
+        if packed[:len(IPV4_MAPPED_PREFIX)] == IPV4_MAPPED_PREFIX:
+            return (socket.inet_ntop(socket.AF_INET, packed[len(IPV4_MAPPED_PREFIX):]),
+                    addr[1])
+    return addr
+
+
+def source_key(ip: str) -> str:
+    """What per-source limits count by: an IPv4 address itself, an IPv6 address's /64
+    (a subscriber is routed a whole /64, so its single addresses are no limit)."""
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except OSError:
+        return ip
+    prefix = packed[:IPV6_SOURCE_PREFIX] + bytes(16 - IPV6_SOURCE_PREFIX)
+    return "%s/%d" % (socket.inet_ntop(socket.AF_INET6, prefix), IPV6_SOURCE_PREFIX * 8)
+
+
 def peer_text(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return format_hostport(addr[0], addr[1])
@@ -3248,6 +3308,11 @@ class RelayConfig(Settings):
     max_streams: int = MAX_STREAMS
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     session_budget: int = SESSION_BUDGET    # receive windows of one client's streams together
+    max_unauthenticated_per_source: int = MAX_UNAUTHENTICATED_PER_SOURCE
+    max_visitors_per_source: int = MAX_VISITORS_PER_SOURCE
+    max_visitors_per_source_per_tunnel: int = MAX_VISITORS_PER_SOURCE_PER_TUNNEL
+    body_timeout: float = BODY_TIMEOUT       # a request body stalled this long: 408
+    accept_pause: float = ACCEPT_PAUSE       # out of descriptors: stop accepting this long
     max_head_size: int = MAX_HEAD_SIZE       # request heads larger than this: 431
     tls_cert: Optional[str] = None          # visitors over HTTPS (and control, by default)
     tls_key: Optional[str] = None
@@ -3379,6 +3444,7 @@ class VisitorConn(Pipe):
         self.peer_ok: Optional[bool] = None   # allow/deny verdict for this address
         self.peer_ip = peer[0]
         self.peer = peer_text(peer)
+        self.source = source_key(self.peer_ip)   # what per-source caps count by
         self.requests = HTTPParser(is_request=True, max_head=relay.config.max_head_size)
         self.responses = HTTPParser(is_request=False, emit_body=False)
         self.tunnel: Optional[Tunnel] = None
@@ -3391,7 +3457,11 @@ class VisitorConn(Pipe):
         self.last_request = False     # ... and it has been read whole
         self.fresh = True             # nothing received yet
         self.head_started = self.last_active = time.monotonic()
+        self.body_read = 0            # bytes read while in a request body (all requests)
+        self.body_seen = 0            # ... when the sweeper last saw it advance enough
+        self.body_mark = -1.0         # ... and when (-1: not timing a body)
         self.update()
+        relay.visitor_came(self.source)
 
     def __repr__(self) -> str:
         return "<Visitor %s %s>" % (self.peer, self.tunnel.name if self.tunnel else "-")
@@ -3415,11 +3485,31 @@ class VisitorConn(Pipe):
             self.fresh = False          # the head clock started at accept
         elif self.requests.idle:
             self.head_started = time.monotonic()
+        elif self.in_body:
+            self.body_read += len(data)
         self._handle_requests(self.requests.feed(data))
 
-    def check_deadlines(self, head_by: float, idle_by: float) -> None:
-        """Called by the relay's sweeper with the oldest acceptable start times."""
-        if self.closed or self.close_pending or self.upgraded or self.inflight:
+    def check_deadlines(self, head_by: float, idle_by: float, body_by: float = 0.0,
+                        now: float = 0.0) -> None:
+        """Called by the relay's sweeper with the oldest acceptable start times.
+
+        A request body must advance by BODY_MIN_PROGRESS bytes every body timeout
+        while the relay reads it (a paused read, the origin's window full, does not
+        count), else 408, or a close if its response has started."""
+        if self.closed or self.close_pending or self.upgraded:
+            return
+        if self.in_body:
+            read = self.body_read
+            if (self.body_mark < 0 or read - self.body_seen >= BODY_MIN_PROGRESS
+                    or not self.wants_read()):
+                self.body_mark, self.body_seen = now, read
+            elif self.body_mark < body_by:
+                self.fail(HTTPError(408, "The request body stalled: less than %d bytes "
+                                    "arrived in %g s." % (BODY_MIN_PROGRESS,
+                                                            self.relay.config.body_timeout)))
+            return
+        self.body_mark = -1.0
+        if self.inflight:
             return
         if self.fresh or not self.requests.idle:
             if self.head_started < head_by:
@@ -3471,9 +3561,14 @@ class VisitorConn(Pipe):
             if len(tunnel.session.streams) >= cfg.max_streams:
                 raise HTTPError(503, "The tunnel %s is at its limit of %d streams; try "
                                 "again soon." % (name, cfg.max_streams))
+            held = self.relay.tunnel_sources.get((tunnel, self.source), 0)
+            if held >= cfg.max_visitors_per_source_per_tunnel:
+                raise HTTPError(503, "Your address has %d connections to the tunnel %s, "
+                                "its limit; try again soon." % (held, name))
             self.tunnel = tunnel
             self.bound_host = req.host
             tunnel.visitors += 1
+            self.relay.tunnel_sources[(tunnel, self.source)] = held + 1
             self.stream = tunnel.session.open_stream({"peer": self.peer,
                                                       "host": req.host_header})
             self.stream.handler = self
@@ -3629,8 +3724,15 @@ class VisitorConn(Pipe):
         self.close_after_flush()
 
     def _gone(self) -> None:
-        if not self.closed and self.tunnel is not None:
-            self.tunnel.visitors -= 1
+        if not self.closed:
+            relay = self.relay
+            relay.visitor_left(self.source)
+            if self.tunnel is not None:
+                self.tunnel.visitors -= 1
+                key = (self.tunnel, self.source)
+                held = relay.tunnel_sources.pop(key) - 1
+                if held:
+                    relay.tunnel_sources[key] = held
         self.relay.visitors.discard(self)
 
     def close_socket(self) -> None:
@@ -3657,6 +3759,9 @@ class Relay(SessionDelegate):
         self.unauthenticated: set = set()       # sessions still in the handshake
         self._visitor_cap_log = Throttle()
         self._handshake_cap_log = Throttle()
+        self._source_cap_log = Throttle()       # per-source refusals, visitors and clients
+        self.visitor_sources: Dict[str, int] = {}   # source_key -> visitor connections
+        self.tunnel_sources: Dict[Tuple[Tunnel, str], int] = {}   # ... bound to a tunnel
         self.visitors: set = set()
         self.listeners: List[Listener] = []
         self.http_port = 0
@@ -3668,7 +3773,8 @@ class Relay(SessionDelegate):
         self.fingerprint = ""                   # of the control certificate
         self.bindings: FrozenSet[str] = frozenset()   # certificates a client may see
         self.identity_created = False           # the control certificate is new
-        self.tls_pending: set = set()           # TLS handshakes in progress
+        self.visitor_tls_pending: Dict[Any, str] = {}   # TLS handshakes -> source_key:
+        self.control_tls_pending: Dict[Any, str] = {}   # they count against separate caps
         self.secret = secrets.token_bytes(32)   # signs visitor cookies (per relay run)
         self.penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
         self.visitor_penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
@@ -3718,13 +3824,14 @@ class Relay(SessionDelegate):
             raise
         self.http_port = http.getsockname()[1]
         self.control_port = control.getsockname()[1]
-        self.listeners = [Listener(self.loop, http, self._accept_visitor),
-                          Listener(self.loop, control, self._accept_control)]
         cfg = self.config
+        self.listeners = [Listener(self.loop, http, self._accept_visitor, cfg.accept_pause),
+                          Listener(self.loop, control, self._accept_control, cfg.accept_pause)]
         if cfg.redirect_port is not None:
             redirect = make_listener(cfg.bind, cfg.redirect_port)
             self.redirect_port = redirect.getsockname()[1]
-            self.listeners.append(Listener(self.loop, redirect, self._accept_redirect))
+            self.listeners.append(Listener(self.loop, redirect, self._accept_redirect,
+                                           cfg.accept_pause))
         self.loop.call_later(self._sweep_interval(), self._sweep)
         log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
                  format_hostport(self.config.bind, self.http_port),
@@ -3791,29 +3898,54 @@ class Relay(SessionDelegate):
 
     def _sweep_interval(self) -> float:
         cfg = self.config
-        return max(0.01, min(SWEEP_INTERVAL, cfg.head_timeout / 4, cfg.idle_timeout / 4))
+        return max(0.01, min(SWEEP_INTERVAL, cfg.head_timeout / 4, cfg.idle_timeout / 4,
+                             cfg.body_timeout / 4))
 
     def _sweep(self) -> None:
-        """Close visitors whose request head is late (408) or that idled too long."""
+        """Close visitors whose request head or body is late (408) or that idled too long."""
         now = time.monotonic()
         head_by = now - self.config.head_timeout
         idle_by = now - self.config.idle_timeout
+        body_by = now - self.config.body_timeout
         for visitor in list(self.visitors):
-            visitor.check_deadlines(head_by, idle_by)
+            visitor.check_deadlines(head_by, idle_by, body_by, now)
         self.loop.call_later(self._sweep_interval(), self._sweep)
 
     # -- accepting ------------------------------------------------------------------
+    def visitor_came(self, source: str) -> None:
+        """Count a visitor connection (or its TLS handshake) from ``source``."""
+        self.visitor_sources[source] = self.visitor_sources.get(source, 0) + 1
+
+    def visitor_left(self, source: str) -> None:
+        held = self.visitor_sources.pop(source) - 1
+        if held:
+            self.visitor_sources[source] = held
+
     def _accept_visitor(self, sock: socket.socket, addr: Any, redirect: bool = False) -> None:
-        if len(self.visitors) + len(self.tls_pending) >= self.config.max_visitors:
+        cfg = self.config
+        if len(self.visitors) + len(self.visitor_tls_pending) >= cfg.max_visitors:
             Lingering(self.loop, sock, http_response(
                 503, "The relay is at its limit of %d visitor connections; try again soon."
-                % self.config.max_visitors))
+                % cfg.max_visitors))
             self._visitor_cap_log.warn("visitor %s refused: %d connections (--max-visitors)",
                                        peer_text(addr), len(self.visitors))
             return
+        source = source_key(addr[0])
+        held = self.visitor_sources.get(source, 0)
+        if held >= cfg.max_visitors_per_source:
+            Lingering(self.loop, sock, http_response(
+                503, "Your address has %d connections to this relay, its limit; try again "
+                "soon." % held))
+            self._source_cap_log.warn("visitor %s refused: %d connections from %s "
+                                      "(--max-visitors-per-source)", peer_text(addr), held,
+                                      source)
+            return
         if self.visitor_tls is not None and not redirect:
-            self._tls_accept(sock, addr, self.visitor_tls, self.config.head_timeout,
-                             lambda tls: self.visitors.add(VisitorConn(self, tls, addr)))
+            self.visitor_came(source)       # the handshake counts; VisitorConn then does
+            self._tls_accept(sock, addr, self.visitor_tls, cfg.head_timeout,
+                             self.visitor_tls_pending, source,
+                             lambda tls: self.visitors.add(VisitorConn(self, tls, addr)),
+                             lambda: self.visitor_left(source))
         else:
             self.visitors.add(VisitorConn(self, sock, addr, redirect=redirect))
 
@@ -3821,35 +3953,60 @@ class Relay(SessionDelegate):
         self._accept_visitor(sock, addr, redirect=True)
 
     def _tls_accept(self, sock: socket.socket, addr: Any, ctx: Any, timeout: float,
-                    then: Callable[[Any], None]) -> None:
-        """Wrap an accepted socket and run its TLS handshake inside the loop."""
+                    pending: Dict[Any, str], source: str, then: Callable[[Any], None],
+                    lost: Optional[Callable[[], None]] = None) -> None:
+        """Wrap an accepted socket and run its TLS handshake inside the loop, listed in
+        ``pending`` meanwhile; ``then(tls)`` on success, ``lost()`` on failure."""
         try:
             tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except OSError as exc:
             log.debug("TLS wrap failed for %s: %s", peer_text(addr), exc)
             sock.close()
+            if lost is not None:
+                lost()
             return
         def done(ready: Any) -> None:
-            self.tls_pending.discard(handshake)
+            pending.pop(handshake, None)
+            if lost is not None:
+                lost()
             then(ready)
 
         def failed(why: str) -> None:
-            self.tls_pending.discard(handshake)
+            pending.pop(handshake, None)
+            if lost is not None:
+                lost()
             log.debug("%s: %s", peer_text(addr), why)
         handshake = TLSHandshake(self.loop, tls, timeout, done, failed)
-        self.tls_pending.add(handshake)
+        pending[handshake] = source
         handshake.start()
+
+    def _unauthenticated_from(self, source: str) -> int:
+        """Control connections from ``source`` still in a handshake (TLS or ours); a
+        scan, but of at most max_unauthenticated entries, once per control accept."""
+        return (sum(1 for s in self.unauthenticated if source_key(s.peer_ip) == source)
+                + sum(1 for k in self.control_tls_pending.values() if k == source))
 
     def _accept_control(self, sock: socket.socket, addr: Any) -> None:
         # (Bans are per address and user: checked when the AUTH names its user.)
-        if len(self.unauthenticated) + len(self.tls_pending) >= self.config.max_unauthenticated:
+        cfg = self.config
+        pending = len(self.unauthenticated) + len(self.control_tls_pending)
+        if pending >= cfg.max_unauthenticated:
             self._handshake_cap_log.warn("control connection from %s refused: %d still in "
                                          "the handshake (--max-unauthenticated)",
-                                         peer_text(addr), len(self.unauthenticated))
+                                         peer_text(addr), pending)
+            sock.close()
+            return
+        source = source_key(addr[0])
+        held = self._unauthenticated_from(source)
+        if held >= cfg.max_unauthenticated_per_source:
+            self._source_cap_log.warn("control connection from %s refused: %d from %s still "
+                                      "in the handshake (--max-unauthenticated-per-source)",
+                                      peer_text(addr), held, source)
             sock.close()
             return
         if self.control_tls is not None:
-            self._tls_accept(sock, addr, self.control_tls, self.config.handshake_timeout,
+            self._tls_accept(sock, addr, self.control_tls, cfg.handshake_timeout,
+                             self.control_tls_pending, source,
                              lambda tls: self._start_session(tls, addr))
         else:
             self._start_session(sock, addr)
@@ -4644,6 +4801,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-budget", type=int, default=SESSION_BUDGET, metavar="BYTES",
                        help="receive windows of all of one client's streams together: what "
                        "the relay may buffer for it (default %(default)s)")
+    serve.add_argument("--max-unauthenticated-per-source", type=int,
+                       default=MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
+                       help="control connections in the handshake from one source address "
+                       "(an IPv6 source is its /64); more are closed (default %(default)s)")
+    serve.add_argument("--max-visitors-per-source", type=int, default=MAX_VISITORS_PER_SOURCE,
+                       metavar="N", help="visitor connections from one source address (an "
+                       "IPv6 source is its /64), TLS handshakes included; more get 503 "
+                       "(default %(default)s)")
+    serve.add_argument("--max-visitors-per-source-per-tunnel", type=int,
+                       default=MAX_VISITORS_PER_SOURCE_PER_TUNNEL, metavar="N",
+                       help="... of them bound to one tunnel; more get 503 (default "
+                       "%(default)s)")
+    serve.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT, metavar="SEC",
+                       help="a request body that advances by less than %d bytes for this "
+                       "long (while the relay reads it) is cut off: 408, or a close if the "
+                       "response has started (default %%(default)s)" % BODY_MIN_PROGRESS)
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -4806,6 +4979,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_streams=args.max_streams,
                          max_unauthenticated=args.max_unauthenticated,
                          session_budget=args.session_budget,
+                         max_unauthenticated_per_source=args.max_unauthenticated_per_source,
+                         max_visitors_per_source=args.max_visitors_per_source,
+                         max_visitors_per_source_per_tunnel=(
+                             args.max_visitors_per_source_per_tunnel),
+                         body_timeout=args.body_timeout,
                          max_head_size=args.max_head_size,
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
                          control_tls_cert=args.control_tls_cert,
@@ -4820,6 +4998,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not INITIAL_WINDOW <= args.session_budget <= MAX_CREDIT:
         raise UsageError("--session-budget must be between %d and %d"
                          % (INITIAL_WINDOW, MAX_CREDIT))
+    if min(args.max_unauthenticated_per_source, args.max_visitors_per_source,
+           args.max_visitors_per_source_per_tunnel) < 1:
+        raise UsageError("--max-unauthenticated-per-source, --max-visitors-per-source and "
+                         "--max-visitors-per-source-per-tunnel must be at least 1")
+    if not args.body_timeout > 0:
+        raise UsageError("--body-timeout must be positive")
     if args.http_redirect_port is not None and not args.tls_cert:
         raise UsageError("--http-redirect-port needs --tls-cert")
     if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
