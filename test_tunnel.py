@@ -2710,6 +2710,27 @@ class VisitorAuthAbuseTest(EndToEndBase):
         self.assertGreater(wrong_user, wrong_password / 3)
         self.assertTrue(policy.verify(b"ann:pw"))
 
+    def test_full_verification_queue_answers_503_then_429(self):
+        costly = tunnel.hash_password("right", iterations=tunnel.PBKDF2_MAX_ITERATIONS)
+        access = {"basic_auth": {"user": "u", "hash": costly}}
+        for status, limits in ((503, dict(max_verifications=1)),
+                               (429, dict(max_verifications_per_source=1))):
+            relay = self.start_relay(verify_threads=1, auth_ban_after=0, **limits)
+            self.start_client("costly", relay=relay, access=access)
+            request = ("GET /hello HTTP/1.1\r\nHost: costly.localhost\r\nAuthorization: "
+                       "%s\r\n\r\n")
+            first = self.raw((request % basic("u", "wrong")).encode(), relay=relay)
+            wait_until(lambda: relay.verify_pool.pending == 1, what="a check to start")
+            second = self.raw((request % basic("u", "right")).encode(), relay=relay)
+            data = recv_all(second)
+            self.assertEqual(self.status(data), status, data)
+            self.assertLess(len(data), 400)
+            self.assertEqual(self.status(recv_all(first)), 401)
+            relay.stop()
+            relay.thread.join(WAIT)
+            self.assertFalse(relay.thread.is_alive())
+            self.assertFalse([t for t in threading.enumerate() if t.name == "tunnel-verify"])
+
     # -- 3. brute-force counting ---------------------------------------------------
     def test_own_logins_do_not_clear_guesses_at_another_tunnel(self):
         self.start_client("mine", access={"visitor_token_sha256": self.digest(self.TOKEN_A)})

@@ -4377,6 +4377,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-unauthenticated", type=int, default=MAX_UNAUTHENTICATED,
                        metavar="N", help="control connections still in the handshake; "
                        "more are closed (default %(default)s)")
+    serve.add_argument("--verify-threads", type=int, default=VERIFY_THREADS, metavar="N",
+                       help="threads that check visitors' basic-auth passwords "
+                       "(default %(default)s)")
+    serve.add_argument("--max-verifications", type=int, default=MAX_VERIFICATIONS,
+                       metavar="N", help="password checks queued or running; more answer "
+                       "503 (default %(default)s)")
+    serve.add_argument("--max-verifications-per-source", type=int,
+                       default=MAX_VERIFICATIONS_PER_SOURCE, metavar="N",
+                       help="password checks from one address queued or running; "
+                       "more answer 429 (default %(default)s)")
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -4527,6 +4537,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_visitors_per_tunnel=args.max_visitors_per_tunnel,
                          max_streams=args.max_streams,
                          max_unauthenticated=args.max_unauthenticated,
+                         verify_threads=args.verify_threads,
+                         max_verifications=args.max_verifications,
+                         max_verifications_per_source=args.max_verifications_per_source,
                          max_head_size=args.max_head_size,
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
                          control_tls_cert=args.control_tls_cert,
@@ -4536,6 +4549,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          auth_ban_time=args.auth_ban_time)
     if not 1024 <= args.max_head_size <= 16 * 1024 * 1024:
         raise UsageError("--max-head-size must be between 1024 and 16777216")
+    if min(args.verify_threads, args.max_verifications,
+           args.max_verifications_per_source) < 1:
+        raise UsageError("--verify-threads and --max-verifications[-per-source] must be "
+                         "at least 1")
     if args.http_redirect_port is not None and not args.tls_cert:
         raise UsageError("--http-redirect-port needs --tls-cert")
     if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
@@ -4589,6 +4606,10 @@ def cmd_expose(args: argparse.Namespace) -> int:
         user, sep, password = args.basic_auth.partition(":")
         if not sep or not user or not password:
             raise UsageError("--basic-auth needs USER:PASS")
+        if password.startswith(PBKDF2_PREFIX + "$") and not is_password_hash(password):
+            raise UsageError("--basic-auth: a %s hash needs %d to %d iterations (make one "
+                             "with hash-password)" % (PBKDF2_PREFIX, PBKDF2_MIN_ITERATIONS,
+                                                      PBKDF2_MAX_ITERATIONS))
         # The relay gets a hash, never the password itself.
         access["basic_auth"] = {"user": user, "hash": password if is_password_hash(password)
                                 else hash_password(password)}
