@@ -2613,6 +2613,16 @@ class VisitorAuthAbuseTest(EndToEndBase):
         data = recv_all(s)
         self.assertEqual(self.status(data), 200, data)
         self.assertNotIn(b"SECRET", data)
+        # Pipelined behind a request still in flight, a preflight is refused (its answer
+        # could not be told apart from the one before it).
+        s = self.raw(b"GET /two HTTP/1.1\r\nHost: vt.localhost\r\nX-Tunnel-Token: "
+                     + self.TOKEN_B.encode() + b"\r\n\r\n" + self.PREFLIGHT + b"\r\n")
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+        self.assertEqual(data.count(b"SECRET PAGE"), 1)
+        self.assertIn(b"HTTP/1.1 401", data)
+        self.assertEqual(self.any_origin.seen, [("GET", "/one"), ("OPTIONS", "/secret"),
+                                                ("GET", "/two")])
 
     # -- 2. PBKDF2 cost ------------------------------------------------------------
     def test_over_range_hash_is_refused_at_the_handshake(self):

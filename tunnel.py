@@ -520,8 +520,8 @@ def http_response(status: int, text: str, method: str = "GET",
     return head if method == "HEAD" else head + body
 
 
-HTTP_REASONS = {200: "OK", 204: "No Content", 303: "See Other", 308: "Permanent Redirect", 400: "Bad Request",
-                401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+HTTP_REASONS = {200: "OK", 303: "See Other", 308: "Permanent Redirect", 400: "Bad Request",
+                204: "No Content", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
                 405: "Method Not Allowed", 429: "Too Many Requests",
                 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
                 421: "Misdirected Request", 431: "Request Header Fields Too Large",
@@ -2615,8 +2615,6 @@ class VerifyPool:
         if self.per_source.get(source, 0) >= self.max_per_source:
             raise HTTPError(429, "Too many password checks from your address; try again "
                             "soon.")
-        self.pending += 1
-        self.per_source[source] = self.per_source.get(source, 0) + 1
         with self._cond:
             if self._stopped:
                 raise HTTPError(503, "The relay is stopping.")
@@ -2627,6 +2625,8 @@ class VerifyPool:
                 worker.start()
             self._jobs.append((source, job, done))
             self._cond.notify()
+        self.pending += 1
+        self.per_source[source] = self.per_source.get(source, 0) + 1
 
     def _work(self) -> None:
         while True:
