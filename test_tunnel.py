@@ -2803,20 +2803,26 @@ class VisitorAuthAbuseTest(EndToEndBase):
 
     def test_fuzz_policy_check_raises_only_http_errors(self):
         rng = random.Random(11)
-        h = tunnel.hash_password("pw", iterations=tunnel.PBKDF2_MIN_ITERATIONS)
+        h = tunnel.hash_password("pw", iterations=1000)
         policy = tunnel.AccessPolicy({"basic_auth": {"user": "ann", "hash": h},
                                       "visitor_token_sha256": self.digest("tok")},
                                      b"k" * 32, "x.localhost")
         alphabet = ("0123456789.=;,%&?+ \t:/\\_abcxyzAZ\x00\x7f\xb2\xff\u0663\u00b9"
                     "tunnel_auth tunnel_token Basic ")
 
-        def junk():
-            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        def junk(chars=alphabet, most=40):
+            return "".join(rng.choice(chars) for _ in range(rng.randrange(0, most)))
+
+        def cookie():
+            kind = rng.random()
+            if kind < 0.4:     # expiry-like: digits of every script, then a MAC-like tail
+                return "tunnel_auth=%s.%s" % (junk("0123456789\xb2\u0663\u00b9", 14) or "1",
+                                              junk("0123456789abcdef\xff\xb2", 70))
+            return "tunnel_auth=" + junk() if kind < 0.8 else junk()
         for _ in range(600):
             fields = []
             if rng.random() < 0.6:
-                fields.append(("Cookie", "tunnel_auth=" + junk() if rng.random() < 0.7
-                               else junk()))
+                fields.append(("Cookie", cookie()))
             if rng.random() < 0.4:
                 fields.append(("Authorization", "Basic " + (
                     base64.b64encode(junk().encode("utf-8", "replace")).decode()
