@@ -2583,7 +2583,7 @@ class TLSMiddle:
         self.threads = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        accept = threading.Thread(target=self._accept, name="middle")
+        accept = threading.Thread(target=self._accept, name="middle", daemon=True)
         accept.start()
         self.threads.append(accept)
         test.addCleanup(self.close)
@@ -2594,8 +2594,10 @@ class TLSMiddle:
                 raw, _ = self.listener.accept()
             except OSError:
                 return
+            raw.settimeout(WAIT)
             try:
                 down = self.ctx.wrap_socket(raw, server_side=True)
+                down.settimeout(None)
                 up = socket.create_connection(self.upstream, WAIT)
                 if self.upstream_tls:
                     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -2606,7 +2608,7 @@ class TLSMiddle:
                 continue
             self.sockets += [down, up]
             for src, dst, record in ((down, up, True), (up, down, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, record))
+                t = threading.Thread(target=self._pump, args=(src, dst, record), daemon=True)
                 t.start()
                 self.threads.append(t)
 
@@ -3669,6 +3671,341 @@ class SourceLimitsTest(EndToEndBase):
         reply = recv_all(s)
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
         self.assertIn(b"This is a tunnel.py relay", reply)
+class _AnyMethodHandler(http.server.BaseHTTPRequestHandler):
+    """An origin that answers every method with a protected page and CORS fields, and
+    (like many CORS handlers) never reads a request body: keep-alive."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def serve(self):
+        self.server.seen.append((self.command, self.path))
+        body = b"SECRET PAGE " + self.path.encode()
+        self.send_response(200)
+        self.send_header("Access-Control-Allow-Origin", "https://app.example")
+        self.send_header("Access-Control-Allow-Methods", "GET, POST")
+        self.send_header("Vary", "Origin")
+        self.send_header("Set-Cookie", "session=origin-secret")
+        self.send_header("X-Secret", "yes")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_OPTIONS = do_POST = do_HEAD = serve
+
+
+class VisitorAuthAbuseTest(EndToEndBase):
+    """Issue 11, visitor access: preflight bypass, PBKDF2 cost, brute-force counting,
+    open redirect, the query token reaching the app, input that raised."""
+    TOKEN_A = "attacker-own-token-1"
+    TOKEN_B = "victim-token-secret-2"
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay()
+        self.any_origin = self.start_any_origin()
+        self.vt, self.vt_lines = self.start_client(
+            "vt", target_port=self.any_origin.server_address[1],
+            access={"visitor_token_sha256": self.digest(self.TOKEN_B)})
+
+    def digest(self, token):
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def start_any_origin(self):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnyMethodHandler)
+        server.daemon_threads = True
+        server.seen = []
+
+        def stop():
+            server.shutdown()
+            server.server_close()
+        run_in_thread(self, lambda: server.serve_forever(poll_interval=0.05), stop, "any")
+        return server
+
+    def streams_opened(self, client):
+        session = client.session
+        return client.loop.run_in_loop(lambda: session.highest_id)
+
+    def status(self, data):
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+
+    # -- 1. CORS preflight ---------------------------------------------------------
+    PREFLIGHT = (b"OPTIONS /secret HTTP/1.1\r\nHost: vt.localhost\r\n"
+                 b"Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n")
+
+    def test_preflight_gets_only_status_and_cors_fields(self):
+        s = self.raw(self.PREFLIGHT + b"\r\n"
+                     b"GET /pipelined HTTP/1.1\r\nHost: vt.localhost\r\n\r\n")
+        data = recv_all(s)     # the relay closes after the preflight's answer
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertEqual(self.status(data), 200, data)
+        fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        self.assertEqual(fields[b"Access-Control-Allow-Origin"], b"https://app.example")
+        self.assertEqual(fields[b"Access-Control-Allow-Methods"], b"GET, POST")
+        self.assertEqual(fields[b"Vary"], b"Origin")
+        self.assertEqual(fields[b"Content-Length"], b"0")
+        self.assertNotIn(b"SECRET", data)
+        self.assertNotIn(b"origin-secret", data)
+        self.assertNotIn(b"X-Secret", data)
+        self.assertEqual(body, b"")
+        self.assertEqual(self.any_origin.seen, [("OPTIONS", "/secret")])  # not /pipelined
+
+    def test_preflight_with_a_body_is_refused(self):
+        hidden = b"GET /secret HTTP/1.1\r\nHost: vt.localhost\r\n\r\n"
+        for framing, body in ((b"Content-Length: %d\r\n" % len(hidden), hidden),
+                              (b"Transfer-Encoding: chunked\r\n",
+                               b"%x\r\n%s\r\n0\r\n\r\n" % (len(hidden), hidden))):
+            s = self.raw(self.PREFLIGHT + framing + b"\r\n" + body)
+            data = recv_all(s)
+            self.assertEqual(self.status(data), 401, data)
+            self.assertNotIn(b"SECRET", data)
+        self.assertEqual(self.any_origin.seen, [])
+        self.assertEqual(self.streams_opened(self.vt), 0)
+
+    def test_preflight_with_upgrade_is_refused(self):
+        s = self.raw(self.PREFLIGHT + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                     b"Sec-WebSocket-Key: x\r\n\r\n")
+        data = recv_all(s)
+        self.assertEqual(self.status(data), 401, data)
+        self.assertEqual(self.streams_opened(self.vt), 0)
+
+    def test_preflight_after_authenticated_request_keeps_working(self):
+        # A keep-alive connection of a visitor with the token: a later preflight on it
+        # is still filtered, and it ends the connection.
+        s = self.raw(b"GET /one HTTP/1.1\r\nHost: vt.localhost\r\nX-Tunnel-Token: "
+                     + self.TOKEN_B.encode() + b"\r\n\r\n")
+        first = recv_until(s, b"SECRET PAGE /one")
+        self.assertEqual(self.status(first), 200)
+        s.sendall(self.PREFLIGHT + b"\r\n")
+        data = recv_all(s)
+        self.assertEqual(self.status(data), 200, data)
+        self.assertNotIn(b"SECRET", data)
+        # Pipelined behind a request still in flight, a preflight is refused (its answer
+        # could not be told apart from the one before it).
+        s = self.raw(b"GET /two HTTP/1.1\r\nHost: vt.localhost\r\nX-Tunnel-Token: "
+                     + self.TOKEN_B.encode() + b"\r\n\r\n" + self.PREFLIGHT + b"\r\n")
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+        self.assertEqual(data.count(b"SECRET PAGE"), 1)
+        self.assertIn(b"HTTP/1.1 401", data)
+        self.assertEqual(self.any_origin.seen, [("GET", "/one"), ("OPTIONS", "/secret"),
+                                                ("GET", "/two")])
+
+    # -- 2. PBKDF2 cost ------------------------------------------------------------
+    def test_over_range_hash_is_refused_at_the_handshake(self):
+        fake = "pbkdf2_sha256$%d$%s$%s" % (tunnel.PBKDF2_MAX_ITERATIONS + 1,
+                                           base64.b64encode(b"s" * 16).decode(),
+                                           base64.b64encode(b"h" * 32).decode())
+        client, _ = self.start_client("costly", access={"basic_auth": {
+            "user": "u", "hash": fake}}, wait=False)
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, tunnel.EXIT_FAILURE)
+        self.assertFalse(tunnel.is_password_hash(fake))
+        for weird in ("pbkdf2_sha256$\u00b2$AA==$" + "A" * 44, "pbkdf2_sha256$0$AA==$AA=="):
+            self.assertFalse(tunnel.is_password_hash(weird))
+
+    def test_password_flood_does_not_delay_other_tunnels(self):
+        iterations = tunnel.PBKDF2_MAX_ITERATIONS
+        started = time.perf_counter()
+        costly = tunnel.hash_password("right", iterations=iterations)
+        kdf = time.perf_counter() - started           # one verification's cost here
+        relay = self.start_relay(auth_ban_after=0)    # no ban: the flood keeps costing
+        self.start_client("demo", relay=relay)
+        self.start_client("costly", relay=relay, access={"basic_auth": {
+            "user": "u", "hash": costly}})
+        stop = threading.Event()
+        answered = []
+
+        def flood(n):
+            while not stop.is_set():
+                try:
+                    s = socket.create_connection(("127.0.0.1", relay.http_port), WAIT)
+                    with s:
+                        s.sendall(("GET / HTTP/1.1\r\nHost: costly.localhost\r\n"
+                                   "Authorization: %s\r\n\r\n"
+                                   % basic("u", "wrong%d" % n)).encode())
+                        answered.append(self.status(recv_all(s)))
+                except OSError:
+                    pass
+                n += 8
+        threads = [threading.Thread(target=flood, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+
+        def join():
+            stop.set()
+            for t in threads:
+                t.join(WAIT)
+        self.addCleanup(join)
+        wait_until(lambda: len(answered) >= 2, what="the flood to be answered")
+        latencies = []
+        c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        for _ in range(20):
+            t0 = time.perf_counter()
+            c.request("GET", "/hello", headers={"Host": "demo.localhost"})
+            r = c.getresponse()
+            self.assertEqual((r.status, r.read()), (200, b"hello"))
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+        join()
+        latencies.sort()
+        self.assertIn(401, answered)
+        # Before: each wrong password cost the loop one KDF and the plain requests queued
+        # behind several.  Now the loop never runs one: a plain request waits for no KDF.
+        self.assertLess(latencies[len(latencies) // 2], kdf / 2, latencies)
+        self.assertLess(latencies[-1], 2 * kdf, latencies)
+
+    def test_a_logged_in_visitor_pays_the_kdf_once(self):
+        costly = tunnel.hash_password("right", iterations=tunnel.PBKDF2_MAX_ITERATIONS)
+        self.start_client("costly", access={"basic_auth": {"user": "u", "hash": costly}})
+        c = self.conn()
+        timings = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            c.request("GET", "/hello", headers={"Host": "costly.localhost",
+                                                "Authorization": basic("u", "right")})
+            r = c.getresponse()
+            self.assertEqual((r.status, r.read()), (200, b"hello"))
+            timings.append(time.perf_counter() - t0)
+        self.assertLess(sorted(timings)[2], timings[0] / 3, timings)   # the first paid
+        for user in ("u", "nobody"):             # a wrong name costs a KDF too: 401
+            status, _, _ = self.get("/hello", host="costly.localhost",
+                                    headers={"Authorization": basic(user, "nope")})
+            self.assertEqual(status, 401)
+
+    def test_unit_wrong_user_costs_a_kdf(self):
+        h = tunnel.hash_password("pw", iterations=tunnel.PBKDF2_MAX_ITERATIONS)
+        policy = tunnel.AccessPolicy({"basic_auth": {"user": "ann", "hash": h}},
+                                     b"k" * 32, "x.localhost")
+        t0 = time.perf_counter()
+        self.assertFalse(policy.verify(b"ann:nope"))
+        wrong_password = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.assertFalse(policy.verify(b"bob:nope"))
+        wrong_user = time.perf_counter() - t0
+        self.assertGreater(wrong_user, wrong_password / 3)
+        self.assertTrue(policy.verify(b"ann:pw"))
+
+    def test_full_verification_queue_answers_503_then_429(self):
+        costly = tunnel.hash_password("right", iterations=tunnel.PBKDF2_MAX_ITERATIONS)
+        access = {"basic_auth": {"user": "u", "hash": costly}}
+        for status, limits in ((503, dict(max_verifications=1)),
+                               (429, dict(max_verifications_per_source=1))):
+            relay = self.start_relay(verify_threads=1, auth_ban_after=0, **limits)
+            self.start_client("costly", relay=relay, access=access)
+            request = ("GET /hello HTTP/1.1\r\nHost: costly.localhost\r\nAuthorization: "
+                       "%s\r\n\r\n")
+            first = self.raw((request % basic("u", "wrong")).encode(), relay=relay)
+            wait_until(lambda: relay.verify_pool.pending == 1, what="a check to start")
+            second = self.raw((request % basic("u", "right")).encode(), relay=relay)
+            data = recv_all(second)
+            self.assertEqual(self.status(data), status, data)
+            self.assertLess(len(data), 400)
+            self.assertEqual(self.status(recv_all(first)), 401)
+            relay.stop()
+            relay.thread.join(WAIT)
+            self.assertFalse(relay.thread.is_alive())
+            self.assertFalse([t for t in threading.enumerate() if t.name == "tunnel-verify"])
+
+    # -- 3. brute-force counting ---------------------------------------------------
+    def test_own_logins_do_not_clear_guesses_at_another_tunnel(self):
+        self.start_client("mine", access={"visitor_token_sha256": self.digest(self.TOKEN_A)})
+        statuses = []
+        for i in range(45):
+            if i % 8 == 0:
+                self.assertEqual(self.get("/hello", host="mine.localhost", headers={
+                    "X-Tunnel-Token": self.TOKEN_A})[0], 200)
+            statuses.append(self.get("/hello", host="vt.localhost", headers={
+                "X-Tunnel-Token": "guess-%d" % i})[0])
+        self.assertEqual(statuses[-1], 429, statuses)
+        self.assertEqual(statuses[:tunnel.PENALTY_BAN_AFTER - 1],
+                         [401] * (tunnel.PENALTY_BAN_AFTER - 1))
+        self.assertEqual(self.get("/hello", host="mine.localhost", headers={
+            "X-Tunnel-Token": self.TOKEN_A})[0], 200)    # the ban is for vt only
+
+    # -- 10. open redirect -----------------------------------------------------------
+    def test_token_redirect_stays_on_the_tunnel(self):
+        for target in ("//evil.example/?tunnel_token=%s",
+                       "/\\evil.example/?tunnel_token=%s",
+                       "/\\/evil.example/?tunnel_token=%s",
+                       "http://vt.localhost//evil.example/?tunnel_token=%s"):
+            s = self.raw(("GET %s HTTP/1.1\r\nHost: vt.localhost\r\n\r\n"
+                          % (target % self.TOKEN_B)).encode())
+            data = recv_all(s)
+            self.assertEqual(self.status(data), 303, data)
+            location = [line for line in data.split(b"\r\n")
+                        if line.lower().startswith(b"location:")][0].split(b":", 1)[1].strip()
+            self.assertEqual(location, b"/evil.example/", target)
+
+    # -- 11. the query token never reaches the app -----------------------------------
+    def test_query_token_is_stripped_even_with_valid_credentials(self):
+        policy = self.relay.loop.run_in_loop(lambda: self.relay.tunnels["vt"].policy)
+        cookie = "tunnel_auth=" + policy.make_cookie(time.time())
+        for name in ("tunnel_token", "tunnel%5Ftoken", "tunnel%5ftoken"):
+            for headers in ({"X-Tunnel-Token": self.TOKEN_B}, {"Cookie": cookie}):
+                del self.any_origin.seen[:]
+                status, body, _ = self.get("/page?a=1&%s=%s&b=2" % (name, self.TOKEN_B),
+                                           host="vt.localhost", headers=headers)
+                self.assertEqual(status, 200, (name, headers))
+                self.assertEqual(self.any_origin.seen, [("GET", "/page?a=1&b=2")])
+            status, _, r = self.get("/page?%s=%s" % (name, self.TOKEN_B), host="vt.localhost")
+            self.assertEqual((status, r.getheader("Location")), (303, "/page"), name)
+        wait_until(lambda: sum("/page" in line for line in self.vt_lines) >= 6,
+                   what="access log lines")
+        self.assertFalse([line for line in self.vt_lines if self.TOKEN_B in line])
+
+    # -- 12. no visitor input raises ---------------------------------------------------
+    def test_unicode_digit_cookie_is_refused_without_a_traceback(self):
+        capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(capture)
+        self.addCleanup(logger.removeHandler, capture)
+        for value in (b"\xb2.x", b"1\xb2.x", b"99999999999999999999999999.x",
+                      b"%d.\xff\xfe" % (time.time() + 1000)):
+            s = self.raw(b"GET / HTTP/1.1\r\nHost: vt.localhost\r\nCookie: tunnel_auth="
+                         + value + b"\r\n\r\n")
+            self.assertEqual(self.status(recv_all(s)), 401, value)
+        self.assertFalse([r for r in capture.records if r.exc_info], capture.messages())
+
+    def test_fuzz_policy_check_raises_only_http_errors(self):
+        rng = random.Random(11)
+        h = tunnel.hash_password("pw", iterations=1000)
+        policy = tunnel.AccessPolicy({"basic_auth": {"user": "ann", "hash": h},
+                                      "visitor_token_sha256": self.digest("tok")},
+                                     b"k" * 32, "x.localhost")
+        alphabet = ("0123456789.=;,%&?+ \t:/\\_abcxyzAZ\x00\x7f\xb2\xff\u0663\u00b9"
+                    "tunnel_auth tunnel_token Basic ")
+
+        def junk(chars=alphabet, most=40):
+            return "".join(rng.choice(chars) for _ in range(rng.randrange(0, most)))
+
+        def cookie():
+            kind = rng.random()
+            if kind < 0.4:     # expiry-like: digits of every script, then a MAC-like tail
+                return "tunnel_auth=%s.%s" % (junk("0123456789\xb2\u0663\u00b9", 14) or "1",
+                                              junk("0123456789abcdef\xff\xb2", 70))
+            return "tunnel_auth=" + junk() if kind < 0.8 else junk()
+        for _ in range(600):
+            fields = []
+            if rng.random() < 0.6:
+                fields.append(("Cookie", cookie()))
+            if rng.random() < 0.4:
+                fields.append(("Authorization", "Basic " + (
+                    base64.b64encode(junk().encode("utf-8", "replace")).decode()
+                    if rng.random() < 0.5 else junk())))
+            if rng.random() < 0.3:
+                fields.append(("X-Tunnel-Token", junk()))
+            target = "/" + junk()
+            if rng.random() < 0.6:
+                target += "?" + rng.choice(("tunnel_token=", "tunnel%5Ftoken=", "")) + junk()
+            req = tunnel.Request(rng.choice(("GET", "OPTIONS", "POST")), target, (1, 1),
+                                 tunnel.Headers(fields))
+            try:
+                policy.check(req, time.time())
+            except tunnel.HTTPError:
+                pass
 
 
 if __name__ == "__main__":

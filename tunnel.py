@@ -732,7 +732,7 @@ def http_response(status: int, text: str, method: str = "GET",
 
 
 HTTP_REASONS = {200: "OK", 303: "See Other", 308: "Permanent Redirect", 400: "Bad Request",
-                401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                204: "No Content", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
                 405: "Method Not Allowed", 429: "Too Many Requests",
                 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
                 421: "Misdirected Request", 431: "Request Header Fields Too Large",
@@ -2610,12 +2610,16 @@ def forwarding_fields(peer_ip: str, host: str, proto: str) -> bytes:
 
 PBKDF2_PREFIX = "pbkdf2_sha256"         # hash format: prefix$iterations$salt$hash
 PBKDF2_ITERATIONS = 100000              # for hash-password and --basic-auth USER:PASS
-PBKDF2_MAX_ITERATIONS = 2000000         # a hash asking for more is refused
+PBKDF2_MIN_ITERATIONS = 1000            # a hash asking for fewer is refused (no cost at all)
+PBKDF2_MAX_ITERATIONS = 600000          # ... or for more: the relay pays it (~0.14 s each)
 COOKIE_NAME = "tunnel_auth"             # signed visitor-token cookie
 COOKIE_TTL = 12 * 3600                  # seconds a visitor cookie stays valid
 TOKEN_PARAM = "tunnel_token"            # ?tunnel_token=... sets the cookie once
 TOKEN_HEADER = "x-tunnel-token"         # or send the token in this header
-AUTH_CACHE_SIZE = 256                   # verified basic-auth credentials remembered
+AUTH_CACHE_SIZE = 16                    # verified basic-auth credentials remembered per tunnel
+VERIFY_THREADS = 2                      # worker threads that run password hashes
+MAX_VERIFICATIONS = 64                  # password checks queued or running, relay-wide (503)
+MAX_VERIFICATIONS_PER_SOURCE = 4        # ... from one address (429)
 PENALTY_WINDOW = 300.0                  # failures older than this are forgotten (s)
 PENALTY_BAN_AFTER = 10                  # failures in the window before a ban
 PENALTY_BAN_TIME = 300.0                # ban length (s)
@@ -2646,32 +2650,40 @@ def hash_password(password: str, salt: Optional[bytes] = None,
 
 
 def is_password_hash(text: str) -> bool:
+    """A well-formed hash whose cost is within PBKDF2_MIN/MAX_ITERATIONS."""
     parts = text.split("$")
-    return (len(parts) == 4 and parts[0] == PBKDF2_PREFIX and parts[1].isdigit()
-            and 0 < int(parts[1]) <= PBKDF2_MAX_ITERATIONS and bool(_unb64(parts[2]))
-            and len(_unb64(parts[3])) == 32)
+    return (len(parts) == 4 and parts[0] == PBKDF2_PREFIX
+            and _DIGITS_RE.match(parts[1]) is not None   # ASCII digits only
+            and PBKDF2_MIN_ITERATIONS <= int(parts[1]) <= PBKDF2_MAX_ITERATIONS
+            and bool(_unb64(parts[2])) and len(_unb64(parts[3])) == 32)
+
+
+def _pbkdf2_ok(password: bytes, stored: str) -> bool:
+    """Run the hash (GIL released) and compare: ``stored`` passed is_password_hash."""
+    _, iterations, salt, digest = stored.split("$")
+    got = hashlib.pbkdf2_hmac("sha256", password, _unb64(salt), int(iterations))
+    return hmac.compare_digest(got, _unb64(digest))
 
 
 def verify_password(password: str, stored: str) -> bool:
     if not is_password_hash(stored):
         return False
-    _, iterations, salt, digest = stored.split("$")
-    got = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), _unb64(salt),
-                              int(iterations))
-    return hmac.compare_digest(got, _unb64(digest))
+    return _pbkdf2_ok(password.encode("utf-8"), stored)
 
 
 class Penalties:
-    """Failures per source address: a growing delay, then a temporary ban."""
+    """Failures per key: a growing delay, then a temporary ban.  A key is any hashable
+    value: (source address, tunnel) for visitors, so that one key's success clears only
+    that key."""
 
     def __init__(self, ban_after: int = PENALTY_BAN_AFTER,
                  ban_time: float = PENALTY_BAN_TIME) -> None:
         self.ban_after = ban_after
         self.ban_time = ban_time
-        self._failures: Dict[str, Tuple[int, float]] = {}   # ip -> count, last failure
-        self._banned: Dict[str, float] = {}                 # ip -> until
+        self._failures: Dict[Any, Tuple[int, float]] = {}   # key -> count, last failure
+        self._banned: Dict[Any, float] = {}                 # key -> until
 
-    def banned(self, ip: str, now: Optional[float] = None) -> bool:
+    def banned(self, ip: Any, now: Optional[float] = None) -> bool:
         now = time.monotonic() if now is None else now
         until = self._banned.get(ip)
         if until is None:
@@ -2681,7 +2693,7 @@ class Penalties:
             return False
         return True
 
-    def fail(self, ip: str, now: Optional[float] = None) -> float:
+    def fail(self, ip: Any, now: Optional[float] = None) -> float:
         """Record a failure; return how long to delay the refusal."""
         now = time.monotonic() if now is None else now
         if len(self._failures) > 100000:   # bounded memory under a wide attack
@@ -2696,7 +2708,7 @@ class Penalties:
             del self._failures[ip]
         return min(PENALTY_MAX_DELAY, PENALTY_DELAY * 2 ** (count - 1))
 
-    def succeed(self, ip: str) -> None:
+    def succeed(self, ip: Any) -> None:
         self._failures.pop(ip, None)
 
 
@@ -2712,12 +2724,40 @@ def _parse_networks(values: Any, what: str) -> List[Any]:
         raise RefusedError("invalid_access", "%s: %s" % (what, exc)) from None
 
 
+_QUERY_SEPARATOR_RE = re.compile(r"[&;]")
+PREFLIGHT = "preflight"                 # AccessPolicy.check: an unauthenticated preflight
+
+
+def split_token_param(query: str) -> Tuple[str, List[str]]:
+    """(``query`` without any ``tunnel_token`` parameter, the values it had).  Names are
+    compared percent-decoded (``tunnel%5Ftoken`` is one too); ``;`` separates as ``&``
+    does for some apps; the other parameters are kept as received."""
+    import urllib.parse
+    kept: List[str] = []
+    values: List[str] = []
+    for part in _QUERY_SEPARATOR_RE.split(query):
+        name, _, value = part.partition("=")
+        if urllib.parse.unquote_plus(name) == TOKEN_PARAM:
+            values.append(urllib.parse.unquote_plus(value))
+        elif part:
+            kept.append(part)
+    return "&".join(kept), values
+
+
+def local_location(path: str) -> str:
+    """A Location on this tunnel for ``path``: one leading slash, never ``//host`` or
+    ``/\\host`` (browsers read a backslash as a slash)."""
+    return "/" + path.lstrip("/\\")
+
+
 class AccessPolicy:
     """Who may reach one tunnel; built from the client's handshake request.
 
-    ``check(req, peer_ip, now)`` raises ``HTTPError`` (401, 403 or a 303 that sets
-    the visitor cookie) or returns, after marking in ``req`` what credential
-    fields to strip before the request is forwarded.
+    ``check(req, now)`` raises ``HTTPError`` (401, 403 or a 303 that sets the visitor
+    cookie) or returns, after marking in ``req`` what credential fields to strip
+    before the request is forwarded.  With ``defer=True`` a basic-auth credential not
+    verified before is returned instead of hashed: the caller runs ``verify`` on it
+    off the event loop, ``remember``s it if it is good and calls ``check`` again.
     """
 
     def __init__(self, spec: Dict[str, Any], secret: bytes, name: str,
@@ -2728,7 +2768,8 @@ class AccessPolicy:
             if (not isinstance(basic, dict) or not isinstance(basic.get("user"), str)
                     or not is_password_hash(str(basic.get("hash", "")))):
                 raise RefusedError("invalid_access", "basic_auth needs a user and a "
-                                   "pbkdf2_sha256 hash")
+                                   "pbkdf2_sha256 hash of %d to %d iterations"
+                                   % (PBKDF2_MIN_ITERATIONS, PBKDF2_MAX_ITERATIONS))
             self.basic_user, self.basic_hash = basic["user"], basic["hash"]
         token = spec.get("visitor_token_sha256")
         if token is not None and not (isinstance(token, str)
@@ -2741,7 +2782,9 @@ class AccessPolicy:
         self.secure = secure
         self.cookie_key = hmac.new(secret, b"cookie\0" + name.encode() + b"\0" +
                                    self.token_hash.encode(), hashlib.sha256).digest()
-        self._verified: Dict[str, bool] = {}
+        self._user = self.basic_user.encode("utf-8", "replace")
+        self._cache_key = secrets.token_bytes(32)   # keys the digests of good credentials
+        self._verified: List[bytes] = []             # ... remembered (AUTH_CACHE_SIZE)
 
     @property
     def needs_credentials(self) -> bool:
@@ -2771,48 +2814,109 @@ class AccessPolicy:
 
     def cookie_ok(self, value: str, now: float) -> bool:
         expiry, _, mac = value.partition(".")
-        if not expiry.isdigit() or int(expiry) <= now:
+        if _DIGITS_RE.match(expiry) is None or int(expiry) <= now:   # ASCII digits only
             return False
         good = hmac.new(self.cookie_key, expiry.encode(), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(mac, good)
+        return hmac.compare_digest(mac.encode("utf-8", "replace"), good.encode())
 
-    def _basic_ok(self, value: str) -> bool:
+    def _digest(self, credential: bytes) -> bytes:
+        return hmac.new(self._cache_key, credential, hashlib.sha256).digest()
+
+    def verify(self, credential: bytes) -> bool:
+        """Is ``credential`` (``user:password``, as sent) ours?  Always runs the hash, so
+        a wrong user name costs what a wrong password does.  Thread-safe, no state."""
+        user, sep, password = credential.partition(b":")
+        user_ok = hmac.compare_digest(user, self._user)
+        return _pbkdf2_ok(password, self.basic_hash) and user_ok and bool(sep)
+
+    def remember(self, credential: bytes) -> None:
+        """``credential`` verified: later requests with it cost one HMAC."""
+        if len(self._verified) >= AUTH_CACHE_SIZE:
+            del self._verified[0]
+        self._verified.append(self._digest(credential))
+
+    def _known(self, credential: bytes) -> bool:
+        digest = self._digest(credential)
+        found = False
+        for known in self._verified:
+            found = hmac.compare_digest(known, digest) or found
+        return found
+
+    def _basic(self, value: str, defer: bool) -> Any:
+        """True or False for an Authorization value, or the credential (bytes) still
+        to be verified when ``defer``."""
         scheme, _, encoded = value.strip().partition(" ")
         if scheme.lower() != "basic":
             return False
-        user, sep, password = _unb64(encoded.strip()).decode("utf-8", "replace").partition(":")
-        if not sep or not hmac.compare_digest(user.encode(), self.basic_user.encode()):
+        credential = _unb64(encoded.strip())
+        if not credential:
             return False
-        key = hashlib.sha256(encoded.strip().encode()).hexdigest()
-        if key not in self._verified:
-            if len(self._verified) >= AUTH_CACHE_SIZE:
-                self._verified.clear()
-            self._verified[key] = verify_password(password, self.basic_hash)
-        return self._verified[key]
+        if self._known(credential):
+            return True
+        if defer:
+            return credential
+        if self.verify(credential):
+            self.remember(credential)
+            return True
+        return False
 
-    def check(self, req: Request, now: float) -> None:
-        if not self.needs_credentials:
-            return
+    @staticmethod
+    def is_preflight(req: Request) -> bool:
+        """A CORS preflight as browsers send it: no body, no upgrade, no credentials."""
         index = req.headers.index
-        if req.method == "OPTIONS" and "access-control-request-method" in index:
-            return   # CORS preflight: browsers never attach credentials to it
+        return (req.method == "OPTIONS" and "access-control-request-method" in index
+                and req.body == "none" and "upgrade" not in index
+                and "transfer-encoding" not in index and "authorization" not in index
+                and TOKEN_HEADER not in index and "cookie" not in index)
+
+    def check(self, req: Request, now: float, defer: bool = False) -> Any:
+        """None when ``req`` may pass (see the class), PREFLIGHT for a CORS preflight
+        that passes without credentials (its answer must be filtered), or with ``defer``
+        a credential to verify first; raises HTTPError otherwise."""
+        if not self.needs_credentials:
+            return None
+        index = req.headers.index
+        if req.method == "OPTIONS" and self.is_preflight(req):
+            if self.token_hash:
+                self._drop_token_param(req)
+            return PREFLIGHT
         if self.token_hash:
+            path, carried = self._drop_token_param(req)
             presented = index.get(TOKEN_HEADER, [])
+            valid = False
             if presented:
                 req.strip |= {TOKEN_HEADER}
-                if any(self._token_ok(v) for v in presented):
-                    self._strip_cookie(req, now)
-                    return
-            if self._strip_cookie(req, now):
-                return
-            path, _, query = req.target.partition("?")
-            if TOKEN_PARAM + "=" in query:
-                self._token_from_query(path, query, now)
+                valid = any(self._token_ok(v) for v in presented)
+            if self._strip_cookie(req, now) or valid:
+                return None
+            if carried is not None:
+                self._token_from_query(path, carried, now)
         if self.basic_hash:
             for value in index.get("authorization", []):
-                if self._basic_ok(value):
+                verdict = self._basic(value, defer)
+                if verdict is True:
                     req.strip |= {"authorization"}   # it carried our credential
-                    return
+                    return None
+                if verdict is not False:
+                    return verdict
+        raise self.refusal()
+
+    @staticmethod
+    def _drop_token_param(req: Request) -> Tuple[str, Optional[Tuple[str, List[str]]]]:
+        """Take ``?tunnel_token=`` out of the target to be forwarded; return the path and
+        (the rest of the query, the token values), or None without one."""
+        path, sep, query = req.target.partition("?")
+        if not sep or (TOKEN_PARAM not in query and "%" not in query):
+            return path, None
+        carried = split_token_param(query)
+        if not carried[1]:
+            return path, None
+        req.target = path + ("?" + carried[0] if carried[0] else "")
+        req.target_changed = True     # never forwarded, even with valid credentials
+        return path, carried
+
+    def refusal(self) -> HTTPError:
+        """The 401 for missing or wrong credentials."""
         headers: Tuple[Tuple[str, str], ...] = ()
         if self.basic_hash:
             headers = (("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % self.name),)
@@ -2821,7 +2925,7 @@ class AccessPolicy:
             how.append("HTTP Basic credentials")
         if self.token_hash:
             how.append("a visitor token (X-Tunnel-Token header or ?%s=)" % TOKEN_PARAM)
-        raise HTTPError(401, "This tunnel needs %s." % " or ".join(how), headers)
+        return HTTPError(401, "This tunnel needs %s." % " or ".join(how), headers)
 
     def _strip_cookie(self, req: Request, now: float) -> bool:
         """Remove our cookie from Cookie; True if it was valid."""
@@ -2845,18 +2949,90 @@ class AccessPolicy:
                 req.extra += (("Cookie", "; ".join(kept)),)
         return valid
 
-    def _token_from_query(self, path: str, query: str, now: float) -> None:
-        import urllib.parse
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        tokens = [v for k, v in pairs if k == TOKEN_PARAM]
+    def _token_from_query(self, path: str, carried: Tuple[str, List[str]],
+                          now: float) -> None:
+        rest, tokens = carried
         if not any(self._token_ok(v) for v in tokens):
             raise HTTPError(401, "The visitor token in ?%s= is not valid." % TOKEN_PARAM)
-        rest = urllib.parse.urlencode([(k, v) for k, v in pairs if k != TOKEN_PARAM])
-        location = path + ("?" + rest if rest else "")
+        location = local_location(path) + ("?" + rest if rest else "")
         cookie = "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax%s" % (
             COOKIE_NAME, self.make_cookie(now), COOKIE_TTL, "; Secure" if self.secure else "")
         raise HTTPError(303, "Signed in; continue at %s" % location,
                         (("Location", location), ("Set-Cookie", cookie)))
+
+
+class VerifyPool:
+    """A few worker threads that run password hashes off the event loop.
+
+    ``submit(source, job, done)`` queues ``job()`` (a pure, thread-safe callable) and
+    calls ``done(result)`` on the loop thread when it has run; it raises HTTPError 503
+    when ``max_queued`` checks are queued or running relay-wide, 429 when
+    ``max_per_source`` are from ``source``.  Threads start on first use; ``stop()``
+    joins them.
+    """
+
+    def __init__(self, loop: EventLoop, threads: int = VERIFY_THREADS,
+                 max_queued: int = MAX_VERIFICATIONS,
+                 max_per_source: int = MAX_VERIFICATIONS_PER_SOURCE) -> None:
+        self.loop = loop
+        self.threads = max(1, threads)
+        self.max_queued = max_queued
+        self.max_per_source = max_per_source
+        self.pending = 0                          # queued or running (loop thread only)
+        self.per_source: Dict[Any, int] = {}      # source -> pending from it
+        self._jobs: Deque[Any] = collections.deque()
+        self._cond = threading.Condition()
+        self._workers: List[threading.Thread] = []
+        self._stopped = False
+
+    def submit(self, source: Any, job: Callable[[], Any],
+               done: Callable[[Any], None]) -> None:
+        if self.pending >= self.max_queued:
+            raise HTTPError(503, "Too many password checks in progress; try again soon.")
+        if self.per_source.get(source, 0) >= self.max_per_source:
+            raise HTTPError(429, "Too many password checks from your address; try again "
+                            "soon.")
+        with self._cond:
+            if self._stopped:
+                raise HTTPError(503, "The relay is stopping.")
+            if len(self._workers) < self.threads:
+                worker = threading.Thread(target=self._work, name="tunnel-verify",
+                                          daemon=True)
+                self._workers.append(worker)
+                worker.start()
+            self._jobs.append((source, job, done))
+            self._cond.notify()
+        self.pending += 1
+        self.per_source[source] = self.per_source.get(source, 0) + 1
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                source, job, done = self._jobs.popleft()
+            result = job()
+            self.loop.call_soon_threadsafe(functools.partial(self._finish, source, done,
+                                                             result))
+
+    def _finish(self, source: Any, done: Callable[[Any], None], result: Any) -> None:
+        self.pending -= 1
+        left = self.per_source.pop(source, 1) - 1
+        if left:
+            self.per_source[source] = left
+        done(result)
+
+    def stop(self) -> None:
+        """Drop queued checks and join the threads (a running hash finishes first)."""
+        with self._cond:
+            self._stopped = True
+            self._jobs.clear()
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
 
 
 # =============================================================================
@@ -3325,6 +3501,9 @@ class RelayConfig(Settings):
     plaintext: bool = False                 # control port without TLS (warned about)
     state_dir: Optional[str] = None         # keeps the generated key (default_state_dir())
     tls_proxy_fingerprints: Tuple[str, ...] = ()   # certificates of TLS proxies in front
+    verify_threads: int = VERIFY_THREADS    # threads that check visitors' passwords
+    max_verifications: int = MAX_VERIFICATIONS   # password checks queued, relay-wide (503)
+    max_verifications_per_source: int = MAX_VERIFICATIONS_PER_SOURCE   # ... per address (429)
 
 
 class User:
@@ -3456,6 +3635,9 @@ class VisitorConn(Pipe):
         self.close_after = False      # the request being read asked to close
         self.last_request = False     # ... and it has been read whole
         self.fresh = True             # nothing received yet
+        self.held: Optional[List[Tuple[str, Any]]] = None   # events after a request whose
+        #                               password is being checked (reading stops meanwhile)
+        self.preflight: Optional[bytearray] = None   # an unauthenticated preflight's answer
         self.head_started = self.last_active = time.monotonic()
         self.body_read = 0            # bytes read while in a request body (all requests)
         self.body_seen = 0            # ... when the sweeper last saw it advance enough
@@ -3468,7 +3650,7 @@ class VisitorConn(Pipe):
 
     def wants_read(self) -> bool:
         if not self.upgraded and (self.deferred is not None or self.last_request
-                                  or self.requests.awaiting_upgrade):
+                                  or self.requests.awaiting_upgrade or self.held is not None):
             return False
         return super().wants_read()
 
@@ -3496,8 +3678,8 @@ class VisitorConn(Pipe):
         A request body must advance by BODY_MIN_PROGRESS bytes every body timeout
         while the relay reads it (a paused read, the origin's window full, does not
         count), else 408, or a close if its response has started."""
-        if self.closed or self.close_pending or self.upgraded:
-            return
+        if self.closed or self.close_pending or self.upgraded or self.held is not None:
+            return          # (held: its credential is being checked; reading is paused)
         if self.in_body:
             read = self.body_read
             if (self.body_mark < 0 or read - self.body_seen >= BODY_MIN_PROGRESS
@@ -3519,7 +3701,8 @@ class VisitorConn(Pipe):
             self.finish()
 
     def _handle_requests(self, events: List[Tuple[str, Any]]) -> None:
-        for kind, value in events:
+        it = iter(events)
+        for kind, value in it:
             if self.closed or self.close_pending or self.last_request:
                 return
             if kind == EV_BODY:
@@ -3530,6 +3713,10 @@ class VisitorConn(Pipe):
                     self._forward_head(value)
                 except HTTPError as exc:
                     self.fail(exc, value.method)
+                    return
+                if self.held is not None:   # its password is being checked: keep the rest
+                    self.held = [(k, bytes(v) if k == EV_BODY else v) for k, v in it]
+                    self.update()           # (bodies are views of the loop's scratch)
                     return
             elif kind == EV_END:
                 self.in_body = False
@@ -3551,8 +3738,15 @@ class VisitorConn(Pipe):
         if name != tunnel.name:
             raise HTTPError(421, "This connection is bound to %s.%s; open a new connection "
                             "for %s." % (tunnel.name, self.relay.config.domain, req.host))
+        verdict = None
         if tunnel.policy is not None:
-            self._check_access(tunnel.policy, req)   # before anything reaches the client
+            verdict = self._check_access(tunnel.policy, req)   # before anything reaches
+            if verdict is True:                                # the client
+                return          # held until its password check is done
+            if verdict is not None:   # an unauthenticated CORS preflight: the last request
+                if self.inflight:     # (pipelined behind others: refused)
+                    raise tunnel.policy.refusal()
+                req.keep_alive = False
         if self.tunnel is None:
             cfg = self.relay.config
             if tunnel.visitors >= cfg.max_visitors_per_tunnel:
@@ -3580,30 +3774,64 @@ class VisitorConn(Pipe):
         self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
         self.in_body = True
         self.close_after = not req.keep_alive
+        if verdict is not None:
+            self.preflight = bytearray()   # its answer is filtered: _on_preflight_data
 
-    def _check_access(self, policy: AccessPolicy, req: Request) -> None:
-        """Every request, upgrades included: address, then credentials."""
+    def _check_access(self, policy: AccessPolicy, req: Request) -> Any:
+        """Every request, upgrades included: address, then credentials.  Returns None
+        (pass), PREFLIGHT (pass, answer filtered) or True: the request waits for its
+        password check, which runs in the relay's VerifyPool (``_verified`` goes on)."""
         if self.peer_ok is None:
             self.peer_ok = policy.peer_allowed(self.peer_ip)
         if not self.peer_ok:
             raise HTTPError(403, "Your address may not reach this tunnel.")
         if not policy.needs_credentials:
-            return
+            return None
         penalties = self.relay.visitor_penalties
-        if penalties.banned(self.peer_ip):
+        key = (self.peer_ip, policy.name)    # failures count per address and tunnel
+        if penalties.banned(key):
             raise HTTPError(429, "Too many failed attempts from your address; try again "
                             "later.")
         index = req.headers.index
-        presented = ("authorization" in index or TOKEN_HEADER in index
-                     or TOKEN_PARAM + "=" in req.target)
+        target = req.target
         try:
-            policy.check(req, time.time())
+            verdict = policy.check(req, time.time(), defer=True)
         except HTTPError as exc:
-            if exc.status == 401 and presented:
-                penalties.fail(self.peer_ip)     # wrong credentials, not just missing ones
+            if exc.status == 401 and ("authorization" in index or TOKEN_HEADER in index
+                                      or req.target != target):   # a ?tunnel_token= went
+                penalties.fail(key)     # wrong credentials, not just missing ones
             raise
-        if presented:
-            penalties.succeed(self.peer_ip)
+        if isinstance(verdict, bytes):     # a password not verified yet: off the loop
+            self.relay.verify_pool.submit(
+                self.peer_ip, functools.partial(policy.verify, verdict),
+                functools.partial(self._verified, policy, req, verdict))
+            self.held = []
+            return True
+        if verdict is None and ("authorization" in index or TOKEN_HEADER in index):
+            penalties.succeed(key)
+        return verdict
+
+    def _verified(self, policy: AccessPolicy, req: Request, credential: bytes,
+                  ok: bool) -> None:
+        """The password check of a held request is done (loop thread): go on."""
+        if self.closed or self.close_pending or self.held is None:
+            return
+        rest, self.held = self.held, None
+        try:
+            if not ok:
+                self.relay.visitor_penalties.fail((self.peer_ip, policy.name))
+                raise policy.refusal()
+            policy.remember(credential)
+            req.strip, req.extra = _NO_FIELDS, ()    # check() runs again and sets them
+            self._forward_head(req)
+        except HTTPError as exc:
+            self.fail(exc, req.method)
+            return
+        if self.held is not None:    # held again (its credential was forgotten meanwhile)
+            self.held = rest
+            return
+        self._handle_requests(rest)
+        self.update()
 
     def on_socket_eof(self) -> None:
         if self.upgraded:
@@ -3649,6 +3877,9 @@ class VisitorConn(Pipe):
 
     # -- origin -> visitor ---------------------------------------------------------
     def on_stream_data(self, stream: Stream, data: bytes) -> None:
+        if self.preflight is not None:
+            self._on_preflight_data(data)
+            return
         self.send_bytes(data, True)
         if self.upgraded:
             return
@@ -3663,6 +3894,52 @@ class VisitorConn(Pipe):
                 return
             if self.closed or self.close_pending:
                 return
+
+    def _on_preflight_data(self, data: bytes) -> None:
+        """The answer to an unauthenticated CORS preflight: only its status and its
+        Access-Control-* and Vary fields go back, without a body; then the connection
+        ends (the origin connection is not used again)."""
+        buf = self.preflight
+        if buf is None or not self.inflight:
+            return                      # answered: the rest is dropped
+        buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self.relay.config.max_head_size:
+                    self._origin_gone("The local service sent an oversized head.")
+                return
+            head = bytes(buf[:end])
+            del buf[:end + 4]
+            m = _STATUS_LINE_RE.match(head.partition(b"\r\n")[0])
+            status = int(m.group(3)) if m is not None else 0
+            if 100 <= status < 200 and status != 101:
+                continue                # interim: the final answer follows
+            break
+        if not 200 <= status < 600:
+            self._origin_gone("The local service sent a malformed answer to a preflight.")
+            return
+        lines = [b"HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "").encode())]
+        for line in head.split(b"\n")[1:]:
+            line = line.rstrip(b"\r")
+            name = line.partition(b":")[0].lower()
+            if ((name.startswith(b"access-control-") or name == b"vary")
+                    and _TRAILER_RE.match(line) is not None):
+                lines.append(line)
+        if status not in (204, 304):
+            lines.append(b"Content-Length: 0")
+        lines.append(b"Connection: close")
+        answer = b"\r\n".join(lines) + b"\r\n\r\n"
+        ex = self.inflight.popleft()
+        ex.status = status
+        self.send_bytes(answer, False)
+        stream = self.stream
+        if stream is not None and self.tunnel is not None and self.tunnel.wants_log:
+            self.tunnel.session.send_log(stream.id, status, time.monotonic() - ex.started,
+                                         len(answer), ex.method, ex.target)
+        if stream is not None and not stream.done:
+            stream.reset("preflight answered")
+        self.close_after_flush()
 
     def _on_response_head(self, resp: Response) -> None:
         if not self.inflight or 100 <= resp.status < 200 and resp.status != 101:
@@ -3778,6 +4055,8 @@ class Relay(SessionDelegate):
         self.secret = secrets.token_bytes(32)   # signs visitor cookies (per relay run)
         self.penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
         self.visitor_penalties = Penalties(config.auth_ban_after, config.auth_ban_time)
+        self.verify_pool = VerifyPool(self.loop, config.verify_threads, config.max_verifications,
+                                      config.max_verifications_per_source)
         self.stopping = False
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
@@ -3868,6 +4147,7 @@ class Relay(SessionDelegate):
         try:
             self.loop.run()
         finally:
+            self.verify_pool.stop()
             self.loop.close()
 
     def stop(self) -> None:
@@ -4817,6 +5097,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a request body that advances by less than %d bytes for this "
                        "long (while the relay reads it) is cut off: 408, or a close if the "
                        "response has started (default %%(default)s)" % BODY_MIN_PROGRESS)
+    serve.add_argument("--verify-threads", type=int, default=VERIFY_THREADS, metavar="N",
+                       help="threads that check visitors' basic-auth passwords "
+                       "(default %(default)s)")
+    serve.add_argument("--max-verifications", type=int, default=MAX_VERIFICATIONS,
+                       metavar="N", help="password checks queued or running; more answer "
+                       "503 (default %(default)s)")
+    serve.add_argument("--max-verifications-per-source", type=int,
+                       default=MAX_VERIFICATIONS_PER_SOURCE, metavar="N",
+                       help="password checks from one address queued or running; "
+                       "more answer 429 (default %(default)s)")
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -4984,6 +5274,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_visitors_per_source_per_tunnel=(
                              args.max_visitors_per_source_per_tunnel),
                          body_timeout=args.body_timeout,
+                         verify_threads=args.verify_threads,
+                         max_verifications=args.max_verifications,
+                         max_verifications_per_source=args.max_verifications_per_source,
                          max_head_size=args.max_head_size,
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
                          control_tls_cert=args.control_tls_cert,
@@ -5004,6 +5297,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "--max-visitors-per-source-per-tunnel must be at least 1")
     if not args.body_timeout > 0:
         raise UsageError("--body-timeout must be positive")
+    if min(args.verify_threads, args.max_verifications,
+           args.max_verifications_per_source) < 1:
+        raise UsageError("--verify-threads and --max-verifications[-per-source] must be "
+                         "at least 1")
     if args.http_redirect_port is not None and not args.tls_cert:
         raise UsageError("--http-redirect-port needs --tls-cert")
     if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
@@ -5063,6 +5360,10 @@ def cmd_expose(args: argparse.Namespace) -> int:
         user, sep, password = args.basic_auth.partition(":")
         if not sep or not user or not password:
             raise UsageError("--basic-auth needs USER:PASS")
+        if password.startswith(PBKDF2_PREFIX + "$") and not is_password_hash(password):
+            raise UsageError("--basic-auth: a %s hash needs %d to %d iterations (make one "
+                             "with hash-password)" % (PBKDF2_PREFIX, PBKDF2_MIN_ITERATIONS,
+                                                      PBKDF2_MAX_ITERATIONS))
         # The relay gets a hash, never the password itself.
         access["basic_auth"] = {"user": user, "hash": password if is_password_hash(password)
                                 else hash_password(password)}
