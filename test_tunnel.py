@@ -2913,6 +2913,19 @@ class ControlChannelSecurityTest(EndToEndBase):
                                for m in self.capture.messages()), what="banned refusal")
         self.assertTrue(client.thread.is_alive())
 
+    def test_penalties_stay_bounded_and_count_an_ipv6_source_as_its_64(self):
+        p = tunnel.Penalties(ban_after=1)           # every failure bans: fills both tables
+        for i in range(2 * tunnel.PENALTY_MAX_KEYS):
+            p.fail(("spray%d" % i, "t"), now=1.0)
+        self.assertLessEqual(len(p._banned), tunnel.PENALTY_MAX_KEYS)
+        self.assertTrue(p.banned(("spray%d" % (2 * tunnel.PENALTY_MAX_KEYS - 1), "t"), now=2.0))
+        p = tunnel.Penalties(ban_after=10)
+        for i in range(2 * tunnel.PENALTY_MAX_KEYS):
+            p.fail(("spray%d" % i, "t"), now=1.0)
+        self.assertLessEqual(len(p._failures), tunnel.PENALTY_MAX_KEYS)
+        self.assertEqual(tunnel.source_key("2001:db8:1:2:3:4:5:6"),
+                         tunnel.source_key("2001:db8:1:2:ffff::1"))   # one /64, one key
+
     # -- reservations ---------------------------------------------------------------------
     def test_goodbye_releases_the_name_a_crash_keeps_it_for_that_client(self):
         client, _ = self.start_client("demo")

@@ -2625,6 +2625,7 @@ PENALTY_BAN_AFTER = 10                  # failures in the window before a ban
 PENALTY_BAN_TIME = 300.0                # ban length (s)
 PENALTY_DELAY = 0.25                    # first refusal delay; doubles per failure
 PENALTY_MAX_DELAY = 4.0                 # refusal delay cap (s)
+PENALTY_MAX_KEYS = 100000               # failure counts and bans kept (oldest go first)
 
 
 def _b64(data: bytes) -> str:
@@ -2684,6 +2685,8 @@ class Penalties:
         self._banned: Dict[Any, float] = {}                 # key -> until
 
     def banned(self, ip: Any, now: Optional[float] = None) -> bool:
+        if not self._banned:
+            return False
         now = time.monotonic() if now is None else now
         until = self._banned.get(ip)
         if until is None:
@@ -2696,20 +2699,35 @@ class Penalties:
     def fail(self, ip: Any, now: Optional[float] = None) -> float:
         """Record a failure; return how long to delay the refusal."""
         now = time.monotonic() if now is None else now
-        if len(self._failures) > 100000:   # bounded memory under a wide attack
-            self._failures.clear()
+        _forget_oldest(self._failures, now)   # bounded memory under a wide attack
         count, last = self._failures.get(ip, (0, now))
         if now - last > PENALTY_WINDOW:
             count = 0
         count += 1
         self._failures[ip] = (count, now)
         if self.ban_after and count >= self.ban_after:
+            _forget_oldest(self._banned, now, expired=lambda until: until <= now)
             self._banned[ip] = now + self.ban_time
             del self._failures[ip]
         return min(PENALTY_MAX_DELAY, PENALTY_DELAY * 2 ** (count - 1))
 
     def succeed(self, ip: Any) -> None:
         self._failures.pop(ip, None)
+
+
+def _forget_oldest(table: Dict[Any, Any], now: float,
+                   expired: Optional[Callable[[Any], bool]] = None) -> None:
+    """Keep ``table`` under PENALTY_MAX_KEYS: drop expired entries, then the oldest
+    tenth (insertion order), never everything at once (that would wipe the counts
+    of every other key, which a wide attack could use to reset its own)."""
+    if len(table) < PENALTY_MAX_KEYS:
+        return
+    if expired is not None:
+        for key in [k for k, v in table.items() if expired(v)]:
+            del table[key]
+    excess = len(table) - PENALTY_MAX_KEYS + PENALTY_MAX_KEYS // 10
+    for key in list(itertools.islice(table, max(0, excess))):
+        del table[key]
 
 
 def _parse_networks(values: Any, what: str) -> List[Any]:
@@ -3788,7 +3806,7 @@ class VisitorConn(Pipe):
         if not policy.needs_credentials:
             return None
         penalties = self.relay.visitor_penalties
-        key = (self.peer_ip, policy.name)    # failures count per address and tunnel
+        key = (source_key(self.peer_ip), policy.name)   # failures per source and tunnel
         if penalties.banned(key):
             raise HTTPError(429, "Too many failed attempts from your address; try again "
                             "later.")
@@ -3819,7 +3837,7 @@ class VisitorConn(Pipe):
         rest, self.held = self.held, None
         try:
             if not ok:
-                self.relay.visitor_penalties.fail((self.peer_ip, policy.name))
+                self.relay.visitor_penalties.fail((source_key(self.peer_ip), policy.name))
                 raise policy.refusal()
             policy.remember(credential)
             req.strip, req.extra = _NO_FIELDS, ()    # check() runs again and sets them
@@ -4300,7 +4318,8 @@ class Relay(SessionDelegate):
         peer_ip = str(addr[0]) if isinstance(addr, tuple) else ""
         handshake = RelayHandshake(self.token_for, accept, bindings=self.bindings,
                                    unbound_ok=self.control_tls is None,
-                                   banned=lambda user: self.penalties.banned((peer_ip, user)))
+                                   banned=lambda user: self.penalties.banned(
+                                       (source_key(peer_ip), user)))
         session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
                           config=self.session_config, peer_ip=peer_ip)
         self.sessions.add(session)
@@ -4428,7 +4447,7 @@ class Relay(SessionDelegate):
             return 0.0
         if code != "auth":
             return 0.0
-        key = (session.peer_ip, handshake.user)
+        key = (source_key(session.peer_ip), handshake.user)
         delay = self.penalties.fail(key)
         if self.penalties.banned(key):
             log.warning("control connections from %s for user %s banned for %.0fs after "
@@ -4471,7 +4490,7 @@ class Relay(SessionDelegate):
     def on_session_up(self, session: Session) -> None:
         self.unauthenticated.discard(session)
         handshake = session.handshake
-        self.penalties.succeed((session.peer_ip, handshake.user))   # this user's count only
+        self.penalties.succeed((source_key(session.peer_ip), handshake.user))   # only this one
         log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
         if handshake.request.get("tls_interception") is True:
             log.warning("%s: the client declared a TLS-inspecting middlebox (it saw the "
