@@ -32,29 +32,57 @@ framing, replacing ``X-Forwarded-*``) and every response (to find message
 boundaries, spot ``101 Switching Protocols`` and write an access log).  Bodies
 are streamed, never buffered whole.
 
-Handshake (client C, relay R, shared token K; the token never crosses)::
+The control channel is TLS by default.  A relay without ``--tls-cert`` makes its
+own Ed25519 key and self-signed certificate on first start (standard library
+only: ``ed25519_sign``, ``self_signed_certificate``), keeps them in its state
+directory (``--state-dir``, mode 0600) and prints the SHA-256 fingerprint.  No CA
+is needed: the handshake binds the certificate each side saw.  Plain TCP is an
+explicit ``--plaintext`` on both sides, warned about.
 
-    C -> R  preamble  b"TUNNEL" + u16 version          (8 bytes)
+Handshake, inside TLS (client C, relay R, token K; the token never crosses)::
+
+    C -> R  preamble  b"TUNNEL" + u16 version          (8 bytes; version 2)
     C -> R  HELLO     client nonce Nc                   (32 random bytes)
     R -> C  CHALLENGE relay nonce Nr                    (32 random bytes)
-    C -> R  AUTH      Mc + request JSON                 {"subdomain", "client_id",
-                                                         "user", "access", "log"}
+    C -> R  AUTH      Mc + request JSON                 {"subdomain", "client_id", "user",
+                                                         "log", "binding", "sealed",
+                                                         "tls_interception"}
+            binding = hex SHA-256 of the relay certificate C saw ("" over plain TCP)
+            sealed  = base64(JSON {"access", "client_secret"} XOR HMAC-SHA256 key
+                      stream under S), S = HMAC-SHA256(K, "tunnel.py/1 seal" 0 Nc Nr)
             Mc = HMAC-SHA256(K, "tunnel.py/1 client" 0 Nc Nr request)
     R -> C  WELCOME   Mr + welcome JSON                 {"name", "url", ...}
             Mr = HMAC-SHA256(K, "tunnel.py/1 relay" 0 Nr Nc Mc welcome)
-       or   REFUSE    JSON {"error": CODE, "message": TEXT}
-            CODE is one of auth, version, invalid_name, name_taken
+       or   REFUSE    JSON {"error": CODE, "message": TEXT}   (codes: REFUSALS)
 
 Both sides check the other's MAC with ``hmac.compare_digest``, so each knows
-the other holds K.  A client refused with ``auth`` exits with status 2.  On a
-relay with per-user tokens (``serve --tokens``) the request names its user and
-K is that user's token; an unknown user is checked against a random key, so
-the refusal is the same.  Refusals from one address grow slower (0.25 s,
-doubling) and end in a temporary ban.  ``access`` is the visitor policy the
-relay enforces for this tunnel: a basic-auth user with a PBKDF2 hash (never
-the password), the SHA-256 of a visitor token, allow/deny CIDR lists.  With
-``--tls-cert`` the control port speaks TLS first and all of this runs inside
-it; the client verifies the relay by CA or by a pinned SHA-256 fingerprint.
+the other holds K.  The relay then checks ``binding`` against its own
+certificate (the ``tls-server-end-point`` idea of RFC 5929): a man in the
+middle that terminates TLS shows the client another certificate, so the relay
+refuses with ``binding`` and logs it, and the client (which cannot be shown a
+WELCOME without K, and whose Mr covers Mc and so the binding) exits with status
+2 naming the certificate it saw.  Once bound, the TLS session is known to end at
+the relay, which protects everything after the handshake.  A TLS-terminating
+proxy in front of the relay is declared on the relay (``--tls-proxy-fingerprint``),
+a TLS-inspecting middlebox on the client (``--tls-interception``, logged by the
+relay); neither is ever a silent downgrade, since the request that says so is
+under Mc.  The sealed part (the visitor policy and a per-client secret) opens
+only with K and both nonces, so a middlebox that sees AUTH learns nothing to
+crack offline; a plain-TCP client never sends visitor credentials to a relay
+off loopback at all.  The client secret's SHA-256 is what a name reservation is
+bound to: after a drop, a name is kept 60 s (NAME_RESERVATION) for that client
+(or, with ``--tokens``, that user), not for any holder of a shared token; a
+client that says goodbye (GOAWAY) frees its name at once.
+
+On a relay with per-user tokens (``serve --tokens``) the request names its user
+and K is that user's token; an unknown user is checked against a random key,
+so the refusal is the same.  Failures count per (source, user) (an IPv6 source
+is its /64): refusals grow slower (0.25 s, doubling) and end in a temporary ban,
+which is checked when AUTH arrives, before its MAC is looked at.  ``access`` is
+the visitor policy the relay enforces for this tunnel: a basic-auth user with a
+PBKDF2 hash (never the password; 1,000-600,000 iterations, checked off the
+event loop), the SHA-256 of a visitor token, allow/deny CIDR lists.  Handshake
+JSON is bounded in size (4 KiB) and depth (MAX_JSON_CONTAINERS) before parsing.
 
 Frames (after the preamble, everything on the control socket is a frame)::
 
