@@ -83,7 +83,7 @@ def load(port, total, conns=CONNECTIONS):
         sel.close()
 
 
-def counted(tunnel_py, side, requests, nginx_port, work):
+def counted(tunnel_py, side, requests, nginx_port, work, extra=()):
     """Instructions the ``side`` ("relay" or "client") executed, serving ``requests``."""
     http_port, control_port = bench.free_port(), bench.free_port()
     out = os.path.join(work, "callgrind.out")
@@ -91,10 +91,10 @@ def counted(tunnel_py, side, requests, nginx_port, work):
              "--callgrind-out-file=" + out]
     relay_cmd = [sys.executable, tunnel_py, "serve", "--bind", "127.0.0.1", "--http-port",
                  str(http_port), "--control-port", str(control_port), "--token", bench.TOKEN,
-                 "-q"]
+                 "-q"] + list(extra)
     client_cmd = [sys.executable, tunnel_py, "expose", str(nginx_port), "--relay",
                   "127.0.0.1:%d" % control_port, "--token", bench.TOKEN, "--subdomain",
-                  bench.HOST.split(".")[0]]
+                  bench.HOST.split(".")[0]] + list(extra)
     with open(os.path.join(work, "valgrind.log"), "w+") as log:
         relay = subprocess.Popen((grind if side == "relay" else []) + relay_cmd,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -131,9 +131,9 @@ def wait_tunnel(http_port):
     raise SystemExit("the tunnel did not come up")
 
 
-def per_request(tunnel_py, side, requests, nginx_port, work):
-    idle = counted(tunnel_py, side, 0, nginx_port, work)
-    busy = counted(tunnel_py, side, requests, nginx_port, work)
+def per_request(tunnel_py, side, requests, nginx_port, work, extra=()):
+    idle = counted(tunnel_py, side, 0, nginx_port, work, extra)
+    busy = counted(tunnel_py, side, requests, nginx_port, work, extra)
     return (busy - idle) / requests
 
 
@@ -141,6 +141,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=3000, help="requests per count (3000)")
     ap.add_argument("--against", metavar="REV", help="also count tunnel.py at this git revision")
+    ap.add_argument("--plaintext", action="store_true",
+                    help="run the control channel with --plaintext where the version has it "
+                    "(versions before TLS by default are plain anyway): to compare data paths")
     args = ap.parse_args()
     for tool in ("nginx", "valgrind"):
         if shutil.which(tool) is None:
@@ -162,8 +165,11 @@ def main():
         print("|---|---|---|")
         counts = []
         for name, path in versions:
-            relay = per_request(path, "relay", args.requests, nginx_port, work)
-            client = per_request(path, "client", args.requests, nginx_port, work)
+            with open(path, "rb") as f:
+                extra = (["--plaintext"] if args.plaintext and b'"--plaintext"' in f.read()
+                         else [])
+            relay = per_request(path, "relay", args.requests, nginx_port, work, extra)
+            client = per_request(path, "client", args.requests, nginx_port, work, extra)
             counts.append((relay, client))
             print("| %s | %.0f | %.0f |" % (name, relay, client), flush=True)
         if len(counts) == 2:

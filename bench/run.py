@@ -267,20 +267,29 @@ def clean_python(work):
     return os.path.join(venv, "bin", "python3")
 
 
-def start_tunnel(nginx_port, python=sys.executable):
+STATE_DIR = tempfile.mkdtemp(prefix="tunnel-bench-state-")   # the relay's generated key
+os.environ["TUNNEL_STATE_DIR"] = STATE_DIR
+
+
+def start_tunnel(nginx_port, python=sys.executable, plaintext=False):
+    """A relay and a client as a user runs them: by default TLS on the control channel
+    (the relay's own certificate, channel binding), access log on; ``plaintext`` runs
+    both with --plaintext, for the TLS-cost row."""
     http_port, control_port = free_port(), free_port()
+    plain = ["--plaintext"] if plaintext else []
     # Every connection comes from 127.0.0.1: lift the per-source caps above what the runs
     # open (1,000 idle visitors on one tunnel, up to 500 clients connecting at once).
     relay = spawn([python, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
                    str(http_port), "--control-port", str(control_port), "--token", TOKEN,
                    "--max-visitors-per-source", "5000",
                    "--max-visitors-per-source-per-tunnel", "5000",
-                   "--max-unauthenticated-per-source", "64", "-q"], stderr=subprocess.DEVNULL)
+                   "--max-unauthenticated-per-source", "64", "-q"] + plain,
+                  stderr=subprocess.DEVNULL)
     wait_port(control_port)
     # The client runs as a user would: access log on (one line per request, drained here).
     client = spawn([python, TUNNEL_PY, "expose", str(nginx_port), "--relay",
-                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", "bench"],
-                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", "bench"]
+                   + plain, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = client.stdout.readline().decode()
     if not line.startswith("Forwarding"):
         raise SystemExit("tunnel did not come up: %r" % line)
@@ -445,6 +454,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3,
                     help="wrk runs per row (1 and 50 connections, split, no-NODELAY, under "
                          "bulk), taking turns; the median is reported (default 3)")
+    ap.add_argument("--tls-cost", action="store_true",
+                    help="only tunnel.py with TLS on the control channel (the default) "
+                         "against --plaintext: 50 and 1 connections taking turns, downloads")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -457,10 +469,52 @@ def main():
     work = tempfile.mkdtemp(prefix="tunnel-bench-", dir="/dev/shm" if os.path.isdir(
         "/dev/shm") else None)
     try:
-        run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
+        if args.tls_cost:
+            tls_cost(work, secs, 1 if args.quick else args.rounds)
+        else:
+            run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+def tls_cost(work, secs, rounds):
+    """TLS on the control channel (the default) against --plaintext, in one run: the
+    two tunnels take turns, each reports its median run."""
+    print("preparing nginx and two tunnels (TLS, plaintext) on 127.0.0.1 ...", flush=True)
+    py_compile.compile(TUNNEL_PY, doraise=True)
+    nginx_port, big_sha = start_nginx(work)
+    rows = []
+    for label, plaintext in (("TLS (default)", False), ("--plaintext", True)):
+        http_port = start_tunnel(nginx_port, plaintext=plaintext)[0]
+        rows.append((label, "http://127.0.0.1:%d/" % http_port))
+    runs = {(label, kind): [] for label, _ in rows for kind in ("c50", "c1")}
+    for i in range(rounds):
+        print("round %d of %d ..." % (i + 1, rounds), flush=True)
+        for label, url in rows:
+            runs[label, "c50"].append(wrk(url + "small", 50, secs, HOST))
+            runs[label, "c1"].append(wrk(url + "small", 1, secs, HOST))
+    res = {}
+    for label, url in rows:
+        res[label] = {kind: sorted(runs[label, kind], key=lambda r: r["rps"])[rounds // 2]
+                      for kind in ("c50", "c1")}
+        res[label]["errors"] = sum(r["errors"] for k in ("c50", "c1") for r in runs[label, k])
+        res[label]["down"] = best_of(2, lambda: curl_download(url + "big", HOST, big_sha, work))
+    lines = ["", "## Control channel: TLS against --plaintext (wrk -t1, %ds, median of %d; %s)"
+             % (secs, rounds, time.strftime("%Y-%m-%d")), "",
+             "| control channel | 50 conn rps | 50 conn p99 | 1 conn rps | 1 conn p99 | "
+             "256 MiB down | errors |", "|---|---|---|---|---|---|---|"]
+    for label, _ in rows:
+        r = res[label]
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.0f MB/s%s | %d |" % (
+            label, r["c50"]["rps"], r["c50"]["p99"], r["c1"]["rps"], r["c1"]["p99"],
+            r["down"]["MBps"], "" if r["down"]["ok"] else " BYTES WRONG", r["errors"]))
+    t, p = res["TLS (default)"], res["--plaintext"]
+    lines += ["", "TLS / plaintext: 50 conn %.2f, 1 conn %.2f, download %.2f" % (
+        t["c50"]["rps"] / p["c50"]["rps"], t["c1"]["rps"] / p["c1"]["rps"],
+        t["down"]["MBps"] / p["down"]["MBps"])]
+    print("\n".join(lines))
 
 
 def stop_all():
