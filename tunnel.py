@@ -603,7 +603,8 @@ class Throttle:
         self.next_at = 0.0
         self.suppressed = 0
 
-    def warn(self, fmt: str, *args: Any) -> None:
+    def warn(self, fmt: str, *args: Any, level: int = logging.WARNING,
+             exc_info: bool = False) -> None:
         now = time.monotonic()
         if now < self.next_at:
             self.suppressed += 1
@@ -611,7 +612,7 @@ class Throttle:
         if self.suppressed:
             fmt += " (%d more like it not logged)"
             args += (self.suppressed,)
-        log.warning(fmt, *args)
+        log.log(level, fmt, *args, exc_info=exc_info)
         self.suppressed = 0
         self.next_at = now + self.interval
 
@@ -1473,6 +1474,7 @@ class EventLoop:
         self._wake_w.setblocking(False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.thread_id: Optional[int] = None
+        self._internal = Throttle()             # a bug hit by every request: not a log flood
 
     # -- scheduling -------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
@@ -1567,7 +1569,8 @@ class EventLoop:
             except (TunnelError, OSError) as exc:
                 conn.abort(str(exc))
             except Exception:
-                log.exception("internal error on %r; closing it", conn)
+                self._internal.warn("internal error on %r; closing it", conn,
+                                    level=logging.ERROR, exc_info=True)
                 conn.abort("internal error")
         self._run_timers()
         while self._calls:
@@ -1577,7 +1580,8 @@ class EventLoop:
             except (TunnelError, OSError) as exc:
                 log.warning("callback failed: %s", exc)
             except Exception:
-                log.exception("internal error in a callback")
+                self._internal.warn("internal error in a callback", level=logging.ERROR,
+                                    exc_info=True)
         self._run_flushes()
 
     def _run_flushes(self) -> None:
@@ -1600,7 +1604,8 @@ class EventLoop:
             except TunnelError as exc:
                 log.warning("timer failed: %s", exc)
             except Exception:
-                log.exception("internal error in a timer")
+                self._internal.warn("internal error in a timer", level=logging.ERROR,
+                                    exc_info=True)
 
     def _drain_wake(self) -> None:
         try:
@@ -3849,7 +3854,7 @@ class VisitorConn(Pipe):
             raise
         if isinstance(verdict, bytes):     # a password not verified yet: off the loop
             self.relay.verify_pool.submit(
-                self.peer_ip, functools.partial(policy.verify, verdict),
+                source_key(self.peer_ip), functools.partial(policy.verify, verdict),
                 functools.partial(self._verified, policy, req, verdict))
             self.held = []
             return True
