@@ -2679,6 +2679,22 @@ class ParserStrictnessTest(unittest.TestCase):
             got.append(bytes(events[0][1]))
         self.assertEqual(b"".join(got), body)
         self.assertEqual(events[-1][0], EV_END)
+        # Split anywhere, the events are the same as byte by byte (the whole-chunk path
+        # and the general one agree), good and bad bodies alike.
+        rnd = random.Random(11)
+        bad = [b"5\r\nhello\r\n5 \r\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n3\r\nabcd\r\n",
+               b"1\r\na\r\n" * 50 + b"1;\r\na\r\n", b"2\r\nab\r\n" + b"1" * 11 + b"\r\n"]
+        for body in [body] + bad:
+            data = _post_chunked([b"chunked"], body) + REQ_GET
+            outcome = ParserFuzzTest.outcome
+            expected = outcome(None, feed_all(HTTPParser(is_request=True), data, one_byte=True))
+            for _ in range(20):
+                p = HTTPParser(is_request=True)
+                cuts = sorted(rnd.sample(range(1, len(data)), 3))
+                events = []
+                for a, b in zip([0] + cuts, cuts + [len(data)]):
+                    events.extend(p.feed(data[a:b]))
+                self.assertEqual(outcome(None, events), expected, (body, cuts))
 
 
 class RawOrigin:

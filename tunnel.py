@@ -1657,9 +1657,10 @@ _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x
 # so the match is linear.  (Responses use the lenient _CHUNK_SIZE_RE: see
 # HTTPParser._on_chunk_line.)
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
-_REQUEST_CHUNK_SIZE_RE = re.compile(
-    rb"([0-9A-Fa-f]{1,%d})(?:;%s(?:=(?:%s|%s))?)*\Z"
-    % (MAX_CHUNK_SIZE_DIGITS, _TOKEN.encode(), _TOKEN.encode(), _QUOTED))
+_REQUEST_CHUNK_LINE = (rb"([0-9A-Fa-f]{1,%d})(?:;%s(?:=(?:%s|%s))?)*"
+                       % (MAX_CHUNK_SIZE_DIGITS, _TOKEN.encode(), _TOKEN.encode(), _QUOTED))
+_REQUEST_CHUNK_SIZE_RE = re.compile(_REQUEST_CHUNK_LINE + rb"\Z")
+_REQUEST_CHUNK_RE = re.compile(_REQUEST_CHUNK_LINE + rb"\r\n")    # the whole-chunk path's
 _LONG_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{%d}" % (MAX_CHUNK_SIZE_DIGITS + 1))
 _CODINGS_RE = re.compile(r"[ \t]*" + _TOKEN + r"[ \t]*(?:,[ \t]*" + _TOKEN + r"[ \t]*)*\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
@@ -2043,6 +2044,33 @@ class HTTPParser:
                 if pos >= end:
                     return
                 start = pos
+                if st == _S_CHUNK_SIZE and self.is_request and not self._buf:
+                    # Whole chunks of a request (size line, data, CRLF) in this piece: one
+                    # match each, nothing copied.  The rest (a chunk cut by the piece's
+                    # end, the last chunk, anything refused) takes the general path
+                    # below, which also names the reason.
+                    match = _REQUEST_CHUNK_RE.match
+                    while True:
+                        m = match(mv, pos, pos + MAX_CHUNK_LINE + 2)
+                        if m is None:
+                            break
+                        data_at = m.end()
+                        stop = data_at + int(m.group(1), 16)
+                        if stop == data_at or stop + 2 > end or mv[stop:stop + 2] != b"\r\n":
+                            break
+                        pos = stop + 2
+                    if pos > start:
+                        self.message_bytes += pos - start
+                        if self.emit_body:
+                            if start == body_to and events[-1][0] is EV_BODY:
+                                events[-1] = (EV_BODY, mv[body_from:pos])
+                            else:
+                                events.append((EV_BODY, mv[start:pos]))
+                                body_from = start
+                            body_to = pos
+                        if pos >= end:
+                            return
+                        start = pos
                 line, pos = self._take_until(mv, pos, b"\r\n", MAX_CHUNK_LINE, 400
                                              if self.is_request else 502, "chunk line")
                 if pos > start:
