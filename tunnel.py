@@ -109,15 +109,22 @@ only to clients that asked for them in the handshake ("log": true).
 
 Visitor HTTP at the relay (RFC 9110/9112): every request on a connection is
 parsed.  Ambiguous framing is refused with 400 and never forwarded (both
-Content-Length and Transfer-Encoding, differing lengths, a coding list not
-ending in chunked, bad chunk sizes, obs-fold, whitespace before a colon,
-control bytes, missing or duplicate Host, an absolute-form target naming
-another host).  Hop-by-hop fields go, X-Forwarded-For/-Proto/-Host and
-Forwarded are replaced; the other fields are forwarded byte for byte.  The
-field patterns run in linear time (no lazy repeats), so a hostile head costs
-milliseconds, not the loop.  Heads are limited (64 KiB, 431; request line 8 KiB,
-414; 100 fields, 431) and must arrive within the head timeout (408); idle
-keep-alive connections are closed; caps answer 503.  Requests on one
+Content-Length and Transfer-Encoding, differing lengths, a coding list other
+than one chunked (other codings: 501), chunk sizes over 10 hex digits or
+chunk lines off the RFC 9112 grammar (no whitespace, no bare ";"), obs-fold,
+whitespace before a colon, control bytes, raw non-ASCII in the request line,
+a missing, empty or duplicate Host, an absolute-form target naming another
+host).  A chunked request reaches the origin with one plain
+``Transfer-Encoding: chunked``.  Hop-by-hop fields go; every forwarding field
+(any case, "_" read as "-": Forwarded, X-Forwarded-*, X-Real-IP,
+X-Client-IP, True-Client-IP, CF-Connecting-IP, ...) is dropped and the relay
+adds its own X-Forwarded-For/-Proto/-Host and Forwarded; the other fields are
+forwarded byte for byte.  The body bytes of one read go out as one DATA frame,
+however small its chunks.  The field patterns run in linear time (no lazy
+repeats), so a hostile head costs milliseconds, not the loop.  Heads are
+limited (64 KiB, 431; request line 8 KiB, 414; 100 fields, 431) and must
+arrive within the head timeout (408); idle keep-alive connections are closed;
+caps answer 503.  Requests on one
 connection must name one tunnel (421 otherwise); responses come back in
 order.  ``Connection: Upgrade`` requests become a raw two-way pipe once the
 origin answers 101.  Relay-made answers use a lingering close so the visitor
@@ -219,10 +226,10 @@ MAX_REQUEST_LINE = 8 * 1024             # longer request line: 414
 MAX_HEADER_COUNT = 100                  # more fields: 431
 MAX_CHUNK_LINE = 4 * 1024               # chunk-size line or trailer line
 MAX_CHUNK_SIZE_DIGITS = 10              # hex digits of a request's chunk size, leading zeros
-                                        # counted: up to 1 TiB - 1 per chunk, far above any
-                                        # real sender, and fits every origin's 64-bit (even
-                                        # 53-bit float) counter; 2^64-1 style sizes exist only
-                                        # to overflow one, and zero-padding to hide a size
+                                        # counted: chunks up to 1 TiB - 1, far above what any
+                                        # sender uses, and within every origin's counter (64-bit
+                                        # or a 53-bit float); longer sizes (2^64-1, zero-padded)
+                                        # exist only to overflow or truncate one differently
 MAX_TRAILER_SIZE = 16 * 1024            # all trailer lines together
 WHOLE_RESPONSE_PROBE = 16 * 1024        # larger reads are not checked for a whole response
 FORWARDING_CACHE = 1024                 # (peer, host) pairs whose added fields are kept
@@ -2107,10 +2114,11 @@ class HTTPParser:
             self._state = _S_CHUNK_SIZE
         elif st == _S_CHUNK_SIZE:
             # A request's chunk line is checked strictly: the origin may read any looseness
-            # differently.  An origin's only frames the relay's own bookkeeping (the order
-            # of responses, the log, a 101): the visitor reads those bytes itself, and each
-            # visitor connection has its own origin connection, so whitespace and loose
-            # extensions pass there (old servers send them); control bytes do not.
+            # differently.  An origin's chunk lines only frame the relay's own bookkeeping
+            # (the order of responses, the log, a 101, which needs an upgrade request the
+            # relay checked): the visitor reads those bytes itself, and each visitor
+            # connection has its own origin connection, so whitespace and loose extensions
+            # pass there (old servers send them); control bytes and 17+ digits do not.
             m = (_REQUEST_CHUNK_SIZE_RE if self.is_request else _CHUNK_SIZE_RE).match(line)
             if m is None:
                 if self.is_request and _LONG_CHUNK_SIZE_RE.match(line):
@@ -4228,7 +4236,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="private key for --control-tls-cert")
     serve.add_argument("--http-redirect-port", type=int, default=None, metavar="PORT",
                        help="with --tls-cert: also listen on PORT for plain HTTP that "
-                       "only redirects to HTTPS")
+                       "only redirects to HTTPS (for the domain and NAME.DOMAIN; other "
+                       "hosts get 404)")
     serve.add_argument("--max-head-size", type=int, default=MAX_HEAD_SIZE, metavar="BYTES",
                        help="largest request head; larger gets 431 (default %(default)s)")
     serve.add_argument("--max-unauthenticated", type=int, default=MAX_UNAUTHENTICATED,
