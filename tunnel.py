@@ -5100,7 +5100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "more are closed (default %(default)s)")
     serve.add_argument("--session-budget", type=int, default=SESSION_BUDGET, metavar="BYTES",
                        help="receive windows of all of one client's streams together: what "
-                       "the relay may buffer for it (default %(default)s)")
+                       "the relay may buffer for it, plus %d KiB a stream once it is spent "
+                       "(default %%(default)s)" % (MIN_INITIAL_WINDOW // 1024))
     serve.add_argument("--max-unauthenticated-per-source", type=int,
                        default=MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
                        help="control connections in the handshake from one source address "
