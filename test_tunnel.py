@@ -4461,5 +4461,158 @@ class HTTPAbuseTest(EndToEndBase):
         self.assertNotIn(b"Location", reply)
 
 
+
+# =============================================================================
+# Issue 11 item 4, the rest: initial windows come out of the session's budget
+# =============================================================================
+
+class OpenWindowTest(EndToEndBase):
+    """The relay announces each stream's initial window in OPEN, from what the session's
+    budget has left, so stalled streams hold at most the budget plus a floor each."""
+
+    FLOOR = tunnel.MIN_INITIAL_WINDOW
+
+    def pair(self, **config):
+        return SessionMemoryTest.pair(self, **config)
+
+    # -- a client that never grants and whose visitors never read -------------------
+    def test_many_stalled_streams_hold_the_budget_plus_a_floor_each(self):
+        budget = 1024 * 1024
+        streams = 40
+        relay = self.start_relay(session_budget=budget)
+        rogue = RogueClient(self, relay, "rogue")
+        stop = threading.Event()
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n"
+        blob = b"x" * 65536
+        granted = {}
+        credit = {}
+        lock = threading.Lock()
+
+        import select
+
+        def run():
+            # The rogue is the origin too: on every OPEN it sends a huge response's head,
+            # then body as fast as the relay's credit allows (the window in OPEN and the
+            # relay's grants as its visitor sockets take some), and it never grants any
+            # window back.  It answers PINGs, so the heartbeat keeps it.
+            sock = rogue.sock               # blocking sends (WAIT); reads only when ready
+            frames = list(rogue.frames)
+            while not stop.is_set():
+                for frame in frames:
+                    if frame.type == FrameType.PING and not frame.flags & tunnel.FLAG_ACK:
+                        sock.sendall(tunnel.encode_frame(FrameType.PING, 0, frame.payload,
+                                                         tunnel.FLAG_ACK))
+                    elif frame.type == FrameType.OPEN:
+                        window = json.loads(frame.payload).get("window",
+                                                               tunnel.INITIAL_WINDOW)
+                        granted[frame.stream_id] = window
+                        sock.sendall(tunnel.encode_frame(FrameType.DATA, frame.stream_id,
+                                                         head))
+                        with lock:
+                            credit[frame.stream_id] = window - len(head)
+                    elif frame.type == FrameType.WINDOW and frame.stream_id in credit:
+                        with lock:
+                            credit[frame.stream_id] += struct.unpack("!I", frame.payload)[0]
+                with lock:
+                    sends = [(sid, min(n, len(blob))) for sid, n in credit.items() if n > 0]
+                    for sid, n in sends:
+                        credit[sid] -= n
+                for sid, n in sends:
+                    sock.sendall(tunnel.encode_frame(FrameType.DATA, sid, blob[:n]))
+                frames = []
+                try:
+                    if not select.select([sock], [], [], 0.01)[0]:
+                        continue
+                    data = sock.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                frames = rogue.decoder.feed(data)
+        thread = threading.Thread(target=run, name="rogue")
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        self.addCleanup(stop.set)       # runs first
+        session = relay.loop.run_in_loop(lambda: relay.tunnels["rogue"].session)
+        visitors = []
+        for _ in range(streams):
+            v = socket.socket()
+            self.addCleanup(v.close)
+            visitors.append(v)
+            v.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            v.connect(("127.0.0.1", relay.http_port))
+            v.sendall(b"GET / HTTP/1.1\r\nHost: rogue.localhost\r\n\r\n")   # never read
+
+        def held():
+            """What the relay holds for the rogue session once the rogue has sent all
+            the credit it was given (None before that)."""
+            mine = [v for v in relay.visitors if v.stream is not None
+                    and v.stream.session is session]
+            if len(mine) < streams or any(v.stream.recv_credit for v in mine):
+                return None
+            return sum(len(v.out) for v in mine) + len(session.out)
+        wait_until(lambda: relay.loop.run_in_loop(held) is not None, timeout=2 * WAIT,
+                   what="the rogue to use up its credit")
+        total = relay.loop.run_in_loop(held)
+        windows = relay.loop.run_in_loop(lambda: sum(
+            s.recv_window for s in session.streams.values()))
+        self.assertLessEqual(total, budget + streams * self.FLOOR + tunnel.READ_SIZE)
+        self.assertLessEqual(windows, budget + streams * self.FLOOR)
+        self.assertFalse(session.closed)            # an honest-looking session lives on
+        # The first streams got the whole initial window, later ones less (down to the
+        # floor) as the budget filled.
+        self.assertEqual(max(granted.values()), tunnel.INITIAL_WINDOW)
+        self.assertGreaterEqual(min(granted.values()), self.FLOOR)
+        self.assertLess(min(granted.values()), tunnel.INITIAL_WINDOW // 2)
+        for v in visitors:              # the visitors go: so does what was held for them
+            v.close()
+        wait_until(lambda: relay.loop.run_in_loop(
+            lambda: not session.streams and session.window_held == 0),
+            what="the budget to be given back")
+
+    # -- the window in OPEN, pair level ----------------------------------------------
+    def test_open_windows_shrink_as_the_budget_fills_and_come_back(self):
+        budget = 1024 * 1024
+        relay, client, sides, pump = self.pair(window_budget=budget)
+        full = budget // tunnel.INITIAL_WINDOW
+        streams = [relay.open_stream({"peer": "p"}) for _ in range(full + 3)]
+        for stream in streams:
+            stream.handler = sides[0]
+        pump(lambda: len(sides[1].streams) == full + 3)
+        self.assertEqual([s.recv_window for s in streams],
+                         [tunnel.INITIAL_WINDOW] * full + [self.FLOOR] * 3)
+        self.assertEqual([s.recv_credit for s in streams], [s.recv_window for s in streams])
+        self.assertEqual([r.send_window for r, _ in sides[1].streams],
+                         [s.recv_window for s in streams])
+        self.assertEqual(sides[1].streams[0][1], {"peer": "p"})   # "window" is not info
+        self.assertEqual(relay.window_held, budget + 3 * self.FLOOR)
+        # The client may send exactly what it was given and no more.
+        remote = sides[1].streams[-1][0]
+        remote.write(b"y" * (self.FLOOR + 10))
+        self.assertEqual((remote.send_window, len(remote.pending)), (0, 10))
+        for stream in streams[:2]:      # two big streams finish: their share is free
+            stream.reset("done")
+        pump(lambda: len(relay.streams) == full + 1)
+        self.assertEqual(relay.window_held, budget - 2 * tunnel.INITIAL_WINDOW
+                         + 3 * self.FLOOR)
+        again = relay.open_stream({})
+        self.assertEqual(again.recv_window, tunnel.INITIAL_WINDOW)
+        # The client's DATA went through, and the rest once the relay granted more.
+        pump(lambda: len(sides[0].data) == self.FLOOR + 10)
+        self.assertIsNone(sides[0].closed)
+        self.assertIsNone(sides[1].closed)
+
+    def test_client_refuses_a_bad_window_in_open(self):
+        for window in (0, -1, tunnel.INITIAL_WINDOW + 1, 2 ** 40, 1.5, "4096", True, None,
+                       "missing"):
+            relay, client, sides, pump = self.pair()
+            info = {"peer": "p"} if window == "missing" else {"peer": "p", "window": window}
+            relay.highest_id += 1
+            relay._send(tunnel.encode_frame(FrameType.OPEN, relay.highest_id,
+                                            json.dumps(info).encode()))
+            pump(lambda: sides[1].closed is not None)
+            self.assertRegex(sides[1].closed, "protocol error: OPEN window", window)
+            self.assertEqual(sides[1].streams, [])
+
 if __name__ == "__main__":
     unittest.main()

@@ -98,7 +98,8 @@ Frames (after the preamble, everything on the control socket is a frame)::
     3 AUTH       0     MAC + JSON
     4 WELCOME    0     MAC + JSON
     5 REFUSE     0     JSON
-    6 OPEN       id    JSON {"peer", "host"}         relay opens a stream
+    6 OPEN       id    JSON {"peer", "host",         relay opens a stream and
+                       "window"}                     grants "window" bytes of credit
     7 DATA       id    bytes                         counts against the window
     8 WINDOW     id    u32 increment                 grant send credit
     9 FIN        id    -                             half-close: no more DATA
@@ -115,7 +116,12 @@ logged reason, other sessions are untouched.  Frames for a stream that was
 already closed or reset are dropped silently (they may have crossed a RST).
 
 Flow control (in the spirit of yamux): each direction of each stream starts
-with INITIAL_WINDOW bytes of credit.  A sender stops reading its socket when
+with INITIAL_WINDOW bytes of credit, except the client's: the relay announces
+it in OPEN ("window", 1..INITIAL_WINDOW, else a protocol error), out of what
+the session's budget has left, down to MIN_INITIAL_WINDOW once it is spent, so
+stalled streams hold at most the budget plus that floor each.  (The client's
+grant to the relay stays implicit, so a hostile relay can make a client hold
+up to MAX_STREAMS x INITIAL_WINDOW.)  A sender stops reading its socket when
 the credit is spent; the receiver grants more (WINDOW) as it writes the data
 out to its own socket, so memory per stream is bounded by the window.  A
 stream whose grants come less than two round trips apart (the interval
@@ -264,7 +270,8 @@ REFUSALS: Dict[str, Tuple[str, str]] = {
 }
 
 # -- flow control and buffering -----------------------------------------------
-INITIAL_WINDOW = 256 * 1024             # per-stream credit at open
+INITIAL_WINDOW = 256 * 1024             # per-stream credit at open (while the budget has room)
+MIN_INITIAL_WINDOW = 16 * 1024          # ... and once the session's budget is spent
 MAX_WINDOW = 16 * 1024 * 1024           # a busy stream's window grows to this
 SESSION_BUDGET = 32 * 1024 * 1024       # all receive windows of one session together
 MIN_RTT = 0.0002                        # floor for the window-growth test (s)
@@ -1149,7 +1156,8 @@ class StreamHandler:
 class Stream:
     """One bidirectional byte stream inside a session, with credit-based flow control."""
 
-    def __init__(self, session: "Session", stream_id: int) -> None:
+    def __init__(self, session: "Session", stream_id: int, recv_window: int = INITIAL_WINDOW,
+                 send_window: int = INITIAL_WINDOW) -> None:
         self.session = session
         self.id = stream_id
         self.state = StreamState.OPEN
@@ -1157,13 +1165,13 @@ class Stream:
         self.can_receive = True
         self.done = False
         self.handler: StreamHandler = StreamHandler()
-        self.send_window = INITIAL_WINDOW   # bytes we may still send
-        self.recv_window = INITIAL_WINDOW   # size of the window we grant
-        self.recv_credit = INITIAL_WINDOW   # bytes the peer may still send
+        self.send_window = send_window      # bytes we may still send
+        self.recv_window = recv_window      # size of the window we grant
+        self.recv_credit = recv_window      # bytes the peer may still send
         self.unacked = 0                    # consumed here, not yet granted
         self.held = 0                       # once done: budget still held (not written out)
         self.discarded = False              # the owner dropped what it had not written
-        session.window_held += INITIAL_WINDOW   # while open, the stream holds recv_window
+        session.window_held += recv_window  # while open, the stream holds recv_window
         self.last_grant = time.monotonic()
         self.grant_interval = -1.0          # smoothed time between grants (s; -1: none yet)
         self.pending = bytearray()          # written while out of credit
@@ -1904,11 +1912,15 @@ class Session(Conn):
         if frame.stream_id <= self.highest_id:
             raise ProtocolError("stream id %d reused or out of order" % frame.stream_id)
         info = _json_payload(frame.payload, "OPEN")
+        window = info.pop("window", None)   # what the relay lets us send on this stream
+        if type(window) is not int or not 0 < window <= INITIAL_WINDOW:
+            raise ProtocolError("OPEN window %.40r is not an integer in 1..%d"
+                                % (window, INITIAL_WINDOW))
         self.highest_id = frame.stream_id
         if len(self.streams) >= MAX_STREAMS:    # each one would be a socket to the target
             self._send(encode_frame(FrameType.RST, frame.stream_id, b"too many streams"))
             return
-        stream = Stream(self, frame.stream_id)
+        stream = Stream(self, frame.stream_id, send_window=window)
         self.streams[stream.id] = stream
         self.delegate.on_stream_open(self, stream, info)
 
@@ -1992,11 +2004,19 @@ class Session(Conn):
         self._send(encode_frame(FrameType.PING, 0, payload))
 
     def open_stream(self, info: Dict[str, Any]) -> Stream:
-        """Relay side: a new stream towards the client."""
+        """Relay side: a new stream towards the client.  Its initial receive window comes
+        out of the session's budget (OPEN tells the client): INITIAL_WINDOW while there is
+        room, less as it fills, MIN_INITIAL_WINDOW once it is spent, so stalled streams
+        hold at most the budget plus that floor each."""
         self.highest_id += 1
-        stream = Stream(self, self.highest_id)
+        window = self.config.window_budget - self.window_held
+        if window >= INITIAL_WINDOW:
+            window = INITIAL_WINDOW
+        elif window < MIN_INITIAL_WINDOW:
+            window = MIN_INITIAL_WINDOW
+        stream = Stream(self, self.highest_id, recv_window=window)
         self.streams[stream.id] = stream
-        self._send(encode_frame(FrameType.OPEN, stream.id, _json_bytes(info)))
+        self._send(encode_frame(FrameType.OPEN, stream.id, _json_bytes(dict(info, window=window))))
         return stream
 
     def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
@@ -5270,7 +5290,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "more are closed (default %(default)s)")
     serve.add_argument("--session-budget", type=int, default=SESSION_BUDGET, metavar="BYTES",
                        help="receive windows of all of one client's streams together: what "
-                       "the relay may buffer for it (default %(default)s)")
+                       "the relay may buffer for it, plus %d KiB a stream once it is spent "
+                       "(default %%(default)s)" % (MIN_INITIAL_WINDOW // 1024))
     serve.add_argument("--max-unauthenticated-per-source", type=int,
                        default=MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
                        help="control connections in the handshake from one source address "
