@@ -2915,6 +2915,49 @@ class ControlChannelSecurityTest(EndToEndBase):
                                for m in self.capture.messages()), what="banned refusal")
         self.assertTrue(client.thread.is_alive())
 
+    def attempt(self, relay, request, token):
+        """One raw handshake on a plain control port: 'welcome' or the refusal code."""
+        s = socket.create_connection(("127.0.0.1", relay.control_port), WAIT)
+        self.addCleanup(s.close)
+        hs = ClientHandshake(token, request)
+        s.sendall(hs.start())
+        dec = FrameDecoder()
+        try:
+            while not hs.done:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return "closed"
+                for frame in dec.feed(chunk):
+                    out = hs.receive(frame)
+                    if out:
+                        s.sendall(out)
+        except tunnel.AuthError:
+            return "auth"
+        except tunnel.RefusedError as exc:
+            return exc.code
+        return "welcome"
+
+    def test_one_tunnel_takes_only_a_share_of_the_password_checks(self):
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        pool = tunnel.VerifyPool(loop, threads=1, max_queued=8, max_per_source=8)
+        gate = threading.Event()
+        self.addCleanup(pool.stop)
+        self.addCleanup(gate.set)
+        share = 8 // tunnel.VERIFICATION_SHARE
+        for i in range(share):
+            pool.submit("src%d" % i, gate.wait, lambda ok: None, group="evil")
+        with self.assertRaises(tunnel.HTTPError) as cm:
+            pool.submit("another", gate.wait, lambda ok: None, group="evil")
+        self.assertEqual(cm.exception.status, 503)
+        pool.submit("victim", gate.wait, lambda ok: None, group="victim")   # still queued
+
+    def test_user_names_a_client_picks_buy_no_fresh_count(self):
+        relay = self.start_relay(auth_ban_after=3)       # one shared token: one user
+        got = [self.attempt(relay, {"user": "u%d" % i}, "wrong-%d" % i) for i in range(5)]
+        self.assertEqual(got, ["auth"] * 3 + ["banned"] * 2)
+        self.assertEqual(self.attempt(relay, {"user": "fresh"}, TOKEN), "banned")
+
     def test_penalties_stay_bounded_and_count_an_ipv6_source_as_its_64(self):
         p = tunnel.Penalties(ban_after=1)           # every failure bans: fills both tables
         for i in range(2 * tunnel.PENALTY_MAX_KEYS):
@@ -2970,6 +3013,72 @@ class RogueClient:
                 if reply:
                     s.sendall(reply)
         self.sock = s
+
+
+class ReaderlessClientTest(EndToEndBase):
+    """A client that keeps sending (PINGs) but never reads is dropped like a silent one."""
+
+    def test_client_that_pings_but_never_reads_is_dropped(self):
+        rogue = RogueClient(self, self.relay, "deaf", rcvbuf=4096)
+        session = self.relay.tunnels["deaf"].session
+        stop = threading.Event()
+
+        def keep_pinging():
+            while not stop.wait(0.05):
+                try:
+                    rogue.sock.sendall(tunnel.encode_frame(FrameType.PING, 0, b"\0" * 8))
+                except OSError:
+                    return
+        pinger = threading.Thread(target=keep_pinging, daemon=True)
+        pinger.start()
+        self.addCleanup(pinger.join, WAIT)
+        self.addCleanup(stop.set)
+        body = b"x" * 300000
+        for _ in range(24):       # more than the kernel buffers take: output queues up
+            s = socket.create_connection(("127.0.0.1", self.relay.http_port), WAIT)
+            self.addCleanup(s.close)
+            s.setblocking(False)
+            try:
+                s.send(b"POST / HTTP/1.1\r\nHost: deaf.localhost\r\nContent-Length: %d\r\n\r\n"
+                       % len(body) + body)
+            except BlockingIOError:
+                pass
+        wait_until(lambda: session.closed, timeout=WAIT, what="the deaf session to close")
+        self.assertIn("read nothing", session.close_reason)
+
+
+class SlowReaderTest(EndToEndBase):
+    """A visitor that stops reading its response is disconnected after --send-timeout;
+    one that reads slowly is not."""
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(send_timeout=0.5)
+        self.client, self.lines = self.start_client("demo")
+
+    def visitor(self):
+        s = socket.socket()
+        self.addCleanup(s.close)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", self.relay.http_port))
+        s.sendall(b"GET /bytes?n=%d HTTP/1.1\r\nHost: demo.localhost\r\n\r\n" % (64 << 20))
+        return s
+
+    def test_visitor_that_stops_reading_is_closed_one_that_reads_slowly_is_not(self):
+        deaf = [self.visitor() for _ in range(5)]
+        slow = self.visitor()
+        slow.settimeout(WAIT)
+        started = time.monotonic()
+        got = 0
+        while time.monotonic() - started < 2.5:     # 5 send timeouts, reading a little
+            got += len(slow.recv(4096))
+            time.sleep(0.1)
+        self.assertGreater(got, 0)
+        wait_until(lambda: self.relay_stats()["visitors"] == 1, what="deaf visitors closed")
+        for s in deaf:
+            s.settimeout(WAIT)
+            self.assertTrue(closed_by_peer(s))
+        self.assertTrue(slow.recv(4096))          # still served
 
 
 class PairHandler(tunnel.StreamHandler):

@@ -322,6 +322,7 @@ LINGER_TIMEOUT = 2.0                    # after an error page: drain input this 
 THROTTLE_INTERVAL = 10.0                # repeated warnings: one line per this long
 BODY_TIMEOUT = 30.0                     # a request body must advance within this (408)
 BODY_MIN_PROGRESS = 1024                # ... by at least this many bytes (a trickle stalls)
+SEND_TIMEOUT = 60.0                     # a visitor with bytes waiting must take some within
 ACCEPT_PAUSE = 0.5                      # out of descriptors (EMFILE...): stop accepting this long
 
 # -- caps (over a cap: 503 for visitors, a refusal for clients) -----------------
@@ -743,6 +744,18 @@ def release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (ImportError, OSError, AttributeError, TypeError):
         pass
+
+
+def kernel_unacked(sock: Any) -> int:
+    """Bytes the kernel holds for ``sock`` that the peer has not ACKed (Linux TIOCOUTQ;
+    0 where unknown): with what was written, what the peer really took."""
+    try:
+        import fcntl
+        import termios
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                  b"\0\0\0\0"))[0])
+    except (ImportError, OSError, AttributeError, ValueError):
+        return 0
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -1713,6 +1726,9 @@ class Session(Conn):
         self._congested = False
         self._paused = False             # input not read: the peer does not read our output
         self._queued_at_beat = 0         # len(out) at the last heartbeat
+        self.sent_total = 0              # bytes of output the socket took, ever
+        self._sent_at_beat = 0           # ... at the last heartbeat
+        self._stuck_for = 0.0            # output queued and nothing taken, this long (s)
         self._ping_sent: Dict[bytes, float] = {}   # random payload -> when it was sent
         self.last_rx = time.monotonic()
         self._active: set = set()        # streams that moved data since _active_since
@@ -1774,6 +1790,7 @@ class Session(Conn):
         except OSError as exc:
             self.close("connection error: %s" % describe_oserror(exc))
             return
+        self.sent_total += sent
         if sent == len(self.out):
             self.out.clear()
         elif sent:
@@ -1992,6 +2009,17 @@ class Session(Conn):
                 self.close("the peer has not read its output for %.1fs (%d bytes queued)"
                            % (silent, queued))
                 return
+        # A peer that keeps sending (PINGs, say) but never reads is as dead as a silent
+        # one, and holds everything queued for it: output waiting, none of it taken.
+        if queued and self.sent_total == self._sent_at_beat:
+            self._stuck_for += self.config.heartbeat_interval
+            if self._stuck_for > self.config.heartbeat_timeout:
+                self.close("the peer has read nothing for %.1fs (%d bytes queued)"
+                           % (self._stuck_for, queued))
+                return
+        else:
+            self._stuck_for = 0.0
+        self._sent_at_beat = self.sent_total
         self.ping()
         self._timers = [self.loop.call_later(self.config.heartbeat_interval, self._heartbeat)]
 
@@ -2799,6 +2827,7 @@ AUTH_CACHE_SIZE = 16                    # verified basic-auth credentials rememb
 VERIFY_THREADS = 2                      # worker threads that run password hashes
 MAX_VERIFICATIONS = 64                  # password checks queued or running, relay-wide (503)
 MAX_VERIFICATIONS_PER_SOURCE = 4        # ... from one address (429)
+VERIFICATION_SHARE = 4                  # one tunnel's checks: at most 1/this of the queue (503)
 PENALTY_WINDOW = 300.0                  # failures older than this are forgotten (s)
 PENALTY_BAN_AFTER = 10                  # failures in the window before a ban
 PENALTY_BAN_TIME = 300.0                # ban length (s)
@@ -3183,12 +3212,18 @@ class VerifyPool:
         self._stopped = False
 
     def submit(self, source: Any, job: Callable[[], Any],
-               done: Callable[[Any], None]) -> None:
+               done: Callable[[Any], None], group: Any = None) -> None:
         if self.pending >= self.max_queued:
             raise HTTPError(503, "Too many password checks in progress; try again soon.")
         if self.per_source.get(source, 0) >= self.max_per_source:
             raise HTTPError(429, "Too many password checks from your address; try again "
                             "soon.")
+        # One tunnel (``group``), whose owner picked the hash's cost, may take only a
+        # share of the queue: the others' logins still get through.
+        if group is not None and self.per_source.get(group, 0) >= max(
+                1, self.max_queued // VERIFICATION_SHARE):
+            raise HTTPError(503, "Too many password checks for this tunnel in progress; "
+                            "try again soon.")
         with self._cond:
             if self._stopped:
                 raise HTTPError(503, "The relay is stopping.")
@@ -3197,10 +3232,11 @@ class VerifyPool:
                                           daemon=True)
                 self._workers.append(worker)
                 worker.start()
-            self._jobs.append((source, job, done))
+            self._jobs.append(((source, group), job, done))
             self._cond.notify()
         self.pending += 1
         self.per_source[source] = self.per_source.get(source, 0) + 1
+        self.per_source[group] = self.per_source.get(group, 0) + 1
 
     def _work(self) -> None:
         while True:
@@ -3214,11 +3250,12 @@ class VerifyPool:
             self.loop.call_soon_threadsafe(functools.partial(self._finish, source, done,
                                                              result))
 
-    def _finish(self, source: Any, done: Callable[[Any], None], result: Any) -> None:
+    def _finish(self, keys: Any, done: Callable[[Any], None], result: Any) -> None:
         self.pending -= 1
-        left = self.per_source.pop(source, 1) - 1
-        if left:
-            self.per_source[source] = left
+        for key in keys:
+            left = self.per_source.pop(key, 1) - 1
+            if left:
+                self.per_source[key] = left
         done(result)
 
     def stop(self) -> None:
@@ -3254,6 +3291,7 @@ class Pipe(Conn, StreamHandler):
         self.shutdown_pending = False
         self.close_pending = False
         self.counted = 0            # bytes in ``out`` owed to the stream's credit
+        self.out_sent = 0           # bytes of ``out`` the socket took, ever
 
     def wants_read(self) -> bool:
         return (not self.read_eof and not self.close_pending
@@ -3351,6 +3389,7 @@ class Pipe(Conn, StreamHandler):
         except OSError as exc:
             self.on_socket_error(exc)
             return
+        self.out_sent += sent
         credit = min(sent, self.counted)
         self.counted -= credit
         if sent == len(self.out):
@@ -3685,6 +3724,7 @@ class RelayConfig(Settings):
     max_visitors_per_source: int = MAX_VISITORS_PER_SOURCE
     max_visitors_per_source_per_tunnel: int = MAX_VISITORS_PER_SOURCE_PER_TUNNEL
     body_timeout: float = BODY_TIMEOUT       # a request body stalled this long: 408
+    send_timeout: float = SEND_TIMEOUT       # a visitor that takes nothing this long: closed
     accept_pause: float = ACCEPT_PAUSE       # out of descriptors: stop accepting this long
     max_head_size: int = MAX_HEAD_SIZE       # request heads larger than this: 431
     tls_cert: Optional[str] = None          # visitors over HTTPS (and control, by default)
@@ -3839,6 +3879,8 @@ class VisitorConn(Pipe):
         self.body_read = 0            # bytes read while in a request body (all requests)
         self.body_seen = 0            # ... when the sweeper last saw it advance enough
         self.body_mark = -1.0         # ... and when (-1: not timing a body)
+        self.send_seen = 0            # out_sent when the sweeper last saw it move
+        self.send_mark = -1.0         # ... and when (-1: nothing waiting for the visitor)
         self.update()
         relay.visitor_came(self.source)
 
@@ -3869,13 +3911,28 @@ class VisitorConn(Pipe):
         self._handle_requests(self.requests.feed(data))
 
     def check_deadlines(self, head_by: float, idle_by: float, body_by: float = 0.0,
-                        now: float = 0.0) -> None:
+                        now: float = 0.0, send_by: float = 0.0) -> None:
         """Called by the relay's sweeper with the oldest acceptable start times.
 
-        A request body must advance by BODY_MIN_PROGRESS bytes every body timeout
-        while the relay reads it (a paused read, the origin's window full, does not
-        count), else 408, or a close if its response has started."""
-        if self.closed or self.close_pending or self.upgraded or self.held is not None:
+        A visitor with bytes waiting for it must take some every send timeout (one that
+        stops reading would hold its connection, stream and window for ever).  A request
+        body must advance by BODY_MIN_PROGRESS bytes every body timeout while the relay
+        reads it (a paused read, the origin's window full, does not count), else 408, or
+        a close if its response has started."""
+        if self.closed:
+            return
+        if self.out:
+            taken = self.out_sent - kernel_unacked(self.sock)   # what the visitor has ACKed
+            if self.send_mark < 0 or taken != self.send_seen:
+                self.send_mark, self.send_seen = now, taken
+            elif self.send_mark < send_by:
+                log.info("visitor %s: took none of %d bytes for %gs; closing", self.peer,
+                         len(self.out), self.relay.config.send_timeout)
+                self.abort("the visitor stopped reading")
+                return
+        else:
+            self.send_mark = -1.0
+        if self.close_pending or self.upgraded or self.held is not None:
             return          # (held: its credential is being checked; reading is paused)
         if self.in_body:
             read = self.body_read
@@ -4009,7 +4066,8 @@ class VisitorConn(Pipe):
         if isinstance(verdict, bytes):     # a password not verified yet: off the loop
             self.relay.verify_pool.submit(
                 source_key(self.peer_ip), functools.partial(policy.verify, verdict),
-                functools.partial(self._verified, policy, req, verdict))
+                functools.partial(self._verified, policy, req, verdict),
+                group=("tunnel", policy.name))
             self.held = []
             return True
         if verdict is None and ("authorization" in index or TOKEN_HEADER in index):
@@ -4384,7 +4442,7 @@ class Relay(SessionDelegate):
     def _sweep_interval(self) -> float:
         cfg = self.config
         return max(0.01, min(SWEEP_INTERVAL, cfg.head_timeout / 4, cfg.idle_timeout / 4,
-                             cfg.body_timeout / 4))
+                             cfg.body_timeout / 4, cfg.send_timeout / 4))
 
     def _sweep(self) -> None:
         """Close visitors whose request head or body is late (408) or that idled too long."""
@@ -4392,8 +4450,9 @@ class Relay(SessionDelegate):
         head_by = now - self.config.head_timeout
         idle_by = now - self.config.idle_timeout
         body_by = now - self.config.body_timeout
+        send_by = now - self.config.send_timeout
         for visitor in list(self.visitors):
-            visitor.check_deadlines(head_by, idle_by, body_by, now)
+            visitor.check_deadlines(head_by, idle_by, body_by, now, send_by)
         self.loop.call_later(self._sweep_interval(), self._sweep)
 
     # -- accepting ------------------------------------------------------------------
@@ -4506,7 +4565,7 @@ class Relay(SessionDelegate):
         handshake = RelayHandshake(self.token_for, accept, bindings=self.bindings,
                                    unbound_ok=self.control_tls is None,
                                    banned=lambda user: self.penalties.banned(
-                                       (source_key(peer_ip), user)))
+                                       self.penalty_key(peer_ip, user)))
         session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
                           config=self.session_config, peer_ip=peer_ip)
         self.sessions.add(session)
@@ -4626,6 +4685,13 @@ class Relay(SessionDelegate):
             del self.reserved[name]
         log.info("tokens file reloaded: %d users", len(users))
 
+    def penalty_key(self, peer_ip: str, user: str) -> Tuple[str, str]:
+        """What failed handshakes count against: the source and the user, if that user
+        exists (a name the client picks must not buy it a fresh count: on a single-token
+        relay every name is one user, and unknown names share one count)."""
+        known = self.users is not None and user in self.users
+        return source_key(peer_ip), user if known else ""
+
     def on_handshake_refused(self, session: Session, handshake: Any) -> float:
         code = getattr(handshake, "failed_code", "")
         if code == "binding":
@@ -4634,7 +4700,7 @@ class Relay(SessionDelegate):
             return 0.0
         if code != "auth":
             return 0.0
-        key = (source_key(session.peer_ip), handshake.user)
+        key = self.penalty_key(session.peer_ip, handshake.user)
         delay = self.penalties.fail(key)
         if self.penalties.banned(key):
             log.warning("control connections from %s for user %s banned for %.0fs after "
@@ -4677,7 +4743,7 @@ class Relay(SessionDelegate):
     def on_session_up(self, session: Session) -> None:
         self.unauthenticated.discard(session)
         handshake = session.handshake
-        self.penalties.succeed((source_key(session.peer_ip), handshake.user))   # only this one
+        self.penalties.succeed(self.penalty_key(session.peer_ip, handshake.user))  # just this
         log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
         if handshake.request.get("tls_interception") is True:
             log.warning("%s: the client declared a TLS-inspecting middlebox (it saw the "
@@ -5308,6 +5374,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a request body that advances by less than %d bytes for this "
                        "long (while the relay reads it) is cut off: 408, or a close if the "
                        "response has started (default %%(default)s)" % BODY_MIN_PROGRESS)
+    serve.add_argument("--send-timeout", type=float, default=SEND_TIMEOUT, metavar="SEC",
+                       help="a visitor with response bytes waiting that takes none of them "
+                       "for this long is disconnected (default %(default)s)")
     serve.add_argument("--verify-threads", type=int, default=VERIFY_THREADS, metavar="N",
                        help="threads that check visitors' basic-auth passwords "
                        "(default %(default)s)")
@@ -5485,6 +5554,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_visitors_per_source_per_tunnel=(
                              args.max_visitors_per_source_per_tunnel),
                          body_timeout=args.body_timeout,
+                         send_timeout=args.send_timeout,
                          verify_threads=args.verify_threads,
                          max_verifications=args.max_verifications,
                          max_verifications_per_source=args.max_verifications_per_source,
@@ -5506,8 +5576,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
            args.max_visitors_per_source_per_tunnel) < 1:
         raise UsageError("--max-unauthenticated-per-source, --max-visitors-per-source and "
                          "--max-visitors-per-source-per-tunnel must be at least 1")
-    if not args.body_timeout > 0:
-        raise UsageError("--body-timeout must be positive")
+    if not (args.body_timeout > 0 and args.send_timeout > 0):
+        raise UsageError("--body-timeout and --send-timeout must be positive")
     if min(args.verify_threads, args.max_verifications,
            args.max_verifications_per_source) < 1:
         raise UsageError("--verify-threads and --max-verifications[-per-source] must be "
