@@ -347,6 +347,8 @@ CLIENT_SECRET_BYTES = 32                # per-client secret: binds a name reserv
 
 # -- defaults for the command line --------------------------------------------
 DEFAULT_BIND = "0.0.0.0"
+LOOPBACK_BIND = "127.0.0.1"             # the default bind with the default domain (localhost)
+MIN_TOKEN_LENGTH = 16                   # shorter relay tokens are refused (offline guessing)
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_CONTROL_PORT = 7835
 DEFAULT_DOMAIN = "localhost"
@@ -600,19 +602,43 @@ def write_private(path: str, text: str) -> None:
 
 def relay_identity(state_dir: str) -> Tuple[str, str, bool]:
     """(certificate file, key file, created now) of the relay's own identity in
-    ``state_dir``, made on first use; raises OSError if the directory is unusable."""
+    ``state_dir``, made on first use; raises OSError if the directory is unusable and
+    TunnelError if it is unsafe (see ``check_private``)."""
     cert, key = os.path.join(state_dir, IDENTITY_CERT), os.path.join(state_dir, IDENTITY_KEY)
-    if os.path.exists(cert) and os.path.exists(key):
+    if os.path.lexists(cert) and os.path.lexists(key):
+        check_private(state_dir, key)
         return cert, key, False
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    check_private(state_dir, None)
     seed = secrets.token_bytes(32)
     for path in (key, cert):         # a half-written pair from an earlier crash
-        if os.path.exists(path):
+        if os.path.lexists(path):
             os.unlink(path)
     write_private(key, pem_encode("PRIVATE KEY", _PKCS8_ED25519 + seed))
     write_private(cert, pem_encode("CERTIFICATE", self_signed_certificate(seed)))
     return cert, key, True
 
+
+def check_private(directory: str, key: Optional[str]) -> None:
+    """Refuse a state directory others could write to, or a key file that is a link,
+    not ours, or readable by others: whoever has the key can sit in the middle of every
+    client unnoticed, since the channel binding would match."""
+    if not hasattr(os, "geteuid"):   # no POSIX owners here (Windows)
+        return
+    import stat
+    me = os.geteuid()
+    st = os.stat(directory)
+    if st.st_uid != me or st.st_mode & 0o022:
+        raise TunnelError("refusing the state directory %s: it is not owned by this user or "
+                          "others may write to it (chmod 700 it, or pass another --state-dir)"
+                          % directory)
+    if key is None:
+        return
+    st = os.lstat(key)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != me or st.st_mode & 0o077:
+        raise TunnelError("refusing the relay key %s: it must be a regular file of this user "
+                          "that only this user can read (chmod 600 it, or remove the "
+                          "directory to make a new key)" % key)
 
 class Throttle:
     """At most one log line per ``interval`` for a repeated event; counts the rest
@@ -4387,6 +4413,9 @@ class Relay(SessionDelegate):
         try:
             cert, key, self.identity_created = relay_identity(state_dir)
         except OSError as exc:
+            if self.config.state_dir:        # asked for by name: that one or nothing
+                raise TunnelError("cannot use --state-dir %s: %s" % (
+                    state_dir, describe_oserror(exc))) from None
             import tempfile
             scratch = tempfile.mkdtemp(prefix="tunnel-identity-")
             cert, key, self.identity_created = relay_identity(scratch)
@@ -4931,6 +4960,7 @@ class Client(SessionDelegate):
                               or secrets.token_hex(CLIENT_SECRET_BYTES))
         self.binding = ""                    # SHA-256 of the relay certificate last seen
         self._warned_plaintext = False
+        self._target_errors = Throttle()     # EMFILE and the like, per stream: one line
         self.session: Optional[Session] = None
         self.targets: set = set()
         self.name: Optional[str] = config.subdomain.lower() if config.subdomain else None
@@ -5167,7 +5197,14 @@ class Client(SessionDelegate):
             stream.reset("client shutting down")
             return
         log.debug("stream %d from %s", stream.id, info.get("peer"))
-        target = TargetConn(self, stream, info)
+        try:
+            target = TargetConn(self, stream, info)
+        except OSError as exc:      # no socket to be had (EMFILE): this stream only
+            self._target_errors.warn("stream %d: cannot open a connection to the target: "
+                                     "%s", stream.id, describe_oserror(exc))
+            stream.reset("the tunnel's client cannot open a connection: %s"
+                         % describe_oserror(exc))
+            return
         if not target.closed:
             self.targets.add(target)
 
@@ -5284,8 +5321,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the relay: visitors connect to --http-port, "
                            "tunnel clients to --control-port.", epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
-                       help="address to listen on (default %(default)s)")
+    serve.add_argument("--bind", default=None, metavar="ADDR",
+                       help="address to listen on (default: 127.0.0.1 with the default "
+                       "--domain localhost, whose names only resolve on this machine; else "
+                       "%s)" % DEFAULT_BIND)
     serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, metavar="PORT",
                        help="port for visitors (default %(default)s)")
     serve.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
@@ -5531,12 +5570,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     generated = not token and not args.tokens
     if generated:
         token = new_token()
+    elif token and len(token) < MIN_TOKEN_LENGTH:
+        # A man in the middle sees one MAC under the token: a short one can be guessed
+        # offline.  Generated tokens have 256 bits.
+        raise UsageError("the token must have at least %d characters (python3 tunnel.py "
+                         "token makes a strong one)" % MIN_TOKEN_LENGTH)
     for port in (args.http_port, args.control_port):
         if not 0 <= port < 65536:
             raise UsageError("invalid port %d" % port)
     domain = args.domain.strip().lower().rstrip(".")
     if not domain or not all(valid_name(p) for p in domain.split(".")):
         raise UsageError("invalid --domain %r" % args.domain)
+    if args.bind is None:
+        args.bind = LOOPBACK_BIND if domain == DEFAULT_DOMAIN else DEFAULT_BIND
     config = RelayConfig(bind=args.bind, http_port=args.http_port,
                          control_port=args.control_port, domain=domain, token=token,
                          public_port=args.public_port,
