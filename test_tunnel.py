@@ -3123,6 +3123,44 @@ class SlowReaderTest(EndToEndBase):
         self.assertTrue(slow.recv(4096))          # still served
 
 
+class ClientOutOfDescriptorsTest(EndToEndBase):
+    """A client out of file descriptors fails the streams it cannot serve, not its session."""
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay()
+
+    def test_emfile_on_the_client_resets_streams_not_the_session(self):
+        import resource
+
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+        client = subprocess.Popen(
+            [sys.executable, "-W", "error", TUNNEL_PY, "expose", str(self.origin.server_address[1]),
+             "--relay", "127.0.0.1:%d" % self.relay.control_port, "--token", TOKEN,
+             "--subdomain", "fd", "--plaintext", "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=low_limit)
+        self.addCleanup(client.wait, WAIT)
+        self.addCleanup(client.kill)
+        self.assertTrue(client.stdout.readline().startswith(b"Forwarding"))
+        session = self.relay.tunnels["fd"].session
+        visitors = []
+        for _ in range(60):      # bodies never finished: each holds a target connection
+            s = socket.create_connection(("127.0.0.1", self.relay.http_port), WAIT)
+            self.addCleanup(s.close)
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: fd.localhost\r\nContent-Length: 10\r\n"
+                      b"\r\nabc")
+            visitors.append(s)
+        answers = [closed_by_peer(s) for s in visitors[-10:]]   # the last ones found none
+        self.assertTrue(all(a.startswith(b"HTTP/1.1 502") for a in answers), answers[:1])
+        self.assertFalse(session.closed)
+        for s in visitors:
+            s.close()
+        wait_until(lambda: self.get("/hello", host="fd.localhost")[:2] == (200, b"hello"),
+                   what="the tunnel to serve again")
+        self.assertIs(self.relay.tunnels["fd"].session, session)
+
+
 class PairHandler(tunnel.StreamHandler):
     """Collects one stream's bytes and consumes them at once."""
 
