@@ -177,6 +177,10 @@ Run ``python tunnel.py --help`` for the command line.
 
 from __future__ import annotations
 
+if __name__ == "__main__":   # Ctrl-C while this script's imports run: exit 0, no traceback
+    import os as _os, signal as _signal   # (the end of the file puts Python's handler back)
+    _signal.signal(_signal.SIGINT, lambda signum, frame: _os._exit(0))
+
 import argparse
 import collections
 import enum
@@ -5818,6 +5822,7 @@ def _reexec_as_module() -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # main catches it from here
     if len(sys.argv) > 1 and sys.argv[1] in ("serve", "expose"):
         _reexec_as_module()
     sys.exit(main())
