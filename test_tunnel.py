@@ -2428,7 +2428,7 @@ class CommandLineTest(unittest.TestCase):
         self.assertRegex(lines[0], r"^TLS certificate SHA-256 fingerprint: ([0-9A-F]{2}:){31}")
         self.assertIn("generated", lines[1])
         command = lines[2].split()
-        self.assertEqual(command[:6], ["python", "tunnel.py", "expose", "5000", "--relay",
+        self.assertEqual(command[:6], ["python3", "tunnel.py", "expose", "5000", "--relay",
                                        "localhost:%d" % control_port])
         token = command[command.index("--token") + 1]
         self.assertGreaterEqual(len(token), 32)
@@ -4802,6 +4802,175 @@ class OpenWindowTest(EndToEndBase):
             pump(lambda: sides[1].closed is not None)
             self.assertRegex(sides[1].closed, "protocol error: OPEN window", window)
             self.assertEqual(sides[1].streams, [])
+
+
+# =============================================================================
+# A new user's first hour: usage errors and messages that say what to do
+# =============================================================================
+
+class UsabilityTest(EndToEndBase):
+    def setUp(self):
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old_level)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.origin = self.start_origin()
+        self.relay = self.start_relay()
+        self.dir = tempfile.mkdtemp(prefix="tunnel-ux-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    spawn = CommandLineTest.spawn
+
+    def test_usage_errors_are_one_line_exit_2(self):
+        not_ca = os.path.join(self.dir, "notes.txt")
+        with open(not_ca, "w") as f:
+            f.write("not a certificate\n")
+        fp = ":".join(["AB"] * 32)
+        expose = ["expose", "5000", "--token", TOKEN, "--relay", "127.0.0.1:1"]
+        cases = [
+            (["expose", "https://localhost:5000", "--token", TOKEN],
+             "HTTPS origins are not supported yet"),
+            (["expose", "ftp://localhost:21", "--token", TOKEN], "invalid TARGET"),
+            (["expose", "http://localhost:5000/app", "--token", TOKEN], "without a path"),
+            (["expose", "http", "5000", "--token", TOKEN], "use: expose 5000"),
+            (["expose", "http", "--token", TOKEN], "use: expose 5000"),
+            (expose + ["--tls-ca", os.path.join(self.dir, "missing.pem")], "missing.pem"),
+            (expose + ["--tls-ca", not_ca], "notes.txt"),
+            (expose + ["--insecure", "--tls-fingerprint", fp], "--insecure excludes"),
+            (expose + ["--insecure", "--tls"], "--insecure excludes"),
+            (expose + ["--insecure", "--tls-ca", not_ca], "--insecure excludes"),
+            (expose + ["--backoff-max", "0"], "--backoff-max"),
+            (expose + ["--connect-timeout", "0"], "--connect-timeout"),
+            # "pbkdf2_sha256$100000$salt$hash" unquoted: the shell expands $1 and the rest.
+            (expose + ["--basic-auth", "alice:pbkdf2_sha25600000"], "single-quote"),
+            (expose + ["--basic-auth", "alice:pbkdf2_sha256$x"], "single-quote"),
+        ]
+        serve = ["serve", "--bind", "127.0.0.1", "--http-port", "0", "--control-port", "0",
+                 "--token", TOKEN]
+        for flag in ("--max-visitors", "--max-visitors-per-tunnel", "--max-streams",
+                     "--max-unauthenticated", "--max-unauthenticated-per-source",
+                     "--max-visitors-per-source", "--max-visitors-per-source-per-tunnel",
+                     "--max-verifications", "--max-verifications-per-source"):
+            cases.append((serve + [flag, "-5"], flag[:18]))
+        for flag in ("--head-timeout", "--idle-timeout", "--handshake-timeout"):
+            cases.append((serve + [flag, "0"], flag))
+        running = [(args, what, self.spawn(*args)) for args, what in cases]
+        for args, what, p in running:
+            _, err = p.communicate(timeout=WAIT)
+            text = err.decode()
+            self.assertEqual(p.returncode, 2, (args, text))
+            self.assertEqual(len(text.strip().splitlines()), 1, (args, text))
+            self.assertIn(what, text, args)
+            self.assertNotIn("Traceback", text)
+
+    def test_http_url_target_is_host_and_port(self):
+        self.assertEqual(tunnel.parse_target("http://localhost:5000"), ("localhost", 5000))
+        self.assertEqual(tunnel.parse_target("http://localhost:5000/"), ("localhost", 5000))
+        self.assertEqual(tunnel.parse_target("HTTP://[::1]:8000/"), ("::1", 8000))
+        self.assertEqual(tunnel.parse_target("5000"), ("127.0.0.1", 5000))
+        # End to end: the Forwarding line names the origin as given.
+        p = self.spawn("expose", "http://127.0.0.1:%d/" % self.origin.server_address[1],
+                       "--relay", "127.0.0.1:%d" % self.relay.control_port, "--token", TOKEN,
+                       "--plaintext", "--subdomain", "web")
+        line = p.stdout.readline().decode()
+        self.assertEqual(line.strip(), "Forwarding http://web.localhost:%d -> http://127.0.0.1:%d"
+                         % (self.relay.http_port, self.origin.server_address[1]))
+        self.assertEqual(self.get("/hello", host="web.localhost")[:2], (200, b"hello"))
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 0)
+
+    def test_generated_certificate_as_ca_names_the_hostname_mismatch(self):
+        relay = self.start_relay(plaintext=False, state_dir=self.dir)
+        client, _ = self.start_client("ca", relay=relay, wait=False, plaintext=False,
+                                      tls_ca=os.path.join(self.dir, tunnel.IDENTITY_CERT))
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, 2)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", client.error)
+        self.assertIn("mismatch, certificate is not valid for '127.0.0.1'", client.error)
+
+    def test_tls_client_on_plaintext_port_is_told_about_plaintext(self):
+        with self.assertRaises(tunnel.ProtocolError) as cm:
+            FrameDecoder(expect_preamble=True).feed(b"\x16\x03\x01\x02\x00\x01")
+        self.assertIn("the relay runs with --plaintext: pass --plaintext to the client too, "
+                      "or drop it on the relay", str(cm.exception))
+
+    def test_unresolvable_and_refused_relay_hint_once(self):
+        self.assertEqual(tunnel.describe_oserror(socket.gaierror(socket.EAI_NONAME, "x")),
+                         "cannot resolve the host name")
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]      # bound, not listening: refused
+            client, _ = self.start_client("nobody", wait=False, relay_port=port,
+                                          backoff_initial=0.01, backoff_max=0.02)
+            wait_until(lambda: client.attempt >= 3, what="three attempts")
+        hints = [m for m in self.capture.messages() if "is the relay running?" in m]
+        self.assertEqual(hints, ["is the relay running? check --relay HOST:PORT (the control "
+                                 "port, 7835 by default)"])
+        self.assertTrue(any("connection refused" in m for m in self.capture.messages()))
+
+    def test_listen_and_certificate_errors_name_what_failed(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            with self.assertRaises(OSError) as cm:
+                self.new_relay(control_port=port).start()
+        self.assertEqual(str(cm.exception), "cannot listen on 127.0.0.1:%d (--control-port): "
+                         "address already in use" % port)
+        with self.assertRaises(tunnel.TunnelError) as cm:
+            self.new_relay(tls_cert="/nonexistent/cert.pem").start()
+        self.assertIn("--tls-cert /nonexistent/cert.pem", str(cm.exception))
+
+    def new_relay(self, **kw):
+        """A relay whose start() is expected to fail (so it never runs)."""
+        opts = dict(FAST, bind="127.0.0.1", http_port=0, control_port=0, token=TOKEN,
+                    plaintext=not kw.get("tls_cert"))
+        opts.update(kw)
+        relay = tunnel.Relay(tunnel.RelayConfig(**opts))
+        self.addCleanup(relay.loop.close)
+        return relay
+
+    def test_root_page_names_the_port_and_python3(self):
+        status, body, _ = self.get("/", host="localhost")
+        self.assertEqual(status, 200)
+        self.assertIn(b"http://NAME.localhost:%d;" % self.relay.http_port, body)
+        self.assertIn(b"python3 tunnel.py expose", body)
+
+    def test_reserved_name_says_how_long(self):
+        first, _ = self.start_client("held")
+        first.stop()
+        first.thread.join(WAIT)
+        wait_until(lambda: self.relay_stats()["tunnels"] == 0, what="tunnel to go")
+        other, _ = self.start_client("held", wait=False)
+        other.thread.join(WAIT)
+        self.assertRegex(other.error, r"reserved for its previous client for another "
+                         r"(59|60) s \(or choose another --subdomain\)")
+
+    def test_ban_is_logged_once_while_the_client_retries(self):
+        relay = self.start_relay(auth_ban_after=1)
+        bad, _ = self.start_client("bad", relay=relay, token="wrong-token-0123456789",
+                                   wait=False)
+        bad.thread.join(WAIT)
+        client, _ = self.start_client("late", relay=relay, wait=False, backoff_initial=0.01,
+                                      backoff_max=0.02)
+        wait_until(lambda: client.attempt >= 4, what="retries")
+        refusals = [m for m in self.capture.messages(logging.WARNING)
+                    if m.startswith("relay refused") and "too many failed" in m]
+        self.assertEqual(len(refusals), 1, refusals)
+
+    def test_ctrl_c_while_the_reexec_stub_imports_exits_0_quietly(self):
+        fake = os.path.join(self.dir, "tunnel.py")
+        with open(fake, "w") as f:
+            f.write("raise KeyboardInterrupt\n")
+        p = subprocess.run([sys.executable, "-W", "error", "-c", tunnel._REEXEC, fake, "serve"],
+                           capture_output=True, timeout=WAIT)
+        self.assertEqual((p.returncode, p.stderr), (0, b""))
+        self.assertLess(len(tunnel._REEXEC), 400)     # ps shows it whole
+
 
 if __name__ == "__main__":
     unittest.main()

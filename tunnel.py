@@ -177,6 +177,10 @@ Run ``python tunnel.py --help`` for the command line.
 
 from __future__ import annotations
 
+if __name__ == "__main__":   # Ctrl-C while this script's imports run: exit 0, no traceback
+    import os as _os, signal as _signal   # (the end of the file puts Python's handler back)
+    _signal.signal(_signal.SIGINT, lambda signum, frame: _os._exit(0))
+
 import argparse
 import collections
 import enum
@@ -386,6 +390,10 @@ class RefusedError(TunnelError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ListenError(TunnelError, OSError):
+    """The relay could not bind one of its ports (an OSError, as before, that says which)."""
 
 
 class HTTPError(TunnelError):
@@ -742,6 +750,8 @@ def describe_oserror(exc: OSError) -> str:
     """``connection refused`` rather than ``[Errno 111] Connection refused``."""
     if isinstance(exc, socket.timeout):
         return "timed out"
+    if isinstance(exc, socket.gaierror):     # errno is an EAI_* code, not an errno
+        return "cannot resolve the host name"
     if exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or exc.__class__.__name__
@@ -888,8 +898,9 @@ class FrameDecoder:
                 have = min(end, len(MAGIC))
                 if bytes(view[:have]) != MAGIC[:have]:
                     if bytes(view[:2]) == b"\x16\x03":
-                        raise ProtocolError("a TLS client on a plain control port (give the "
-                                            "relay --tls-cert, or the client no --tls)")
+                        raise ProtocolError("a TLS client on a plain control port: the relay "
+                                            "runs with --plaintext: pass --plaintext to the "
+                                            "client too, or drop it on the relay")
                     raise ProtocolError("not a tunnel.py client (bad magic)")
                 if end < PREAMBLE.size:
                     if src is not buf:
@@ -3627,8 +3638,10 @@ class TLSHandshake(Conn):
         except ssl.SSLWantWriteError:
             self.want_write = True
         except (ssl.SSLError, OSError) as exc:
-            self._fail("TLS handshake failed: %s" % (getattr(exc, "reason", None) or
-                                                     describe_oserror(exc)))
+            why = getattr(exc, "reason", None) or describe_oserror(exc)
+            detail = getattr(exc, "verify_message", None)   # SSLCertVerificationError
+            self._fail("TLS handshake failed: %s" % ("%s: %s" % (why, detail) if detail
+                                                     else why))
             return
         else:
             self._timer.cancel()
@@ -4367,7 +4380,17 @@ class Relay(SessionDelegate):
                                     if cfg.control_tls_cert else self.visitor_tls)
                 self.fingerprint = cert_fingerprint(certificate_der(control_cert))
         except (OSError, ValueError) as exc:
-            raise TunnelError("cannot load the TLS certificate or key: %s" % exc) from None
+            files = [(flag, path) for flag, path in (
+                ("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key),
+                ("--control-tls-cert", cfg.control_tls_cert),
+                ("--control-tls-key", cfg.control_tls_key)) if path]
+            missing = [(flag, path) for flag, path in files if not os.path.isfile(path)]
+            if missing:
+                raise TunnelError("cannot load the TLS certificate or key: %s %s: no such "
+                                  "file" % missing[0]) from None
+            raise TunnelError("cannot load the TLS certificate or key (%s): %s" % (
+                ", ".join("%s %s" % f for f in files),
+                getattr(exc, "reason", None) or exc)) from None
         if not control_cert and not cfg.plaintext:
             self._load_identity()
         if self.control_tls is not None:
@@ -4384,9 +4407,9 @@ class Relay(SessionDelegate):
         except ValueError as exc:
             raise TunnelError(str(exc)) from None
         self.bindings |= proxies
-        http = make_listener(self.config.bind, self.config.http_port)
+        http = self._listen(cfg.http_port, "--http-port")
         try:
-            control = make_listener(self.config.bind, self.config.control_port)
+            control = self._listen(cfg.control_port, "--control-port")
         except OSError:
             http.close()
             raise
@@ -4396,7 +4419,7 @@ class Relay(SessionDelegate):
         self.listeners = [Listener(self.loop, http, self._accept_visitor, cfg.accept_pause),
                           Listener(self.loop, control, self._accept_control, cfg.accept_pause)]
         if cfg.redirect_port is not None:
-            redirect = make_listener(cfg.bind, cfg.redirect_port)
+            redirect = self._listen(cfg.redirect_port, "--http-redirect-port")
             self.redirect_port = redirect.getsockname()[1]
             self.listeners.append(Listener(self.loop, redirect, self._accept_redirect,
                                            cfg.accept_pause))
@@ -4404,6 +4427,15 @@ class Relay(SessionDelegate):
         log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
                  format_hostport(self.config.bind, self.http_port),
                  format_hostport(self.config.bind, self.control_port), self.config.domain)
+
+    def _listen(self, port: int, flag: str) -> socket.socket:
+        """make_listener, with an error that names the address, port and flag."""
+        try:
+            return make_listener(self.config.bind, port)
+        except OSError as exc:
+            raise ListenError("cannot listen on %s (%s): %s" % (
+                format_hostport(self.config.bind, port), flag, describe_oserror(exc))) \
+                from None
 
     def _load_identity(self) -> None:
         """TLS without --tls-cert: the relay's own key and self-signed certificate, made
@@ -4638,7 +4670,8 @@ class Relay(SessionDelegate):
             held = self.reserved.get(name)
             if held is not None and not may_take(held, owner, client_key):
                 raise RefusedError("name_taken", "subdomain %r is reserved for its previous "
-                                   "client for a while" % name)
+                                   "client for another %d s (or choose another "
+                                   "--subdomain)" % (name, max(1, round(held.until - now))))
         else:
             candidates = (user.candidates() if user is not None and user.patterns is not None
                           else (random_name() for _ in range(100)))
@@ -4747,9 +4780,9 @@ class Relay(SessionDelegate):
         domain = self.config.domain.lower()
         if host == domain or not host:
             raise HTTPError(200, "This is a tunnel.py relay.\nTunnels are reached at "
-                            "%s://NAME.%s; expose a local port with:\n  python tunnel.py "
+                            "%s; expose a local port with:\n  python3 tunnel.py "
                             "expose PORT --relay %s:%d --token TOKEN"
-                            % (self.scheme, domain, domain, self.control_port))
+                            % (self.public_url("NAME"), domain, self.control_port))
         if not host.endswith("." + domain):
             raise HTTPError(404, "This relay serves *.%s; %s is not one of its names."
                             % (domain, host))
@@ -4975,6 +5008,8 @@ class Client(SessionDelegate):
         self._connector: Optional[_Connector] = None
         self._tls_context: Any = None
         self._hinted = False
+        self._relay_hinted = False           # "is the relay running?" said once
+        self._ban_logged = False             # "banned" said once per ban
         self._reconnect_timer: Optional[Timer] = None
         self._clock = (0, "")                # (second, "HH:MM:SS") for the access log
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
@@ -5121,9 +5156,14 @@ class Client(SessionDelegate):
                         "the path can read and change this tunnel's traffic", peer)
         return True
 
-    def _connect_failed(self, why: str) -> None:
+    def _connect_failed(self, why: str, unreachable: bool = False) -> None:
+        """``unreachable``: refused or not resolvable, likely a wrong --relay."""
         self._connector = None
         log.warning("could not reach the relay: %s", why)
+        if unreachable and self.url is None and not self._relay_hinted:
+            self._relay_hinted = True
+            log.warning("is the relay running? check --relay HOST:PORT (the control port, "
+                        "%d by default)", DEFAULT_CONTROL_PORT)
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
@@ -5142,6 +5182,7 @@ class Client(SessionDelegate):
         url = str(welcome.get("url", ""))
         self.name = session.name = str(welcome.get("name", ""))
         self.attempt = 0
+        self._ban_logged = False
         if url != self.url:
             self.url = url
             self.output("Forwarding %s -> %s" % (url, self.target_url))
@@ -5172,7 +5213,11 @@ class Client(SessionDelegate):
             if action == REFUSE_STOP or (action == REFUSE_FIRST and self.url is None):
                 self.fatal(EXIT_FAILURE, str(error))
                 return
-            log.warning("relay refused: %s", error)
+            if error.code != "banned" or not self._ban_logged:
+                log.warning("relay refused: %s", error)
+            else:                            # the same ban, seen again by a retry
+                log.debug("relay refused: %s", error)
+            self._ban_logged = error.code == "banned"
         if self.stopping:
             self.loop.stop()
             return
@@ -5246,7 +5291,8 @@ class _Connector(Conn):
         super().__init__(client.loop, sock or socket.socket())
         self.timer = self.loop.call_later(timeout, self._timeout)
         if error is not None:
-            self._fail(describe_oserror(error))
+            self._fail(describe_oserror(error), unreachable=isinstance(
+                error, socket.gaierror) or error.errno == errno.ECONNREFUSED)
             return
         self.update()
 
@@ -5260,7 +5306,7 @@ class _Connector(Conn):
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             if not self.dial_next(self.addrs):
-                self._fail(os.strerror(err).lower())
+                self._fail(os.strerror(err).lower(), unreachable=err == errno.ECONNREFUSED)
             return
         self.timer.cancel()
         self.client._tcp_connected(self.detach())   # the socket now belongs to the client
@@ -5269,10 +5315,10 @@ class _Connector(Conn):
         if not self.closed:
             self._fail("timed out")
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, unreachable: bool = False) -> None:
         self.timer.cancel()
         self.close_socket()
-        self.client._connect_failed("%s: %s" % (self.where, why))
+        self.client._connect_failed("%s: %s" % (self.where, why), unreachable)
 
     def abort(self, reason: str) -> None:
         self._fail(reason)
@@ -5284,10 +5330,10 @@ class _Connector(Conn):
 
 EPILOG = """\
 examples:
-  python tunnel.py serve                        # relay for http://NAME.localhost:8080
-  python tunnel.py expose 5000 --token T        # share 127.0.0.1:5000 through it
-  python tunnel.py serve --domain example.com --http-port 80 --token T
-  python tunnel.py expose 192.168.1.20:3000 --relay example.com:7835 --subdomain demo
+  python3 tunnel.py serve                       # relay for http://NAME.localhost:8080
+  python3 tunnel.py expose 5000 --token T       # share 127.0.0.1:5000 through it
+  python3 tunnel.py serve --domain example.com --http-port 80 --token T
+  python3 tunnel.py expose 192.168.1.20:3000 --relay example.com:7835 --subdomain demo
 """
 
 
@@ -5429,7 +5475,9 @@ def build_parser() -> argparse.ArgumentParser:
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    expose.add_argument("target", metavar="TARGET", help="PORT (127.0.0.1:PORT) or HOST:PORT")
+    expose.add_argument("target", metavar="TARGET", help="PORT (127.0.0.1:PORT), HOST:PORT "
+                        "or http://HOST:PORT")
+    expose.add_argument("extra", nargs="?", default=None, help=argparse.SUPPRESS)
     expose.add_argument("--relay", default=None, metavar="HOST:PORT",
                         help="relay control address (default: $TUNNEL_RELAY, else %s)"
                         % DEFAULT_RELAY)
@@ -5628,6 +5676,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
            args.max_verifications_per_source) < 1:
         raise UsageError("--verify-threads and --max-verifications[-per-source] must be "
                          "at least 1")
+    for flag in ("max_visitors", "max_visitors_per_tunnel", "max_streams",
+                 "max_unauthenticated"):
+        if getattr(args, flag) < 1:
+            raise UsageError("--%s must be at least 1" % flag.replace("_", "-"))
+    for flag in ("handshake_timeout", "head_timeout", "idle_timeout"):
+        if not getattr(args, flag) > 0:      # also refuses nan
+            raise UsageError("--%s must be positive" % flag.replace("_", "-"))
     if args.http_redirect_port is not None and not args.tls_cert:
         raise UsageError("--http-redirect-port needs --tls-cert")
     if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
@@ -5660,19 +5715,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print("TLS certificate SHA-256 fingerprint: %s" % relay.fingerprint)
     if generated:
         _print("No token given; generated one for this run. Expose a port with:")
-        _print("  python tunnel.py expose 5000 --relay %s:%d --token %s%s"
+        _print("  python3 tunnel.py expose 5000 --relay %s:%d --token %s%s"
                % (domain, relay.control_port, token, tls_flag))
     relay.run()
     log.info("relay stopped")
     return EXIT_OK
 
 
-def cmd_expose(args: argparse.Namespace) -> int:
+TARGET_PROTOCOLS = ("http", "https", "tcp", "tls")   # "expose http 5000" is ngrok's habit
+
+
+def parse_target(text: str) -> Tuple[str, int]:
+    """expose's TARGET: ``PORT``, ``HOST:PORT`` or ``http://HOST:PORT[/]``; raises
+    UsageError with a hint for what a user of other tools may type instead."""
+    lowered = text.strip().lower()
+    if lowered in TARGET_PROTOCOLS:
+        raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: expose "
+                         "5000")
+    scheme, sep, rest = text.strip().partition("://")
+    if sep:
+        if scheme.lower() == "https":
+            raise UsageError("invalid TARGET %r: HTTPS origins are not supported yet (use "
+                             "the origin's plain HTTP port)" % text)
+        if scheme.lower() != "http":
+            raise UsageError("invalid TARGET %r: expected PORT, HOST:PORT or "
+                             "http://HOST:PORT" % text)
+        if rest.endswith("/"):
+            rest = rest[:-1]
+        if not rest or "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+            raise UsageError("invalid TARGET %r: expected http://HOST:PORT, without a "
+                             "path" % text)
+        text = rest
     try:
-        target_host, target_port = parse_hostport(args.target, default_host="127.0.0.1")
+        return parse_hostport(text, default_host="127.0.0.1",
+                              default_port=80 if sep else None)
     except ValueError as exc:
         raise UsageError("invalid TARGET %r: expected PORT or HOST:PORT (%s)"
-                         % (args.target, exc)) from None
+                         % (text, exc)) from None
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    if args.extra is not None:
+        if args.target.strip().lower() in TARGET_PROTOCOLS:
+            raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: "
+                             "expose %s" % args.extra)
+        raise UsageError("unexpected argument %r after TARGET %r" % (args.extra, args.target))
+    target_host, target_port = parse_target(args.target)
+    if not args.connect_timeout > 0 or not args.backoff_max > 0:
+        raise UsageError("--connect-timeout and --backoff-max must be positive")
     relay_text = args.relay or os.environ.get("TUNNEL_RELAY") or DEFAULT_RELAY
     try:
         relay_host, relay_port = parse_hostport(relay_text, default_port=DEFAULT_CONTROL_PORT)
@@ -5687,10 +5777,14 @@ def cmd_expose(args: argparse.Namespace) -> int:
         user, sep, password = args.basic_auth.partition(":")
         if not sep or not user or not password:
             raise UsageError("--basic-auth needs USER:PASS")
-        if password.startswith(PBKDF2_PREFIX + "$") and not is_password_hash(password):
-            raise UsageError("--basic-auth: a %s hash needs %d to %d iterations (make one "
-                             "with hash-password)" % (PBKDF2_PREFIX, PBKDF2_MIN_ITERATIONS,
-                                                      PBKDF2_MAX_ITERATIONS))
+        if password.startswith(PBKDF2_PREFIX) and not is_password_hash(password):
+            # Unquoted, the shell turns "$100000$salt$hash" into "00000": never use what
+            # is left as a plain password.
+            raise UsageError("--basic-auth: PASS starts with %s but is not a valid hash "
+                             "(%d to %d iterations, from hash-password); single-quote it "
+                             "so the shell keeps its $ signs: --basic-auth 'USER:%s$...'"
+                             % (PBKDF2_PREFIX, PBKDF2_MIN_ITERATIONS, PBKDF2_MAX_ITERATIONS,
+                                PBKDF2_PREFIX))
         # The relay gets a hash, never the password itself.
         access["basic_auth"] = {"user": user, "hash": password if is_password_hash(password)
                                 else hash_password(password)}
@@ -5712,6 +5806,20 @@ def cmd_expose(args: argparse.Namespace) -> int:
             normalize_fingerprint(args.tls_fingerprint)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if args.insecure and (args.tls or args.tls_ca or args.tls_fingerprint):
+        raise UsageError("--insecure excludes --tls, --tls-ca and --tls-fingerprint (it "
+                         "means no CA or fingerprint check)")
+    if args.tls_ca:    # a bad file is the user's to fix, not the relay's: say so at once
+        ssl = load_ssl()
+        try:
+            ssl.create_default_context(cafile=args.tls_ca)
+        except ssl.SSLError as exc:
+            raise UsageError("--tls-ca %s: not a PEM file of CA certificates (%s)"
+                             % (args.tls_ca, exc.reason or exc)) from None
+        except (OSError, ValueError) as exc:
+            raise UsageError("--tls-ca %s: %s" % (args.tls_ca, describe_oserror(exc)
+                                                   if isinstance(exc, OSError) else exc)) \
+                from None
     if args.insecure:
         log.warning("--insecure: the relay's certificate is NOT verified by a CA or a "
                     "fingerprint; that is the default now, and the handshake's channel "
@@ -5799,18 +5907,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 # that import caches in __pycache__, which saves 2 MiB more).  Same process id, same
 # flags (from ``sys.orig_argv``, Python 3.10+), same exit status; elsewhere (Python
 # 3.9, Windows, ``python -m tunnel``) it just runs main().
-_REEXEC = """
-import os, sys
-if sys.path and sys.path[0] == "":    # -c puts the working directory first, a script
-    sys.path[0] = os.path.dirname(sys.argv[1])    # its own directory: keep the latter
-import importlib.util
-spec = importlib.util.spec_from_file_location("tunnel", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-sys.modules["tunnel"] = module
-spec.loader.exec_module(module)
-del sys.argv[0]
-sys.exit(module.main())
+_REEXEC = """import os, sys, importlib.util as u
+if sys.path and sys.path[0] == "": sys.path[0] = os.path.dirname(sys.argv[1])
+try: s = u.spec_from_file_location("tunnel", sys.argv[1]); m = sys.modules["tunnel"] = \
+u.module_from_spec(s); s.loader.exec_module(m)
+except KeyboardInterrupt: sys.exit(0)
+del sys.argv[0]; sys.exit(m.main())
 """
+# (-c puts the working directory first in sys.path, a script its own directory: the
+# stub keeps the latter.  Ctrl-C while it imports exits quietly with 0, as main does.)
 
 
 def _reexec_as_module() -> None:
@@ -5833,6 +5938,7 @@ def _reexec_as_module() -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # main catches it from here
     if len(sys.argv) > 1 and sys.argv[1] in ("serve", "expose"):
         _reexec_as_module()
     sys.exit(main())
