@@ -3500,10 +3500,8 @@ class TLSChannel:
         while True:
             if raw:
                 data = self.sock.recv(TLS_READ_SIZE)    # BlockingIOError: wait
-                if not data:
+                if not data:        # a record cut short gave nothing: OpenSSL keeps it
                     self._more = False
-                    if self._in.pending:
-                        raise OSError("TLS: the peer closed the connection mid-record")
                     return 0
                 self._in.write(data)
             got = 0
