@@ -3487,8 +3487,8 @@ class TLSChannel:
             self._queue_output()        # our last flight (Finished, tickets)
             if self.unsent:
                 self.push()
-            self._more = bool(self._in.pending)   # the peer's first records came along
-            return
+            self._more = bool(self._in.pending or self._obj.pending())   # the peer's
+            return                      # first records came along: read them at once
 
     def recv_into(self, buf: Any, nbytes: int = 0) -> int:
         """Decrypted bytes into ``buf``: records already received first, else one raw
