@@ -4972,5 +4972,147 @@ class UsabilityTest(EndToEndBase):
         self.assertLess(len(tunnel._REEXEC), 400)     # ps shows it whole
 
 
+class ControlTLSWireTest(EndToEndBase):
+    """Issue 11, item 15: the control channel's TLS goes through TLSChannel (memory
+    BIOs, one system call per read or write); bulk both ways, and peers that break the
+    TLS stream end their session with a logged reason, no traceback."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="tunnel-tlswire-")
+        cls.cert, cls.key = make_certificate(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def setUp(self):
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old_level)
+        self.addCleanup(logger.removeHandler, self.capture)
+
+    def assert_no_traceback(self):
+        self.assertEqual([r.getMessage() for r in self.capture.records if r.exc_info], [])
+
+    # -- a session pair over TLSChannel on one loop ---------------------------------
+    def tls_pair(self):
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        a, b = socket.socketpair(socket.AF_UNIX)
+        server_ctx = tunnel.server_tls_context(self.cert, self.key)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname = False
+        client_ctx.verify_mode = ssl.CERT_NONE
+        ready, failures = {}, []
+        for name, sock, ctx, server in (("relay", a, server_ctx, True),
+                                        ("client", b, client_ctx, False)):
+            channel = tunnel.TLSChannel(sock, ctx, server_side=server)
+            self.assertTrue(channel.fileno() >= 0)
+            tunnel.TLSHandshake(loop, channel, WAIT,
+                                lambda ch, name=name: ready.__setitem__(name, ch),
+                                failures.append).start()
+        sides = Recorder(), Recorder()
+        cfg = tunnel.SessionConfig(**FAST)
+
+        def pump(cond, timeout=WAIT):
+            deadline = time.monotonic() + timeout
+            while not cond():
+                self.assertEqual(failures, [])
+                if time.monotonic() > deadline:
+                    raise AssertionError("timed out")
+                loop.run_once(0.01)
+        pump(lambda: len(ready) == 2)
+        relay = tunnel.Session(loop, ready["relay"], "pair-relay", RelayHandshake(
+            TOKEN, lambda req: {"name": "pair", "url": "http://pair"}), sides[0],
+            is_relay=True, config=cfg)
+        client = tunnel.Session(loop, ready["client"], "pair-client", ClientHandshake(
+            TOKEN, {"subdomain": "pair"}), sides[1], is_relay=False, config=cfg)
+        self.assertTrue(relay.tls and client.tls)
+        pump(lambda: sides[0].up and sides[1].up)
+        return loop, relay, client, sides, pump
+
+    def test_bulk_both_ways_in_odd_sizes_over_tls_channel(self):
+        loop, relay, client, sides, pump = self.tls_pair()
+        down = os.urandom(3 * 1024 * 1024 + 4093)
+        up = os.urandom(2 * 1024 * 1024 + 777)
+        stream = relay.open_stream({"peer": "test"})
+        stream.handler = sides[0]
+        pump(lambda: sides[1].streams)
+        back = sides[1].streams[0][0]
+        sizes = [1, 7, 4093, 16384, 16385, 65537, 300001, 1]
+        pos = [0, 0]
+
+        def feed():
+            for i, (s, data) in enumerate(((stream, down), (back, up))):
+                while pos[i] < len(data) and s.writable:
+                    n = sizes[(pos[i] // 7) % len(sizes)]
+                    s.write(data[pos[i]:pos[i] + n])
+                    pos[i] += n
+            return len(sides[1].data) == len(down) and len(sides[0].data) == len(up)
+        pump(feed, timeout=30)
+        self.assertEqual(hashlib.sha256(sides[1].data).hexdigest(),
+                         hashlib.sha256(down).hexdigest())
+        self.assertEqual(hashlib.sha256(sides[0].data).hexdigest(),
+                         hashlib.sha256(up).hexdigest())
+        self.assertEqual(relay.sock.unsent, b"")
+        self.assertLessEqual(len(client.sock.unsent), tunnel.TLS_WRITE_SIZE + 64 * 1024)
+        client.close("done")
+        pump(lambda: sides[0].closed is not None)
+        self.assertEqual(sides[0].closed, "connection closed by the peer")  # close_notify
+        self.assert_no_traceback()
+
+    # -- peers that break the TLS stream after the handshake -------------------------
+    def broken_peer(self, act):
+        """A TLS client to a default (TLS) relay's control port that does ``act(tls,
+        raw)`` after the handshake; returns the reason the relay logged."""
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(plaintext=False, handshake_timeout=WAIT)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        s = socket.create_connection(("127.0.0.1", self.relay.control_port), WAIT)
+        tls = ctx.wrap_socket(s)
+        self.addCleanup(tls.close)
+        raw = socket.socket(fileno=os.dup(tls.fileno()))
+        self.addCleanup(raw.close)
+        tls.sendall(tunnel.encode_preamble())
+        wait_until(lambda: self.relay.loop.run_in_loop(lambda: len(self.relay.sessions)) == 1,
+                   what="the session")
+        act(tls, raw)
+        wait_until(lambda: self.relay.loop.run_in_loop(lambda: not self.relay.sessions),
+                   what="the session to end")
+        reasons = [m for m in self.capture.messages() if "control connection from" in m]
+        self.assertEqual(len(reasons), 1, reasons)
+        self.assert_no_traceback()
+        self.assertEqual(self.get("/", host="x.localhost")[0], 404)   # the relay still serves
+        return reasons[0]
+
+    def test_peer_closing_mid_record_ends_the_session(self):
+        def act(tls, raw):
+            raw.sendall(b"\x17\x03\x03\x40\x00" + b"\x00" * 100)   # 100 of 16 KiB
+            raw.shutdown(socket.SHUT_WR)
+        # Nothing of the cut record is delivered (OpenSSL holds it until its MAC checks).
+        self.assertIn("connection closed by the peer", self.broken_peer(act))
+
+    def test_garbage_after_the_handshake_ends_the_session(self):
+        def act(tls, raw):
+            raw.sendall(b"GET / HTTP/1.1\r\n\r\n" * 50)
+        self.assertRegex(self.broken_peer(act), r"connection error: TLS: [A-Z_]+")
+
+    def test_tls_alert_ends_the_session(self):
+        def act(tls, raw):
+            raw.sendall(b"\x15\x03\x03\x00\x02\x02\x28")   # fatal handshake_failure
+        self.assertRegex(self.broken_peer(act), r"connection error: TLS: [A-Z_]+")
+
+    def test_close_notify_ends_the_session(self):
+        def act(tls, raw):
+            tls.unwrap()
+        self.assertIn("connection closed by the peer", self.broken_peer(act))
+
+
 if __name__ == "__main__":
     unittest.main()

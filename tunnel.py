@@ -290,6 +290,8 @@ SESSION_LOW_WATER = 64 * 1024           # ... and resume them below this
 SESSION_READ_PAUSE = 2 * 1024 * 1024    # control output queue: stop reading that socket
 SESSION_READ_RESUME = 512 * 1024        # ... and read it again below this
 READ_SIZE = 64 * 1024                   # bytes per recv_into: bounds one loop turn
+TLS_READ_SIZE = READ_SIZE + 1024        # ciphertext per raw recv: a READ_SIZE of plaintext
+TLS_WRITE_SIZE = 256 * 1024             # plaintext encrypted per send (ciphertext held: this)
 ACCEPT_BATCH = 64                       # accept() calls per readable listener
 ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -1441,7 +1443,7 @@ class Conn:
 
     def __init__(self, loop: "EventLoop", sock: socket.socket) -> None:
         self.loop = loop
-        self.sock: Any = sock                 # a socket, or an ssl.SSLSocket
+        self.sock: Any = sock                 # a socket, an ssl.SSLSocket or a TLSChannel
         sock.setblocking(False)
         self.tls = hasattr(sock, "pending")
         self.out = bytearray()
@@ -1773,12 +1775,30 @@ class Session(Conn):
         self._active_since = self.last_rx
         self._timers: List[Timer] = [loop.call_later(self.config.handshake_timeout,
                                                      self._handshake_timeout)]
+        if self.tls:                     # a TLSChannel may hold ciphertext after out empties
+            self.wants_write = self._tls_wants_write    # type: ignore[assignment]
+            self.on_write = self._tls_on_write          # type: ignore[assignment]
         if not is_relay:
             self._send(handshake.start())
         self.update()
+        self.read_pending()              # records that came with the TLS handshake's last
 
     def __repr__(self) -> str:
         return "<Session %d %s %s>" % (self.sid, self.name or "-", self.peer)
+
+    def _tls_wants_write(self) -> bool:
+        return bool(self.out or self.sock.unsent)
+
+    def _tls_on_write(self) -> None:
+        if self.out:
+            self.flush()
+            return
+        try:
+            self.sock.push()
+        except OSError as exc:
+            self.close("connection error: %s" % describe_oserror(exc))
+            return
+        self._after_output()
 
     @property
     def label(self) -> str:
@@ -1845,7 +1865,8 @@ class Session(Conn):
                     stream._on_window(0)    # what waited for the queue to drain
                 elif stream.writable:
                     stream.handler.on_stream_writable(stream)
-        if not self.out and self._close_when_flushed is not None:
+        if (not self.out and self._close_when_flushed is not None
+                and not (self.tls and self.sock.unsent)):
             self.close(self._close_when_flushed)
             return
         if self._paused and len(self.out) <= SESSION_READ_RESUME:
@@ -2101,7 +2122,7 @@ class Session(Conn):
     def close_after_flush(self, reason: str) -> None:
         self._close_when_flushed = reason
         self.loop.schedule_flush(self)
-        if not self.out:
+        if not self.out and not (self.tls and self.sock.unsent):
             self.close(reason)
 
     def _forget(self, stream: Stream) -> None:
@@ -3607,6 +3628,177 @@ class Lingering(Conn):
         super().close_socket()
 
 
+class TLSChannel:
+    """TLS over a non-blocking socket through two memory BIOs, for the control channel.
+
+    ``ssl.SSLSocket`` hands out one 16 KiB record per ``recv_into`` (OpenSSL reads each
+    with two system calls) and writes one system call per record; this makes one raw
+    ``recv`` of up to TLS_READ_SIZE ciphertext per read and one raw ``send`` of all the
+    ciphertext per write.  It looks like a socket to the loop and to Session:
+    ``recv_into`` and ``send`` count plaintext and raise a WOULD_BLOCK error when there
+    is nothing to do; ``pending()`` says decrypted input waits that the selector cannot
+    see.  Ciphertext a short raw send left (``unsent``) goes out first on the next
+    ``send`` or ``push``, and no new plaintext is taken while any is left: at most a
+    TLS_WRITE_SIZE of it is held here, the rest waits in the caller's queue.  TLS
+    errors come out as an OSError with the reason (``TLS: ...``)."""
+
+    def __init__(self, sock: socket.socket, ctx: Any, server_side: bool,
+                 server_hostname: Optional[str] = None) -> None:
+        self.sock = sock
+        ssl = self._ssl = load_ssl()
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
+                                 server_hostname=server_hostname)
+        self.unsent = b""           # ciphertext the socket did not take yet
+        self._more = False          # the last read stopped on a full buffer, not a dry BIO
+
+    def __repr__(self) -> str:
+        return "<TLSChannel fd=%d>" % self.sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:      # family, setsockopt, getpeername...
+        return getattr(self.__dict__["sock"], name)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def pending(self) -> bool:
+        return self._more
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._obj.getpeercert(binary_form)
+
+    def _error(self, exc: Any) -> OSError:
+        return OSError("TLS: %s" % (exc.reason or exc.__class__.__name__))
+
+    def push(self) -> bool:
+        """Send what ciphertext is left with one system call; True once none is left."""
+        try:
+            sent = self.sock.send(self.unsent)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self.unsent = self.unsent[sent:] if sent < len(self.unsent) else b""
+        return not self.unsent
+
+    def _queue_output(self) -> None:
+        """Ciphertext OpenSSL made outside ``send`` (handshake, alerts, key updates)."""
+        if self._out.pending:
+            self.unsent += self._out.read()
+
+    def do_handshake(self) -> None:
+        """One non-blocking step, like ``SSLSocket.do_handshake``: raises
+        SSLWantReadError or SSLWantWriteError until the handshake is done."""
+        ssl = self._ssl
+        if self.unsent and not self.push():
+            raise ssl.SSLWantWriteError()
+        while True:
+            try:
+                self._obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self._queue_output()
+                if self.unsent and not self.push():
+                    raise ssl.SSLWantWriteError() from None
+                try:
+                    data = self.sock.recv(TLS_READ_SIZE)
+                except BlockingIOError:
+                    raise ssl.SSLWantReadError() from None
+                if not data:
+                    raise OSError("connection closed by the peer") from None
+                self._in.write(data)
+                continue
+            except ssl.SSLError:
+                self._queue_output()    # the alert, for the peer's log: best effort
+                if self.unsent:
+                    self.push()
+                raise
+            self._queue_output()        # our last flight (Finished, tickets)
+            if self.unsent:
+                self.push()
+            self._more = bool(self._in.pending or self._obj.pending())   # the peer's
+            return                      # first records came along: read them at once
+
+    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+        """Decrypted bytes into ``buf``: records already received first, else one raw
+        recv and what it completes.  0 at the end (close_notify or a clean EOF)."""
+        ssl = self._ssl
+        size = nbytes or len(buf)
+        obj = self._obj
+        raw = not self._more
+        while True:
+            if raw:
+                data = self.sock.recv(TLS_READ_SIZE)    # BlockingIOError: wait
+                if not data:        # a record cut short gave nothing: OpenSSL keeps it
+                    self._more = False
+                    return 0
+                self._in.write(data)
+            got = 0
+            try:
+                got = obj.read(size, buf)
+                if got and got < size:
+                    with memoryview(buf) as view:
+                        while got < size:
+                            n = obj.read(size - got, view[got:])
+                            if not n:       # close_notify: the 0 comes next time
+                                self._more = True
+                                return got
+                            got += n
+                if not got:                     # close_notify (read returns 0)
+                    self._more = False
+                    return 0
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:      # close_notify, some versions
+                self._more = False
+                return got
+            except ssl.SSLError as exc:
+                self._more = False
+                raise self._error(exc) from None
+            self._more = got == size
+            if self._out.pending:               # a key update's answer, say
+                self._queue_output()
+            if got or raw:
+                break
+            raw = True                          # the buffer was full last time: read on
+        if not got:
+            raise ssl.SSLWantReadError()
+        return got
+
+    def send(self, data: Any) -> int:
+        """Encrypt up to TLS_WRITE_SIZE of ``data`` and send it with one system call;
+        returns the plaintext taken (0 while older ciphertext still waits)."""
+        if self.unsent and not self.push():
+            return 0
+        n = len(data)
+        try:
+            if n > TLS_WRITE_SIZE:
+                n = TLS_WRITE_SIZE
+                with memoryview(data) as view:
+                    self._obj.write(view[:n])
+            else:
+                self._obj.write(data)
+        except self._ssl.SSLError as exc:
+            raise self._error(exc) from None
+        self.unsent = self._out.read()
+        self.push()
+        return n
+
+    def close(self) -> None:
+        """Send close_notify (and any ciphertext left) if the socket takes it; close."""
+        if self.sock.fileno() < 0:
+            return
+        try:
+            self._obj.unwrap()
+        except (self._ssl.SSLError, ValueError):
+            pass        # SSLWantReadError: the peer's close_notify is not awaited
+        self._queue_output()
+        if self.unsent:
+            try:
+                self.push()
+            except OSError:
+                pass
+        self.sock.close()
+
+
 class TLSHandshake(Conn):
     """A non-blocking TLS handshake in the loop; a stalled one blocks nobody.
 
@@ -4559,11 +4751,13 @@ class Relay(SessionDelegate):
 
     def _tls_accept(self, sock: socket.socket, addr: Any, ctx: Any, timeout: float,
                     pending: Dict[Any, str], source: str, then: Callable[[Any], None],
-                    lost: Optional[Callable[[], None]] = None) -> None:
+                    lost: Optional[Callable[[], None]] = None, channel: bool = False) -> None:
         """Wrap an accepted socket and run its TLS handshake inside the loop, listed in
-        ``pending`` meanwhile; ``then(tls)`` on success, ``lost()`` on failure."""
+        ``pending`` meanwhile; ``then(tls)`` on success, ``lost()`` on failure.  The
+        control port's is a TLSChannel (``channel``), a visitor's an ssl.SSLSocket."""
         try:
-            tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            tls = (TLSChannel(sock, ctx, server_side=True) if channel else
+                   ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False))
         except OSError as exc:
             log.debug("TLS wrap failed for %s: %s", peer_text(addr), exc)
             sock.close()
@@ -4612,7 +4806,7 @@ class Relay(SessionDelegate):
         if self.control_tls is not None:
             self._tls_accept(sock, addr, self.control_tls, cfg.handshake_timeout,
                              self.control_tls_pending, source,
-                             lambda tls: self._start_session(tls, addr))
+                             lambda tls: self._start_session(tls, addr), channel=True)
         else:
             self._start_session(sock, addr)
 
@@ -5086,7 +5280,7 @@ class Client(SessionDelegate):
         ctx = self.tls_context()
         name = cfg.relay_host if ctx.check_hostname else None
         try:
-            tls = ctx.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+            tls = TLSChannel(sock, ctx, server_side=False, server_hostname=name)
         except OSError as exc:
             sock.close()
             self._connect_failed("TLS: %s" % exc)
