@@ -5114,5 +5114,26 @@ class ControlTLSWireTest(EndToEndBase):
         self.assertIn("connection closed by the peer", self.broken_peer(act))
 
 
+
+def tearDownModule():
+    """Every test joins what it started: a thread still alive here would keep the
+    interpreter from exiting (and CI waiting); name it instead."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        left = [t for t in threading.enumerate()
+                if t is not threading.main_thread() and t.is_alive()]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if left:
+        import traceback
+        frames = sys._current_frames()
+        report = ["%s (daemon=%s):\n%s" % (t.name, t.daemon, "".join(
+            traceback.format_stack(frames[t.ident])) if t.ident in frames else "")
+            for t in left]
+        sys.stderr.write("threads left after the tests:\n%s\n" % "\n".join(report))
+        if any(not t.daemon for t in left):
+            raise AssertionError("non-daemon threads left: %s" % [t.name for t in left])
+
 if __name__ == "__main__":
     unittest.main()

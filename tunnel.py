@@ -1615,10 +1615,14 @@ class EventLoop:
 
     # -- running ----------------------------------------------------------------
     def run(self) -> None:
+        """Run until ``stop()``; a stop that came before ``run`` (from another thread
+        that was quicker than this one) makes it return at once."""
         self.thread_id = threading.get_ident()
-        self._stopping = False
-        while not self._stopping:
-            self.run_once()
+        try:
+            while not self._stopping:
+                self.run_once()
+        finally:
+            self._stopping = False
 
     def run_once(self, max_wait: Optional[float] = None) -> None:
         timeout = max_wait
@@ -3428,6 +3432,7 @@ class Pipe(Conn, StreamHandler):
         except OSError as exc:
             self.on_socket_error(exc)
             return
+        self.out_sent += sent
         if credited and sent and self.stream is not None:
             self.stream.consumed(sent)
         if sent < len(data):
@@ -4152,8 +4157,9 @@ class VisitorConn(Pipe):
         a close if its response has started."""
         if self.closed:
             return
-        if self.out:
-            taken = self.out_sent - kernel_unacked(self.sock)   # what the visitor has ACKed
+        unacked = kernel_unacked(self.sock) if self.inflight or self.upgraded else 0
+        if self.out or unacked:
+            taken = self.out_sent - unacked      # what the visitor has ACKed
             if self.send_mark < 0 or taken != self.send_seen:
                 self.send_mark, self.send_seen = now, taken
             elif self.send_mark < send_by:
