@@ -5,8 +5,8 @@ One file, standard library only.  The same module is the *relay* (run it on a
 machine with a public address) and the *client* (run it next to the service
 you want to share)::
 
-    relay$   python tunnel.py serve --domain example.com
-    laptop$  python tunnel.py expose 5000 --relay example.com:7835 --token T
+    relay$   python3 tunnel.py serve --domain example.com
+    laptop$  python3 tunnel.py expose 5000 --relay example.com:7835 --token T
     Forwarding http://brave-otter-17.example.com -> http://127.0.0.1:5000
 
 Picture::
@@ -37,7 +37,10 @@ own Ed25519 key and self-signed certificate on first start (standard library
 only: ``ed25519_sign``, ``self_signed_certificate``), keeps them in its state
 directory (``--state-dir``, mode 0600) and prints the SHA-256 fingerprint.  No CA
 is needed: the handshake binds the certificate each side saw.  Plain TCP is an
-explicit ``--plaintext`` on both sides, warned about.
+explicit ``--plaintext`` on both sides, warned about.  The control channel's TLS
+runs through ``TLSChannel`` (an ``ssl.SSLObject`` over memory BIOs): one system
+call per read or write, as on plain TCP, where ``ssl.SSLSocket`` would make two
+per 16 KiB record.
 
 Handshake, inside TLS (client C, relay R, token K; the token never crosses)::
 
@@ -165,14 +168,16 @@ forwarded byte for byte.  The body bytes of one read go out as one DATA frame,
 however small its chunks.  The field patterns run in linear time (no lazy
 repeats), so a hostile head costs milliseconds, not the loop.  Heads are
 limited (64 KiB, 431; request line 8 KiB, 414; 100 fields, 431) and must
-arrive within the head timeout (408); idle keep-alive connections are closed;
-caps answer 503.  Requests on one
-connection must name one tunnel (421 otherwise); responses come back in
-order.  ``Connection: Upgrade`` requests become a raw two-way pipe once the
+arrive within the head timeout (408), a body must keep moving (1 KiB per
+body timeout, 408), a visitor must take the bytes waiting for it (send
+timeout); idle keep-alive connections are closed; caps answer 503, per source
+address (an IPv6 source is its /64) as well as per tunnel and in total.
+Requests on one connection must name one tunnel (421 otherwise); responses
+come back in order.  ``Connection: Upgrade`` requests become a raw two-way pipe once the
 origin answers 101.  Relay-made answers use a lingering close so the visitor
 reads them even while still sending.
 
-Run ``python tunnel.py --help`` for the command line.
+Run ``python3 tunnel.py --help`` for the command line.
 """
 
 from __future__ import annotations
@@ -6070,7 +6075,7 @@ def cmd_hash_password() -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: ``python tunnel.py serve|expose ...``; returns the exit status."""
+    """Entry point: ``python3 tunnel.py serve|expose ...``; returns the exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
