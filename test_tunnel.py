@@ -3161,6 +3161,76 @@ class ClientOutOfDescriptorsTest(EndToEndBase):
         self.assertIs(self.relay.tunnels["fd"].session, session)
 
 
+class SlowTLSReaderTest(unittest.TestCase):
+    """Over TLS, a peer reading slowly but steadily is not taken for one that reads
+    nothing (ciphertext the socket takes while plaintext waits counts as progress)."""
+
+    def test_slow_steady_reader_over_tls_is_kept(self):
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        cert, key, _ = tunnel.relay_identity(state)
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        a, b = socket.socketpair(socket.AF_UNIX)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        ready = {}
+        for name, sock, ctx, server in (("relay", a, tunnel.server_tls_context(cert, key), True),
+                                        ("client", b, client_ctx, False)):
+            tunnel.TLSHandshake(loop, tunnel.TLSChannel(sock, ctx, server_side=server), WAIT,
+                                lambda ch, n=name: ready.__setitem__(n, ch), self.fail).start()
+        deadline = time.monotonic() + WAIT
+        while len(ready) < 2 and time.monotonic() < deadline:
+            loop.run_once(0.01)
+        cfg = tunnel.SessionConfig(heartbeat_interval=0.2, heartbeat_timeout=1.0,
+                                   handshake_timeout=WAIT)
+        sides = Recorder(), Recorder()
+        relay = tunnel.Session(loop, ready["relay"], "r", RelayHandshake(
+            TOKEN, lambda req: {"name": "p", "url": "http://p"}), sides[0], is_relay=True,
+            config=cfg)
+        client = tunnel.Session(loop, ready["client"], "c", ClientHandshake(
+            TOKEN, {"subdomain": "p"}), sides[1], is_relay=False, config=cfg)
+        while not (sides[0].up and sides[1].up) and time.monotonic() < deadline:
+            loop.run_once(0.01)
+        raw = ready["client"].sock
+        rate = 40000                        # bytes/s, 2 KiB a read
+
+        class Paced:
+            def __init__(self):
+                self.next = time.monotonic()
+
+            def __getattr__(self, name):
+                return getattr(raw, name)
+
+            def allow(self, n):
+                now = time.monotonic()
+                if now < self.next:
+                    raise BlockingIOError()
+                n = min(n, 2048)
+                self.next = now + n / rate
+                return n
+
+            def recv(self, n):
+                return raw.recv(self.allow(n))
+
+            def recv_into(self, buf, n=0):
+                return raw.recv_into(buf, self.allow(n or len(buf)))
+        ready["client"].sock = Paced()
+        stream = relay.open_stream({"peer": "x"})
+        chunk = b"z" * 65536
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0 and not relay.closed and not client.closed:
+            if stream.writable:
+                stream.write(chunk)
+            loop.run_once(0.002)
+        self.assertIsNone(relay.close_reason)      # 3 heartbeat timeouts, still up
+        self.assertGreater(len(sides[1].data), 20000)
+        relay.close("done")
+        client.close("done")
+
+
 class PairHandler(tunnel.StreamHandler):
     """Collects one stream's bytes and consumes them at once."""
 

@@ -2066,7 +2066,11 @@ class Session(Conn):
         if self.closed:
             return
         silent = time.monotonic() - self.last_rx
-        queued, before = len(self.out), self._queued_at_beat
+        # Over TLS, ciphertext the socket did not take yet waits in the channel, and the
+        # socket taking it is progress too (plaintext waits behind it meanwhile).
+        queued = len(self.out) + len(getattr(self.sock, "unsent", b""))
+        progress = self.sent_total + getattr(self.sock, "wire_sent", 0)
+        before = self._queued_at_beat
         self._queued_at_beat = queued
         if silent > self.config.heartbeat_timeout:
             if not self._paused:
@@ -2078,7 +2082,7 @@ class Session(Conn):
                 return
         # A peer that keeps sending (PINGs, say) but never reads is as dead as a silent
         # one, and holds everything queued for it: output waiting, none of it taken.
-        if queued and self.sent_total == self._sent_at_beat:
+        if queued and progress == self._sent_at_beat:
             self._stuck_for += self.config.heartbeat_interval
             if self._stuck_for > self.config.heartbeat_timeout:
                 self.close("the peer has read nothing for %.1fs (%d bytes queued)"
@@ -2086,7 +2090,7 @@ class Session(Conn):
                 return
         else:
             self._stuck_for = 0.0
-        self._sent_at_beat = self.sent_total
+        self._sent_at_beat = progress
         self.ping()
         self._timers = [self.loop.call_later(self.config.heartbeat_interval, self._heartbeat)]
 
@@ -3661,6 +3665,8 @@ class TLSChannel:
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
                                  server_hostname=server_hostname)
         self.unsent = b""           # ciphertext the socket did not take yet
+        self.wire_sent = 0          # ciphertext the socket took, ever (progress while
+        #                             plaintext waits behind ``unsent``)
         self._more = False          # the last read stopped on a full buffer, not a dry BIO
 
     def __repr__(self) -> str:
@@ -3687,6 +3693,7 @@ class TLSChannel:
             sent = self.sock.send(self.unsent)
         except (BlockingIOError, InterruptedError):
             return False
+        self.wire_sent += sent
         self.unsent = self.unsent[sent:] if sent < len(self.unsent) else b""
         return not self.unsent
 
