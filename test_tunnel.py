@@ -10,6 +10,7 @@ Run with:  python -m unittest -v test_tunnel
 
 import base64
 import concurrent.futures
+import functools
 import hashlib
 import http.client
 import http.server
@@ -3231,6 +3232,27 @@ class SlowTLSReaderTest(unittest.TestCase):
         client.close("done")
 
 
+def stalled_visitors(test, relay, n, host=b"rogue.localhost"):
+    """``n`` visitors with tiny receive buffers, each asking for / and never reading."""
+    visitors = []
+    for _ in range(n):
+        v = socket.socket()
+        test.addCleanup(v.close)
+        visitors.append(v)
+        v.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        v.connect(("127.0.0.1", relay.http_port))
+        v.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    return visitors
+
+
+def held_for(relay, session, streams):
+    """What the relay holds for ``session`` once its peer has sent all the credit it
+    was given to ``streams`` visitors (None before that; call on the loop thread)."""
+    mine = [v for v in relay.visitors if v.stream is not None and v.stream.session is session]
+    if len(mine) < streams or any(v.stream.recv_credit for v in mine):
+        return None
+    return sum(len(v.out) for v in mine) + len(session.out)
+
 class PairHandler(tunnel.StreamHandler):
     """Collects one stream's bytes and consumes them at once."""
 
@@ -3374,23 +3396,8 @@ class SessionMemoryTest(EndToEndBase):
         self.addCleanup(stop.set)
         session = relay.loop.run_in_loop(lambda: relay.tunnels["rogue"].session)
         wait_until(lambda: session.rtt >= delay, what="the faked round trip")
-        visitors = []
-        for _ in range(streams):
-            v = socket.socket()
-            self.addCleanup(v.close)
-            visitors.append(v)
-            v.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            v.connect(("127.0.0.1", relay.http_port))
-            v.sendall(b"GET / HTTP/1.1\r\nHost: rogue.localhost\r\n\r\n")   # never read
-
-        def held():
-            """What the relay holds for the rogue session, once the rogue has sent all
-            the credit it was given (None before that)."""
-            mine = [v for v in relay.visitors if v.stream is not None
-                    and v.stream.session is session]
-            if len(mine) < streams or any(v.stream.recv_credit for v in mine):
-                return None
-            return sum(len(v.out) for v in mine) + len(session.out)
+        visitors = stalled_visitors(self, relay, streams)
+        held = functools.partial(held_for, relay, session, streams)
         wait_until(lambda: relay.loop.run_in_loop(held) is not None,
                    what="the rogue to use up its credit")
 
@@ -4793,23 +4800,8 @@ class OpenWindowTest(EndToEndBase):
         self.addCleanup(thread.join, WAIT)
         self.addCleanup(stop.set)       # runs first
         session = relay.loop.run_in_loop(lambda: relay.tunnels["rogue"].session)
-        visitors = []
-        for _ in range(streams):
-            v = socket.socket()
-            self.addCleanup(v.close)
-            visitors.append(v)
-            v.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            v.connect(("127.0.0.1", relay.http_port))
-            v.sendall(b"GET / HTTP/1.1\r\nHost: rogue.localhost\r\n\r\n")   # never read
-
-        def held():
-            """What the relay holds for the rogue session once the rogue has sent all
-            the credit it was given (None before that)."""
-            mine = [v for v in relay.visitors if v.stream is not None
-                    and v.stream.session is session]
-            if len(mine) < streams or any(v.stream.recv_credit for v in mine):
-                return None
-            return sum(len(v.out) for v in mine) + len(session.out)
+        visitors = stalled_visitors(self, relay, streams)
+        held = functools.partial(held_for, relay, session, streams)
         wait_until(lambda: relay.loop.run_in_loop(held) is not None, timeout=2 * WAIT,
                    what="the rogue to use up its credit")
         total = relay.loop.run_in_loop(held)
