@@ -2385,6 +2385,18 @@ def _check_codings(values: List[str]) -> None:
                     % ", ".join(c for c in codings if c != "chunked"))
 
 
+def _add_body(events: List[Tuple[str, Any]], mv: memoryview, start: int, stop: int,
+              run_from: int, run_to: int) -> int:
+    """Emit body bytes ``mv[start:stop]``; when they continue the last body event (the
+    run ``mv[run_from:run_to]``), that event grows instead, so the body bytes of one
+    feed() are one slice.  Returns where the run now begins."""
+    if start == run_to and events and events[-1][0] is EV_BODY:
+        events[-1] = (EV_BODY, mv[run_from:stop])
+        return run_from
+    events.append((EV_BODY, mv[start:stop]))
+    return start
+
+
 def _split_host(value: str) -> Tuple[str, str]:
     m = _HOST_RE.match(value)
     if m is None:
@@ -2560,11 +2572,7 @@ class HTTPParser:
                 take = min(self._remaining, end - pos)
                 if take:
                     if self.emit_body:
-                        if pos == body_to and events[-1][0] is EV_BODY:
-                            events[-1] = (EV_BODY, mv[body_from:pos + take])
-                        else:
-                            events.append((EV_BODY, mv[pos:pos + take]))
-                            body_from = pos
+                        body_from = _add_body(events, mv, pos, pos + take, body_from, body_to)
                         body_to = pos + take
                     pos += take
                     self._remaining -= take
@@ -2597,11 +2605,7 @@ class HTTPParser:
                     if pos > start:
                         self.message_bytes += pos - start
                         if self.emit_body:
-                            if start == body_to and events[-1][0] is EV_BODY:
-                                events[-1] = (EV_BODY, mv[body_from:pos])
-                            else:
-                                events.append((EV_BODY, mv[start:pos]))
-                                body_from = start
+                            body_from = _add_body(events, mv, start, pos, body_from, body_to)
                             body_to = pos
                         if pos >= end:
                             return
@@ -2611,11 +2615,7 @@ class HTTPParser:
                 if pos > start:
                     self.message_bytes += pos - start
                     if self.emit_body:
-                        if start == body_to and events[-1][0] is EV_BODY:
-                            events[-1] = (EV_BODY, mv[body_from:pos])
-                        else:
-                            events.append((EV_BODY, mv[start:pos]))
-                            body_from = start
+                        body_from = _add_body(events, mv, start, pos, body_from, body_to)
                         body_to = pos
                 if line is None:
                     return
