@@ -47,7 +47,7 @@ Handshake, inside TLS (client C, relay R, token K; the token never crosses)::
     C -> R  preamble  b"TUNNEL" + u16 version          (8 bytes; version 2)
     C -> R  HELLO     client nonce Nc                   (32 random bytes)
     R -> C  CHALLENGE relay nonce Nr                    (32 random bytes)
-    C -> R  AUTH      Mc + request JSON                 {"subdomain", "client_id", "user",
+    C -> R  AUTH      Mc + request JSON                 {"subdomain", "version", "user",
                                                          "log", "binding", "sealed",
                                                          "tls_interception"}
             binding = hex SHA-256 of the relay certificate C saw ("" over plain TCP)
@@ -5200,7 +5200,6 @@ class Client(SessionDelegate):
         self.config = config
         self.loop = loop or EventLoop()
         self.output = output
-        self.client_id = secrets.token_hex(16)             # public: names it in logs
         self.client_secret = (config.client_secret     # sealed: binds its name reservation
                               or secrets.token_hex(CLIENT_SECRET_BYTES))
         self.binding = ""                    # SHA-256 of the relay certificate last seen
@@ -5334,7 +5333,7 @@ class Client(SessionDelegate):
         cfg = self.config
         if cfg.plaintext and not self._plaintext_ok(sock):
             return
-        request: Dict[str, Any] = {"subdomain": self.name, "client_id": self.client_id,
+        request: Dict[str, Any] = {"subdomain": self.name,
                                    "version": __version__, "log": cfg.access_log,
                                    "binding": "" if cfg.plaintext else self.binding}
         if cfg.user:
