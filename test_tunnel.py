@@ -41,6 +41,11 @@ if not os.environ.get("TUNNEL_TEST_LOG"):   # set it to see the tool's own log l
     logging.getLogger("tunnel").propagate = False
 HERE = os.path.dirname(os.path.abspath(__file__))
 TUNNEL_PY = os.path.join(HERE, "tunnel.py")
+# The suite's traffic is loopback only: proxy variables set for this machine must not
+# catch it (the tool honours them, as curl does), here or in the subprocesses.
+for _name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.upper(), None)
 WAIT = 10.0          # upper bound for anything that should happen "now"
 FAST = dict(heartbeat_interval=0.2, heartbeat_timeout=1.0, handshake_timeout=2.0)
 
@@ -1187,12 +1192,13 @@ class EndToEndBase(unittest.TestCase):
         opts = dict(FAST, backoff_initial=0.05, backoff_max=0.5,
                     plaintext=relay.control_tls is None)
         opts.update(kw)
+        environ = opts.pop("environ", {})     # proxy variables: none unless a test sets them
         lines = []
         client = tunnel.Client(tunnel.ClientConfig(
             target_host=target_host,
             target_port=target_port or self.origin.server_address[1],
             relay_host=relay_host, relay_port=relay_port or relay.control_port, token=token,
-            subdomain=subdomain, **opts), output=lines.append)
+            subdomain=subdomain, **opts), output=lines.append, environ=environ)
         client.thread = run_in_thread(self, client.run, client.stop, "client")
         if wait:
             self.assertTrue(client.ready.wait(WAIT), "client did not come up")

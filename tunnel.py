@@ -369,6 +369,24 @@ FD_LIMIT_WANTED = 65536                 # soft RLIMIT_NOFILE we ask for at start
 TOKEN_BYTES = 32                        # generated tokens: 256 bits
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)   # Linux only
 
+# -- client dialing: the stages of one outgoing connection (Dialer), in the order used --
+DIAL_TCP = "tcp"                        # connect to each address of the first hop in turn
+DIAL_TLS = "tls"                        # TLS: to an https:// proxy, to the relay's HTTPS
+                                        # port, or to its control certificate (the channel)
+DIAL_CONNECT = "connect"                # HTTP CONNECT through a proxy, answered 2xx
+DIAL_SOCKS = "socks"                    # SOCKS5 greeting, credentials and CONNECT
+DIAL_WEBSOCKET = "websocket"            # GET WS_PATH with Upgrade: websocket, answered 101
+DIAL_STAGES: Dict[str, str] = {         # what a timeout or error message calls each stage
+    DIAL_TCP: "connecting", DIAL_TLS: "the TLS handshake", DIAL_CONNECT: "the proxy's CONNECT",
+    DIAL_SOCKS: "the SOCKS handshake", DIAL_WEBSOCKET: "the WebSocket upgrade"}
+RELAY_SCHEMES = {"https": "https", "wss": "https", "http": "http", "ws": "http"}  # URL forms
+RELAY_DEFAULT_PORTS = {"https": 443, "http": 80}   # ... and their ports ("tcp": control)
+# What the dialer reports a failure as (Dialer's ``failed(why, kind)``).
+DIAL_RETRY = "retry"                    # try again with backoff
+DIAL_UNREACHABLE = "unreachable"        # refused or not resolvable: likely a wrong --relay
+DIAL_FATAL = "fatal"                    # a configuration error: exit status 2
+DIAL_TLS_FAILED = "tls_failed"          # TLS did not come up (a --plaintext relay?)
+
 # -- exit statuses -------------------------------------------------------------
 EXIT_OK = 0
 EXIT_FAILURE = 1                        # could not listen, relay refused, ...
@@ -1446,10 +1464,11 @@ class Conn:
     write only while output is buffered (or ``wants_write()`` says so).
     """
 
-    def __init__(self, loop: "EventLoop", sock: socket.socket) -> None:
+    def __init__(self, loop: "EventLoop", sock: Optional[socket.socket]) -> None:
         self.loop = loop
-        self.sock: Any = sock                 # a socket, an ssl.SSLSocket or a TLSChannel
-        sock.setblocking(False)
+        self.sock: Any = sock                 # a socket, an ssl.SSLSocket or a TLSChannel;
+        if sock is not None:                  # None until a Dialer hands one over (attach)
+            sock.setblocking(False)
         self.tls = hasattr(sock, "pending")
         self.out = bytearray()
         self.closed = False
@@ -1463,7 +1482,7 @@ class Conn:
         return bool(self.out)
 
     def update(self) -> None:
-        if self.closed:
+        if self.closed or self.sock is None:
             return
         mask = ((selectors.EVENT_READ if self.wants_read() else 0)
                 | (selectors.EVENT_WRITE if self.wants_write() else 0))
@@ -1487,22 +1506,15 @@ class Conn:
         self.loop.conns.discard(self)
         return self.sock
 
-    def dial_next(self, addrs: List[Any]) -> bool:
-        """After a failed connect: start one to the next address, if any is left."""
-        sock, _ = dial(addrs) if addrs else (None, None)
-        if sock is None:
-            return False
-        self.replace_socket(sock)
-        return True
-
-    def replace_socket(self, sock: socket.socket) -> None:
-        """Swap in a new socket (the next address of a connect attempt)."""
+    def attach(self, sock: Any) -> None:
+        """Take over a ready socket (from a Dialer); also: wrap the current one in a
+        channel (TLSChannel, WSChannel) that stands for the same descriptor."""
         if self._mask:
             self.loop.selector.unregister(self.sock)
             self._mask = 0
-        self.sock.close()
         self.sock = sock
         sock.setblocking(False)
+        self.tls = hasattr(sock, "pending")
         self.update()
 
     def close_socket(self) -> None:
@@ -1513,7 +1525,8 @@ class Conn:
             self.loop.selector.unregister(self.sock)
             self._mask = 0
         self.loop.conns.discard(self)
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
     def on_read(self) -> None:
         pass
@@ -3353,9 +3366,10 @@ class Pipe(Conn, StreamHandler):
     stream while ``stream.writable``; otherwise reading pauses.
     """
 
-    def __init__(self, loop: EventLoop, sock: socket.socket) -> None:
+    def __init__(self, loop: EventLoop, sock: Optional[socket.socket]) -> None:
         super().__init__(loop, sock)
-        set_nodelay(sock)
+        if sock is not None:
+            set_nodelay(sock)
         self.stream: Optional[Stream] = None
         self.read_eof = False       # the socket's peer sent FIN
         self.write_eof = False      # we shut down our writing side
@@ -3908,6 +3922,261 @@ def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
         sock.close()
         error = OSError(err, os.strerror(err))
     return None, error or OSError(errno.EADDRNOTAVAIL, "no address to connect to")
+
+
+class DialStage(collections.namedtuple("DialStage", "kind arg1 arg2 arg3 where")):
+    """One step of a Dialer after the TCP connect (see DIAL_STAGES):
+
+    ``(DIAL_TLS, ctx, server_hostname, is_channel)``: is_channel marks the TLS whose
+    certificate the handshake binds (the relay's), not a proxy's;
+    ``(DIAL_CONNECT, proxy, host, port)`` and ``(DIAL_SOCKS, proxy, host, port)``;
+    ``(DIAL_WEBSOCKET, host_header, protocol, url)``.  ``where`` names the far end of
+    the stage in error messages (``relay.example.com:443``)."""
+
+    def __new__(cls, kind: str, arg1: Any = None, arg2: Any = None,
+                arg3: Any = None, where: str = "") -> "DialStage":
+        return super().__new__(cls, kind, arg1, arg2, arg3, where)
+
+
+class Dialer(Conn):
+    """One outgoing connection, non-blocking, through its stages: TCP to each address of
+    ``host:port`` in turn, then each DialStage in order (proxy CONNECT or SOCKS5, TLS,
+    WebSocket upgrade), every stage within ``timeout`` of its start.  The client uses it
+    for the relay and for every stream's target (no stages).
+
+    ``done(sock)`` gets the ready socket (or channel: TLSChannel, WSChannel) and owns it
+    from then on; ``failed(why, kind)`` gets a one-line reason and a DIAL_* kind, at most
+    once, never from inside the constructor (so the caller's own state is set first)."""
+
+    def __init__(self, loop: EventLoop, host: str, port: int, stages: List[DialStage],
+                 timeout: float, done: Callable[[Any], None],
+                 failed: Callable[[str, str], None], where: str = "") -> None:
+        super().__init__(loop, None)
+        self.where = where or format_hostport(host, port)
+        self.stages = list(stages)
+        self.stage = DIAL_TCP
+        self.timeout = timeout
+        self.done_cb = done
+        self.failed_cb = failed
+        self.peer_der = b""             # certificate of the channel's TLS stage
+        self.rest = b""                 # bytes a stage read past its reply (after a 101)
+        self._want_write = True
+        self._finished = False          # failed_cb called (at most once)
+        self._binds = False             # the current TLS stage is the channel's
+        self._reader: Any = None        # ConnectReply, Socks5Handshake or the 101 head
+        self._key = ""                  # Sec-WebSocket-Key of the upgrade
+        self._timer = loop.call_later(timeout, self._timeout)
+        try:
+            self._addrs = resolve(host, port)
+        except OSError as exc:
+            why = describe_oserror(exc)
+            loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
+            return
+        sock, error = dial(self._addrs)
+        if sock is None:
+            loop.call_soon(lambda: self._fail(describe_oserror(error or OSError()),
+                                              DIAL_UNREACHABLE))
+            return
+        self.attach(sock)
+
+    def __repr__(self) -> str:
+        return "<Dialer %s %s>" % (self.where, self.stage)
+
+    def wants_read(self) -> bool:
+        return self.stage != DIAL_TCP and not self._want_write
+
+    def wants_write(self) -> bool:
+        return self._want_write or bool(self.out) or bool(getattr(self.sock, "unsent", b""))
+
+    def on_write(self) -> None:
+        if self.stage == DIAL_TCP:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                sock, _ = dial(self._addrs) if self._addrs else (None, None)
+                if sock is None:
+                    self._fail(os.strerror(err).lower(), DIAL_UNREACHABLE
+                               if err == errno.ECONNREFUSED else DIAL_RETRY)
+                    return
+                self.sock.close()
+                self.attach(sock)       # the next address (::1 refused, 127.0.0.1 next)
+                return
+            self._next_stage()
+        elif self.stage == DIAL_TLS:
+            self._tls_step()
+        else:
+            self._send_out()
+
+    def on_read(self) -> None:
+        if self.stage == DIAL_TLS:
+            self._tls_step()
+            return
+        try:
+            n = self.sock.recv_into(self.loop.scratch)
+        except WOULD_BLOCK:
+            return
+        if not n:
+            self._fail("connection closed during %s" % DIAL_STAGES[self.stage])
+            return
+        data = bytes(self.loop.scratch_view[:n])
+        try:
+            if self.stage == DIAL_CONNECT:
+                self._connect_reply(data)
+            elif self.stage == DIAL_SOCKS:
+                self.out += self._reader.feed(data)
+                if self._reader.done:
+                    self._after_reply(self._reader.rest)
+                else:
+                    self._send_out()
+            else:
+                self._upgrade_reply(data)
+        except ProxyError as exc:
+            self._fail(str(exc), DIAL_FATAL if exc.fatal else DIAL_RETRY, bare=True)
+        except ProtocolError as exc:
+            self._fail(str(exc))
+
+    # -- stages -------------------------------------------------------------------------
+    def _next_stage(self) -> None:
+        """Start the next stage, or hand the socket over when none is left."""
+        self._timer.cancel()
+        if not self.stages:
+            self._finished = True
+            self.done_cb(self.detach())
+            return
+        self._timer = self.loop.call_later(self.timeout, self._timeout)
+        stage = self.stages.pop(0)
+        self.stage = stage.kind
+        self.where = stage.where or self.where
+        self._want_write = False
+        if stage.kind == DIAL_TLS:
+            ctx, name, self._binds = stage.arg1, stage.arg2, stage.arg3
+            # The name checked (an IP literal too), else sent as SNI (names only).
+            hostname = name if ctx.check_hostname or not _is_ip_literal(name) else None
+            try:
+                channel = TLSChannel(self.sock, ctx, server_side=False,
+                                     server_hostname=hostname)
+            except (OSError, ValueError) as exc:
+                self._fail("TLS: %s" % exc, DIAL_TLS_FAILED)
+                return
+            self.attach(channel)
+            self._tls_step()
+        elif stage.kind == DIAL_CONNECT:
+            proxy, host, port = stage.arg1, stage.arg2, stage.arg3
+            self._proxy, self._target = proxy, format_hostport(host, port)
+            self._reader = ConnectReply()
+            self.out += connect_request(host, port, proxy)
+            self._send_out()
+        elif stage.kind == DIAL_SOCKS:
+            proxy, host, port = stage.arg1, stage.arg2, stage.arg3
+            if proxy.scheme == "socks5":            # names resolved here, not by the proxy
+                try:
+                    host = resolve(host, port)[0][4][0]
+                except (OSError, IndexError) as exc:
+                    self._fail("cannot resolve %s: %s" % (host, describe_oserror(exc)
+                               if isinstance(exc, OSError) else "no address"),
+                               DIAL_UNREACHABLE, bare=True)
+                    return
+            self._reader = Socks5Handshake(host, port, proxy.user, proxy.password)
+            self.out += self._reader.start()
+            self._send_out()
+        else:
+            host_header, protocol, self._url = stage.arg1, stage.arg2, stage.arg3
+            self._key = ws_key()
+            self._protocol = protocol
+            self._reader = bytearray()
+            self.out += ws_upgrade_request(host_header, WS_PATH, self._key, protocol)
+            self._send_out()
+
+    def _send_out(self) -> None:
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except WOULD_BLOCK:
+                sent = 0
+            del self.out[:sent]
+        elif getattr(self.sock, "unsent", b""):
+            self.sock.push()
+        self.update()
+
+    def _tls_step(self) -> None:
+        ssl = load_ssl()
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want_write = False
+        except ssl.SSLWantWriteError:
+            self._want_write = True
+        except (ssl.SSLError, OSError) as exc:
+            why = getattr(exc, "reason", None) or describe_oserror(exc)
+            detail = getattr(exc, "verify_message", None)   # SSLCertVerificationError
+            why = "TLS handshake failed: %s" % ("%s: %s" % (why, detail) if detail else why)
+            self._fail(why, DIAL_FATAL if "CERTIFICATE_VERIFY_FAILED" in why
+                       or "certificate verify failed" in why else DIAL_TLS_FAILED)
+            return
+        else:
+            self._want_write = False
+            if self._binds:
+                self.peer_der = self.sock.getpeercert(binary_form=True) or b""
+            self._next_stage()
+            return
+        self.update()
+
+    def _connect_reply(self, data: bytes) -> None:
+        reply = self._reader
+        if not reply.feed(data):
+            return
+        if not 200 <= reply.status < 300:
+            raise connect_error(reply, self._proxy, self._target)
+        self._after_reply(reply.rest)
+
+    def _after_reply(self, rest: bytes) -> None:
+        if rest:        # the relay speaks second: nothing may come before our first bytes
+            raise ProtocolError("the proxy sent %d bytes after its reply" % len(rest))
+        self._next_stage()
+
+    def _upgrade_reply(self, data: bytes) -> None:
+        buf = self._reader
+        buf += data
+        end = ws_response_head_end(buf)
+        if end < 0:
+            return
+        try:
+            ws_check_response(bytes(buf[:end]), self._key, self._protocol)
+        except ProtocolError as exc:
+            raise ProtocolError("%s: %s" % (self._url, exc)) from None
+        self.attach(WSChannel(self.sock, server_side=False, initial=bytes(buf[end:])))
+        self._next_stage()
+
+    # -- failure --------------------------------------------------------------------------
+    def _timeout(self) -> None:
+        if not self._finished:
+            self._fail("timed out" if self.stage == DIAL_TCP
+                       else "timed out in %s" % DIAL_STAGES[self.stage])
+
+    def _fail(self, why: str, kind: str = DIAL_RETRY, bare: bool = False) -> None:
+        """``bare``: the message names its own place (a proxy's refusal)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._timer.cancel()
+        self.close_socket()
+        self.failed_cb(why if bare else "%s: %s" % (self.where, why), kind)
+
+    def abort(self, reason: str) -> None:
+        self._fail(reason)
+
+    def abort_quietly(self) -> None:
+        """The caller gave up (its stream went away): close, report nothing."""
+        self._finished = True
+        self._timer.cancel()
+        self.close_socket()
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
 
 
 def unmap_peer(addr: Any) -> Any:
@@ -5076,10 +5345,39 @@ class ClientConfig(Settings):
     tls_interception: bool = False          # a TLS-inspecting middlebox is on the path
     client_secret: Optional[str] = None     # keep one to reclaim a name after a crash
     session_budget: int = SESSION_BUDGET    # receive windows of all streams together
+    relay_scheme: str = "tcp"               # tcp (control port), http or https (WebSocket)
+    proxy: Optional[str] = None             # proxy URL (default: from the environment)
+    no_proxy: bool = False                  # never use a proxy
+
+
+def parse_relay(text: str) -> Tuple[str, str, int]:
+    """``--relay``: ``HOST[:PORT]`` (the control port) or a URL, ``https://HOST[:PORT]``
+    (TLS and WebSocket, 443), ``http://HOST[:PORT]`` (WebSocket, 80), ``wss://`` and
+    ``ws://`` as aliases.  Returns (scheme, host, port), scheme "tcp", "http" or
+    "https"; raises ValueError with the reason."""
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        host, port = parse_hostport(text, default_port=DEFAULT_CONTROL_PORT)
+        return "tcp", host, port
+    kind = RELAY_SCHEMES.get(scheme.lower())
+    if kind is None:
+        raise ValueError("unknown scheme %r: use https://, http://, wss://, ws:// or "
+                         "HOST:PORT" % scheme)
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    if rest.endswith(WS_PATH):        # the reserved path itself is what we ask for anyway
+        rest = rest[:-len(WS_PATH)]
+    if not rest or "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+        raise ValueError("expected %s://HOST[:PORT], without a path or credentials"
+                         % scheme.lower())
+    host, port = parse_hostport(rest, default_port=RELAY_DEFAULT_PORTS[kind])
+    return kind, host, port
 
 
 class TargetConn(Pipe):
-    """Client side of a stream: a connection to the local service."""
+    """Client side of a stream: a connection to the local service.  Its socket comes from
+    a Dialer; until then (``connecting``) what the stream sends is kept in ``out``."""
 
     def __init__(self, client: "Client", stream: Stream, info: Dict[str, Any]) -> None:
         cfg = client.config
@@ -5087,24 +5385,13 @@ class TargetConn(Pipe):
         self.target = format_hostport(cfg.target_host, cfg.target_port)
         self.connecting = True
         self.failed = False
-        error: Optional[OSError]
-        try:
-            self._addrs = resolve(cfg.target_host, cfg.target_port)
-        except OSError as exc:
-            self._addrs = []
-            sock, error = None, exc
-        else:
-            sock, error = dial(self._addrs)
-        super().__init__(client.loop, sock or socket.socket())
+        super().__init__(client.loop, None)
         self.stream = stream
         stream.handler = self
         self.peer = str(info.get("peer", "?"))
-        self._timer: Optional[Timer] = None
-        if error is not None:
-            self._connect_failed(error)
-            return
-        self._timer = self.loop.call_later(cfg.connect_timeout, self._connect_timeout)
-        self.update()
+        self.dialer: Optional[Dialer] = Dialer(self.loop, cfg.target_host, cfg.target_port,
+                                               [], cfg.connect_timeout, self._dialed,
+                                               self._dial_failed)
 
     def __repr__(self) -> str:
         return "<Target %s stream %s>" % (self.target, self.stream.id if self.stream else "-")
@@ -5112,29 +5399,29 @@ class TargetConn(Pipe):
     def wants_read(self) -> bool:
         return not self.connecting and super().wants_read()
 
-    def wants_write(self) -> bool:
-        return self.connecting or bool(self.out)
+    def _dialed(self, sock: Any) -> None:
+        self.dialer = None
+        if self.closed:             # the stream went first
+            sock.close()
+            return
+        set_nodelay(sock)
+        self.connecting = False
+        self.attach(sock)
+        if self.out:
+            self.on_write()
+        elif self.shutdown_pending:
+            self.shutdown_pending = False
+            self._shutdown_write()
+
+    def _dial_failed(self, why: str, kind: str) -> None:
+        self.dialer = None
+        if not self.closed:
+            self._connect_failed("could not connect to %s" % why)
 
     def mid_message(self, data: memoryview) -> bool:
         # The client does not parse responses, but the usual small one arrives whole in
         # one read; an ACK segment (and a system call) for each of those is a real cost.
         return not whole_response(data)
-
-    def on_write(self) -> None:
-        if self.connecting:
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                if not self.dial_next(self._addrs):   # e.g. ::1 refused, 127.0.0.1 next
-                    self._connect_failed(OSError(err, os.strerror(err)))
-                return
-            set_nodelay(self.sock)
-            self.connecting = False
-            if self._timer is not None:
-                self._timer.cancel()
-            if self.shutdown_pending and not self.out:
-                self.shutdown_pending = False
-                self._shutdown_write()
-        super().on_write()
 
     def send_bytes(self, data: Any, credited: bool) -> None:
         if self.connecting and not self.failed:
@@ -5156,16 +5443,9 @@ class TargetConn(Pipe):
             return
         super().shutdown_after_flush()
 
-    def _connect_timeout(self) -> None:
-        if self.connecting and not self.closed:
-            self._connect_failed(socket.timeout("timed out"))
-
-    def _connect_failed(self, exc: OSError) -> None:
+    def _connect_failed(self, why: str) -> None:
         self.failed = True
         self.connecting = False
-        if self._timer is not None:
-            self._timer.cancel()
-        why = "could not connect to %s: %s" % (self.target, describe_oserror(exc))
         log.warning("stream %d: %s", self.stream.id if self.stream else 0, why)
         self.out.clear()
         stream = self.stream
@@ -5186,8 +5466,9 @@ class TargetConn(Pipe):
         self.close_socket()
 
     def close_socket(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self.dialer is not None:
+            self.dialer.abort_quietly()
+            self.dialer = None
         super().close_socket()
         self.client.targets.discard(self)
 
@@ -5196,8 +5477,25 @@ class Client(SessionDelegate):
     """The private side: keeps a session to the relay and serves its streams."""
 
     def __init__(self, config: ClientConfig, loop: Optional[EventLoop] = None,
-                 output: Callable[[str], None] = print) -> None:
+                 output: Callable[[str], None] = print,
+                 environ: Optional[Dict[str, str]] = None) -> None:
+        """``environ``: where proxy variables are read (default: os.environ); a
+        malformed proxy URL raises TunnelError."""
         self.config = config
+        default = RELAY_DEFAULT_PORTS.get(config.relay_scheme)
+        if default is None:
+            self.relay_text = format_hostport(config.relay_host, config.relay_port)
+        else:
+            self.relay_text = "%s://%s" % (config.relay_scheme, (
+                format_hostport(config.relay_host, config.relay_port)
+                if config.relay_port != default else "[%s]" % config.relay_host
+                if ":" in config.relay_host else config.relay_host))
+        try:
+            self.proxy, self.route = proxy_for(
+                config.relay_scheme, config.relay_host, config.relay_port,
+                os.environ if environ is None else environ, config.proxy, config.no_proxy)
+        except ValueError as exc:
+            raise TunnelError(str(exc)) from None
         self.loop = loop or EventLoop()
         self.output = output
         self.client_secret = (config.client_secret     # sealed: binds its name reservation
@@ -5216,7 +5514,7 @@ class Client(SessionDelegate):
         self.ready = threading.Event()
         self.up_count = 0                    # sessions established so far
         self.changed = threading.Condition()  # notified when the session goes up or down
-        self._connector: Optional[_Connector] = None
+        self._connector: Optional[Dialer] = None
         self._tls_context: Any = None
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
@@ -5265,12 +5563,54 @@ class Client(SessionDelegate):
         if self.stopping:
             return
         cfg = self.config
-        relay = format_hostport(cfg.relay_host, cfg.relay_port)
-        if self.attempt:
-            log.info("connecting to relay %s (attempt %d)", relay, self.attempt + 1)
+        log.info("connecting to relay %s (%s%s)", self.relay_text, self.route,
+                 ", attempt %d" % (self.attempt + 1) if self.attempt else "")
+        proxy = self.proxy
+        if proxy is not None:
+            host, port, where = proxy.host, proxy.port, "proxy %s" % proxy_text(proxy)
         else:
-            log.info("connecting to relay %s", relay)
-        self._connector = _Connector(self, cfg.relay_host, cfg.relay_port, cfg.connect_timeout)
+            host, port, where = cfg.relay_host, cfg.relay_port, ""
+        self._connector = Dialer(self.loop, host, port, self._relay_stages(),
+                                 cfg.connect_timeout, self._relay_dialed, self._relay_failed,
+                                 where=where)
+
+    def _relay_stages(self) -> List[DialStage]:
+        """The way to the relay: [TLS to an https:// proxy], CONNECT or SOCKS through
+        the proxy, then by --relay's form: control port: TLS (the channel); https://:
+        TLS (the channel), WebSocket; http://: WebSocket, TLS inside it (the channel).
+        --plaintext drops the channel's TLS."""
+        cfg = self.config
+        stages: List[DialStage] = []
+        relay = format_hostport(cfg.relay_host, cfg.relay_port)
+        proxy = self.proxy
+        if proxy is not None:
+            if proxy.scheme == "https":
+                stages.append(DialStage(DIAL_TLS, self.proxy_tls_context(), proxy.host, False,
+                                        "proxy %s" % proxy_text(proxy)))
+            kind = DIAL_SOCKS if proxy.scheme.startswith("socks") else DIAL_CONNECT
+            stages.append(DialStage(kind, proxy, cfg.relay_host, cfg.relay_port))
+        channel = [] if cfg.plaintext else [
+            DialStage(DIAL_TLS, self.tls_context(), cfg.relay_host, True, relay)]
+        if cfg.relay_scheme == "tcp":
+            return stages + channel
+        default = RELAY_DEFAULT_PORTS[cfg.relay_scheme]
+        host_header = (format_hostport(cfg.relay_host, cfg.relay_port)
+                       if cfg.relay_port != default else
+                       "[%s]" % cfg.relay_host if ":" in cfg.relay_host else cfg.relay_host)
+        url = self.relay_text + WS_PATH
+        if cfg.relay_scheme == "https":
+            return stages + channel + [DialStage(DIAL_WEBSOCKET, host_header, WS_PROTOCOL,
+                                                 url, relay)]
+        return stages + [DialStage(DIAL_WEBSOCKET, host_header, WS_PROTOCOL if cfg.plaintext
+                                   else WS_PROTOCOL_TLS, url, relay)] + channel
+
+    def proxy_tls_context(self) -> Any:
+        """TLS to an https:// proxy: verified against the system store (or --tls-ca),
+        with its host name checked, always."""
+        ssl = load_ssl()
+        ctx = ssl.create_default_context(cafile=self.config.tls_ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
 
     def tls_context(self) -> Any:
         """The client's TLS context, built once: the system store (--tls), a CA file
@@ -5289,44 +5629,35 @@ class Client(SessionDelegate):
             self._tls_context = ctx
         return self._tls_context
 
-    def _tcp_connected(self, sock: socket.socket) -> None:
-        cfg = self.config
-        if cfg.plaintext:
-            self._connected(sock)
-            return
-        ctx = self.tls_context()
-        name = cfg.relay_host if ctx.check_hostname else None
-        try:
-            tls = TLSChannel(sock, ctx, server_side=False, server_hostname=name)
-        except OSError as exc:
-            sock.close()
-            self._connect_failed("TLS: %s" % exc)
-            return
-        TLSHandshake(self.loop, tls, cfg.connect_timeout, self._tls_connected,
-                     self._tls_failed).start()
+    def _relay_dialed(self, sock: Any) -> None:
+        dialer, self._connector = self._connector, None
+        if not self.config.plaintext:
+            der = dialer.peer_der if dialer is not None else b""
+            wanted = self.config.tls_fingerprint
+            if wanted:
+                got = cert_fingerprint(der)
+                if got != normalize_fingerprint(wanted):
+                    sock.close()
+                    self.fatal(EXIT_USAGE, "relay certificate fingerprint %s does not match "
+                               "--tls-fingerprint" % got)
+                    return
+            self.binding = binding_of(der)
+        self._connected(sock)
 
-    def _tls_connected(self, tls: Any) -> None:
-        der = tls.getpeercert(binary_form=True) or b""
-        wanted = self.config.tls_fingerprint
-        if wanted:
-            got = cert_fingerprint(der)
-            if got != normalize_fingerprint(wanted):
-                tls.close()
-                self.fatal(EXIT_USAGE, "relay certificate fingerprint %s does not match "
-                           "--tls-fingerprint" % got)
-                return
-        self.binding = binding_of(der)
-        self._connected(tls)
-
-    def _tls_failed(self, why: str) -> None:
-        if "CERTIFICATE_VERIFY_FAILED" in why or "certificate verify failed" in why:
-            self.fatal(EXIT_USAGE, "could not verify the relay's certificate: %s" % why)
+    def _relay_failed(self, why: str, kind: str) -> None:
+        self._connector = None
+        if kind == DIAL_FATAL:
+            if "certificate verify failed" in why or "CERTIFICATE_VERIFY_FAILED" in why:
+                why = "could not verify the %s's certificate: %s" % (
+                    "proxy" if why.startswith("proxy ") else "relay", why)
+            self.fatal(EXIT_USAGE, why)
             return
-        if self.url is None and not self._hinted:
+        if (kind == DIAL_TLS_FAILED and self.config.relay_scheme == "tcp"
+                and self.url is None and not self._hinted):
             self._hinted = True   # once: a relay that drops TLS may be plain or busy
             log.warning("TLS to the relay failed; if it runs with --plaintext, pass "
                         "--plaintext here too")
-        self._connect_failed(why)
+        self._connect_failed(why, unreachable=kind == DIAL_UNREACHABLE and self.proxy is None)
 
     def _connected(self, sock: Any) -> None:
         self._connector = None
@@ -5342,8 +5673,8 @@ class Client(SessionDelegate):
             request["tls_interception"] = True
         sealed = {"client_secret": self.client_secret, "access": cfg.access or None}
         handshake = ClientHandshake(cfg.token, request, sealed=sealed)
-        self.session = Session(self.loop, sock, format_hostport(cfg.relay_host, cfg.relay_port),
-                               handshake, self, is_relay=False, config=self.session_config)
+        self.session = Session(self.loop, sock, self.relay_text, handshake, self,
+                               is_relay=False, config=self.session_config)
 
     def _plaintext_ok(self, sock: Any) -> bool:
         """--plaintext: warn once when the session leaves loopback, and never send
@@ -5352,6 +5683,8 @@ class Client(SessionDelegate):
             peer = sock.getpeername()[0]
         except (OSError, IndexError):
             peer = ""
+        if self.proxy is not None and not is_loopback(self.config.relay_host):
+            peer = self.config.relay_host       # the bytes go on from the proxy
         if is_loopback(peer):
             return True
         access = self.config.access or {}
@@ -5373,8 +5706,12 @@ class Client(SessionDelegate):
         log.warning("could not reach the relay: %s", why)
         if unreachable and self.url is None and not self._relay_hinted:
             self._relay_hinted = True
-            log.warning("is the relay running? check --relay HOST:PORT (the control port, "
-                        "%d by default)", DEFAULT_CONTROL_PORT)
+            if self.config.relay_scheme == "tcp":
+                log.warning("is the relay running? check --relay HOST:PORT (the control "
+                            "port, %d by default)", DEFAULT_CONTROL_PORT)
+            else:
+                log.warning("is the relay running? check --relay %s (the relay's visitor "
+                            "port)", self.relay_text)
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
@@ -5483,56 +5820,6 @@ class Client(SessionDelegate):
     def stats(self) -> Dict[str, int]:
         session = self.session
         return {"streams": len(session.streams) if session else 0, "targets": len(self.targets)}
-
-
-class _Connector(Conn):
-    """A non-blocking connect to the relay, trying each address, with a timeout."""
-
-    def __init__(self, client: Client, host: str, port: int, timeout: float) -> None:
-        self.client = client
-        self.where = format_hostport(host, port)
-        error: Optional[OSError]
-        try:
-            self.addrs = resolve(host, port)
-        except OSError as exc:
-            self.addrs = []
-            sock, error = None, exc
-        else:
-            sock, error = dial(self.addrs)
-        super().__init__(client.loop, sock or socket.socket())
-        self.timer = self.loop.call_later(timeout, self._timeout)
-        if error is not None:
-            self._fail(describe_oserror(error), unreachable=isinstance(
-                error, socket.gaierror) or error.errno == errno.ECONNREFUSED)
-            return
-        self.update()
-
-    def wants_read(self) -> bool:
-        return False
-
-    def wants_write(self) -> bool:
-        return True
-
-    def on_write(self) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            if not self.dial_next(self.addrs):
-                self._fail(os.strerror(err).lower(), unreachable=err == errno.ECONNREFUSED)
-            return
-        self.timer.cancel()
-        self.client._tcp_connected(self.detach())   # the socket now belongs to the client
-
-    def _timeout(self) -> None:
-        if not self.closed:
-            self._fail("timed out")
-
-    def _fail(self, why: str, unreachable: bool = False) -> None:
-        self.timer.cancel()
-        self.close_socket()
-        self.client._connect_failed("%s: %s" % (self.where, why), unreachable)
-
-    def abort(self, reason: str) -> None:
-        self._fail(reason)
 
 
 # =============================================================================
@@ -5689,8 +5976,17 @@ def build_parser() -> argparse.ArgumentParser:
     expose.add_argument("target", metavar="TARGET", help="PORT (127.0.0.1:PORT), HOST:PORT "
                         "or http://HOST:PORT")
     expose.add_argument("extra", nargs="?", default=None, help=argparse.SUPPRESS)
-    expose.add_argument("--relay", default=None, metavar="HOST:PORT",
-                        help="relay control address (default: $TUNNEL_RELAY, else %s)"
+    expose.add_argument("--proxy", default=None, metavar="URL",
+                        help="reach the relay through this proxy: http://[USER:PASS@]HOST:PORT "
+                        "(CONNECT), https://..., socks5://..., socks5h://... (default: "
+                        "$HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY by the relay's form, "
+                        "curl's rules, $NO_PROXY honoured)")
+    expose.add_argument("--no-proxy", action="store_true",
+                        help="connect directly, whatever the proxy variables say")
+    expose.add_argument("--relay", default=None, metavar="ADDR",
+                        help="the relay: HOST:PORT of its control port, or its URL, "
+                        "https://HOST[:PORT] or http://HOST[:PORT] (WebSocket on its visitor "
+                        "port; wss://, ws:// too) (default: $TUNNEL_RELAY, else %s)"
                         % DEFAULT_RELAY)
     expose.add_argument("--token", default=None, help="shared secret (default: $TUNNEL_TOKEN)")
     expose.add_argument("--subdomain", default=None, metavar="NAME",
@@ -5976,10 +6272,20 @@ def cmd_expose(args: argparse.Namespace) -> int:
         raise UsageError("--connect-timeout and --backoff-max must be positive")
     relay_text = args.relay or os.environ.get("TUNNEL_RELAY") or DEFAULT_RELAY
     try:
-        relay_host, relay_port = parse_hostport(relay_text, default_port=DEFAULT_CONTROL_PORT)
+        relay_scheme, relay_host, relay_port = parse_relay(relay_text)
     except ValueError as exc:
-        raise UsageError("invalid --relay %r: expected HOST:PORT (%s)" % (relay_text, exc)) \
-            from None
+        raise UsageError("invalid --relay %r: expected HOST:PORT or https://HOST[:PORT] (%s)"
+                         % (relay_text, exc)) from None
+    if args.plaintext and relay_scheme == "https":
+        raise UsageError("--plaintext excludes an https:// relay (use http://HOST:PORT for "
+                         "a relay's plain HTTP port)")
+    if args.proxy is not None and args.no_proxy:
+        raise UsageError("--proxy and --no-proxy exclude each other")
+    if args.proxy is not None:
+        try:
+            parse_proxy_url(args.proxy)
+        except ValueError as exc:
+            raise UsageError("invalid --proxy %r: %s" % (args.proxy, exc)) from None
     token = args.token or os.environ.get("TUNNEL_TOKEN", "")
     if not token:
         raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints one)")
@@ -6046,6 +6352,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
                          "characters" % args.subdomain)
     config = ClientConfig(target_host=target_host, target_port=target_port,
                           relay_host=relay_host, relay_port=relay_port, token=token,
+                          relay_scheme=relay_scheme, proxy=args.proxy, no_proxy=args.no_proxy,
                           subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
@@ -6056,7 +6363,11 @@ def cmd_expose(args: argparse.Namespace) -> int:
                           user=args.user or os.environ.get("TUNNEL_USER") or None,
                           access=access or None)
     loop = EventLoop()
-    client = Client(config, loop=loop, output=LineOutput(loop))
+    try:
+        client = Client(config, loop=loop, output=LineOutput(loop))
+    except TunnelError as exc:       # a malformed proxy variable: the user's to fix
+        loop.close()
+        raise UsageError(str(exc)) from None
     _install_signals(loop, client.shutdown)
     code = client.run()
     if client.error and code != EXIT_OK:
