@@ -5599,7 +5599,9 @@ class ProxyCodecTests(unittest.TestCase):
             ("http://p:65536", "invalid proxy port '65536'"),
             ("http://p:8o", "invalid proxy port '8o'"),
             ("http://p:\u0661\u0662", "invalid proxy port"),
-            ("http://p:3128/path", "a proxy URL has no path, query or fragment (got '/path')"),
+            ("http://p:3128/path", "a proxy URL has no path, query or fragment (percent-"
+                                   "encode '/', '?', '#' and '@' in a user name or password)"),
+            ("u:p://x@p", "unsupported proxy scheme (tunnel.py speaks"),
             ("http://p:3128?x=1", "no path, query or fragment"),
             ("http://p:3128#f", "no path, query or fragment"),
             ("http://", "no host in the proxy URL"),
@@ -5614,6 +5616,7 @@ class ProxyCodecTests(unittest.TestCase):
             ("http://pro\txy:1", "invalid proxy host 'pro\\\\x09xy'"),
             ("http://p\r\nX:1", "invalid proxy host"),
             ("http://p\r\nX: y:1", "goes in brackets"),
+            ("http://a%3Ab:pw@p", "a proxy user name for Basic cannot contain ':'"),
             ("socks5://:pw@p", "a SOCKS user name is 1-255 bytes"),
             ("socks5://%s:pw@p" % ("u" * 256), "a SOCKS user name is 1-255 bytes"),
             ("socks5://u:%s@p" % ("p" * 256), "a SOCKS password is at most 255 bytes"),
@@ -5627,7 +5630,9 @@ class ProxyCodecTests(unittest.TestCase):
 
     def test_errors_and_display_never_show_the_password(self):
         for text in ("http://alice:TOPSECRET@p:3128/x", "socks4://alice:TOPSECRET@p",
-                     "http://alice:TOPSECRET@p:99999"):
+                     "http://alice:TOPSECRET@p:99999", "http://alice:TOP/SECRET@p",
+                     "http://alice:TOP#SECRET@p", "http://alice:TOP?SECRET@p",
+                     "alice:TOPSECRET://p", "http://alice:TOPSECRET@[p]"):
             with self.assertRaises(ValueError) as cm:
                 tunnel.parse_proxy_url(text)
             self.assertNotIn("TOPSECRET", str(cm.exception))
@@ -5796,7 +5801,8 @@ class ProxyCodecTests(unittest.TestCase):
                 with self.assertRaises(ValueError):
                     tunnel.connect_request(host, 443, self.P)
         with self.assertRaises(ValueError):      # Basic cannot carry a colon in the user
-            tunnel.connect_request("relay", 443, tunnel.parse_proxy_url("http://a%3Ab:c@p"))
+            tunnel.connect_request("relay", 443, tunnel.ProxyURL("http", "p", 1, "a:b", "c"))
+        self.assertEqual(tunnel.parse_proxy_url("socks5://a%3Ab:c@p").user, "a:b")   # RFC 1929
 
     def feed_reply(self, data, one_byte=False, chunks=None):
         reply = tunnel.ConnectReply()
@@ -5963,7 +5969,8 @@ class ProxyCodecTests(unittest.TestCase):
                 h = tunnel.Socks5Handshake(host, port, None, None)
                 h.start()
                 self.assertEqual(h.feed(b"\x05\x00"), b"\x05\x01\x00" + address)
-        for host, port in (("x" * 256, 1), ("", 1), ("relay", 0), ("relay", 65536)):
+        for host, port in (("x" * 256, 1), ("", 1), ("relay", 0), ("relay", 65536),
+                           ("relay\r\n", 1), ("a b", 1), ("a..b\u00fc", 1)):
             with self.subTest(host=host, port=port):
                 with self.assertRaises(ValueError):
                     tunnel.Socks5Handshake(host, port, None, None)

@@ -374,6 +374,7 @@ PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tun
 DEFAULT_PROXY_PORT = 1080               # a proxy URL without a port (curl's default) ...
 DEFAULT_HTTPS_PROXY_PORT = 443          # ... unless it is https://
 MAX_PROXY_REPLY = 16 * 1024             # head of a CONNECT reply (status line and fields)
+PROXY_AUTH_REQUIRED = 407               # CONNECT answer: the proxy wants credentials
 SOCKS_VERSION = 5                       # RFC 1928: first byte of every message but auth's
 SOCKS_AUTH_VERSION = 1                  # RFC 1929: username/password subnegotiation version
 SOCKS_NO_AUTH = 0x00                    # method: no authentication required
@@ -389,6 +390,7 @@ SOCKS_ATYP_DOMAIN = 0x03                # ... a length byte and a name ...
 SOCKS_ATYP_IPV6 = 0x04                  # ... 16 bytes
 SOCKS_ADDRESS_SIZES: Dict[int, int] = {SOCKS_ATYP_IPV4: 4, SOCKS_ATYP_IPV6: 16}
 SOCKS_MAX_FIELD = 255                   # user, password, domain name: one length byte
+SOCKS_PORT = struct.Struct("!H")        # DST.PORT, BND.PORT
 SOCKS_REPLY_OK = 0x00                   # reply code: succeeded
 SOCKS5_REPLIES: Dict[int, str] = {      # RFC 1928 section 6
     0x00: "succeeded",
@@ -2944,6 +2946,7 @@ ROUTE_PROXY = "via proxy %s"
 
 _PROXY_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?\.?\Z")
 _PROXY_URL_RE = re.compile(r"([^/?#]*)(.*)\Z", re.S)
+_URL_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]*\Z")
 _NO_PROXY_SPLIT_RE = re.compile(r"[,\s]+")
 _CONNECT_STATUS_RE = re.compile(r"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\r\n]*))?\Z")
 _PROXY_FIELD_NAME_RE = re.compile(_TOKEN + r"\Z")
@@ -2999,13 +3002,14 @@ def parse_proxy_url(text: str) -> ProxyURL:
         scheme, rest = "http", text
     scheme = scheme.lower()
     if scheme not in PROXY_SCHEMES:
-        raise ValueError("unsupported proxy scheme %r (tunnel.py speaks %s)"
-                         % (escape_unprintable(scheme), ", ".join(PROXY_SCHEMES)))
+        shown = " %r" % scheme if _URL_SCHEME_RE.match(scheme) else ""
+        raise ValueError("unsupported proxy scheme%s (tunnel.py speaks %s)"
+                         % (shown, ", ".join(PROXY_SCHEMES)))
     m = _PROXY_URL_RE.match(rest)
     authority, path = m.group(1), m.group(2)
-    if path not in ("", "/"):
-        raise ValueError("a proxy URL has no path, query or fragment (got %r)"
-                         % escape_unprintable(path[:40]))
+    if path not in ("", "/"):      # not shown: it may hold the rest of a password
+        raise ValueError("a proxy URL has no path, query or fragment (percent-encode "
+                         "'/', '?', '#' and '@' in a user name or password)")
     userinfo, at, hostport = authority.rpartition("@")
     user = password = None
     if at and userinfo:
@@ -3039,6 +3043,8 @@ def parse_proxy_url(text: str) -> ProxyURL:
         port = int(port_text)
     else:
         port = DEFAULT_HTTPS_PROXY_PORT if scheme == "https" else DEFAULT_PROXY_PORT
+    if user is not None and not scheme.startswith("socks") and ":" in user:
+        raise ValueError("a proxy user name for Basic cannot contain ':'")
     if user is not None and scheme.startswith("socks"):
         if not 0 < len(user.encode("utf-8")) <= SOCKS_MAX_FIELD:
             raise ValueError("a SOCKS user name is 1-%d bytes" % SOCKS_MAX_FIELD)
@@ -3236,7 +3242,7 @@ def connect_error(reply: ConnectReply, proxy: ProxyURL, target: str) -> ProxyErr
     """The error for a CONNECT answered with ``reply`` (not 2xx): a 407 is fatal and
     says what the proxy wants; any other status is retried."""
     where = proxy.where
-    if reply.status != 407:
+    if reply.status != PROXY_AUTH_REQUIRED:
         status = ("%d %s" % (reply.status, reply.reason)).rstrip()
         return ProxyError("proxy %s refused CONNECT %s: %s" % (where, target, status))
     schemes = auth_schemes(reply.get_all("proxy-authenticate"))
@@ -3265,7 +3271,6 @@ SOCKS_STATES: Dict[str, int] = {  # state -> bytes it waits for (0: variable, or
     _SOCKS_METHOD: 2, _SOCKS_AUTH: 2, _SOCKS_REPLY: 4, _SOCKS_NAME_LENGTH: 1,
     _SOCKS_BOUND: 0, _SOCKS_DONE: 0, _SOCKS_FAILED: 0,
 }
-SOCKS_PORT = struct.Struct("!H")
 
 
 class Socks5Handshake:
@@ -3289,6 +3294,8 @@ class Socks5Handshake:
             name = host.encode("ascii") if host.isascii() else host.encode("idna")
             if not 0 < len(name) <= SOCKS_MAX_FIELD:
                 raise ValueError("a SOCKS host name is 1-%d bytes" % SOCKS_MAX_FIELD)
+            if _PROXY_HOST_RE.match(name.decode("ascii")) is None:
+                raise ValueError("invalid host name %r" % escape_unprintable(host))
             address = bytes([SOCKS_ATYP_DOMAIN, len(name)]) + name
         self._request = bytes([SOCKS_VERSION, SOCKS_CMD_CONNECT, 0]) + address + \
             SOCKS_PORT.pack(port)
