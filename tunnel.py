@@ -3027,7 +3027,7 @@ def parse_proxy_url(text: str) -> ProxyURL:
         port_text = after[1:]
         ip = _ip_literal(host)
         if ip is None or ip.version != 6:
-            raise ValueError("%r in brackets is not an IPv6 address" % escape_unprintable(host))
+            raise ValueError("'%s' in brackets is not an IPv6 address" % escape_unprintable(host))
     else:
         if hostport.count(":") > 1:
             raise ValueError("an IPv6 proxy address goes in brackets: [%s]"
@@ -3036,10 +3036,10 @@ def parse_proxy_url(text: str) -> ProxyURL:
         if not host:
             raise ValueError("no host in the proxy URL")
         if _PROXY_HOST_RE.match(host) is None:
-            raise ValueError("invalid proxy host %r" % escape_unprintable(host))
+            raise ValueError("invalid proxy host '%s'" % escape_unprintable(host))
     if port_text:
         if not (port_text.isdigit() and port_text.isascii() and 0 < int(port_text) < 65536):
-            raise ValueError("invalid proxy port %r" % escape_unprintable(port_text))
+            raise ValueError("invalid proxy port '%s'" % escape_unprintable(port_text))
         port = int(port_text)
     else:
         port = DEFAULT_HTTPS_PROXY_PORT if scheme == "https" else DEFAULT_PROXY_PORT
@@ -3158,7 +3158,7 @@ def connect_request(host: str, port: int, proxy: ProxyURL) -> bytes:
     user).  ValueError for a host that could break the request line, or a user name
     with a colon (Basic cannot carry one)."""
     if _TARGET_HOST_RE.match(host) is None:
-        raise ValueError("invalid host %r for CONNECT" % escape_unprintable(host))
+        raise ValueError("invalid host '%s' for CONNECT" % escape_unprintable(host))
     target = format_hostport(host, port)
     head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tunnel.py/%s\r\n" % (
         target, target, __version__)
@@ -3295,7 +3295,7 @@ class Socks5Handshake:
             if not 0 < len(name) <= SOCKS_MAX_FIELD:
                 raise ValueError("a SOCKS host name is 1-%d bytes" % SOCKS_MAX_FIELD)
             if _PROXY_HOST_RE.match(name.decode("ascii")) is None:
-                raise ValueError("invalid host name %r" % escape_unprintable(host))
+                raise ValueError("invalid host name '%s'" % escape_unprintable(host))
             address = bytes([SOCKS_ATYP_DOMAIN, len(name)]) + name
         self._request = bytes([SOCKS_VERSION, SOCKS_CMD_CONNECT, 0]) + address + \
             SOCKS_PORT.pack(port)
