@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -5202,6 +5203,1195 @@ def tearDownModule():
         sys.stderr.write("threads left after the tests:\n%s\n" % "\n".join(report))
         if any(not t.daemon for t in left):
             raise AssertionError("non-daemon threads left: %s" % [t.name for t in left])
+
+
+# =============================================================================
+# Proxies: test proxies (fixtures: sockets and threads) and the pure codecs
+# =============================================================================
+
+LOOPBACK_TARGETS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class _Gone(ConnectionError):
+    """The peer closed before a whole message arrived."""
+
+
+def recv_exact(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise _Gone("closed after %d of %d bytes" % (len(data), n))
+        data += chunk
+    return bytes(data)
+
+
+def shut(sock, how=socket.SHUT_RDWR):
+    """shutdown(2) on the socket itself (for an SSLSocket too: no TLS state touched)."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+class _LoopbackProxy:
+    """Shared by the test proxies: a listener on 127.0.0.1:0, one thread per connection
+    (plus one per pump direction), every socket and thread recorded so that ``close``
+    stops them all.  Subclasses negotiate (``_negotiate(conn) -> upstream or None``)."""
+
+    scheme = "http"
+
+    def __init__(self, credentials=None, tls_context=None, drop=False, bind="127.0.0.1"):
+        self.credentials = credentials
+        self.tls_context = tls_context
+        self.drop = drop
+        self.requests = []
+        self.auth_seen = []
+        self.lock = threading.Lock()
+        self.closed = False
+        self.sockets = []
+        self.threads = []
+        self.listener = socket.create_server(
+            (bind, 0), family=socket.AF_INET6 if ":" in bind else socket.AF_INET)
+        self.host, self.port = bind, self.listener.getsockname()[1]
+        self._spawn(self._accept, "proxy-accept")
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % (self.scheme, self.port)
+
+    def auth_url(self, user=None, password=None, scheme=None):
+        """The URL with ``user:password@`` (default: the proxy's own credentials),
+        percent-encoded."""
+        if user is None:
+            user, password = self.credentials
+        return "%s://%s:%s@127.0.0.1:%d" % (
+            scheme or self.scheme, urllib.parse.quote(user, safe=""),
+            urllib.parse.quote(password or "", safe=""), self.port)
+
+    @property
+    def where(self):
+        return "127.0.0.1:%d" % self.port
+
+    def _spawn(self, target, name, *args):
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self.lock:
+            if self.closed:
+                return None
+            self.threads.append(thread)
+            thread.start()
+        return thread
+
+    def _track(self, sock):
+        with self.lock:
+            if not self.closed:
+                self.sockets.append(sock)
+                return True
+        sock.close()
+        return False
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self._track(conn):
+                return
+            if self.drop:
+                conn.close()
+                continue
+            if self._spawn(self._serve, "proxy-conn", conn) is None:
+                return
+
+    def _serve(self, conn):
+        up = None
+        try:
+            conn.settimeout(WAIT)
+            if self.tls_context is not None:
+                conn = self.tls_context.wrap_socket(conn, server_side=True,
+                                                    do_handshake_on_connect=False)
+                if not self._track(conn):
+                    return
+                conn.do_handshake()
+            up = self._negotiate(conn)
+            if up is None:
+                return
+            self._relay(conn, up)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for s in (conn, up):
+                if s is not None:
+                    shut(s)
+                    s.close()
+
+    def _relay(self, a, b):
+        """Copy bytes both ways in this one thread (non-blocking, select): one SSLSocket
+        must not be read and written from two threads at once.  Half-closes are passed
+        on; at most RELAY_BUFFER bytes wait per direction."""
+        peer = {a: b, b: a}
+        waiting = {a: bytearray(), b: bytearray()}     # bytes to write to the key
+        ended = {a: False, b: False}                   # the key's read side is done
+        for s in (a, b):
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            readers = [s for s in (a, b) if not ended[s]
+                       and len(waiting[peer[s]]) < self.RELAY_BUFFER]
+            writers = [s for s in (a, b) if waiting[s]]
+            if not readers and not writers:
+                return
+            ready = [s for s in readers if isinstance(s, ssl.SSLSocket) and s.pending()]
+            if not ready:
+                ready, writable, _ = select.select(readers, writers, [])
+            else:
+                writable = []
+            for s in ready:
+                try:
+                    data = s.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    waiting[peer[s]] += data
+                else:
+                    ended[s] = True
+                    if not waiting[peer[s]]:
+                        shut(peer[s], socket.SHUT_WR)
+            for s in writable:
+                try:
+                    n = s.send(waiting[s])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    continue
+                except OSError:
+                    return
+                del waiting[s][:n]
+                if not waiting[s] and ended[peer[s]]:
+                    shut(s, socket.SHUT_WR)
+
+    RELAY_BUFFER = 1 << 20
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    shut(dst, socket.SHUT_WR)      # pass the half-close on
+                    return
+                dst.sendall(data)
+        except OSError:
+            shut(src)
+            shut(dst)
+
+    def _dial(self, host, port):
+        """A connection to a loopback target; anything else is refused (None)."""
+        if host not in LOOPBACK_TARGETS:
+            return None
+        up = socket.create_connection((host, port), WAIT)
+        if not self._track(up):
+            raise ConnectionError("proxy closed")
+        return up
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            sockets, threads = list(self.sockets), list(self.threads)
+        shut(self.listener)
+        self.listener.close()
+        for s in sockets:
+            shut(s)
+        for t in threads:
+            t.join(WAIT)
+        for s in sockets:
+            s.close()
+
+    def alive(self):
+        return [t for t in self.threads if t.is_alive()]
+
+
+class ConnectProxy(_LoopbackProxy):
+    """An HTTP CONNECT proxy (``https://`` with ``tls_context``) on 127.0.0.1: checks
+    Basic ``credentials`` (user, password), else 407 offering ``schemes``; answers
+    ``refuse`` (a status) if set; closes every connection at once if ``drop``; connects
+    only to loopback targets (403 otherwise).  Records ``requests`` (the CONNECT
+    targets) and ``auth_seen`` (each Proxy-Authorization value, None when absent)."""
+
+    def __init__(self, credentials=None, schemes=("Basic",), refuse=None, drop=False,
+                 tls_context=None):
+        self.schemes = schemes
+        self.refuse = refuse
+        self.scheme = "https" if tls_context is not None else "http"
+        super().__init__(credentials, tls_context, drop)
+
+    def _answer(self, conn, status, fields=()):
+        head = "HTTP/1.1 %d %s\r\n" % (status, http.client.responses.get(status, "Status"))
+        head += "".join("%s: %s\r\n" % f for f in fields)
+        conn.sendall((head + "Content-Length: 0\r\nConnection: close\r\n\r\n").encode())
+
+    def _negotiate(self, conn):
+        data = bytearray()
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk or len(data) > 65536:
+                return None
+            data += chunk
+        head, _, extra = bytes(data).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or parts[0] != "CONNECT":
+            self._answer(conn, 405)
+            return None
+        target = parts[1]
+        self.requests.append(target)
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        auth = fields.get("proxy-authorization")
+        self.auth_seen.append(auth)
+        if self.credentials is not None:
+            expected = "Basic " + base64.b64encode(
+                ("%s:%s" % self.credentials).encode()).decode()
+            if auth != expected:
+                self._answer(conn, 407, [("Proxy-Authenticate", s + ' realm="test"'
+                                          if s == "Basic" else s) for s in self.schemes])
+                return None
+        if self.refuse:
+            self._answer(conn, self.refuse)
+            return None
+        host, _, port = target.rpartition(":")
+        host = host[1:-1] if host.startswith("[") else host
+        try:
+            up = self._dial(host, int(port))
+        except (OSError, ValueError):
+            self._answer(conn, 502)
+            return None
+        if up is None:
+            self._answer(conn, 403)
+            return None
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if extra:
+            up.sendall(extra)
+        return up
+
+
+class SocksProxy(_LoopbackProxy):
+    """A SOCKS5 proxy on 127.0.0.1 (no authentication, or RFC 1929 with ``credentials``)
+    that records ``requests`` as (atyp, host, port) and ``auth_seen`` as (user, password),
+    connects only to loopback targets (reply 2 otherwise, 5 when refused)."""
+
+    scheme = "socks5"
+
+    def __init__(self, credentials=None):
+        super().__init__(credentials)
+
+    def _reply(self, conn, code, bound=("0.0.0.0", 0)):
+        family = socket.AF_INET6 if ":" in bound[0] else socket.AF_INET
+        atyp = 4 if family == socket.AF_INET6 else 1
+        conn.sendall(bytes([5, code, 0, atyp]) + socket.inet_pton(family, bound[0])
+                     + struct.pack("!H", bound[1]))
+
+    def _negotiate(self, conn):
+        version, count = recv_exact(conn, 2)
+        methods = recv_exact(conn, count)
+        if version != 5:
+            return None
+        wanted = 2 if self.credentials is not None else 0
+        if wanted not in methods:
+            conn.sendall(b"\x05\xff")
+            return None
+        conn.sendall(bytes([5, wanted]))
+        if wanted == 2:
+            _, ulen = recv_exact(conn, 2)
+            user = recv_exact(conn, ulen).decode()
+            password = recv_exact(conn, recv_exact(conn, 1)[0]).decode()
+            self.auth_seen.append((user, password))
+            if (user, password) != tuple(self.credentials):
+                conn.sendall(b"\x01\x01")
+                return None
+            conn.sendall(b"\x01\x00")
+        _, command, _, atyp = recv_exact(conn, 4)
+        if atyp == 1:
+            host = socket.inet_ntop(socket.AF_INET, recv_exact(conn, 4))
+        elif atyp == 4:
+            host = socket.inet_ntop(socket.AF_INET6, recv_exact(conn, 16))
+        elif atyp == 3:
+            host = recv_exact(conn, recv_exact(conn, 1)[0]).decode()
+        else:
+            self._reply(conn, 8)
+            return None
+        port = struct.unpack("!H", recv_exact(conn, 2))[0]
+        self.requests.append((atyp, host, port))
+        if command != 1:
+            self._reply(conn, 7)
+            return None
+        try:
+            up = self._dial(host, port)
+        except OSError:
+            self._reply(conn, 5)
+            return None
+        if up is None:
+            self._reply(conn, 2)
+            return None
+        self._reply(conn, 0, up.getsockname()[:2])
+        return up
+
+
+class EchoServer(_LoopbackProxy):
+    """Echoes every byte back, half-close included (the target behind the proxies);
+    ``bind="::1"`` for an IPv6 one (OSError where there is no IPv6 loopback)."""
+
+    def __init__(self, bind="127.0.0.1"):
+        super().__init__(bind=bind)
+
+    def _negotiate(self, conn):
+        self._pump(conn, conn)
+        return None
+
+
+def socks_exchange(test, handshake, script, one_byte=False):
+    """Drive ``handshake`` with the proxy's ``script`` [(bytes from the proxy, bytes we
+    must send back)], whole or one byte at a time."""
+    for incoming, expected in script:
+        if one_byte:
+            sent = b"".join(handshake.feed(incoming[i:i + 1]) for i in range(len(incoming)))
+        else:
+            sent = handshake.feed(incoming)
+        test.assertEqual(sent, expected)
+
+
+class ProxyCodecTests(unittest.TestCase):
+    """The pure proxy pieces: URL parsing, NO_PROXY, the choice of proxy, CONNECT and
+    SOCKS5 codecs, byte literals in and out."""
+
+    P = tunnel.ProxyURL("http", "proxy.corp", 3128, None, None)
+    P_AUTH = tunnel.ProxyURL("http", "proxy.corp", 3128, "alice", "s3cret")
+
+    # -- parse_proxy_url ---------------------------------------------------------
+    def test_parse_proxy_url(self):
+        cases = [
+            ("http://proxy.corp:3128", ("http", "proxy.corp", 3128, None, None)),
+            ("http://proxy.corp:3128/", ("http", "proxy.corp", 3128, None, None)),
+            ("HTTP://Proxy.Corp:3128", ("http", "Proxy.Corp", 3128, None, None)),
+            ("proxy.corp:3128", ("http", "proxy.corp", 3128, None, None)),
+            ("proxy.corp", ("http", "proxy.corp", 1080, None, None)),
+            ("http://proxy.corp", ("http", "proxy.corp", 1080, None, None)),
+            ("https://proxy.corp", ("https", "proxy.corp", 443, None, None)),
+            ("https://proxy.corp:8443", ("https", "proxy.corp", 8443, None, None)),
+            ("socks5://10.0.0.1", ("socks5", "10.0.0.1", 1080, None, None)),
+            ("socks5h://gw:9050", ("socks5h", "gw", 9050, None, None)),
+            ("http://[::1]:3128", ("http", "::1", 3128, None, None)),
+            ("[fd00::5]", ("http", "fd00::5", 1080, None, None)),
+            ("  http://p:1  ", ("http", "p", 1, None, None)),
+            ("http://alice:s3cret@p:3128", ("http", "p", 3128, "alice", "s3cret")),
+            ("http://a%40corp:p%3Ass%40w%25@p:3128", ("http", "p", 3128, "a@corp", "p:ss@w%")),
+            ("http://us:er:pa@ss@p:3128", ("http", "p", 3128, "us", "er:pa@ss")),
+            ("http://alice@p", ("http", "p", 1080, "alice", "")),
+            ("http://@p:1", ("http", "p", 1, None, None)),
+            ("socks5://u:p@[::1]:1080", ("socks5", "::1", 1080, "u", "p")),
+        ]
+        for text, want in cases:
+            with self.subTest(text=text):
+                self.assertEqual(tuple(tunnel.parse_proxy_url(text)), want)
+
+    def test_parse_proxy_url_errors(self):
+        cases = [
+            ("socks4://p:1080", "unsupported proxy scheme 'socks4' (tunnel.py speaks http, "
+                                "https, socks5, socks5h)"),
+            ("ftp://p", "unsupported proxy scheme 'ftp'"),
+            ("http://p:0", "invalid proxy port '0'"),
+            ("http://p:65536", "invalid proxy port '65536'"),
+            ("http://p:8o", "invalid proxy port '8o'"),
+            ("http://p:\u0661\u0662", "invalid proxy port"),
+            ("http://p:3128/path", "a proxy URL has no path, query or fragment (percent-"
+                                   "encode '/', '?', '#' and '@' in a user name or password)"),
+            ("u:p://x@p", "unsupported proxy scheme (tunnel.py speaks"),
+            ("http://p:3128?x=1", "no path, query or fragment"),
+            ("http://p:3128#f", "no path, query or fragment"),
+            ("http://", "no host in the proxy URL"),
+            ("http://:3128", "no host in the proxy URL"),
+            ("", "no host"),
+            ("http://u:p@", "no host"),
+            ("http://::1:3128", "an IPv6 proxy address goes in brackets"),
+            ("http://[::1", "unclosed '['"),
+            ("http://[::1]x", "expected ':PORT' after ']'"),
+            ("http://[10.0.0.1]:1", "is not an IPv6 address"),
+            ("http://pro xy:1", "invalid proxy host 'pro xy'"),
+            ("http://pro\txy:1", "invalid proxy host 'pro\\x09xy'"),
+            ("http://p\r\nX:1", "invalid proxy host"),
+            ("http://p\r\nX: y:1", "goes in brackets"),
+            ("http://a%3Ab:pw@p", "a proxy user name for Basic cannot contain ':'"),
+            ("socks5://:pw@p", "a SOCKS user name is 1-255 bytes"),
+            ("socks5://%s:pw@p" % ("u" * 256), "a SOCKS user name is 1-255 bytes"),
+            ("socks5://u:%s@p" % ("p" * 256), "a SOCKS password is at most 255 bytes"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    tunnel.parse_proxy_url(text)
+                self.assertIn(message, str(cm.exception))
+                self.assertNotIn("\n", str(cm.exception))
+
+    def test_errors_and_display_never_show_the_password(self):
+        for text in ("http://alice:TOPSECRET@p:3128/x", "socks4://alice:TOPSECRET@p",
+                     "http://alice:TOPSECRET@p:99999", "http://alice:TOP/SECRET@p",
+                     "http://alice:TOP#SECRET@p", "http://alice:TOP?SECRET@p",
+                     "alice:TOPSECRET://p", "http://alice:TOPSECRET@[p]"):
+            with self.assertRaises(ValueError) as cm:
+                tunnel.parse_proxy_url(text)
+            self.assertNotIn("TOPSECRET", str(cm.exception))
+        p = tunnel.parse_proxy_url("http://alice:TOPSECRET@[::1]:3128")
+        self.assertEqual(p.display, "http://[::1]:3128")
+        self.assertEqual(tunnel.proxy_text(p), "http://[::1]:3128")
+        self.assertEqual(p.where, "[::1]:3128")
+        self.assertNotIn("TOPSECRET", repr(p))
+        self.assertNotIn("TOPSECRET", "%s %r" % (p, p))
+
+    # -- no_proxy_match ------------------------------------------------------------
+    def test_no_proxy_match(self):
+        cases = [   # host, port, NO_PROXY, expected
+            ("anything.example", 443, "*", True),
+            ("anything.example", 443, " * ", True),
+            ("anything.example", 443, "*.nothing", False),
+            ("corp.example", 443, "corp.example", True),
+            ("a.corp.example", 443, "corp.example", True),
+            ("a.b.corp.example", 443, "corp.example", True),
+            ("corp.example", 443, ".corp.example", True),
+            ("a.corp.example", 443, ".corp.example", True),
+            ("a.corp.example", 443, "*.corp.example", True),
+            ("badcorp.example", 443, "corp.example", False),
+            ("badexample.com", 443, "example.com", False),
+            ("example.com.evil", 443, "example.com", False),
+            ("A.Corp.EXAMPLE", 443, "corp.example", True),
+            ("a.corp.example", 443, "CORP.Example", True),
+            ("a.corp.example.", 443, "corp.example", True),
+            ("a.corp.example", 443, "corp.example.", True),
+            ("relay", 443, "other, relay", True),
+            ("relay", 443, "other relay", True),
+            ("relay", 443, "other,\trelay,", True),
+            ("relay", 443, ",,, ,", False),
+            ("relay", 443, "", False),
+            ("relay", 443, "relay:443", True),
+            ("relay", 7835, "relay:443", False),
+            ("a.relay", 443, ".relay:443", True),
+            ("10.1.2.3", 443, "10.1.2.3", True),
+            ("10.1.2.3", 443, "10.1.2.4", False),
+            ("10.1.2.3", 443, "2.3", False),
+            ("10.1.2.3", 443, "1.2.3", False),
+            ("10.1.2.3", 443, "10.0.0.0/8", True),
+            ("11.1.2.3", 443, "10.0.0.0/8", False),
+            ("10.1.2.3", 443, "10.1.2.3:443", True),
+            ("10.1.2.3", 80, "10.1.2.3:443", False),
+            ("10.0.0.0", 443, "10.0.0.0/33", False),      # a broken CIDR is ignored
+            ("relay.example", 443, "10.0.0.0/8", False),  # no DNS: a name never in a CIDR
+            ("relay.example", 443, "10.1.2.3", False),
+            ("::1", 443, "::1", True),
+            ("[::1]", 443, "::1", True),
+            ("::1", 443, "[::1]", True),
+            ("::1", 443, "[::1]:443", True),
+            ("::1", 80, "[::1]:443", False),
+            ("0:0::1", 443, "::1", True),
+            ("fd00::5", 443, "fd00::/8", True),
+            ("[fd00::5]", 443, "fd00::/8", True),
+            ("fd00::5", 443, "[fd00::]/8", True),
+            ("fe80::5", 443, "fd00::/8", False),
+            ("10.1.2.3", 443, "fd00::/8", False),
+            ("::ffff:10.1.2.3", 443, "10.0.0.0/8", False),
+            ("localhost", 7835, "localhost,127.0.0.1", True),
+            ("127.0.0.1", 7835, "localhost,127.0.0.1", True),
+            ("127.0.0.2", 7835, "localhost,127.0.0.1", False),
+            ("relay", 443, ".", False),
+        ]
+        for host, port, no_proxy, want in cases:
+            with self.subTest(host=host, port=port, no_proxy=no_proxy):
+                self.assertIs(tunnel.no_proxy_match(host, port, no_proxy), want)
+
+    # -- proxy_for -------------------------------------------------------------------
+    def test_proxy_for_precedence(self):
+        A, B, C = "http://a:1", "http://b:2", "http://c:3"
+        cases = [   # scheme, environ, override, disabled, expected proxy host, route
+            ("https", {}, None, False, None, "direct"),
+            ("https", {"HTTPS_PROXY": A}, None, False, "a", "via proxy http://a:1"),
+            ("https", {"https_proxy": A}, None, False, "a", "via proxy http://a:1"),
+            ("https", {"https_proxy": A, "HTTPS_PROXY": B}, None, False, "a", None),
+            ("https", {"HTTPS_PROXY": B, "ALL_PROXY": C}, None, False, "b", None),
+            ("https", {"ALL_PROXY": C}, None, False, "c", None),
+            ("https", {"all_proxy": A, "ALL_PROXY": C}, None, False, "a", None),
+            ("https", {"HTTP_PROXY": A}, None, False, None, "direct"),
+            ("https", {"http_proxy": A, "ALL_PROXY": C}, None, False, "c", None),
+            ("http", {"HTTP_PROXY": A, "HTTPS_PROXY": B}, None, False, "a", None),
+            ("http", {"http_proxy": B, "HTTP_PROXY": A}, None, False, "b", None),
+            ("http", {"HTTPS_PROXY": B}, None, False, None, "direct"),
+            ("http", {"ALL_PROXY": C}, None, False, "c", None),
+            ("tcp", {"HTTPS_PROXY": A, "HTTP_PROXY": B}, None, False, None, "direct"),
+            ("tcp", {"ALL_PROXY": C}, None, False, "c", "via proxy http://c:3"),
+            ("tcp", {"all_proxy": "socks5h://s"}, None, False, "s",
+             "via proxy socks5h://s:1080"),
+            # empty (or blank) variables count as unset
+            ("https", {"https_proxy": "", "HTTPS_PROXY": B}, None, False, "b", None),
+            ("https", {"https_proxy": "  ", "ALL_PROXY": C}, None, False, "c", None),
+            ("https", {"HTTPS_PROXY": ""}, None, False, None, "direct"),
+            # --proxy replaces the environment, --no-proxy wins over everything
+            ("https", {"HTTPS_PROXY": A}, B, False, "b", "via proxy http://b:2"),
+            ("tcp", {}, B, False, "b", None),
+            ("https", {"HTTPS_PROXY": A}, None, True, None, "direct (--no-proxy)"),
+            ("https", {"HTTPS_PROXY": A}, B, True, None, "direct (--no-proxy)"),
+            ("https", {"HTTPS_PROXY": A}, "", False, None, "direct (--no-proxy)"),
+            # NO_PROXY bypasses the environment and --proxy alike; lower case first
+            ("https", {"HTTPS_PROXY": A, "NO_PROXY": "example.com"}, None, False, None,
+             "direct (NO_PROXY)"),
+            ("https", {"HTTPS_PROXY": A, "no_proxy": ".example.com"}, None, False, None,
+             "direct (NO_PROXY)"),
+            ("https", {}, B, False, "b", None),
+            ("https", {"NO_PROXY": "*"}, B, False, None, "direct (NO_PROXY)"),
+            ("https", {"HTTPS_PROXY": A, "no_proxy": "other", "NO_PROXY": "example.com"},
+             None, False, "a", None),
+            ("https", {"HTTPS_PROXY": A, "no_proxy": "", "NO_PROXY": "example.com"},
+             None, False, None, "direct (NO_PROXY)"),
+            ("https", {"HTTPS_PROXY": A, "NO_PROXY": "relay.example.com:80"}, None, False,
+             "a", None),
+        ]
+        for scheme, env, override, disabled, host, route in cases:
+            with self.subTest(scheme=scheme, env=env, override=override, disabled=disabled):
+                proxy, text = tunnel.proxy_for(scheme, "relay.example.com", 443, env,
+                                               override, disabled)
+                self.assertEqual(proxy and proxy.host, host)
+                if route is None:
+                    route = "via proxy " + proxy.display
+                self.assertEqual(text, route)
+
+    def test_proxy_for_malformed_url_names_the_variable(self):
+        cases = [
+            ("https", {"HTTPS_PROXY": "socks4://p"}, None, "HTTPS_PROXY: unsupported proxy "
+                                                          "scheme 'socks4'"),
+            ("https", {"https_proxy": "http://p:0"}, None, "https_proxy: invalid proxy port"),
+            ("tcp", {"ALL_PROXY": "http://p/x"}, None, "ALL_PROXY: a proxy URL has no path"),
+            ("http", {"http_proxy": "http://p:x"}, None, "http_proxy: invalid proxy port"),
+            ("https", {"HTTPS_PROXY": "http://p:1"}, "ftp://q", "--proxy: unsupported"),
+            # a config error shows even where NO_PROXY would bypass the proxy
+            ("https", {"HTTPS_PROXY": "http://p:0", "NO_PROXY": "*"}, None, "HTTPS_PROXY:"),
+        ]
+        for scheme, env, override, message in cases:
+            with self.subTest(env=env, override=override):
+                with self.assertRaises(ValueError) as cm:
+                    tunnel.proxy_for(scheme, "relay.example.com", 443, env, override)
+                self.assertTrue(str(cm.exception).startswith(message), str(cm.exception))
+        with self.assertRaises(ValueError):
+            tunnel.proxy_for("ftp", "relay", 443, {})
+        # the unused variable is not looked at
+        self.assertEqual(tunnel.proxy_for("tcp", "r", 1, {"HTTPS_PROXY": "bad://"}),
+                         (None, "direct"))
+
+    # -- CONNECT -------------------------------------------------------------------
+    def test_connect_request_bytes(self):
+        ua = b"User-Agent: tunnel.py/" + tunnel.__version__.encode() + b"\r\n"
+        self.assertEqual(tunnel.connect_request("relay.example.com", 443, self.P),
+                         b"CONNECT relay.example.com:443 HTTP/1.1\r\n"
+                         b"Host: relay.example.com:443\r\n" + ua + b"\r\n")
+        self.assertEqual(tunnel.connect_request("2001:db8::1", 7835, self.P),
+                         b"CONNECT [2001:db8::1]:7835 HTTP/1.1\r\n"
+                         b"Host: [2001:db8::1]:7835\r\n" + ua + b"\r\n")
+        self.assertEqual(tunnel.connect_request("relay", 443, self.P_AUTH),
+                         b"CONNECT relay:443 HTTP/1.1\r\nHost: relay:443\r\n" + ua +
+                         b"Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n")
+        p = tunnel.parse_proxy_url("http://a%40b:p%3Aw%C3%A9@p:1")
+        self.assertIn(b"Proxy-Authorization: Basic " +
+                      base64.b64encode("a@b:p:w\u00e9".encode()) + b"\r\n",
+                      tunnel.connect_request("relay", 443, p))
+
+    def test_connect_request_refuses_injection(self):
+        for host in ("relay\r\nX-Evil: 1", "relay example", "relay/x", "", "a@b"):
+            with self.subTest(host=host):
+                with self.assertRaises(ValueError):
+                    tunnel.connect_request(host, 443, self.P)
+        with self.assertRaises(ValueError):      # Basic cannot carry a colon in the user
+            tunnel.connect_request("relay", 443, tunnel.ProxyURL("http", "p", 1, "a:b", "c"))
+        self.assertEqual(tunnel.parse_proxy_url("socks5://a%3Ab:c@p").user, "a:b")   # RFC 1929
+
+    def feed_reply(self, data, one_byte=False, chunks=None):
+        reply = tunnel.ConnectReply()
+        pieces = ([data[i:i + 1] for i in range(len(data))] if one_byte
+                  else chunks or [data])
+        for i, piece in enumerate(pieces):
+            if reply.feed(piece):
+                tail = b"".join(pieces[i + 1:])
+                return reply, reply.rest + tail
+        return None, b""
+
+    def test_connect_reply(self):
+        data = (b"HTTP/1.1 200 Connection established\r\nVia: 1.1 squid\r\n"
+                b"X-A: 1\r\nx-a:  2 \r\n\r\n\x16\x03\x01TLS bytes")
+        for one_byte in (False, True):
+            with self.subTest(one_byte=one_byte):
+                reply, rest = self.feed_reply(data, one_byte)
+                self.assertEqual(reply.status, 200)
+                self.assertEqual(reply.reason, "Connection established")
+                self.assertEqual(reply.fields, [("Via", "1.1 squid"), ("X-A", "1"),
+                                                ("x-a", "2")])
+                self.assertEqual(reply.get_all("X-a"), ["1", "2"])
+                self.assertEqual(rest, b"\x16\x03\x01TLS bytes")
+        reply, rest = self.feed_reply(b"HTTP/1.0 200\r\n\r\n")
+        self.assertEqual((reply.status, reply.reason, reply.fields, rest), (200, "", [], b""))
+        # the end of the head split across feeds at every point
+        for cut in range(1, len(data)):
+            reply, rest = self.feed_reply(data, chunks=[data[:cut], data[cut:]])
+            self.assertEqual((reply.status, rest), (200, b"\x16\x03\x01TLS bytes"))
+        with self.assertRaises(ValueError):
+            reply.feed(b"more")                # after the head: the caller reads .rest
+
+    def test_connect_reply_reason_is_escaped(self):
+        reply, _ = self.feed_reply(b"HTTP/1.1 403 No\x1b[2J \xe9\x9b\r\n\r\n")
+        self.assertEqual(reply.reason, "No\\x1b[2J \xe9\\x9b")
+
+    def test_connect_reply_too_long(self):
+        limit = tunnel.MAX_PROXY_REPLY
+        head = b"HTTP/1.1 200 OK\r\n"
+        big = head + b"X: " + b"a" * (limit - len(head) - 7) + b"\r\n\r\n"
+        self.assertEqual(len(big), limit)
+        self.assertEqual(self.feed_reply(big + b"tail")[1], b"tail")    # exactly the limit
+        over = head + b"X: " + b"a" * limit
+        for chunks in ([over], [over[:100], over[100:]]):
+            reply = tunnel.ConnectReply()
+            with self.assertRaises(ProtocolError):
+                for c in chunks:
+                    reply.feed(c)
+        reply = tunnel.ConnectReply()
+        with self.assertRaises(ProtocolError):
+            for i in range(limit + 1):
+                reply.feed(over[i:i + 1])
+        self.assertLessEqual(len(reply._buf), limit)     # never more than the limit held
+
+    def test_connect_reply_malformed(self):
+        cases = [b"SSH-2.0-OpenSSH_9.0\r\n", b"\x05\x00", b"<html>", b"HTTP/2 200\r\n\r\n",
+                 b"HTTP/1.1 20 OK\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTP/1.1 099 X\r\n\r\n",
+                 b"HTTP/1.1  200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n", b"HTTP/1.1 200 OK\r\n: v\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nBad Name: v\r\n\r\n", b"HTTP/1.1 200 OK\nX: y\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n"]
+        for data in cases:
+            for one_byte in (False, True):
+                with self.subTest(data=data, one_byte=one_byte):
+                    with self.assertRaises(ProtocolError) as cm:
+                        self.feed_reply(data, one_byte)
+                    self.assertNotIn("\n", str(cm.exception))
+        reply = tunnel.ConnectReply()        # not HTTP: told at the first wrong byte
+        self.assertFalse(reply.feed(b"HTT"))
+        with self.assertRaises(ProtocolError):
+            reply.feed(b"X")
+
+    def reply_of(self, head):
+        return self.feed_reply(head + b"\r\n\r\n")[0]
+
+    def test_connect_error_messages(self):
+        target = "relay.example.com:443"
+        cases = [   # reply head, proxy, message, fatal
+            (b"HTTP/1.1 403 Forbidden", self.P,
+             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 403 Forbidden",
+             False),
+            (b"HTTP/1.1 502 Bad Gateway", self.P_AUTH,
+             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 502 Bad Gateway",
+             False),
+            (b"HTTP/1.1 503", self.P,
+             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 503", False),
+            (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM",
+             self.P, "proxy proxy.corp:3128 wants NTLM, which tunnel.py does not speak; use "
+                     "a proxy account with Basic, or a SOCKS proxy", True),
+            (b"HTTP/1.1 407 X\r\nProxy-Authenticate: Negotiate\r\nProxy-Authenticate: NTLM"
+             b"\r\nProxy-Authenticate: NTLM", self.P_AUTH,
+             "proxy proxy.corp:3128 wants Negotiate, NTLM, NTLM, which tunnel.py does not "
+             "speak; use a proxy account with Basic, or a SOCKS proxy", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: Digest realm="a, b", nonce="x", '
+             b'qop="auth"', self.P, "proxy proxy.corp:3128 wants Digest, which", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: Basic realm="corp"', self.P,
+             "proxy proxy.corp:3128 wants a user name and password (Basic): put them in the "
+             "proxy URL, http://USER:PASS@proxy.corp:3128", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: NTLM, BASIC realm="corp"', self.P,
+             "proxy proxy.corp:3128 wants a user name and password (Basic)", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic '
+             b'realm="corp"', self.P_AUTH,
+             "proxy proxy.corp:3128 refused the credentials for alice (407)", True),
+            (b"HTTP/1.1 407 X", self.P_AUTH,
+             "proxy proxy.corp:3128 refused the credentials for alice (407)", True),
+            (b"HTTP/1.1 407 X", self.P, "proxy proxy.corp:3128 wants a user name", True),
+            (b"HTTP/1.1 407 X\r\nProxy-Authenticate: X-Token a=b", self.P,
+             "proxy proxy.corp:3128 wants X-Token, which", True),
+            (b"HTTP/1.1 407 X\r\nProxy-Authenticate: =", self.P,   # no scheme seen
+             "proxy proxy.corp:3128 wants a user name and password (Basic)", True),
+        ]
+        for head, proxy, message, fatal in cases:
+            with self.subTest(head=head):
+                err = tunnel.connect_error(self.reply_of(head), proxy, target)
+                self.assertIsInstance(err, tunnel.ProxyError)
+                self.assertIsInstance(err, tunnel.TunnelError)
+                self.assertTrue(str(err).startswith(message), str(err))
+                self.assertIs(err.fatal, fatal)
+        https = tunnel.parse_proxy_url("https://[fd00::1]:8443")
+        err = tunnel.connect_error(self.reply_of(b"HTTP/1.1 407 X\r\nProxy-Authenticate: "
+                                                 b"Basic"), https, target)
+        self.assertEqual(str(err), "proxy [fd00::1]:8443 wants a user name and password "
+                                   "(Basic): put them in the proxy URL, "
+                                   "https://USER:PASS@[fd00::1]:8443")
+        user = tunnel.ProxyURL("http", "p", 1, "ev\x1bil", "x")
+        self.assertIn("ev\\x1bil", str(tunnel.connect_error(self.reply_of(b"HTTP/1.1 407 X"),
+                                                            user, target)))
+        self.assertEqual(tunnel.ProxyError("m").fatal, False)
+
+    def test_auth_schemes(self):
+        self.assertEqual(tunnel.auth_schemes([
+            'Basic realm="a, Digest b"', "NTLM", "Negotiate TlRMTVNTUAAB==",
+            'Digest realm = "x", nonce="y"', ", ,", "Bearer"]),
+            ["Basic", "NTLM", "Negotiate", "Digest", "Bearer"])
+
+    # -- SOCKS5 ----------------------------------------------------------------------
+    OK_V4 = b"\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90"
+
+    def test_socks_no_auth_ipv4(self):
+        for one_byte in (False, True):
+            h = tunnel.Socks5Handshake("10.1.2.3", 7835, None, None)
+            self.assertEqual(h.start(), b"\x05\x01\x00")
+            socks_exchange(self, h, [
+                (b"\x05\x00", b"\x05\x01\x00\x01\x0a\x01\x02\x03\x1e\x9b"),
+                (self.OK_V4[:-1], b"")], one_byte)
+            self.assertFalse(h.done)
+            self.assertEqual(h.feed(self.OK_V4[-1:] + b"first bytes"), b"")
+            self.assertTrue(h.done)
+            self.assertEqual(h.rest, b"first bytes")
+            with self.assertRaises(ValueError):
+                h.feed(b"x")
+
+    def test_socks_address_types(self):
+        cases = [
+            ("::1", 443, b"\x04" + bytes(15) + b"\x01\x01\xbb"),
+            ("[2001:db8::7]", 80, b"\x04\x20\x01\x0d\xb8" + bytes(11) + b"\x07\x00\x50"),
+            ("relay.example.com", 7835, b"\x03\x11relay.example.com\x1e\x9b"),
+            ("b\u00fccher.example", 1, b"\x03\x15xn--bcher-kva.example\x00\x01"),
+            ("x" * 255, 65535, b"\x03\xff" + b"x" * 255 + b"\xff\xff"),
+            ("127.0.0.1", 1, b"\x01\x7f\x00\x00\x01\x00\x01"),
+        ]
+        for host, port, address in cases:
+            with self.subTest(host=host):
+                h = tunnel.Socks5Handshake(host, port, None, None)
+                h.start()
+                self.assertEqual(h.feed(b"\x05\x00"), b"\x05\x01\x00" + address)
+        for host, port in (("x" * 256, 1), ("", 1), ("relay", 0), ("relay", 65536),
+                           ("relay\r\n", 1), ("a b", 1), ("a..b\u00fc", 1)):
+            with self.subTest(host=host, port=port):
+                with self.assertRaises(ValueError):
+                    tunnel.Socks5Handshake(host, port, None, None)
+
+    def test_socks_bound_address_of_every_type(self):
+        replies = [b"\x05\x00\x00\x01\x0a\x00\x00\x01\x04\x38",
+                   b"\x05\x00\x00\x04" + bytes(16) + b"\x04\x38",
+                   b"\x05\x00\x00\x03\x05proxy\x04\x38",
+                   b"\x05\x00\x00\x03\x00\x04\x38"]
+        for reply in replies:
+            for one_byte in (False, True):
+                with self.subTest(reply=reply, one_byte=one_byte):
+                    h = tunnel.Socks5Handshake("relay", 443, None, None)
+                    h.start()
+                    h.feed(b"\x05\x00")
+                    socks_exchange(self, h, [(reply if one_byte else reply + b"\x16\x03",
+                                              b"")], one_byte)
+                    self.assertTrue(h.done)
+                    self.assertEqual(h.rest, b"" if one_byte else b"\x16\x03")
+                    h = tunnel.Socks5Handshake("relay", 443, None, None)
+                    h.start()
+                    h.feed(b"\x05\x00")
+                    for i in range(len(reply) - 1):
+                        h.feed(reply[i:i + 1])
+                        self.assertFalse(h.done)
+
+    def test_socks_user_password(self):
+        for one_byte in (False, True):
+            h = tunnel.Socks5Handshake("relay.example.com", 443, "alice", "s3cr\u00e9t",
+                                       proxy_name="proxy.corp:1080")
+            self.assertEqual(h.start(), b"\x05\x02\x00\x02")
+            socks_exchange(self, h, [
+                (b"\x05\x02", b"\x01\x05alice\x07s3cr\xc3\xa9t"),
+                (b"\x01\x00", b"\x05\x01\x00\x03\x11relay.example.com\x01\xbb"),
+                (self.OK_V4, b"")], one_byte)
+            self.assertTrue(h.done)
+        # a proxy may still pick "no authentication" when we offer both
+        h = tunnel.Socks5Handshake("relay", 443, "alice", "")
+        h.start()
+        self.assertEqual(h.feed(b"\x05\x00"), b"\x05\x01\x00\x03\x05relay\x01\xbb")
+        h = tunnel.Socks5Handshake("relay", 443, "alice", None)   # empty password
+        h.start()
+        self.assertEqual(h.feed(b"\x05\x02"), b"\x01\x05alice\x00")
+        for user, password in (("", "x"), ("u" * 256, "x"), ("u", "p" * 256)):
+            with self.assertRaises(ValueError):
+                tunnel.Socks5Handshake("relay", 443, user, password)
+
+    def socks_failure(self, script, user=None, one_byte=False):
+        h = tunnel.Socks5Handshake("relay.example.com", 7835, user, user and "pw",
+                                   proxy_name="proxy.corp:1080")
+        h.start()
+        with self.assertRaises(tunnel.TunnelError) as cm:
+            for data in script:
+                for piece in ([data[i:i + 1] for i in range(len(data))] if one_byte
+                              else [data]):
+                    h.feed(piece)
+        with self.assertRaises(ProtocolError):     # dead after a failure
+            h.feed(b"\x05")
+        self.assertNotIn("\n", str(cm.exception))
+        return cm.exception
+
+    def test_socks_failures(self):
+        auth_ok = [b"\x05\x02", b"\x01\x00"]
+        cases = [   # user, script, error class, fatal, message
+            (None, [b"\x05\xff"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 wants a user name and password: put them in the "
+             "proxy URL"),
+            ("alice", [b"\x05\xff"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 refused every method we offer (no authentication, "
+             "username/password)"),
+            ("alice", [b"\x05\x02", b"\x01\x01"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 refused the credentials for alice"),
+            ("alice", [b"\x05\x02", b"\x01\xff"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 refused the credentials for alice"),
+            ("alice", [b"\x05\x02", b"\x05\x00"], ProtocolError, None,
+             "SOCKS proxy proxy.corp:1080 answered the credentials with version 0x05"),
+            (None, [b"\x05\x02"], ProtocolError, None,
+             "SOCKS proxy proxy.corp:1080 chose method 0x02, which we did not offer"),
+            (None, [b"\x05\x01"], ProtocolError, None, "chose method 0x01"),
+            (None, [b"\x04\x00"], ProtocolError, None,
+             "SOCKS proxy proxy.corp:1080 is not a SOCKS5 proxy (version byte 0x04)"),
+            (None, [b"HTTP/1.1 400"], ProtocolError, None, "version byte 0x48"),
+            (None, [b"\x05\x00", b"\x04\x00\x00\x01"], ProtocolError, None,
+             "version byte 0x04"),
+            (None, [b"\x05\x00", b"\x05\x00\x01\x01"], ProtocolError, None,
+             "reserved byte 0x01"),
+            (None, [b"\x05\x00", b"\x05\x00\x00\x02"], ProtocolError, None,
+             "sent address type 0x02"),
+            (None, [b"\x05\x00", b"\x05\x00\x00\x00"], ProtocolError, None,
+             "sent address type 0x00"),
+            (None, [b"\x05\x00", b"\x05\x05\x00\x01"], tunnel.ProxyError, False,
+             "SOCKS proxy proxy.corp:1080 could not connect to relay.example.com:7835: "
+             "connection refused"),
+            ("alice", auth_ok + [b"\x05\x02\x00\x00"], tunnel.ProxyError, False,
+             "could not connect to relay.example.com:7835: connection not allowed by ruleset"),
+            (None, [b"\x05\x00", b"\x05\x09\x00\x01"], tunnel.ProxyError, False,
+             "could not connect to relay.example.com:7835: unknown reply code 0x09"),
+        ]
+        for code, meaning in tunnel.SOCKS5_REPLIES.items():
+            if code:
+                cases.append((None, [b"\x05\x00", bytes([5, code, 0, 1])], tunnel.ProxyError,
+                              False, "relay.example.com:7835: " + meaning))
+        for user, script, kind, fatal, message in cases:
+            for one_byte in (False, True):
+                with self.subTest(script=script, one_byte=one_byte):
+                    err = self.socks_failure(script, user, one_byte)
+                    self.assertIsInstance(err, kind)
+                    if fatal is not None:
+                        self.assertIs(err.fatal, fatal)
+                    self.assertIn(message, str(err))
+        self.assertEqual(tunnel.SOCKS5_REPLIES[8], "address type not supported")
+        self.assertEqual(sorted(tunnel.SOCKS5_REPLIES), list(range(9)))
+
+    def test_socks_messages_without_proxy_name(self):
+        h = tunnel.Socks5Handshake("relay", 1, None, None)
+        h.start()
+        with self.assertRaises(tunnel.ProxyError) as cm:
+            h.feed(b"\x05\xff")
+        self.assertEqual(str(cm.exception), "the SOCKS proxy wants a user name and password: "
+                                            "put them in the proxy URL")
+
+    def test_fuzz(self):
+        """Random and mutated proxy answers: only ProtocolError or ProxyError, ever."""
+        rnd = random.Random(1928)
+        good_reply = (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: "
+                      b'Basic realm="x", NTLM\r\nVia: 1.1 p\r\n\r\nrest')
+        good_socks = [b"\x05\x02", b"\x01\x00", b"\x05\x00\x00\x03\x05proxy\x04\x38rest"]
+        for _ in range(1500):
+            data = bytearray(good_reply)
+            for _ in range(rnd.randrange(1, 4)):
+                data[rnd.randrange(len(data))] = rnd.randrange(256)
+            if rnd.random() < 0.2:
+                data = bytearray(rnd.randbytes(rnd.randrange(1, 80)))
+            reply = tunnel.ConnectReply()
+            try:
+                pos = 0
+                while pos < len(data):
+                    step = rnd.randrange(1, 9)
+                    if reply.feed(bytes(data[pos:pos + step])):
+                        tunnel.connect_error(reply, self.P_AUTH, "r:1")
+                        break
+                    pos += step
+            except ProtocolError:
+                pass
+            stream = bytearray(b"".join(good_socks))
+            for _ in range(rnd.randrange(1, 4)):
+                stream[rnd.randrange(len(stream))] = rnd.randrange(256)
+            user = "alice" if rnd.random() < 0.7 else None
+            h = tunnel.Socks5Handshake(rnd.choice(["relay", "10.0.0.1", "::1"]), 443, user,
+                                       "pw")
+            h.start()
+            try:
+                pos = 0
+                while pos < len(stream) and not h.done:
+                    step = rnd.randrange(1, 6)
+                    h.feed(bytes(stream[pos:pos + step]))
+                    pos += step
+            except (ProtocolError, tunnel.ProxyError):
+                pass
+
+
+def connect_through(proxy, host, port, proxy_url=None, payload=b"", tls_context=None):
+    """A blocking client for the pure CONNECT codec: (socket, reply, bytes after the head)."""
+    url = tunnel.parse_proxy_url(proxy_url or proxy.url)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), WAIT)
+    if tls_context is not None:
+        sock = tls_context.wrap_socket(sock, server_hostname="127.0.0.1")
+    try:
+        sock.sendall(tunnel.connect_request(host, port, url) + payload)
+        reply = tunnel.ConnectReply()
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionError("the proxy closed the connection")
+            if reply.feed(data):
+                return sock, reply, reply.rest
+    except BaseException:
+        sock.close()
+        raise
+
+
+def socks_through(proxy, host, port, user=None, password=None):
+    """A blocking client for the pure SOCKS5 codec: (socket, handshake)."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), WAIT)
+    handshake = tunnel.Socks5Handshake(host, port, user, password, proxy_name=proxy.where)
+    sock.sendall(handshake.start())
+    try:
+        while not handshake.done:
+            data = sock.recv(1)                # one byte at a time: the fixture's pieces
+            if not data:
+                raise ConnectionError("the proxy closed the connection")
+            out = handshake.feed(data)
+            if out:
+                sock.sendall(out)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, handshake
+
+
+def echo_check(test, sock, already=b"", size=256 * 1024):
+    """Send ``size`` patterned bytes through ``sock``, half-close, and check every byte
+    comes back from the echo server (``already``: what came with the handshake)."""
+    data = pattern(size, seed=size)
+    received = bytearray(already)
+
+    def reader():
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            received.extend(chunk)
+    thread = threading.Thread(target=reader, name="echo-reader")
+    thread.start()
+    try:
+        sock.sendall(data)
+        shut(sock, socket.SHUT_WR)
+    finally:
+        thread.join(WAIT)
+    test.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(data).hexdigest())
+
+
+class ProxyFixtureTests(unittest.TestCase):
+    """The test proxies pump real bytes to a loopback echo server, driven by the pure
+    codecs through blocking sockets: the fixtures and the codecs agree."""
+
+    def setUp(self):
+        self.echo = EchoServer()
+        self.addCleanup(self.echo.close)
+
+    def proxy(self, cls, **kwargs):
+        proxy = cls(**kwargs)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def open(self, sock):
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_connect_proxy_pumps_bytes(self):
+        proxy = self.proxy(ConnectProxy)
+        sock, reply, rest = connect_through(proxy, "127.0.0.1", self.echo.port,
+                                            payload=b"early ")
+        self.open(sock)
+        self.assertEqual((reply.status, reply.reason), (200, "Connection established"))
+        self.assertEqual(proxy.requests, ["127.0.0.1:%d" % self.echo.port])
+        self.assertEqual(proxy.auth_seen, [None])
+        while len(rest) < 6:                   # bytes sent with CONNECT come back too
+            rest += sock.recv(6 - len(rest))
+        self.assertEqual(rest, b"early ")
+        echo_check(self, sock)
+        self.assertEqual(proxy.url, "http://127.0.0.1:%d" % proxy.port)
+
+    def test_connect_proxy_credentials(self):
+        proxy = self.proxy(ConnectProxy, credentials=("al@ce", "p:ss w"))
+        self.assertEqual(proxy.auth_url(), "http://al%%40ce:p%%3Ass%%20w@127.0.0.1:%d"
+                         % proxy.port)
+        sock, reply, _ = connect_through(proxy, "localhost", self.echo.port,
+                                         proxy_url=proxy.auth_url())
+        self.open(sock)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(proxy.auth_seen, ["Basic " + base64.b64encode(b"al@ce:p:ss w")
+                                           .decode()])
+        echo_check(self, sock, size=4096)
+        url = tunnel.parse_proxy_url(proxy.auth_url())
+        for proxy_url, message in ((proxy.url, "wants a user name and password (Basic)"),
+                                   (proxy.auth_url("al@ce", "wrong"),
+                                    "refused the credentials for al@ce (407)")):
+            sock, reply, _ = connect_through(proxy, "127.0.0.1", self.echo.port, proxy_url)
+            self.open(sock)
+            err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy_url),
+                                       "127.0.0.1:%d" % self.echo.port)
+            self.assertEqual((reply.status, err.fatal), (407, True))
+            self.assertEqual(str(err).split(" wants ")[0].split(" refused ")[0],
+                             "proxy " + url.where)
+            self.assertIn(message, str(err))
+
+    def test_connect_proxy_ntlm_only(self):
+        proxy = self.proxy(ConnectProxy, credentials=("u", "p"), schemes=("NTLM", "Negotiate"))
+        sock, reply, _ = connect_through(proxy, "127.0.0.1", self.echo.port)
+        self.open(sock)
+        err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy.url), "t:1")
+        self.assertEqual(str(err), "proxy %s wants NTLM, Negotiate, which tunnel.py does not "
+                                   "speak; use a proxy account with Basic, or a SOCKS proxy"
+                         % proxy.where)
+        self.assertTrue(err.fatal)
+
+    def test_connect_proxy_refuses(self):
+        proxy = self.proxy(ConnectProxy, refuse=403)
+        sock, reply, _ = connect_through(proxy, "127.0.0.1", self.echo.port)
+        self.open(sock)
+        target = "127.0.0.1:%d" % self.echo.port
+        err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy.url), target)
+        self.assertEqual(str(err), "proxy %s refused CONNECT %s: 403 Forbidden"
+                         % (proxy.where, target))
+        self.assertFalse(err.fatal)
+
+    def test_connect_proxy_stays_on_loopback(self):
+        proxy = self.proxy(ConnectProxy)
+        for host in ("192.0.2.1", "example.com", "127.0.0.2"):
+            sock, reply, _ = connect_through(proxy, host, 443)
+            self.open(sock)
+            self.assertEqual(reply.status, 403)
+        self.assertEqual(proxy.requests, ["192.0.2.1:443", "example.com:443", "127.0.0.2:443"])
+        closed = free_port()
+        sock, reply, _ = connect_through(proxy, "127.0.0.1", closed)
+        self.open(sock)
+        self.assertEqual(reply.status, 502)
+
+    def test_connect_proxy_drops(self):
+        proxy = self.proxy(ConnectProxy, drop=True)
+        with self.assertRaises(ConnectionError):
+            connect_through(proxy, "127.0.0.1", self.echo.port)
+
+    def test_https_proxy(self):
+        state = tempfile.mkdtemp(prefix="tunnel-proxy-")
+        self.addCleanup(shutil.rmtree, state, True)
+        cert, key, _ = tunnel.relay_identity(state)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        proxy = self.proxy(ConnectProxy, credentials=("u", "p"), tls_context=server)
+        self.assertEqual(proxy.url, "https://127.0.0.1:%d" % proxy.port)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        sock, reply, rest = connect_through(proxy, "127.0.0.1", self.echo.port,
+                                            proxy.auth_url(), b"x", client)
+        self.open(sock)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(rest + recv_exact(sock, 1 - len(rest)), b"x")
+        for i in range(32):         # one thread per SSLSocket: round trips, not two pumps
+            data = pattern(16384, seed=i)
+            sock.sendall(data)
+            self.assertEqual(recv_exact(sock, len(data)), data)
+        # a TLS client that never finishes the handshake does not hold close() up
+        stalled = self.open(socket.create_connection(("127.0.0.1", proxy.port), WAIT))
+        stalled.sendall(b"\x16\x03\x01")
+        wait_until(lambda: len(proxy.sockets) >= 5, what="the stalled connection")
+        started = time.monotonic()
+        proxy.close()
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(proxy.alive(), [])
+
+    def test_socks_proxy_pumps_bytes(self):
+        proxy = self.proxy(SocksProxy)
+        self.assertEqual(proxy.url, "socks5://127.0.0.1:%d" % proxy.port)
+        sock, h = socks_through(proxy, "127.0.0.1", self.echo.port)
+        self.open(sock)
+        self.assertEqual(h.rest, b"")
+        echo_check(self, sock)
+        sock, h = socks_through(proxy, "localhost", self.echo.port)
+        self.open(sock)
+        echo_check(self, sock, size=1000)
+        self.assertEqual(proxy.requests, [(1, "127.0.0.1", self.echo.port),
+                                          (3, "localhost", self.echo.port)])
+
+    def test_socks_proxy_ipv6(self):
+        try:
+            echo6 = EchoServer("::1")
+        except OSError:
+            self.skipTest("no IPv6 loopback")
+        self.addCleanup(echo6.close)
+        proxy = self.proxy(SocksProxy)
+        sock, h = socks_through(proxy, "::1", echo6.port)    # bound address: ATYP 4
+        self.open(sock)
+        echo_check(self, sock, size=1000)
+        self.assertEqual(proxy.requests, [(4, "::1", echo6.port)])
+
+    def test_socks_proxy_credentials(self):
+        proxy = self.proxy(SocksProxy, credentials=("alice", "s3cret"))
+        self.assertEqual(proxy.auth_url(scheme="socks5h"),
+                         "socks5h://alice:s3cret@127.0.0.1:%d" % proxy.port)
+        sock, h = socks_through(proxy, "localhost", self.echo.port, "alice", "s3cret")
+        self.open(sock)
+        echo_check(self, sock, size=1000)
+        self.assertEqual(proxy.auth_seen, [("alice", "s3cret")])
+        with self.assertRaises(tunnel.ProxyError) as cm:
+            socks_through(proxy, "localhost", self.echo.port, "alice", "wrong")
+        self.assertEqual(str(cm.exception), "SOCKS proxy %s refused the credentials for alice"
+                         % proxy.where)
+        self.assertTrue(cm.exception.fatal)
+        with self.assertRaises(tunnel.ProxyError) as cm:
+            socks_through(proxy, "localhost", self.echo.port)
+        self.assertEqual(str(cm.exception), "SOCKS proxy %s wants a user name and password: "
+                         "put them in the proxy URL" % proxy.where)
+        self.assertTrue(cm.exception.fatal)
+
+    def test_socks_proxy_refusals(self):
+        proxy = self.proxy(SocksProxy)
+        closed = free_port()
+        for host, port, meaning in (("127.0.0.1", closed, "connection refused"),
+                                    ("192.0.2.1", 443, "connection not allowed by ruleset")):
+            with self.assertRaises(tunnel.ProxyError) as cm:
+                socks_through(proxy, host, port)
+            self.assertEqual(str(cm.exception), "SOCKS proxy %s could not connect to %s:%d: %s"
+                             % (proxy.where, host, port, meaning))
+            self.assertFalse(cm.exception.fatal)
+
+    def test_close_stops_everything(self):
+        proxies = [self.proxy(ConnectProxy), self.proxy(SocksProxy)]
+        held = []
+        for proxy in proxies:
+            if isinstance(proxy, ConnectProxy):
+                sock, _, _ = connect_through(proxy, "127.0.0.1", self.echo.port)
+            else:
+                sock, _ = socks_through(proxy, "127.0.0.1", self.echo.port)
+            held.append(self.open(sock))
+            idle = self.open(socket.create_connection(("127.0.0.1", proxy.port), WAIT))
+            wait_until(lambda: len(proxy.threads) >= 3, what="proxy threads")
+        for proxy, sock in zip(proxies, held):
+            proxy.close()
+            self.assertEqual(proxy.alive(), [])
+            self.assertEqual(closed_by_peer(sock), b"")
+            with self.assertRaises(OSError):
+                socket.create_connection(("127.0.0.1", proxy.port), 1).close()
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -210,7 +210,7 @@ import threading
 import time
 TYPE_CHECKING = False   # typing costs 2 MiB at run time; annotations are strings anyway
 if TYPE_CHECKING:
-    from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Tuple, Type
+    from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type
 
 __version__ = "0.1.0"
 
@@ -381,11 +381,47 @@ DIAL_STAGES: Dict[str, str] = {         # what a timeout or error message calls 
     DIAL_SOCKS: "the SOCKS handshake", DIAL_WEBSOCKET: "the WebSocket upgrade"}
 RELAY_SCHEMES = {"https": "https", "wss": "https", "http": "http", "ws": "http"}  # URL forms
 RELAY_DEFAULT_PORTS = {"https": 443, "http": 80}   # ... and their ports ("tcp": control)
+MAX_HOST_NAME = 253                     # longest DNS name (RFC 1035), for --relay
 # What the dialer reports a failure as (Dialer's ``failed(why, kind)``).
 DIAL_RETRY = "retry"                    # try again with backoff
 DIAL_UNREACHABLE = "unreachable"        # refused or not resolvable: likely a wrong --relay
 DIAL_FATAL = "fatal"                    # a configuration error: exit status 2
 DIAL_TLS_FAILED = "tls_failed"          # TLS did not come up (a --plaintext relay?)
+
+# -- proxies ------------------------------------------------------------------
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tunnel.py speaks
+DEFAULT_PROXY_PORT = 1080               # a proxy URL without a port (curl's default) ...
+DEFAULT_HTTPS_PROXY_PORT = 443          # ... unless it is https://
+MAX_PROXY_REPLY = 16 * 1024             # head of a CONNECT reply (status line and fields)
+PROXY_AUTH_REQUIRED = 407               # CONNECT answer: the proxy wants credentials
+SOCKS_VERSION = 5                       # RFC 1928: first byte of every message but auth's
+SOCKS_AUTH_VERSION = 1                  # RFC 1929: username/password subnegotiation version
+SOCKS_NO_AUTH = 0x00                    # method: no authentication required
+SOCKS_PASSWORD_AUTH = 0x02              # method: username/password (RFC 1929)
+SOCKS_NO_METHOD = 0xFF                  # the proxy accepts none of the methods offered
+SOCKS_METHODS: Dict[int, str] = {SOCKS_NO_AUTH: "no authentication",
+                                 SOCKS_PASSWORD_AUTH: "username/password",
+                                 SOCKS_NO_METHOD: "no acceptable methods"}
+SOCKS_AUTH_OK = 0x00                    # RFC 1929 status: success (any other: failure)
+SOCKS_CMD_CONNECT = 0x01                # the only command we send
+SOCKS_ATYP_IPV4 = 0x01                  # address types: 4 bytes ...
+SOCKS_ATYP_DOMAIN = 0x03                # ... a length byte and a name ...
+SOCKS_ATYP_IPV6 = 0x04                  # ... 16 bytes
+SOCKS_ADDRESS_SIZES: Dict[int, int] = {SOCKS_ATYP_IPV4: 4, SOCKS_ATYP_IPV6: 16}
+SOCKS_MAX_FIELD = 255                   # user, password, domain name: one length byte
+SOCKS_PORT = struct.Struct("!H")        # DST.PORT, BND.PORT
+SOCKS_REPLY_OK = 0x00                   # reply code: succeeded
+SOCKS5_REPLIES: Dict[int, str] = {      # RFC 1928 section 6
+    0x00: "succeeded",
+    0x01: "general SOCKS server failure",
+    0x02: "connection not allowed by ruleset",
+    0x03: "network unreachable",
+    0x04: "host unreachable",
+    0x05: "connection refused",
+    0x06: "TTL expired",
+    0x07: "command not supported",
+    0x08: "address type not supported",
+}
 
 # -- exit statuses -------------------------------------------------------------
 EXIT_OK = 0
@@ -415,6 +451,16 @@ class RefusedError(TunnelError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ProxyError(TunnelError):
+    """A proxy refused to carry the connection.  ``fatal``: a configuration error (wrong
+    or missing credentials, an auth scheme we do not speak; the client exits with status
+    2); otherwise the client retries with backoff."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class ListenError(TunnelError, OSError):
@@ -2896,6 +2942,483 @@ def forwarding_fields(peer_ip: str, host: str, proto: str) -> bytes:
 
 
 # =============================================================================
+# Proxies (HTTP CONNECT, SOCKS5; pure: bytes in, bytes out)
+# =============================================================================
+
+# Which environment variables name the proxy for a relay URL's scheme (curl's rules:
+# the lower-case spelling wins, then ALL_PROXY for every scheme, the raw port included).
+PROXY_VARIABLES: Dict[str, Tuple[str, ...]] = {
+    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+    "tcp": ("all_proxy", "ALL_PROXY"),
+}
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+ROUTE_DIRECT = "direct"
+ROUTE_NO_PROXY = "direct (NO_PROXY)"
+ROUTE_DISABLED = "direct (--no-proxy)"
+ROUTE_PROXY = "via proxy %s"
+
+_PROXY_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?\.?\Z")
+_PROXY_URL_RE = re.compile(r"([^/?#]*)(.*)\Z", re.S)
+_URL_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]*\Z")
+_NO_PROXY_SPLIT_RE = re.compile(r"[,\s]+")
+_CONNECT_STATUS_RE = re.compile(r"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\r\n]*))?\Z")
+_PROXY_FIELD_NAME_RE = re.compile(_TOKEN + r"\Z")
+_CHALLENGE_RE = re.compile(r"[ \t]*(" + _TOKEN + r")(?:[ \t]+[^=\s]|[ \t]*\Z)")
+_TARGET_HOST_RE = re.compile(r"[A-Za-z0-9._~%:-]+\Z")   # what a CONNECT target may hold
+_QUOTED_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_FIELD_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # control bytes but HT
+
+
+class ProxyURL(collections.namedtuple("ProxyURL", "scheme host port user password")):
+    """A parsed proxy URL; ``user`` and ``password`` are None without credentials.
+    ``display`` (and ``repr``) never show the password."""
+
+    __slots__ = ()
+
+    @property
+    def display(self) -> str:
+        """``http://proxy.corp:3128``: for log lines, without the credentials."""
+        return "%s://%s" % (self.scheme, format_hostport(self.host, self.port))
+
+    @property
+    def where(self) -> str:
+        """``proxy.corp:3128``: the proxy as error messages name it."""
+        return format_hostport(self.host, self.port)
+
+    def __repr__(self) -> str:
+        return "ProxyURL(%r, user=%r)" % (self.display, self.user)
+
+
+def proxy_text(proxy: ProxyURL) -> str:
+    """``http://proxy.corp:3128`` (never the credentials)."""
+    return proxy.display
+
+
+def _ip_literal(text: str) -> Any:
+    """``text`` as an ipaddress object, or None if it is not an IP literal."""
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def parse_proxy_url(text: str) -> ProxyURL:
+    """``[SCHEME://][USER[:PASS]@]HOST[:PORT][/]`` with SCHEME one of PROXY_SCHEMES
+    (none: http, as curl does); USER and PASS are percent-decoded, an IPv6 HOST is in
+    brackets, PORT defaults to 1080 (443 for https).  ValueError with a one-line
+    reason (which never repeats the credentials) for anything else."""
+    import urllib.parse
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    scheme = scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        shown = " %r" % scheme if _URL_SCHEME_RE.match(scheme) else ""
+        raise ValueError("unsupported proxy scheme%s (tunnel.py speaks %s)"
+                         % (shown, ", ".join(PROXY_SCHEMES)))
+    m = _PROXY_URL_RE.match(rest)
+    authority, path = m.group(1), m.group(2)
+    if path not in ("", "/"):      # not shown: it may hold the rest of a password
+        raise ValueError("a proxy URL has no path, query or fragment (percent-encode "
+                         "'/', '?', '#' and '@' in a user name or password)")
+    userinfo, at, hostport = authority.rpartition("@")
+    user = password = None
+    if at and userinfo:
+        raw_user, _, raw_password = userinfo.partition(":")
+        user = urllib.parse.unquote(raw_user)
+        password = urllib.parse.unquote(raw_password)
+    port_text = ""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise ValueError("unclosed '[' in the proxy address")
+        host, after = hostport[1:end], hostport[end + 1:]
+        if after and not after.startswith(":"):
+            raise ValueError("expected ':PORT' after ']' in the proxy address")
+        port_text = after[1:]
+        ip = _ip_literal(host)
+        if ip is None or ip.version != 6:
+            raise ValueError("'%s' in brackets is not an IPv6 address" % escape_unprintable(host))
+    else:
+        if hostport.count(":") > 1:
+            raise ValueError("an IPv6 proxy address goes in brackets: [%s]"
+                             % escape_unprintable(hostport))
+        host, _, port_text = hostport.partition(":")
+        if not host:
+            raise ValueError("no host in the proxy URL")
+        if _PROXY_HOST_RE.match(host) is None:
+            raise ValueError("invalid proxy host '%s'" % escape_unprintable(host))
+    if port_text:
+        if not (port_text.isdigit() and port_text.isascii() and 0 < int(port_text) < 65536):
+            raise ValueError("invalid proxy port '%s'" % escape_unprintable(port_text))
+        port = int(port_text)
+    else:
+        port = DEFAULT_HTTPS_PROXY_PORT if scheme == "https" else DEFAULT_PROXY_PORT
+    if user is not None and not scheme.startswith("socks") and ":" in user:
+        raise ValueError("a proxy user name for Basic cannot contain ':'")
+    if user is not None and scheme.startswith("socks"):
+        if not 0 < len(user.encode("utf-8")) <= SOCKS_MAX_FIELD:
+            raise ValueError("a SOCKS user name is 1-%d bytes" % SOCKS_MAX_FIELD)
+        if len(password.encode("utf-8")) > SOCKS_MAX_FIELD:
+            raise ValueError("a SOCKS password is at most %d bytes" % SOCKS_MAX_FIELD)
+    return ProxyURL(scheme, host, port, user, password)
+
+
+def _no_proxy_entry(entry: str) -> Tuple[str, Optional[int]]:
+    """(host part, port or None) of one NO_PROXY entry, lower-case, brackets off."""
+    if entry.startswith("["):
+        end = entry.find("]")
+        if end > 0:
+            host, after = entry[1:end], entry[end + 1:]
+            if after.startswith("/"):             # [fd00::]/8
+                return host + after, None
+            if after.startswith(":") and after[1:].isdigit():
+                return host, int(after[1:])
+            return host, None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        if port.isdigit():
+            return host, int(port)
+    return entry, None
+
+
+def no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
+    """Does ``NO_PROXY``-style list ``no_proxy`` cover ``host`` (a name or an IP
+    literal, brackets allowed) on ``port``?  curl's rules: entries separated by commas
+    or whitespace; ``*`` alone matches everything; a name matches itself and its
+    subdomains, with or without a leading dot (``*.`` too); case and a trailing dot do
+    not matter; an IP literal matches exactly, a CIDR block every address in it (never a
+    name: there is no DNS here); ``ENTRY:PORT`` matches only that port."""
+    import ipaddress
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    name = name.lower().rstrip(".")
+    ip = _ip_literal(name.split("%", 1)[0])
+    for entry in _NO_PROXY_SPLIT_RE.split(no_proxy.strip()):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        pattern, entry_port = _no_proxy_entry(entry.lower())
+        if entry_port is not None and entry_port != port:
+            continue
+        if "/" in pattern:
+            try:
+                network = ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                continue
+            if ip is not None and ip.version == network.version and ip in network:
+                return True
+            continue
+        entry_ip = _ip_literal(pattern)
+        if entry_ip is not None or ip is not None:
+            if entry_ip is not None and entry_ip == ip:
+                return True
+            continue
+        if pattern.startswith("*."):
+            pattern = pattern[1:]
+        pattern = pattern.strip(".")
+        if pattern and (name == pattern or name.endswith("." + pattern)):
+            return True
+    return False
+
+
+def _first_set(environ: Mapping[str, str], names: Tuple[str, ...]) -> Tuple[str, str]:
+    """(name, value) of the first of ``names`` set to something but blanks, or ("", "")."""
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            return name, value
+    return "", ""
+
+
+def proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str],
+              override: Optional[str] = None,
+              disabled: bool = False) -> Tuple[Optional[ProxyURL], str]:
+    """The proxy to reach ``host``:``port`` through (or None) and the route text for the
+    log.  ``scheme`` is the relay URL's: ``https``, ``http`` or ``tcp`` (the raw control
+    port).  curl's conventions: ``override`` (``--proxy``) replaces the environment
+    (an empty one means no proxy), ``disabled`` (``--no-proxy``) means direct; else
+    https_proxy/HTTPS_PROXY for https, http_proxy/HTTP_PROXY for http, then
+    all_proxy/ALL_PROXY, lower case first; NO_PROXY applies to both.  A malformed
+    proxy URL raises ValueError naming where it came from (``HTTPS_PROXY: ...``)."""
+    if scheme not in PROXY_VARIABLES:
+        raise ValueError("unknown relay scheme %r" % scheme)
+    if disabled or (override is not None and not override.strip()):
+        return None, ROUTE_DISABLED
+    if override is not None:
+        source, text = "--proxy", override.strip()
+    else:
+        source, text = _first_set(environ, PROXY_VARIABLES[scheme])
+        if not text:
+            return None, ROUTE_DIRECT
+    try:
+        proxy = parse_proxy_url(text)
+    except ValueError as exc:
+        raise ValueError("%s: %s" % (source, exc)) from None
+    if no_proxy_match(host, port, _first_set(environ, NO_PROXY_VARIABLES)[1]):
+        return None, ROUTE_NO_PROXY
+    return proxy, ROUTE_PROXY % proxy.display
+
+
+# -- HTTP CONNECT --------------------------------------------------------------
+
+def connect_request(host: str, port: int, proxy: ProxyURL) -> bytes:
+    """The ``CONNECT host:port`` request for ``proxy`` (Basic credentials if it has a
+    user).  ValueError for a host that could break the request line, or a user name
+    with a colon (Basic cannot carry one)."""
+    if _TARGET_HOST_RE.match(host) is None:
+        raise ValueError("invalid host '%s' for CONNECT" % escape_unprintable(host))
+    target = format_hostport(host, port)
+    head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tunnel.py/%s\r\n" % (
+        target, target, __version__)
+    if proxy.user is not None:
+        if ":" in proxy.user:
+            raise ValueError("a proxy user name for Basic cannot contain ':'")
+        credentials = ("%s:%s" % (proxy.user, proxy.password or "")).encode("utf-8")
+        head += "Proxy-Authorization: Basic %s\r\n" % _b64(credentials)
+    return (head + "\r\n").encode("latin-1")
+
+
+class ConnectReply:
+    """The proxy's answer to CONNECT, fed incrementally: ``feed(data)`` is True once
+    the head is complete; then ``status``, ``reason`` (escaped for printing),
+    ``fields`` ((name, value) pairs in order, duplicates kept) and ``rest`` (the bytes
+    after the head: the start of the tunnel, or of an error body).  ProtocolError for a
+    head over MAX_PROXY_REPLY or a malformed one."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.done = False
+        self.status = 0
+        self.reason = ""
+        self.fields: List[Tuple[str, str]] = []
+        self.rest = b""
+
+    def feed(self, data: bytes) -> bool:
+        if self.done:
+            raise ValueError("the CONNECT reply is complete: read .rest")
+        buf, old = self._buf, len(self._buf)
+        mv = memoryview(data)
+        room = MAX_PROXY_REPLY - old
+        buf += mv[:room]                       # never more than the limit buffered
+        if buf[:5] != b"HTTP/"[:len(buf)]:
+            raise ProtocolError("the proxy did not answer CONNECT with HTTP (%s)"
+                                % escape_unprintable(bytes(buf[:16]).decode("latin-1")))
+        end = buf.find(b"\r\n\r\n", max(0, old - 3))
+        if end < 0:
+            if len(buf) >= MAX_PROXY_REPLY:
+                raise ProtocolError("the proxy's reply head is over %d bytes" % MAX_PROXY_REPLY)
+            return False
+        self.rest = bytes(buf[end + 4:]) + bytes(mv[room:]) if room < len(mv) \
+            else bytes(buf[end + 4:])
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        self._buf = bytearray()
+        m = _CONNECT_STATUS_RE.match(lines[0])
+        if m is None:
+            raise ProtocolError("malformed status line from the proxy: %s"
+                                % escape_unprintable(lines[0][:80]))
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or _PROXY_FIELD_NAME_RE.match(name) is None \
+                    or _FIELD_VALUE_BAD_RE.search(value) is not None:
+                raise ProtocolError("malformed field in the proxy's reply: %s"
+                                    % escape_unprintable(line[:80]))
+            self.fields.append((name, value.strip(" \t")))
+        self.status = int(m.group(1))
+        self.reason = escape_unprintable(m.group(2) or "")
+        self.done = True
+        return True
+
+    def get_all(self, name: str) -> List[str]:
+        """Every value of field ``name`` (any case), in order."""
+        lower = name.lower()
+        return [v for n, v in self.fields if n.lower() == lower]
+
+
+def auth_schemes(values: List[str]) -> List[str]:
+    """The auth schemes a list of Proxy-Authenticate values offers, in order,
+    duplicates kept (``Basic realm="x", NTLM`` offers Basic and NTLM)."""
+    found = []
+    for value in values:
+        for part in _QUOTED_STRING_RE.sub('""', value).split(","):
+            m = _CHALLENGE_RE.match(part)
+            if m is not None:
+                found.append(m.group(1))
+    return found
+
+
+def connect_error(reply: ConnectReply, proxy: ProxyURL, target: str) -> ProxyError:
+    """The error for a CONNECT answered with ``reply`` (not 2xx): a 407 is fatal and
+    says what the proxy wants; any other status is retried."""
+    where = proxy.where
+    if reply.status != PROXY_AUTH_REQUIRED:
+        status = ("%d %s" % (reply.status, reply.reason)).rstrip()
+        return ProxyError("proxy %s refused CONNECT %s: %s" % (where, target, status))
+    schemes = auth_schemes(reply.get_all("proxy-authenticate"))
+    if schemes and not any(s.lower() == "basic" for s in schemes):
+        return ProxyError("proxy %s wants %s, which tunnel.py does not speak; use a proxy "
+                          "account with Basic, or a SOCKS proxy"
+                          % (where, escape_unprintable(", ".join(schemes))), fatal=True)
+    if proxy.user is not None:
+        return ProxyError("proxy %s refused the credentials for %s (407)"
+                          % (where, escape_unprintable(proxy.user)), fatal=True)
+    return ProxyError("proxy %s wants a user name and password (Basic): put them in the "
+                      "proxy URL, %s://USER:PASS@%s" % (where, proxy.scheme, where), fatal=True)
+
+
+# -- SOCKS5 (RFC 1928, RFC 1929) -------------------------------------------------
+
+# Handshake states: what the next bytes from the proxy are.
+_SOCKS_METHOD = "method"          # VER METHOD (2 bytes)
+_SOCKS_AUTH = "auth"              # RFC 1929: VER STATUS (2 bytes)
+_SOCKS_REPLY = "reply"            # VER REP RSV ATYP (4 bytes)
+_SOCKS_NAME_LENGTH = "name length"   # ATYP 3: the bound name's length (1 byte)
+_SOCKS_BOUND = "bound address"    # BND.ADDR BND.PORT (4 + 2, 16 + 2 or length + 2)
+_SOCKS_DONE = "done"              # the tunnel is open; everything else is ``rest``
+_SOCKS_FAILED = "failed"          # an error was raised; feed raises again
+SOCKS_STATES: Dict[str, int] = {  # state -> bytes it waits for (0: variable, or none)
+    _SOCKS_METHOD: 2, _SOCKS_AUTH: 2, _SOCKS_REPLY: 4, _SOCKS_NAME_LENGTH: 1,
+    _SOCKS_BOUND: 0, _SOCKS_DONE: 0, _SOCKS_FAILED: 0,
+}
+
+
+class Socks5Handshake:
+    """The client side of a SOCKS5 CONNECT: ``start()`` is the greeting, ``feed(data)``
+    returns what to send next (b"" for nothing); ``done`` once the proxy reports
+    success, with ``rest`` the bytes after its reply.  ``host`` is an IP literal
+    (socks5: resolved here) or a name (socks5h: resolved by the proxy).  ``proxy_name``
+    (``proxy.corp:1080``) is named in the errors.  ProxyError (``fatal`` for
+    credentials) when the proxy refuses, ProtocolError when it breaks the protocol."""
+
+    def __init__(self, host: str, port: int, user: Optional[str] = None,
+                 password: Optional[str] = None, proxy_name: str = "") -> None:
+        if not 0 < port < 65536:
+            raise ValueError("invalid port %r" % port)
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        ip = _ip_literal(literal)
+        if ip is not None:
+            atyp = SOCKS_ATYP_IPV4 if ip.version == 4 else SOCKS_ATYP_IPV6
+            address = bytes([atyp]) + ip.packed
+        else:
+            name = host.encode("ascii") if host.isascii() else host.encode("idna")
+            if not 0 < len(name) <= SOCKS_MAX_FIELD:
+                raise ValueError("a SOCKS host name is 1-%d bytes" % SOCKS_MAX_FIELD)
+            if _PROXY_HOST_RE.match(name.decode("ascii")) is None:
+                raise ValueError("invalid host name '%s'" % escape_unprintable(host))
+            address = bytes([SOCKS_ATYP_DOMAIN, len(name)]) + name
+        self._request = bytes([SOCKS_VERSION, SOCKS_CMD_CONNECT, 0]) + address + \
+            SOCKS_PORT.pack(port)
+        self._auth = b""
+        if user is not None:
+            u, p = user.encode("utf-8"), (password or "").encode("utf-8")
+            if not 0 < len(u) <= SOCKS_MAX_FIELD or len(p) > SOCKS_MAX_FIELD:
+                raise ValueError("a SOCKS user name is 1-%d bytes, a password at most %d"
+                                 % (SOCKS_MAX_FIELD, SOCKS_MAX_FIELD))
+            self._auth = bytes([SOCKS_AUTH_VERSION, len(u)]) + u + bytes([len(p)]) + p
+        self.user = user
+        self.target = format_hostport(literal if ip is not None else host, port)
+        self.who = "SOCKS proxy " + proxy_name if proxy_name else "the SOCKS proxy"
+        self.state = _SOCKS_METHOD
+        self._need = SOCKS_STATES[_SOCKS_METHOD]
+        self._buf = bytearray()
+        self.done = False
+        self.rest = b""
+
+    def start(self) -> bytes:
+        """The greeting: no authentication, and username/password when we have a user."""
+        methods = [SOCKS_NO_AUTH] + ([SOCKS_PASSWORD_AUTH] if self._auth else [])
+        return bytes([SOCKS_VERSION, len(methods)] + methods)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.state == _SOCKS_DONE:
+            raise ValueError("the SOCKS handshake is complete: read .rest")
+        if self.state == _SOCKS_FAILED:
+            raise ProtocolError("the SOCKS handshake already failed")
+        buf = self._buf
+        buf += data
+        out = b""
+        try:
+            while self.state != _SOCKS_DONE and len(buf) >= self._need:
+                piece = bytes(buf[:self._need])
+                del buf[:self._need]
+                out += self._step(piece)
+        except TunnelError:
+            self.state = _SOCKS_FAILED
+            raise
+        if self.state == _SOCKS_DONE:
+            self.rest = bytes(buf)
+            self._buf = bytearray()
+        return out
+
+    def _enter(self, state: str, need: int = 0) -> None:
+        self.state = state
+        self._need = need or SOCKS_STATES[state]
+
+    def _step(self, piece: bytes) -> bytes:
+        """One complete message part in ``piece``; returns what to send."""
+        state = self.state
+        if state == _SOCKS_METHOD:
+            self._check_version(piece[0])
+            method = piece[1]
+            if method == SOCKS_NO_METHOD:
+                if self._auth:
+                    raise ProxyError("%s refused every method we offer (%s, %s)" % (
+                        self.who, SOCKS_METHODS[SOCKS_NO_AUTH],
+                        SOCKS_METHODS[SOCKS_PASSWORD_AUTH]), fatal=True)
+                raise ProxyError("%s wants a user name and password: put them in the proxy "
+                                 "URL" % self.who, fatal=True)
+            if method == SOCKS_NO_AUTH:
+                self._enter(_SOCKS_REPLY)
+                return self._request
+            if method == SOCKS_PASSWORD_AUTH and self._auth:
+                self._enter(_SOCKS_AUTH)
+                return self._auth
+            raise ProtocolError("%s chose method 0x%02x, which we did not offer"
+                                % (self.who, method))
+        if state == _SOCKS_AUTH:
+            if piece[0] != SOCKS_AUTH_VERSION:
+                raise ProtocolError("%s answered the credentials with version 0x%02x"
+                                    % (self.who, piece[0]))
+            if piece[1] != SOCKS_AUTH_OK:
+                raise ProxyError("%s refused the credentials for %s"
+                                 % (self.who, escape_unprintable(self.user or "")), fatal=True)
+            self._enter(_SOCKS_REPLY)
+            return self._request
+        if state == _SOCKS_REPLY:
+            self._check_version(piece[0])
+            code, reserved, atyp = piece[1], piece[2], piece[3]
+            if code != SOCKS_REPLY_OK:
+                meaning = SOCKS5_REPLIES.get(code, "unknown reply code 0x%02x" % code)
+                raise ProxyError("%s could not connect to %s: %s"
+                                 % (self.who, self.target, meaning))
+            if reserved != 0:
+                raise ProtocolError("%s sent a reply with reserved byte 0x%02x"
+                                    % (self.who, reserved))
+            if atyp == SOCKS_ATYP_DOMAIN:
+                self._enter(_SOCKS_NAME_LENGTH)
+            elif atyp in SOCKS_ADDRESS_SIZES:
+                self._enter(_SOCKS_BOUND, SOCKS_ADDRESS_SIZES[atyp] + SOCKS_PORT.size)
+            else:
+                raise ProtocolError("%s sent address type 0x%02x" % (self.who, atyp))
+            return b""
+        if state == _SOCKS_NAME_LENGTH:
+            self._enter(_SOCKS_BOUND, piece[0] + SOCKS_PORT.size)
+            return b""
+        self.state, self.done = _SOCKS_DONE, True   # _SOCKS_BOUND: the address is not used
+        return b""
+
+    def _check_version(self, version: int) -> None:
+        if version != SOCKS_VERSION:
+            raise ProtocolError("%s is not a SOCKS5 proxy (version byte 0x%02x)"
+                                % (self.who, version))
+
+
+# =============================================================================
 # Visitor access control (pure: a request and a peer in, a verdict out)
 # =============================================================================
 
@@ -4042,6 +4565,12 @@ class Dialer(Conn):
             self._finished = True
             self.done_cb(self.detach())
             return
+        try:
+            self._start_next()
+        except ValueError as exc:     # a name no request can carry (CR, LF, 256 bytes)
+            self._fail(str(exc), DIAL_FATAL)
+
+    def _start_next(self) -> None:
         self._timer = self.loop.call_later(self.timeout, self._timeout)
         stage = self.stages.pop(0)
         self.stage = stage.kind
@@ -4075,7 +4604,8 @@ class Dialer(Conn):
                                if isinstance(exc, OSError) else "no address"),
                                DIAL_UNREACHABLE, bare=True)
                     return
-            self._reader = Socks5Handshake(host, port, proxy.user, proxy.password)
+            self._reader = Socks5Handshake(host, port, proxy.user, proxy.password,
+                                           proxy_name=proxy.where)
             self.out += self._reader.start()
             self._send_out()
         else:
@@ -5359,7 +5889,7 @@ def parse_relay(text: str) -> Tuple[str, str, int]:
     scheme, sep, rest = text.partition("://")
     if not sep:
         host, port = parse_hostport(text, default_port=DEFAULT_CONTROL_PORT)
-        return "tcp", host, port
+        return "tcp", _relay_host(host), port
     kind = RELAY_SCHEMES.get(scheme.lower())
     if kind is None:
         raise ValueError("unknown scheme %r: use https://, http://, wss://, ws:// or "
@@ -5372,7 +5902,14 @@ def parse_relay(text: str) -> Tuple[str, str, int]:
         raise ValueError("expected %s://HOST[:PORT], without a path or credentials"
                          % scheme.lower())
     host, port = parse_hostport(rest, default_port=RELAY_DEFAULT_PORTS[kind])
-    return kind, host, port
+    return kind, _relay_host(host), port
+
+
+def _relay_host(host: str) -> str:
+    """A host name or address a request line can carry (no spaces, controls, '@')."""
+    if len(host) > MAX_HOST_NAME or not re.fullmatch(r"[A-Za-z0-9._:%-]+", host):
+        raise ValueError("%r is not a host name or address" % host)
+    return host
 
 
 class TargetConn(Pipe):
@@ -6285,7 +6822,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
         try:
             parse_proxy_url(args.proxy)
         except ValueError as exc:
-            raise UsageError("invalid --proxy %r: %s" % (args.proxy, exc)) from None
+            raise UsageError("invalid --proxy: %s" % exc) from None   # (no password shown)
     token = args.token or os.environ.get("TUNNEL_TOKEN", "")
     if not token:
         raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints one)")
