@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -5304,7 +5305,8 @@ class WebSocketCodecTests(unittest.TestCase):
         self.assertEqual(len(dec._buf), 0)
 
     def test_fragmentation_with_a_ping_in_the_middle(self):
-        data = (ws_masked(0, b"", first=0x02) + ws_masked(0, b"one ", first=0x00) + ws_masked(9, b"are you there")
+        data = (ws_masked(0, b"", first=0x02) + ws_masked(0, b"one ", first=0x00)
+                + ws_masked(9, b"are you there")
                 + ws_masked(0, b"two", first=0x80)
                 + ws_masked(2, b"next message"))
         # (a first fragment with no payload, a continuation, a ping, the last fragment)
@@ -5485,9 +5487,7 @@ class WebSocketCodecTests(unittest.TestCase):
                 except blocked:
                     continue
                 got[id(ch)] += buf[:n]
-            select_wait = [left, right]
-            socket_select = __import__("select").select
-            socket_select(select_wait, [], [], 0.01)
+            select.select([left, right], [], [], 0.01)
         return bytes(got[id(left)]), bytes(got[id(right)])
 
     def test_channel_bytes_both_ways(self):
@@ -5516,14 +5516,14 @@ class WebSocketCodecTests(unittest.TestCase):
         self.assertEqual(server.recv(100), b"early")
         self.assertFalse(server.pending())
         a.sendall(ws_masked(9, b"hi?"))
-        wait_until(lambda: __import__("select").select([b], [], [], 0)[0])
+        wait_until(lambda: select.select([b], [], [], 0)[0])
         with self.assertRaises(BlockingIOError):      # only a control frame arrived
             server.recv(100)
         a.settimeout(WAIT)
         self.assertEqual(a.recv(100), b"\x8a\x03hi?")    # the PONG
         # More decoded than asked for: kept, and pending() says so.
         a.sendall(ws_masked(2, b"0123456789"))
-        wait_until(lambda: __import__("select").select([b], [], [], 0)[0])
+        wait_until(lambda: select.select([b], [], [], 0)[0])
         buf = bytearray(4)
         self.assertEqual(server.recv_into(buf), 4)
         self.assertEqual(bytes(buf), b"0123")
@@ -5538,7 +5538,7 @@ class WebSocketCodecTests(unittest.TestCase):
         a.settimeout(WAIT)
         server = tunnel.WSChannel(b, server_side=True)
         a.sendall(ws_masked(2, b"last") + ws_masked(8, struct.pack("!H", 1000)))
-        wait_until(lambda: __import__("select").select([b], [], [], 0)[0])
+        wait_until(lambda: select.select([b], [], [], 0)[0])
         self.assertEqual(server.recv(100), b"last")
         self.assertTrue(server.pending())             # the end is waiting to be read
         self.assertEqual(server.recv(100), b"")
@@ -5554,7 +5554,7 @@ class WebSocketCodecTests(unittest.TestCase):
         c.settimeout(WAIT)
         other = tunnel.WSChannel(d, server_side=True)
         c.sendall(tunnel.ws_frame(2, b"unmasked", mask=False))
-        wait_until(lambda: __import__("select").select([d], [], [], 0)[0])
+        wait_until(lambda: select.select([d], [], [], 0)[0])
         with self.assertRaisesRegex(OSError, "WebSocket: unmasked"):
             other.recv(100)
         answer = c.recv(100)
@@ -5562,19 +5562,10 @@ class WebSocketCodecTests(unittest.TestCase):
         # The client's own close sends a masked CLOSE 1000.
         client, server = self.channel_pair()
         client.close()
-        wait_until(lambda: __import__("select").select([server.sock], [], [], 0)[0])
+        wait_until(lambda: select.select([server.sock], [], [], 0)[0])
         self.assertEqual(server.recv(100), b"")
 
-    def test_tls_inside_the_websocket(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-ws-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        cert, key, _ = tunnel.relay_identity(directory)
-        server_ctx = tunnel.server_tls_context(cert, key)
-        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
-        ws_client, ws_server = self.channel_pair()
-        client = tunnel.TLSChannel(ws_client, client_ctx, server_side=False)
-        server = tunnel.TLSChannel(ws_server, server_ctx, server_side=True)
+    def handshake(self, client, server):
         done = set()
         deadline = time.monotonic() + WAIT
         while len(done) < 2:
@@ -5587,17 +5578,360 @@ class WebSocketCodecTests(unittest.TestCase):
                     done.add(side)
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     pass
-            __import__("select").select([ws_client, ws_server], [], [], 0.01)
-        self.assertEqual(tunnel.binding_of(client.getpeercert(True)),
-                         tunnel.binding_of(tunnel.certificate_der(cert)))
-        big = pattern(1 << 20, 4)
-        got_client, got_server = self.exchange(client, server, big, pattern(300000, 5))
-        self.assertEqual(got_server, big)
-        self.assertEqual(got_client, pattern(300000, 5))
-        # The stack reports what it holds: TLS records, then WebSocket frames.
-        self.assertEqual(client.unsent, b"")
-        self.assertGreater(client.wire_sent, len(big))
-        self.assertFalse(client.pending())
+            select.select([client, server], [], [], 0.01)
+
+    def test_tls_inside_the_websocket(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key, _ = tunnel.relay_identity(directory)
+        server_ctx = tunnel.server_tls_context(cert, key)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        for outer in (False, True):     # TLS outside the WebSocket too (an https:// relay)
+            with self.subTest(outer=outer):
+                a, b = socket.socketpair()
+                for s in (a, b):
+                    s.setblocking(False)
+                    self.addCleanup(s.close)
+                if outer:
+                    a = tunnel.TLSChannel(a, client_ctx, server_side=False)
+                    b = tunnel.TLSChannel(b, server_ctx, server_side=True)
+                    self.handshake(a, b)
+                ws_client = tunnel.WSChannel(a, server_side=False)
+                ws_server = tunnel.WSChannel(b, server_side=True)
+                client = tunnel.TLSChannel(ws_client, client_ctx, server_side=False)
+                server = tunnel.TLSChannel(ws_server, server_ctx, server_side=True)
+                self.handshake(client, server)
+                self.assertEqual(tunnel.binding_of(client.getpeercert(True)),
+                                 tunnel.binding_of(tunnel.certificate_der(cert)))
+                big = pattern(1 << 20, 4)
+                got_client, got_server = self.exchange(client, server, big,
+                                                       pattern(300000, 5))
+                self.assertEqual(got_server, big)
+                self.assertEqual(got_client, pattern(300000, 5))
+                # The stack reports what it holds: TLS records, then WebSocket frames.
+                self.assertEqual(client.unsent, b"")
+                self.assertGreater(client.wire_sent, len(big))
+                self.assertFalse(client.pending())
+                client.close()
+                wait_until(lambda: select.select([ws_server], [], [], 0)[0])
+                deadline = time.monotonic() + WAIT
+                while True:         # close_notify, then the WebSocket CLOSE: the end
+                    try:
+                        if server.recv_into(bytearray(100)) == 0:
+                            break
+                    except (BlockingIOError, ssl.SSLWantReadError):
+                        self.assertLess(time.monotonic(), deadline)
+                        select.select([ws_server], [], [], 0.01)
+
+
+class WebSocketRelayTests(EndToEndBase):
+    """Tunnel clients on the visitor port: the reserved path, its caps, real tunnels."""
+
+    def setUp(self):
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old_level)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.origin = self.start_origin()
+
+    def state_dir(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-state-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
+    def certificate(self):
+        if not shutil.which("openssl"):
+            self.skipTest("needs the openssl command to make a throwaway certificate")
+        directory = self.state_dir()
+        return make_certificate(directory)
+
+    def status_of(self, data):
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+    def upgrade(self, relay, host="localhost", protocol=tunnel.WS_PROTOCOL, key=None,
+                replace=()):
+        """A raw upgrade request to the relay's HTTP port; the connected socket."""
+        head = tunnel.ws_upgrade_request(host, tunnel.WS_PATH, key or tunnel.ws_key(),
+                                         protocol)
+        for old, new in replace:
+            head = head.replace(old, new)
+        return self.raw(head, relay=relay)
+
+    def read_head(self, sock):
+        data = bytearray()
+        while tunnel.ws_response_head_end(data) < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        end = tunnel.ws_response_head_end(data)
+        return bytes(data[:end]), bytes(data[end:])
+
+    def ws_connect_client(self, relay, https=False, protocol=tunnel.WS_PROTOCOL_TLS,
+                          port=None, subdomain="demo", cafile=None, wait=True):
+        """A real tunnel.Client whose control connection is a WebSocket to the relay's
+        visitor port (``port``: another one, a man in the middle say), opened here by
+        hand; ``https``: TLS outside (then ``protocol`` is usually WS_PROTOCOL).  The
+        client's own dialer is never started: its relay port is a closed one."""
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+        closed.close()
+        lines = []
+        plaintext = protocol == tunnel.WS_PROTOCOL and not https
+        client = tunnel.Client(tunnel.ClientConfig(
+            target_host="127.0.0.1", target_port=self.origin.server_address[1],
+            relay_host="127.0.0.1", relay_port=dead_port, token=TOKEN, subdomain=subdomain,
+            plaintext=plaintext, backoff_initial=60.0, backoff_max=60.0, **FAST),
+            output=lines.append)
+
+        def run():
+            try:
+                client.loop.run()
+            finally:
+                client.loop.close()
+        client.thread = run_in_thread(self, run, client.stop, "ws-client")
+        sock = socket.create_connection(("127.0.0.1", port or relay.http_port), WAIT)
+        host = "localhost"
+        if https:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            if cafile:
+                ctx.load_verify_locations(cafile)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+            sock = ctx.wrap_socket(sock, server_hostname=relay.config.domain)
+            host = relay.config.domain
+        key = tunnel.ws_key()
+        sock.sendall(tunnel.ws_upgrade_request(host, tunnel.WS_PATH, key, protocol))
+        head, rest = self.read_head(sock)
+        tunnel.ws_check_response(head, key, protocol)
+        sock.setblocking(False)
+
+        def hand_over():
+            channel = tunnel.WSChannel(sock, server_side=False, initial=rest)
+            if protocol == tunnel.WS_PROTOCOL_TLS:
+                client._tcp_connected(channel)
+            else:
+                if https:
+                    client.binding = tunnel.binding_of(sock.getpeercert(True))
+                client._connected(channel)
+        client.loop.run_in_loop(hand_over)
+        if wait:
+            self.assertTrue(client.ready.wait(WAIT), "client did not come up over WebSocket")
+        return client, lines
+
+    # -- the reserved path, as a visitor ---------------------------------------------
+    def test_reserved_path_without_upgrade_is_an_ordinary_404(self):
+        relay = self.start_relay(control_port=None)
+        for target in (b"/_tunnel", b"/_tunnel?x=1"):
+            data = recv_all(self.raw(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                                     relay=relay))
+            self.assertEqual(self.status_of(data), 404, data)
+        # The bare domain's page says how to connect without a control port.
+        data = recv_all(self.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", relay=relay))
+        self.assertIn(b"--relay http://localhost:%d " % relay.http_port, data)
+        self.assertEqual(relay.control_port, 0)
+        self.assertTrue(any("that port only (WebSocket: --relay http://localhost:%d)"
+                            % relay.http_port in m for m in self.capture.messages()))
+        wait_until(lambda: self.relay_stats(relay)["visitors"] == 0)
+
+    def test_bad_upgrades_are_400_and_another_version_426(self):
+        relay = self.start_relay(control_port=None)
+        cases = [
+            (dict(protocol="chat"), 400, b"tunnel.py clients only"),
+            (dict(key="c2hvcnQ="), 400, b"Sec-WebSocket-Key"),
+            (dict(replace=((b"Version: 13", b"Version: 8"),)), 426,
+             b"Sec-WebSocket-Version: 13\r\n"),
+            (dict(replace=((b"GET", b"POST"),)), 400, b"is a GET"),
+            (dict(protocol=tunnel.WS_PROTOCOL_TLS), 400, b"runs --plaintext"),
+        ]
+        for kw, status, text in cases:
+            with self.subTest(kw=kw):
+                data = recv_all(self.upgrade(relay, **kw))
+                self.assertEqual(self.status_of(data), status, data)
+                self.assertIn(text, data)
+        self.assertEqual(self.relay_stats(relay)["sessions"], 0)
+        wait_until(lambda: not relay.visitor_sources)
+
+    def test_unauthenticated_websocket_is_closed_at_the_handshake_timeout(self):
+        relay = self.start_relay(control_port=None, handshake_timeout=0.3)
+        key = tunnel.ws_key()
+        # Frames sent along with the head (read by the visitor's parser) come through.
+        sock = self.raw(tunnel.ws_upgrade_request("localhost", tunnel.WS_PATH, key,
+                                                  tunnel.WS_PROTOCOL)
+                        + ws_masked(9, b"early"), relay=relay)
+        head, rest = self.read_head(sock)
+        tunnel.ws_check_response(head, key, tunnel.WS_PROTOCOL)
+        rest += recv_until(sock, b"early") if len(rest) < 7 else b""
+        self.assertEqual(rest[:7], b"\x8a\x05early")     # the PONG
+        rest = rest[7:]
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 1)
+        self.assertEqual(len(relay.unauthenticated), 1)
+        started = time.monotonic()
+        tail = rest + closed_by_peer(sock)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertEqual(tail[:2], b"\x88\x02")          # CLOSE 1000, unmasked, then EOF
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        self.assertFalse(relay.unauthenticated)
+        self.assertFalse(relay.visitor_sources)          # counted once, released once
+        self.assertTrue(any("control connection from 127.0.0.1" in m and "over WebSocket" in m
+                            for m in self.capture.messages(logging.INFO)))
+        self.assertTrue(any("handshake timed out" in m for m in self.capture.messages()))
+
+    def test_inner_tls_that_never_starts_is_closed_at_the_handshake_timeout(self):
+        relay = self.start_relay(control_port=None, plaintext=False,
+                                 state_dir=self.state_dir(), handshake_timeout=0.3)
+        sock = self.upgrade(relay, protocol=tunnel.WS_PROTOCOL_TLS)
+        head, _ = self.read_head(sock)
+        self.assertIn(b"Sec-WebSocket-Protocol: tunnel.py.2.tls\r\n", head)
+        wait_until(lambda: len(relay.control_tls_pending) == 1)
+        closed_by_peer(sock)
+        wait_until(lambda: not relay.control_tls_pending)
+        self.assertFalse(relay.visitor_sources)
+
+    def test_over_the_handshake_cap_is_503(self):
+        relay = self.start_relay(control_port=None, max_unauthenticated_per_source=2,
+                                 handshake_timeout=5.0)
+        held = [self.upgrade(relay) for _ in range(2)]
+        for sock in held:
+            self.assertTrue(self.read_head(sock)[0].startswith(b"HTTP/1.1 101 "))
+        data = recv_all(self.upgrade(relay))
+        self.assertEqual(self.status_of(data), 503, data)
+        self.assertIn(b"in the handshake, its limit", data)
+        self.assertTrue(any("--max-unauthenticated-per-source" in m
+                            for m in self.capture.messages(logging.WARNING)))
+        for sock in held:
+            sock.close()
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        wait_until(lambda: not relay.visitor_sources)
+        # And the total cap.
+        relay2 = self.start_relay(control_port=None, max_unauthenticated=1)
+        first = self.upgrade(relay2)
+        self.assertTrue(self.read_head(first)[0].startswith(b"HTTP/1.1 101 "))
+        data = recv_all(self.upgrade(relay2))
+        self.assertEqual(self.status_of(data), 503, data)
+
+    def test_rubbish_inside_the_websocket_closes_only_that_connection(self):
+        relay = self.start_relay(control_port=None)
+        sock = self.upgrade(relay)
+        self.read_head(sock)
+        sock.sendall(ws_masked(1, b"text is not spoken here"))
+        tail = closed_by_peer(sock)
+        self.assertEqual(tail[:1], b"\x88")              # CLOSE (1002)
+        self.assertEqual(tail[2:4], struct.pack("!H", 1002))
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        self.assertTrue(any("text frame" in m for m in self.capture.messages()))
+
+    # -- real tunnels over the WebSocket ---------------------------------------------
+    def test_tunnel_over_the_plain_http_port_with_tls_inside(self):
+        relay = self.start_relay(control_port=None, plaintext=False,
+                                 state_dir=self.state_dir())
+        self.relay = relay
+        client, lines = self.ws_connect_client(relay, protocol=tunnel.WS_PROTOCOL_TLS)
+        self.assertEqual(lines, ["Forwarding http://demo.localhost:%d -> http://127.0.0.1:%d"
+                                 % (relay.http_port, self.origin.server_address[1])])
+        self.assertEqual(client.binding, relay.fingerprint.replace(":", "").lower())
+        stack = relay.loop.run_in_loop(lambda: relay.tunnels["demo"].session.sock)
+        self.assertIs(type(stack), tunnel.TLSChannel)          # TLS inside the WebSocket
+        self.assertIs(type(stack.sock), tunnel.WSChannel)
+        self.assertIs(type(stack.sock.sock), socket.socket)
+        # Visitors on the same port, at the same time, real bytes both ways.
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        body = pattern(1 << 20, 9)
+        status, data, _ = self.get("/", method="POST", body=body)
+        self.assertEqual(json.loads(data)["sha256"], hashlib.sha256(body).hexdigest())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: self.get("/bytes?n=%d&seed=%d" % (100000, i)),
+                                    range(16)))
+        for i, (status, data, _) in enumerate(results):
+            self.assertEqual((status, data), (200, pattern(100000, i)))
+        # NAME.DOMAIN/_tunnel is an ordinary path of tunnel NAME.
+        status, data, _ = self.get("/_tunnel")
+        self.assertEqual((status, data), (404, b"origin: not found"))
+        status, data, _ = self.get("/_tunnel", headers={"Upgrade": "websocket",
+                                                        "Connection": "Upgrade"})
+        self.assertEqual(data, b"origin: not found")
+        # An upgrade pipelined behind a request of a tunnel is refused.
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                     + tunnel.ws_upgrade_request("localhost", tunnel.WS_PATH, tunnel.ws_key(),
+                                                 tunnel.WS_PROTOCOL_TLS), relay=relay)
+        data = recv_all(s)
+        self.assertIn(b"hello", data)
+        self.assertIn(b"first request of its connection", data)
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 1)
+
+    def test_tunnel_over_the_https_port_with_tls_outside(self):
+        cert, key = self.certificate()
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN, redirect_port=0)
+        client, lines = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
+                                               cafile=cert)
+        # The plain port that redirects to HTTPS redirects upgrades too.
+        s = socket.create_connection(("127.0.0.1", relay.redirect_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(tunnel.ws_upgrade_request(TLS_DOMAIN, tunnel.WS_PATH, tunnel.ws_key(),
+                                            tunnel.WS_PROTOCOL_TLS))
+        data = recv_all(s)
+        self.assertEqual(self.status_of(data), 308, data)
+        self.assertIn(b"Location: https://%s:%d/_tunnel\r\n" % (TLS_DOMAIN.encode(),
+                                                                relay.http_port), data)
+        self.assertEqual(lines[0].split(" ")[1], "https://demo.%s:%d" % (TLS_DOMAIN,
+                                                                        relay.http_port))
+        stack = relay.loop.run_in_loop(lambda: relay.tunnels["demo"].session.sock)
+        self.assertIs(type(stack), tunnel.WSChannel)           # TLS outside: the HTTPS port
+        self.assertIsInstance(stack.sock, ssl.SSLSocket)
+        ctx = ssl.create_default_context(cafile=cert)
+        for path, want in (("/hello", b"hello"), ("/bytes?n=2000000&seed=2",
+                                                  pattern(2000000, 2))):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", relay.http_port), WAIT),
+                                server_hostname="demo." + TLS_DOMAIN)
+            self.addCleanup(s.close)
+            s.sendall(("GET %s HTTP/1.1\r\nHost: demo.%s\r\nConnection: close\r\n\r\n"
+                       % (path, TLS_DOMAIN)).encode())
+            data = recv_all(s)
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
+            self.assertTrue(data.endswith(want))
+        # A second client comes in over the HTTPS port with TLS inside too.
+        other, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL_TLS,
+                                          subdomain="second")
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 2)
+
+    def test_tls_man_in_the_middle_on_the_websocket_is_refused(self):
+        cert, key = self.certificate()
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN)
+        middle_cert, middle_key = self.certificate()    # another key: the middle's own
+        middle = TLSMiddle(self, relay.http_port, middle_cert, middle_key)
+        client, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
+                                           port=middle.port, wait=False)
+        wait_until(lambda: client.exit_code == tunnel.EXIT_USAGE, what="client refused")
+        self.assertTrue(any("refused" in m and "not this relay's" in m
+                            for m in self.capture.messages(logging.WARNING)))
+        self.assertIn(tunnel.cert_fingerprint(tunnel.certificate_der(middle_cert)),
+                      client.error or "")        # refused with "binding": the middle's
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 0)
+        # The same middle, declared on the relay as its TLS proxy, is accepted.
+        relay2 = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                  domain=TLS_DOMAIN, tls_proxy_fingerprints=(
+                                      tunnel.cert_fingerprint(tunnel.certificate_der(
+                                          middle_cert)),))
+        middle2 = TLSMiddle(self, relay2.http_port, middle_cert, middle_key)
+        self.ws_connect_client(relay2, https=True, protocol=tunnel.WS_PROTOCOL,
+                               port=middle2.port)
+        self.assertEqual(self.relay_stats(relay2)["tunnels"], 1)
+
+    def test_control_port_off_on_the_command_line(self):
+        parser = tunnel.build_parser()
+        self.assertIsNone(parser.parse_args(["serve", "--control-port", "off"]).control_port)
+        self.assertEqual(parser.parse_args(["serve", "--control-port", "7000"]).control_port,
+                         7000)
+        self.assertEqual(parser.parse_args(["serve"]).control_port, tunnel.DEFAULT_CONTROL_PORT)
+        with self.assertRaisesRegex(tunnel.UsageError, "neither a port number nor 'off'"):
+            parser.parse_args(["serve", "--control-port", "of"])
 
 
 if __name__ == "__main__":

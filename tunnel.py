@@ -20,7 +20,8 @@ Picture::
     |   (relay)         |  socket, framed,   |  127.0.0.1:5000      |
     |  :8080 visitors   |  many streams      |  (your service)      |
     |  :7835 clients    |                    +----------------------+
-    +-------------------+
+    +-------------------+   (or that socket as a WebSocket on :8080 or
+                             HTTPS :443, GET /_tunnel: one port for all)
 
 The client dials *out* to the relay's control port (so it works from behind
 NAT and firewalls), proves it holds the shared token, and claims a name.  Each
@@ -42,7 +43,22 @@ runs through ``TLSChannel`` (an ``ssl.SSLObject`` over memory BIOs): one system
 call per read or write, as on plain TCP, where ``ssl.SSLSocket`` would make two
 per 16 KiB record.
 
-Handshake, inside TLS (client C, relay R, token K; the token never crosses)::
+Where only the web ports get out, a client reaches the relay on its visitor
+port instead: a WebSocket upgrade (RFC 6455) of ``GET /_tunnel`` on the bare
+relay domain, answered ``101``, after which the same control connection runs
+inside binary frames (``WSChannel``: masked from the client, ping/pong, close and
+fragmented messages handled; message boundaries mean nothing, it is one byte
+stream).  The subprotocol says where TLS is: ``tunnel.py.2.tls`` runs TLS with
+the control certificate inside the WebSocket (the plain HTTP port), and
+``tunnel.py.2`` the tunnel protocol straight inside, TLS being outside (the
+HTTPS port, whose certificate is then the binding, or a TLS proxy in front,
+declared with ``--tls-proxy-fingerprint``).  The path obeys the control port's
+handshake timeout, caps and failed-handshake penalties; without an upgrade it is
+an ordinary 404, and ``NAME.DOMAIN/_tunnel`` is just a path of tunnel NAME.
+``serve --control-port off`` leaves only the visitor port(s).
+
+Handshake, inside TLS (over TCP or in the WebSocket; client C, relay R, token K;
+the token never crosses)::
 
     C -> R  preamble  b"TUNNEL" + u16 version          (8 bytes; version 2)
     C -> R  HELLO     client nonce Nc                   (32 random bytes)
@@ -5480,6 +5496,8 @@ class Relay(SessionDelegate):
         if protocol == WS_PROTOCOL_TLS and self.control_tls is None:
             raise HTTPError(400, "This relay runs --plaintext: use the subprotocol %s."
                             % WS_PROTOCOL)
+        if not visitor.requests.awaiting_upgrade:   # over a head's worth sent before the 101
+            raise HTTPError(400, "Data sent before the upgrade was answered.")
         refused = self._handshake_cap(addr)
         if refused:
             raise HTTPError(503, refused + " Try again soon.")
