@@ -5580,6 +5580,26 @@ class WebSocketCodecTests(unittest.TestCase):
                     pass
             select.select([client, server], [], [], 0.01)
 
+    def test_a_read_of_control_frames_goes_on_while_tls_under_it_holds_more(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key, _ = tunnel.relay_identity(directory)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        a = tunnel.TLSChannel(a, client_ctx, server_side=False)
+        b = tunnel.TLSChannel(b, tunnel.server_tls_context(cert, key), server_side=True)
+        self.handshake(a, b)
+        # 32 KiB of PINGs, then data: one TLS write, decrypted in one raw read under the
+        # WebSocket, where the selector cannot see it.
+        burst = b"".join(ws_masked(9, b"p" * 120) for _ in range(256)) + ws_masked(2, b"data")
+        self.assertEqual(a.send(burst), len(burst))
+        server = tunnel.WSChannel(b, server_side=True)
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        self.assertEqual(server.recv(100), b"data")   # not BlockingIOError
     def test_tls_inside_the_websocket(self):
         directory = tempfile.mkdtemp(prefix="tunnel-ws-")
         self.addCleanup(shutil.rmtree, directory, True)

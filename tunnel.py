@@ -4363,42 +4363,17 @@ class WSChannel:
         if self._eof:
             self._eof_told = True
             return b""
-        if self._initial:
-            raw: Any = self._initial
-            self._initial = b""
-        elif self._inner is not None:       # a TLSChannel: read through it, never past it
-            want = size if size > WS_MIN_READ else WS_MIN_READ
-            scratch = self._scratch
-            if scratch is None or len(scratch) < want:
-                scratch = self._scratch = bytearray(want)
-            n = self.sock.recv_into(scratch, want)      # WOULD_BLOCK: wait
-            raw = memoryview(scratch)[:n]
-        else:       # payload <= raw bytes: a large read never leaves decoded bytes over
-            raw = self.sock.recv(size if size > WS_MIN_READ else WS_MIN_READ)   # WOULD_BLOCK
-        if not raw:
-            self._eof = self._eof_told = True
-            return b""
-        try:
-            events = self._decoder.feed(raw)
-        except ProtocolError as exc:
-            if not self._close_sent:
-                self._close_sent = True
-                self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_PROTOCOL, str(exc)))
-            raise OSError("WebSocket: %s" % exc) from None
-        pieces = []
-        for event in events:
-            kind = event[0]
-            if kind is WS_EV_DATA:
-                pieces.append(event[1])
-            elif kind is WS_EV_PING:
-                self._control(WSOpcode.PONG, event[1])
-            elif kind is WS_EV_CLOSE:
-                self._eof = True
-                log.debug("WebSocket closed by the peer: %d %s", event[1],
-                          escape_unprintable(event[2]))
-                if not self._close_sent:
-                    self._close_sent = True
-                    self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
+        pieces: List[bytes] = []
+        have = self._read_frames(size, pieces)      # WOULD_BLOCK: wait
+        pending = self._inner_pending
+        # An ssl.SSLSocket hands out one record per read and the selector cannot see the
+        # ones it holds: a read of control frames alone (or of half an inner TLS record)
+        # must not end here while the rest already waits inside it.
+        while pending is not None and have < size and not self._eof and pending():
+            try:
+                have += self._read_frames(size - have, pieces)
+            except WOULD_BLOCK:
+                break
         if not pieces:
             if self._eof:
                 self._eof_told = True
@@ -4409,6 +4384,49 @@ class WSChannel:
             self._input += memoryview(data)[size:]
             data = data[:size]
         return data
+
+    def _read_frames(self, size: int, pieces: List[bytes]) -> int:
+        """One read of the inner socket (or the initial bytes), decoded: payload appended
+        to ``pieces``, PING answered, CLOSE answered and the end noted; returns the
+        payload bytes it gave."""
+        if self._initial:
+            raw: Any = self._initial
+            self._initial = b""
+        elif self._inner is not None:       # a TLSChannel: read through it, never past it
+            want = size if size > WS_MIN_READ else WS_MIN_READ
+            scratch = self._scratch
+            if scratch is None or len(scratch) < want:
+                scratch = self._scratch = bytearray(want)
+            n = self.sock.recv_into(scratch, want)
+            raw = memoryview(scratch)[:n]
+        else:       # payload <= raw bytes: a large read never leaves decoded bytes over
+            raw = self.sock.recv(size if size > WS_MIN_READ else WS_MIN_READ)
+        if not raw:
+            self._eof = True
+            return 0
+        try:
+            events = self._decoder.feed(raw)
+        except ProtocolError as exc:
+            if not self._close_sent:
+                self._close_sent = True
+                self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_PROTOCOL, str(exc)))
+            raise OSError("WebSocket: %s" % exc) from None
+        have = 0
+        for event in events:
+            kind = event[0]
+            if kind is WS_EV_DATA:
+                pieces.append(event[1])
+                have += len(event[1])
+            elif kind is WS_EV_PING:
+                self._control(WSOpcode.PONG, event[1])
+            elif kind is WS_EV_CLOSE:
+                self._eof = True
+                log.debug("WebSocket closed by the peer: %d %s", event[1],
+                          escape_unprintable(event[2]))
+                if not self._close_sent:
+                    self._close_sent = True
+                    self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
+        return have
 
     def recv_into(self, buf: Any, nbytes: int = 0) -> int:
         data = self.recv(nbytes or len(buf))
