@@ -5286,6 +5286,12 @@ class WebSocketCodecTests(unittest.TestCase):
                          whole)
         self.assertEqual(tunnel.ws_mask(whole, key), data)
         self.assertEqual(whole, bytes(b ^ key[i % 4] for i, b in enumerate(data)))
+        data = pattern(5000, 7)         # the lane-by-lane path (large payloads), cut anywhere
+        whole = tunnel.ws_mask(data, key)
+        self.assertEqual(whole, bytes(b ^ key[i % 4] for i, b in enumerate(data)))
+        for cut in (1, 511, 512, 1001, 2050, 4999):
+            self.assertEqual(tunnel.ws_mask(memoryview(data)[:cut], key)
+                             + tunnel.ws_mask(memoryview(data)[cut:], key, cut), whole)
 
     def test_lengths_7_16_and_64_bit(self):
         for n, head_size in ((125, 2), (126, 4), (65535, 4), (65536, 10)):

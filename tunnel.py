@@ -387,6 +387,7 @@ WS_MIN_READ = 16 * 1024                 # raw bytes a small recv still reads (th
 MAX_WS_CONTROL = 125                    # payload limit of a control frame
 MAX_WS_HEADER = 14                      # 2 + 8 extended length + 4 mask key
 WS_MASK_KEY_SIZE = 4                    # client-to-server masking key
+WS_MASK_TRANSLATE = 512                 # payloads from this size are masked lane by lane
 WS_FIN = 0x80                           # first byte: final fragment
 WS_RSV = 0x70                           # first byte: extension bits (none agreed: 0)
 WS_OPCODE_BITS = 0x0F                   # first byte: the opcode
@@ -1024,18 +1025,38 @@ def ws_valid_key(key: str) -> bool:
     return _WS_KEY_RE.match(key) is not None
 
 
+_WS_XOR_TABLES: Dict[int, bytes] = {}     # byte value k -> translate table of x ^ k
+
+
+def _ws_xor_table(k: int) -> bytes:
+    table = _WS_XOR_TABLES.get(k)
+    if table is None:
+        table = _WS_XOR_TABLES[k] = bytes(i ^ k for i in range(256))
+    return table
+
+
 def ws_mask(data: Any, key: bytes, offset: int = 0) -> bytes:
     """XOR ``data`` with the repeated 4-byte ``key``, starting ``offset`` bytes into
-    the payload (masks and unmasks; one big-integer XOR, not a loop per byte)."""
+    the payload (masks and unmasks).  Large payloads: each of the four byte lanes
+    through ``bytes.translate`` (C speed, about 1 GB/s); small ones: one big-integer
+    XOR.  Never a Python loop per byte."""
     n = len(data)
     if not n:
         return b""
     shift = offset & 3
     if shift:
         key = key[shift:] + key[:shift]
-    stream = (key * (n // WS_MASK_KEY_SIZE + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(
-        n, "little")
+    if n < WS_MASK_TRANSLATE:
+        stream = (key * (n // WS_MASK_KEY_SIZE + 1))[:n]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(
+            n, "little")
+    if type(data) is not bytes:
+        data = bytes(data)              # strided slices of a view are slow; of bytes, fast
+    out = bytearray(n)
+    for lane in range(WS_MASK_KEY_SIZE):
+        out[lane::WS_MASK_KEY_SIZE] = data[lane::WS_MASK_KEY_SIZE].translate(
+            _ws_xor_table(key[lane]))
+    return bytes(out)
 
 
 def ws_frame(opcode: int, payload: Any, mask: bool, fin: bool = True) -> bytes:
@@ -4351,20 +4372,21 @@ class WSChannel:
     def recv(self, size: int) -> bytes:
         """Up to ``size`` payload bytes: decoded ones first, else one read of the inner
         socket and what it completes; b"" at the end of the stream."""
+        pieces: List[bytes] = []
         got = self._input
-        if got:
-            if len(got) <= size:
-                data = bytes(got)
-                got.clear()
-            else:
+        if got:                 # decoded before: no read unless the inner holds more
+            if len(got) >= size:
                 data = bytes(got[:size])
                 del got[:size]
-            return data
-        if self._eof:
+                return data
+            pieces.append(bytes(got))
+            have = len(got)
+            got.clear()
+        elif self._eof:
             self._eof_told = True
             return b""
-        pieces: List[bytes] = []
-        have = self._read_frames(size, pieces)      # WOULD_BLOCK: wait
+        else:
+            have = self._read_frames(size, pieces)      # WOULD_BLOCK: wait
         pending = self._inner_pending
         # An ssl.SSLSocket hands out one record per read and the selector cannot see the
         # ones it holds: a read of control frames alone (or of half an inner TLS record)
