@@ -385,7 +385,6 @@ WS_WRITE_SIZE = 256 * 1024              # payload per binary frame we send
 WS_MIN_READ = 16 * 1024                 # raw bytes a small recv still reads (the payload
 #                                         past what was asked for is kept for the next)
 MAX_WS_CONTROL = 125                    # payload limit of a control frame
-MAX_WS_HEADER = 14                      # 2 + 8 extended length + 4 mask key
 WS_MASK_KEY_SIZE = 4                    # client-to-server masking key
 WS_MASK_TRANSLATE = 512                 # payloads from this size are masked lane by lane
 WS_FIN = 0x80                           # first byte: final fragment
@@ -399,9 +398,7 @@ WS_U16 = struct.Struct("!H")            # extended length, close code
 WS_U64 = struct.Struct("!Q")            # extended length (top bit must be 0)
 WS_CLOSE_NORMAL = 1000                  # close code: done
 WS_CLOSE_PROTOCOL = 1002                # close code: the peer broke RFC 6455
-WS_CLOSE_UNSUPPORTED = 1003             # close code: a data type we do not accept (text)
-WS_CLOSE_NO_STATUS = 1005               # close frame without a code (never sent)
-WS_CLOSE_TOO_BIG = 1009                 # close code: a frame over a limit
+WS_CLOSE_NO_STATUS = 1005               # what a CLOSE without a code reports (never sent)
 
 
 class WSOpcode(enum.IntEnum):
@@ -1077,8 +1074,10 @@ def ws_frame(opcode: int, payload: Any, mask: bool, fin: bool = True) -> bytes:
 
 
 def ws_close_payload(code: int, reason: str = "") -> bytes:
-    """A CLOSE frame's payload: the code and a reason cut to fit 125 bytes."""
-    return WS_U16.pack(code) + reason.encode("utf-8")[:MAX_WS_CONTROL - WS_U16.size]
+    """A CLOSE frame's payload: the code and a reason cut to fit 125 bytes (whole
+    UTF-8 characters only)."""
+    text = reason.encode("utf-8")[:MAX_WS_CONTROL - WS_U16.size]
+    return WS_U16.pack(code) + text.decode("utf-8", "ignore").encode("utf-8")
 
 
 # Decoder states: what the next bytes are.
@@ -4094,7 +4093,9 @@ class TLSChannel:
     see.  Ciphertext a short raw send left (``unsent``) goes out first on the next
     ``send`` or ``push``, and no new plaintext is taken while any is left: at most a
     TLS_WRITE_SIZE of it is held here, the rest waits in the caller's queue.  TLS
-    errors come out as an OSError with the reason (``TLS: ...``)."""
+    errors come out as an OSError with the reason (``TLS: ...``).  Over a WSChannel
+    (TLS inside a WebSocket), ``unsent``, ``wire_sent``, ``push()`` and ``pending()``
+    count what that channel holds too, its bytes going out first."""
 
     def __init__(self, sock: socket.socket, ctx: Any, server_side: bool,
                  server_hostname: Optional[str] = None) -> None:
@@ -4348,7 +4349,7 @@ class WSChannel:
         """Send what frame bytes are left with one send; True once none is left here
         (nor in a channel under us)."""
         inner = self._inner
-        if inner is not None and not inner.push():
+        if inner is not None and inner.unsent and not inner.push():
             return False
         if not self._unsent:
             return True
@@ -4440,7 +4441,8 @@ class WSChannel:
                 pieces.append(event[1])
                 have += len(event[1])
             elif kind is WS_EV_PING:
-                self._control(WSOpcode.PONG, event[1])
+                if not self._close_sent:        # nothing follows our CLOSE
+                    self._control(WSOpcode.PONG, event[1])
             elif kind is WS_EV_CLOSE:
                 self._eof = True
                 log.debug("WebSocket closed by the peer: %d %s", event[1],
