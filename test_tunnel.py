@@ -5536,6 +5536,30 @@ class WebSocketCodecTests(unittest.TestCase):
         self.assertTrue(server.pending())
         self.assertEqual(server.recv(100), b"456789")
 
+    def test_a_peer_that_pings_and_never_reads_holds_bounded_answers(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        server = tunnel.WSChannel(b, server_side=True)
+        server.setblocking(False)
+        pings = bytearray(ws_masked(9, b"p" * 125) * 8000)     # 1 MiB, no PONG read
+        held = []
+        deadline = time.monotonic() + WAIT
+        while pings:
+            self.assertLess(time.monotonic(), deadline)
+            try:
+                del pings[:a.send(pings)]
+            except BlockingIOError:
+                pass
+            try:
+                server.recv(65536)
+            except BlockingIOError:
+                pass
+            held.append(len(server.unsent))
+        self.assertGreater(max(held), 0)
+        self.assertLess(max(held), tunnel.WS_PONG_LIMIT + 200)
+
     def test_channel_close_is_answered_then_eof(self):
         a, b = socket.socketpair()
         self.addCleanup(a.close)

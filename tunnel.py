@@ -385,6 +385,9 @@ WS_WRITE_SIZE = 256 * 1024              # payload per binary frame we send
 WS_MIN_READ = 16 * 1024                 # raw bytes a small recv still reads (the payload
 #                                         past what was asked for is kept for the next)
 MAX_WS_CONTROL = 125                    # payload limit of a control frame
+WS_PONG_LIMIT = WS_WRITE_SIZE + 64 * 1024   # held output past which a PING goes unanswered
+#                                         (a peer that pings and never reads; RFC 6455
+#                                         5.5.3 lets us answer only the latest anyway)
 WS_MASK_KEY_SIZE = 4                    # client-to-server masking key
 WS_MASK_TRANSLATE = 512                 # payloads from this size are masked lane by lane
 WS_FIN = 0x80                           # first byte: final fragment
@@ -4441,8 +4444,8 @@ class WSChannel:
                 pieces.append(event[1])
                 have += len(event[1])
             elif kind is WS_EV_PING:
-                if not self._close_sent:        # nothing follows our CLOSE
-                    self._control(WSOpcode.PONG, event[1])
+                if not self._close_sent and len(self._unsent) < WS_PONG_LIMIT:
+                    self._control(WSOpcode.PONG, event[1])      # (nothing after our CLOSE)
             elif kind is WS_EV_CLOSE:
                 self._eof = True
                 log.debug("WebSocket closed by the peer: %d %s", event[1],
