@@ -5218,7 +5218,8 @@ class VisitorConn(Pipe):
 
 
 class Relay(SessionDelegate):
-    """The public side: visitors on ``http_port``, tunnel clients on ``control_port``."""
+    """The public side: visitors on ``http_port``, tunnel clients on ``control_port``
+    (and as WebSockets on the visitor port: ``_accept_websocket``)."""
 
     def __init__(self, config: RelayConfig, loop: Optional[EventLoop] = None) -> None:
         self.config = config
