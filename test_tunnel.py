@@ -6392,6 +6392,789 @@ class ProxyFixtureTests(unittest.TestCase):
             with self.assertRaises(OSError):
                 socket.create_connection(("127.0.0.1", proxy.port), 1).close()
 
+# WebSocket transport (issue 12): the codec, WSChannel, the relay's reserved path
+# =============================================================================
+
+
+def ws_masked(opcode, payload, key=b"\x01\x02\x03\x04", first=None, length=None):
+    """A masked client frame by hand (``first``: the whole first byte; ``length``:
+    the raw length bytes after the mask bit, for non-minimal encodings)."""
+    first = (0x80 | opcode) if first is None else first
+    if length is None:
+        n = len(payload)
+        length = (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
+                  if n < 65536 else bytes([0x80 | 127]) + struct.pack("!Q", n))
+    return (bytes([first]) + length + key
+            + bytes(b ^ key[i % 4] for i, b in enumerate(payload)))
+
+
+def ws_feed(decoder, data, one_byte=False):
+    events = []
+    if one_byte:
+        for i in range(len(data)):
+            events += decoder.feed(data[i:i + 1])
+    else:
+        events += decoder.feed(data)
+    return events
+
+
+def ws_squash(events):
+    """Adjacent data events joined (how they are cut depends on the reads)."""
+    out = []
+    for event in events:
+        if event[0] == "data" and out and out[-1][0] == "data":
+            out[-1] = ("data", out[-1][1] + event[1])
+        elif event[0] == "data" and not event[1]:
+            continue
+        else:
+            out.append(tuple(event))
+    return out
+
+
+class WebSocketCodecTests(unittest.TestCase):
+    def both(self, data, server_side=True):
+        """Events of ``data`` fed whole and byte by byte, which must agree."""
+        whole = ws_squash(ws_feed(tunnel.WSDecoder(server_side), data))
+        single = ws_squash(ws_feed(tunnel.WSDecoder(server_side), data, one_byte=True))
+        self.assertEqual(whole, single)
+        return whole
+
+    def assert_error(self, data, pattern, server_side=True):
+        for one_byte in (False, True):
+            with self.assertRaisesRegex(ProtocolError, pattern):
+                ws_feed(tunnel.WSDecoder(server_side), data, one_byte)
+
+    def test_handshake_values(self):
+        # RFC 6455 section 1.3's example.
+        self.assertEqual(tunnel.ws_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+                         "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        key = tunnel.ws_key()
+        self.assertEqual(len(base64.b64decode(key)), 16)
+        self.assertNotEqual(key, tunnel.ws_key())
+        self.assertTrue(tunnel.ws_valid_key(key))
+        for bad in ("", "abc", base64.b64encode(b"x" * 15).decode(),
+                    base64.b64encode(b"x" * 17).decode(), "!" * 22 + "==",
+                    key + "\n", key[:-2] + "=A"):
+            self.assertFalse(tunnel.ws_valid_key(bad), bad)
+
+    def test_masking_round_trip(self):
+        rng = random.Random(1)
+        for n in (0, 1, 3, 4, 5, 125, 126, 65535, 65536, 300000):
+            payload = bytes(rng.getrandbits(8) for _ in range(min(n, 4096))) * (n // 4096 + 1)
+            payload = payload[:n]
+            frame = tunnel.ws_frame(tunnel.WSOpcode.BINARY, payload, mask=True)
+            if n >= 4:
+                self.assertNotIn(payload, frame)       # masked on the wire
+            self.assertEqual(self.both(frame) if n < 70000 else
+                             ws_squash(tunnel.WSDecoder(True).feed(frame)),
+                             [("data", payload)] if n else [])
+            plain = tunnel.ws_frame(tunnel.WSOpcode.BINARY, payload, mask=False)
+            self.assertEqual(ws_squash(tunnel.WSDecoder(False).feed(plain)),
+                             [("data", payload)] if n else [])
+        # The helper at an offset: as if the payload had been cut there.
+        key, data = b"\x0f\xf0\xaa\x55", bytes(range(11))
+        whole = tunnel.ws_mask(data, key)
+        self.assertEqual(tunnel.ws_mask(data[:5], key) + tunnel.ws_mask(data[5:], key, 5),
+                         whole)
+        self.assertEqual(tunnel.ws_mask(whole, key), data)
+        self.assertEqual(whole, bytes(b ^ key[i % 4] for i, b in enumerate(data)))
+        data = pattern(5000, 7)         # the lane-by-lane path (large payloads), cut anywhere
+        whole = tunnel.ws_mask(data, key)
+        self.assertEqual(whole, bytes(b ^ key[i % 4] for i, b in enumerate(data)))
+        for cut in (1, 511, 512, 1001, 2050, 4999):
+            self.assertEqual(tunnel.ws_mask(memoryview(data)[:cut], key)
+                             + tunnel.ws_mask(memoryview(data)[cut:], key, cut), whole)
+
+    def test_lengths_7_16_and_64_bit(self):
+        for n, head_size in ((125, 2), (126, 4), (65535, 4), (65536, 10)):
+            frame = tunnel.ws_frame(tunnel.WSOpcode.BINARY, b"z" * n, mask=False)
+            self.assertEqual(len(frame), head_size + n)
+            self.assertEqual(frame[:2], bytes([0x82, {2: n, 4: 126, 10: 127}[head_size]]))
+            self.assertEqual(self.both(frame, server_side=False), [("data", b"z" * n)])
+        # The same from a client, by hand (the test's own encoder).
+        self.assertEqual(self.both(ws_masked(2, b"q" * 70000)), [("data", b"q" * 70000)])
+
+    def test_data_is_streamed_not_buffered(self):
+        dec = tunnel.WSDecoder(True)
+        frame = ws_masked(2, b"abcdef" * 1000)
+        self.assertEqual(dec.feed(frame[:4 + 4 + 10]), [("data", b"abcdefabcd")])
+        rest = ws_squash(dec.feed(frame[18:]))
+        self.assertEqual(rest, [("data", (b"abcdef" * 1000)[10:])])
+        self.assertEqual(len(dec._buf), 0)
+
+    def test_fragmentation_with_a_ping_in_the_middle(self):
+        data = (ws_masked(0, b"", first=0x02) + ws_masked(0, b"one ", first=0x00)
+                + ws_masked(9, b"are you there")
+                + ws_masked(0, b"two", first=0x80)
+                + ws_masked(2, b"next message"))
+        # (a first fragment with no payload, a continuation, a ping, the last fragment)
+        self.assertEqual(self.both(data), [("data", b"one "), ("ping", b"are you there"),
+                                           ("data", b"two" + b"next message")])
+
+    def test_ping_pong_and_close(self):
+        self.assertEqual(self.both(ws_masked(9, b"") + ws_masked(10, b"x" * 125)),
+                         [("ping", b""), ("pong", b"x" * 125)])
+        self.assertEqual(self.both(ws_masked(8, struct.pack("!H", 1000) + "bye ☺".encode())),
+                         [("close", 1000, "bye ☺")])
+        self.assertEqual(self.both(ws_masked(8, b"")), [("close", 1005, "")])
+        frame = tunnel.ws_frame(tunnel.WSOpcode.CLOSE, tunnel.ws_close_payload(1002, "x" * 300),
+                                mask=False)
+        events = self.both(frame, server_side=False)
+        self.assertEqual(events, [("close", 1002, "x" * 123)])
+
+    def test_every_protocol_error(self):
+        cases = [
+            (tunnel.ws_frame(2, b"abc", mask=False), "unmasked", True),
+            (tunnel.ws_frame(2, b"abc", mask=True), "masked WebSocket frame from a server",
+             False),
+            (ws_masked(2, b"x", first=0x82 | 0x40), "reserved bits", True),
+            (ws_masked(2, b"x", first=0x82 | 0x10), "reserved bits", True),
+            (ws_masked(3, b"x"), "unknown WebSocket opcode 3", True),
+            (ws_masked(0xB, b"x"), "unknown WebSocket opcode 11", True),
+            (ws_masked(1, b"text"), "text frame", True),
+            (ws_masked(0, b"x"), "continuation frame without a message", True),
+            (ws_masked(0, b"x", first=0x02) + ws_masked(2, b"y"), "inside a fragmented", True),
+            (ws_masked(9, b"p" * 126), "control frame over 125", True),
+            (ws_masked(9, b"p", first=0x09), "fragmented WebSocket control frame", True),
+            (ws_masked(8, b"\x03"), "close frame of 1 byte", True),
+            (ws_masked(8, b"\x03\xe8\xff"), "not UTF-8", True),
+            (ws_masked(8, b"") + ws_masked(2, b"late"), "after the close frame", True),
+            (ws_masked(2, b"x" * 125, length=bytes([0x80 | 126]) + struct.pack("!H", 125)),
+             "shortest form", True),
+            (ws_masked(2, b"x" * 200, length=bytes([0x80 | 127]) + struct.pack("!Q", 200)),
+             "shortest form", True),
+            (bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 2 ** 63) + b"\0\0\0\0",
+             "top bit set", True),
+            (bytes([0x82, 127]) + struct.pack("!Q", 2 ** 64 - 1), "top bit set", False),
+        ]
+        for data, pattern, server_side in cases:
+            with self.subTest(pattern=pattern):
+                self.assert_error(data, pattern, server_side)
+
+    def test_2_63_length_refused_before_any_payload(self):
+        dec = tunnel.WSDecoder(True)
+        head = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 2 ** 63)
+        with self.assertRaisesRegex(ProtocolError, "top bit"):
+            dec.feed(head)
+        # 2^63 - 1 is a legal length: its payload is streamed, nothing buffered.
+        dec = tunnel.WSDecoder(False)
+        self.assertEqual(dec.feed(bytes([0x82, 127]) + struct.pack("!Q", 2 ** 63 - 1)
+                                  + b"x" * 1000), [("data", b"x" * 1000)])
+        self.assertEqual(len(dec._buf), 0)
+
+    def test_fuzz_only_protocol_errors(self):
+        rng = random.Random(12)
+        seeds = [ws_masked(2, b"hello"), ws_masked(9, b"p"), ws_masked(0, b"a", first=2),
+                 ws_masked(8, b"\x03\xe8ok"), ws_masked(2, b"x" * 300)]
+        for _ in range(3000):
+            if rng.random() < 0.5:
+                data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 40)))
+            else:
+                data = bytearray(b"".join(rng.choice(seeds) for _ in range(3)))
+                for _ in range(rng.randrange(1, 4)):
+                    data[rng.randrange(len(data))] = rng.getrandbits(8)
+                data = bytes(data)
+            dec = tunnel.WSDecoder(rng.random() < 0.8)
+            try:
+                for i in range(0, len(data), 7):
+                    dec.feed(data[i:i + 7])
+            except ProtocolError:
+                pass
+
+    def test_upgrade_heads(self):
+        key = tunnel.ws_key()
+        head = tunnel.ws_upgrade_request("relay.test:8080", tunnel.WS_PATH, key,
+                                         tunnel.WS_PROTOCOL, (("User-Agent", "t"),))
+        self.assertTrue(head.startswith(b"GET /_tunnel HTTP/1.1\r\nHost: relay.test:8080\r\n"))
+        self.assertTrue(head.endswith(b"\r\nUser-Agent: t\r\n\r\n"))
+        with self.assertRaises(ValueError):
+            tunnel.ws_upgrade_request("a\r\nX: y", "/", key, tunnel.WS_PROTOCOL)
+        # What the relay's parser makes of it, and what it answers.
+        (kind, req), = [e for e in HTTPParser(is_request=True).feed(head) if e[0] == EV_HEAD]
+        self.assertEqual(tunnel.ws_check_upgrade(req), tunnel.WS_PROTOCOL)
+        answer = tunnel.ws_upgrade_response(key, tunnel.WS_PROTOCOL)
+        end = tunnel.ws_response_head_end(answer + b"\x82\x01x")
+        self.assertEqual(end, len(answer))
+        self.assertEqual(tunnel.ws_response_head_end(answer[:-1]), -1)
+        tunnel.ws_check_response(answer, key, tunnel.WS_PROTOCOL)
+        with self.assertRaisesRegex(ProtocolError, "over 65536"):
+            tunnel.ws_response_head_end(b"HTTP/1.1 101 x\r\n" + b"a" * 70000)
+        bad = [
+            (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+             "the relay answered 404 Not Found, not 101"),
+            (b"HTTP/1.1 502 \r\n\r\n", "answered 502, not 101"),
+            (b"SSH-2.0-OpenSSH\r\n\r\n", "did not answer .* with HTTP"),
+            (answer.replace(tunnel.ws_accept(key).encode(), tunnel.ws_accept("x").encode()),
+             "wrong Sec-WebSocket-Accept"),
+            (answer.replace(b"tunnel.py.2", b"chat"), "chose the subprotocol chat"),
+            (answer.replace(b"Sec-WebSocket-Protocol: tunnel.py.2\r\n", b""),
+             r"subprotocol \(none\)"),
+            (answer.replace(b"Upgrade: websocket\r\n", b""), "does not upgrade"),
+            (answer.replace(b"Connection: Upgrade\r\n", b""), "Connection: Upgrade"),
+            (answer[:-2] + b"Sec-WebSocket-Extensions: x\r\n\r\n", "extensions"),
+        ]
+        for data, pattern in bad:
+            with self.subTest(pattern=pattern):
+                with self.assertRaisesRegex(ProtocolError, pattern):
+                    tunnel.ws_check_response(data, key, tunnel.WS_PROTOCOL)
+
+    def test_relay_checks_of_the_upgrade_request(self):
+        key = tunnel.ws_key()
+        good = tunnel.ws_upgrade_request("localhost", "/_tunnel", key, tunnel.WS_PROTOCOL_TLS)
+
+        def check(data):
+            events = HTTPParser(is_request=True).feed(data)
+            return tunnel.ws_check_upgrade(events[0][1])
+        self.assertEqual(check(good), tunnel.WS_PROTOCOL_TLS)
+        self.assertEqual(check(good.replace(b"tunnel.py.2.tls", b"chat, tunnel.py.2")),
+                         tunnel.WS_PROTOCOL)
+        cases = [
+            (good.replace(b"GET", b"PUT"), 400, "GET"),
+            (good.replace(b"HTTP/1.1", b"HTTP/1.0"), 400, "HTTP/1.1"),
+            (good.replace(b"Upgrade: websocket", b"Upgrade: h2c"), 400, "websocket"),
+            (good.replace(b"Connection: Upgrade", b"Connection: keep-alive"), 400,
+             "Connection: Upgrade"),
+            (good.replace(b"Version: 13", b"Version: 8"), 426, "version 13"),
+            (good.replace(b"Sec-WebSocket-Version: 13\r\n", b""), 400, "Version"),
+            (good.replace(key.encode(), b"c2hvcnQ="), 400, "Key"),
+            (good.replace(b"Sec-WebSocket-Key", b"X-Key"), 400, "Key"),
+            (good.replace(b"tunnel.py.2.tls", b"chat"), 400, "tunnel.py clients only"),
+            (good.replace(b"tunnel.py.2.tls", b"TUNNEL.PY.2"), 400, "tunnel.py clients only"),
+            (good.replace(b"Sec-WebSocket-Protocol: tunnel.py.2.tls\r\n", b""), 400,
+             "tunnel.py clients only"),
+            (good[:-2] + b"Content-Length: 3\r\n\r\nabc", 400, "no body"),
+        ]
+        for data, status, pattern in cases:
+            with self.subTest(pattern=pattern):
+                with self.assertRaisesRegex(tunnel.HTTPError, pattern) as cm:
+                    check(data)
+                self.assertEqual(cm.exception.status, status)
+                if status == 426:
+                    self.assertEqual(cm.exception.headers, (("Sec-WebSocket-Version", "13"),))
+
+    # -- WSChannel over a socketpair ---------------------------------------------------
+    def channel_pair(self):
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        return tunnel.WSChannel(a, server_side=False), tunnel.WSChannel(b, server_side=True)
+
+    def exchange(self, left, right, to_right, to_left, limit=WAIT):
+        """Send both ways at once, non-blocking, until each side read all it was sent;
+        returns what each read (b"" for the side that saw EOF first)."""
+        out = {id(left): bytearray(to_right), id(right): bytearray(to_left)}
+        got = {id(left): bytearray(), id(right): bytearray()}
+        want = {id(left): len(to_left), id(right): len(to_right)}
+        buf = bytearray(65536)
+        deadline = time.monotonic() + limit
+        while any(len(got[k]) < want[k] for k in got):
+            self.assertLess(time.monotonic(), deadline, "exchange stalled")
+            for ch in (left, right):
+                pending = out[id(ch)]
+                blocked = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+                try:
+                    if pending:
+                        del pending[:ch.send(pending)]
+                    elif ch.unsent:
+                        ch.push()
+                except blocked:
+                    pass
+                try:
+                    n = ch.recv_into(buf)
+                except blocked:
+                    continue
+                got[id(ch)] += buf[:n]
+            select.select([left, right], [], [], 0.01)
+        return bytes(got[id(left)]), bytes(got[id(right)])
+
+    def test_channel_bytes_both_ways(self):
+        client, server = self.channel_pair()
+        big = pattern(1 << 20, 3)
+        got_client, got_server = self.exchange(client, server, big, b"small answer")
+        self.assertEqual(got_server, big)
+        self.assertEqual(got_client, b"small answer")
+        # The client's frames are masked on the wire, the server's are not.
+        raw = client.sock.dup()
+        self.addCleanup(raw.close)
+        self.assertEqual(server.send(b"plain"), 5)
+        self.assertEqual(raw.recv(100), b"\x82\x05plain")
+        self.assertEqual(client.send(b"x" * 10), 10)
+        wire = server.sock.recv(100)
+        self.assertEqual(wire[:2], b"\x82\x8a")
+        self.assertNotEqual(wire[6:], b"x" * 10)
+
+    def test_channel_answers_ping_and_reports_only_payload(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.setblocking(False)
+        server = tunnel.WSChannel(b, server_side=True, initial=ws_masked(2, b"early"))
+        self.assertTrue(server.pending())
+        self.assertEqual(server.recv(100), b"early")
+        self.assertFalse(server.pending())
+        a.sendall(ws_masked(9, b"hi?"))
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        with self.assertRaises(BlockingIOError):      # only a control frame arrived
+            server.recv(100)
+        a.settimeout(WAIT)
+        self.assertEqual(a.recv(100), b"\x8a\x03hi?")    # the PONG
+        # More decoded than asked for: kept, and pending() says so.
+        a.sendall(ws_masked(2, b"0123456789"))
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        buf = bytearray(4)
+        self.assertEqual(server.recv_into(buf), 4)
+        self.assertEqual(bytes(buf), b"0123")
+        self.assertTrue(server.pending())
+        self.assertEqual(server.recv(100), b"456789")
+
+    def test_a_peer_that_pings_and_never_reads_holds_bounded_answers(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        server = tunnel.WSChannel(b, server_side=True)
+        server.setblocking(False)
+        pings = bytearray(ws_masked(9, b"p" * 125) * 8000)     # 1 MiB, no PONG read
+        held = []
+        deadline = time.monotonic() + WAIT
+        while pings:
+            self.assertLess(time.monotonic(), deadline)
+            try:
+                del pings[:a.send(pings)]
+            except BlockingIOError:
+                pass
+            try:
+                server.recv(65536)
+            except BlockingIOError:
+                pass
+            held.append(len(server.unsent))
+        self.assertGreater(max(held), 0)
+        self.assertLess(max(held), tunnel.WS_PONG_LIMIT + 200)
+
+    def test_channel_close_is_answered_then_eof(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.setblocking(False)
+        a.settimeout(WAIT)
+        server = tunnel.WSChannel(b, server_side=True)
+        a.sendall(ws_masked(2, b"last") + ws_masked(8, struct.pack("!H", 1000)))
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        self.assertEqual(server.recv(100), b"last")
+        self.assertTrue(server.pending())             # the end is waiting to be read
+        self.assertEqual(server.recv(100), b"")
+        self.assertEqual(server.recv(100), b"")
+        self.assertEqual(a.recv(100), b"\x88\x02\x03\xe8")   # CLOSE 1000 back, once
+        server.close()
+        self.assertEqual(a.recv(100), b"")
+        # A protocol error: CLOSE 1002 to the peer, an OSError here.
+        c, d = socket.socketpair()
+        self.addCleanup(c.close)
+        self.addCleanup(d.close)
+        d.setblocking(False)
+        c.settimeout(WAIT)
+        other = tunnel.WSChannel(d, server_side=True)
+        c.sendall(tunnel.ws_frame(2, b"unmasked", mask=False))
+        wait_until(lambda: select.select([d], [], [], 0)[0])
+        with self.assertRaisesRegex(OSError, "WebSocket: unmasked"):
+            other.recv(100)
+        answer = c.recv(100)
+        self.assertEqual((answer[0], answer[2:4]), (0x88, b"\x03\xea"))   # CLOSE 1002
+        # The client's own close sends a masked CLOSE 1000.
+        client, server = self.channel_pair()
+        client.close()
+        wait_until(lambda: select.select([server.sock], [], [], 0)[0])
+        self.assertEqual(server.recv(100), b"")
+
+    def handshake(self, client, server):
+        done = set()
+        deadline = time.monotonic() + WAIT
+        while len(done) < 2:
+            self.assertLess(time.monotonic(), deadline, "TLS handshake stalled")
+            for side in (client, server):
+                if side in done:
+                    continue
+                try:
+                    side.do_handshake()
+                    done.add(side)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            select.select([client, server], [], [], 0.01)
+
+    def test_a_read_of_control_frames_goes_on_while_tls_under_it_holds_more(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key, _ = tunnel.relay_identity(directory)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        a = tunnel.TLSChannel(a, client_ctx, server_side=False)
+        b = tunnel.TLSChannel(b, tunnel.server_tls_context(cert, key), server_side=True)
+        self.handshake(a, b)
+        # 32 KiB of PINGs, then data: one TLS write, decrypted in one raw read under the
+        # WebSocket, where the selector cannot see it.
+        burst = b"".join(ws_masked(9, b"p" * 120) for _ in range(256)) + ws_masked(2, b"data")
+        self.assertEqual(a.send(burst), len(burst))
+        server = tunnel.WSChannel(b, server_side=True)
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        self.assertEqual(server.recv(100), b"data")   # not BlockingIOError
+    def test_tls_inside_the_websocket(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key, _ = tunnel.relay_identity(directory)
+        server_ctx = tunnel.server_tls_context(cert, key)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        for outer in (False, True):     # TLS outside the WebSocket too (an https:// relay)
+            with self.subTest(outer=outer):
+                a, b = socket.socketpair()
+                for s in (a, b):
+                    s.setblocking(False)
+                    self.addCleanup(s.close)
+                if outer:
+                    a = tunnel.TLSChannel(a, client_ctx, server_side=False)
+                    b = tunnel.TLSChannel(b, server_ctx, server_side=True)
+                    self.handshake(a, b)
+                ws_client = tunnel.WSChannel(a, server_side=False)
+                ws_server = tunnel.WSChannel(b, server_side=True)
+                client = tunnel.TLSChannel(ws_client, client_ctx, server_side=False)
+                server = tunnel.TLSChannel(ws_server, server_ctx, server_side=True)
+                self.handshake(client, server)
+                self.assertEqual(tunnel.binding_of(client.getpeercert(True)),
+                                 tunnel.binding_of(tunnel.certificate_der(cert)))
+                big = pattern(1 << 20, 4)
+                got_client, got_server = self.exchange(client, server, big,
+                                                       pattern(300000, 5))
+                self.assertEqual(got_server, big)
+                self.assertEqual(got_client, pattern(300000, 5))
+                # The stack reports what it holds: TLS records, then WebSocket frames.
+                self.assertEqual(client.unsent, b"")
+                self.assertGreater(client.wire_sent, len(big))
+                self.assertFalse(client.pending())
+                client.close()
+                wait_until(lambda: select.select([ws_server], [], [], 0)[0])
+                deadline = time.monotonic() + WAIT
+                while True:         # close_notify, then the WebSocket CLOSE: the end
+                    try:
+                        if server.recv_into(bytearray(100)) == 0:
+                            break
+                    except (BlockingIOError, ssl.SSLWantReadError):
+                        self.assertLess(time.monotonic(), deadline)
+                        select.select([ws_server], [], [], 0.01)
+
+
+class WebSocketRelayTests(EndToEndBase):
+    """Tunnel clients on the visitor port: the reserved path, its caps, real tunnels."""
+
+    def setUp(self):
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old_level)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.origin = self.start_origin()
+
+    def state_dir(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-state-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
+    def certificate(self):
+        if not shutil.which("openssl"):
+            self.skipTest("needs the openssl command to make a throwaway certificate")
+        directory = self.state_dir()
+        return make_certificate(directory)
+
+    def status_of(self, data):
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+    def upgrade(self, relay, host="localhost", protocol=tunnel.WS_PROTOCOL, key=None,
+                replace=()):
+        """A raw upgrade request to the relay's HTTP port; the connected socket."""
+        head = tunnel.ws_upgrade_request(host, tunnel.WS_PATH, key or tunnel.ws_key(),
+                                         protocol)
+        for old, new in replace:
+            head = head.replace(old, new)
+        return self.raw(head, relay=relay)
+
+    def read_head(self, sock):
+        data = bytearray()
+        while tunnel.ws_response_head_end(data) < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        end = tunnel.ws_response_head_end(data)
+        return bytes(data[:end]), bytes(data[end:])
+
+    def ws_connect_client(self, relay, https=False, protocol=tunnel.WS_PROTOCOL_TLS,
+                          port=None, subdomain="demo", cafile=None, wait=True):
+        """A real tunnel.Client whose control connection is a WebSocket to the relay's
+        visitor port (``port``: another one, a man in the middle say), opened here by
+        hand; ``https``: TLS outside (then ``protocol`` is usually WS_PROTOCOL).  The
+        client's own dialer is never started: its relay port is a closed one."""
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+        closed.close()
+        lines = []
+        plaintext = protocol == tunnel.WS_PROTOCOL and not https
+        client = tunnel.Client(tunnel.ClientConfig(
+            target_host="127.0.0.1", target_port=self.origin.server_address[1],
+            relay_host="127.0.0.1", relay_port=dead_port, token=TOKEN, subdomain=subdomain,
+            plaintext=plaintext, backoff_initial=60.0, backoff_max=60.0, **FAST),
+            output=lines.append)
+
+        def run():
+            try:
+                client.loop.run()
+            finally:
+                client.loop.close()
+        client.thread = run_in_thread(self, run, client.stop, "ws-client")
+        sock = socket.create_connection(("127.0.0.1", port or relay.http_port), WAIT)
+        host = "localhost"
+        if https:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            if cafile:
+                ctx.load_verify_locations(cafile)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+            sock = ctx.wrap_socket(sock, server_hostname=relay.config.domain)
+            host = relay.config.domain
+        key = tunnel.ws_key()
+        sock.sendall(tunnel.ws_upgrade_request(host, tunnel.WS_PATH, key, protocol))
+        head, rest = self.read_head(sock)
+        tunnel.ws_check_response(head, key, protocol)
+        sock.setblocking(False)
+
+        def hand_over():
+            channel = tunnel.WSChannel(sock, server_side=False, initial=rest)
+            if protocol == tunnel.WS_PROTOCOL_TLS:
+                client._tcp_connected(channel)
+            else:
+                if https:
+                    client.binding = tunnel.binding_of(sock.getpeercert(True))
+                client._connected(channel)
+        client.loop.run_in_loop(hand_over)
+        if wait:
+            self.assertTrue(client.ready.wait(WAIT), "client did not come up over WebSocket")
+        return client, lines
+
+    # -- the reserved path, as a visitor ---------------------------------------------
+    def test_reserved_path_without_upgrade_is_an_ordinary_404(self):
+        relay = self.start_relay(control_port=None)
+        for target in (b"/_tunnel", b"/_tunnel?x=1"):
+            data = recv_all(self.raw(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                                     relay=relay))
+            self.assertEqual(self.status_of(data), 404, data)
+        # The bare domain's page says how to connect without a control port.
+        data = recv_all(self.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", relay=relay))
+        self.assertIn(b"--relay http://localhost:%d " % relay.http_port, data)
+        self.assertEqual(relay.control_port, 0)
+        self.assertTrue(any("that port only (WebSocket: --relay http://localhost:%d)"
+                            % relay.http_port in m for m in self.capture.messages()))
+        wait_until(lambda: self.relay_stats(relay)["visitors"] == 0)
+
+    def test_bad_upgrades_are_400_and_another_version_426(self):
+        relay = self.start_relay(control_port=None)
+        cases = [
+            (dict(protocol="chat"), 400, b"tunnel.py clients only"),
+            (dict(key="c2hvcnQ="), 400, b"Sec-WebSocket-Key"),
+            (dict(replace=((b"Version: 13", b"Version: 8"),)), 426,
+             b"Sec-WebSocket-Version: 13\r\n"),
+            (dict(replace=((b"GET", b"POST"),)), 400, b"is a GET"),
+            (dict(protocol=tunnel.WS_PROTOCOL_TLS), 400, b"runs --plaintext"),
+        ]
+        for kw, status, text in cases:
+            with self.subTest(kw=kw):
+                data = recv_all(self.upgrade(relay, **kw))
+                self.assertEqual(self.status_of(data), status, data)
+                self.assertIn(text, data)
+        self.assertEqual(self.relay_stats(relay)["sessions"], 0)
+        wait_until(lambda: not relay.visitor_sources)
+
+    def test_unauthenticated_websocket_is_closed_at_the_handshake_timeout(self):
+        relay = self.start_relay(control_port=None, handshake_timeout=0.3)
+        key = tunnel.ws_key()
+        # Frames sent along with the head (read by the visitor's parser) come through.
+        sock = self.raw(tunnel.ws_upgrade_request("localhost", tunnel.WS_PATH, key,
+                                                  tunnel.WS_PROTOCOL)
+                        + ws_masked(9, b"early"), relay=relay)
+        head, rest = self.read_head(sock)
+        tunnel.ws_check_response(head, key, tunnel.WS_PROTOCOL)
+        rest += recv_until(sock, b"early") if len(rest) < 7 else b""
+        self.assertEqual(rest[:7], b"\x8a\x05early")     # the PONG
+        rest = rest[7:]
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 1)
+        self.assertEqual(len(relay.unauthenticated), 1)
+        started = time.monotonic()
+        tail = rest + closed_by_peer(sock)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertEqual(tail[:2], b"\x88\x02")          # CLOSE 1000, unmasked, then EOF
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        self.assertFalse(relay.unauthenticated)
+        self.assertFalse(relay.visitor_sources)          # counted once, released once
+        self.assertTrue(any("control connection from 127.0.0.1" in m and "over WebSocket" in m
+                            for m in self.capture.messages(logging.INFO)))
+        self.assertTrue(any("handshake timed out" in m for m in self.capture.messages()))
+
+    def test_inner_tls_that_never_starts_is_closed_at_the_handshake_timeout(self):
+        relay = self.start_relay(control_port=None, plaintext=False,
+                                 state_dir=self.state_dir(), handshake_timeout=0.3)
+        sock = self.upgrade(relay, protocol=tunnel.WS_PROTOCOL_TLS)
+        head, _ = self.read_head(sock)
+        self.assertIn(b"Sec-WebSocket-Protocol: tunnel.py.2.tls\r\n", head)
+        wait_until(lambda: len(relay.control_tls_pending) == 1)
+        closed_by_peer(sock)
+        wait_until(lambda: not relay.control_tls_pending)
+        self.assertFalse(relay.visitor_sources)
+
+    def test_over_the_handshake_cap_is_503(self):
+        relay = self.start_relay(control_port=None, max_unauthenticated_per_source=2,
+                                 handshake_timeout=5.0)
+        held = [self.upgrade(relay) for _ in range(2)]
+        for sock in held:
+            self.assertTrue(self.read_head(sock)[0].startswith(b"HTTP/1.1 101 "))
+        data = recv_all(self.upgrade(relay))
+        self.assertEqual(self.status_of(data), 503, data)
+        self.assertIn(b"in the handshake, its limit", data)
+        self.assertTrue(any("--max-unauthenticated-per-source" in m
+                            for m in self.capture.messages(logging.WARNING)))
+        for sock in held:
+            sock.close()
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        wait_until(lambda: not relay.visitor_sources)
+        # And the total cap.
+        relay2 = self.start_relay(control_port=None, max_unauthenticated=1)
+        first = self.upgrade(relay2)
+        self.assertTrue(self.read_head(first)[0].startswith(b"HTTP/1.1 101 "))
+        data = recv_all(self.upgrade(relay2))
+        self.assertEqual(self.status_of(data), 503, data)
+
+    def test_rubbish_inside_the_websocket_closes_only_that_connection(self):
+        relay = self.start_relay(control_port=None)
+        sock = self.upgrade(relay)
+        self.read_head(sock)
+        sock.sendall(ws_masked(1, b"text is not spoken here"))
+        tail = closed_by_peer(sock)
+        self.assertEqual(tail[:1], b"\x88")              # CLOSE (1002)
+        self.assertEqual(tail[2:4], struct.pack("!H", 1002))
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        self.assertTrue(any("text frame" in m for m in self.capture.messages()))
+
+    # -- real tunnels over the WebSocket ---------------------------------------------
+    def test_tunnel_over_the_plain_http_port_with_tls_inside(self):
+        relay = self.start_relay(control_port=None, plaintext=False,
+                                 state_dir=self.state_dir())
+        self.relay = relay
+        client, lines = self.ws_connect_client(relay, protocol=tunnel.WS_PROTOCOL_TLS)
+        self.assertEqual(lines, ["Forwarding http://demo.localhost:%d -> http://127.0.0.1:%d"
+                                 % (relay.http_port, self.origin.server_address[1])])
+        self.assertEqual(client.binding, relay.fingerprint.replace(":", "").lower())
+        stack = relay.loop.run_in_loop(lambda: relay.tunnels["demo"].session.sock)
+        self.assertIs(type(stack), tunnel.TLSChannel)          # TLS inside the WebSocket
+        self.assertIs(type(stack.sock), tunnel.WSChannel)
+        self.assertIs(type(stack.sock.sock), socket.socket)
+        # Visitors on the same port, at the same time, real bytes both ways.
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        body = pattern(1 << 20, 9)
+        status, data, _ = self.get("/", method="POST", body=body)
+        self.assertEqual(json.loads(data)["sha256"], hashlib.sha256(body).hexdigest())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: self.get("/bytes?n=%d&seed=%d" % (100000, i)),
+                                    range(16)))
+        for i, (status, data, _) in enumerate(results):
+            self.assertEqual((status, data), (200, pattern(100000, i)))
+        # NAME.DOMAIN/_tunnel is an ordinary path of tunnel NAME.
+        status, data, _ = self.get("/_tunnel")
+        self.assertEqual((status, data), (404, b"origin: not found"))
+        status, data, _ = self.get("/_tunnel", headers={"Upgrade": "websocket",
+                                                        "Connection": "Upgrade"})
+        self.assertEqual(data, b"origin: not found")
+        # An upgrade pipelined behind a request of a tunnel is refused.
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                     + tunnel.ws_upgrade_request("localhost", tunnel.WS_PATH, tunnel.ws_key(),
+                                                 tunnel.WS_PROTOCOL_TLS), relay=relay)
+        data = recv_all(s)
+        self.assertIn(b"hello", data)
+        self.assertIn(b"first request of its connection", data)
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 1)
+
+    def test_tunnel_over_the_https_port_with_tls_outside(self):
+        cert, key = self.certificate()
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN, redirect_port=0)
+        client, lines = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
+                                               cafile=cert)
+        # The plain port that redirects to HTTPS redirects upgrades too.
+        s = socket.create_connection(("127.0.0.1", relay.redirect_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(tunnel.ws_upgrade_request(TLS_DOMAIN, tunnel.WS_PATH, tunnel.ws_key(),
+                                            tunnel.WS_PROTOCOL_TLS))
+        data = recv_all(s)
+        self.assertEqual(self.status_of(data), 308, data)
+        self.assertIn(b"Location: https://%s:%d/_tunnel\r\n" % (TLS_DOMAIN.encode(),
+                                                                relay.http_port), data)
+        self.assertEqual(lines[0].split(" ")[1], "https://demo.%s:%d" % (TLS_DOMAIN,
+                                                                        relay.http_port))
+        stack = relay.loop.run_in_loop(lambda: relay.tunnels["demo"].session.sock)
+        self.assertIs(type(stack), tunnel.WSChannel)           # TLS outside: the HTTPS port
+        self.assertIsInstance(stack.sock, ssl.SSLSocket)
+        ctx = ssl.create_default_context(cafile=cert)
+        for path, want in (("/hello", b"hello"), ("/bytes?n=2000000&seed=2",
+                                                  pattern(2000000, 2))):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", relay.http_port), WAIT),
+                                server_hostname="demo." + TLS_DOMAIN)
+            self.addCleanup(s.close)
+            s.sendall(("GET %s HTTP/1.1\r\nHost: demo.%s\r\nConnection: close\r\n\r\n"
+                       % (path, TLS_DOMAIN)).encode())
+            data = recv_all(s)
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
+            self.assertTrue(data.endswith(want))
+        # A second client comes in over the HTTPS port with TLS inside too.
+        other, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL_TLS,
+                                          subdomain="second")
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 2)
+
+    def test_tls_man_in_the_middle_on_the_websocket_is_refused(self):
+        cert, key = self.certificate()
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN)
+        middle_cert, middle_key = self.certificate()    # another key: the middle's own
+        middle = TLSMiddle(self, relay.http_port, middle_cert, middle_key)
+        client, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
+                                           port=middle.port, wait=False)
+        wait_until(lambda: client.exit_code == tunnel.EXIT_USAGE, what="client refused")
+        self.assertTrue(any("refused" in m and "not this relay's" in m
+                            for m in self.capture.messages(logging.WARNING)))
+        self.assertIn(tunnel.cert_fingerprint(tunnel.certificate_der(middle_cert)),
+                      client.error or "")        # refused with "binding": the middle's
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 0)
+        # The same middle, declared on the relay as its TLS proxy, is accepted.
+        relay2 = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                  domain=TLS_DOMAIN, tls_proxy_fingerprints=(
+                                      tunnel.cert_fingerprint(tunnel.certificate_der(
+                                          middle_cert)),))
+        middle2 = TLSMiddle(self, relay2.http_port, middle_cert, middle_key)
+        self.ws_connect_client(relay2, https=True, protocol=tunnel.WS_PROTOCOL,
+                               port=middle2.port)
+        self.assertEqual(self.relay_stats(relay2)["tunnels"], 1)
+
+    def test_control_port_off_on_the_command_line(self):
+        parser = tunnel.build_parser()
+        self.assertIsNone(parser.parse_args(["serve", "--control-port", "off"]).control_port)
+        self.assertEqual(parser.parse_args(["serve", "--control-port", "7000"]).control_port,
+                         7000)
+        self.assertEqual(parser.parse_args(["serve"]).control_port, tunnel.DEFAULT_CONTROL_PORT)
+        with self.assertRaisesRegex(tunnel.UsageError, "neither a port number nor 'off'"):
+            parser.parse_args(["serve", "--control-port", "of"])
+
 
 if __name__ == "__main__":
     unittest.main()
