@@ -10,10 +10,12 @@ Run with:  python -m unittest -v test_tunnel
 
 import base64
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -6383,7 +6385,7 @@ class ProxyFixtureTests(unittest.TestCase):
             else:
                 sock, _ = socks_through(proxy, "127.0.0.1", self.echo.port)
             held.append(self.open(sock))
-            idle = self.open(socket.create_connection(("127.0.0.1", proxy.port), WAIT))
+            self.open(socket.create_connection(("127.0.0.1", proxy.port), WAIT))   # idle
             wait_until(lambda: len(proxy.threads) >= 3, what="proxy threads")
         for proxy, sock in zip(proxies, held):
             proxy.close()
@@ -6916,55 +6918,15 @@ class WebSocketRelayTests(EndToEndBase):
     def ws_connect_client(self, relay, https=False, protocol=tunnel.WS_PROTOCOL_TLS,
                           port=None, subdomain="demo", cafile=None, wait=True):
         """A real tunnel.Client whose control connection is a WebSocket to the relay's
-        visitor port (``port``: another one, a man in the middle say), opened here by
-        hand; ``https``: TLS outside (then ``protocol`` is usually WS_PROTOCOL).  The
-        client's own dialer is never started: its relay port is a closed one."""
-        closed = socket.socket()
-        closed.bind(("127.0.0.1", 0))
-        dead_port = closed.getsockname()[1]
-        closed.close()
-        lines = []
+        visitor port (``port``: another one, a man in the middle say), dialed by the
+        client itself from a relay URL: http:// (``protocol`` WS_PROTOCOL_TLS: TLS inside,
+        else --plaintext) or https:// (TLS outside, verified with ``cafile`` if given)."""
         plaintext = protocol == tunnel.WS_PROTOCOL and not https
-        client = tunnel.Client(tunnel.ClientConfig(
-            target_host="127.0.0.1", target_port=self.origin.server_address[1],
-            relay_host="127.0.0.1", relay_port=dead_port, token=TOKEN, subdomain=subdomain,
-            plaintext=plaintext, backoff_initial=60.0, backoff_max=60.0, **FAST),
-            output=lines.append)
-
-        def run():
-            try:
-                client.loop.run()
-            finally:
-                client.loop.close()
-        client.thread = run_in_thread(self, run, client.stop, "ws-client")
-        sock = socket.create_connection(("127.0.0.1", port or relay.http_port), WAIT)
-        host = "localhost"
-        if https:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            if cafile:
-                ctx.load_verify_locations(cafile)
-                ctx.verify_mode = ssl.CERT_REQUIRED
-            sock = ctx.wrap_socket(sock, server_hostname=relay.config.domain)
-            host = relay.config.domain
-        key = tunnel.ws_key()
-        sock.sendall(tunnel.ws_upgrade_request(host, tunnel.WS_PATH, key, protocol))
-        head, rest = self.read_head(sock)
-        tunnel.ws_check_response(head, key, protocol)
-        sock.setblocking(False)
-
-        def hand_over():
-            channel = tunnel.WSChannel(sock, server_side=False, initial=rest)
-            if protocol == tunnel.WS_PROTOCOL_TLS:
-                client._tcp_connected(channel)
-            else:
-                if https:
-                    client.binding = tunnel.binding_of(sock.getpeercert(True))
-                client._connected(channel)
-        client.loop.run_in_loop(hand_over)
-        if wait:
-            self.assertTrue(client.ready.wait(WAIT), "client did not come up over WebSocket")
-        return client, lines
+        kw = dict(tls_ca=cafile) if cafile else {}
+        return self.start_client(subdomain, relay=relay, wait=False if not wait else True,
+                                 relay_scheme="https" if https else "http",
+                                 relay_host="127.0.0.1", relay_port=port or relay.http_port,
+                                 plaintext=plaintext, **kw)
 
     # -- the reserved path, as a visitor ---------------------------------------------
     def test_reserved_path_without_upgrade_is_an_ordinary_404(self):
@@ -7138,7 +7100,7 @@ class WebSocketRelayTests(EndToEndBase):
             self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
             self.assertTrue(data.endswith(want))
         # A second client comes in over the HTTPS port with TLS inside too.
-        other, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL_TLS,
+        other, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
                                           subdomain="second")
         self.assertEqual(self.relay_stats(relay)["tunnels"], 2)
 
@@ -7174,6 +7136,332 @@ class WebSocketRelayTests(EndToEndBase):
         self.assertEqual(parser.parse_args(["serve"]).control_port, tunnel.DEFAULT_CONTROL_PORT)
         with self.assertRaisesRegex(tunnel.UsageError, "neither a port number nor 'off'"):
             parser.parse_args(["serve", "--control-port", "of"])
+
+
+class ProxiedClientTest(EndToEndBase):
+    """expose from a restricted network: a relay with one port (--control-port off)
+    reached by URL over its WebSocket path, directly and through CONNECT and SOCKS5
+    proxies written in these tests; the proxy variables by curl's rules."""
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(control_port=None)
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.INFO)
+
+    def proxy(self, cls=None, **kw):
+        proxy = (cls or ConnectProxy)(**kw)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def ws_client(self, name, relay=None, **kw):
+        relay = relay or self.relay
+        kw.setdefault("relay_scheme", "https" if relay.visitor_tls is not None else "http")
+        kw.setdefault("relay_host", "localhost")
+        return self.start_client(name, relay=relay, relay_port=relay.http_port, **kw)
+
+    def finished(self, client):
+        client.thread.join(WAIT)
+        self.assertFalse(client.thread.is_alive(), "the client did not stop")
+        return client.exit_code, client.error
+
+    def warnings(self):
+        return self.capture.messages(logging.WARNING)
+
+    # -- one port --------------------------------------------------------------------
+    def test_one_port_serves_visitors_and_clients_that_reconnect(self):
+        client, lines = self.ws_client("one")
+        self.assertEqual(lines[0], "Forwarding http://one.localhost:%d -> http://127.0.0.1:%d"
+                         % (self.relay.http_port, self.origin.server_address[1]))
+        self.assertEqual(self.relay.control_port, 0)
+        self.assertEqual(self.get("/hello", host="one.localhost")[:2], (200, b"hello"))
+        # A visitor mid-connection while the client's session drops and comes back.
+        c = self.conn()
+        c.request("GET", "/hello", headers={"Host": "one.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+        ups = client.up_count
+        client.loop.run_in_loop(lambda: client.session.close("test: drop"))
+        wait_until(lambda: client.up_count > ups and client.ready.is_set(), what="reconnect")
+        self.assertEqual(client.name, "one")
+        for _ in range(5):
+            self.assertEqual(self.get("/hello", host="one.localhost")[:2], (200, b"hello"))
+        self.assertEqual(self.get("/", host="nope.localhost")[0], 404)
+
+    def test_default_is_tls_inside_the_websocket(self):
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = self.start_relay(control_port=None, plaintext=False, state_dir=state)
+        client, _ = self.ws_client("sealed", relay=relay)
+        self.assertTrue(client.binding)       # the relay's own certificate, bound
+        self.assertIsInstance(client.session.sock, tunnel.TLSChannel)
+        c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "sealed.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+
+    def test_upgrade_refused_names_the_status_and_the_url(self):
+        # An ordinary web server where the relay should be: 404 (or 501), not 101.
+        port = self.origin.server_address[1]
+        client, _ = self.start_client("x", relay=self.relay, relay_host="127.0.0.1",
+                                      relay_port=port, relay_scheme="http", wait=False)
+        wait_until(lambda: any("/_tunnel" in m and "not 101" in m for m in self.warnings()),
+                   what="the refusal")
+        line = [m for m in self.warnings() if "not 101" in m][0]
+        self.assertIn("http://127.0.0.1:%d/_tunnel" % port, line)
+        self.assertEqual(client.exit_code, 0)      # retried, not fatal
+
+    # -- CONNECT proxies -------------------------------------------------------------
+    def test_connect_proxy_without_credentials(self):
+        proxy = self.proxy()
+        self.ws_client("viaproxy", proxy="http://127.0.0.1:%d" % proxy.port)
+        self.assertEqual(self.get("/hello", host="viaproxy.localhost")[:2], (200, b"hello"))
+        self.assertEqual(proxy.requests, ["localhost:%d" % self.relay.http_port])
+        self.assertTrue(any("via proxy http://127.0.0.1:%d" % proxy.port in m
+                            for m in self.capture.messages()), self.capture.messages())
+
+    def test_connect_proxy_with_percent_encoded_credentials(self):
+        proxy = self.proxy(credentials=("alice", "p@ss:w/rd"))
+        self.ws_client("creds", proxy="http://alice:p%%40ss%%3Aw%%2Frd@127.0.0.1:%d"
+                       % proxy.port)
+        self.assertEqual(self.get("/hello", host="creds.localhost")[:2], (200, b"hello"))
+        self.assertTrue(proxy.auth_seen)
+        self.assertFalse(any("p@ss" in m or "alice" in m for m in self.capture.messages()))
+
+    def test_wrong_proxy_credentials_exit_2(self):
+        proxy = self.proxy(credentials=("alice", "right"))
+        client, _ = self.ws_client("x", proxy="http://alice:wrong@127.0.0.1:%d" % proxy.port,
+                                   wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertEqual(error, "proxy 127.0.0.1:%d refused the credentials for alice (407)"
+                         % proxy.port)
+
+    def test_proxy_that_wants_credentials_none_given_exit_2(self):
+        proxy = self.proxy(credentials=("alice", "right"))
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("wants a user name and password (Basic)", error)
+
+    def test_ntlm_proxy_is_named_and_fatal(self):
+        proxy = self.proxy(credentials=("alice", "right"), schemes=("NTLM", "Negotiate"))
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("wants NTLM", error)
+        self.assertIn("which tunnel.py does not speak; use a proxy account with Basic, or a "
+                      "SOCKS proxy", error)
+
+    def test_proxy_403_is_one_line_then_retried(self):
+        proxy = self.proxy(refuse=403)
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        wait_until(lambda: len(proxy.requests) >= 2, what="a retry")
+        want = ("could not reach the relay: proxy 127.0.0.1:%d refused CONNECT localhost:%d: "
+                "403 Forbidden" % (proxy.port, self.relay.http_port))
+        self.assertIn(want, self.warnings())
+        self.assertEqual(client.exit_code, 0)
+        self.assertTrue(client.thread.is_alive())
+
+    def test_proxy_that_drops_is_retried_with_backoff(self):
+        proxy = self.proxy(drop=True)
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        wait_until(lambda: sum("reconnecting in" in m for m in self.capture.messages()) >= 2,
+                   what="two retries")
+        delays = [float(m.split()[-1].rstrip("s")) for m in self.capture.messages()
+                  if m.startswith("reconnecting in")]
+        self.assertLess(delays[0], delays[1] * 1.3 + 0.01)   # backoff grows (with jitter)
+        self.assertTrue(client.thread.is_alive())
+
+    def test_https_proxy_is_tls_to_the_proxy(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-proxy-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        proxy = self.proxy(tls_context=ctx)
+        self.ws_client("tlsproxy", proxy="https://127.0.0.1:%d" % proxy.port, tls_ca=cert)
+        self.assertEqual(self.get("/hello", host="tlsproxy.localhost")[:2], (200, b"hello"))
+        self.assertEqual(proxy.requests, ["localhost:%d" % self.relay.http_port])
+
+    # -- the environment (curl's rules) -------------------------------------------------
+    def test_http_proxy_variable_and_no_proxy_bypass(self):
+        proxy = self.proxy()
+        env = {"HTTP_PROXY": "http://127.0.0.1:%d" % proxy.port}
+        self.ws_client("envproxy", environ=env)
+        self.assertEqual(len(proxy.requests), 1)
+        self.ws_client("bypass", environ=dict(env, NO_PROXY="example.com,.localhost"))
+        self.assertEqual(len(proxy.requests), 1)       # NO_PROXY: not through the proxy
+        self.assertTrue(any("direct (NO_PROXY)" in m for m in self.capture.messages()))
+        self.assertEqual(self.get("/hello", host="bypass.localhost")[:2], (200, b"hello"))
+
+    def test_https_relay_reads_https_proxy_not_http_proxy(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory)
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN)
+        used, unused = self.proxy(), self.proxy()
+        env = {"HTTPS_PROXY": "http://127.0.0.1:%d" % used.port,
+               "HTTP_PROXY": "http://127.0.0.1:%d" % unused.port}
+        client, lines = self.ws_client("secure", relay=relay, relay_host="127.0.0.1",
+                                       environ=env)
+        self.assertEqual(lines[0], "Forwarding https://secure.%s:%d -> http://127.0.0.1:%d"
+                         % (TLS_DOMAIN, relay.http_port, self.origin.server_address[1]))
+        self.assertEqual((len(used.requests), len(unused.requests)), (1, 0))
+        ctx = ssl.create_default_context(cafile=cert)
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", relay.http_port), WAIT),
+                            server_hostname="secure." + TLS_DOMAIN)
+        self.addCleanup(s.close)
+        s.sendall(b"GET /hello HTTP/1.1\r\nHost: secure.%s\r\nConnection: close\r\n\r\n"
+                  % TLS_DOMAIN.encode())
+        self.assertTrue(recv_all(s).endswith(b"hello"))
+
+    def test_all_proxy_for_the_raw_control_port(self):
+        relay = self.start_relay()            # with its control port
+        proxy = self.proxy()
+        client, _ = self.start_client("rawport", relay=relay,
+                                      environ={"ALL_PROXY": "http://127.0.0.1:%d" % proxy.port,
+                                               "HTTP_PROXY": "http://127.0.0.1:1"})
+        self.assertEqual(proxy.requests, ["127.0.0.1:%d" % relay.control_port])
+
+    def test_no_proxy_flag_wins(self):
+        client, _ = self.ws_client("flag", no_proxy=True,
+                                   environ={"ALL_PROXY": "http://127.0.0.1:1"})
+        self.assertTrue(any("direct (--no-proxy)" in m for m in self.capture.messages()))
+
+    # -- SOCKS5 ----------------------------------------------------------------------
+    def test_socks5h_sends_the_name_socks5_the_address(self):
+        proxy = self.proxy(SocksProxy)
+        self.ws_client("remote", proxy="socks5h://127.0.0.1:%d" % proxy.port)
+        self.ws_client("local", proxy="socks5://127.0.0.1:%d" % proxy.port,
+                       relay_host="localhost")
+        (atyp1, host1, port1), (atyp2, host2, _) = proxy.requests
+        self.assertEqual((atyp1, host1, port1), (3, "localhost", self.relay.http_port))
+        self.assertIn(atyp2, (1, 4))
+        self.assertIn(host2, ("127.0.0.1", "::1"))
+        self.assertEqual(self.get("/hello", host="local.localhost")[:2], (200, b"hello"))
+
+    def test_socks5_credentials_right_and_wrong(self):
+        proxy = self.proxy(SocksProxy, credentials=("bob", "pw"))
+        self.ws_client("socksauth", proxy="socks5h://bob:pw@127.0.0.1:%d" % proxy.port)
+        self.assertEqual(self.get("/hello", host="socksauth.localhost")[:2], (200, b"hello"))
+        client, _ = self.ws_client("x", proxy="socks5h://bob:nope@127.0.0.1:%d" % proxy.port,
+                                   wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("refused the credentials for bob", error)
+        client, _ = self.ws_client("y", proxy="socks5h://127.0.0.1:%d" % proxy.port,
+                                   wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("wants a user name and password", error)
+
+
+class ProxiedWebSocketEndToEnd(EndToEndBase):
+    """What EndToEnd checks, once more with the client on the WebSocket transport
+    through a CONNECT proxy to a relay with one port."""
+
+    def setUp(self):
+        self.proxy = ConnectProxy()
+        self.addCleanup(self.proxy.close)
+        super().setUp()
+
+    def start_relay(self, http_port=0, control_port=None, **kw):
+        return super().start_relay(http_port=http_port, control_port=None, **kw)
+
+    def start_client(self, subdomain=None, relay=None, **kw):
+        relay = relay or self.relay
+        kw.setdefault("proxy", "http://127.0.0.1:%d" % self.proxy.port)
+        return super().start_client(subdomain, relay=relay, relay_host="localhost",
+                                    relay_port=relay.http_port, relay_scheme="http", **kw)
+
+    test_forwarding_line_and_access_log = EndToEnd.test_forwarding_line_and_access_log
+    test_get_post_content_length_and_chunked = EndToEnd.test_get_post_content_length_and_chunked
+    test_keep_alive_many_requests_one_connection = \
+        EndToEnd.test_keep_alive_many_requests_one_connection
+    test_32_mib_each_way = EndToEnd.test_32_mib_each_way
+    test_websocket_echo = EndToEnd.test_websocket_echo
+    test_server_sent_events_arrive_one_by_one = EndToEnd.test_server_sent_events_arrive_one_by_one
+    test_fifty_concurrent_visitors = EndToEnd.test_fifty_concurrent_visitors
+    test_client_restart_reclaims_name = EndToEnd.test_client_restart_reclaims_name
+    test_relay_restart_client_reconnects = EndToEnd.test_relay_restart_client_reconnects
+
+
+class RelayAddressTest(unittest.TestCase):
+    def test_parse_relay_forms(self):
+        cases = {
+            "relay.example.com:7835": ("tcp", "relay.example.com", 7835),
+            "relay.example.com": ("tcp", "relay.example.com", tunnel.DEFAULT_CONTROL_PORT),
+            "https://relay.example.com": ("https", "relay.example.com", 443),
+            "https://relay.example.com/": ("https", "relay.example.com", 443),
+            "wss://relay.example.com:8443": ("https", "relay.example.com", 8443),
+            "http://relay.example.com:8080": ("http", "relay.example.com", 8080),
+            "ws://relay.example.com": ("http", "relay.example.com", 80),
+            "HTTPS://[::1]:9443/_tunnel": ("https", "::1", 9443),
+        }
+        for text, want in cases.items():
+            self.assertEqual(tunnel.parse_relay(text), want, text)
+        for bad in ("ftp://relay", "https://", "https://relay/path", "https://u:p@relay",
+                    "https://relay:99999", "http://relay?x=1"):
+            with self.assertRaises(ValueError, msg=bad):
+                tunnel.parse_relay(bad)
+
+    def test_cli_rejects_bad_relay_and_proxy_in_one_line(self):
+        for argv, want in (
+                (["expose", "5000", "--token", TOKEN, "--relay", "ftp://x"], "invalid --relay"),
+                (["expose", "5000", "--token", TOKEN, "--relay", "https://x", "--plaintext"],
+                 "--plaintext excludes an https:// relay"),
+                (["expose", "5000", "--token", TOKEN, "--proxy", "socks4://p:1"],
+                 "invalid --proxy"),
+                (["expose", "5000", "--token", TOKEN, "--proxy", "http://p:1", "--no-proxy"],
+                 "exclude each other")):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = tunnel.main(argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(want, err.getvalue())
+            self.assertNotIn("Traceback", err.getvalue())
+
+
+class DialerStageTest(EndToEndBase):
+    """The Dialer's stages each have their timeout and one-line errors."""
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(control_port=None)
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        self.addCleanup(logger.removeHandler, self.capture)
+
+    def test_silent_proxy_times_out_in_its_stage(self):
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)          # the kernel completes the connect; nobody ever answers
+        client, _ = self.start_client("x", relay_host="localhost", relay_scheme="http",
+                                      relay_port=self.relay.http_port, connect_timeout=0.3,
+                                      proxy="http://127.0.0.1:%d" % silent.getsockname()[1],
+                                      wait=False)
+        wait_until(lambda: any("timed out in the proxy's CONNECT" in m
+                               for m in self.capture.messages()), what="the stage timeout")
+        self.assertEqual(client.exit_code, 0)
+
+    def test_relay_that_never_answers_the_upgrade(self):
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        client, _ = self.start_client("x", relay_host="127.0.0.1", relay_scheme="http",
+                                      relay_port=silent.getsockname()[1], connect_timeout=0.3,
+                                      wait=False)
+        wait_until(lambda: any("timed out in the WebSocket upgrade" in m
+                               for m in self.capture.messages()), what="the stage timeout")
+
 
 
 if __name__ == "__main__":

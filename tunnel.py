@@ -5713,8 +5713,9 @@ class VisitorConn(Pipe):
                                       req.target if req.target[:1] == "/" else "/")
             raise HTTPError(308, "This relay serves HTTPS: %s" % url, (("Location", url),))
         if req.target.startswith(WS_PATH) and req.target.split("?", 1)[0] == WS_PATH \
-                and req.host.rstrip(".") == self.relay.config.domain.lower():
-            # A tunnel client over WebSocket (the reserved path of the bare domain).
+                and not self.relay.is_tunnel_host(req.host):
+            # A tunnel client over WebSocket: the reserved path of the bare domain, or of
+            # any name that is not a tunnel's (an address, a load balancer's own name).
             if req.headers.get("upgrade") is None:
                 raise HTTPError(404, "Nothing is served at %s on this relay; tunnels are "
                                 "reached at NAME.%s." % (WS_PATH, self.relay.config.domain))
@@ -6548,6 +6549,10 @@ class Relay(SessionDelegate):
     def https_port_suffix(self) -> str:
         port = self.config.public_port or self.http_port
         return "" if port == 443 else ":%d" % port
+
+    def is_tunnel_host(self, host: str) -> bool:
+        """Is ``host`` (lower-case, without port) NAME.DOMAIN, a tunnel's name?"""
+        return host.rstrip(".").endswith("." + self.config.domain.lower())
 
     def route(self, req: Request) -> str:
         """The tunnel name for a request, or an ``HTTPError`` page."""
