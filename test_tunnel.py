@@ -7283,9 +7283,29 @@ class ProxiedClientTest(EndToEndBase):
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         proxy = self.proxy(tls_context=ctx)
-        self.ws_client("tlsproxy", proxy="https://127.0.0.1:%d" % proxy.port, tls_ca=cert)
+        url = "https://127.0.0.1:%d" % proxy.port
+        self.ws_client("tlsproxy", proxy=url, proxy_ca=cert)
         self.assertEqual(self.get("/hello", host="tlsproxy.localhost")[:2], (200, b"hello"))
         self.assertEqual(proxy.requests, ["localhost:%d" % self.relay.http_port])
+        # TLS to the relay inside TLS to the proxy: its control port, and its WebSocket.
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = self.start_relay(plaintext=False, state_dir=state)
+        for name, kw in (("raw", {}), ("ws", dict(relay_scheme="http", relay_host="localhost",
+                                                  relay_port=relay.http_port))):
+            client, _ = self.start_client(name, relay=relay, proxy=url, proxy_ca=cert, **kw)
+            self.assertEqual(client.binding, relay.fingerprint.replace(":", "").lower())
+            c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+            self.addCleanup(c.close)
+            body = os.urandom(3 << 20)
+            c.request("POST", "/echo", body=body, headers={"Host": name + ".localhost"})
+            self.assertEqual(json.loads(c.getresponse().read())["sha256"],
+                             hashlib.sha256(body).hexdigest())
+        # Without the proxy's CA: the proxy's certificate does not verify, exit 2.
+        client, _ = self.ws_client("x", proxy=url, wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("could not verify the proxy's certificate", error)
 
     # -- the environment (curl's rules) -------------------------------------------------
     def test_http_proxy_variable_and_no_proxy_bypass(self):

@@ -8,6 +8,8 @@ you want to share)::
     relay$   python3 tunnel.py serve --domain example.com
     laptop$  python3 tunnel.py expose 5000 --relay example.com:7835 --token T
     Forwarding http://brave-otter-17.example.com -> http://127.0.0.1:5000
+    lab$     HTTPS_PROXY=http://proxy:3128 python3 tunnel.py expose 5000 \
+                 --relay https://example.com --token T    # only 443, through a proxy
 
 Picture::
 
@@ -45,7 +47,8 @@ per 16 KiB record.
 
 Where only the web ports get out, a client reaches the relay on its visitor
 port instead: a WebSocket upgrade (RFC 6455) of ``GET /_tunnel`` on the bare
-relay domain, answered ``101``, after which the same control connection runs
+relay domain (or any Host that is not ``NAME.DOMAIN``: an address, a load
+balancer's name), answered ``101``, after which the same control connection runs
 inside binary frames (``WSChannel``: masked from the client, ping/pong, close and
 fragmented messages handled; message boundaries mean nothing, it is one byte
 stream).  The subprotocol says where TLS is: ``tunnel.py.2.tls`` runs TLS with
@@ -56,6 +59,23 @@ declared with ``--tls-proxy-fingerprint``).  The path obeys the control port's
 handshake timeout, caps and failed-handshake penalties; without an upgrade it is
 an ordinary 404, and ``NAME.DOMAIN/_tunnel`` is just a path of tunnel NAME.
 ``serve --control-port off`` leaves only the visitor port(s).
+
+The client's way out is one ``Dialer`` (used for every stream's target too, with
+no stages): TCP to each address of the first hop in turn, then its stages, each
+within ``--connect-timeout``::
+
+    [TLS to an https:// proxy] -> CONNECT or SOCKS5 through the proxy
+      -> by --relay:  HOST:PORT    TLS (the channel)
+                      https://     TLS (the channel), WebSocket upgrade
+                      http://      WebSocket upgrade, TLS inside (the channel)
+
+The proxy comes from ``--proxy`` or, by curl's rules, ``HTTPS_PROXY`` (https://
+relays), ``HTTP_PROXY`` (http://), ``ALL_PROXY`` (any, the control port too),
+with ``NO_PROXY`` honoured (``proxy_for``); ``socks5://`` resolves the relay's
+name here, ``socks5h://`` lets the proxy do it.  The proxy's codecs are pure
+(``connect_request``, ``ConnectReply``, ``Socks5Handshake``); its refusals are one
+line and a retry, except a 407 or a SOCKS credential failure, which are
+configuration errors (exit status 2; ``ProxyError.fatal``).
 
 Handshake, inside TLS (over TCP or in the WebSocket; client C, relay R, token K;
 the token never crosses)::
@@ -4802,6 +4822,14 @@ class TLSChannel:
         self.push()
         return n
 
+    def recv(self, size: int) -> bytes:
+        """Decrypted bytes, for a channel stacked on this one (TLS to the relay inside
+        TLS to an https:// proxy); raises SSLWantReadError when there are none."""
+        buf = bytearray(size)
+        n = self.recv_into(buf)
+        del buf[n:]
+        return bytes(buf)
+
     def close(self) -> None:
         """Send close_notify (and any ciphertext left) if the socket takes it; close."""
         if self.sock.fileno() < 0:
@@ -6647,6 +6675,7 @@ class ClientConfig(Settings):
     relay_scheme: str = "tcp"               # tcp (control port), http or https (WebSocket)
     proxy: Optional[str] = None             # proxy URL (default: from the environment)
     no_proxy: bool = False                  # never use a proxy
+    proxy_ca: Optional[str] = None          # CA file for an https:// proxy (default: system)
 
 
 def parse_relay(text: str) -> Tuple[str, str, int]:
@@ -6911,10 +6940,10 @@ class Client(SessionDelegate):
                                    else WS_PROTOCOL_TLS, url, relay)] + channel
 
     def proxy_tls_context(self) -> Any:
-        """TLS to an https:// proxy: verified against the system store (or --tls-ca),
+        """TLS to an https:// proxy: verified against the system store (or --proxy-ca),
         with its host name checked, always."""
         ssl = load_ssl()
-        ctx = ssl.create_default_context(cafile=self.config.tls_ca)
+        ctx = ssl.create_default_context(cafile=self.config.proxy_ca)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
@@ -7299,6 +7328,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CONNECT), https://..., socks5://..., socks5h://... (default: "
                         "$HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY by the relay's form, "
                         "curl's rules, $NO_PROXY honoured)")
+    expose.add_argument("--proxy-ca", metavar="FILE", default=None,
+                        help="CA certificates that verify an https:// proxy (default: the "
+                        "system's)")
     expose.add_argument("--no-proxy", action="store_true",
                         help="connect directly, whatever the proxy variables say")
     expose.add_argument("--relay", default=None, metavar="ADDR",
@@ -7644,17 +7676,18 @@ def cmd_expose(args: argparse.Namespace) -> int:
     if args.insecure and (args.tls or args.tls_ca or args.tls_fingerprint):
         raise UsageError("--insecure excludes --tls, --tls-ca and --tls-fingerprint (it "
                          "means no CA or fingerprint check)")
-    if args.tls_ca:    # a bad file is the user's to fix, not the relay's: say so at once
+    for flag, cafile in (("--tls-ca", args.tls_ca), ("--proxy-ca", args.proxy_ca)):
+        if not cafile:    # a bad file is the user's to fix, not the relay's: say so at once
+            continue
         ssl = load_ssl()
         try:
-            ssl.create_default_context(cafile=args.tls_ca)
+            ssl.create_default_context(cafile=cafile)
         except ssl.SSLError as exc:
-            raise UsageError("--tls-ca %s: not a PEM file of CA certificates (%s)"
-                             % (args.tls_ca, exc.reason or exc)) from None
+            raise UsageError("%s %s: not a PEM file of CA certificates (%s)"
+                             % (flag, cafile, exc.reason or exc)) from None
         except (OSError, ValueError) as exc:
-            raise UsageError("--tls-ca %s: %s" % (args.tls_ca, describe_oserror(exc)
-                                                   if isinstance(exc, OSError) else exc)) \
-                from None
+            raise UsageError("%s %s: %s" % (flag, cafile, describe_oserror(exc)
+                                            if isinstance(exc, OSError) else exc)) from None
     if args.insecure:
         log.warning("--insecure: the relay's certificate is NOT verified by a CA or a "
                     "fingerprint; that is the default now, and the handshake's channel "
@@ -7671,6 +7704,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
     config = ClientConfig(target_host=target_host, target_port=target_port,
                           relay_host=relay_host, relay_port=relay_port, token=token,
                           relay_scheme=relay_scheme, proxy=args.proxy, no_proxy=args.no_proxy,
+                          proxy_ca=args.proxy_ca,
                           subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
