@@ -7483,6 +7483,52 @@ class DialerStageTest(EndToEndBase):
                                for m in self.capture.messages()), what="the stage timeout")
 
 
+class ProxiedCommandLineTest(unittest.TestCase):
+    """expose as a user runs it: TUNNEL_RELAY as a URL, HTTP_PROXY from the environment,
+    -v naming the route; a proxy that wants other credentials: one line, exit 2."""
+
+    spawn = CommandLineTest.spawn
+
+    def test_tunnel_relay_url_through_http_proxy_variable(self):
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = tunnel.Relay(tunnel.RelayConfig(bind="127.0.0.1", http_port=0, control_port=None,
+                                                token=TOKEN, state_dir=state, **FAST))
+        relay.start()
+        run_in_thread(self, relay.run, relay.stop, "relay")
+        proxy = ConnectProxy(credentials=("me", "p@ss"))
+        self.addCleanup(proxy.close)
+        origin = start_origin(self)
+        env = {"TUNNEL_TOKEN": TOKEN, "TUNNEL_RELAY": "http://localhost:%d" % relay.http_port,
+               "HTTP_PROXY": "http://me:p%%40ss@127.0.0.1:%d" % proxy.port}
+        client = self.spawn("expose", str(origin.server_address[1]), "--subdomain", "cliproxy",
+                            "-v", env=env)
+        line = client.stdout.readline().decode().strip()
+        self.assertEqual(line, "Forwarding http://cliproxy.localhost:%d -> http://127.0.0.1:%d"
+                         % (relay.http_port, origin.server_address[1]))
+        self.assertEqual(proxy.requests, ["localhost:%d" % relay.http_port])
+        c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "cliproxy.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+        c.close()                       # (an open visitor connection would get the grace)
+        client.send_signal(signal.SIGINT)
+        _, err = client.communicate(timeout=WAIT)
+        self.assertEqual(client.returncode, 0, err)
+        self.assertIn(b"connecting to relay http://localhost:%d (via proxy http://127.0.0.1:%d)"
+                      % (relay.http_port, proxy.port), err)
+        self.assertNotIn(b"p@ss", err)
+        self.assertNotIn(b"p%40ss", err)
+        # Wrong credentials: one line on stderr, exit status 2, no retry loop.
+        env["HTTP_PROXY"] = "http://me:nope@127.0.0.1:%d" % proxy.port
+        wrong = self.spawn("expose", "5000", env=env)
+        _, err = wrong.communicate(timeout=WAIT)
+        self.assertEqual(wrong.returncode, 2, err)
+        self.assertEqual(err.decode().strip().splitlines()[-1], "tunnel.py: proxy 127.0.0.1:%d "
+                         "refused the credentials for me (407)" % proxy.port)
+        self.assertNotIn(b"Traceback", err)
+
+
 
 if __name__ == "__main__":
     unittest.main()
