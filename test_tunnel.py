@@ -6272,7 +6272,8 @@ class ProxyFixtureTests(unittest.TestCase):
         self.open(sock)
         target = "127.0.0.1:%d" % self.echo.port
         err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy.url), target)
-        self.assertEqual(str(err), "proxy %s refused CONNECT %s: 403 Forbidden"
+        self.assertEqual(str(err), "proxy %s refused CONNECT %s: 403 Forbidden; many proxies "
+                         "allow CONNECT only to port 443: use --relay https://HOST"
                          % (proxy.where, target))
         self.assertFalse(err.fatal)
 

@@ -7458,7 +7458,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reach the relay through this proxy: http://[USER:PASS@]HOST:PORT "
                         "(CONNECT), https://..., socks5://..., socks5h://... (default: "
                         "$HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY by the relay's form, "
-                        "curl's rules, $NO_PROXY honoured; "" for none)")
+                        "curl's rules, $NO_PROXY honoured; an empty URL: none)")
     expose.add_argument("--proxy-ca", metavar="FILE", default=None,
                         help="CA certificates that verify an https:// proxy (default: the "
                         "system's)")
