@@ -7541,15 +7541,14 @@ class CannedServer:
     what the client sent first, up to 64 KiB) and closes it; b"" closes at once after
     that read.  ``connections`` counts them."""
 
-    def __init__(self, test, reply):
+    def __init__(self, test, reply, port=0):
         self.reply = reply
         self.connections = 0
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.closing = False
         self.thread = threading.Thread(target=self._serve, name="canned", daemon=True)
         self.thread.start()
         test.addCleanup(self.close)
@@ -7659,16 +7658,8 @@ class ClientHintsTest(EndToEndBase):
         port = self.relay.http_port
         self.relay.stop()
         self.relay.thread.join(WAIT)
-        server = CannedServer.__new__(CannedServer)      # the same port, answering 400
-        server.reply = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nno!"
-        server.connections = 0
-        server.sock = socket.socket()
-        server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.sock.bind(("127.0.0.1", port))
-        server.sock.listen(16)
-        server.thread = threading.Thread(target=server._serve, daemon=True)
-        server.thread.start()
-        self.addCleanup(server.close)
+        server = CannedServer(self, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\n"
+                              b"no!", port=port)          # the same port, answering 400
         wait_until(lambda: server.connections >= 2, what="retries")
         self.assertTrue(client.thread.is_alive())
         self.assertEqual(client.exit_code, 0)
@@ -7702,8 +7693,9 @@ class ClientHintsTest(EndToEndBase):
             self.capture.records.clear()
 
     def test_control_protocol_to_the_visitor_port(self):
-        server, client = self.canned_client(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nvisitor port", relay_scheme="tcp")
+        server, client = self.canned_client(   # the visitor port's answer to a preamble
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 12\r\n\r\nvisitor port",
+            relay_scheme="tcp")
         wait_until(lambda: server.connections >= 2, what="a retry")
         hint = ("is that the relay's visitor port? use --relay http://HOST:PORT or "
                 "https://HOST:PORT")
