@@ -4785,6 +4785,8 @@ class TLSChannel:
         inner = self._inner
         if inner is not None and inner.unsent and not inner.push():
             return False
+        if not self._unsent:        # (an empty write to a TLSChannel under us is an
+            return True             # error in OpenSSL 3 before Python 3.10)
         try:
             sent = self.sock.send(self._unsent)
         except (BlockingIOError, InterruptedError):
@@ -4882,6 +4884,8 @@ class TLSChannel:
         if (self._unsent or self._inner is not None) and not self.push():
             return 0
         n = len(data)
+        if not n:
+            return 0
         try:
             if n > TLS_WRITE_SIZE:
                 n = TLS_WRITE_SIZE
