@@ -10,14 +10,17 @@ Run with:  python -m unittest -v test_tunnel
 
 import base64
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -5202,6 +5205,2330 @@ def tearDownModule():
         sys.stderr.write("threads left after the tests:\n%s\n" % "\n".join(report))
         if any(not t.daemon for t in left):
             raise AssertionError("non-daemon threads left: %s" % [t.name for t in left])
+
+
+# =============================================================================
+# Proxies: test proxies (fixtures: sockets and threads) and the pure codecs
+# =============================================================================
+
+LOOPBACK_TARGETS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class _Gone(ConnectionError):
+    """The peer closed before a whole message arrived."""
+
+
+def recv_exact(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise _Gone("closed after %d of %d bytes" % (len(data), n))
+        data += chunk
+    return bytes(data)
+
+
+def shut(sock, how=socket.SHUT_RDWR):
+    """shutdown(2) on the socket itself (for an SSLSocket too: no TLS state touched)."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+class _LoopbackProxy:
+    """Shared by the test proxies: a listener on 127.0.0.1:0, one thread per connection
+    (plus one per pump direction), every socket and thread recorded so that ``close``
+    stops them all.  Subclasses negotiate (``_negotiate(conn) -> upstream or None``)."""
+
+    scheme = "http"
+
+    def __init__(self, credentials=None, tls_context=None, drop=False, bind="127.0.0.1"):
+        self.credentials = credentials
+        self.tls_context = tls_context
+        self.drop = drop
+        self.requests = []
+        self.auth_seen = []
+        self.lock = threading.Lock()
+        self.closed = False
+        self.sockets = []
+        self.threads = []
+        self.listener = socket.create_server(
+            (bind, 0), family=socket.AF_INET6 if ":" in bind else socket.AF_INET)
+        self.host, self.port = bind, self.listener.getsockname()[1]
+        self._spawn(self._accept, "proxy-accept")
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % (self.scheme, self.port)
+
+    def auth_url(self, user=None, password=None, scheme=None):
+        """The URL with ``user:password@`` (default: the proxy's own credentials),
+        percent-encoded."""
+        if user is None:
+            user, password = self.credentials
+        return "%s://%s:%s@127.0.0.1:%d" % (
+            scheme or self.scheme, urllib.parse.quote(user, safe=""),
+            urllib.parse.quote(password or "", safe=""), self.port)
+
+    @property
+    def where(self):
+        return "127.0.0.1:%d" % self.port
+
+    def _spawn(self, target, name, *args):
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self.lock:
+            if self.closed:
+                return None
+            self.threads.append(thread)
+            thread.start()
+        return thread
+
+    def _track(self, sock):
+        with self.lock:
+            if not self.closed:
+                self.sockets.append(sock)
+                return True
+        sock.close()
+        return False
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self._track(conn):
+                return
+            if self.drop:
+                conn.close()
+                continue
+            if self._spawn(self._serve, "proxy-conn", conn) is None:
+                return
+
+    def _serve(self, conn):
+        up = None
+        try:
+            conn.settimeout(WAIT)
+            if self.tls_context is not None:
+                conn = self.tls_context.wrap_socket(conn, server_side=True,
+                                                    do_handshake_on_connect=False)
+                if not self._track(conn):
+                    return
+                conn.do_handshake()
+            up = self._negotiate(conn)
+            if up is None:
+                return
+            self._relay(conn, up)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for s in (conn, up):
+                if s is not None:
+                    shut(s)
+                    s.close()
+
+    def _relay(self, a, b):
+        """Copy bytes both ways in this one thread (non-blocking, select): one SSLSocket
+        must not be read and written from two threads at once.  Half-closes are passed
+        on; at most RELAY_BUFFER bytes wait per direction."""
+        peer = {a: b, b: a}
+        waiting = {a: bytearray(), b: bytearray()}     # bytes to write to the key
+        ended = {a: False, b: False}                   # the key's read side is done
+        for s in (a, b):
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            readers = [s for s in (a, b) if not ended[s]
+                       and len(waiting[peer[s]]) < self.RELAY_BUFFER]
+            writers = [s for s in (a, b) if waiting[s]]
+            if not readers and not writers:
+                return
+            ready = [s for s in readers if isinstance(s, ssl.SSLSocket) and s.pending()]
+            if not ready:
+                ready, writable, _ = select.select(readers, writers, [])
+            else:
+                writable = []
+            for s in ready:
+                try:
+                    data = s.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    waiting[peer[s]] += data
+                else:
+                    ended[s] = True
+                    if not waiting[peer[s]]:
+                        shut(peer[s], socket.SHUT_WR)
+            for s in writable:
+                try:
+                    n = s.send(waiting[s])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    continue
+                except OSError:
+                    return
+                del waiting[s][:n]
+                if not waiting[s] and ended[peer[s]]:
+                    shut(s, socket.SHUT_WR)
+
+    RELAY_BUFFER = 1 << 20
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    shut(dst, socket.SHUT_WR)      # pass the half-close on
+                    return
+                dst.sendall(data)
+        except OSError:
+            shut(src)
+            shut(dst)
+
+    def _dial(self, host, port):
+        """A connection to a loopback target; anything else is refused (None)."""
+        if host not in LOOPBACK_TARGETS:
+            return None
+        up = socket.create_connection((host, port), WAIT)
+        if not self._track(up):
+            raise ConnectionError("proxy closed")
+        return up
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            sockets, threads = list(self.sockets), list(self.threads)
+        shut(self.listener)
+        self.listener.close()
+        for s in sockets:
+            shut(s)
+        for t in threads:
+            t.join(WAIT)
+        for s in sockets:
+            s.close()
+
+    def alive(self):
+        return [t for t in self.threads if t.is_alive()]
+
+
+class ConnectProxy(_LoopbackProxy):
+    """An HTTP CONNECT proxy (``https://`` with ``tls_context``) on 127.0.0.1: checks
+    Basic ``credentials`` (user, password), else 407 offering ``schemes``; answers
+    ``refuse`` (a status) if set; closes every connection at once if ``drop``; connects
+    only to loopback targets (403 otherwise).  Records ``requests`` (the CONNECT
+    targets) and ``auth_seen`` (each Proxy-Authorization value, None when absent)."""
+
+    def __init__(self, credentials=None, schemes=("Basic",), refuse=None, drop=False,
+                 tls_context=None):
+        self.schemes = schemes
+        self.refuse = refuse
+        self.scheme = "https" if tls_context is not None else "http"
+        super().__init__(credentials, tls_context, drop)
+
+    def _answer(self, conn, status, fields=()):
+        head = "HTTP/1.1 %d %s\r\n" % (status, http.client.responses.get(status, "Status"))
+        head += "".join("%s: %s\r\n" % f for f in fields)
+        conn.sendall((head + "Content-Length: 0\r\nConnection: close\r\n\r\n").encode())
+
+    def _negotiate(self, conn):
+        data = bytearray()
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk or len(data) > 65536:
+                return None
+            data += chunk
+        head, _, extra = bytes(data).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or parts[0] != "CONNECT":
+            self._answer(conn, 405)
+            return None
+        target = parts[1]
+        self.requests.append(target)
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        auth = fields.get("proxy-authorization")
+        self.auth_seen.append(auth)
+        if self.credentials is not None:
+            expected = "Basic " + base64.b64encode(
+                ("%s:%s" % self.credentials).encode()).decode()
+            if auth != expected:
+                self._answer(conn, 407, [("Proxy-Authenticate", s + ' realm="test"'
+                                          if s == "Basic" else s) for s in self.schemes])
+                return None
+        if self.refuse:
+            self._answer(conn, self.refuse)
+            return None
+        host, _, port = target.rpartition(":")
+        host = host[1:-1] if host.startswith("[") else host
+        try:
+            up = self._dial(host, int(port))
+        except (OSError, ValueError):
+            self._answer(conn, 502)
+            return None
+        if up is None:
+            self._answer(conn, 403)
+            return None
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if extra:
+            up.sendall(extra)
+        return up
+
+
+class SocksProxy(_LoopbackProxy):
+    """A SOCKS5 proxy on 127.0.0.1 (no authentication, or RFC 1929 with ``credentials``)
+    that records ``requests`` as (atyp, host, port) and ``auth_seen`` as (user, password),
+    connects only to loopback targets (reply 2 otherwise, 5 when refused)."""
+
+    scheme = "socks5"
+
+    def __init__(self, credentials=None):
+        super().__init__(credentials)
+
+    def _reply(self, conn, code, bound=("0.0.0.0", 0)):
+        family = socket.AF_INET6 if ":" in bound[0] else socket.AF_INET
+        atyp = 4 if family == socket.AF_INET6 else 1
+        conn.sendall(bytes([5, code, 0, atyp]) + socket.inet_pton(family, bound[0])
+                     + struct.pack("!H", bound[1]))
+
+    def _negotiate(self, conn):
+        version, count = recv_exact(conn, 2)
+        methods = recv_exact(conn, count)
+        if version != 5:
+            return None
+        wanted = 2 if self.credentials is not None else 0
+        if wanted not in methods:
+            conn.sendall(b"\x05\xff")
+            return None
+        conn.sendall(bytes([5, wanted]))
+        if wanted == 2:
+            _, ulen = recv_exact(conn, 2)
+            user = recv_exact(conn, ulen).decode()
+            password = recv_exact(conn, recv_exact(conn, 1)[0]).decode()
+            self.auth_seen.append((user, password))
+            if (user, password) != tuple(self.credentials):
+                conn.sendall(b"\x01\x01")
+                return None
+            conn.sendall(b"\x01\x00")
+        _, command, _, atyp = recv_exact(conn, 4)
+        if atyp == 1:
+            host = socket.inet_ntop(socket.AF_INET, recv_exact(conn, 4))
+        elif atyp == 4:
+            host = socket.inet_ntop(socket.AF_INET6, recv_exact(conn, 16))
+        elif atyp == 3:
+            host = recv_exact(conn, recv_exact(conn, 1)[0]).decode()
+        else:
+            self._reply(conn, 8)
+            return None
+        port = struct.unpack("!H", recv_exact(conn, 2))[0]
+        self.requests.append((atyp, host, port))
+        if command != 1:
+            self._reply(conn, 7)
+            return None
+        try:
+            up = self._dial(host, port)
+        except OSError:
+            self._reply(conn, 5)
+            return None
+        if up is None:
+            self._reply(conn, 2)
+            return None
+        self._reply(conn, 0, up.getsockname()[:2])
+        return up
+
+
+class EchoServer(_LoopbackProxy):
+    """Echoes every byte back, half-close included (the target behind the proxies);
+    ``bind="::1"`` for an IPv6 one (OSError where there is no IPv6 loopback)."""
+
+    def __init__(self, bind="127.0.0.1"):
+        super().__init__(bind=bind)
+
+    def _negotiate(self, conn):
+        self._pump(conn, conn)
+        return None
+
+
+def socks_exchange(test, handshake, script, one_byte=False):
+    """Drive ``handshake`` with the proxy's ``script`` [(bytes from the proxy, bytes we
+    must send back)], whole or one byte at a time."""
+    for incoming, expected in script:
+        if one_byte:
+            sent = b"".join(handshake.feed(incoming[i:i + 1]) for i in range(len(incoming)))
+        else:
+            sent = handshake.feed(incoming)
+        test.assertEqual(sent, expected)
+
+
+class ProxyCodecTests(unittest.TestCase):
+    """The pure proxy pieces: URL parsing, NO_PROXY, the choice of proxy, CONNECT and
+    SOCKS5 codecs, byte literals in and out."""
+
+    P = tunnel.ProxyURL("http", "proxy.corp", 3128, None, None)
+    P_AUTH = tunnel.ProxyURL("http", "proxy.corp", 3128, "alice", "s3cret")
+
+    # -- parse_proxy_url ---------------------------------------------------------
+    def test_parse_proxy_url(self):
+        cases = [
+            ("http://proxy.corp:3128", ("http", "proxy.corp", 3128, None, None)),
+            ("http://proxy.corp:3128/", ("http", "proxy.corp", 3128, None, None)),
+            ("HTTP://Proxy.Corp:3128", ("http", "Proxy.Corp", 3128, None, None)),
+            ("proxy.corp:3128", ("http", "proxy.corp", 3128, None, None)),
+            ("proxy.corp", ("http", "proxy.corp", 1080, None, None)),
+            ("http://proxy.corp", ("http", "proxy.corp", 1080, None, None)),
+            ("https://proxy.corp", ("https", "proxy.corp", 443, None, None)),
+            ("https://proxy.corp:8443", ("https", "proxy.corp", 8443, None, None)),
+            ("socks5://10.0.0.1", ("socks5", "10.0.0.1", 1080, None, None)),
+            ("socks5h://gw:9050", ("socks5h", "gw", 9050, None, None)),
+            ("http://[::1]:3128", ("http", "::1", 3128, None, None)),
+            ("[fd00::5]", ("http", "fd00::5", 1080, None, None)),
+            ("  http://p:1  ", ("http", "p", 1, None, None)),
+            ("http://alice:s3cret@p:3128", ("http", "p", 3128, "alice", "s3cret")),
+            ("http://a%40corp:p%3Ass%40w%25@p:3128", ("http", "p", 3128, "a@corp", "p:ss@w%")),
+            ("http://us:er:pa@ss@p:3128", ("http", "p", 3128, "us", "er:pa@ss")),
+            ("http://alice@p", ("http", "p", 1080, "alice", "")),
+            ("http://@p:1", ("http", "p", 1, None, None)),
+            ("socks5://u:p@[::1]:1080", ("socks5", "::1", 1080, "u", "p")),
+        ]
+        for text, want in cases:
+            with self.subTest(text=text):
+                self.assertEqual(tuple(tunnel.parse_proxy_url(text)), want)
+
+    def test_parse_proxy_url_errors(self):
+        cases = [
+            ("socks4://p:1080", "unsupported proxy scheme 'socks4' (tunnel.py speaks http, "
+                                "https, socks5, socks5h)"),
+            ("ftp://p", "unsupported proxy scheme 'ftp'"),
+            ("http://p:0", "invalid proxy port '0'"),
+            ("http://p:65536", "invalid proxy port '65536'"),
+            ("http://p:8o", "invalid proxy port '8o'"),
+            ("http://p:\u0661\u0662", "invalid proxy port"),
+            ("http://p:3128/path", "a proxy URL has no path, query or fragment (percent-"
+                                   "encode '/', '?', '#' and '@' in a user name or password)"),
+            ("u:p://x@p", "unsupported proxy scheme (tunnel.py speaks"),
+            ("http://p:3128?x=1", "no path, query or fragment"),
+            ("http://p:3128#f", "no path, query or fragment"),
+            ("http://", "no host in the proxy URL"),
+            ("http://:3128", "no host in the proxy URL"),
+            ("", "no host"),
+            ("http://u:p@", "no host"),
+            ("http://::1:3128", "an IPv6 proxy address goes in brackets"),
+            ("http://[::1", "unclosed '['"),
+            ("http://[::1]x", "expected ':PORT' after ']'"),
+            ("http://[10.0.0.1]:1", "is not an IPv6 address"),
+            ("http://pro xy:1", "invalid proxy host 'pro xy'"),
+            ("http://pro\txy:1", "invalid proxy host 'pro\\x09xy'"),
+            ("http://p\r\nX:1", "invalid proxy host"),
+            ("http://p\r\nX: y:1", "goes in brackets"),
+            ("http://a%3Ab:pw@p", "a proxy user name for Basic cannot contain ':'"),
+            ("socks5://:pw@p", "a SOCKS user name is 1-255 bytes"),
+            ("socks5://%s:pw@p" % ("u" * 256), "a SOCKS user name is 1-255 bytes"),
+            ("socks5://u:%s@p" % ("p" * 256), "a SOCKS password is at most 255 bytes"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    tunnel.parse_proxy_url(text)
+                self.assertIn(message, str(cm.exception))
+                self.assertNotIn("\n", str(cm.exception))
+
+    def test_errors_and_display_never_show_the_password(self):
+        for text in ("http://alice:TOPSECRET@p:3128/x", "socks4://alice:TOPSECRET@p",
+                     "http://alice:TOPSECRET@p:99999", "http://alice:TOP/SECRET@p",
+                     "http://alice:TOP#SECRET@p", "http://alice:TOP?SECRET@p",
+                     "alice:TOPSECRET://p", "http://alice:TOPSECRET@[p]"):
+            with self.assertRaises(ValueError) as cm:
+                tunnel.parse_proxy_url(text)
+            self.assertNotIn("TOPSECRET", str(cm.exception))
+        p = tunnel.parse_proxy_url("http://alice:TOPSECRET@[::1]:3128")
+        self.assertEqual(p.display, "http://[::1]:3128")
+        self.assertEqual(tunnel.proxy_text(p), "http://[::1]:3128")
+        self.assertEqual(p.where, "[::1]:3128")
+        self.assertNotIn("TOPSECRET", repr(p))
+        self.assertNotIn("TOPSECRET", "%s %r" % (p, p))
+
+    # -- no_proxy_match ------------------------------------------------------------
+    def test_no_proxy_match(self):
+        cases = [   # host, port, NO_PROXY, expected
+            ("anything.example", 443, "*", True),
+            ("anything.example", 443, " * ", True),
+            ("anything.example", 443, "*.nothing", False),
+            ("corp.example", 443, "corp.example", True),
+            ("a.corp.example", 443, "corp.example", True),
+            ("a.b.corp.example", 443, "corp.example", True),
+            ("corp.example", 443, ".corp.example", True),
+            ("a.corp.example", 443, ".corp.example", True),
+            ("a.corp.example", 443, "*.corp.example", True),
+            ("badcorp.example", 443, "corp.example", False),
+            ("badexample.com", 443, "example.com", False),
+            ("example.com.evil", 443, "example.com", False),
+            ("A.Corp.EXAMPLE", 443, "corp.example", True),
+            ("a.corp.example", 443, "CORP.Example", True),
+            ("a.corp.example.", 443, "corp.example", True),
+            ("a.corp.example", 443, "corp.example.", True),
+            ("relay", 443, "other, relay", True),
+            ("relay", 443, "other relay", True),
+            ("relay", 443, "other,\trelay,", True),
+            ("relay", 443, ",,, ,", False),
+            ("relay", 443, "", False),
+            ("relay", 443, "relay:443", True),
+            ("relay", 7835, "relay:443", False),
+            ("a.relay", 443, ".relay:443", True),
+            ("10.1.2.3", 443, "10.1.2.3", True),
+            ("10.1.2.3", 443, "10.1.2.4", False),
+            ("10.1.2.3", 443, "2.3", False),
+            ("10.1.2.3", 443, "1.2.3", False),
+            ("10.1.2.3", 443, "10.0.0.0/8", True),
+            ("11.1.2.3", 443, "10.0.0.0/8", False),
+            ("10.1.2.3", 443, "10.1.2.3:443", True),
+            ("10.1.2.3", 80, "10.1.2.3:443", False),
+            ("10.0.0.0", 443, "10.0.0.0/33", False),      # a broken CIDR is ignored
+            ("relay.example", 443, "10.0.0.0/8", False),  # no DNS: a name never in a CIDR
+            ("relay.example", 443, "10.1.2.3", False),
+            ("::1", 443, "::1", True),
+            ("[::1]", 443, "::1", True),
+            ("::1", 443, "[::1]", True),
+            ("::1", 443, "[::1]:443", True),
+            ("::1", 80, "[::1]:443", False),
+            ("0:0::1", 443, "::1", True),
+            ("fd00::5", 443, "fd00::/8", True),
+            ("[fd00::5]", 443, "fd00::/8", True),
+            ("fd00::5", 443, "[fd00::]/8", True),
+            ("fe80::5", 443, "fd00::/8", False),
+            ("10.1.2.3", 443, "fd00::/8", False),
+            ("::ffff:10.1.2.3", 443, "10.0.0.0/8", False),
+            ("localhost", 7835, "localhost,127.0.0.1", True),
+            ("127.0.0.1", 7835, "localhost,127.0.0.1", True),
+            ("127.0.0.2", 7835, "localhost,127.0.0.1", False),
+            ("relay", 443, ".", False),
+        ]
+        for host, port, no_proxy, want in cases:
+            with self.subTest(host=host, port=port, no_proxy=no_proxy):
+                self.assertIs(tunnel.no_proxy_match(host, port, no_proxy), want)
+
+    # -- proxy_for -------------------------------------------------------------------
+    def test_proxy_for_precedence(self):
+        A, B, C = "http://a:1", "http://b:2", "http://c:3"
+        cases = [   # scheme, environ, override, disabled, expected proxy host, route
+            ("https", {}, None, False, None, "direct"),
+            ("https", {"HTTPS_PROXY": A}, None, False, "a", "via proxy http://a:1"),
+            ("https", {"https_proxy": A}, None, False, "a", "via proxy http://a:1"),
+            ("https", {"https_proxy": A, "HTTPS_PROXY": B}, None, False, "a", None),
+            ("https", {"HTTPS_PROXY": B, "ALL_PROXY": C}, None, False, "b", None),
+            ("https", {"ALL_PROXY": C}, None, False, "c", None),
+            ("https", {"all_proxy": A, "ALL_PROXY": C}, None, False, "a", None),
+            ("https", {"HTTP_PROXY": A}, None, False, None, "direct"),
+            ("https", {"http_proxy": A, "ALL_PROXY": C}, None, False, "c", None),
+            ("http", {"HTTP_PROXY": A, "HTTPS_PROXY": B}, None, False, "a", None),
+            ("http", {"http_proxy": B, "HTTP_PROXY": A}, None, False, "b", None),
+            ("http", {"HTTPS_PROXY": B}, None, False, None, "direct"),
+            ("http", {"ALL_PROXY": C}, None, False, "c", None),
+            ("tcp", {"HTTPS_PROXY": A, "HTTP_PROXY": B}, None, False, None, "direct"),
+            ("tcp", {"ALL_PROXY": C}, None, False, "c", "via proxy http://c:3"),
+            ("tcp", {"all_proxy": "socks5h://s"}, None, False, "s",
+             "via proxy socks5h://s:1080"),
+            # empty (or blank) variables count as unset
+            ("https", {"https_proxy": "", "HTTPS_PROXY": B}, None, False, "b", None),
+            ("https", {"https_proxy": "  ", "ALL_PROXY": C}, None, False, "c", None),
+            ("https", {"HTTPS_PROXY": ""}, None, False, None, "direct"),
+            # --proxy replaces the environment, --no-proxy wins over everything
+            ("https", {"HTTPS_PROXY": A}, B, False, "b", "via proxy http://b:2"),
+            ("tcp", {}, B, False, "b", None),
+            ("https", {"HTTPS_PROXY": A}, None, True, None, "direct (--no-proxy)"),
+            ("https", {"HTTPS_PROXY": A}, B, True, None, "direct (--no-proxy)"),
+            ("https", {"HTTPS_PROXY": A}, "", False, None, "direct (--no-proxy)"),
+            # NO_PROXY bypasses the environment and --proxy alike; lower case first
+            ("https", {"HTTPS_PROXY": A, "NO_PROXY": "example.com"}, None, False, None,
+             "direct (NO_PROXY)"),
+            ("https", {"HTTPS_PROXY": A, "no_proxy": ".example.com"}, None, False, None,
+             "direct (NO_PROXY)"),
+            ("https", {}, B, False, "b", None),
+            ("https", {"NO_PROXY": "*"}, B, False, None, "direct (NO_PROXY)"),
+            ("https", {"HTTPS_PROXY": A, "no_proxy": "other", "NO_PROXY": "example.com"},
+             None, False, "a", None),
+            ("https", {"HTTPS_PROXY": A, "no_proxy": "", "NO_PROXY": "example.com"},
+             None, False, None, "direct (NO_PROXY)"),
+            ("https", {"HTTPS_PROXY": A, "NO_PROXY": "relay.example.com:80"}, None, False,
+             "a", None),
+        ]
+        for scheme, env, override, disabled, host, route in cases:
+            with self.subTest(scheme=scheme, env=env, override=override, disabled=disabled):
+                proxy, text = tunnel.proxy_for(scheme, "relay.example.com", 443, env,
+                                               override, disabled)
+                self.assertEqual(proxy and proxy.host, host)
+                if route is None:
+                    route = "via proxy " + proxy.display
+                self.assertEqual(text, route)
+
+    def test_proxy_for_malformed_url_names_the_variable(self):
+        cases = [
+            ("https", {"HTTPS_PROXY": "socks4://p"}, None, "HTTPS_PROXY: unsupported proxy "
+                                                          "scheme 'socks4'"),
+            ("https", {"https_proxy": "http://p:0"}, None, "https_proxy: invalid proxy port"),
+            ("tcp", {"ALL_PROXY": "http://p/x"}, None, "ALL_PROXY: a proxy URL has no path"),
+            ("http", {"http_proxy": "http://p:x"}, None, "http_proxy: invalid proxy port"),
+            ("https", {"HTTPS_PROXY": "http://p:1"}, "ftp://q", "--proxy: unsupported"),
+            # a config error shows even where NO_PROXY would bypass the proxy
+            ("https", {"HTTPS_PROXY": "http://p:0", "NO_PROXY": "*"}, None, "HTTPS_PROXY:"),
+        ]
+        for scheme, env, override, message in cases:
+            with self.subTest(env=env, override=override):
+                with self.assertRaises(ValueError) as cm:
+                    tunnel.proxy_for(scheme, "relay.example.com", 443, env, override)
+                self.assertTrue(str(cm.exception).startswith(message), str(cm.exception))
+        with self.assertRaises(ValueError):
+            tunnel.proxy_for("ftp", "relay", 443, {})
+        # the unused variable is not looked at
+        self.assertEqual(tunnel.proxy_for("tcp", "r", 1, {"HTTPS_PROXY": "bad://"}),
+                         (None, "direct"))
+
+    # -- CONNECT -------------------------------------------------------------------
+    def test_connect_request_bytes(self):
+        ua = b"User-Agent: tunnel.py/" + tunnel.__version__.encode() + b"\r\n"
+        self.assertEqual(tunnel.connect_request("relay.example.com", 443, self.P),
+                         b"CONNECT relay.example.com:443 HTTP/1.1\r\n"
+                         b"Host: relay.example.com:443\r\n" + ua + b"\r\n")
+        self.assertEqual(tunnel.connect_request("2001:db8::1", 7835, self.P),
+                         b"CONNECT [2001:db8::1]:7835 HTTP/1.1\r\n"
+                         b"Host: [2001:db8::1]:7835\r\n" + ua + b"\r\n")
+        self.assertEqual(tunnel.connect_request("relay", 443, self.P_AUTH),
+                         b"CONNECT relay:443 HTTP/1.1\r\nHost: relay:443\r\n" + ua +
+                         b"Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n")
+        p = tunnel.parse_proxy_url("http://a%40b:p%3Aw%C3%A9@p:1")
+        self.assertIn(b"Proxy-Authorization: Basic " +
+                      base64.b64encode("a@b:p:w\u00e9".encode()) + b"\r\n",
+                      tunnel.connect_request("relay", 443, p))
+
+    def test_connect_request_refuses_injection(self):
+        for host in ("relay\r\nX-Evil: 1", "relay example", "relay/x", "", "a@b"):
+            with self.subTest(host=host):
+                with self.assertRaises(ValueError):
+                    tunnel.connect_request(host, 443, self.P)
+        with self.assertRaises(ValueError):      # Basic cannot carry a colon in the user
+            tunnel.connect_request("relay", 443, tunnel.ProxyURL("http", "p", 1, "a:b", "c"))
+        self.assertEqual(tunnel.parse_proxy_url("socks5://a%3Ab:c@p").user, "a:b")   # RFC 1929
+
+    def feed_reply(self, data, one_byte=False, chunks=None):
+        reply = tunnel.ConnectReply()
+        pieces = ([data[i:i + 1] for i in range(len(data))] if one_byte
+                  else chunks or [data])
+        for i, piece in enumerate(pieces):
+            if reply.feed(piece):
+                tail = b"".join(pieces[i + 1:])
+                return reply, reply.rest + tail
+        return None, b""
+
+    def test_connect_reply(self):
+        data = (b"HTTP/1.1 200 Connection established\r\nVia: 1.1 squid\r\n"
+                b"X-A: 1\r\nx-a:  2 \r\n\r\n\x16\x03\x01TLS bytes")
+        for one_byte in (False, True):
+            with self.subTest(one_byte=one_byte):
+                reply, rest = self.feed_reply(data, one_byte)
+                self.assertEqual(reply.status, 200)
+                self.assertEqual(reply.reason, "Connection established")
+                self.assertEqual(reply.fields, [("Via", "1.1 squid"), ("X-A", "1"),
+                                                ("x-a", "2")])
+                self.assertEqual(reply.get_all("X-a"), ["1", "2"])
+                self.assertEqual(rest, b"\x16\x03\x01TLS bytes")
+        reply, rest = self.feed_reply(b"HTTP/1.0 200\r\n\r\n")
+        self.assertEqual((reply.status, reply.reason, reply.fields, rest), (200, "", [], b""))
+        # the end of the head split across feeds at every point
+        for cut in range(1, len(data)):
+            reply, rest = self.feed_reply(data, chunks=[data[:cut], data[cut:]])
+            self.assertEqual((reply.status, rest), (200, b"\x16\x03\x01TLS bytes"))
+        with self.assertRaises(ValueError):
+            reply.feed(b"more")                # after the head: the caller reads .rest
+
+    def test_connect_reply_reason_is_escaped(self):
+        reply, _ = self.feed_reply(b"HTTP/1.1 403 No\x1b[2J \xe9\x9b\r\n\r\n")
+        self.assertEqual(reply.reason, "No\\x1b[2J \xe9\\x9b")
+
+    def test_connect_reply_too_long(self):
+        limit = tunnel.MAX_PROXY_REPLY
+        head = b"HTTP/1.1 200 OK\r\n"
+        big = head + b"X: " + b"a" * (limit - len(head) - 7) + b"\r\n\r\n"
+        self.assertEqual(len(big), limit)
+        self.assertEqual(self.feed_reply(big + b"tail")[1], b"tail")    # exactly the limit
+        over = head + b"X: " + b"a" * limit
+        for chunks in ([over], [over[:100], over[100:]]):
+            reply = tunnel.ConnectReply()
+            with self.assertRaises(ProtocolError):
+                for c in chunks:
+                    reply.feed(c)
+        reply = tunnel.ConnectReply()
+        with self.assertRaises(ProtocolError):
+            for i in range(limit + 1):
+                reply.feed(over[i:i + 1])
+        self.assertLessEqual(len(reply._buf), limit)     # never more than the limit held
+
+    def test_connect_reply_malformed(self):
+        cases = [b"SSH-2.0-OpenSSH_9.0\r\n", b"\x05\x00", b"<html>", b"HTTP/2 200\r\n\r\n",
+                 b"HTTP/1.1 20 OK\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTP/1.1 099 X\r\n\r\n",
+                 b"HTTP/1.1  200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n", b"HTTP/1.1 200 OK\r\n: v\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nBad Name: v\r\n\r\n", b"HTTP/1.1 200 OK\nX: y\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n"]
+        for data in cases:
+            for one_byte in (False, True):
+                with self.subTest(data=data, one_byte=one_byte):
+                    with self.assertRaises(ProtocolError) as cm:
+                        self.feed_reply(data, one_byte)
+                    self.assertNotIn("\n", str(cm.exception))
+        reply = tunnel.ConnectReply()        # not HTTP: told at the first wrong byte
+        self.assertFalse(reply.feed(b"HTT"))
+        with self.assertRaises(ProtocolError):
+            reply.feed(b"X")
+
+    def reply_of(self, head):
+        return self.feed_reply(head + b"\r\n\r\n")[0]
+
+    def test_connect_error_messages(self):
+        target = "relay.example.com:443"
+        cases = [   # reply head, proxy, message, fatal
+            (b"HTTP/1.1 403 Forbidden", self.P,
+             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 403 Forbidden",
+             False),
+            (b"HTTP/1.1 502 Bad Gateway", self.P_AUTH,
+             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 502 Bad Gateway",
+             False),
+            (b"HTTP/1.1 503", self.P,
+             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 503", False),
+            (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM",
+             self.P, "proxy proxy.corp:3128 wants NTLM, which tunnel.py does not speak; use "
+                     "a proxy account with Basic, or a SOCKS proxy", True),
+            (b"HTTP/1.1 407 X\r\nProxy-Authenticate: Negotiate\r\nProxy-Authenticate: NTLM"
+             b"\r\nProxy-Authenticate: NTLM", self.P_AUTH,
+             "proxy proxy.corp:3128 wants Negotiate, NTLM, NTLM, which tunnel.py does not "
+             "speak; use a proxy account with Basic, or a SOCKS proxy", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: Digest realm="a, b", nonce="x", '
+             b'qop="auth"', self.P, "proxy proxy.corp:3128 wants Digest, which", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: Basic realm="corp"', self.P,
+             "proxy proxy.corp:3128 wants a user name and password (Basic): put them in the "
+             "proxy URL, http://USER:PASS@proxy.corp:3128", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: NTLM, BASIC realm="corp"', self.P,
+             "proxy proxy.corp:3128 wants a user name and password (Basic)", True),
+            (b'HTTP/1.1 407 X\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic '
+             b'realm="corp"', self.P_AUTH,
+             "proxy proxy.corp:3128 refused the credentials for alice (407)", True),
+            (b"HTTP/1.1 407 X", self.P_AUTH,
+             "proxy proxy.corp:3128 refused the credentials for alice (407)", True),
+            (b"HTTP/1.1 407 X", self.P, "proxy proxy.corp:3128 wants a user name", True),
+            (b"HTTP/1.1 407 X\r\nProxy-Authenticate: X-Token a=b", self.P,
+             "proxy proxy.corp:3128 wants X-Token, which", True),
+            (b"HTTP/1.1 407 X\r\nProxy-Authenticate: =", self.P,   # no scheme seen
+             "proxy proxy.corp:3128 wants a user name and password (Basic)", True),
+        ]
+        for head, proxy, message, fatal in cases:
+            with self.subTest(head=head):
+                err = tunnel.connect_error(self.reply_of(head), proxy, target)
+                self.assertIsInstance(err, tunnel.ProxyError)
+                self.assertIsInstance(err, tunnel.TunnelError)
+                self.assertTrue(str(err).startswith(message), str(err))
+                self.assertIs(err.fatal, fatal)
+        https = tunnel.parse_proxy_url("https://[fd00::1]:8443")
+        err = tunnel.connect_error(self.reply_of(b"HTTP/1.1 407 X\r\nProxy-Authenticate: "
+                                                 b"Basic"), https, target)
+        self.assertEqual(str(err), "proxy [fd00::1]:8443 wants a user name and password "
+                                   "(Basic): put them in the proxy URL, "
+                                   "https://USER:PASS@[fd00::1]:8443")
+        user = tunnel.ProxyURL("http", "p", 1, "ev\x1bil", "x")
+        self.assertIn("ev\\x1bil", str(tunnel.connect_error(self.reply_of(b"HTTP/1.1 407 X"),
+                                                            user, target)))
+        self.assertEqual(tunnel.ProxyError("m").fatal, False)
+
+    def test_auth_schemes(self):
+        self.assertEqual(tunnel.auth_schemes([
+            'Basic realm="a, Digest b"', "NTLM", "Negotiate TlRMTVNTUAAB==",
+            'Digest realm = "x", nonce="y"', ", ,", "Bearer"]),
+            ["Basic", "NTLM", "Negotiate", "Digest", "Bearer"])
+
+    # -- SOCKS5 ----------------------------------------------------------------------
+    OK_V4 = b"\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90"
+
+    def test_socks_no_auth_ipv4(self):
+        for one_byte in (False, True):
+            h = tunnel.Socks5Handshake("10.1.2.3", 7835, None, None)
+            self.assertEqual(h.start(), b"\x05\x01\x00")
+            socks_exchange(self, h, [
+                (b"\x05\x00", b"\x05\x01\x00\x01\x0a\x01\x02\x03\x1e\x9b"),
+                (self.OK_V4[:-1], b"")], one_byte)
+            self.assertFalse(h.done)
+            self.assertEqual(h.feed(self.OK_V4[-1:] + b"first bytes"), b"")
+            self.assertTrue(h.done)
+            self.assertEqual(h.rest, b"first bytes")
+            with self.assertRaises(ValueError):
+                h.feed(b"x")
+
+    def test_socks_address_types(self):
+        cases = [
+            ("::1", 443, b"\x04" + bytes(15) + b"\x01\x01\xbb"),
+            ("[2001:db8::7]", 80, b"\x04\x20\x01\x0d\xb8" + bytes(11) + b"\x07\x00\x50"),
+            ("relay.example.com", 7835, b"\x03\x11relay.example.com\x1e\x9b"),
+            ("b\u00fccher.example", 1, b"\x03\x15xn--bcher-kva.example\x00\x01"),
+            ("x" * 255, 65535, b"\x03\xff" + b"x" * 255 + b"\xff\xff"),
+            ("127.0.0.1", 1, b"\x01\x7f\x00\x00\x01\x00\x01"),
+        ]
+        for host, port, address in cases:
+            with self.subTest(host=host):
+                h = tunnel.Socks5Handshake(host, port, None, None)
+                h.start()
+                self.assertEqual(h.feed(b"\x05\x00"), b"\x05\x01\x00" + address)
+        for host, port in (("x" * 256, 1), ("", 1), ("relay", 0), ("relay", 65536),
+                           ("relay\r\n", 1), ("a b", 1), ("a..b\u00fc", 1)):
+            with self.subTest(host=host, port=port):
+                with self.assertRaises(ValueError):
+                    tunnel.Socks5Handshake(host, port, None, None)
+
+    def test_socks_bound_address_of_every_type(self):
+        replies = [b"\x05\x00\x00\x01\x0a\x00\x00\x01\x04\x38",
+                   b"\x05\x00\x00\x04" + bytes(16) + b"\x04\x38",
+                   b"\x05\x00\x00\x03\x05proxy\x04\x38",
+                   b"\x05\x00\x00\x03\x00\x04\x38"]
+        for reply in replies:
+            for one_byte in (False, True):
+                with self.subTest(reply=reply, one_byte=one_byte):
+                    h = tunnel.Socks5Handshake("relay", 443, None, None)
+                    h.start()
+                    h.feed(b"\x05\x00")
+                    socks_exchange(self, h, [(reply if one_byte else reply + b"\x16\x03",
+                                              b"")], one_byte)
+                    self.assertTrue(h.done)
+                    self.assertEqual(h.rest, b"" if one_byte else b"\x16\x03")
+                    h = tunnel.Socks5Handshake("relay", 443, None, None)
+                    h.start()
+                    h.feed(b"\x05\x00")
+                    for i in range(len(reply) - 1):
+                        h.feed(reply[i:i + 1])
+                        self.assertFalse(h.done)
+
+    def test_socks_user_password(self):
+        for one_byte in (False, True):
+            h = tunnel.Socks5Handshake("relay.example.com", 443, "alice", "s3cr\u00e9t",
+                                       proxy_name="proxy.corp:1080")
+            self.assertEqual(h.start(), b"\x05\x02\x00\x02")
+            socks_exchange(self, h, [
+                (b"\x05\x02", b"\x01\x05alice\x07s3cr\xc3\xa9t"),
+                (b"\x01\x00", b"\x05\x01\x00\x03\x11relay.example.com\x01\xbb"),
+                (self.OK_V4, b"")], one_byte)
+            self.assertTrue(h.done)
+        # a proxy may still pick "no authentication" when we offer both
+        h = tunnel.Socks5Handshake("relay", 443, "alice", "")
+        h.start()
+        self.assertEqual(h.feed(b"\x05\x00"), b"\x05\x01\x00\x03\x05relay\x01\xbb")
+        h = tunnel.Socks5Handshake("relay", 443, "alice", None)   # empty password
+        h.start()
+        self.assertEqual(h.feed(b"\x05\x02"), b"\x01\x05alice\x00")
+        for user, password in (("", "x"), ("u" * 256, "x"), ("u", "p" * 256)):
+            with self.assertRaises(ValueError):
+                tunnel.Socks5Handshake("relay", 443, user, password)
+
+    def socks_failure(self, script, user=None, one_byte=False):
+        h = tunnel.Socks5Handshake("relay.example.com", 7835, user, user and "pw",
+                                   proxy_name="proxy.corp:1080")
+        h.start()
+        with self.assertRaises(tunnel.TunnelError) as cm:
+            for data in script:
+                for piece in ([data[i:i + 1] for i in range(len(data))] if one_byte
+                              else [data]):
+                    h.feed(piece)
+        with self.assertRaises(ProtocolError):     # dead after a failure
+            h.feed(b"\x05")
+        self.assertNotIn("\n", str(cm.exception))
+        return cm.exception
+
+    def test_socks_failures(self):
+        auth_ok = [b"\x05\x02", b"\x01\x00"]
+        cases = [   # user, script, error class, fatal, message
+            (None, [b"\x05\xff"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 wants a user name and password: put them in the "
+             "proxy URL"),
+            ("alice", [b"\x05\xff"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 refused every method we offer (no authentication, "
+             "username/password)"),
+            ("alice", [b"\x05\x02", b"\x01\x01"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 refused the credentials for alice"),
+            ("alice", [b"\x05\x02", b"\x01\xff"], tunnel.ProxyError, True,
+             "SOCKS proxy proxy.corp:1080 refused the credentials for alice"),
+            ("alice", [b"\x05\x02", b"\x05\x00"], ProtocolError, None,
+             "SOCKS proxy proxy.corp:1080 answered the credentials with version 0x05"),
+            (None, [b"\x05\x02"], ProtocolError, None,
+             "SOCKS proxy proxy.corp:1080 chose method 0x02, which we did not offer"),
+            (None, [b"\x05\x01"], ProtocolError, None, "chose method 0x01"),
+            (None, [b"\x04\x00"], ProtocolError, None,
+             "SOCKS proxy proxy.corp:1080 is not a SOCKS5 proxy (version byte 0x04)"),
+            (None, [b"HTTP/1.1 400"], ProtocolError, None, "version byte 0x48"),
+            (None, [b"\x05\x00", b"\x04\x00\x00\x01"], ProtocolError, None,
+             "version byte 0x04"),
+            (None, [b"\x05\x00", b"\x05\x00\x01\x01"], ProtocolError, None,
+             "reserved byte 0x01"),
+            (None, [b"\x05\x00", b"\x05\x00\x00\x02"], ProtocolError, None,
+             "sent address type 0x02"),
+            (None, [b"\x05\x00", b"\x05\x00\x00\x00"], ProtocolError, None,
+             "sent address type 0x00"),
+            (None, [b"\x05\x00", b"\x05\x05\x00\x01"], tunnel.ProxyError, False,
+             "SOCKS proxy proxy.corp:1080 could not connect to relay.example.com:7835: "
+             "connection refused"),
+            ("alice", auth_ok + [b"\x05\x02\x00\x00"], tunnel.ProxyError, False,
+             "could not connect to relay.example.com:7835: connection not allowed by ruleset"),
+            (None, [b"\x05\x00", b"\x05\x09\x00\x01"], tunnel.ProxyError, False,
+             "could not connect to relay.example.com:7835: unknown reply code 0x09"),
+        ]
+        for code, meaning in tunnel.SOCKS5_REPLIES.items():
+            if code:
+                cases.append((None, [b"\x05\x00", bytes([5, code, 0, 1])], tunnel.ProxyError,
+                              False, "relay.example.com:7835: " + meaning))
+        for user, script, kind, fatal, message in cases:
+            for one_byte in (False, True):
+                with self.subTest(script=script, one_byte=one_byte):
+                    err = self.socks_failure(script, user, one_byte)
+                    self.assertIsInstance(err, kind)
+                    if fatal is not None:
+                        self.assertIs(err.fatal, fatal)
+                    self.assertIn(message, str(err))
+        self.assertEqual(tunnel.SOCKS5_REPLIES[8], "address type not supported")
+        self.assertEqual(sorted(tunnel.SOCKS5_REPLIES), list(range(9)))
+
+    def test_socks_messages_without_proxy_name(self):
+        h = tunnel.Socks5Handshake("relay", 1, None, None)
+        h.start()
+        with self.assertRaises(tunnel.ProxyError) as cm:
+            h.feed(b"\x05\xff")
+        self.assertEqual(str(cm.exception), "the SOCKS proxy wants a user name and password: "
+                                            "put them in the proxy URL")
+
+    def test_fuzz(self):
+        """Random and mutated proxy answers: only ProtocolError or ProxyError, ever."""
+        rnd = random.Random(1928)
+        good_reply = (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: "
+                      b'Basic realm="x", NTLM\r\nVia: 1.1 p\r\n\r\nrest')
+        good_socks = [b"\x05\x02", b"\x01\x00", b"\x05\x00\x00\x03\x05proxy\x04\x38rest"]
+        for _ in range(1500):
+            data = bytearray(good_reply)
+            for _ in range(rnd.randrange(1, 4)):
+                data[rnd.randrange(len(data))] = rnd.randrange(256)
+            if rnd.random() < 0.2:
+                data = bytearray(rnd.randbytes(rnd.randrange(1, 80)))
+            reply = tunnel.ConnectReply()
+            try:
+                pos = 0
+                while pos < len(data):
+                    step = rnd.randrange(1, 9)
+                    if reply.feed(bytes(data[pos:pos + step])):
+                        tunnel.connect_error(reply, self.P_AUTH, "r:1")
+                        break
+                    pos += step
+            except ProtocolError:
+                pass
+            stream = bytearray(b"".join(good_socks))
+            for _ in range(rnd.randrange(1, 4)):
+                stream[rnd.randrange(len(stream))] = rnd.randrange(256)
+            user = "alice" if rnd.random() < 0.7 else None
+            h = tunnel.Socks5Handshake(rnd.choice(["relay", "10.0.0.1", "::1"]), 443, user,
+                                       "pw")
+            h.start()
+            try:
+                pos = 0
+                while pos < len(stream) and not h.done:
+                    step = rnd.randrange(1, 6)
+                    h.feed(bytes(stream[pos:pos + step]))
+                    pos += step
+            except (ProtocolError, tunnel.ProxyError):
+                pass
+
+
+def connect_through(proxy, host, port, proxy_url=None, payload=b"", tls_context=None):
+    """A blocking client for the pure CONNECT codec: (socket, reply, bytes after the head)."""
+    url = tunnel.parse_proxy_url(proxy_url or proxy.url)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), WAIT)
+    if tls_context is not None:
+        sock = tls_context.wrap_socket(sock, server_hostname="127.0.0.1")
+    try:
+        sock.sendall(tunnel.connect_request(host, port, url) + payload)
+        reply = tunnel.ConnectReply()
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionError("the proxy closed the connection")
+            if reply.feed(data):
+                return sock, reply, reply.rest
+    except BaseException:
+        sock.close()
+        raise
+
+
+def socks_through(proxy, host, port, user=None, password=None):
+    """A blocking client for the pure SOCKS5 codec: (socket, handshake)."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), WAIT)
+    handshake = tunnel.Socks5Handshake(host, port, user, password, proxy_name=proxy.where)
+    sock.sendall(handshake.start())
+    try:
+        while not handshake.done:
+            data = sock.recv(1)                # one byte at a time: the fixture's pieces
+            if not data:
+                raise ConnectionError("the proxy closed the connection")
+            out = handshake.feed(data)
+            if out:
+                sock.sendall(out)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, handshake
+
+
+def echo_check(test, sock, already=b"", size=256 * 1024):
+    """Send ``size`` patterned bytes through ``sock``, half-close, and check every byte
+    comes back from the echo server (``already``: what came with the handshake)."""
+    data = pattern(size, seed=size)
+    received = bytearray(already)
+
+    def reader():
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            received.extend(chunk)
+    thread = threading.Thread(target=reader, name="echo-reader")
+    thread.start()
+    try:
+        sock.sendall(data)
+        shut(sock, socket.SHUT_WR)
+    finally:
+        thread.join(WAIT)
+    test.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(data).hexdigest())
+
+
+class ProxyFixtureTests(unittest.TestCase):
+    """The test proxies pump real bytes to a loopback echo server, driven by the pure
+    codecs through blocking sockets: the fixtures and the codecs agree."""
+
+    def setUp(self):
+        self.echo = EchoServer()
+        self.addCleanup(self.echo.close)
+
+    def proxy(self, cls, **kwargs):
+        proxy = cls(**kwargs)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def open(self, sock):
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_connect_proxy_pumps_bytes(self):
+        proxy = self.proxy(ConnectProxy)
+        sock, reply, rest = connect_through(proxy, "127.0.0.1", self.echo.port,
+                                            payload=b"early ")
+        self.open(sock)
+        self.assertEqual((reply.status, reply.reason), (200, "Connection established"))
+        self.assertEqual(proxy.requests, ["127.0.0.1:%d" % self.echo.port])
+        self.assertEqual(proxy.auth_seen, [None])
+        while len(rest) < 6:                   # bytes sent with CONNECT come back too
+            rest += sock.recv(6 - len(rest))
+        self.assertEqual(rest, b"early ")
+        echo_check(self, sock)
+        self.assertEqual(proxy.url, "http://127.0.0.1:%d" % proxy.port)
+
+    def test_connect_proxy_credentials(self):
+        proxy = self.proxy(ConnectProxy, credentials=("al@ce", "p:ss w"))
+        self.assertEqual(proxy.auth_url(), "http://al%%40ce:p%%3Ass%%20w@127.0.0.1:%d"
+                         % proxy.port)
+        sock, reply, _ = connect_through(proxy, "localhost", self.echo.port,
+                                         proxy_url=proxy.auth_url())
+        self.open(sock)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(proxy.auth_seen, ["Basic " + base64.b64encode(b"al@ce:p:ss w")
+                                           .decode()])
+        echo_check(self, sock, size=4096)
+        url = tunnel.parse_proxy_url(proxy.auth_url())
+        for proxy_url, message in ((proxy.url, "wants a user name and password (Basic)"),
+                                   (proxy.auth_url("al@ce", "wrong"),
+                                    "refused the credentials for al@ce (407)")):
+            sock, reply, _ = connect_through(proxy, "127.0.0.1", self.echo.port, proxy_url)
+            self.open(sock)
+            err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy_url),
+                                       "127.0.0.1:%d" % self.echo.port)
+            self.assertEqual((reply.status, err.fatal), (407, True))
+            self.assertEqual(str(err).split(" wants ")[0].split(" refused ")[0],
+                             "proxy " + url.where)
+            self.assertIn(message, str(err))
+
+    def test_connect_proxy_ntlm_only(self):
+        proxy = self.proxy(ConnectProxy, credentials=("u", "p"), schemes=("NTLM", "Negotiate"))
+        sock, reply, _ = connect_through(proxy, "127.0.0.1", self.echo.port)
+        self.open(sock)
+        err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy.url), "t:1")
+        self.assertEqual(str(err), "proxy %s wants NTLM, Negotiate, which tunnel.py does not "
+                                   "speak; use a proxy account with Basic, or a SOCKS proxy"
+                         % proxy.where)
+        self.assertTrue(err.fatal)
+
+    def test_connect_proxy_refuses(self):
+        proxy = self.proxy(ConnectProxy, refuse=403)
+        sock, reply, _ = connect_through(proxy, "127.0.0.1", self.echo.port)
+        self.open(sock)
+        target = "127.0.0.1:%d" % self.echo.port
+        err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy.url), target)
+        self.assertEqual(str(err), "proxy %s refused CONNECT %s: 403 Forbidden"
+                         % (proxy.where, target))
+        self.assertFalse(err.fatal)
+
+    def test_connect_proxy_stays_on_loopback(self):
+        proxy = self.proxy(ConnectProxy)
+        for host in ("192.0.2.1", "example.com", "127.0.0.2"):
+            sock, reply, _ = connect_through(proxy, host, 443)
+            self.open(sock)
+            self.assertEqual(reply.status, 403)
+        self.assertEqual(proxy.requests, ["192.0.2.1:443", "example.com:443", "127.0.0.2:443"])
+        closed = free_port()
+        sock, reply, _ = connect_through(proxy, "127.0.0.1", closed)
+        self.open(sock)
+        self.assertEqual(reply.status, 502)
+
+    def test_connect_proxy_drops(self):
+        proxy = self.proxy(ConnectProxy, drop=True)
+        with self.assertRaises(ConnectionError):
+            connect_through(proxy, "127.0.0.1", self.echo.port)
+
+    def test_https_proxy(self):
+        state = tempfile.mkdtemp(prefix="tunnel-proxy-")
+        self.addCleanup(shutil.rmtree, state, True)
+        cert, key, _ = tunnel.relay_identity(state)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        proxy = self.proxy(ConnectProxy, credentials=("u", "p"), tls_context=server)
+        self.assertEqual(proxy.url, "https://127.0.0.1:%d" % proxy.port)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        sock, reply, rest = connect_through(proxy, "127.0.0.1", self.echo.port,
+                                            proxy.auth_url(), b"x", client)
+        self.open(sock)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(rest + recv_exact(sock, 1 - len(rest)), b"x")
+        for i in range(32):         # one thread per SSLSocket: round trips, not two pumps
+            data = pattern(16384, seed=i)
+            sock.sendall(data)
+            self.assertEqual(recv_exact(sock, len(data)), data)
+        # a TLS client that never finishes the handshake does not hold close() up
+        stalled = self.open(socket.create_connection(("127.0.0.1", proxy.port), WAIT))
+        stalled.sendall(b"\x16\x03\x01")
+        wait_until(lambda: len(proxy.sockets) >= 5, what="the stalled connection")
+        started = time.monotonic()
+        proxy.close()
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(proxy.alive(), [])
+
+    def test_socks_proxy_pumps_bytes(self):
+        proxy = self.proxy(SocksProxy)
+        self.assertEqual(proxy.url, "socks5://127.0.0.1:%d" % proxy.port)
+        sock, h = socks_through(proxy, "127.0.0.1", self.echo.port)
+        self.open(sock)
+        self.assertEqual(h.rest, b"")
+        echo_check(self, sock)
+        sock, h = socks_through(proxy, "localhost", self.echo.port)
+        self.open(sock)
+        echo_check(self, sock, size=1000)
+        self.assertEqual(proxy.requests, [(1, "127.0.0.1", self.echo.port),
+                                          (3, "localhost", self.echo.port)])
+
+    def test_socks_proxy_ipv6(self):
+        try:
+            echo6 = EchoServer("::1")
+        except OSError:
+            self.skipTest("no IPv6 loopback")
+        self.addCleanup(echo6.close)
+        proxy = self.proxy(SocksProxy)
+        sock, h = socks_through(proxy, "::1", echo6.port)    # bound address: ATYP 4
+        self.open(sock)
+        echo_check(self, sock, size=1000)
+        self.assertEqual(proxy.requests, [(4, "::1", echo6.port)])
+
+    def test_socks_proxy_credentials(self):
+        proxy = self.proxy(SocksProxy, credentials=("alice", "s3cret"))
+        self.assertEqual(proxy.auth_url(scheme="socks5h"),
+                         "socks5h://alice:s3cret@127.0.0.1:%d" % proxy.port)
+        sock, h = socks_through(proxy, "localhost", self.echo.port, "alice", "s3cret")
+        self.open(sock)
+        echo_check(self, sock, size=1000)
+        self.assertEqual(proxy.auth_seen, [("alice", "s3cret")])
+        with self.assertRaises(tunnel.ProxyError) as cm:
+            socks_through(proxy, "localhost", self.echo.port, "alice", "wrong")
+        self.assertEqual(str(cm.exception), "SOCKS proxy %s refused the credentials for alice"
+                         % proxy.where)
+        self.assertTrue(cm.exception.fatal)
+        with self.assertRaises(tunnel.ProxyError) as cm:
+            socks_through(proxy, "localhost", self.echo.port)
+        self.assertEqual(str(cm.exception), "SOCKS proxy %s wants a user name and password: "
+                         "put them in the proxy URL" % proxy.where)
+        self.assertTrue(cm.exception.fatal)
+
+    def test_socks_proxy_refusals(self):
+        proxy = self.proxy(SocksProxy)
+        closed = free_port()
+        for host, port, meaning in (("127.0.0.1", closed, "connection refused"),
+                                    ("192.0.2.1", 443, "connection not allowed by ruleset")):
+            with self.assertRaises(tunnel.ProxyError) as cm:
+                socks_through(proxy, host, port)
+            self.assertEqual(str(cm.exception), "SOCKS proxy %s could not connect to %s:%d: %s"
+                             % (proxy.where, host, port, meaning))
+            self.assertFalse(cm.exception.fatal)
+
+    def test_close_stops_everything(self):
+        proxies = [self.proxy(ConnectProxy), self.proxy(SocksProxy)]
+        held = []
+        for proxy in proxies:
+            if isinstance(proxy, ConnectProxy):
+                sock, _, _ = connect_through(proxy, "127.0.0.1", self.echo.port)
+            else:
+                sock, _ = socks_through(proxy, "127.0.0.1", self.echo.port)
+            held.append(self.open(sock))
+            self.open(socket.create_connection(("127.0.0.1", proxy.port), WAIT))   # idle
+            wait_until(lambda: len(proxy.threads) >= 3, what="proxy threads")
+        for proxy, sock in zip(proxies, held):
+            proxy.close()
+            self.assertEqual(proxy.alive(), [])
+            self.assertEqual(closed_by_peer(sock), b"")
+            with self.assertRaises(OSError):
+                socket.create_connection(("127.0.0.1", proxy.port), 1).close()
+
+# WebSocket transport (issue 12): the codec, WSChannel, the relay's reserved path
+# =============================================================================
+
+
+def ws_masked(opcode, payload, key=b"\x01\x02\x03\x04", first=None, length=None):
+    """A masked client frame by hand (``first``: the whole first byte; ``length``:
+    the raw length bytes after the mask bit, for non-minimal encodings)."""
+    first = (0x80 | opcode) if first is None else first
+    if length is None:
+        n = len(payload)
+        length = (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
+                  if n < 65536 else bytes([0x80 | 127]) + struct.pack("!Q", n))
+    return (bytes([first]) + length + key
+            + bytes(b ^ key[i % 4] for i, b in enumerate(payload)))
+
+
+def ws_feed(decoder, data, one_byte=False):
+    events = []
+    if one_byte:
+        for i in range(len(data)):
+            events += decoder.feed(data[i:i + 1])
+    else:
+        events += decoder.feed(data)
+    return events
+
+
+def ws_squash(events):
+    """Adjacent data events joined (how they are cut depends on the reads)."""
+    out = []
+    for event in events:
+        if event[0] == "data" and out and out[-1][0] == "data":
+            out[-1] = ("data", out[-1][1] + event[1])
+        elif event[0] == "data" and not event[1]:
+            continue
+        else:
+            out.append(tuple(event))
+    return out
+
+
+class WebSocketCodecTests(unittest.TestCase):
+    def both(self, data, server_side=True):
+        """Events of ``data`` fed whole and byte by byte, which must agree."""
+        whole = ws_squash(ws_feed(tunnel.WSDecoder(server_side), data))
+        single = ws_squash(ws_feed(tunnel.WSDecoder(server_side), data, one_byte=True))
+        self.assertEqual(whole, single)
+        return whole
+
+    def assert_error(self, data, pattern, server_side=True):
+        for one_byte in (False, True):
+            with self.assertRaisesRegex(ProtocolError, pattern):
+                ws_feed(tunnel.WSDecoder(server_side), data, one_byte)
+
+    def test_handshake_values(self):
+        # RFC 6455 section 1.3's example.
+        self.assertEqual(tunnel.ws_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+                         "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        key = tunnel.ws_key()
+        self.assertEqual(len(base64.b64decode(key)), 16)
+        self.assertNotEqual(key, tunnel.ws_key())
+        self.assertTrue(tunnel.ws_valid_key(key))
+        for bad in ("", "abc", base64.b64encode(b"x" * 15).decode(),
+                    base64.b64encode(b"x" * 17).decode(), "!" * 22 + "==",
+                    key + "\n", key[:-2] + "=A"):
+            self.assertFalse(tunnel.ws_valid_key(bad), bad)
+
+    def test_masking_round_trip(self):
+        rng = random.Random(1)
+        for n in (0, 1, 3, 4, 5, 125, 126, 65535, 65536, 300000):
+            payload = bytes(rng.getrandbits(8) for _ in range(min(n, 4096))) * (n // 4096 + 1)
+            payload = payload[:n]
+            frame = tunnel.ws_frame(tunnel.WSOpcode.BINARY, payload, mask=True)
+            if n >= 4:
+                self.assertNotIn(payload, frame)       # masked on the wire
+            self.assertEqual(self.both(frame) if n < 70000 else
+                             ws_squash(tunnel.WSDecoder(True).feed(frame)),
+                             [("data", payload)] if n else [])
+            plain = tunnel.ws_frame(tunnel.WSOpcode.BINARY, payload, mask=False)
+            self.assertEqual(ws_squash(tunnel.WSDecoder(False).feed(plain)),
+                             [("data", payload)] if n else [])
+        # The helper at an offset: as if the payload had been cut there.
+        key, data = b"\x0f\xf0\xaa\x55", bytes(range(11))
+        whole = tunnel.ws_mask(data, key)
+        self.assertEqual(tunnel.ws_mask(data[:5], key) + tunnel.ws_mask(data[5:], key, 5),
+                         whole)
+        self.assertEqual(tunnel.ws_mask(whole, key), data)
+        self.assertEqual(whole, bytes(b ^ key[i % 4] for i, b in enumerate(data)))
+        data = pattern(5000, 7)         # the lane-by-lane path (large payloads), cut anywhere
+        whole = tunnel.ws_mask(data, key)
+        self.assertEqual(whole, bytes(b ^ key[i % 4] for i, b in enumerate(data)))
+        for cut in (1, 511, 512, 1001, 2050, 4999):
+            self.assertEqual(tunnel.ws_mask(memoryview(data)[:cut], key)
+                             + tunnel.ws_mask(memoryview(data)[cut:], key, cut), whole)
+
+    def test_lengths_7_16_and_64_bit(self):
+        for n, head_size in ((125, 2), (126, 4), (65535, 4), (65536, 10)):
+            frame = tunnel.ws_frame(tunnel.WSOpcode.BINARY, b"z" * n, mask=False)
+            self.assertEqual(len(frame), head_size + n)
+            self.assertEqual(frame[:2], bytes([0x82, {2: n, 4: 126, 10: 127}[head_size]]))
+            self.assertEqual(self.both(frame, server_side=False), [("data", b"z" * n)])
+        # The same from a client, by hand (the test's own encoder).
+        self.assertEqual(self.both(ws_masked(2, b"q" * 70000)), [("data", b"q" * 70000)])
+
+    def test_data_is_streamed_not_buffered(self):
+        dec = tunnel.WSDecoder(True)
+        frame = ws_masked(2, b"abcdef" * 1000)
+        self.assertEqual(dec.feed(frame[:4 + 4 + 10]), [("data", b"abcdefabcd")])
+        rest = ws_squash(dec.feed(frame[18:]))
+        self.assertEqual(rest, [("data", (b"abcdef" * 1000)[10:])])
+        self.assertEqual(len(dec._buf), 0)
+
+    def test_fragmentation_with_a_ping_in_the_middle(self):
+        data = (ws_masked(0, b"", first=0x02) + ws_masked(0, b"one ", first=0x00)
+                + ws_masked(9, b"are you there")
+                + ws_masked(0, b"two", first=0x80)
+                + ws_masked(2, b"next message"))
+        # (a first fragment with no payload, a continuation, a ping, the last fragment)
+        self.assertEqual(self.both(data), [("data", b"one "), ("ping", b"are you there"),
+                                           ("data", b"two" + b"next message")])
+
+    def test_ping_pong_and_close(self):
+        self.assertEqual(self.both(ws_masked(9, b"") + ws_masked(10, b"x" * 125)),
+                         [("ping", b""), ("pong", b"x" * 125)])
+        self.assertEqual(self.both(ws_masked(8, struct.pack("!H", 1000) + "bye ☺".encode())),
+                         [("close", 1000, "bye ☺")])
+        self.assertEqual(self.both(ws_masked(8, b"")), [("close", 1005, "")])
+        frame = tunnel.ws_frame(tunnel.WSOpcode.CLOSE, tunnel.ws_close_payload(1002, "x" * 300),
+                                mask=False)
+        events = self.both(frame, server_side=False)
+        self.assertEqual(events, [("close", 1002, "x" * 123)])
+
+    def test_every_protocol_error(self):
+        cases = [
+            (tunnel.ws_frame(2, b"abc", mask=False), "unmasked", True),
+            (tunnel.ws_frame(2, b"abc", mask=True), "masked WebSocket frame from a server",
+             False),
+            (ws_masked(2, b"x", first=0x82 | 0x40), "reserved bits", True),
+            (ws_masked(2, b"x", first=0x82 | 0x10), "reserved bits", True),
+            (ws_masked(3, b"x"), "unknown WebSocket opcode 3", True),
+            (ws_masked(0xB, b"x"), "unknown WebSocket opcode 11", True),
+            (ws_masked(1, b"text"), "text frame", True),
+            (ws_masked(0, b"x"), "continuation frame without a message", True),
+            (ws_masked(0, b"x", first=0x02) + ws_masked(2, b"y"), "inside a fragmented", True),
+            (ws_masked(9, b"p" * 126), "control frame over 125", True),
+            (ws_masked(9, b"p", first=0x09), "fragmented WebSocket control frame", True),
+            (ws_masked(8, b"\x03"), "close frame of 1 byte", True),
+            (ws_masked(8, b"\x03\xe8\xff"), "not UTF-8", True),
+            (ws_masked(8, b"") + ws_masked(2, b"late"), "after the close frame", True),
+            (ws_masked(2, b"x" * 125, length=bytes([0x80 | 126]) + struct.pack("!H", 125)),
+             "shortest form", True),
+            (ws_masked(2, b"x" * 200, length=bytes([0x80 | 127]) + struct.pack("!Q", 200)),
+             "shortest form", True),
+            (bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 2 ** 63) + b"\0\0\0\0",
+             "top bit set", True),
+            (bytes([0x82, 127]) + struct.pack("!Q", 2 ** 64 - 1), "top bit set", False),
+        ]
+        for data, pattern, server_side in cases:
+            with self.subTest(pattern=pattern):
+                self.assert_error(data, pattern, server_side)
+
+    def test_2_63_length_refused_before_any_payload(self):
+        dec = tunnel.WSDecoder(True)
+        head = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 2 ** 63)
+        with self.assertRaisesRegex(ProtocolError, "top bit"):
+            dec.feed(head)
+        # 2^63 - 1 is a legal length: its payload is streamed, nothing buffered.
+        dec = tunnel.WSDecoder(False)
+        self.assertEqual(dec.feed(bytes([0x82, 127]) + struct.pack("!Q", 2 ** 63 - 1)
+                                  + b"x" * 1000), [("data", b"x" * 1000)])
+        self.assertEqual(len(dec._buf), 0)
+
+    def test_fuzz_only_protocol_errors(self):
+        rng = random.Random(12)
+        seeds = [ws_masked(2, b"hello"), ws_masked(9, b"p"), ws_masked(0, b"a", first=2),
+                 ws_masked(8, b"\x03\xe8ok"), ws_masked(2, b"x" * 300)]
+        for _ in range(3000):
+            if rng.random() < 0.5:
+                data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 40)))
+            else:
+                data = bytearray(b"".join(rng.choice(seeds) for _ in range(3)))
+                for _ in range(rng.randrange(1, 4)):
+                    data[rng.randrange(len(data))] = rng.getrandbits(8)
+                data = bytes(data)
+            dec = tunnel.WSDecoder(rng.random() < 0.8)
+            try:
+                for i in range(0, len(data), 7):
+                    dec.feed(data[i:i + 7])
+            except ProtocolError:
+                pass
+
+    def test_upgrade_heads(self):
+        key = tunnel.ws_key()
+        head = tunnel.ws_upgrade_request("relay.test:8080", tunnel.WS_PATH, key,
+                                         tunnel.WS_PROTOCOL, (("User-Agent", "t"),))
+        self.assertTrue(head.startswith(b"GET /_tunnel HTTP/1.1\r\nHost: relay.test:8080\r\n"))
+        self.assertTrue(head.endswith(b"\r\nUser-Agent: t\r\n\r\n"))
+        with self.assertRaises(ValueError):
+            tunnel.ws_upgrade_request("a\r\nX: y", "/", key, tunnel.WS_PROTOCOL)
+        # What the relay's parser makes of it, and what it answers.
+        (kind, req), = [e for e in HTTPParser(is_request=True).feed(head) if e[0] == EV_HEAD]
+        self.assertEqual(tunnel.ws_check_upgrade(req), tunnel.WS_PROTOCOL)
+        answer = tunnel.ws_upgrade_response(key, tunnel.WS_PROTOCOL)
+        end = tunnel.ws_response_head_end(answer + b"\x82\x01x")
+        self.assertEqual(end, len(answer))
+        self.assertEqual(tunnel.ws_response_head_end(answer[:-1]), -1)
+        tunnel.ws_check_response(answer, key, tunnel.WS_PROTOCOL)
+        with self.assertRaisesRegex(ProtocolError, "over 65536"):
+            tunnel.ws_response_head_end(b"HTTP/1.1 101 x\r\n" + b"a" * 70000)
+        bad = [
+            (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+             "the relay answered 404 Not Found, not 101"),
+            (b"HTTP/1.1 502 \r\n\r\n", "answered 502, not 101"),
+            (b"SSH-2.0-OpenSSH\r\n\r\n", "did not answer .* with HTTP"),
+            (answer.replace(tunnel.ws_accept(key).encode(), tunnel.ws_accept("x").encode()),
+             "wrong Sec-WebSocket-Accept"),
+            (answer.replace(b"tunnel.py.2", b"chat"), "chose the subprotocol chat"),
+            (answer.replace(b"Sec-WebSocket-Protocol: tunnel.py.2\r\n", b""),
+             r"subprotocol \(none\)"),
+            (answer.replace(b"Upgrade: websocket\r\n", b""), "does not upgrade"),
+            (answer.replace(b"Connection: Upgrade\r\n", b""), "Connection: Upgrade"),
+            (answer[:-2] + b"Sec-WebSocket-Extensions: x\r\n\r\n", "extensions"),
+        ]
+        for data, pattern in bad:
+            with self.subTest(pattern=pattern):
+                with self.assertRaisesRegex(ProtocolError, pattern):
+                    tunnel.ws_check_response(data, key, tunnel.WS_PROTOCOL)
+
+    def test_relay_checks_of_the_upgrade_request(self):
+        key = tunnel.ws_key()
+        good = tunnel.ws_upgrade_request("localhost", "/_tunnel", key, tunnel.WS_PROTOCOL_TLS)
+
+        def check(data):
+            events = HTTPParser(is_request=True).feed(data)
+            return tunnel.ws_check_upgrade(events[0][1])
+        self.assertEqual(check(good), tunnel.WS_PROTOCOL_TLS)
+        self.assertEqual(check(good.replace(b"tunnel.py.2.tls", b"chat, tunnel.py.2")),
+                         tunnel.WS_PROTOCOL)
+        cases = [
+            (good.replace(b"GET", b"PUT"), 400, "GET"),
+            (good.replace(b"HTTP/1.1", b"HTTP/1.0"), 400, "HTTP/1.1"),
+            (good.replace(b"Upgrade: websocket", b"Upgrade: h2c"), 400, "websocket"),
+            (good.replace(b"Connection: Upgrade", b"Connection: keep-alive"), 400,
+             "Connection: Upgrade"),
+            (good.replace(b"Version: 13", b"Version: 8"), 426, "version 13"),
+            (good.replace(b"Sec-WebSocket-Version: 13\r\n", b""), 400, "Version"),
+            (good.replace(key.encode(), b"c2hvcnQ="), 400, "Key"),
+            (good.replace(b"Sec-WebSocket-Key", b"X-Key"), 400, "Key"),
+            (good.replace(b"tunnel.py.2.tls", b"chat"), 400, "tunnel.py clients only"),
+            (good.replace(b"tunnel.py.2.tls", b"TUNNEL.PY.2"), 400, "tunnel.py clients only"),
+            (good.replace(b"Sec-WebSocket-Protocol: tunnel.py.2.tls\r\n", b""), 400,
+             "tunnel.py clients only"),
+            (good[:-2] + b"Content-Length: 3\r\n\r\nabc", 400, "no body"),
+        ]
+        for data, status, pattern in cases:
+            with self.subTest(pattern=pattern):
+                with self.assertRaisesRegex(tunnel.HTTPError, pattern) as cm:
+                    check(data)
+                self.assertEqual(cm.exception.status, status)
+                if status == 426:
+                    self.assertEqual(cm.exception.headers, (("Sec-WebSocket-Version", "13"),))
+
+    # -- WSChannel over a socketpair ---------------------------------------------------
+    def channel_pair(self):
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        return tunnel.WSChannel(a, server_side=False), tunnel.WSChannel(b, server_side=True)
+
+    def exchange(self, left, right, to_right, to_left, limit=WAIT):
+        """Send both ways at once, non-blocking, until each side read all it was sent;
+        returns what each read (b"" for the side that saw EOF first)."""
+        out = {id(left): bytearray(to_right), id(right): bytearray(to_left)}
+        got = {id(left): bytearray(), id(right): bytearray()}
+        want = {id(left): len(to_left), id(right): len(to_right)}
+        buf = bytearray(65536)
+        deadline = time.monotonic() + limit
+        while any(len(got[k]) < want[k] for k in got):
+            self.assertLess(time.monotonic(), deadline, "exchange stalled")
+            for ch in (left, right):
+                pending = out[id(ch)]
+                blocked = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+                try:
+                    if pending:
+                        del pending[:ch.send(pending)]
+                    elif ch.unsent:
+                        ch.push()
+                except blocked:
+                    pass
+                try:
+                    n = ch.recv_into(buf)
+                except blocked:
+                    continue
+                got[id(ch)] += buf[:n]
+            select.select([left, right], [], [], 0.01)
+        return bytes(got[id(left)]), bytes(got[id(right)])
+
+    def test_channel_bytes_both_ways(self):
+        client, server = self.channel_pair()
+        big = pattern(1 << 20, 3)
+        got_client, got_server = self.exchange(client, server, big, b"small answer")
+        self.assertEqual(got_server, big)
+        self.assertEqual(got_client, b"small answer")
+        # The client's frames are masked on the wire, the server's are not.
+        raw = client.sock.dup()
+        self.addCleanup(raw.close)
+        self.assertEqual(server.send(b"plain"), 5)
+        self.assertEqual(raw.recv(100), b"\x82\x05plain")
+        self.assertEqual(client.send(b"x" * 10), 10)
+        wire = server.sock.recv(100)
+        self.assertEqual(wire[:2], b"\x82\x8a")
+        self.assertNotEqual(wire[6:], b"x" * 10)
+
+    def test_channel_answers_ping_and_reports_only_payload(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.setblocking(False)
+        server = tunnel.WSChannel(b, server_side=True, initial=ws_masked(2, b"early"))
+        self.assertTrue(server.pending())
+        self.assertEqual(server.recv(100), b"early")
+        self.assertFalse(server.pending())
+        a.sendall(ws_masked(9, b"hi?"))
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        with self.assertRaises(BlockingIOError):      # only a control frame arrived
+            server.recv(100)
+        a.settimeout(WAIT)
+        self.assertEqual(a.recv(100), b"\x8a\x03hi?")    # the PONG
+        # More decoded than asked for: kept, and pending() says so.
+        a.sendall(ws_masked(2, b"0123456789"))
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        buf = bytearray(4)
+        self.assertEqual(server.recv_into(buf), 4)
+        self.assertEqual(bytes(buf), b"0123")
+        self.assertTrue(server.pending())
+        self.assertEqual(server.recv(100), b"456789")
+
+    def test_a_peer_that_pings_and_never_reads_holds_bounded_answers(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        server = tunnel.WSChannel(b, server_side=True)
+        server.setblocking(False)
+        pings = bytearray(ws_masked(9, b"p" * 125) * 8000)     # 1 MiB, no PONG read
+        held = []
+        deadline = time.monotonic() + WAIT
+        while pings:
+            self.assertLess(time.monotonic(), deadline)
+            try:
+                del pings[:a.send(pings)]
+            except BlockingIOError:
+                pass
+            try:
+                server.recv(65536)
+            except BlockingIOError:
+                pass
+            held.append(len(server.unsent))
+        self.assertGreater(max(held), 0)
+        self.assertLess(max(held), tunnel.WS_PONG_LIMIT + 200)
+
+    def test_channel_close_is_answered_then_eof(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.setblocking(False)
+        a.settimeout(WAIT)
+        server = tunnel.WSChannel(b, server_side=True)
+        a.sendall(ws_masked(2, b"last") + ws_masked(8, struct.pack("!H", 1000)))
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        self.assertEqual(server.recv(100), b"last")
+        self.assertTrue(server.pending())             # the end is waiting to be read
+        self.assertEqual(server.recv(100), b"")
+        self.assertEqual(server.recv(100), b"")
+        self.assertEqual(a.recv(100), b"\x88\x02\x03\xe8")   # CLOSE 1000 back, once
+        server.close()
+        self.assertEqual(a.recv(100), b"")
+        # A protocol error: CLOSE 1002 to the peer, an OSError here.
+        c, d = socket.socketpair()
+        self.addCleanup(c.close)
+        self.addCleanup(d.close)
+        d.setblocking(False)
+        c.settimeout(WAIT)
+        other = tunnel.WSChannel(d, server_side=True)
+        c.sendall(tunnel.ws_frame(2, b"unmasked", mask=False))
+        wait_until(lambda: select.select([d], [], [], 0)[0])
+        with self.assertRaisesRegex(OSError, "WebSocket: unmasked"):
+            other.recv(100)
+        answer = c.recv(100)
+        self.assertEqual((answer[0], answer[2:4]), (0x88, b"\x03\xea"))   # CLOSE 1002
+        # The client's own close sends a masked CLOSE 1000.
+        client, server = self.channel_pair()
+        client.close()
+        wait_until(lambda: select.select([server.sock], [], [], 0)[0])
+        self.assertEqual(server.recv(100), b"")
+
+    def handshake(self, client, server):
+        done = set()
+        deadline = time.monotonic() + WAIT
+        while len(done) < 2:
+            self.assertLess(time.monotonic(), deadline, "TLS handshake stalled")
+            for side in (client, server):
+                if side in done:
+                    continue
+                try:
+                    side.do_handshake()
+                    done.add(side)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            select.select([client, server], [], [], 0.01)
+
+    def test_a_read_of_control_frames_goes_on_while_tls_under_it_holds_more(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key, _ = tunnel.relay_identity(directory)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        a = tunnel.TLSChannel(a, client_ctx, server_side=False)
+        b = tunnel.TLSChannel(b, tunnel.server_tls_context(cert, key), server_side=True)
+        self.handshake(a, b)
+        # 32 KiB of PINGs, then data: one TLS write, decrypted in one raw read under the
+        # WebSocket, where the selector cannot see it.
+        burst = b"".join(ws_masked(9, b"p" * 120) for _ in range(256)) + ws_masked(2, b"data")
+        self.assertEqual(a.send(burst), len(burst))
+        server = tunnel.WSChannel(b, server_side=True)
+        wait_until(lambda: select.select([b], [], [], 0)[0])
+        self.assertEqual(server.recv(100), b"data")   # not BlockingIOError
+    def test_tls_inside_the_websocket(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key, _ = tunnel.relay_identity(directory)
+        server_ctx = tunnel.server_tls_context(cert, key)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        for outer in (False, True):     # TLS outside the WebSocket too (an https:// relay)
+            with self.subTest(outer=outer):
+                a, b = socket.socketpair()
+                for s in (a, b):
+                    s.setblocking(False)
+                    self.addCleanup(s.close)
+                if outer:
+                    a = tunnel.TLSChannel(a, client_ctx, server_side=False)
+                    b = tunnel.TLSChannel(b, server_ctx, server_side=True)
+                    self.handshake(a, b)
+                ws_client = tunnel.WSChannel(a, server_side=False)
+                ws_server = tunnel.WSChannel(b, server_side=True)
+                client = tunnel.TLSChannel(ws_client, client_ctx, server_side=False)
+                server = tunnel.TLSChannel(ws_server, server_ctx, server_side=True)
+                self.handshake(client, server)
+                self.assertEqual(tunnel.binding_of(client.getpeercert(True)),
+                                 tunnel.binding_of(tunnel.certificate_der(cert)))
+                big = pattern(1 << 20, 4)
+                got_client, got_server = self.exchange(client, server, big,
+                                                       pattern(300000, 5))
+                self.assertEqual(got_server, big)
+                self.assertEqual(got_client, pattern(300000, 5))
+                # The stack reports what it holds: TLS records, then WebSocket frames.
+                self.assertEqual(client.unsent, b"")
+                self.assertGreater(client.wire_sent, len(big))
+                self.assertFalse(client.pending())
+                client.close()
+                wait_until(lambda: select.select([ws_server], [], [], 0)[0])
+                deadline = time.monotonic() + WAIT
+                while True:         # close_notify, then the WebSocket CLOSE: the end
+                    try:
+                        if server.recv_into(bytearray(100)) == 0:
+                            break
+                    except (BlockingIOError, ssl.SSLWantReadError):
+                        self.assertLess(time.monotonic(), deadline)
+                        select.select([ws_server], [], [], 0.01)
+
+
+class WebSocketRelayTests(EndToEndBase):
+    """Tunnel clients on the visitor port: the reserved path, its caps, real tunnels."""
+
+    def setUp(self):
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old_level)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.origin = self.start_origin()
+
+    def state_dir(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-ws-state-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
+    def certificate(self):
+        if not shutil.which("openssl"):
+            self.skipTest("needs the openssl command to make a throwaway certificate")
+        directory = self.state_dir()
+        return make_certificate(directory)
+
+    def status_of(self, data):
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+    def upgrade(self, relay, host="localhost", protocol=tunnel.WS_PROTOCOL, key=None,
+                replace=()):
+        """A raw upgrade request to the relay's HTTP port; the connected socket."""
+        head = tunnel.ws_upgrade_request(host, tunnel.WS_PATH, key or tunnel.ws_key(),
+                                         protocol)
+        for old, new in replace:
+            head = head.replace(old, new)
+        return self.raw(head, relay=relay)
+
+    def read_head(self, sock):
+        data = bytearray()
+        while tunnel.ws_response_head_end(data) < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        end = tunnel.ws_response_head_end(data)
+        return bytes(data[:end]), bytes(data[end:])
+
+    def ws_connect_client(self, relay, https=False, protocol=tunnel.WS_PROTOCOL_TLS,
+                          port=None, subdomain="demo", cafile=None, wait=True):
+        """A real tunnel.Client whose control connection is a WebSocket to the relay's
+        visitor port (``port``: another one, a man in the middle say), dialed by the
+        client itself from a relay URL: http:// (``protocol`` WS_PROTOCOL_TLS: TLS inside,
+        else --plaintext) or https:// (TLS outside, verified with ``cafile`` if given)."""
+        plaintext = protocol == tunnel.WS_PROTOCOL and not https
+        kw = dict(tls_ca=cafile) if cafile else {}
+        return self.start_client(subdomain, relay=relay, wait=False if not wait else True,
+                                 relay_scheme="https" if https else "http",
+                                 relay_host="127.0.0.1", relay_port=port or relay.http_port,
+                                 plaintext=plaintext, **kw)
+
+    # -- the reserved path, as a visitor ---------------------------------------------
+    def test_reserved_path_without_upgrade_is_an_ordinary_404(self):
+        relay = self.start_relay(control_port=None)
+        for target in (b"/_tunnel", b"/_tunnel?x=1"):
+            data = recv_all(self.raw(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                                     relay=relay))
+            self.assertEqual(self.status_of(data), 404, data)
+        # The bare domain's page says how to connect without a control port.
+        data = recv_all(self.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", relay=relay))
+        self.assertIn(b"--relay http://localhost:%d " % relay.http_port, data)
+        self.assertEqual(relay.control_port, 0)
+        self.assertTrue(any("that port only (WebSocket: --relay http://localhost:%d)"
+                            % relay.http_port in m for m in self.capture.messages()))
+        wait_until(lambda: self.relay_stats(relay)["visitors"] == 0)
+
+    def test_bad_upgrades_are_400_and_another_version_426(self):
+        relay = self.start_relay(control_port=None)
+        cases = [
+            (dict(protocol="chat"), 400, b"tunnel.py clients only"),
+            (dict(key="c2hvcnQ="), 400, b"Sec-WebSocket-Key"),
+            (dict(replace=((b"Version: 13", b"Version: 8"),)), 426,
+             b"Sec-WebSocket-Version: 13\r\n"),
+            (dict(replace=((b"GET", b"POST"),)), 400, b"is a GET"),
+            (dict(protocol=tunnel.WS_PROTOCOL_TLS), 400, b"runs --plaintext"),
+        ]
+        for kw, status, text in cases:
+            with self.subTest(kw=kw):
+                data = recv_all(self.upgrade(relay, **kw))
+                self.assertEqual(self.status_of(data), status, data)
+                self.assertIn(text, data)
+        self.assertEqual(self.relay_stats(relay)["sessions"], 0)
+        wait_until(lambda: not relay.visitor_sources)
+
+    def test_unauthenticated_websocket_is_closed_at_the_handshake_timeout(self):
+        relay = self.start_relay(control_port=None, handshake_timeout=0.3)
+        key = tunnel.ws_key()
+        # Frames sent along with the head (read by the visitor's parser) come through.
+        sock = self.raw(tunnel.ws_upgrade_request("localhost", tunnel.WS_PATH, key,
+                                                  tunnel.WS_PROTOCOL)
+                        + ws_masked(9, b"early"), relay=relay)
+        head, rest = self.read_head(sock)
+        tunnel.ws_check_response(head, key, tunnel.WS_PROTOCOL)
+        rest += recv_until(sock, b"early") if len(rest) < 7 else b""
+        self.assertEqual(rest[:7], b"\x8a\x05early")     # the PONG
+        rest = rest[7:]
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 1)
+        self.assertEqual(len(relay.unauthenticated), 1)
+        started = time.monotonic()
+        tail = rest + closed_by_peer(sock)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertEqual(tail[:2], b"\x88\x02")          # CLOSE 1000, unmasked, then EOF
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        self.assertFalse(relay.unauthenticated)
+        self.assertFalse(relay.visitor_sources)          # counted once, released once
+        self.assertTrue(any("control connection from 127.0.0.1" in m and "over WebSocket" in m
+                            for m in self.capture.messages(logging.INFO)))
+        self.assertTrue(any("handshake timed out" in m for m in self.capture.messages()))
+
+    def test_inner_tls_that_never_starts_is_closed_at_the_handshake_timeout(self):
+        relay = self.start_relay(control_port=None, plaintext=False,
+                                 state_dir=self.state_dir(), handshake_timeout=0.3)
+        sock = self.upgrade(relay, protocol=tunnel.WS_PROTOCOL_TLS)
+        head, _ = self.read_head(sock)
+        self.assertIn(b"Sec-WebSocket-Protocol: tunnel.py.2.tls\r\n", head)
+        wait_until(lambda: len(relay.control_tls_pending) == 1)
+        closed_by_peer(sock)
+        wait_until(lambda: not relay.control_tls_pending)
+        self.assertFalse(relay.visitor_sources)
+
+    def test_over_the_handshake_cap_is_503(self):
+        relay = self.start_relay(control_port=None, max_unauthenticated_per_source=2,
+                                 handshake_timeout=5.0)
+        held = [self.upgrade(relay) for _ in range(2)]
+        for sock in held:
+            self.assertTrue(self.read_head(sock)[0].startswith(b"HTTP/1.1 101 "))
+        data = recv_all(self.upgrade(relay))
+        self.assertEqual(self.status_of(data), 503, data)
+        self.assertIn(b"in the handshake, its limit", data)
+        self.assertTrue(any("--max-unauthenticated-per-source" in m
+                            for m in self.capture.messages(logging.WARNING)))
+        for sock in held:
+            sock.close()
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        wait_until(lambda: not relay.visitor_sources)
+        # And the total cap.
+        relay2 = self.start_relay(control_port=None, max_unauthenticated=1)
+        first = self.upgrade(relay2)
+        self.assertTrue(self.read_head(first)[0].startswith(b"HTTP/1.1 101 "))
+        data = recv_all(self.upgrade(relay2))
+        self.assertEqual(self.status_of(data), 503, data)
+
+    def test_rubbish_inside_the_websocket_closes_only_that_connection(self):
+        relay = self.start_relay(control_port=None)
+        sock = self.upgrade(relay)
+        self.read_head(sock)
+        sock.sendall(ws_masked(1, b"text is not spoken here"))
+        tail = closed_by_peer(sock)
+        self.assertEqual(tail[:1], b"\x88")              # CLOSE (1002)
+        self.assertEqual(tail[2:4], struct.pack("!H", 1002))
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0)
+        self.assertTrue(any("text frame" in m for m in self.capture.messages()))
+
+    # -- real tunnels over the WebSocket ---------------------------------------------
+    def test_tunnel_over_the_plain_http_port_with_tls_inside(self):
+        relay = self.start_relay(control_port=None, plaintext=False,
+                                 state_dir=self.state_dir())
+        self.relay = relay
+        client, lines = self.ws_connect_client(relay, protocol=tunnel.WS_PROTOCOL_TLS)
+        self.assertEqual(lines, ["Forwarding http://demo.localhost:%d -> http://127.0.0.1:%d"
+                                 % (relay.http_port, self.origin.server_address[1])])
+        self.assertEqual(client.binding, relay.fingerprint.replace(":", "").lower())
+        stack = relay.loop.run_in_loop(lambda: relay.tunnels["demo"].session.sock)
+        self.assertIs(type(stack), tunnel.TLSChannel)          # TLS inside the WebSocket
+        self.assertIs(type(stack.sock), tunnel.WSChannel)
+        self.assertIs(type(stack.sock.sock), socket.socket)
+        # Visitors on the same port, at the same time, real bytes both ways.
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        body = pattern(1 << 20, 9)
+        status, data, _ = self.get("/", method="POST", body=body)
+        self.assertEqual(json.loads(data)["sha256"], hashlib.sha256(body).hexdigest())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: self.get("/bytes?n=%d&seed=%d" % (100000, i)),
+                                    range(16)))
+        for i, (status, data, _) in enumerate(results):
+            self.assertEqual((status, data), (200, pattern(100000, i)))
+        # NAME.DOMAIN/_tunnel is an ordinary path of tunnel NAME.
+        status, data, _ = self.get("/_tunnel")
+        self.assertEqual((status, data), (404, b"origin: not found"))
+        status, data, _ = self.get("/_tunnel", headers={"Upgrade": "websocket",
+                                                        "Connection": "Upgrade"})
+        self.assertEqual(data, b"origin: not found")
+        # An upgrade pipelined behind a request of a tunnel is refused.
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                     + tunnel.ws_upgrade_request("localhost", tunnel.WS_PATH, tunnel.ws_key(),
+                                                 tunnel.WS_PROTOCOL_TLS), relay=relay)
+        data = recv_all(s)
+        self.assertIn(b"hello", data)
+        self.assertIn(b"first request of its connection", data)
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 1)
+
+    def test_tunnel_over_the_https_port_with_tls_outside(self):
+        cert, key = self.certificate()
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN, redirect_port=0)
+        client, lines = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
+                                               cafile=cert)
+        # The plain port that redirects to HTTPS redirects upgrades too.
+        s = socket.create_connection(("127.0.0.1", relay.redirect_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(tunnel.ws_upgrade_request(TLS_DOMAIN, tunnel.WS_PATH, tunnel.ws_key(),
+                                            tunnel.WS_PROTOCOL_TLS))
+        data = recv_all(s)
+        self.assertEqual(self.status_of(data), 308, data)
+        self.assertIn(b"Location: https://%s:%d/_tunnel\r\n" % (TLS_DOMAIN.encode(),
+                                                                relay.http_port), data)
+        self.assertEqual(lines[0].split(" ")[1], "https://demo.%s:%d" % (TLS_DOMAIN,
+                                                                        relay.http_port))
+        stack = relay.loop.run_in_loop(lambda: relay.tunnels["demo"].session.sock)
+        self.assertIs(type(stack), tunnel.WSChannel)           # TLS outside: the HTTPS port
+        self.assertIsInstance(stack.sock, ssl.SSLSocket)
+        ctx = ssl.create_default_context(cafile=cert)
+        for path, want in (("/hello", b"hello"), ("/bytes?n=2000000&seed=2",
+                                                  pattern(2000000, 2))):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", relay.http_port), WAIT),
+                                server_hostname="demo." + TLS_DOMAIN)
+            self.addCleanup(s.close)
+            s.sendall(("GET %s HTTP/1.1\r\nHost: demo.%s\r\nConnection: close\r\n\r\n"
+                       % (path, TLS_DOMAIN)).encode())
+            data = recv_all(s)
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
+            self.assertTrue(data.endswith(want))
+        # A second client comes in over the HTTPS port with TLS inside too.
+        other, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
+                                          subdomain="second")
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 2)
+
+    def test_tls_man_in_the_middle_on_the_websocket_is_refused(self):
+        cert, key = self.certificate()
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN)
+        middle_cert, middle_key = self.certificate()    # another key: the middle's own
+        middle = TLSMiddle(self, relay.http_port, middle_cert, middle_key)
+        client, _ = self.ws_connect_client(relay, https=True, protocol=tunnel.WS_PROTOCOL,
+                                           port=middle.port, wait=False)
+        wait_until(lambda: client.exit_code == tunnel.EXIT_USAGE, what="client refused")
+        self.assertTrue(any("refused" in m and "not this relay's" in m
+                            for m in self.capture.messages(logging.WARNING)))
+        self.assertIn(tunnel.cert_fingerprint(tunnel.certificate_der(middle_cert)),
+                      client.error or "")        # refused with "binding": the middle's
+        self.assertEqual(self.relay_stats(relay)["tunnels"], 0)
+        # The same middle, declared on the relay as its TLS proxy, is accepted.
+        relay2 = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                  domain=TLS_DOMAIN, tls_proxy_fingerprints=(
+                                      tunnel.cert_fingerprint(tunnel.certificate_der(
+                                          middle_cert)),))
+        middle2 = TLSMiddle(self, relay2.http_port, middle_cert, middle_key)
+        self.ws_connect_client(relay2, https=True, protocol=tunnel.WS_PROTOCOL,
+                               port=middle2.port)
+        self.assertEqual(self.relay_stats(relay2)["tunnels"], 1)
+
+    def test_control_port_off_on_the_command_line(self):
+        parser = tunnel.build_parser()
+        self.assertIsNone(parser.parse_args(["serve", "--control-port", "off"]).control_port)
+        self.assertEqual(parser.parse_args(["serve", "--control-port", "7000"]).control_port,
+                         7000)
+        self.assertEqual(parser.parse_args(["serve"]).control_port, tunnel.DEFAULT_CONTROL_PORT)
+        with self.assertRaisesRegex(tunnel.UsageError, "neither a port number nor 'off'"):
+            parser.parse_args(["serve", "--control-port", "of"])
+
+
+class ProxiedClientTest(EndToEndBase):
+    """expose from a restricted network: a relay with one port (--control-port off)
+    reached by URL over its WebSocket path, directly and through CONNECT and SOCKS5
+    proxies written in these tests; the proxy variables by curl's rules."""
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(control_port=None)
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.INFO)
+
+    def proxy(self, cls=None, **kw):
+        proxy = (cls or ConnectProxy)(**kw)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def ws_client(self, name, relay=None, **kw):
+        relay = relay or self.relay
+        kw.setdefault("relay_scheme", "https" if relay.visitor_tls is not None else "http")
+        kw.setdefault("relay_host", "localhost")
+        return self.start_client(name, relay=relay, relay_port=relay.http_port, **kw)
+
+    def finished(self, client):
+        client.thread.join(WAIT)
+        self.assertFalse(client.thread.is_alive(), "the client did not stop")
+        return client.exit_code, client.error
+
+    def warnings(self):
+        return self.capture.messages(logging.WARNING)
+
+    # -- one port --------------------------------------------------------------------
+    def test_one_port_serves_visitors_and_clients_that_reconnect(self):
+        client, lines = self.ws_client("one")
+        self.assertEqual(lines[0], "Forwarding http://one.localhost:%d -> http://127.0.0.1:%d"
+                         % (self.relay.http_port, self.origin.server_address[1]))
+        self.assertEqual(self.relay.control_port, 0)
+        self.assertEqual(self.get("/hello", host="one.localhost")[:2], (200, b"hello"))
+        # A visitor mid-connection while the client's session drops and comes back.
+        c = self.conn()
+        c.request("GET", "/hello", headers={"Host": "one.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+        ups = client.up_count
+        client.loop.run_in_loop(lambda: client.session.close("test: drop"))
+        wait_until(lambda: client.up_count > ups and client.ready.is_set(), what="reconnect")
+        self.assertEqual(client.name, "one")
+        for _ in range(5):
+            self.assertEqual(self.get("/hello", host="one.localhost")[:2], (200, b"hello"))
+        self.assertEqual(self.get("/", host="nope.localhost")[0], 404)
+
+    def test_default_is_tls_inside_the_websocket(self):
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = self.start_relay(control_port=None, plaintext=False, state_dir=state)
+        client, _ = self.ws_client("sealed", relay=relay)
+        self.assertTrue(client.binding)       # the relay's own certificate, bound
+        self.assertIsInstance(client.session.sock, tunnel.TLSChannel)
+        c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "sealed.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+
+    def test_upgrade_refused_names_the_status_and_the_url(self):
+        # An ordinary web server where the relay should be: 404 (or 501), not 101.
+        port = self.origin.server_address[1]
+        client, _ = self.start_client("x", relay=self.relay, relay_host="127.0.0.1",
+                                      relay_port=port, relay_scheme="http", wait=False)
+        wait_until(lambda: any("/_tunnel" in m and "not 101" in m for m in self.warnings()),
+                   what="the refusal")
+        line = [m for m in self.warnings() if "not 101" in m][0]
+        self.assertIn("http://127.0.0.1:%d/_tunnel" % port, line)
+        self.assertEqual(client.exit_code, 0)      # retried, not fatal
+
+    # -- CONNECT proxies -------------------------------------------------------------
+    def test_connect_proxy_without_credentials(self):
+        proxy = self.proxy()
+        self.ws_client("viaproxy", proxy="http://127.0.0.1:%d" % proxy.port)
+        self.assertEqual(self.get("/hello", host="viaproxy.localhost")[:2], (200, b"hello"))
+        self.assertEqual(proxy.requests, ["localhost:%d" % self.relay.http_port])
+        self.assertTrue(any("via proxy http://127.0.0.1:%d" % proxy.port in m
+                            for m in self.capture.messages()), self.capture.messages())
+
+    def test_connect_proxy_with_percent_encoded_credentials(self):
+        proxy = self.proxy(credentials=("alice", "p@ss:w/rd"))
+        self.ws_client("creds", proxy="http://alice:p%%40ss%%3Aw%%2Frd@127.0.0.1:%d"
+                       % proxy.port)
+        self.assertEqual(self.get("/hello", host="creds.localhost")[:2], (200, b"hello"))
+        self.assertTrue(proxy.auth_seen)
+        self.assertFalse(any("p@ss" in m or "alice" in m for m in self.capture.messages()))
+
+    def test_wrong_proxy_credentials_exit_2(self):
+        proxy = self.proxy(credentials=("alice", "right"))
+        client, _ = self.ws_client("x", proxy="http://alice:wrong@127.0.0.1:%d" % proxy.port,
+                                   wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertEqual(error, "proxy 127.0.0.1:%d refused the credentials for alice (407)"
+                         % proxy.port)
+
+    def test_proxy_that_wants_credentials_none_given_exit_2(self):
+        proxy = self.proxy(credentials=("alice", "right"))
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("wants a user name and password (Basic)", error)
+
+    def test_ntlm_proxy_is_named_and_fatal(self):
+        proxy = self.proxy(credentials=("alice", "right"), schemes=("NTLM", "Negotiate"))
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("wants NTLM", error)
+        self.assertIn("which tunnel.py does not speak; use a proxy account with Basic, or a "
+                      "SOCKS proxy", error)
+
+    def test_proxy_403_is_one_line_then_retried(self):
+        proxy = self.proxy(refuse=403)
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        wait_until(lambda: len(proxy.requests) >= 2, what="a retry")
+        want = ("could not reach the relay: proxy 127.0.0.1:%d refused CONNECT localhost:%d: "
+                "403 Forbidden" % (proxy.port, self.relay.http_port))
+        self.assertIn(want, self.warnings())
+        self.assertEqual(client.exit_code, 0)
+        self.assertTrue(client.thread.is_alive())
+
+    def test_proxy_that_drops_is_retried_with_backoff(self):
+        proxy = self.proxy(drop=True)
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        wait_until(lambda: sum("reconnecting in" in m for m in self.capture.messages()) >= 2,
+                   what="two retries")
+        delays = [float(m.split()[-1].rstrip("s")) for m in self.capture.messages()
+                  if m.startswith("reconnecting in")]
+        self.assertLess(delays[0], delays[1] * 1.3 + 0.01)   # backoff grows (with jitter)
+        self.assertTrue(client.thread.is_alive())
+
+    def test_https_proxy_is_tls_to_the_proxy(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-proxy-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        proxy = self.proxy(tls_context=ctx)
+        url = "https://127.0.0.1:%d" % proxy.port
+        self.ws_client("tlsproxy", proxy=url, proxy_ca=cert)
+        self.assertEqual(self.get("/hello", host="tlsproxy.localhost")[:2], (200, b"hello"))
+        self.assertEqual(proxy.requests, ["localhost:%d" % self.relay.http_port])
+        # TLS to the relay inside TLS to the proxy: its control port, and its WebSocket.
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = self.start_relay(plaintext=False, state_dir=state)
+        for name, kw in (("raw", {}), ("ws", dict(relay_scheme="http", relay_host="localhost",
+                                                  relay_port=relay.http_port))):
+            client, _ = self.start_client(name, relay=relay, proxy=url, proxy_ca=cert, **kw)
+            self.assertEqual(client.binding, relay.fingerprint.replace(":", "").lower())
+            c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+            self.addCleanup(c.close)
+            body = os.urandom(3 << 20)
+            c.request("POST", "/echo", body=body, headers={"Host": name + ".localhost"})
+            self.assertEqual(json.loads(c.getresponse().read())["sha256"],
+                             hashlib.sha256(body).hexdigest())
+        # Without the proxy's CA: the proxy's certificate does not verify, exit 2.
+        client, _ = self.ws_client("x", proxy=url, wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("could not verify the proxy's certificate", error)
+
+    # -- the environment (curl's rules) -------------------------------------------------
+    def test_http_proxy_variable_and_no_proxy_bypass(self):
+        proxy = self.proxy()
+        env = {"HTTP_PROXY": "http://127.0.0.1:%d" % proxy.port}
+        self.ws_client("envproxy", environ=env)
+        self.assertEqual(len(proxy.requests), 1)
+        self.ws_client("bypass", environ=dict(env, NO_PROXY="example.com,.localhost"))
+        self.assertEqual(len(proxy.requests), 1)       # NO_PROXY: not through the proxy
+        self.assertTrue(any("direct (NO_PROXY)" in m for m in self.capture.messages()))
+        self.assertEqual(self.get("/hello", host="bypass.localhost")[:2], (200, b"hello"))
+
+    def test_https_relay_reads_https_proxy_not_http_proxy(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory)
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN)
+        used, unused = self.proxy(), self.proxy()
+        env = {"HTTPS_PROXY": "http://127.0.0.1:%d" % used.port,
+               "HTTP_PROXY": "http://127.0.0.1:%d" % unused.port}
+        client, lines = self.ws_client("secure", relay=relay, relay_host="127.0.0.1",
+                                       environ=env)
+        self.assertEqual(lines[0], "Forwarding https://secure.%s:%d -> http://127.0.0.1:%d"
+                         % (TLS_DOMAIN, relay.http_port, self.origin.server_address[1]))
+        self.assertEqual((len(used.requests), len(unused.requests)), (1, 0))
+        ctx = ssl.create_default_context(cafile=cert)
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", relay.http_port), WAIT),
+                            server_hostname="secure." + TLS_DOMAIN)
+        self.addCleanup(s.close)
+        s.sendall(b"GET /hello HTTP/1.1\r\nHost: secure.%s\r\nConnection: close\r\n\r\n"
+                  % TLS_DOMAIN.encode())
+        self.assertTrue(recv_all(s).endswith(b"hello"))
+
+    def test_all_proxy_for_the_raw_control_port(self):
+        relay = self.start_relay()            # with its control port
+        proxy = self.proxy()
+        client, _ = self.start_client("rawport", relay=relay,
+                                      environ={"ALL_PROXY": "http://127.0.0.1:%d" % proxy.port,
+                                               "HTTP_PROXY": "http://127.0.0.1:1"})
+        self.assertEqual(proxy.requests, ["127.0.0.1:%d" % relay.control_port])
+
+    def test_no_proxy_flag_wins(self):
+        client, _ = self.ws_client("flag", no_proxy=True,
+                                   environ={"ALL_PROXY": "http://127.0.0.1:1"})
+        self.assertTrue(any("direct (--no-proxy)" in m for m in self.capture.messages()))
+
+    # -- SOCKS5 ----------------------------------------------------------------------
+    def test_socks5h_sends_the_name_socks5_the_address(self):
+        proxy = self.proxy(SocksProxy)
+        self.ws_client("remote", proxy="socks5h://127.0.0.1:%d" % proxy.port)
+        self.ws_client("local", proxy="socks5://127.0.0.1:%d" % proxy.port,
+                       relay_host="localhost")
+        (atyp1, host1, port1), (atyp2, host2, _) = proxy.requests
+        self.assertEqual((atyp1, host1, port1), (3, "localhost", self.relay.http_port))
+        self.assertIn(atyp2, (1, 4))
+        self.assertIn(host2, ("127.0.0.1", "::1"))
+        self.assertEqual(self.get("/hello", host="local.localhost")[:2], (200, b"hello"))
+
+    def test_socks5_credentials_right_and_wrong(self):
+        proxy = self.proxy(SocksProxy, credentials=("bob", "pw"))
+        self.ws_client("socksauth", proxy="socks5h://bob:pw@127.0.0.1:%d" % proxy.port)
+        self.assertEqual(self.get("/hello", host="socksauth.localhost")[:2], (200, b"hello"))
+        client, _ = self.ws_client("x", proxy="socks5h://bob:nope@127.0.0.1:%d" % proxy.port,
+                                   wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("refused the credentials for bob", error)
+        client, _ = self.ws_client("y", proxy="socks5h://127.0.0.1:%d" % proxy.port,
+                                   wait=False)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertIn("wants a user name and password", error)
+
+
+class ProxiedWebSocketEndToEnd(EndToEndBase):
+    """What EndToEnd checks, once more with the client on the WebSocket transport
+    through a CONNECT proxy to a relay with one port."""
+
+    def setUp(self):
+        self.proxy = ConnectProxy()
+        self.addCleanup(self.proxy.close)
+        super().setUp()
+
+    def start_relay(self, http_port=0, control_port=None, **kw):
+        return super().start_relay(http_port=http_port, control_port=None, **kw)
+
+    def start_client(self, subdomain=None, relay=None, **kw):
+        relay = relay or self.relay
+        kw.setdefault("proxy", "http://127.0.0.1:%d" % self.proxy.port)
+        return super().start_client(subdomain, relay=relay, relay_host="localhost",
+                                    relay_port=relay.http_port, relay_scheme="http", **kw)
+
+    test_forwarding_line_and_access_log = EndToEnd.test_forwarding_line_and_access_log
+    test_get_post_content_length_and_chunked = EndToEnd.test_get_post_content_length_and_chunked
+    test_keep_alive_many_requests_one_connection = \
+        EndToEnd.test_keep_alive_many_requests_one_connection
+    test_32_mib_each_way = EndToEnd.test_32_mib_each_way
+    test_websocket_echo = EndToEnd.test_websocket_echo
+    test_server_sent_events_arrive_one_by_one = EndToEnd.test_server_sent_events_arrive_one_by_one
+    test_fifty_concurrent_visitors = EndToEnd.test_fifty_concurrent_visitors
+    test_client_restart_reclaims_name = EndToEnd.test_client_restart_reclaims_name
+    test_relay_restart_client_reconnects = EndToEnd.test_relay_restart_client_reconnects
+
+
+class RelayAddressTest(unittest.TestCase):
+    def test_parse_relay_forms(self):
+        cases = {
+            "relay.example.com:7835": ("tcp", "relay.example.com", 7835),
+            "relay.example.com": ("tcp", "relay.example.com", tunnel.DEFAULT_CONTROL_PORT),
+            "https://relay.example.com": ("https", "relay.example.com", 443),
+            "https://relay.example.com/": ("https", "relay.example.com", 443),
+            "wss://relay.example.com:8443": ("https", "relay.example.com", 8443),
+            "http://relay.example.com:8080": ("http", "relay.example.com", 8080),
+            "ws://relay.example.com": ("http", "relay.example.com", 80),
+            "HTTPS://[::1]:9443/_tunnel": ("https", "::1", 9443),
+        }
+        for text, want in cases.items():
+            self.assertEqual(tunnel.parse_relay(text), want, text)
+        for bad in ("ftp://relay", "https://", "https://relay/path", "https://u:p@relay",
+                    "https://relay:99999", "http://relay?x=1"):
+            with self.assertRaises(ValueError, msg=bad):
+                tunnel.parse_relay(bad)
+
+    def test_cli_rejects_bad_relay_and_proxy_in_one_line(self):
+        for argv, want in (
+                (["expose", "5000", "--token", TOKEN, "--relay", "ftp://x"], "invalid --relay"),
+                (["expose", "5000", "--token", TOKEN, "--relay", "https://x", "--plaintext"],
+                 "--plaintext excludes an https:// relay"),
+                (["expose", "5000", "--token", TOKEN, "--proxy", "socks4://p:1"],
+                 "invalid --proxy"),
+                (["expose", "5000", "--token", TOKEN, "--proxy", "http://p:1", "--no-proxy"],
+                 "exclude each other")):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = tunnel.main(argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(want, err.getvalue())
+            self.assertNotIn("Traceback", err.getvalue())
+
+
+class DialerStageTest(EndToEndBase):
+    """The Dialer's stages each have their timeout and one-line errors."""
+
+    def setUp(self):
+        self.origin = self.start_origin()
+        self.relay = self.start_relay(control_port=None)
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        self.addCleanup(logger.removeHandler, self.capture)
+
+    def test_silent_proxy_times_out_in_its_stage(self):
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)          # the kernel completes the connect; nobody ever answers
+        client, _ = self.start_client("x", relay_host="localhost", relay_scheme="http",
+                                      relay_port=self.relay.http_port, connect_timeout=0.3,
+                                      proxy="http://127.0.0.1:%d" % silent.getsockname()[1],
+                                      wait=False)
+        wait_until(lambda: any("timed out in the proxy's CONNECT" in m
+                               for m in self.capture.messages()), what="the stage timeout")
+        self.assertEqual(client.exit_code, 0)
+
+    def test_relay_that_never_answers_the_upgrade(self):
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        client, _ = self.start_client("x", relay_host="127.0.0.1", relay_scheme="http",
+                                      relay_port=silent.getsockname()[1], connect_timeout=0.3,
+                                      wait=False)
+        wait_until(lambda: any("timed out in the WebSocket upgrade" in m
+                               for m in self.capture.messages()), what="the stage timeout")
+
+
+class ProxiedCommandLineTest(unittest.TestCase):
+    """expose as a user runs it: TUNNEL_RELAY as a URL, HTTP_PROXY from the environment,
+    -v naming the route; a proxy that wants other credentials: one line, exit 2."""
+
+    spawn = CommandLineTest.spawn
+
+    def test_tunnel_relay_url_through_http_proxy_variable(self):
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = tunnel.Relay(tunnel.RelayConfig(bind="127.0.0.1", http_port=0, control_port=None,
+                                                token=TOKEN, state_dir=state, **FAST))
+        relay.start()
+        run_in_thread(self, relay.run, relay.stop, "relay")
+        proxy = ConnectProxy(credentials=("me", "p@ss"))
+        self.addCleanup(proxy.close)
+        origin = start_origin(self)
+        env = {"TUNNEL_TOKEN": TOKEN, "TUNNEL_RELAY": "http://localhost:%d" % relay.http_port,
+               "HTTP_PROXY": "http://me:p%%40ss@127.0.0.1:%d" % proxy.port}
+        client = self.spawn("expose", str(origin.server_address[1]), "--subdomain", "cliproxy",
+                            "-v", env=env)
+        line = client.stdout.readline().decode().strip()
+        self.assertEqual(line, "Forwarding http://cliproxy.localhost:%d -> http://127.0.0.1:%d"
+                         % (relay.http_port, origin.server_address[1]))
+        self.assertEqual(proxy.requests, ["localhost:%d" % relay.http_port])
+        c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "cliproxy.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+        c.close()                       # (an open visitor connection would get the grace)
+        client.send_signal(signal.SIGINT)
+        _, err = client.communicate(timeout=WAIT)
+        self.assertEqual(client.returncode, 0, err)
+        self.assertIn(b"connecting to relay http://localhost:%d (via proxy http://127.0.0.1:%d)"
+                      % (relay.http_port, proxy.port), err)
+        self.assertNotIn(b"p@ss", err)
+        self.assertNotIn(b"p%40ss", err)
+        # Wrong credentials: one line on stderr, exit status 2, no retry loop.
+        env["HTTP_PROXY"] = "http://me:nope@127.0.0.1:%d" % proxy.port
+        wrong = self.spawn("expose", "5000", env=env)
+        _, err = wrong.communicate(timeout=WAIT)
+        self.assertEqual(wrong.returncode, 2, err)
+        self.assertEqual(err.decode().strip().splitlines()[-1], "tunnel.py: proxy 127.0.0.1:%d "
+                         "refused the credentials for me (407)" % proxy.port)
+        self.assertNotIn(b"Traceback", err)
+
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -8,6 +8,8 @@ you want to share)::
     relay$   python3 tunnel.py serve --domain example.com
     laptop$  python3 tunnel.py expose 5000 --relay example.com:7835 --token T
     Forwarding http://brave-otter-17.example.com -> http://127.0.0.1:5000
+    lab$     HTTPS_PROXY=http://proxy:3128 python3 tunnel.py expose 5000 \
+                 --relay https://example.com --token T    # only 443, through a proxy
 
 Picture::
 
@@ -20,7 +22,8 @@ Picture::
     |   (relay)         |  socket, framed,   |  127.0.0.1:5000      |
     |  :8080 visitors   |  many streams      |  (your service)      |
     |  :7835 clients    |                    +----------------------+
-    +-------------------+
+    +-------------------+   (or that socket as a WebSocket on :8080 or
+                             HTTPS :443, GET /_tunnel: one port for all)
 
 The client dials *out* to the relay's control port (so it works from behind
 NAT and firewalls), proves it holds the shared token, and claims a name.  Each
@@ -42,7 +45,40 @@ runs through ``TLSChannel`` (an ``ssl.SSLObject`` over memory BIOs): one system
 call per read or write, as on plain TCP, where ``ssl.SSLSocket`` would make two
 per 16 KiB record.
 
-Handshake, inside TLS (client C, relay R, token K; the token never crosses)::
+Where only the web ports get out, a client reaches the relay on its visitor
+port instead: a WebSocket upgrade (RFC 6455) of ``GET /_tunnel`` on the bare
+relay domain (or any Host that is not ``NAME.DOMAIN``: an address, a load
+balancer's name), answered ``101``, after which the same control connection runs
+inside binary frames (``WSChannel``: masked from the client, ping/pong, close and
+fragmented messages handled; message boundaries mean nothing, it is one byte
+stream).  The subprotocol says where TLS is: ``tunnel.py.2.tls`` runs TLS with
+the control certificate inside the WebSocket (the plain HTTP port), and
+``tunnel.py.2`` the tunnel protocol straight inside, TLS being outside (the
+HTTPS port, whose certificate is then the binding, or a TLS proxy in front,
+declared with ``--tls-proxy-fingerprint``).  The path obeys the control port's
+handshake timeout, caps and failed-handshake penalties; without an upgrade it is
+an ordinary 404, and ``NAME.DOMAIN/_tunnel`` is just a path of tunnel NAME.
+``serve --control-port off`` leaves only the visitor port(s).
+
+The client's way out is one ``Dialer`` (used for every stream's target too, with
+no stages): TCP to each address of the first hop in turn, then its stages, each
+within ``--connect-timeout``::
+
+    [TLS to an https:// proxy] -> CONNECT or SOCKS5 through the proxy
+      -> by --relay:  HOST:PORT    TLS (the channel)
+                      https://     TLS (the channel), WebSocket upgrade
+                      http://      WebSocket upgrade, TLS inside (the channel)
+
+The proxy comes from ``--proxy`` or, by curl's rules, ``HTTPS_PROXY`` (https://
+relays), ``HTTP_PROXY`` (http://), ``ALL_PROXY`` (any, the control port too),
+with ``NO_PROXY`` honoured (``proxy_for``); ``socks5://`` resolves the relay's
+name here, ``socks5h://`` lets the proxy do it.  The proxy's codecs are pure
+(``connect_request``, ``ConnectReply``, ``Socks5Handshake``); its refusals are one
+line and a retry, except a 407 or a SOCKS credential failure, which are
+configuration errors (exit status 2; ``ProxyError.fatal``).
+
+Handshake, inside TLS (over TCP or in the WebSocket; client C, relay R, token K;
+the token never crosses)::
 
     C -> R  preamble  b"TUNNEL" + u16 version          (8 bytes; version 2)
     C -> R  HELLO     client nonce Nc                   (32 random bytes)
@@ -210,7 +246,7 @@ import threading
 import time
 TYPE_CHECKING = False   # typing costs 2 MiB at run time; annotations are strings anyway
 if TYPE_CHECKING:
-    from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Tuple, Type
+    from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type
 
 __version__ = "0.1.0"
 
@@ -356,6 +392,50 @@ STATE_DIR_ENV = "TUNNEL_STATE_DIR"      # overrides the default state directory
 SEAL_LABEL = b"seal"                    # MAC label of the key that seals AUTH's secrets
 CLIENT_SECRET_BYTES = 32                # per-client secret: binds a name reservation
 
+# -- WebSocket transport (RFC 6455): tunnel clients on the visitor port(s) -----------
+WS_PATH = "/_tunnel"                    # reserved path on the bare relay domain
+WS_PROTOCOL = "tunnel.py.2"             # subprotocol: the tunnel protocol straight inside
+#                                         (TLS is outside: the HTTPS port, or a TLS proxy)
+WS_PROTOCOL_TLS = "tunnel.py.2.tls"     # subprotocol: TLS with the control certificate
+#                                         inside, then the tunnel protocol (plain HTTP port)
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 1.3: Sec-WebSocket-Accept
+WS_VERSION = "13"                       # the one Sec-WebSocket-Version there is
+WS_KEY_BYTES = 16                       # Sec-WebSocket-Key: base64 of this many bytes
+WS_WRITE_SIZE = 256 * 1024              # payload per binary frame we send
+WS_MIN_READ = 16 * 1024                 # raw bytes a small recv still reads (the payload
+#                                         past what was asked for is kept for the next)
+MAX_WS_CONTROL = 125                    # payload limit of a control frame
+WS_PONG_LIMIT = WS_WRITE_SIZE + 64 * 1024   # held output past which a PING goes unanswered
+#                                         (a peer that pings and never reads; RFC 6455
+#                                         5.5.3 lets us answer only the latest anyway)
+WS_MASK_KEY_SIZE = 4                    # client-to-server masking key
+WS_MASK_TRANSLATE = 512                 # payloads from this size are masked lane by lane
+WS_FIN = 0x80                           # first byte: final fragment
+WS_RSV = 0x70                           # first byte: extension bits (none agreed: 0)
+WS_OPCODE_BITS = 0x0F                   # first byte: the opcode
+WS_MASKED = 0x80                        # second byte: payload is masked
+WS_LENGTH_BITS = 0x7F                   # second byte: 7-bit length or an escape
+WS_LENGTH_16 = 126                      # ... escape: a 16-bit length follows
+WS_LENGTH_64 = 127                      # ... escape: a 64-bit length follows
+WS_U16 = struct.Struct("!H")            # extended length, close code
+WS_U64 = struct.Struct("!Q")            # extended length (top bit must be 0)
+WS_CLOSE_NORMAL = 1000                  # close code: done
+WS_CLOSE_PROTOCOL = 1002                # close code: the peer broke RFC 6455
+WS_CLOSE_NO_STATUS = 1005               # what a CLOSE without a code reports (never sent)
+
+
+class WSOpcode(enum.IntEnum):
+    CONT = 0x0      # continuation of a fragmented message
+    TEXT = 0x1      # UTF-8 text: never used by the tunnel (a protocol error here)
+    BINARY = 0x2    # binary data: the tunnel's byte stream
+    CLOSE = 0x8     # closing handshake: u16 code + UTF-8 reason
+    PING = 0x9      # keep-alive probe: answered with PONG, same payload
+    PONG = 0xA      # answer to PING (unsolicited ones are allowed and ignored)
+
+
+WS_OPCODES = frozenset(int(o) for o in WSOpcode)
+WS_CONTROL = 0x8                        # opcodes from here up are control frames
+
 # -- defaults for the command line --------------------------------------------
 DEFAULT_BIND = "0.0.0.0"
 LOOPBACK_BIND = "127.0.0.1"             # the default bind with the default domain (localhost)
@@ -381,11 +461,47 @@ DIAL_STAGES: Dict[str, str] = {         # what a timeout or error message calls 
     DIAL_SOCKS: "the SOCKS handshake", DIAL_WEBSOCKET: "the WebSocket upgrade"}
 RELAY_SCHEMES = {"https": "https", "wss": "https", "http": "http", "ws": "http"}  # URL forms
 RELAY_DEFAULT_PORTS = {"https": 443, "http": 80}   # ... and their ports ("tcp": control)
+MAX_HOST_NAME = 253                     # longest DNS name (RFC 1035), for --relay
 # What the dialer reports a failure as (Dialer's ``failed(why, kind)``).
 DIAL_RETRY = "retry"                    # try again with backoff
 DIAL_UNREACHABLE = "unreachable"        # refused or not resolvable: likely a wrong --relay
 DIAL_FATAL = "fatal"                    # a configuration error: exit status 2
 DIAL_TLS_FAILED = "tls_failed"          # TLS did not come up (a --plaintext relay?)
+
+# -- proxies ------------------------------------------------------------------
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tunnel.py speaks
+DEFAULT_PROXY_PORT = 1080               # a proxy URL without a port (curl's default) ...
+DEFAULT_HTTPS_PROXY_PORT = 443          # ... unless it is https://
+MAX_PROXY_REPLY = 16 * 1024             # head of a CONNECT reply (status line and fields)
+PROXY_AUTH_REQUIRED = 407               # CONNECT answer: the proxy wants credentials
+SOCKS_VERSION = 5                       # RFC 1928: first byte of every message but auth's
+SOCKS_AUTH_VERSION = 1                  # RFC 1929: username/password subnegotiation version
+SOCKS_NO_AUTH = 0x00                    # method: no authentication required
+SOCKS_PASSWORD_AUTH = 0x02              # method: username/password (RFC 1929)
+SOCKS_NO_METHOD = 0xFF                  # the proxy accepts none of the methods offered
+SOCKS_METHODS: Dict[int, str] = {SOCKS_NO_AUTH: "no authentication",
+                                 SOCKS_PASSWORD_AUTH: "username/password",
+                                 SOCKS_NO_METHOD: "no acceptable methods"}
+SOCKS_AUTH_OK = 0x00                    # RFC 1929 status: success (any other: failure)
+SOCKS_CMD_CONNECT = 0x01                # the only command we send
+SOCKS_ATYP_IPV4 = 0x01                  # address types: 4 bytes ...
+SOCKS_ATYP_DOMAIN = 0x03                # ... a length byte and a name ...
+SOCKS_ATYP_IPV6 = 0x04                  # ... 16 bytes
+SOCKS_ADDRESS_SIZES: Dict[int, int] = {SOCKS_ATYP_IPV4: 4, SOCKS_ATYP_IPV6: 16}
+SOCKS_MAX_FIELD = 255                   # user, password, domain name: one length byte
+SOCKS_PORT = struct.Struct("!H")        # DST.PORT, BND.PORT
+SOCKS_REPLY_OK = 0x00                   # reply code: succeeded
+SOCKS5_REPLIES: Dict[int, str] = {      # RFC 1928 section 6
+    0x00: "succeeded",
+    0x01: "general SOCKS server failure",
+    0x02: "connection not allowed by ruleset",
+    0x03: "network unreachable",
+    0x04: "host unreachable",
+    0x05: "connection refused",
+    0x06: "TTL expired",
+    0x07: "command not supported",
+    0x08: "address type not supported",
+}
 
 # -- exit statuses -------------------------------------------------------------
 EXIT_OK = 0
@@ -415,6 +531,16 @@ class RefusedError(TunnelError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ProxyError(TunnelError):
+    """A proxy refused to carry the connection.  ``fatal``: a configuration error (wrong
+    or missing credentials, an auth scheme we do not speak; the client exits with status
+    2); otherwise the client retries with backoff."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class ListenError(TunnelError, OSError):
@@ -854,7 +980,7 @@ def http_response(status: int, text: str, method: str = "GET",
 
 HTTP_REASONS = {200: "OK", 303: "See Other", 308: "Permanent Redirect", 400: "Bad Request",
                 204: "No Content", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-                405: "Method Not Allowed", 429: "Too Many Requests",
+                405: "Method Not Allowed", 426: "Upgrade Required", 429: "Too Many Requests",
                 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
                 421: "Misdirected Request", 431: "Request Header Fields Too Large",
                 500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
@@ -953,6 +1079,388 @@ class FrameDecoder:
         if src is buf and pos:
             del buf[:pos]
         return out
+
+
+# =============================================================================
+# WebSocket (RFC 6455; pure: bytes in, events out)
+# =============================================================================
+# The tunnel protocol runs inside binary messages as one byte stream: message
+# boundaries mean nothing, so payloads are handed on as they arrive (never a whole
+# message buffered), and only headers and control payloads (<= 125 bytes) are held.
+
+_WS_KEY_RE = re.compile(r"[A-Za-z0-9+/]{22}==\Z")    # base64 of exactly 16 bytes
+
+
+def ws_key() -> str:
+    """A fresh Sec-WebSocket-Key: base64 of 16 random bytes."""
+    import base64
+    return base64.b64encode(os.urandom(WS_KEY_BYTES)).decode("ascii")
+
+
+def ws_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept that answers ``key``."""
+    import base64
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("latin-1")).digest()
+                            ).decode("ascii")
+
+
+def ws_valid_key(key: str) -> bool:
+    """A Sec-WebSocket-Key is base64 that decodes to exactly 16 bytes."""
+    return _WS_KEY_RE.match(key) is not None
+
+
+_WS_XOR_TABLES: Dict[int, bytes] = {}     # byte value k -> translate table of x ^ k
+
+
+def _ws_xor_table(k: int) -> bytes:
+    table = _WS_XOR_TABLES.get(k)
+    if table is None:
+        table = _WS_XOR_TABLES[k] = bytes(i ^ k for i in range(256))
+    return table
+
+
+def ws_mask(data: Any, key: bytes, offset: int = 0) -> bytes:
+    """XOR ``data`` with the repeated 4-byte ``key``, starting ``offset`` bytes into
+    the payload (masks and unmasks).  Large payloads: each of the four byte lanes
+    through ``bytes.translate`` (C speed, about 1 GB/s); small ones: one big-integer
+    XOR.  Never a Python loop per byte."""
+    n = len(data)
+    if not n:
+        return b""
+    shift = offset & 3
+    if shift:
+        key = key[shift:] + key[:shift]
+    if n < WS_MASK_TRANSLATE:
+        stream = (key * (n // WS_MASK_KEY_SIZE + 1))[:n]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(
+            n, "little")
+    if type(data) is not bytes:
+        data = bytes(data)              # strided slices of a view are slow; of bytes, fast
+    out = bytearray(n)
+    for lane in range(WS_MASK_KEY_SIZE):
+        out[lane::WS_MASK_KEY_SIZE] = data[lane::WS_MASK_KEY_SIZE].translate(
+            _ws_xor_table(key[lane]))
+    return bytes(out)
+
+
+def ws_frame(opcode: int, payload: Any, mask: bool, fin: bool = True) -> bytes:
+    """One frame: masked with a random key (``mask``: what a client sends) or not."""
+    n = len(payload)
+    first = (WS_FIN if fin else 0) | opcode
+    bit = WS_MASKED if mask else 0
+    if n < WS_LENGTH_16:
+        head = bytes((first, bit | n))
+    elif n < 1 << 16:
+        head = bytes((first, bit | WS_LENGTH_16)) + WS_U16.pack(n)
+    else:
+        head = bytes((first, bit | WS_LENGTH_64)) + WS_U64.pack(n)
+    if mask:
+        key = os.urandom(WS_MASK_KEY_SIZE)
+        return b"".join((head, key, ws_mask(payload, key)))
+    return b"".join((head, payload))
+
+
+def ws_close_payload(code: int, reason: str = "") -> bytes:
+    """A CLOSE frame's payload: the code and a reason cut to fit 125 bytes (whole
+    UTF-8 characters only)."""
+    text = reason.encode("utf-8")[:MAX_WS_CONTROL - WS_U16.size]
+    return WS_U16.pack(code) + text.decode("utf-8", "ignore").encode("utf-8")
+
+
+# Decoder states: what the next bytes are.
+_WS_HEADER, _WS_LENGTH, _WS_MASK, _WS_PAYLOAD, _WS_CONTROL_PAYLOAD, _WS_CLOSED = range(6)
+WS_EV_DATA, WS_EV_PING, WS_EV_PONG, WS_EV_CLOSE = "data", "ping", "pong", "close"
+
+
+class WSDecoder:
+    """Incremental frame decoder: ``feed(bytes) -> [event, ...]`` with events
+    ``("data", bytes)`` (BINARY and CONT payloads, streamed: what arrived, even in the
+    middle of a frame), ``("ping", bytes)``, ``("pong", bytes)`` and
+    ``("close", code, reason)`` (code 1005 when the frame had none).
+
+    ``server_side``: frames must be masked (from a client) or must not be (from a
+    server).  Raises ``ProtocolError`` on anything RFC 6455 forbids or the tunnel does
+    not use: RSV bits (no extension is agreed), unknown opcodes, TEXT, a CONT with no
+    message started, a new message inside a fragmented one, a control frame over 125
+    bytes or fragmented, a 64-bit length with the top bit set, a length not in its
+    shortest form, and any byte after CLOSE.  Control frames may come between the
+    fragments of a message (5.4).  The decoder is dead after an error."""
+
+    def __init__(self, server_side: bool) -> None:
+        self.server_side = server_side
+        self._state = _WS_HEADER
+        self._buf = bytearray()         # a header part or a control payload, never data
+        self._opcode = 0
+        self._ext = 0                   # bytes of extended length still to read
+        self._remaining = 0             # payload bytes of this frame still to come
+        self._key = b""                 # this frame's masking key (b"": unmasked)
+        self._offset = 0                # payload bytes already unmasked (key rotation)
+        self._fragmented = False        # a data message started and is not finished
+
+    @property
+    def closed(self) -> bool:
+        return self._state == _WS_CLOSED
+
+    def feed(self, data: Any) -> List[Tuple[Any, ...]]:
+        events: List[Tuple[Any, ...]] = []
+        steps = self._steps
+        with memoryview(data) as view:
+            pos, end = 0, len(view)
+            while pos < end:
+                pos = steps[self._state](self, view, pos, end, events)
+        return events
+
+    def _take(self, view: memoryview, pos: int, end: int, need: int) -> Tuple[Any, int]:
+        """``need`` bytes of a header part: (bytes, new pos), or (None, end) while more
+        are to come (then buffered: never more than ``need``)."""
+        buf = self._buf
+        if not buf and end - pos >= need:
+            return bytes(view[pos:pos + need]), pos + need
+        take = min(need - len(buf), end - pos)
+        buf += view[pos:pos + take]
+        pos += take
+        if len(buf) < need:
+            return None, pos
+        part = bytes(buf)
+        del buf[:need]
+        return part, pos
+
+    def _on_header(self, view: memoryview, pos: int, end: int,
+                   events: List[Tuple[Any, ...]]) -> int:
+        part, pos = self._take(view, pos, end, 2)
+        if part is None:
+            return pos
+        first, second = part[0], part[1]
+        if first & WS_RSV:
+            raise ProtocolError("WebSocket frame with reserved bits set (no extension "
+                                "was agreed)")
+        opcode = first & WS_OPCODE_BITS
+        if opcode not in WS_OPCODES:
+            raise ProtocolError("unknown WebSocket opcode %d" % opcode)
+        if opcode == WSOpcode.TEXT:
+            raise ProtocolError("WebSocket text frame (the tunnel speaks binary only)")
+        if bool(second & WS_MASKED) != self.server_side:
+            raise ProtocolError("unmasked WebSocket frame from a client" if self.server_side
+                                else "masked WebSocket frame from a server")
+        fin = bool(first & WS_FIN)
+        length = second & WS_LENGTH_BITS
+        if opcode >= WS_CONTROL:
+            if not fin:
+                raise ProtocolError("fragmented WebSocket control frame")
+            if length > MAX_WS_CONTROL:
+                raise ProtocolError("WebSocket control frame over %d bytes" % MAX_WS_CONTROL)
+        elif opcode == WSOpcode.CONT:
+            if not self._fragmented:
+                raise ProtocolError("WebSocket continuation frame without a message")
+            self._fragmented = not fin
+        else:
+            if self._fragmented:
+                raise ProtocolError("new WebSocket message inside a fragmented one")
+            self._fragmented = not fin
+        self._opcode = opcode
+        if length == WS_LENGTH_16:
+            self._ext = WS_U16.size
+            self._state = _WS_LENGTH
+        elif length == WS_LENGTH_64:
+            self._ext = WS_U64.size
+            self._state = _WS_LENGTH
+        else:
+            self._remaining = length
+            self._after_length(events)
+        return pos
+
+    def _on_length(self, view: memoryview, pos: int, end: int,
+                   events: List[Tuple[Any, ...]]) -> int:
+        part, pos = self._take(view, pos, end, self._ext)
+        if part is None:
+            return pos
+        if self._ext == WS_U16.size:
+            length = WS_U16.unpack(part)[0]
+            if length < WS_LENGTH_16:
+                raise ProtocolError("WebSocket length %d not in its shortest form" % length)
+        else:
+            length = WS_U64.unpack(part)[0]
+            if length >> 63:
+                raise ProtocolError("WebSocket length %d has the top bit set" % length)
+            if length < 1 << 16:
+                raise ProtocolError("WebSocket length %d not in its shortest form" % length)
+        self._remaining = length
+        self._after_length(events)
+        return pos
+
+    def _after_length(self, events: List[Tuple[Any, ...]]) -> None:
+        if self.server_side:
+            self._state = _WS_MASK
+        else:
+            self._key = b""
+            self._start_payload(events)
+
+    def _on_mask(self, view: memoryview, pos: int, end: int,
+                 events: List[Tuple[Any, ...]]) -> int:
+        part, pos = self._take(view, pos, end, WS_MASK_KEY_SIZE)
+        if part is not None:
+            self._key = part
+            self._start_payload(events)
+        return pos
+
+    def _start_payload(self, events: List[Tuple[Any, ...]]) -> None:
+        self._offset = 0
+        if self._opcode >= WS_CONTROL:
+            self._state = _WS_CONTROL_PAYLOAD
+            if not self._remaining:
+                self._control(b"", events)
+        else:
+            self._state = _WS_PAYLOAD if self._remaining else _WS_HEADER
+
+    def _on_payload(self, view: memoryview, pos: int, end: int,
+                    events: List[Tuple[Any, ...]]) -> int:
+        n = min(self._remaining, end - pos)
+        piece = view[pos:pos + n]
+        data = ws_mask(piece, self._key, self._offset) if self._key else bytes(piece)
+        self._offset += n
+        self._remaining -= n
+        events.append((WS_EV_DATA, data))
+        if not self._remaining:
+            self._state = _WS_HEADER
+        return pos + n
+
+    def _on_control_payload(self, view: memoryview, pos: int, end: int,
+                            events: List[Tuple[Any, ...]]) -> int:
+        part, pos = self._take(view, pos, end, self._remaining)
+        if part is not None:
+            self._control(ws_mask(part, self._key) if self._key else part, events)
+        return pos
+
+    def _control(self, payload: bytes, events: List[Tuple[Any, ...]]) -> None:
+        self._state = _WS_HEADER
+        opcode = self._opcode
+        if opcode == WSOpcode.PING:
+            events.append((WS_EV_PING, payload))
+        elif opcode == WSOpcode.PONG:
+            events.append((WS_EV_PONG, payload))
+        else:
+            self._state = _WS_CLOSED
+            if not payload:
+                events.append((WS_EV_CLOSE, WS_CLOSE_NO_STATUS, ""))
+                return
+            if len(payload) < WS_U16.size:
+                raise ProtocolError("WebSocket close frame of 1 byte")
+            try:
+                reason = payload[WS_U16.size:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("WebSocket close reason is not UTF-8") from None
+            events.append((WS_EV_CLOSE, WS_U16.unpack_from(payload)[0], reason))
+
+    def _on_closed(self, view: memoryview, pos: int, end: int,
+                   events: List[Tuple[Any, ...]]) -> int:
+        raise ProtocolError("WebSocket data after the close frame")
+
+    _steps = {_WS_HEADER: _on_header, _WS_LENGTH: _on_length, _WS_MASK: _on_mask,
+              _WS_PAYLOAD: _on_payload, _WS_CONTROL_PAYLOAD: _on_control_payload,
+              _WS_CLOSED: _on_closed}
+
+
+# -- the upgrade (RFC 6455 section 4) --------------------------------------------
+
+def ws_upgrade_request(host: str, path: str, key: str, protocol: str,
+                       extra: Tuple[Tuple[str, str], ...] = ()) -> bytes:
+    """The client's opening handshake: ``GET path HTTP/1.1`` with the upgrade fields
+    (``host`` is the Host value, a port included if not the default)."""
+    lines = ["GET %s HTTP/1.1" % path, "Host: %s" % host, "Upgrade: websocket",
+             "Connection: Upgrade", "Sec-WebSocket-Key: %s" % key,
+             "Sec-WebSocket-Version: %s" % WS_VERSION, "Sec-WebSocket-Protocol: %s" % protocol]
+    lines.extend("%s: %s" % kv for kv in extra)
+    if any(c in line for line in lines for c in "\r\n\0"):
+        raise ValueError("CR, LF or NUL in a WebSocket upgrade field")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def ws_response_head_end(buf: Any) -> int:
+    """Where the response head in ``buf`` ends (the index after its blank line), or
+    -1 while it is incomplete; ProtocolError once it is over MAX_HEAD_SIZE."""
+    i = bytes(buf[:MAX_HEAD_SIZE + 4]).find(b"\r\n\r\n")
+    if i >= 0:
+        return i + 4
+    if len(buf) >= MAX_HEAD_SIZE + 4:
+        raise ProtocolError("the relay's answer to the WebSocket upgrade has a head over "
+                            "%d bytes" % MAX_HEAD_SIZE)
+    return -1
+
+
+def _ws_list(values: List[str]) -> List[str]:
+    """The items of comma-separated field values, case kept (subprotocols are
+    case-sensitive)."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def ws_check_response(head: bytes, key: str, protocol: str) -> None:
+    """Check the relay's answer to our upgrade (``head``: up to and including the
+    blank line); ProtocolError with a one-line reason unless it is our 101."""
+    m = _STATUS_LINE_RE.match(head)
+    if m is None:
+        raise ProtocolError("the relay did not answer the WebSocket upgrade with HTTP "
+                            "(%s)" % escape_unprintable(bytes(head[:40]).decode("latin-1")))
+    status = int(m.group(3))
+    head = bytes(head)
+    line, block = _split_start_line(head[:-4] if head.endswith(b"\r\n\r\n") else head)
+    if status != 101:
+        reason = line.split(" ", 2)[2] if line.count(" ") >= 2 else ""
+        raise ProtocolError("the relay answered %d%s, not 101" % (
+            status, " " + escape_unprintable(reason) if reason else ""))
+    try:
+        headers = _parse_fields(block)
+    except HTTPError as exc:
+        raise ProtocolError("the relay's 101 is malformed: %s" % exc) from None
+    if "websocket" not in headers.tokens("upgrade"):
+        raise ProtocolError("the relay's 101 does not upgrade to websocket")
+    if "upgrade" not in headers.tokens("connection"):
+        raise ProtocolError("the relay's 101 lacks Connection: Upgrade")
+    if headers.get_all("sec-websocket-accept") != [ws_accept(key)]:
+        raise ProtocolError("the relay's 101 has a wrong Sec-WebSocket-Accept")
+    chosen = _ws_list(headers.get_all("sec-websocket-protocol"))
+    if chosen != [protocol]:
+        raise ProtocolError("the relay's 101 chose the subprotocol %s, not %s" % (
+            escape_unprintable(", ".join(chosen)) or "(none)", protocol))
+    if headers.get_all("sec-websocket-extensions"):
+        raise ProtocolError("the relay's 101 names extensions we did not offer")
+
+
+def ws_check_upgrade(req: "Request") -> str:
+    """Relay side: the subprotocol to answer a visitor's upgrade request with, or an
+    HTTPError: 400 for a malformed request, 426 for another WebSocket version."""
+    if req.method != "GET":
+        raise HTTPError(400, "A WebSocket upgrade is a GET, not %s." % req.method)
+    if req.version != (1, 1):
+        raise HTTPError(400, "A WebSocket upgrade needs HTTP/1.1.")
+    headers = req.headers
+    if "websocket" not in headers.tokens("upgrade"):
+        raise HTTPError(400, "Only Upgrade: websocket is served here.")
+    if "upgrade" not in req.connection:
+        raise HTTPError(400, "A WebSocket upgrade needs Connection: Upgrade.")
+    if req.body != "none":
+        raise HTTPError(400, "A WebSocket upgrade has no body.")
+    versions = headers.get_all("sec-websocket-version")
+    if not versions:
+        raise HTTPError(400, "A WebSocket upgrade needs Sec-WebSocket-Version.")
+    if versions != [WS_VERSION]:
+        raise HTTPError(426, "This relay speaks WebSocket version %s." % WS_VERSION,
+                        (("Sec-WebSocket-Version", WS_VERSION),))
+    keys = headers.get_all("sec-websocket-key")
+    if len(keys) != 1 or not ws_valid_key(keys[0]):
+        raise HTTPError(400, "A WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes "
+                        "in base64.")
+    for offered in _ws_list(headers.get_all("sec-websocket-protocol")):
+        if offered in (WS_PROTOCOL, WS_PROTOCOL_TLS):
+            return offered
+    raise HTTPError(400, "This path serves tunnel.py clients only (Sec-WebSocket-Protocol "
+                    "%s or %s)." % (WS_PROTOCOL, WS_PROTOCOL_TLS))
+
+
+def ws_upgrade_response(key: str, protocol: str) -> bytes:
+    """The relay's 101 for an upgrade whose key was ``key``."""
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Protocol: %s\r\n\r\n"
+            % (ws_accept(key), protocol)).encode("latin-1")
 
 
 # =============================================================================
@@ -2896,6 +3404,483 @@ def forwarding_fields(peer_ip: str, host: str, proto: str) -> bytes:
 
 
 # =============================================================================
+# Proxies (HTTP CONNECT, SOCKS5; pure: bytes in, bytes out)
+# =============================================================================
+
+# Which environment variables name the proxy for a relay URL's scheme (curl's rules:
+# the lower-case spelling wins, then ALL_PROXY for every scheme, the raw port included).
+PROXY_VARIABLES: Dict[str, Tuple[str, ...]] = {
+    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+    "tcp": ("all_proxy", "ALL_PROXY"),
+}
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+ROUTE_DIRECT = "direct"
+ROUTE_NO_PROXY = "direct (NO_PROXY)"
+ROUTE_DISABLED = "direct (--no-proxy)"
+ROUTE_PROXY = "via proxy %s"
+
+_PROXY_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?\.?\Z")
+_PROXY_URL_RE = re.compile(r"([^/?#]*)(.*)\Z", re.S)
+_URL_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]*\Z")
+_NO_PROXY_SPLIT_RE = re.compile(r"[,\s]+")
+_CONNECT_STATUS_RE = re.compile(r"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\r\n]*))?\Z")
+_PROXY_FIELD_NAME_RE = re.compile(_TOKEN + r"\Z")
+_CHALLENGE_RE = re.compile(r"[ \t]*(" + _TOKEN + r")(?:[ \t]+[^=\s]|[ \t]*\Z)")
+_TARGET_HOST_RE = re.compile(r"[A-Za-z0-9._~%:-]+\Z")   # what a CONNECT target may hold
+_QUOTED_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_FIELD_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # control bytes but HT
+
+
+class ProxyURL(collections.namedtuple("ProxyURL", "scheme host port user password")):
+    """A parsed proxy URL; ``user`` and ``password`` are None without credentials.
+    ``display`` (and ``repr``) never show the password."""
+
+    __slots__ = ()
+
+    @property
+    def display(self) -> str:
+        """``http://proxy.corp:3128``: for log lines, without the credentials."""
+        return "%s://%s" % (self.scheme, format_hostport(self.host, self.port))
+
+    @property
+    def where(self) -> str:
+        """``proxy.corp:3128``: the proxy as error messages name it."""
+        return format_hostport(self.host, self.port)
+
+    def __repr__(self) -> str:
+        return "ProxyURL(%r, user=%r)" % (self.display, self.user)
+
+
+def proxy_text(proxy: ProxyURL) -> str:
+    """``http://proxy.corp:3128`` (never the credentials)."""
+    return proxy.display
+
+
+def _ip_literal(text: str) -> Any:
+    """``text`` as an ipaddress object, or None if it is not an IP literal."""
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def parse_proxy_url(text: str) -> ProxyURL:
+    """``[SCHEME://][USER[:PASS]@]HOST[:PORT][/]`` with SCHEME one of PROXY_SCHEMES
+    (none: http, as curl does); USER and PASS are percent-decoded, an IPv6 HOST is in
+    brackets, PORT defaults to 1080 (443 for https).  ValueError with a one-line
+    reason (which never repeats the credentials) for anything else."""
+    import urllib.parse
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    scheme = scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        shown = " %r" % scheme if _URL_SCHEME_RE.match(scheme) else ""
+        raise ValueError("unsupported proxy scheme%s (tunnel.py speaks %s)"
+                         % (shown, ", ".join(PROXY_SCHEMES)))
+    m = _PROXY_URL_RE.match(rest)
+    authority, path = m.group(1), m.group(2)
+    if path not in ("", "/"):      # not shown: it may hold the rest of a password
+        raise ValueError("a proxy URL has no path, query or fragment (percent-encode "
+                         "'/', '?', '#' and '@' in a user name or password)")
+    userinfo, at, hostport = authority.rpartition("@")
+    user = password = None
+    if at and userinfo:
+        raw_user, _, raw_password = userinfo.partition(":")
+        user = urllib.parse.unquote(raw_user)
+        password = urllib.parse.unquote(raw_password)
+    port_text = ""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise ValueError("unclosed '[' in the proxy address")
+        host, after = hostport[1:end], hostport[end + 1:]
+        if after and not after.startswith(":"):
+            raise ValueError("expected ':PORT' after ']' in the proxy address")
+        port_text = after[1:]
+        ip = _ip_literal(host)
+        if ip is None or ip.version != 6:
+            raise ValueError("'%s' in brackets is not an IPv6 address" % escape_unprintable(host))
+    else:
+        if hostport.count(":") > 1:
+            raise ValueError("an IPv6 proxy address goes in brackets: [%s]"
+                             % escape_unprintable(hostport))
+        host, _, port_text = hostport.partition(":")
+        if not host:
+            raise ValueError("no host in the proxy URL")
+        if _PROXY_HOST_RE.match(host) is None:
+            raise ValueError("invalid proxy host '%s'" % escape_unprintable(host))
+    if port_text:
+        if not (port_text.isdigit() and port_text.isascii() and 0 < int(port_text) < 65536):
+            raise ValueError("invalid proxy port '%s'" % escape_unprintable(port_text))
+        port = int(port_text)
+    else:
+        port = DEFAULT_HTTPS_PROXY_PORT if scheme == "https" else DEFAULT_PROXY_PORT
+    if user is not None and not scheme.startswith("socks") and ":" in user:
+        raise ValueError("a proxy user name for Basic cannot contain ':'")
+    if user is not None and scheme.startswith("socks"):
+        if not 0 < len(user.encode("utf-8")) <= SOCKS_MAX_FIELD:
+            raise ValueError("a SOCKS user name is 1-%d bytes" % SOCKS_MAX_FIELD)
+        if len(password.encode("utf-8")) > SOCKS_MAX_FIELD:
+            raise ValueError("a SOCKS password is at most %d bytes" % SOCKS_MAX_FIELD)
+    return ProxyURL(scheme, host, port, user, password)
+
+
+def _no_proxy_entry(entry: str) -> Tuple[str, Optional[int]]:
+    """(host part, port or None) of one NO_PROXY entry, lower-case, brackets off."""
+    if entry.startswith("["):
+        end = entry.find("]")
+        if end > 0:
+            host, after = entry[1:end], entry[end + 1:]
+            if after.startswith("/"):             # [fd00::]/8
+                return host + after, None
+            if after.startswith(":") and after[1:].isdigit():
+                return host, int(after[1:])
+            return host, None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        if port.isdigit():
+            return host, int(port)
+    return entry, None
+
+
+def no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
+    """Does ``NO_PROXY``-style list ``no_proxy`` cover ``host`` (a name or an IP
+    literal, brackets allowed) on ``port``?  curl's rules: entries separated by commas
+    or whitespace; ``*`` alone matches everything; a name matches itself and its
+    subdomains, with or without a leading dot (``*.`` too); case and a trailing dot do
+    not matter; an IP literal matches exactly, a CIDR block every address in it (never a
+    name: there is no DNS here); ``ENTRY:PORT`` matches only that port."""
+    import ipaddress
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    name = name.lower().rstrip(".")
+    ip = _ip_literal(name.split("%", 1)[0])
+    for entry in _NO_PROXY_SPLIT_RE.split(no_proxy.strip()):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        pattern, entry_port = _no_proxy_entry(entry.lower())
+        if entry_port is not None and entry_port != port:
+            continue
+        if "/" in pattern:
+            try:
+                network = ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                continue
+            if ip is not None and ip.version == network.version and ip in network:
+                return True
+            continue
+        entry_ip = _ip_literal(pattern)
+        if entry_ip is not None or ip is not None:
+            if entry_ip is not None and entry_ip == ip:
+                return True
+            continue
+        if pattern.startswith("*."):
+            pattern = pattern[1:]
+        pattern = pattern.strip(".")
+        if pattern and (name == pattern or name.endswith("." + pattern)):
+            return True
+    return False
+
+
+def _first_set(environ: Mapping[str, str], names: Tuple[str, ...]) -> Tuple[str, str]:
+    """(name, value) of the first of ``names`` set to something but blanks, or ("", "")."""
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            return name, value
+    return "", ""
+
+
+def proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str],
+              override: Optional[str] = None,
+              disabled: bool = False) -> Tuple[Optional[ProxyURL], str]:
+    """The proxy to reach ``host``:``port`` through (or None) and the route text for the
+    log.  ``scheme`` is the relay URL's: ``https``, ``http`` or ``tcp`` (the raw control
+    port).  curl's conventions: ``override`` (``--proxy``) replaces the environment
+    (an empty one means no proxy), ``disabled`` (``--no-proxy``) means direct; else
+    https_proxy/HTTPS_PROXY for https, http_proxy/HTTP_PROXY for http, then
+    all_proxy/ALL_PROXY, lower case first; NO_PROXY applies to both.  A malformed
+    proxy URL raises ValueError naming where it came from (``HTTPS_PROXY: ...``)."""
+    if scheme not in PROXY_VARIABLES:
+        raise ValueError("unknown relay scheme %r" % scheme)
+    if disabled or (override is not None and not override.strip()):
+        return None, ROUTE_DISABLED
+    if override is not None:
+        source, text = "--proxy", override.strip()
+    else:
+        source, text = _first_set(environ, PROXY_VARIABLES[scheme])
+        if not text:
+            return None, ROUTE_DIRECT
+    try:
+        proxy = parse_proxy_url(text)
+    except ValueError as exc:
+        raise ValueError("%s: %s" % (source, exc)) from None
+    if no_proxy_match(host, port, _first_set(environ, NO_PROXY_VARIABLES)[1]):
+        return None, ROUTE_NO_PROXY
+    return proxy, ROUTE_PROXY % proxy.display
+
+
+# -- HTTP CONNECT --------------------------------------------------------------
+
+def connect_request(host: str, port: int, proxy: ProxyURL) -> bytes:
+    """The ``CONNECT host:port`` request for ``proxy`` (Basic credentials if it has a
+    user).  ValueError for a host that could break the request line, or a user name
+    with a colon (Basic cannot carry one)."""
+    if _TARGET_HOST_RE.match(host) is None:
+        raise ValueError("invalid host '%s' for CONNECT" % escape_unprintable(host))
+    target = format_hostport(host, port)
+    head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tunnel.py/%s\r\n" % (
+        target, target, __version__)
+    if proxy.user is not None:
+        if ":" in proxy.user:
+            raise ValueError("a proxy user name for Basic cannot contain ':'")
+        credentials = ("%s:%s" % (proxy.user, proxy.password or "")).encode("utf-8")
+        head += "Proxy-Authorization: Basic %s\r\n" % _b64(credentials)
+    return (head + "\r\n").encode("latin-1")
+
+
+class ConnectReply:
+    """The proxy's answer to CONNECT, fed incrementally: ``feed(data)`` is True once
+    the head is complete; then ``status``, ``reason`` (escaped for printing),
+    ``fields`` ((name, value) pairs in order, duplicates kept) and ``rest`` (the bytes
+    after the head: the start of the tunnel, or of an error body).  ProtocolError for a
+    head over MAX_PROXY_REPLY or a malformed one."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.done = False
+        self.status = 0
+        self.reason = ""
+        self.fields: List[Tuple[str, str]] = []
+        self.rest = b""
+
+    def feed(self, data: bytes) -> bool:
+        if self.done:
+            raise ValueError("the CONNECT reply is complete: read .rest")
+        buf, old = self._buf, len(self._buf)
+        mv = memoryview(data)
+        room = MAX_PROXY_REPLY - old
+        buf += mv[:room]                       # never more than the limit buffered
+        if buf[:5] != b"HTTP/"[:len(buf)]:
+            raise ProtocolError("the proxy did not answer CONNECT with HTTP (%s)"
+                                % escape_unprintable(bytes(buf[:16]).decode("latin-1")))
+        end = buf.find(b"\r\n\r\n", max(0, old - 3))
+        if end < 0:
+            if len(buf) >= MAX_PROXY_REPLY:
+                raise ProtocolError("the proxy's reply head is over %d bytes" % MAX_PROXY_REPLY)
+            return False
+        self.rest = bytes(buf[end + 4:]) + bytes(mv[room:]) if room < len(mv) \
+            else bytes(buf[end + 4:])
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        self._buf = bytearray()
+        m = _CONNECT_STATUS_RE.match(lines[0])
+        if m is None:
+            raise ProtocolError("malformed status line from the proxy: %s"
+                                % escape_unprintable(lines[0][:80]))
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or _PROXY_FIELD_NAME_RE.match(name) is None \
+                    or _FIELD_VALUE_BAD_RE.search(value) is not None:
+                raise ProtocolError("malformed field in the proxy's reply: %s"
+                                    % escape_unprintable(line[:80]))
+            self.fields.append((name, value.strip(" \t")))
+        self.status = int(m.group(1))
+        self.reason = escape_unprintable(m.group(2) or "")
+        self.done = True
+        return True
+
+    def get_all(self, name: str) -> List[str]:
+        """Every value of field ``name`` (any case), in order."""
+        lower = name.lower()
+        return [v for n, v in self.fields if n.lower() == lower]
+
+
+def auth_schemes(values: List[str]) -> List[str]:
+    """The auth schemes a list of Proxy-Authenticate values offers, in order,
+    duplicates kept (``Basic realm="x", NTLM`` offers Basic and NTLM)."""
+    found = []
+    for value in values:
+        for part in _QUOTED_STRING_RE.sub('""', value).split(","):
+            m = _CHALLENGE_RE.match(part)
+            if m is not None:
+                found.append(m.group(1))
+    return found
+
+
+def connect_error(reply: ConnectReply, proxy: ProxyURL, target: str) -> ProxyError:
+    """The error for a CONNECT answered with ``reply`` (not 2xx): a 407 is fatal and
+    says what the proxy wants; any other status is retried."""
+    where = proxy.where
+    if reply.status != PROXY_AUTH_REQUIRED:
+        status = ("%d %s" % (reply.status, reply.reason)).rstrip()
+        return ProxyError("proxy %s refused CONNECT %s: %s" % (where, target, status))
+    schemes = auth_schemes(reply.get_all("proxy-authenticate"))
+    if schemes and not any(s.lower() == "basic" for s in schemes):
+        return ProxyError("proxy %s wants %s, which tunnel.py does not speak; use a proxy "
+                          "account with Basic, or a SOCKS proxy"
+                          % (where, escape_unprintable(", ".join(schemes))), fatal=True)
+    if proxy.user is not None:
+        return ProxyError("proxy %s refused the credentials for %s (407)"
+                          % (where, escape_unprintable(proxy.user)), fatal=True)
+    return ProxyError("proxy %s wants a user name and password (Basic): put them in the "
+                      "proxy URL, %s://USER:PASS@%s" % (where, proxy.scheme, where), fatal=True)
+
+
+# -- SOCKS5 (RFC 1928, RFC 1929) -------------------------------------------------
+
+# Handshake states: what the next bytes from the proxy are.
+_SOCKS_METHOD = "method"          # VER METHOD (2 bytes)
+_SOCKS_AUTH = "auth"              # RFC 1929: VER STATUS (2 bytes)
+_SOCKS_REPLY = "reply"            # VER REP RSV ATYP (4 bytes)
+_SOCKS_NAME_LENGTH = "name length"   # ATYP 3: the bound name's length (1 byte)
+_SOCKS_BOUND = "bound address"    # BND.ADDR BND.PORT (4 + 2, 16 + 2 or length + 2)
+_SOCKS_DONE = "done"              # the tunnel is open; everything else is ``rest``
+_SOCKS_FAILED = "failed"          # an error was raised; feed raises again
+SOCKS_STATES: Dict[str, int] = {  # state -> bytes it waits for (0: variable, or none)
+    _SOCKS_METHOD: 2, _SOCKS_AUTH: 2, _SOCKS_REPLY: 4, _SOCKS_NAME_LENGTH: 1,
+    _SOCKS_BOUND: 0, _SOCKS_DONE: 0, _SOCKS_FAILED: 0,
+}
+
+
+class Socks5Handshake:
+    """The client side of a SOCKS5 CONNECT: ``start()`` is the greeting, ``feed(data)``
+    returns what to send next (b"" for nothing); ``done`` once the proxy reports
+    success, with ``rest`` the bytes after its reply.  ``host`` is an IP literal
+    (socks5: resolved here) or a name (socks5h: resolved by the proxy).  ``proxy_name``
+    (``proxy.corp:1080``) is named in the errors.  ProxyError (``fatal`` for
+    credentials) when the proxy refuses, ProtocolError when it breaks the protocol."""
+
+    def __init__(self, host: str, port: int, user: Optional[str] = None,
+                 password: Optional[str] = None, proxy_name: str = "") -> None:
+        if not 0 < port < 65536:
+            raise ValueError("invalid port %r" % port)
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        ip = _ip_literal(literal)
+        if ip is not None:
+            atyp = SOCKS_ATYP_IPV4 if ip.version == 4 else SOCKS_ATYP_IPV6
+            address = bytes([atyp]) + ip.packed
+        else:
+            name = host.encode("ascii") if host.isascii() else host.encode("idna")
+            if not 0 < len(name) <= SOCKS_MAX_FIELD:
+                raise ValueError("a SOCKS host name is 1-%d bytes" % SOCKS_MAX_FIELD)
+            if _PROXY_HOST_RE.match(name.decode("ascii")) is None:
+                raise ValueError("invalid host name '%s'" % escape_unprintable(host))
+            address = bytes([SOCKS_ATYP_DOMAIN, len(name)]) + name
+        self._request = bytes([SOCKS_VERSION, SOCKS_CMD_CONNECT, 0]) + address + \
+            SOCKS_PORT.pack(port)
+        self._auth = b""
+        if user is not None:
+            u, p = user.encode("utf-8"), (password or "").encode("utf-8")
+            if not 0 < len(u) <= SOCKS_MAX_FIELD or len(p) > SOCKS_MAX_FIELD:
+                raise ValueError("a SOCKS user name is 1-%d bytes, a password at most %d"
+                                 % (SOCKS_MAX_FIELD, SOCKS_MAX_FIELD))
+            self._auth = bytes([SOCKS_AUTH_VERSION, len(u)]) + u + bytes([len(p)]) + p
+        self.user = user
+        self.target = format_hostport(literal if ip is not None else host, port)
+        self.who = "SOCKS proxy " + proxy_name if proxy_name else "the SOCKS proxy"
+        self.state = _SOCKS_METHOD
+        self._need = SOCKS_STATES[_SOCKS_METHOD]
+        self._buf = bytearray()
+        self.done = False
+        self.rest = b""
+
+    def start(self) -> bytes:
+        """The greeting: no authentication, and username/password when we have a user."""
+        methods = [SOCKS_NO_AUTH] + ([SOCKS_PASSWORD_AUTH] if self._auth else [])
+        return bytes([SOCKS_VERSION, len(methods)] + methods)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.state == _SOCKS_DONE:
+            raise ValueError("the SOCKS handshake is complete: read .rest")
+        if self.state == _SOCKS_FAILED:
+            raise ProtocolError("the SOCKS handshake already failed")
+        buf = self._buf
+        buf += data
+        out = b""
+        try:
+            while self.state != _SOCKS_DONE and len(buf) >= self._need:
+                piece = bytes(buf[:self._need])
+                del buf[:self._need]
+                out += self._step(piece)
+        except TunnelError:
+            self.state = _SOCKS_FAILED
+            raise
+        if self.state == _SOCKS_DONE:
+            self.rest = bytes(buf)
+            self._buf = bytearray()
+        return out
+
+    def _enter(self, state: str, need: int = 0) -> None:
+        self.state = state
+        self._need = need or SOCKS_STATES[state]
+
+    def _step(self, piece: bytes) -> bytes:
+        """One complete message part in ``piece``; returns what to send."""
+        state = self.state
+        if state == _SOCKS_METHOD:
+            self._check_version(piece[0])
+            method = piece[1]
+            if method == SOCKS_NO_METHOD:
+                if self._auth:
+                    raise ProxyError("%s refused every method we offer (%s, %s)" % (
+                        self.who, SOCKS_METHODS[SOCKS_NO_AUTH],
+                        SOCKS_METHODS[SOCKS_PASSWORD_AUTH]), fatal=True)
+                raise ProxyError("%s wants a user name and password: put them in the proxy "
+                                 "URL" % self.who, fatal=True)
+            if method == SOCKS_NO_AUTH:
+                self._enter(_SOCKS_REPLY)
+                return self._request
+            if method == SOCKS_PASSWORD_AUTH and self._auth:
+                self._enter(_SOCKS_AUTH)
+                return self._auth
+            raise ProtocolError("%s chose method 0x%02x, which we did not offer"
+                                % (self.who, method))
+        if state == _SOCKS_AUTH:
+            if piece[0] != SOCKS_AUTH_VERSION:
+                raise ProtocolError("%s answered the credentials with version 0x%02x"
+                                    % (self.who, piece[0]))
+            if piece[1] != SOCKS_AUTH_OK:
+                raise ProxyError("%s refused the credentials for %s"
+                                 % (self.who, escape_unprintable(self.user or "")), fatal=True)
+            self._enter(_SOCKS_REPLY)
+            return self._request
+        if state == _SOCKS_REPLY:
+            self._check_version(piece[0])
+            code, reserved, atyp = piece[1], piece[2], piece[3]
+            if code != SOCKS_REPLY_OK:
+                meaning = SOCKS5_REPLIES.get(code, "unknown reply code 0x%02x" % code)
+                raise ProxyError("%s could not connect to %s: %s"
+                                 % (self.who, self.target, meaning))
+            if reserved != 0:
+                raise ProtocolError("%s sent a reply with reserved byte 0x%02x"
+                                    % (self.who, reserved))
+            if atyp == SOCKS_ATYP_DOMAIN:
+                self._enter(_SOCKS_NAME_LENGTH)
+            elif atyp in SOCKS_ADDRESS_SIZES:
+                self._enter(_SOCKS_BOUND, SOCKS_ADDRESS_SIZES[atyp] + SOCKS_PORT.size)
+            else:
+                raise ProtocolError("%s sent address type 0x%02x" % (self.who, atyp))
+            return b""
+        if state == _SOCKS_NAME_LENGTH:
+            self._enter(_SOCKS_BOUND, piece[0] + SOCKS_PORT.size)
+            return b""
+        self.state, self.done = _SOCKS_DONE, True   # _SOCKS_BOUND: the address is not used
+        return b""
+
+    def _check_version(self, version: int) -> None:
+        if version != SOCKS_VERSION:
+            raise ProtocolError("%s is not a SOCKS5 proxy (version byte 0x%02x)"
+                                % (self.who, version))
+
+
+# =============================================================================
 # Visitor access control (pure: a request and a peer in, a verdict out)
 # =============================================================================
 
@@ -3668,7 +4653,9 @@ class TLSChannel:
     see.  Ciphertext a short raw send left (``unsent``) goes out first on the next
     ``send`` or ``push``, and no new plaintext is taken while any is left: at most a
     TLS_WRITE_SIZE of it is held here, the rest waits in the caller's queue.  TLS
-    errors come out as an OSError with the reason (``TLS: ...``)."""
+    errors come out as an OSError with the reason (``TLS: ...``).  Over a WSChannel
+    (TLS inside a WebSocket), ``unsent``, ``wire_sent``, ``push()`` and ``pending()``
+    count what that channel holds too, its bytes going out first."""
 
     def __init__(self, sock: socket.socket, ctx: Any, server_side: bool,
                  server_hostname: Optional[str] = None) -> None:
@@ -3678,10 +4665,11 @@ class TLSChannel:
         self._out = ssl.MemoryBIO()
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
                                  server_hostname=server_hostname)
-        self.unsent = b""           # ciphertext the socket did not take yet
-        self.wire_sent = 0          # ciphertext the socket took, ever (progress while
+        self._unsent = b""          # ciphertext the socket did not take yet
+        self._wire_sent = 0         # ciphertext the socket took, ever (progress while
         #                             plaintext waits behind ``unsent``)
         self._more = False          # the last read stopped on a full buffer, not a dry BIO
+        self._inner = sock if hasattr(sock, "push") else None   # a WSChannel under us
 
     def __repr__(self) -> str:
         return "<TLSChannel fd=%d>" % self.sock.fileno()
@@ -3692,8 +4680,25 @@ class TLSChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    @property
+    def unsent(self) -> bytes:
+        """Ciphertext held for the wire: ours, and what a channel under us holds."""
+        inner = self._inner
+        if inner is None:
+            return self._unsent
+        below = inner.unsent
+        if not below:
+            return self._unsent
+        return self._unsent + below if self._unsent else below
+
+    @property
+    def wire_sent(self) -> int:
+        inner = self._inner
+        return self._wire_sent + (inner.wire_sent if inner is not None else 0)
+
     def pending(self) -> bool:
-        return self._more
+        inner = self._inner
+        return self._more or (inner is not None and inner.pending())
 
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._obj.getpeercert(binary_form)
@@ -3702,19 +4707,23 @@ class TLSChannel:
         return OSError("TLS: %s" % (exc.reason or exc.__class__.__name__))
 
     def push(self) -> bool:
-        """Send what ciphertext is left with one system call; True once none is left."""
+        """Send what ciphertext is left with one system call; True once none is left
+        (nor in a channel under us, whose bytes go first)."""
+        inner = self._inner
+        if inner is not None and inner.unsent and not inner.push():
+            return False
         try:
-            sent = self.sock.send(self.unsent)
+            sent = self.sock.send(self._unsent)
         except (BlockingIOError, InterruptedError):
             return False
-        self.wire_sent += sent
-        self.unsent = self.unsent[sent:] if sent < len(self.unsent) else b""
-        return not self.unsent
+        self._wire_sent += sent
+        self._unsent = self._unsent[sent:] if sent < len(self._unsent) else b""
+        return not self._unsent
 
     def _queue_output(self) -> None:
         """Ciphertext OpenSSL made outside ``send`` (handshake, alerts, key updates)."""
         if self._out.pending:
-            self.unsent += self._out.read()
+            self._unsent += self._out.read()
 
     def do_handshake(self) -> None:
         """One non-blocking step, like ``SSLSocket.do_handshake``: raises
@@ -3797,7 +4806,7 @@ class TLSChannel:
     def send(self, data: Any) -> int:
         """Encrypt up to TLS_WRITE_SIZE of ``data`` and send it with one system call;
         returns the plaintext taken (0 while older ciphertext still waits)."""
-        if self.unsent and not self.push():
+        if (self._unsent or self._inner is not None) and not self.push():
             return 0
         n = len(data)
         try:
@@ -3809,9 +4818,17 @@ class TLSChannel:
                 self._obj.write(data)
         except self._ssl.SSLError as exc:
             raise self._error(exc) from None
-        self.unsent = self._out.read()
+        self._unsent = self._out.read()
         self.push()
         return n
+
+    def recv(self, size: int) -> bytes:
+        """Decrypted bytes, for a channel stacked on this one (TLS to the relay inside
+        TLS to an https:// proxy); raises SSLWantReadError when there are none."""
+        buf = bytearray(size)
+        n = self.recv_into(buf)
+        del buf[n:]
+        return bytes(buf)
 
     def close(self) -> None:
         """Send close_notify (and any ciphertext left) if the socket takes it; close."""
@@ -3827,6 +4844,212 @@ class TLSChannel:
                 self.push()
             except OSError:
                 pass
+        self.sock.close()
+
+
+class WSChannel:
+    """The tunnel's byte stream inside WebSocket binary frames, over a socket, an
+    ssl.SSLSocket (the relay's HTTPS port) or a TLSChannel (a client's outer TLS).
+    It looks like a socket to the loop, to Session and to a TLSChannel on top (TLS
+    inside the WebSocket), as TLSChannel does: ``recv_into``/``recv`` return payload
+    bytes and raise BlockingIOError when a read brought none (only control frames, or
+    nothing); ``pending()`` says decoded bytes (or the inner's) wait that the selector
+    cannot see.  ``send`` frames up to WS_WRITE_SIZE of the data as one BINARY frame
+    (masked on the client side) with one send on the inner socket; frame bytes the
+    inner did not take (``unsent``) go out first on the next ``send`` or ``push``, and
+    no new data is taken while any is left.  PING is answered with PONG; CLOSE with
+    CLOSE, then the end of the stream (0).  A peer that breaks RFC 6455 gets CLOSE 1002
+    and an OSError (``WebSocket: ...``).  ``initial``: bytes already read past the
+    HTTP head (the first frames)."""
+
+    def __init__(self, sock: Any, server_side: bool, initial: bytes = b"") -> None:
+        self.sock = sock
+        self.server_side = server_side
+        self._mask = not server_side            # a client masks what it sends
+        self._decoder = WSDecoder(server_side)
+        self._inner = sock if hasattr(sock, "push") else None   # a channel under us
+        self._inner_pending = getattr(sock, "pending", None)    # ... or an SSLSocket
+        self._unsent = b""                      # frame bytes the inner did not take yet
+        self._wire_sent = 0                     # frame bytes the inner took, ever
+        self._input = bytearray()               # payload decoded but not yet returned
+        self._initial = bytes(initial)          # raw bytes read before we existed
+        self._scratch: Optional[bytearray] = None   # raw reads from a channel under us
+        self._eof = False                       # the peer's CLOSE or end of stream seen
+        self._eof_told = False                  # ... and the 0 returned
+        self._close_sent = False
+
+    def __repr__(self) -> str:
+        return "<WSChannel fd=%d>" % self.sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:      # setblocking, getpeername, setsockopt...
+        return getattr(self.__dict__["sock"], name)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self.sock.getpeercert(binary_form)
+
+    @property
+    def unsent(self) -> bytes:
+        """Bytes held for the wire: ours, and the channel's under us."""
+        inner = self._inner
+        below = inner.unsent if inner is not None else b""
+        if not below:
+            return self._unsent
+        return self._unsent + below if self._unsent else below
+
+    @property
+    def wire_sent(self) -> int:
+        inner = self._inner
+        return self._wire_sent + (inner.wire_sent if inner is not None else 0)
+
+    def pending(self) -> bool:
+        if self._input or self._initial or (self._eof and not self._eof_told):
+            return True
+        return bool(self._inner_pending is not None and self._inner_pending())
+
+    def write_raw(self, data: bytes) -> None:
+        """Queue bytes outside any frame, before the next frame (the relay's 101)."""
+        self._unsent += data
+
+    def push(self) -> bool:
+        """Send what frame bytes are left with one send; True once none is left here
+        (nor in a channel under us)."""
+        inner = self._inner
+        if inner is not None and inner.unsent and not inner.push():
+            return False
+        if not self._unsent:
+            return True
+        try:
+            sent = self.sock.send(self._unsent)
+        except WOULD_BLOCK:
+            return False
+        self._wire_sent += sent
+        self._unsent = self._unsent[sent:] if sent < len(self._unsent) else b""
+        return not self._unsent
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        """Queue a control frame behind what is held (frames never interleave) and
+        try to send it now."""
+        self._unsent += ws_frame(opcode, payload, self._mask)
+        try:
+            self.push()
+        except OSError:
+            pass        # the next read or write reports the broken connection
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` payload bytes: decoded ones first, else one read of the inner
+        socket and what it completes; b"" at the end of the stream."""
+        pieces: List[bytes] = []
+        got = self._input
+        if got:                 # decoded before: no read unless the inner holds more
+            if len(got) >= size:
+                data = bytes(got[:size])
+                del got[:size]
+                return data
+            pieces.append(bytes(got))
+            have = len(got)
+            got.clear()
+        elif self._eof:
+            self._eof_told = True
+            return b""
+        else:
+            have = self._read_frames(size, pieces)      # WOULD_BLOCK: wait
+        pending = self._inner_pending
+        # An ssl.SSLSocket hands out one record per read and the selector cannot see the
+        # ones it holds: a read of control frames alone (or of half an inner TLS record)
+        # must not end here while the rest already waits inside it.
+        while pending is not None and have < size and not self._eof and pending():
+            try:
+                have += self._read_frames(size - have, pieces)
+            except WOULD_BLOCK:
+                break
+        if not pieces:
+            if self._eof:
+                self._eof_told = True
+                return b""
+            raise BlockingIOError(errno.EAGAIN, "only WebSocket control frames")
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(data) > size:
+            self._input += memoryview(data)[size:]
+            data = data[:size]
+        return data
+
+    def _read_frames(self, size: int, pieces: List[bytes]) -> int:
+        """One read of the inner socket (or the initial bytes), decoded: payload appended
+        to ``pieces``, PING answered, CLOSE answered and the end noted; returns the
+        payload bytes it gave."""
+        if self._initial:
+            raw: Any = self._initial
+            self._initial = b""
+        elif self._inner is not None:       # a TLSChannel: read through it, never past it
+            want = size if size > WS_MIN_READ else WS_MIN_READ
+            scratch = self._scratch
+            if scratch is None or len(scratch) < want:
+                scratch = self._scratch = bytearray(want)
+            n = self.sock.recv_into(scratch, want)
+            raw = memoryview(scratch)[:n]
+        else:       # payload <= raw bytes: a large read never leaves decoded bytes over
+            raw = self.sock.recv(size if size > WS_MIN_READ else WS_MIN_READ)
+        if not raw:
+            self._eof = True
+            return 0
+        try:
+            events = self._decoder.feed(raw)
+        except ProtocolError as exc:
+            if not self._close_sent:
+                self._close_sent = True
+                self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_PROTOCOL, str(exc)))
+            raise OSError("WebSocket: %s" % exc) from None
+        have = 0
+        for event in events:
+            kind = event[0]
+            if kind is WS_EV_DATA:
+                pieces.append(event[1])
+                have += len(event[1])
+            elif kind is WS_EV_PING:
+                if not self._close_sent and len(self._unsent) < WS_PONG_LIMIT:
+                    self._control(WSOpcode.PONG, event[1])      # (nothing after our CLOSE)
+            elif kind is WS_EV_CLOSE:
+                self._eof = True
+                log.debug("WebSocket closed by the peer: %d %s", event[1],
+                          escape_unprintable(event[2]))
+                if not self._close_sent:
+                    self._close_sent = True
+                    self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
+        return have
+
+    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+        data = self.recv(nbytes or len(buf))
+        n = len(data)
+        buf[:n] = data
+        return n
+
+    def send(self, data: Any) -> int:
+        """Frame up to WS_WRITE_SIZE of ``data`` and send it with one send; returns the
+        payload taken (0 while older frame bytes still wait)."""
+        if (self._unsent or self._inner is not None) and not self.push():
+            return 0
+        n = len(data)
+        if not n:
+            return 0
+        if n > WS_WRITE_SIZE:
+            n = WS_WRITE_SIZE
+            with memoryview(data) as view:
+                self._unsent = ws_frame(WSOpcode.BINARY, view[:n], self._mask)
+        else:
+            self._unsent = ws_frame(WSOpcode.BINARY, data, self._mask)
+        self.push()
+        return n
+
+    def close(self) -> None:
+        """Send CLOSE 1000 (and any frame bytes left) if the inner takes them; close."""
+        if self.sock.fileno() < 0:
+            return
+        if not self._close_sent:
+            self._close_sent = True
+            self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
         self.sock.close()
 
 
@@ -4042,6 +5265,12 @@ class Dialer(Conn):
             self._finished = True
             self.done_cb(self.detach())
             return
+        try:
+            self._start_next()
+        except ValueError as exc:     # a name no request can carry (CR, LF, 256 bytes)
+            self._fail(str(exc), DIAL_FATAL)
+
+    def _start_next(self) -> None:
         self._timer = self.loop.call_later(self.timeout, self._timeout)
         stage = self.stages.pop(0)
         self.stage = stage.kind
@@ -4075,7 +5304,8 @@ class Dialer(Conn):
                                if isinstance(exc, OSError) else "no address"),
                                DIAL_UNREACHABLE, bare=True)
                     return
-            self._reader = Socks5Handshake(host, port, proxy.user, proxy.password)
+            self._reader = Socks5Handshake(host, port, proxy.user, proxy.password,
+                                           proxy_name=proxy.where)
             self.out += self._reader.start()
             self._send_out()
         else:
@@ -4221,7 +5451,7 @@ def peer_text(addr: Any) -> str:
 class RelayConfig(Settings):
     bind: str = DEFAULT_BIND
     http_port: int = DEFAULT_HTTP_PORT
-    control_port: int = DEFAULT_CONTROL_PORT
+    control_port: Optional[int] = DEFAULT_CONTROL_PORT   # None: off (WebSocket only)
     domain: str = DEFAULT_DOMAIN
     token: str = ""
     public_port: Optional[int] = None       # port printed in URLs (default: http_port)
@@ -4375,6 +5605,7 @@ class VisitorConn(Pipe):
         self.relay = relay
         self.redirect = redirect      # the plain-HTTP port of an HTTPS relay
         self.peer_ok: Optional[bool] = None   # allow/deny verdict for this address
+        self.addr = peer
         self.peer_ip = peer[0]
         self.peer = peer_text(peer)
         self.source = source_key(self.peer_ip)   # what per-source caps count by
@@ -4509,6 +5740,18 @@ class VisitorConn(Pipe):
             url = "https://%s%s%s" % (host, self.relay.https_port_suffix(),
                                       req.target if req.target[:1] == "/" else "/")
             raise HTTPError(308, "This relay serves HTTPS: %s" % url, (("Location", url),))
+        if req.target.startswith(WS_PATH) and req.target.split("?", 1)[0] == WS_PATH \
+                and not self.relay.is_tunnel_host(req.host):
+            # A tunnel client over WebSocket: the reserved path of the bare domain, or of
+            # any name that is not a tunnel's (an address, a load balancer's own name).
+            if req.headers.get("upgrade") is None:
+                raise HTTPError(404, "Nothing is served at %s on this relay; tunnels are "
+                                "reached at NAME.%s." % (WS_PATH, self.relay.config.domain))
+            if self.tunnel is not None or self.inflight:
+                raise HTTPError(400, "A WebSocket upgrade must be the first request of its "
+                                "connection.")
+            self.relay._accept_websocket(self, req, ws_check_upgrade(req))
+            return
         tunnel = self.tunnel
         if tunnel is None or req.host != self.bound_host:   # a new connection or Host
             name = self.relay.route(req)
@@ -4803,7 +6046,8 @@ class VisitorConn(Pipe):
 
 
 class Relay(SessionDelegate):
-    """The public side: visitors on ``http_port``, tunnel clients on ``control_port``."""
+    """The public side: visitors on ``http_port``, tunnel clients on ``control_port``
+    (and as WebSockets on the visitor port: ``_accept_websocket``)."""
 
     def __init__(self, config: RelayConfig, loop: Optional[EventLoop] = None) -> None:
         self.config = config
@@ -4830,6 +6074,8 @@ class Relay(SessionDelegate):
         self.control_tls: Any = None
         self.fingerprint = ""                   # of the control certificate
         self.bindings: FrozenSet[str] = frozenset()   # certificates a client may see
+        self.proxy_bindings: FrozenSet[str] = frozenset()   # ... of TLS proxies in front
+        self.visitor_binding = ""               # the HTTPS port's certificate (a binding)
         self.identity_created = False           # the control certificate is new
         self.visitor_tls_pending: Dict[Any, str] = {}   # TLS handshakes -> source_key:
         self.control_tls_pending: Dict[Any, str] = {}   # they count against separate caps
@@ -4853,6 +6099,7 @@ class Relay(SessionDelegate):
         try:
             if cfg.tls_cert:
                 self.visitor_tls = server_tls_context(cfg.tls_cert, cfg.tls_key)
+                self.visitor_binding = binding_of(certificate_der(cfg.tls_cert))
                 self.scheme = "https"
             if control_cert:
                 self.control_tls = (server_tls_context(control_cert, cfg.control_tls_key)
@@ -4886,17 +6133,22 @@ class Relay(SessionDelegate):
         except ValueError as exc:
             raise TunnelError(str(exc)) from None
         self.bindings |= proxies
+        self.proxy_bindings = proxies
         http = self._listen(cfg.http_port, "--http-port")
-        try:
-            control = self._listen(cfg.control_port, "--control-port")
-        except OSError:
-            http.close()
-            raise
+        control = None
+        if cfg.control_port is not None:
+            try:
+                control = self._listen(cfg.control_port, "--control-port")
+            except OSError:
+                http.close()
+                raise
+            self.control_port = control.getsockname()[1]
         self.http_port = http.getsockname()[1]
-        self.control_port = control.getsockname()[1]
         cfg = self.config
-        self.listeners = [Listener(self.loop, http, self._accept_visitor, cfg.accept_pause),
-                          Listener(self.loop, control, self._accept_control, cfg.accept_pause)]
+        self.listeners = [Listener(self.loop, http, self._accept_visitor, cfg.accept_pause)]
+        if control is not None:
+            self.listeners.append(Listener(self.loop, control, self._accept_control,
+                                           cfg.accept_pause))
         if cfg.redirect_port is not None:
             redirect = self._listen(cfg.redirect_port, "--http-redirect-port")
             self.redirect_port = redirect.getsockname()[1]
@@ -4905,7 +6157,9 @@ class Relay(SessionDelegate):
         self.loop.call_later(self._sweep_interval(), self._sweep)
         log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
                  format_hostport(self.config.bind, self.http_port),
-                 format_hostport(self.config.bind, self.control_port), self.config.domain)
+                 format_hostport(self.config.bind, self.control_port) if self.control_port
+                 else "that port only (WebSocket: --relay %s)" % self.relay_url(),
+                 self.config.domain)
 
     def _listen(self, port: int, flag: str) -> socket.socket:
         """make_listener, with an error that names the address, port and flag."""
@@ -5072,24 +6326,32 @@ class Relay(SessionDelegate):
         return (sum(1 for s in self.unauthenticated if source_key(s.peer_ip) == source)
                 + sum(1 for k in self.control_tls_pending.values() if k == source))
 
-    def _accept_control(self, sock: socket.socket, addr: Any) -> None:
-        # (Bans are per address and user: checked when the AUTH names its user.)
+    def _handshake_cap(self, addr: Any) -> str:
+        """Why a new control connection from ``addr`` is refused ('' if it is not): the
+        caps on connections still in a handshake, in total and per source (logged)."""
         cfg = self.config
         pending = len(self.unauthenticated) + len(self.control_tls_pending)
         if pending >= cfg.max_unauthenticated:
             self._handshake_cap_log.warn("control connection from %s refused: %d still in "
                                          "the handshake (--max-unauthenticated)",
                                          peer_text(addr), pending)
-            sock.close()
-            return
+            return "The relay has %d tunnel clients in the handshake, its limit." % pending
         source = source_key(addr[0])
         held = self._unauthenticated_from(source)
         if held >= cfg.max_unauthenticated_per_source:
             self._source_cap_log.warn("control connection from %s refused: %d from %s still "
                                       "in the handshake (--max-unauthenticated-per-source)",
                                       peer_text(addr), held, source)
+            return "Your address has %d tunnel clients in the handshake, its limit." % held
+        return ""
+
+    def _accept_control(self, sock: socket.socket, addr: Any) -> None:
+        # (Bans are per address and user: checked when the AUTH names its user.)
+        cfg = self.config
+        if self._handshake_cap(addr):
             sock.close()
             return
+        source = source_key(addr[0])
         if self.control_tls is not None:
             self._tls_accept(sock, addr, self.control_tls, cfg.handshake_timeout,
                              self.control_tls_pending, source,
@@ -5097,15 +6359,63 @@ class Relay(SessionDelegate):
         else:
             self._start_session(sock, addr)
 
-    def _start_session(self, sock: Any, addr: Any) -> None:
+    def _accept_websocket(self, visitor: VisitorConn, req: Request, protocol: str) -> None:
+        """A visitor's upgrade on the reserved path (``ws_check_upgrade`` passed): the
+        same caps as the control port (503 over them), then the connection leaves the
+        visitors, gets its 101, and runs the control handshake inside WebSocket frames:
+        TLS with the control certificate first (WS_PROTOCOL_TLS), or straight away
+        (WS_PROTOCOL: TLS is outside, the HTTPS port's or a TLS proxy's, which is what
+        the client's binding must name)."""
+        addr = visitor.addr
+        if protocol == WS_PROTOCOL_TLS and self.control_tls is None:
+            raise HTTPError(400, "This relay runs --plaintext: use the subprotocol %s."
+                            % WS_PROTOCOL)
+        if not visitor.requests.awaiting_upgrade:   # over a head's worth sent before the 101
+            raise HTTPError(400, "Data sent before the upgrade was answered.")
+        refused = self._handshake_cap(addr)
+        if refused:
+            raise HTTPError(503, refused + " Try again soon.")
+        rest = visitor.requests.upgrade_done()
+        sock = visitor.detach()             # visitor counts released (once, in _gone)
+        key = req.headers.get("sec-websocket-key") or ""
+        channel = WSChannel(sock, server_side=True, initial=rest)
+        channel.write_raw(ws_upgrade_response(key, protocol))
+        try:
+            channel.push()
+        except OSError as exc:
+            log.debug("WebSocket from %s lost: %s", visitor.peer, describe_oserror(exc))
+            channel.close()
+            return
+        log.info("control connection from %s over WebSocket", visitor.peer)
+        log.debug("WebSocket from %s: subprotocol %s, %d bytes after the head",
+                  visitor.peer, protocol, len(rest))
+        if protocol == WS_PROTOCOL_TLS:
+            self._tls_accept(channel, addr, self.control_tls, self.config.handshake_timeout,
+                             self.control_tls_pending, source_key(addr[0]),
+                             lambda tls: self._start_session(tls, addr), channel=True)
+            return
+        # TLS outside the WebSocket: the HTTPS port's certificate, or a TLS proxy's in
+        # front of the relay (declared with --tls-proxy-fingerprint).
+        bindings = self.proxy_bindings
+        if self.visitor_tls is not None:
+            bindings = bindings | {self.visitor_binding}
+        self._start_session(channel, addr, bindings, self.config.plaintext)
+
+    def _start_session(self, sock: Any, addr: Any, bindings: Optional[FrozenSet[str]] = None,
+                       unbound_ok: Optional[bool] = None) -> None:
+        """A control session in its handshake; the certificates the client may have seen
+        (``bindings``) and whether plain TCP is fine (``unbound_ok``) default to the
+        control port's."""
         session = None
 
         def accept(request: Dict[str, Any]) -> Dict[str, Any]:
             assert session is not None
             return self._claim(session, request)
         peer_ip = str(addr[0]) if isinstance(addr, tuple) else ""
-        handshake = RelayHandshake(self.token_for, accept, bindings=self.bindings,
-                                   unbound_ok=self.control_tls is None,
+        handshake = RelayHandshake(self.token_for, accept,
+                                   bindings=self.bindings if bindings is None else bindings,
+                                   unbound_ok=(self.control_tls is None if unbound_ok is None
+                                               else unbound_ok),
                                    banned=lambda user: self.penalties.banned(
                                        self.penalty_key(peer_ip, user)))
         session = Session(self.loop, sock, peer_text(addr), handshake, self, is_relay=True,
@@ -5251,9 +6561,26 @@ class Relay(SessionDelegate):
                         escape_unprintable(handshake.user) or "-", self.penalties.ban_time)
         return delay
 
+    def relay_url(self) -> str:
+        """What ``expose --relay`` takes to reach this relay over WebSocket."""
+        port = self.config.public_port or self.http_port
+        default = 443 if self.scheme == "https" else 80
+        return "%s://%s%s" % (self.scheme, self.config.domain,
+                              "" if port == default else ":%d" % port)
+
+    def relay_address(self) -> str:
+        """What ``expose --relay`` takes: the control port, or (off) the WebSocket URL."""
+        if self.control_port:
+            return format_hostport(self.config.domain, self.control_port)
+        return self.relay_url()
+
     def https_port_suffix(self) -> str:
         port = self.config.public_port or self.http_port
         return "" if port == 443 else ":%d" % port
+
+    def is_tunnel_host(self, host: str) -> bool:
+        """Is ``host`` (lower-case, without port) NAME.DOMAIN, a tunnel's name?"""
+        return host.rstrip(".").endswith("." + self.config.domain.lower())
 
     def route(self, req: Request) -> str:
         """The tunnel name for a request, or an ``HTTPError`` page."""
@@ -5262,8 +6589,8 @@ class Relay(SessionDelegate):
         if host == domain or not host:
             raise HTTPError(200, "This is a tunnel.py relay.\nTunnels are reached at "
                             "%s; expose a local port with:\n  python3 tunnel.py "
-                            "expose PORT --relay %s:%d --token TOKEN"
-                            % (self.public_url("NAME"), domain, self.control_port))
+                            "expose PORT --relay %s --token TOKEN"
+                            % (self.public_url("NAME"), self.relay_address()))
         if not host.endswith("." + domain):
             raise HTTPError(404, "This relay serves *.%s; %s is not one of its names."
                             % (domain, host))
@@ -5348,6 +6675,7 @@ class ClientConfig(Settings):
     relay_scheme: str = "tcp"               # tcp (control port), http or https (WebSocket)
     proxy: Optional[str] = None             # proxy URL (default: from the environment)
     no_proxy: bool = False                  # never use a proxy
+    proxy_ca: Optional[str] = None          # CA file for an https:// proxy (default: system)
 
 
 def parse_relay(text: str) -> Tuple[str, str, int]:
@@ -5359,7 +6687,7 @@ def parse_relay(text: str) -> Tuple[str, str, int]:
     scheme, sep, rest = text.partition("://")
     if not sep:
         host, port = parse_hostport(text, default_port=DEFAULT_CONTROL_PORT)
-        return "tcp", host, port
+        return "tcp", _relay_host(host), port
     kind = RELAY_SCHEMES.get(scheme.lower())
     if kind is None:
         raise ValueError("unknown scheme %r: use https://, http://, wss://, ws:// or "
@@ -5372,7 +6700,14 @@ def parse_relay(text: str) -> Tuple[str, str, int]:
         raise ValueError("expected %s://HOST[:PORT], without a path or credentials"
                          % scheme.lower())
     host, port = parse_hostport(rest, default_port=RELAY_DEFAULT_PORTS[kind])
-    return kind, host, port
+    return kind, _relay_host(host), port
+
+
+def _relay_host(host: str) -> str:
+    """A host name or address a request line can carry (no spaces, controls, '@')."""
+    if len(host) > MAX_HOST_NAME or not re.fullmatch(r"[A-Za-z0-9._:%-]+", host):
+        raise ValueError("%r is not a host name or address" % host)
+    return host
 
 
 class TargetConn(Pipe):
@@ -5605,10 +6940,10 @@ class Client(SessionDelegate):
                                    else WS_PROTOCOL_TLS, url, relay)] + channel
 
     def proxy_tls_context(self) -> Any:
-        """TLS to an https:// proxy: verified against the system store (or --tls-ca),
+        """TLS to an https:// proxy: verified against the system store (or --proxy-ca),
         with its host name checked, always."""
         ssl = load_ssl()
-        ctx = ssl.create_default_context(cafile=self.config.tls_ca)
+        ctx = ssl.create_default_context(cafile=self.config.proxy_ca)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
@@ -5844,6 +7179,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _port_or_off(text: str) -> Optional[int]:
+    """``serve --control-port``: a port number, or ``off`` (None)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is neither a port number nor 'off'"
+                                         % text) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log every stream (DEBUG)")
@@ -5871,8 +7217,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "%s)" % DEFAULT_BIND)
     serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, metavar="PORT",
                        help="port for visitors (default %(default)s)")
-    serve.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
-                       metavar="PORT", help="port for tunnel clients (default %(default)s)")
+    serve.add_argument("--control-port", type=_port_or_off, default=DEFAULT_CONTROL_PORT,
+                       metavar="PORT", help="port for tunnel clients (default %(default)s), "
+                       "or 'off': clients come in over WebSocket on the visitor port only")
     serve.add_argument("--domain", default=DEFAULT_DOMAIN,
                        help="tunnels are NAME.DOMAIN (default %(default)s)")
     serve.add_argument("--token", default=None,
@@ -5981,6 +7328,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CONNECT), https://..., socks5://..., socks5h://... (default: "
                         "$HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY by the relay's form, "
                         "curl's rules, $NO_PROXY honoured)")
+    expose.add_argument("--proxy-ca", metavar="FILE", default=None,
+                        help="CA certificates that verify an https:// proxy (default: the "
+                        "system's)")
     expose.add_argument("--no-proxy", action="store_true",
                         help="connect directly, whatever the proxy variables say")
     expose.add_argument("--relay", default=None, metavar="ADDR",
@@ -6131,7 +7481,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("the token must have at least %d characters (python3 tunnel.py "
                          "token makes a strong one)" % MIN_TOKEN_LENGTH)
     for port in (args.http_port, args.control_port):
-        if not 0 <= port < 65536:
+        if port is not None and not 0 <= port < 65536:
             raise UsageError("invalid port %d" % port)
     domain = args.domain.strip().lower().rstrip(".")
     if not domain or not all(valid_name(p) for p in domain.split(".")):
@@ -6222,8 +7572,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print("TLS certificate SHA-256 fingerprint: %s" % relay.fingerprint)
     if generated:
         _print("No token given; generated one for this run. Expose a port with:")
-        _print("  python3 tunnel.py expose 5000 --relay %s:%d --token %s%s"
-               % (domain, relay.control_port, token, tls_flag))
+        _print("  python3 tunnel.py expose 5000 --relay %s --token %s%s"
+               % (relay.relay_address(), token, tls_flag))
     relay.run()
     log.info("relay stopped")
     return EXIT_OK
@@ -6285,7 +7635,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
         try:
             parse_proxy_url(args.proxy)
         except ValueError as exc:
-            raise UsageError("invalid --proxy %r: %s" % (args.proxy, exc)) from None
+            raise UsageError("invalid --proxy: %s" % exc) from None   # (no password shown)
     token = args.token or os.environ.get("TUNNEL_TOKEN", "")
     if not token:
         raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints one)")
@@ -6326,17 +7676,18 @@ def cmd_expose(args: argparse.Namespace) -> int:
     if args.insecure and (args.tls or args.tls_ca or args.tls_fingerprint):
         raise UsageError("--insecure excludes --tls, --tls-ca and --tls-fingerprint (it "
                          "means no CA or fingerprint check)")
-    if args.tls_ca:    # a bad file is the user's to fix, not the relay's: say so at once
+    for flag, cafile in (("--tls-ca", args.tls_ca), ("--proxy-ca", args.proxy_ca)):
+        if not cafile:    # a bad file is the user's to fix, not the relay's: say so at once
+            continue
         ssl = load_ssl()
         try:
-            ssl.create_default_context(cafile=args.tls_ca)
+            ssl.create_default_context(cafile=cafile)
         except ssl.SSLError as exc:
-            raise UsageError("--tls-ca %s: not a PEM file of CA certificates (%s)"
-                             % (args.tls_ca, exc.reason or exc)) from None
+            raise UsageError("%s %s: not a PEM file of CA certificates (%s)"
+                             % (flag, cafile, exc.reason or exc)) from None
         except (OSError, ValueError) as exc:
-            raise UsageError("--tls-ca %s: %s" % (args.tls_ca, describe_oserror(exc)
-                                                   if isinstance(exc, OSError) else exc)) \
-                from None
+            raise UsageError("%s %s: %s" % (flag, cafile, describe_oserror(exc)
+                                            if isinstance(exc, OSError) else exc)) from None
     if args.insecure:
         log.warning("--insecure: the relay's certificate is NOT verified by a CA or a "
                     "fingerprint; that is the default now, and the handshake's channel "
@@ -6353,6 +7704,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
     config = ClientConfig(target_host=target_host, target_port=target_port,
                           relay_host=relay_host, relay_port=relay_port, token=token,
                           relay_scheme=relay_scheme, proxy=args.proxy, no_proxy=args.no_proxy,
+                          proxy_ca=args.proxy_ca,
                           subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
