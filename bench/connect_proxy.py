@@ -2,12 +2,13 @@
 """A small HTTP CONNECT proxy for the benchmark (and for trying expose --proxy by hand).
 
     python3 bench/connect_proxy.py [--port 3128] [--auth USER:PASS] [--scheme NTLM]
-                                   [--refuse]
+                                   [--refuse] [--nagle]
 
 It runs as its own process, so the process that measures is not on the path.  Each
 tunnel gets two threads, one per direction, each moving up to BUFFER bytes per
-recv_into/sendall, with TCP_NODELAY on both sockets (what a real proxy does; without
-it, Nagle would hold back the small frames of the tunnel).
+recv_into/sendall, with TCP_NODELAY on both sockets; --nagle leaves it off, as some
+proxies do (tinyproxy 1.11 among them), so that Nagle's algorithm holds back a small
+write while an earlier one is not yet ACKed: the case the tunnel's own ACKs must cover.
 
 Prints "listening HOST:PORT" once it accepts, then one line per CONNECT it answers:
 "CONNECT host:port 200" (or the refusal's status), so a caller can see the route.
@@ -69,7 +70,8 @@ def pump(src, dst, done):
 
 
 def handle(conn, args):
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not args.nagle:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn.settimeout(HEAD_TIMEOUT)
     head = bytearray()
     try:
@@ -129,7 +131,8 @@ def handle(conn, args):
             return conn.close()
         up.settimeout(None)
         conn.settimeout(None)
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not args.nagle:
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         say("CONNECT %s 200" % target)
         if rest:
@@ -150,6 +153,8 @@ def main():
     ap.add_argument("--scheme", metavar="NAME",
                     help="answer 407 asking for this scheme (NTLM, Negotiate, Digest)")
     ap.add_argument("--refuse", action="store_true", help="answer 403 Forbidden")
+    ap.add_argument("--nagle", action="store_true",
+                    help="leave TCP_NODELAY off on both sockets (as some proxies do)")
     args = ap.parse_args()
     srv = socket.socket(socket.AF_INET6 if ":" in args.bind else socket.AF_INET)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

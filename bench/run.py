@@ -275,10 +275,12 @@ def expose(control_port, port, name):
     return client
 
 
-def start_connect_proxy():
-    """bench/connect_proxy.py in a process of its own (so this one is off the path).
-    Returns its port and the process; its stdout has one line per CONNECT."""
-    proxy = spawn([sys.executable, os.path.join(HERE, "connect_proxy.py")],
+def start_connect_proxy(nagle=False):
+    """bench/connect_proxy.py in a process of its own (so this one is off the path);
+    ``nagle``: without TCP_NODELAY.  Returns its port and the process; its stdout has
+    one line per CONNECT."""
+    proxy = spawn([sys.executable, os.path.join(HERE, "connect_proxy.py")]
+                  + (["--nagle"] if nagle else []),
                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = proxy.stdout.readline().decode()
     if not line.startswith("listening "):
@@ -361,8 +363,10 @@ def wrk(url, conns, seconds, host=None):
     if m:
         errors += int(m.group(1))
     done = re.search(r"(\d+) requests in", out)
+    top = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)
     return {"rps": rps, "p50": parse_ms(lat["50"]), "p99": parse_ms(lat["99"]),
-            "errors": errors, "requests": int(done.group(1)) if done else 0}
+            "errors": errors, "requests": int(done.group(1)) if done else 0,
+            "max": parse_ms(top.group(1)) if top else float("nan")}
 
 
 def curl_download(url, host, expect_sha, work):
@@ -575,26 +579,42 @@ def transport(work, secs, rounds):
                                       secs, rounds)))
 
 
+def through_proxy(nginx_port, nagle=False):
+    """A relay with --control-port off and its client coming through a new
+    bench/connect_proxy.py (``nagle``: one without TCP_NODELAY), checked to have gone
+    through it.  Returns (http_port, relay, client, proxy, connects): ``connects``
+    collects the proxy's CONNECT lines."""
+    import select
+    proxy_port, proxy = start_connect_proxy(nagle)
+    http_port, _, relay, client = start_tunnel(nginx_port, proxy_port=proxy_port)
+    ready, _, _ = select.select([proxy.stdout], [], [], 10)
+    line = proxy.stdout.readline().decode().strip() if ready else ""
+    if not line.startswith("CONNECT localhost:%d 200" % http_port):
+        raise SystemExit("the WebSocket client did not come through the proxy: %r" % line)
+    connects = [line]
+    threading.Thread(target=lambda: connects.extend(proxy.stdout), daemon=True).start()
+    return http_port, relay, client, proxy, connects
+
+
 def transport_compare(work, nginx_port, big_sha, raw, secs, rounds):
     """The tunnel ``raw`` = (http_port, relay, client) on the control port (TLS, the
     default) against a second relay with --control-port off, reached by its client as
     ``--relay http://localhost:PORT --proxy http://127.0.0.1:PPORT`` (a WebSocket on the
     visitor port through bench/connect_proxy.py, TLS inside it, the default): the two take
     turns; 50 and 1 connections and split (median of ``rounds``), 256 MiB each way (best of
-    two, SHA-256), and the CPU each process spends.  Returns the report's lines."""
-    import select
-    proxy_port, proxy = start_connect_proxy()
-    ws_http, _, ws_relay, ws_client = start_tunnel(nginx_port, proxy_port=proxy_port)
-    ready, _, _ = select.select([proxy.stdout], [], [], 10)
-    line = proxy.stdout.readline().decode().strip() if ready else ""
-    if not line.startswith("CONNECT localhost:%d 200" % ws_http):
-        raise SystemExit("the WebSocket client did not come through the proxy: %r" % line)
-    connects = [line]
-    threading.Thread(target=lambda: connects.extend(proxy.stdout), daemon=True).start()
+    two, SHA-256), and the CPU each process spends.  A third relay is reached the same way
+    through a proxy without TCP_NODELAY (as some are), for the wrk runs only: Nagle's
+    algorithm in the proxy meets the delayed ACKs of the relay and the client there.
+    Returns the report's lines."""
+    ws_http, ws_relay, ws_client, proxy, connects = through_proxy(nginx_port)
+    ng_http, ng_relay, ng_client, ng_proxy, ng_connects = through_proxy(nginx_port, True)
     rows = [("control port, TLS (default)", "http://127.0.0.1:%d/" % raw[0],
              {"relay": raw[1].pid, "client": raw[2].pid}),
             ("WebSocket via CONNECT proxy, TLS inside", "http://127.0.0.1:%d/" % ws_http,
-             {"relay": ws_relay.pid, "client": ws_client.pid, "proxy": proxy.pid})]
+             {"relay": ws_relay.pid, "client": ws_client.pid, "proxy": proxy.pid}),
+            ("the same via a proxy without TCP_NODELAY", "http://127.0.0.1:%d/" % ng_http,
+             {"relay": ng_relay.pid, "client": ng_client.pid, "proxy": ng_proxy.pid})]
+    bulk = rows[:2]
     kinds = ("c50", "c1", "split")
     runs = {(label, kind): [] for label, _, _ in rows for kind in kinds}
     cpu = {label: [] for label, _, _ in rows}      # CPU us per request, each c50 run
@@ -615,8 +635,11 @@ def transport_compare(work, nginx_port, big_sha, raw, secs, rounds):
             key = "p99" if kind == "split" else "rps"
             r[kind] = sorted(runs[label, kind], key=lambda x: x[key])[rounds // 2]
         r["errors"] = sum(x["errors"] for k in kinds for x in runs[label, k])
+        r["split max"] = max(x["max"] for x in runs[label, "split"])
         # the c50 run reported above is the median by rps; its CPU goes with it
         r["cpu"] = cpu[label][runs[label, "c50"].index(r["c50"])]
+    for label, url, pids in bulk:
+        r = res[label]
         print("transport: transfers, %s ..." % label, flush=True)
         for kind, measure in (
                 ("down", lambda: curl_download(url + "big", HOST, big_sha, work)),
@@ -626,11 +649,11 @@ def transport_compare(work, nginx_port, big_sha, raw, secs, rounds):
             r[kind] = best_of(2, measure)
             r[kind + " cpu"] = {who: (cpu_seconds(pid) - before[who]) / 2
                                 for who, pid in pids.items()}
-    for p in (ws_client, ws_relay, proxy):
+    for p in (ws_client, ws_relay, proxy, ng_client, ng_relay, ng_proxy):
         p.terminate()
         p.wait()
     ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
-    raw_r, ws_r = res[rows[0][0]], res[rows[1][0]]
+    raw_r, ws_r, ng_r = (res[label] for label, _, _ in rows)
     lines = ["", "## WebSocket transport through a CONNECT proxy (wrk -t1, %ds per run, "
              "median of %d; 256 MiB best of two, SHA-256; %s)"
              % (secs, rounds, time.strftime("%Y-%m-%d")), "",
@@ -639,27 +662,33 @@ def transport_compare(work, nginx_port, big_sha, raw, secs, rounds):
              "|---|---|---|---|---|---|---|---|---|"]
     for label, _, _ in rows:
         r = res[label]
-        ok = r["down"]["ok"] and r["up"]["ok"]
-        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %.0f MB/s | "
-                     "%.0f MB/s | %d%s |" % (
-                         label, r["c50"]["rps"], r["c50"]["p99"], r["c1"]["rps"],
-                         r["c1"]["p99"], r["split"]["p99"], r["down"]["MBps"],
-                         r["up"]["MBps"], r["errors"], "" if ok else ", BYTES WRONG"))
+        if "down" in r:
+            transfers = "%.0f MB/s | %.0f MB/s" % (r["down"]["MBps"], r["up"]["MBps"])
+            ok = r["down"]["ok"] and r["up"]["ok"]
+        else:
+            transfers, ok = "- | -", True
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %s | %d%s |" % (
+            label, r["c50"]["rps"], r["c50"]["p99"], r["c1"]["rps"], r["c1"]["p99"],
+            r["split"]["p99"], transfers, r["errors"], "" if ok else ", BYTES WRONG"))
     lines += ["", "WebSocket via proxy / control port: 50 conn %.2f, 1 conn %.2f, download "
               "%.2f, upload %.2f (aim: 0.80 or more); split p99 via the proxy %.2f ms "
-              "(aim: under 2 ms)." % (
+              "(aim: under 2 ms), slowest split request in any round %.1f ms (a Nagle "
+              "stall would be 40 ms or more). Via the proxy without TCP_NODELAY: 50 conn "
+              "%.2f, 1 conn %.2f, split p99 %.2f ms." % (
                   ratio(ws_r["c50"]["rps"], raw_r["c50"]["rps"]),
                   ratio(ws_r["c1"]["rps"], raw_r["c1"]["rps"]),
                   ratio(ws_r["down"]["MBps"], raw_r["down"]["MBps"]),
-                  ratio(ws_r["up"]["MBps"], raw_r["up"]["MBps"]), ws_r["split"]["p99"])]
-    for label, _, _ in rows:
+                  ratio(ws_r["up"]["MBps"], raw_r["up"]["MBps"]), ws_r["split"]["p99"],
+                  ws_r["split max"], ratio(ng_r["c50"]["rps"], raw_r["c50"]["rps"]),
+                  ratio(ng_r["c1"]["rps"], raw_r["c1"]["rps"]), ng_r["split"]["p99"]), ""]
+    fmt = lambda d, f: ", ".join(f % (who, v) for who, v in d.items())  # noqa: E731
+    for label, _, _ in bulk:
         r = res[label]
-        fmt = lambda d, f: ", ".join(f % (who, v) for who, v in d.items())  # noqa: E731
         lines.append("- CPU, %s: per request at 50 conn %s; per 256 MiB down %s; up %s"
                      % (label, fmt(r["cpu"], "%s %.0f us"), fmt(r["down cpu"], "%s %.2f s"),
                         fmt(r["up cpu"], "%s %.2f s")))
-    lines.append("- CONNECTs the proxy answered: %d (1: the client never reconnected)"
-                 % len(connects))
+    lines.append("- CONNECTs the proxies answered: %d and %d (1 each: the clients never "
+                 "reconnected)" % (len(connects), len(ng_connects)))
     return lines
 
 
