@@ -5901,10 +5901,10 @@ class ProxyCodecTests(unittest.TestCase):
              "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 403 Forbidden",
              False),
             (b"HTTP/1.1 502 Bad Gateway", self.P_AUTH,
-             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 502 Bad Gateway",
+             "proxy proxy.corp:3128 could not reach relay.example.com:443: 502 Bad Gateway",
              False),
             (b"HTTP/1.1 503", self.P,
-             "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: 503", False),
+             "proxy proxy.corp:3128 could not reach relay.example.com:443: 503", False),
             (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM",
              self.P, "proxy proxy.corp:3128 wants NTLM, which tunnel.py does not speak; use "
                      "a proxy account with Basic, or a SOCKS proxy", True),
@@ -6280,7 +6280,8 @@ class ProxyFixtureTests(unittest.TestCase):
         self.open(sock)
         target = "127.0.0.1:%d" % self.echo.port
         err = tunnel.connect_error(reply, tunnel.parse_proxy_url(proxy.url), target)
-        self.assertEqual(str(err), "proxy %s refused CONNECT %s: 403 Forbidden"
+        self.assertEqual(str(err), "proxy %s refused CONNECT %s: 403 Forbidden; many proxies "
+                         "allow CONNECT only to port 443: use --relay https://HOST"
                          % (proxy.where, target))
         self.assertFalse(err.fatal)
 
@@ -7212,15 +7213,17 @@ class ProxiedClientTest(EndToEndBase):
         self.assertEqual(c.getresponse().read(), b"hello")
 
     def test_upgrade_refused_names_the_status_and_the_url(self):
-        # An ordinary web server where the relay should be: 404 (or 501), not 101.
+        # An ordinary web server where the relay should be: 404 (or 501), not 101; a 4xx
+        # before the tunnel was ever up is a wrong --relay: one line, exit status 2.
         port = self.origin.server_address[1]
         client, _ = self.start_client("x", relay=self.relay, relay_host="127.0.0.1",
                                       relay_port=port, relay_scheme="http", wait=False)
-        wait_until(lambda: any("/_tunnel" in m and "not 101" in m for m in self.warnings()),
-                   what="the refusal")
-        line = [m for m in self.warnings() if "not 101" in m][0]
-        self.assertIn("http://127.0.0.1:%d/_tunnel" % port, line)
-        self.assertEqual(client.exit_code, 0)      # retried, not fatal
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertTrue(error.startswith("http://127.0.0.1:%d/_tunnel: the relay answered 40"
+                                         % port), error)
+        self.assertIn(", not 101", error)
+        self.assertEqual(error.count("127.0.0.1:%d" % port), 1)    # the URL once
 
     # -- CONNECT proxies -------------------------------------------------------------
     def test_connect_proxy_without_credentials(self):
@@ -7269,7 +7272,8 @@ class ProxiedClientTest(EndToEndBase):
         client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
         wait_until(lambda: len(proxy.requests) >= 2, what="a retry")
         want = ("could not reach the relay: proxy 127.0.0.1:%d refused CONNECT localhost:%d: "
-                "403 Forbidden" % (proxy.port, self.relay.http_port))
+                "403 Forbidden; many proxies allow CONNECT only to port 443: use --relay "
+                "https://HOST" % (proxy.port, self.relay.http_port))
         self.assertIn(want, self.warnings())
         self.assertEqual(client.exit_code, 0)
         self.assertTrue(client.thread.is_alive())
@@ -7313,7 +7317,9 @@ class ProxiedClientTest(EndToEndBase):
         client, _ = self.ws_client("x", proxy=url, wait=False)
         code, error = self.finished(client)
         self.assertEqual(code, 2)
-        self.assertIn("could not verify the proxy's certificate", error)
+        self.assertIn("could not verify the proxy's certificate: proxy 127.0.0.1:%d: TLS "
+                      "handshake failed: " % proxy.port, error)
+        self.assertTrue(error.endswith("; pass its CA with --proxy-ca FILE"), error)
 
     # -- the environment (curl's rules) -------------------------------------------------
     def test_http_proxy_variable_and_no_proxy_bypass(self):
@@ -7523,7 +7529,7 @@ class ProxiedCommandLineTest(unittest.TestCase):
         client.send_signal(signal.SIGINT)
         _, err = client.communicate(timeout=WAIT)
         self.assertEqual(client.returncode, 0, err)
-        self.assertIn(b"connecting to relay http://localhost:%d (via proxy http://127.0.0.1:%d)"
+        self.assertIn(b"connecting to relay http://localhost:%d: via proxy http://127.0.0.1:%d\n"
                       % (relay.http_port, proxy.port), err)
         self.assertNotIn(b"p@ss", err)
         self.assertNotIn(b"p%40ss", err)
@@ -7646,6 +7652,374 @@ class TransportAbuseTest(EndToEndBase):
         self.assertIn(b"control port", data)
         self.assertLess(time.monotonic() - started, 2.0)     # not after a timeout
 
+
+
+class CannedServer:
+    """A loopback server that answers every connection with ``reply`` (after reading
+    what the client sent first, up to 64 KiB) and closes it; b"" closes at once after
+    that read.  ``connections`` counts them."""
+
+    def __init__(self, test, reply, port=0):
+        self.reply = reply
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, name="canned", daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.connections += 1
+                conn.settimeout(WAIT)
+                try:
+                    conn.recv(65536)
+                    if self.reply:
+                        conn.sendall(self.reply)
+                except OSError:
+                    pass
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(WAIT)
+
+
+class ClientHintsTest(EndToEndBase):
+    """What a new user sees when the relay, the port or the proxy is not what the
+    client was told: one clear line, a hint once, exit status 2 for what is
+    configuration (and only before the tunnel was ever up)."""
+
+    setUp = ProxiedClientTest.setUp
+    proxy = ProxiedClientTest.proxy
+    ws_client = ProxiedClientTest.ws_client
+    finished = ProxiedClientTest.finished
+    warnings = ProxiedClientTest.warnings
+
+    def canned_client(self, reply, **kw):
+        server = CannedServer(self, reply)
+        kw.setdefault("relay_scheme", "http")
+        client, _ = self.start_client("x", relay_host="127.0.0.1", relay_port=server.port,
+                                      wait=False, **kw)
+        return server, client
+
+    # -- the relay's answer to the upgrade -----------------------------------------------
+    def test_upgrade_400_shows_the_start_of_the_body_and_exits_2(self):
+        body = (b"This relay runs --plaintext: use --plaintext \x1b[31m\r\n"
+                b"second line, not shown\r\n")
+        server, client = self.canned_client(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"\r\n%s" % (len(body), body))
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertEqual(error, "http://127.0.0.1:%d/_tunnel: the relay answered 400 Bad "
+                         "Request, not 101: This relay runs --plaintext: use --plaintext "
+                         "\\x1b[31m" % server.port)
+        self.assertEqual(server.connections, 1)
+
+    def test_upgrade_body_is_cut_at_its_length_and_at_200_bytes(self):
+        server, client = self.canned_client(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nshortEXTRA BYTES")
+        code, error = self.finished(client)
+        self.assertEqual((code, error), (2, "http://127.0.0.1:%d/_tunnel: the relay answered "
+                                         "404 Not Found, not 101: short" % server.port))
+        server, client = self.canned_client(b"HTTP/1.1 403 Forbidden\r\n\r\n" + b"y" * 5000)
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertTrue(error.endswith(": " + "y" * 200), error)
+
+    def test_redirect_names_its_location(self):
+        server, client = self.canned_client(
+            b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://relay.example.com/_tunnel"
+            b"\r\nContent-Length: 0\r\n\r\n")
+        code, error = self.finished(client)
+        self.assertEqual(code, 2)
+        self.assertEqual(error, "http://127.0.0.1:%d/_tunnel: the relay redirects to "
+                         "https://relay.example.com/_tunnel: use --relay "
+                         "https://relay.example.com" % server.port)
+
+    def test_a_bad_101_names_the_url_once(self):
+        server, client = self.canned_client(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade"
+            b"\r\nSec-WebSocket-Accept: wrong\r\n\r\n")
+        want = ("could not reach the relay: http://127.0.0.1:%d/_tunnel: the relay's 101 has "
+                "a wrong Sec-WebSocket-Accept" % server.port)
+        wait_until(lambda: want in self.warnings(), what=want)
+        self.assertEqual(client.exit_code, 0)
+
+    def test_5xx_408_and_429_are_retried(self):
+        for status in (b"503 Service Unavailable", b"429 Too Many Requests", b"408 Timeout"):
+            server, client = self.canned_client(b"HTTP/1.1 " + status + b"\r\n"
+                                                b"Content-Length: 4\r\n\r\nbusy")
+            wait_until(lambda: server.connections >= 2, what="a retry")
+            want = ("could not reach the relay: http://127.0.0.1:%d/_tunnel: the relay "
+                    "answered %s, not 101: busy" % (server.port, status.decode()))
+            self.assertIn(want, self.warnings())
+            self.assertEqual(client.exit_code, 0)
+            self.assertTrue(client.thread.is_alive())
+            client.loop.run_in_loop(client.shutdown)
+            client.thread.join(WAIT)
+
+    def test_a_4xx_after_the_tunnel_was_up_is_retried(self):
+        client, _ = self.ws_client("wasup")
+        port = self.relay.http_port
+        self.relay.stop()
+        self.relay.thread.join(WAIT)
+        server = CannedServer(self, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\n"
+                              b"no!", port=port)          # the same port, answering 400
+        wait_until(lambda: server.connections >= 2, what="retries")
+        self.assertTrue(client.thread.is_alive())
+        self.assertEqual(client.exit_code, 0)
+        self.assertTrue(any(m.endswith("the relay answered 400 Bad Request, not 101: no!")
+                            for m in self.warnings()), self.warnings())
+
+    # -- --plaintext and the relay's TLS ----------------------------------------------------
+    def test_plaintext_client_to_a_relay_that_wants_tls(self):
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = self.start_relay(plaintext=False, state_dir=state)
+        # (Its control port: the TLS handshake fails, see ControlChannelSecurityTest.)
+        client, _ = self.ws_client("x", relay=relay, plaintext=True, wait=False)
+        code, error = self.finished(client)
+        self.assertEqual((code, error), (2, "the relay requires TLS (it does not run "
+                                            "--plaintext): drop --plaintext"))
+
+    # -- the wrong port ------------------------------------------------------------------------
+    def test_tls_to_a_port_that_does_not_speak_tls(self):
+        hint = ("the relay's port does not speak TLS: a --plaintext relay's control port "
+                "(pass --plaintext), or its plain HTTP port (use --relay http://HOST:PORT)")
+        for scheme in ("tcp", "https"):     # a plain HTTP port answers a ClientHello: 400
+            server, client = self.canned_client(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+                relay_scheme=scheme, plaintext=False)
+            wait_until(lambda: sum("WRONG_VERSION_NUMBER" in m for m in self.warnings()) >= 2,
+                       what="two failures")
+            self.assertEqual(self.warnings().count(hint), 1, self.warnings())
+            client.loop.run_in_loop(client.shutdown)
+            client.thread.join(WAIT)
+            self.capture.records.clear()
+
+    def test_control_protocol_to_the_visitor_port(self):
+        server, client = self.canned_client(   # the visitor port's answer to a preamble
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 12\r\n\r\nvisitor port",
+            relay_scheme="tcp")
+        wait_until(lambda: server.connections >= 2, what="a retry")
+        hint = ("is that the relay's visitor port? use --relay http://HOST:PORT or "
+                "https://HOST:PORT")
+        wait_until(lambda: hint in self.warnings(), what="the hint")
+        wait_until(lambda: server.connections >= 3, what="another retry")
+        self.assertEqual(self.warnings().count(hint), 1)
+        self.assertEqual(client.exit_code, 0)
+
+    def test_websocket_to_a_port_that_closes(self):
+        server, client = self.canned_client(b"")
+        wait_until(lambda: server.connections >= 2, what="a retry")
+        want = ("could not reach the relay: 127.0.0.1:%d: connection closed during the "
+                "WebSocket upgrade (is that the relay's control port? then use --relay "
+                "HOST:PORT)" % server.port)
+        wait_until(lambda: want in self.warnings(), what="the hint")
+
+    # -- proxies -------------------------------------------------------------------------------
+    def test_https_proxy_variable_unused_for_the_control_port(self):
+        relay = self.start_relay()
+        self.start_client("raw1", relay=relay, environ={"HTTPS_PROXY": "http://127.0.0.1:1"})
+        self.assertIn("HTTPS_PROXY applies to https:// relays: use --relay https://HOST, or "
+                      "ALL_PROXY / --proxy for the control port", self.capture.messages())
+        self.capture.records.clear()
+        self.start_client("raw2", relay=relay, environ={"http_proxy": "http://127.0.0.1:1"})
+        self.assertIn("http_proxy applies to http:// relays: use --relay http://HOST, or "
+                      "ALL_PROXY / --proxy for the control port", self.capture.messages())
+        self.capture.records.clear()
+        proxy = self.proxy()
+        self.start_client("raw3", relay=relay,
+                          environ={"HTTPS_PROXY": "http://127.0.0.1:1",
+                                   "ALL_PROXY": "http://127.0.0.1:%d" % proxy.port})
+        self.ws_client("ws", environ={"HTTP_PROXY": "http://127.0.0.1:%d" % proxy.port})
+        self.start_client("raw4", relay=relay, no_proxy=True,
+                          environ={"HTTPS_PROXY": "http://127.0.0.1:1"})
+        self.assertFalse(any("applies to" in m for m in self.capture.messages()))
+
+    def test_socks5_name_that_does_not_resolve_here(self):
+        proxy = self.proxy(SocksProxy)
+        client, _ = self.ws_client("x", proxy="socks5://127.0.0.1:%d" % proxy.port,
+                                   relay_host="no-such-host.invalid", wait=False)
+        wait_until(lambda: any("use socks5h://" in m for m in self.warnings()),
+                   what="the failure")
+        line = [m for m in self.warnings() if "use socks5h://" in m][0]
+        self.assertTrue(line.startswith("could not reach the relay: cannot resolve "
+                                        "no-such-host.invalid: "), line)
+        self.assertTrue(line.endswith("; use socks5h:// to let the proxy resolve it"), line)
+        self.assertEqual(proxy.requests, [])
+
+    def test_proxy_502_says_could_not_reach(self):
+        proxy = self.proxy(refuse=502)
+        client, _ = self.ws_client("x", proxy="http://127.0.0.1:%d" % proxy.port, wait=False)
+        wait_until(lambda: len(proxy.requests) >= 2, what="a retry")
+        self.assertTrue(any(m.startswith("could not reach the relay: proxy 127.0.0.1:%d "
+                                         "could not reach localhost:%d: 502"
+                                         % (proxy.port, self.relay.http_port))
+                            for m in self.warnings()), self.warnings())
+
+    def test_unused_proxy_ca_is_warned_about_once(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-proxy-ca-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, _ = make_certificate(directory)
+        proxy = self.proxy()
+        for kw in ({}, dict(proxy="http://127.0.0.1:%d" % proxy.port)):
+            self.capture.records.clear()
+            self.ws_client("ca%d" % len(kw), proxy_ca=cert, **kw)
+            self.assertEqual(self.warnings(), ["--proxy-ca is unused: no https:// proxy is "
+                                               "in play (the relay's own CA goes in --tls-ca)"])
+
+    def test_route_line_and_the_proxy_named_as_host_port(self):
+        self.ws_client("route", environ={"HTTP_PROXY": "http://127.0.0.1:1",
+                                         "NO_PROXY": "localhost"})
+        self.assertIn("connecting to relay http://localhost:%d: direct (NO_PROXY)"
+                      % self.relay.http_port, self.capture.messages())
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        for scheme, stage in (("http", "the proxy's CONNECT"), ("https", "the TLS handshake")):
+            client, _ = self.ws_client("x", proxy="%s://127.0.0.1:%d" % (scheme, port),
+                                       connect_timeout=0.3, wait=False)
+            want = ("could not reach the relay: proxy 127.0.0.1:%d: timed out in %s"
+                    % (port, stage))
+            wait_until(lambda: want in self.warnings(), what=want)
+            self.assertIn("connecting to relay http://localhost:%d: via proxy %s://127.0.0.1:%d"
+                          % (self.relay.http_port, scheme, port), self.capture.messages())
+            client.loop.run_in_loop(client.shutdown)
+            client.thread.join(WAIT)
+
+
+class ClientMessageTests(unittest.TestCase):
+    """The client's one-line messages, as pure functions and as the command line
+    prints them."""
+
+    def test_connect_refusal_hints(self):
+        proxy = tunnel.parse_proxy_url("http://proxy.corp:3128")
+
+        def error(head, target):
+            reply = tunnel.ConnectReply()
+            self.assertTrue(reply.feed(head + b"\r\n\r\n"))
+            return str(tunnel.connect_error(reply, proxy, target))
+        self.assertEqual(error(b"HTTP/1.1 403 Forbidden", "relay.example.com:443"),
+                         "proxy proxy.corp:3128 refused CONNECT relay.example.com:443: "
+                         "403 Forbidden")
+        for head in (b"HTTP/1.1 403 Forbidden", b"HTTP/1.1 405 Method Not Allowed"):
+            self.assertEqual(error(head, "relay.example.com:7835"),
+                             "proxy proxy.corp:3128 refused CONNECT relay.example.com:7835: "
+                             "%s; many proxies allow CONNECT only to port 443: use --relay "
+                             "https://HOST" % head[9:].decode())
+        for status in (b"502 Bad Gateway", b"503 Service Unavailable", b"504"):
+            self.assertEqual(error(b"HTTP/1.1 " + status, "[::1]:8080"),
+                             "proxy proxy.corp:3128 could not reach [::1]:8080: %s"
+                             % status.decode())
+        self.assertEqual(error(b"HTTP/1.1 500 Oops", "relay.example.com:8443"),
+                         "proxy proxy.corp:3128 refused CONNECT relay.example.com:8443: "
+                         "500 Oops")
+
+    def test_unused_proxy_variable(self):
+        f = tunnel.unused_proxy_variable
+        self.assertEqual(f("tcp", {}), "")
+        self.assertEqual(f("https", {"HTTPS_PROXY": "p:1"}), "")
+        self.assertEqual(f("tcp", {"HTTPS_PROXY": "p:1"}),
+                         "HTTPS_PROXY applies to https:// relays: use --relay https://HOST, "
+                         "or ALL_PROXY / --proxy for the control port")
+        self.assertEqual(f("tcp", {"HTTP_PROXY": " ", "http_proxy": "p:1"}),
+                         "http_proxy applies to http:// relays: use --relay http://HOST, "
+                         "or ALL_PROXY / --proxy for the control port")
+        self.assertEqual(f("tcp", {"HTTPS_PROXY": "p:1", "all_proxy": "q:1"}), "")
+        self.assertEqual(f("tcp", {"HTTPS_PROXY": "p:1"}, override=""), "")
+        self.assertEqual(f("tcp", {"HTTPS_PROXY": "p:1"}, disabled=True), "")
+
+    def test_parse_relay_reasons(self):
+        cases = {
+            "https://": "no host",
+            "https:///_tunnel": "no host",
+            "https://relay/path": "the relay URL takes no path (its WebSocket path is "
+                                  "/_tunnel)",
+            "https://relay/x/_tunnel": "the relay URL takes no path (its WebSocket path is "
+                                       "/_tunnel)",
+            "http://relay?x=1": "the relay URL takes no query or fragment",
+            "https://u:p@relay": "the relay URL takes no user name or password",
+            "u:p@relay:7835": "the relay address takes no user name or password",
+            "ftp://relay": "unknown scheme 'ftp': use https://, http://, wss://, ws:// or "
+                           "HOST:PORT",
+            "https://%s.example" % ("a" * 64): "'%s.example' is not a host name or address"
+                                               % ("a" * 64),
+        }
+        for text, want in cases.items():
+            with self.assertRaises(ValueError, msg=text) as cm:
+                tunnel.parse_relay(text)
+            self.assertEqual(str(cm.exception), want)
+        for good in ("https://relay", "https://relay/", "https://relay/_tunnel",
+                     "https://relay/_tunnel/"):
+            self.assertEqual(tunnel.parse_relay(good), ("https", "relay", 443))
+
+    def main_error(self, argv, env=None):
+        err = io.StringIO()
+        saved = {k: os.environ.get(k) for k in ("TUNNEL_RELAY", "TUNNEL_TOKEN")}
+
+        def restore():
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.addCleanup(restore)
+        for k in saved:
+            os.environ.pop(k, None)
+        os.environ.update(env or {})
+        with contextlib.redirect_stderr(err):
+            code = tunnel.main(argv)
+        restore()
+        self.assertNotIn("Traceback", err.getvalue())
+        return code, err.getvalue().strip()
+
+    def test_cli_relay_errors(self):
+        base = ["expose", "5000", "--token", TOKEN]
+        code, err = self.main_error(base + ["--relay", "https://"])
+        self.assertEqual((code, err), (2, "tunnel.py: error: invalid --relay 'https://': no "
+                                          "host (expected HOST:PORT, https://HOST[:PORT] or "
+                                          "http://HOST[:PORT]) (see --help)"))
+        code, err = self.main_error(base, env={"TUNNEL_RELAY": "ftp://x"})
+        self.assertEqual((code, err), (2, "tunnel.py: error: invalid TUNNEL_RELAY 'ftp://x': "
+                                          "unknown scheme 'ftp': use https://, http://, "
+                                          "wss://, ws:// or HOST:PORT (see --help)"))
+        code, err = self.main_error(base + ["--relay", "https://alice:s3cret@relay.example"])
+        self.assertEqual(code, 2)
+        self.assertIn("invalid --relay 'https://relay.example': the relay URL takes no user "
+                      "name or password", err)
+        self.assertNotIn("alice", err)
+        self.assertNotIn("s3cret", err)
+        code, err = self.main_error(base + ["--relay", "relay:99999"])
+        self.assertEqual(err.count("expected"), 1, err)
+
+    def test_empty_proxy_means_none(self):
+        # --proxy "" is curl's -x "": no proxy; what stops this run is the missing token.
+        for extra in ([], ["--no-proxy"]):
+            code, err = self.main_error(["expose", "5000", "--proxy", ""] + extra)
+            self.assertEqual((code, err), (2, "tunnel.py: error: no token: pass --token or "
+                                              "set TUNNEL_TOKEN (the relay prints one) (see "
+                                              "--help)"))
+        client = tunnel.Client(tunnel.ClientConfig(relay_scheme="http", relay_port=80,
+                                                   proxy=""),
+                               environ={"HTTP_PROXY": "http://127.0.0.1:1"})
+        self.addCleanup(client.loop.close)
+        self.assertIsNone(client.proxy)
 
 
 if __name__ == "__main__":

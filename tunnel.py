@@ -75,7 +75,10 @@ with ``NO_PROXY`` honoured (``proxy_for``); ``socks5://`` resolves the relay's
 name here, ``socks5h://`` lets the proxy do it.  The proxy's codecs are pure
 (``connect_request``, ``ConnectReply``, ``Socks5Handshake``); its refusals are one
 line and a retry, except a 407 or a SOCKS credential failure, which are
-configuration errors (exit status 2; ``ProxyError.fatal``).
+configuration errors (exit status 2; ``ProxyError.fatal``).  So is a relay URL
+answered with a 3xx (its Location named) or a 4xx but 408/429 (the start of the
+relay's body in the line) before the tunnel was ever up; a 5xx, 408 or 429 is
+retried (``Dialer._upgrade_refused``, DIAL_REFUSED).
 
 Handshake, inside TLS (over TCP or in the WebSocket; client C, relay R, token K;
 the token never crosses)::
@@ -466,11 +469,19 @@ DIAL_STAGES: Dict[str, str] = {         # what a timeout or error message calls 
 RELAY_SCHEMES = {"https": "https", "wss": "https", "http": "http", "ws": "http"}  # URL forms
 RELAY_DEFAULT_PORTS = {"https": 443, "http": 80}   # ... and their ports ("tcp": control)
 MAX_HOST_NAME = 253                     # longest DNS name (RFC 1035), for --relay
+MAX_HOST_LABEL = 63                     # ... and its longest label
 # What the dialer reports a failure as (Dialer's ``failed(why, kind)``).
 DIAL_RETRY = "retry"                    # try again with backoff
 DIAL_UNREACHABLE = "unreachable"        # refused or not resolvable: likely a wrong --relay
 DIAL_FATAL = "fatal"                    # a configuration error: exit status 2
 DIAL_TLS_FAILED = "tls_failed"          # TLS did not come up (a --plaintext relay?)
+DIAL_REFUSED = "refused"                # the relay answered the upgrade with a 3xx or a 4xx
+                                        # (not 408/429): exit status 2 unless it was ever up
+UPGRADE_RETRY_STATUSES = (408, 429)     # 4xx answers to the upgrade that are worth a retry
+UPGRADE_REDIRECTS = (301, 302, 307, 308)   # answers that name the relay's URL in Location
+TLS_NOT_SPOKEN = "WRONG_VERSION_NUMBER"  # OpenSSL's reason when the peer's bytes are not TLS
+UPGRADE_BODY_SHOWN = 200                # bytes of a refusal's body in the message (already
+                                        # read with its head: the dialer waits for no more)
 
 # -- proxies ------------------------------------------------------------------
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tunnel.py speaks
@@ -478,6 +489,9 @@ DEFAULT_PROXY_PORT = 1080               # a proxy URL without a port (curl's def
 DEFAULT_HTTPS_PROXY_PORT = 443          # ... unless it is https://
 MAX_PROXY_REPLY = 16 * 1024             # head of a CONNECT reply (status line and fields)
 PROXY_AUTH_REQUIRED = 407               # CONNECT answer: the proxy wants credentials
+PROXY_FORBIDDEN = (403, 405)            # CONNECT answers of a proxy that may allow ...
+PROXY_OPEN_PORT = 443                   # ... CONNECT only to this port (the usual policy)
+PROXY_UNREACHABLE = (502, 503, 504)     # CONNECT answers: the proxy could not reach the relay
 SOCKS_VERSION = 5                       # RFC 1928: first byte of every message but auth's
 SOCKS_AUTH_VERSION = 1                  # RFC 1929: username/password subnegotiation version
 SOCKS_NO_AUTH = 0x00                    # method: no authentication required
@@ -3452,10 +3466,15 @@ ROUTE_DIRECT = "direct"
 ROUTE_NO_PROXY = "direct (NO_PROXY)"
 ROUTE_DISABLED = "direct (--no-proxy)"
 ROUTE_PROXY = "via proxy %s"
+# A proxy variable set for the other relay forms only (curl's rules: HTTPS_PROXY is for
+# https://, HTTP_PROXY for http://, only ALL_PROXY for the raw control port).
+UNUSED_PROXY_VARIABLE = ("%s applies to %s:// relays: use --relay %s://HOST, or ALL_PROXY / "
+                         "--proxy for the control port")
 
 _PROXY_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?\.?\Z")
 _PROXY_URL_RE = re.compile(r"([^/?#]*)(.*)\Z", re.S)
 _URL_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]*\Z")
+_RELAY_USERINFO_RE = re.compile(r"\A((?:[A-Za-z][A-Za-z0-9+.-]*://)?).*@", re.S)   # user:pass@
 _NO_PROXY_SPLIT_RE = re.compile(r"[,\s]+")
 _CONNECT_STATUS_RE = re.compile(r"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\r\n]*))?\Z")
 _PROXY_FIELD_NAME_RE = re.compile(_TOKEN + r"\Z")
@@ -3660,6 +3679,21 @@ def proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str],
     return proxy, ROUTE_PROXY % proxy.display
 
 
+def unused_proxy_variable(scheme: str, environ: Mapping[str, str],
+                          override: Optional[str] = None, disabled: bool = False) -> str:
+    """The notice for a proxy variable that ``proxy_for`` passed over for the raw
+    control port (``scheme`` "tcp") although a URL relay would use it, or ""."""
+    if scheme != "tcp" or disabled or override is not None:
+        return ""
+    if _first_set(environ, PROXY_VARIABLES["tcp"])[1]:
+        return ""
+    for kind in ("https", "http"):
+        name = _first_set(environ, PROXY_VARIABLES[kind][:2])[0]
+        if name:
+            return UNUSED_PROXY_VARIABLE % (name, kind, kind)
+    return ""
+
+
 # -- HTTP CONNECT --------------------------------------------------------------
 
 def connect_request(host: str, port: int, proxy: ProxyURL) -> bytes:
@@ -3753,7 +3787,13 @@ def connect_error(reply: ConnectReply, proxy: ProxyURL, target: str) -> ProxyErr
     where = proxy.where
     if reply.status != PROXY_AUTH_REQUIRED:
         status = ("%d %s" % (reply.status, reply.reason)).rstrip()
-        return ProxyError("proxy %s refused CONNECT %s: %s" % (where, target, status))
+        if reply.status in PROXY_UNREACHABLE:
+            return ProxyError("proxy %s could not reach %s: %s" % (where, target, status))
+        hint = ""
+        if reply.status in PROXY_FORBIDDEN and not target.endswith(":%d" % PROXY_OPEN_PORT):
+            hint = ("; many proxies allow CONNECT only to port %d: use --relay https://HOST"
+                    % PROXY_OPEN_PORT)
+        return ProxyError("proxy %s refused CONNECT %s: %s%s" % (where, target, status, hint))
     schemes = auth_schemes(reply.get_all("proxy-authenticate"))
     if schemes and not any(s.lower() == "basic" for s in schemes):
         return ProxyError("proxy %s wants %s, which tunnel.py does not speak; use a proxy "
@@ -5229,8 +5269,8 @@ class Dialer(Conn):
         self._timer = loop.call_later(timeout, self._timeout)
         try:
             self._addrs = resolve(host, port)
-        except OSError as exc:
-            why = describe_oserror(exc)
+        except (OSError, UnicodeError) as exc:   # UnicodeError: a label over 63 bytes
+            why = describe_oserror(exc) if isinstance(exc, OSError) else "invalid host name"
             loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
             return
         sock, error = dial(self._addrs)
@@ -5337,9 +5377,10 @@ class Dialer(Conn):
             if proxy.scheme == "socks5":            # names resolved here, not by the proxy
                 try:
                     host = resolve(host, port)[0][4][0]
-                except (OSError, IndexError) as exc:
-                    self._fail("cannot resolve %s: %s" % (host, describe_oserror(exc)
-                               if isinstance(exc, OSError) else "no address"),
+                except (OSError, IndexError, UnicodeError) as exc:
+                    self._fail("cannot resolve %s: %s; use socks5h:// to let the proxy "
+                               "resolve it" % (host, describe_oserror(exc)
+                                               if isinstance(exc, OSError) else "no address"),
                                DIAL_UNREACHABLE, bare=True)
                     return
             self._reader = Socks5Handshake(host, port, proxy.user, proxy.password,
@@ -5407,12 +5448,51 @@ class Dialer(Conn):
         end = ws_response_head_end(buf)
         if end < 0:
             return
+        m = _STATUS_LINE_RE.match(buf)
+        if m is not None and m.group(3) != b"101":
+            self._upgrade_refused(bytes(buf[:end]), int(m.group(3)), bytes(buf[end:]))
+            return
         try:
             ws_check_response(bytes(buf[:end]), self._key, self._protocol)
-        except ProtocolError as exc:
-            raise ProtocolError("%s: %s" % (self._url, exc)) from None
+        except ProtocolError as exc:        # the URL names the place: not ``where`` too
+            self._fail("%s: %s" % (self._url, exc), bare=True)
+            return
         self.attach(WSChannel(self.sock, server_side=False, initial=bytes(buf[end:])))
         self._next_stage()
+
+    def _upgrade_refused(self, head: bytes, status: int, body: bytes) -> None:
+        """Not 101: the status, the start of the body (where a relay explains itself,
+        only what came with the head), a redirect's Location; DIAL_REFUSED for a 3xx or
+        a 4xx but 408/429 (the caller decides whether that ends it), else a retry."""
+        line, block = _split_start_line(head[:-4])
+        reason = line.split(" ", 2)[2] if line.count(" ") >= 2 else ""
+        try:
+            headers = _parse_fields(block)
+        except HTTPError:
+            headers = Headers([])
+        why = "%s: the relay answered %d%s, not 101" % (
+            self._url, status, " " + escape_unprintable(reason) if reason else "")
+        location = headers.get("location")
+        if status in UPGRADE_REDIRECTS and location:
+            target = location.strip()
+            shown = escape_unprintable(target[:UPGRADE_BODY_SHOWN])
+            why = "%s: the relay redirects to %s" % (self._url, shown)
+            scheme, sep, rest = target.partition("://")
+            if sep and scheme.lower() in ("https", "http"):
+                host = _PROXY_URL_RE.match(rest).group(1).rpartition("@")[2]
+                why += ": use --relay %s://%s" % (scheme.lower(), escape_unprintable(
+                    host[:MAX_HOST_NAME]) or "HOST")
+        else:
+            try:
+                length = _length_from(headers.get_all("content-length"))
+            except HTTPError:
+                length = None
+            text = body[:min(UPGRADE_BODY_SHOWN, len(body) if length is None else length)]
+            first = text.decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
+            if first:
+                why += ": " + escape_unprintable(first)
+        refused = 300 <= status < 500 and status not in UPGRADE_RETRY_STATUSES
+        self._fail(why, DIAL_REFUSED if refused else DIAL_RETRY, bare=True)
 
     # -- failure --------------------------------------------------------------------------
     def _timeout(self) -> None:
@@ -6786,32 +6866,45 @@ class ClientConfig(Settings):
 def parse_relay(text: str) -> Tuple[str, str, int]:
     """``--relay``: ``HOST[:PORT]`` (the control port) or a URL, ``https://HOST[:PORT]``
     (TLS and WebSocket, 443), ``http://HOST[:PORT]`` (WebSocket, 80), ``wss://`` and
-    ``ws://`` as aliases.  Returns (scheme, host, port), scheme "tcp", "http" or
-    "https"; raises ValueError with the reason."""
+    ``ws://`` as aliases; a URL's path may be empty, ``/`` or WS_PATH.  Returns
+    (scheme, host, port), scheme "tcp", "http" or "https"; raises ValueError with the
+    reason (which never repeats a user name or password)."""
     text = text.strip()
     scheme, sep, rest = text.partition("://")
     if not sep:
+        if "@" in text:
+            raise ValueError("the relay address takes no user name or password")
         host, port = parse_hostport(text, default_port=DEFAULT_CONTROL_PORT)
         return "tcp", _relay_host(host), port
     kind = RELAY_SCHEMES.get(scheme.lower())
     if kind is None:
-        raise ValueError("unknown scheme %r: use https://, http://, wss://, ws:// or "
-                         "HOST:PORT" % scheme)
-    if rest.endswith("/"):
-        rest = rest[:-1]
-    if rest.endswith(WS_PATH):        # the reserved path itself is what we ask for anyway
-        rest = rest[:-len(WS_PATH)]
-    if not rest or "/" in rest or "?" in rest or "#" in rest or "@" in rest:
-        raise ValueError("expected %s://HOST[:PORT], without a path or credentials"
-                         % scheme.lower())
-    host, port = parse_hostport(rest, default_port=RELAY_DEFAULT_PORTS[kind])
+        shown = " '%s'" % scheme if _URL_SCHEME_RE.match(scheme.lower()) else ""
+        raise ValueError("unknown scheme%s: use https://, http://, wss://, ws:// or "
+                         "HOST:PORT" % shown)
+    m = _PROXY_URL_RE.match(rest)             # authority, then path, query, fragment
+    authority, path = m.group(1), m.group(2)
+    if "@" in authority:
+        raise ValueError("the relay URL takes no user name or password")
+    if "?" in path or "#" in path:
+        raise ValueError("the relay URL takes no query or fragment")
+    if path not in ("", "/", WS_PATH, WS_PATH + "/"):
+        raise ValueError("the relay URL takes no path (its WebSocket path is %s)" % WS_PATH)
+    if not authority:
+        raise ValueError("no host")
+    host, port = parse_hostport(authority, default_port=RELAY_DEFAULT_PORTS[kind])
     return kind, _relay_host(host), port
+
+
+def relay_text_shown(text: str) -> str:
+    """A --relay value as error messages show it: escaped, a URL's ``user:pass@`` cut."""
+    return escape_unprintable(_RELAY_USERINFO_RE.sub(r"\1", text.strip()))
 
 
 def _relay_host(host: str) -> str:
     """A host name or address a request line can carry (no spaces, controls, '@')."""
-    if len(host) > MAX_HOST_NAME or not re.fullmatch(r"[A-Za-z0-9._:%-]+", host):
-        raise ValueError("%r is not a host name or address" % host)
+    if len(host) > MAX_HOST_NAME or not re.fullmatch(r"[A-Za-z0-9._:%-]+", host) or (
+            ":" not in host and any(len(label) > MAX_HOST_LABEL for label in host.split("."))):
+        raise ValueError("'%s' is not a host name or address" % escape_unprintable(host))
     return host
 
 
@@ -6930,12 +7023,20 @@ class Client(SessionDelegate):
                 format_hostport(config.relay_host, config.relay_port)
                 if config.relay_port != default else "[%s]" % config.relay_host
                 if ":" in config.relay_host else config.relay_host))
+        environ = os.environ if environ is None else environ
         try:
             self.proxy, self.route = proxy_for(
                 config.relay_scheme, config.relay_host, config.relay_port,
-                os.environ if environ is None else environ, config.proxy, config.no_proxy)
+                environ, config.proxy, config.no_proxy)
         except ValueError as exc:
             raise TunnelError(str(exc)) from None
+        notice = unused_proxy_variable(config.relay_scheme, environ, config.proxy,
+                                       config.no_proxy)
+        if notice:
+            log.info("%s", notice)
+        if config.proxy_ca and (self.proxy is None or self.proxy.scheme != "https"):
+            log.warning("--proxy-ca is unused: no https:// proxy is in play (the relay's "
+                        "own CA goes in --tls-ca)")
         self.loop = loop or EventLoop()
         self.output = output
         self.client_secret = (config.client_secret     # sealed: binds its name reservation
@@ -7003,11 +7104,11 @@ class Client(SessionDelegate):
         if self.stopping:
             return
         cfg = self.config
-        log.info("connecting to relay %s (%s%s)", self.relay_text, self.route,
+        log.info("connecting to relay %s: %s%s", self.relay_text, self.route,
                  ", attempt %d" % (self.attempt + 1) if self.attempt else "")
         proxy = self.proxy
         if proxy is not None:
-            host, port, where = proxy.host, proxy.port, "proxy %s" % proxy_text(proxy)
+            host, port, where = proxy.host, proxy.port, "proxy %s" % proxy.where
         else:
             host, port, where = cfg.relay_host, cfg.relay_port, ""
         self._connector = Dialer(self.loop, host, port, self._relay_stages(),
@@ -7026,7 +7127,7 @@ class Client(SessionDelegate):
         if proxy is not None:
             if proxy.scheme == "https":
                 stages.append(DialStage(DIAL_TLS, self.proxy_tls_context(), proxy.host, False,
-                                        "proxy %s" % proxy_text(proxy)))
+                                        "proxy %s" % proxy.where))
             kind = DIAL_SOCKS if proxy.scheme.startswith("socks") else DIAL_CONNECT
             stages.append(DialStage(kind, proxy, cfg.relay_host, cfg.relay_port))
         channel = [] if cfg.plaintext else [
@@ -7086,17 +7187,35 @@ class Client(SessionDelegate):
 
     def _relay_failed(self, why: str, kind: str) -> None:
         self._connector = None
+        at_proxy = why.startswith("proxy ")    # the Dialer's ``where`` of the proxy's stages
         if kind == DIAL_FATAL:
             if "certificate verify failed" in why or "CERTIFICATE_VERIFY_FAILED" in why:
                 why = "could not verify the %s's certificate: %s" % (
-                    "proxy" if why.startswith("proxy ") else "relay", why)
+                    "proxy" if at_proxy else "relay", why)
+                if at_proxy and not self.config.proxy_ca:
+                    why += "; pass its CA with --proxy-ca FILE"
             self.fatal(EXIT_USAGE, why)
             return
-        if (kind == DIAL_TLS_FAILED and self.config.relay_scheme == "tcp"
-                and self.url is None and not self._hinted):
+        if kind == DIAL_REFUSED:
+            if self.url is None:   # never up: the URL is wrong or the relay is set up otherwise
+                self.fatal(EXIT_USAGE, why)
+                return
+            kind = DIAL_RETRY
+        first = self.url is None
+        if (kind == DIAL_TLS_FAILED and not at_proxy and first and not self._hinted
+                and TLS_NOT_SPOKEN in why):
+            self._hinted = True   # once: the bytes that came back were not TLS at all
+            log.warning("the relay's port does not speak TLS: a --plaintext relay's control "
+                        "port (pass --plaintext), or its plain HTTP port (use --relay "
+                        "http://HOST:PORT)")
+        elif (kind == DIAL_TLS_FAILED and self.config.relay_scheme == "tcp"
+                and first and not self._hinted):
             self._hinted = True   # once: a relay that drops TLS may be plain or busy
             log.warning("TLS to the relay failed; if it runs with --plaintext, pass "
                         "--plaintext here too")
+        if first and not at_proxy and why.endswith(
+                "connection closed during %s" % DIAL_STAGES[DIAL_WEBSOCKET]):
+            why += " (is that the relay's control port? then use --relay HOST:PORT)"
         self._connect_failed(why, unreachable=kind == DIAL_UNREACHABLE and self.proxy is None)
 
     def _connected(self, sock: Any) -> None:
@@ -7191,11 +7310,17 @@ class Client(SessionDelegate):
             self.fatal(EXIT_USAGE, str(error))
             return
         if isinstance(error, RefusedError):
+            if error.code == "binding" and self.config.plaintext:
+                self.fatal(EXIT_USAGE, "the relay requires TLS (it does not run --plaintext): "
+                           "drop --plaintext")
+                return
             if error.code == "binding":
                 self.fatal(EXIT_USAGE, "the relay did not see the TLS certificate this client "
                            "saw (SHA-256 %s): a man in the middle, or a TLS-terminating proxy "
-                           "or TLS-inspecting middlebox on the path (see --tls-interception; "
-                           "the relay says: %s)" % (fingerprint_text(self.binding), error))
+                           "or TLS-inspecting middlebox on the path (a TLS proxy or load "
+                           "balancer in front of the relay: serve --tls-proxy-fingerprint; "
+                           "a TLS-inspecting middlebox: expose --tls-interception; the relay "
+                           "says: %s)" % (fingerprint_text(self.binding), error))
                 return
             action = REFUSALS.get(error.code, ("", REFUSE_RETRY))[1]
             if action == REFUSE_STOP or (action == REFUSE_FIRST and self.url is None):
@@ -7215,6 +7340,12 @@ class Client(SessionDelegate):
             self._hinted = True   # once: a busy relay closes early too
             log.warning("the relay closed the connection during the handshake; its control "
                         "port speaks TLS unless it runs with --plaintext: drop --plaintext")
+        elif (not session.established and self.url is None and not self._hinted
+                and cfg.relay_scheme == "tcp" and (isinstance(error, ProtocolError)
+                                                   or reason.startswith("handshake timed out"))):
+            self._hinted = True   # once: an HTTP answer, or silence, where frames should be
+            log.warning("is that the relay's visitor port? use --relay http://HOST:PORT or "
+                        "https://HOST:PORT")
         if session.goaway_received:
             self.attempt = 0
         self._schedule_reconnect()
@@ -7438,7 +7569,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reach the relay through this proxy: http://[USER:PASS@]HOST:PORT "
                         "(CONNECT), https://..., socks5://..., socks5h://... (default: "
                         "$HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY by the relay's form, "
-                        "curl's rules, $NO_PROXY honoured)")
+                        "curl's rules, $NO_PROXY honoured; an empty URL: none)")
     expose.add_argument("--proxy-ca", metavar="FILE", default=None,
                         help="CA certificates that verify an https:// proxy (default: the "
                         "system's)")
@@ -7732,18 +7863,22 @@ def cmd_expose(args: argparse.Namespace) -> int:
     target_host, target_port = parse_target(args.target)
     if not args.connect_timeout > 0 or not args.backoff_max > 0:
         raise UsageError("--connect-timeout and --backoff-max must be positive")
+    source = "--relay" if args.relay else "TUNNEL_RELAY"
     relay_text = args.relay or os.environ.get("TUNNEL_RELAY") or DEFAULT_RELAY
     try:
         relay_scheme, relay_host, relay_port = parse_relay(relay_text)
     except ValueError as exc:
-        raise UsageError("invalid --relay %r: expected HOST:PORT or https://HOST[:PORT] (%s)"
-                         % (relay_text, exc)) from None
+        reason = str(exc)
+        if "expected" not in reason and "use https://" not in reason:
+            reason += " (expected HOST:PORT, https://HOST[:PORT] or http://HOST[:PORT])"
+        raise UsageError("invalid %s '%s': %s" % (source, relay_text_shown(relay_text),
+                                                   reason)) from None
     if args.plaintext and relay_scheme == "https":
         raise UsageError("--plaintext excludes an https:// relay (use http://HOST:PORT for "
                          "a relay's plain HTTP port)")
-    if args.proxy is not None and args.no_proxy:
+    if args.proxy is not None and args.proxy.strip() and args.no_proxy:
         raise UsageError("--proxy and --no-proxy exclude each other")
-    if args.proxy is not None:
+    if args.proxy is not None and args.proxy.strip():     # --proxy "": no proxy (curl -x "")
         try:
             parse_proxy_url(args.proxy)
         except ValueError as exc:
