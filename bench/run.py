@@ -13,6 +13,11 @@ Rows and metrics follow issue 3: wrk at 1 and 50 connections (rps, p50, p99), a
 256 MiB download and upload (curl, bytes verified), small-request p99 while a bulk
 download runs, memory (idle, peak under load, 1,000 idle visitors), and 500 tunnel
 clients on one relay.
+
+Issue 12's row: the WebSocket transport through a CONNECT proxy (bench/connect_proxy.py,
+a process of its own) to a relay with --control-port off, against the raw control port,
+both with TLS as by default: 50 and 1 connections, split p99, 256 MiB each way
+(--transport runs only that, in about 2 minutes).
 """
 
 import argparse
@@ -132,6 +137,16 @@ def best_of(n, measure):
     best = max(runs, key=lambda r: r["MBps"])
     best["ok"] = all(r["ok"] for r in runs)
     return best
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far (/proc/PID/stat)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid):
@@ -260,6 +275,19 @@ def expose(control_port, port, name):
     return client
 
 
+def start_connect_proxy(nagle=False):
+    """bench/connect_proxy.py in a process of its own (so this one is off the path);
+    ``nagle``: without TCP_NODELAY.  Returns its port and the process; its stdout has
+    one line per CONNECT."""
+    proxy = spawn([sys.executable, os.path.join(HERE, "connect_proxy.py")]
+                  + (["--nagle"] if nagle else []),
+                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    line = proxy.stdout.readline().decode()
+    if not line.startswith("listening "):
+        raise SystemExit("the CONNECT proxy did not start: %r" % line)
+    return int(line.rsplit(":", 1)[1]), proxy
+
+
 def clean_python(work):
     """A venv without site-packages: the interpreter of a fresh machine, for memory."""
     venv = os.path.join(work, "venv")
@@ -267,28 +295,43 @@ def clean_python(work):
     return os.path.join(venv, "bin", "python3")
 
 
+# Proxy variables would send curl, wrk or a tunnel client elsewhere: every row here
+# chooses its route explicitly.
+for _var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+    os.environ.pop(_var, None)
+    os.environ.pop(_var.upper(), None)
+
 STATE_DIR = tempfile.mkdtemp(prefix="tunnel-bench-state-")   # the relay's generated key
 os.environ["TUNNEL_STATE_DIR"] = STATE_DIR
 
 
-def start_tunnel(nginx_port, python=sys.executable, plaintext=False):
+def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None):
     """A relay and a client as a user runs them: by default TLS on the control channel
     (the relay's own certificate, channel binding), access log on; ``plaintext`` runs
-    both with --plaintext, for the TLS-cost row."""
-    http_port, control_port = free_port(), free_port()
+    both with --plaintext, for the TLS-cost row.  With ``proxy_port`` the relay has no
+    control port (--control-port off) and the client reaches it as
+    ``--relay http://localhost:HTTP_PORT`` through the CONNECT proxy on that port: a
+    WebSocket on the visitor port, TLS inside it (control_port is then None)."""
+    http_port = free_port()
+    control_port = None if proxy_port else free_port()
     plain = ["--plaintext"] if plaintext else []
     # Every connection comes from 127.0.0.1: lift the per-source caps above what the runs
     # open (1,000 idle visitors on one tunnel, up to 500 clients connecting at once).
     relay = spawn([python, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
-                   str(http_port), "--control-port", str(control_port), "--token", TOKEN,
-                   "--max-visitors-per-source", "5000",
+                   str(http_port), "--control-port", str(control_port or "off"),
+                   "--token", TOKEN, "--max-visitors-per-source", "5000",
                    "--max-visitors-per-source-per-tunnel", "5000",
                    "--max-unauthenticated-per-source", "64", "-q"] + plain,
                   stderr=subprocess.DEVNULL)
-    wait_port(control_port)
+    wait_port(control_port or http_port)
+    if proxy_port:
+        route = ["--relay", "http://localhost:%d" % http_port,
+                 "--proxy", "http://127.0.0.1:%d" % proxy_port]
+    else:
+        route = ["--relay", "127.0.0.1:%d" % control_port]
     # The client runs as a user would: access log on (one line per request, drained here).
-    client = spawn([python, TUNNEL_PY, "expose", str(nginx_port), "--relay",
-                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", "bench"]
+    client = spawn([python, TUNNEL_PY, "expose", str(nginx_port)] + route
+                   + ["--token", TOKEN, "--subdomain", "bench"]
                    + plain, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = client.stdout.readline().decode()
     if not line.startswith("Forwarding"):
@@ -319,8 +362,11 @@ def wrk(url, conns, seconds, host=None):
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         errors += int(m.group(1))
+    done = re.search(r"(\d+) requests in", out)
+    top = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)
     return {"rps": rps, "p50": parse_ms(lat["50"]), "p99": parse_ms(lat["99"]),
-            "errors": errors}
+            "errors": errors, "requests": int(done.group(1)) if done else 0,
+            "max": parse_ms(top.group(1)) if top else float("nan")}
 
 
 def curl_download(url, host, expect_sha, work):
@@ -457,6 +503,10 @@ def main():
     ap.add_argument("--tls-cost", action="store_true",
                     help="only tunnel.py with TLS on the control channel (the default) "
                          "against --plaintext: 50 and 1 connections taking turns, downloads")
+    ap.add_argument("--transport", action="store_true",
+                    help="only the WebSocket transport through a CONNECT proxy (relay with "
+                         "--control-port off, client --relay http://... --proxy ...) against "
+                         "the raw control port: 50 and 1 connections, split, 256 MiB each way")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -471,6 +521,8 @@ def main():
     try:
         if args.tls_cost:
             tls_cost(work, secs, 1 if args.quick else args.rounds)
+        elif args.transport:
+            transport(work, secs, 1 if args.quick else args.rounds)
         else:
             run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
@@ -515,6 +567,129 @@ def tls_cost(work, secs, rounds):
         t["c50"]["rps"] / p["c50"]["rps"], t["c1"]["rps"] / p["c1"]["rps"],
         t["down"]["MBps"] / p["down"]["MBps"])]
     print("\n".join(lines))
+
+
+def transport(work, secs, rounds):
+    """Only the WebSocket-through-a-proxy comparison (bench/run.py --transport)."""
+    print("preparing nginx and a tunnel on the control port on 127.0.0.1 ...", flush=True)
+    py_compile.compile(TUNNEL_PY, doraise=True)
+    nginx_port, big_sha = start_nginx(work)
+    http_port, _, relay, client = start_tunnel(nginx_port)
+    print("\n".join(transport_compare(work, nginx_port, big_sha, (http_port, relay, client),
+                                      secs, rounds)))
+
+
+def through_proxy(nginx_port, nagle=False):
+    """A relay with --control-port off and its client coming through a new
+    bench/connect_proxy.py (``nagle``: one without TCP_NODELAY), checked to have gone
+    through it.  Returns (http_port, relay, client, proxy, connects): ``connects``
+    collects the proxy's CONNECT lines."""
+    import select
+    proxy_port, proxy = start_connect_proxy(nagle)
+    http_port, _, relay, client = start_tunnel(nginx_port, proxy_port=proxy_port)
+    ready, _, _ = select.select([proxy.stdout], [], [], 10)
+    line = proxy.stdout.readline().decode().strip() if ready else ""
+    if not line.startswith("CONNECT localhost:%d 200" % http_port):
+        raise SystemExit("the WebSocket client did not come through the proxy: %r" % line)
+    connects = [line]
+    threading.Thread(target=lambda: connects.extend(proxy.stdout), daemon=True).start()
+    return http_port, relay, client, proxy, connects
+
+
+def transport_compare(work, nginx_port, big_sha, raw, secs, rounds):
+    """The tunnel ``raw`` = (http_port, relay, client) on the control port (TLS, the
+    default) against a second relay with --control-port off, reached by its client as
+    ``--relay http://localhost:PORT --proxy http://127.0.0.1:PPORT`` (a WebSocket on the
+    visitor port through bench/connect_proxy.py, TLS inside it, the default): the two take
+    turns; 50 and 1 connections and split (median of ``rounds``), 256 MiB each way (best of
+    two, SHA-256), and the CPU each process spends.  A third relay is reached the same way
+    through a proxy without TCP_NODELAY (as some are), for the wrk runs only: Nagle's
+    algorithm in the proxy meets the delayed ACKs of the relay and the client there.
+    Returns the report's lines."""
+    ws_http, ws_relay, ws_client, proxy, connects = through_proxy(nginx_port)
+    ng_http, ng_relay, ng_client, ng_proxy, ng_connects = through_proxy(nginx_port, True)
+    rows = [("control port, TLS (default)", "http://127.0.0.1:%d/" % raw[0],
+             {"relay": raw[1].pid, "client": raw[2].pid}),
+            ("WebSocket via CONNECT proxy, TLS inside", "http://127.0.0.1:%d/" % ws_http,
+             {"relay": ws_relay.pid, "client": ws_client.pid, "proxy": proxy.pid}),
+            ("the same via a proxy without TCP_NODELAY", "http://127.0.0.1:%d/" % ng_http,
+             {"relay": ng_relay.pid, "client": ng_client.pid, "proxy": ng_proxy.pid})]
+    bulk = rows[:2]
+    kinds = ("c50", "c1", "split")
+    runs = {(label, kind): [] for label, _, _ in rows for kind in kinds}
+    cpu = {label: [] for label, _, _ in rows}      # CPU us per request, each c50 run
+    for i in range(rounds):
+        print("transport: round %d of %d ..." % (i + 1, rounds), flush=True)
+        for label, url, pids in rows:
+            before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+            r = wrk(url + "small", 50, secs, HOST)
+            cpu[label].append({who: (cpu_seconds(pid) - before[who]) * 1e6
+                               / max(1, r["requests"]) for who, pid in pids.items()})
+            runs[label, "c50"].append(r)
+            runs[label, "c1"].append(wrk(url + "small", 1, secs, HOST))
+            runs[label, "split"].append(wrk(url + "split/small", 1, secs, HOST))
+    res = {}
+    for label, url, pids in rows:
+        r = res[label] = {}
+        for kind in kinds:
+            key = "p99" if kind == "split" else "rps"
+            r[kind] = sorted(runs[label, kind], key=lambda x: x[key])[rounds // 2]
+        r["errors"] = sum(x["errors"] for k in kinds for x in runs[label, k])
+        r["split max"] = max(x["max"] for x in runs[label, "split"])
+        # the c50 run reported above is the median by rps; its CPU goes with it
+        r["cpu"] = cpu[label][runs[label, "c50"].index(r["c50"])]
+    for label, url, pids in bulk:
+        r = res[label]
+        print("transport: transfers, %s ..." % label, flush=True)
+        for kind, measure in (
+                ("down", lambda: curl_download(url + "big", HOST, big_sha, work)),
+                ("up", lambda: curl_upload(url, HOST, os.path.join(work, "www", "big"),
+                                           big_sha, work, "transport.bin"))):
+            before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+            r[kind] = best_of(2, measure)
+            r[kind + " cpu"] = {who: (cpu_seconds(pid) - before[who]) / 2
+                                for who, pid in pids.items()}
+    for p in (ws_client, ws_relay, proxy, ng_client, ng_relay, ng_proxy):
+        p.terminate()
+        p.wait()
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    raw_r, ws_r, ng_r = (res[label] for label, _, _ in rows)
+    lines = ["", "## WebSocket transport through a CONNECT proxy (wrk -t1, %ds per run, "
+             "median of %d; 256 MiB best of two, SHA-256; %s)"
+             % (secs, rounds, time.strftime("%Y-%m-%d")), "",
+             "| route to the relay | 50 conn rps | 50 conn p99 | 1 conn rps | 1 conn p99 | "
+             "split p99 | 256 MiB down | 256 MiB up | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, _, _ in rows:
+        r = res[label]
+        if "down" in r:
+            transfers = "%.0f MB/s | %.0f MB/s" % (r["down"]["MBps"], r["up"]["MBps"])
+            ok = r["down"]["ok"] and r["up"]["ok"]
+        else:
+            transfers, ok = "- | -", True
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %s | %d%s |" % (
+            label, r["c50"]["rps"], r["c50"]["p99"], r["c1"]["rps"], r["c1"]["p99"],
+            r["split"]["p99"], transfers, r["errors"], "" if ok else ", BYTES WRONG"))
+    lines += ["", "WebSocket via proxy / control port: 50 conn %.2f, 1 conn %.2f, download "
+              "%.2f, upload %.2f (aim: 0.80 or more); split p99 via the proxy %.2f ms "
+              "(aim: under 2 ms), slowest split request in any round %.1f ms (a Nagle "
+              "stall would be 40 ms or more). Via the proxy without TCP_NODELAY: 50 conn "
+              "%.2f, 1 conn %.2f, split p99 %.2f ms." % (
+                  ratio(ws_r["c50"]["rps"], raw_r["c50"]["rps"]),
+                  ratio(ws_r["c1"]["rps"], raw_r["c1"]["rps"]),
+                  ratio(ws_r["down"]["MBps"], raw_r["down"]["MBps"]),
+                  ratio(ws_r["up"]["MBps"], raw_r["up"]["MBps"]), ws_r["split"]["p99"],
+                  ws_r["split max"], ratio(ng_r["c50"]["rps"], raw_r["c50"]["rps"]),
+                  ratio(ng_r["c1"]["rps"], raw_r["c1"]["rps"]), ng_r["split"]["p99"]), ""]
+    fmt = lambda d, f: ", ".join(f % (who, v) for who, v in d.items())  # noqa: E731
+    for label, _, _ in bulk:
+        r = res[label]
+        lines.append("- CPU, %s: per request at 50 conn %s; per 256 MiB down %s; up %s"
+                     % (label, fmt(r["cpu"], "%s %.0f us"), fmt(r["down cpu"], "%s %.2f s"),
+                        fmt(r["up cpu"], "%s %.2f s")))
+    lines.append("- CONNECTs the proxies answered: %d and %d (1 each: the clients never "
+                 "reconnected)" % (len(connects), len(ng_connects)))
+    return lines
 
 
 def stop_all():
@@ -597,6 +772,10 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
             name.replace(" ", "").replace(".", "") + ".bin"))
     ssh_rss = sum(rss_kib(p) for p in [ssh_procs[1].pid] + children(ssh_procs[0].pid))
 
+    print("WebSocket transport through a CONNECT proxy ...", flush=True)
+    transport_lines = transport_compare(work, nginx_port, big_sha, (t_http, relay, client),
+                                        secs, rounds)
+
     print("measuring memory with a clean interpreter (a venv without site-packages) ...",
           flush=True)
     clean = clean_python(work)
@@ -626,11 +805,11 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
     loop.close()
 
     report(results, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
-           secs, rounds)
+           secs, rounds, transport_lines)
 
 
 def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
-           secs, rounds):
+           secs, rounds, transport_lines=()):
     d, s, t = res["direct"], res["ssh -R"], res["tunnel.py"]
     mib = lambda kib: kib / 1024.0  # noqa: E731
     lines = ["", "## Results (wrk -t1, %ds per run, median of %d for every wrk column, "
@@ -685,6 +864,7 @@ def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay
               % mib(held - before),
               "- %d tunnel clients: %d connected in %.2f s; relay RSS %.1f -> %.1f MiB"
               % (n, up, elapsed, mib(relay_before), mib(relay_scaled))]
+    lines += list(transport_lines)
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
