@@ -8022,5 +8022,30 @@ class ClientMessageTests(unittest.TestCase):
         self.assertIsNone(client.proxy)
 
 
+class SealedMaskTest(unittest.TestCase):
+    def test_sealed_frames_use_one_random_byte_and_decode(self):
+        payload = os.urandom(300000)
+        keys = set()
+        for _ in range(64):
+            frame = tunnel.ws_frame(tunnel.WSOpcode.BINARY, payload, True, sealed=True)
+            key = frame[10:14]                      # 2 + 8 (64-bit length), then the key
+            self.assertEqual(len(set(key)), 1)
+            keys.add(key)
+            self.assertNotEqual(frame[14:14 + 64], payload[:64])   # masked all the same
+            events = tunnel.WSDecoder(server_side=True).feed(frame)
+            self.assertEqual(b"".join(e[1] for e in events), payload)
+        self.assertGreater(len(keys), 8)            # random, not one fixed byte
+        # Unsealed (--plaintext) frames keep four independent random key bytes.
+        plain = {tunnel.ws_frame(tunnel.WSOpcode.BINARY, b"x" * 200, True)[4:8]
+                 for _ in range(64)}
+        self.assertTrue(any(len(set(k)) > 1 for k in plain))
+        # ws_mask's one-pass path agrees with the lane path at every offset.
+        data = os.urandom(5000)
+        for offset in range(4):
+            self.assertEqual(tunnel.ws_mask(data, b"\x5a" * 4, offset),
+                             bytes(b ^ 0x5a for b in data))
+
+
+
 if __name__ == "__main__":
     unittest.main()
