@@ -7362,6 +7362,31 @@ class ProxiedClientTest(EndToEndBase):
                                                "HTTP_PROXY": "http://127.0.0.1:1"})
         self.assertEqual(proxy.requests, ["127.0.0.1:%d" % relay.control_port])
 
+    def test_public_scheme_behind_a_tls_load_balancer(self):
+        # A TLS proxy in front serves https://NAME.DOMAIN on 443; the relay behind it
+        # speaks plain HTTP but must print (and forward as X-Forwarded-Proto) https.
+        relay = self.start_relay(control_port=None, public_scheme="https", public_port=443)
+        client, lines = self.ws_client("behind", relay=relay)
+        self.assertEqual(lines[0], "Forwarding https://behind.localhost -> http://127.0.0.1:%d"
+                         % self.origin.server_address[1])
+        self.assertEqual(relay.relay_url(), "https://localhost")
+        data = recv_all(self.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", relay=relay))
+        self.assertIn(b"--relay https://localhost ", data)
+
+    def test_plain_websocket_to_an_https_port_says_so(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key = make_certificate(directory)
+        relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
+                                 domain=TLS_DOMAIN)
+        client, _ = self.ws_client("x", relay=relay, relay_scheme="http",
+                                   relay_host="127.0.0.1", wait=False)
+        wait_until(lambda: any("could not reach the relay" in m for m in self.warnings()),
+                   what="the failure")
+        line = [m for m in self.warnings() if "could not reach the relay" in m][0]
+        self.assertIn("https://", line)
+        self.assertNotIn("[Errno", line)
+
     def test_no_proxy_flag_wins(self):
         client, _ = self.ws_client("flag", no_proxy=True,
                                    environ={"ALL_PROXY": "http://127.0.0.1:1"})

@@ -1723,11 +1723,13 @@ class RelayHandshake:
         if not seen:
             if self._unbound_ok:
                 return ""
-            return "the client spoke plain TCP, but this relay's control port speaks TLS"
+            return ("the client spoke without TLS (--plaintext), but this relay requires "
+                    "TLS")
         if not self._bindings:
-            return ("the client saw a TLS certificate (SHA-256 %s) but this relay's control "
-                    "port speaks plain TCP: a TLS-terminating proxy or a man in the middle "
-                    "is on the path" % fingerprint_text(seen))
+            return ("the client saw a TLS certificate (SHA-256 %s) but no TLS ends at this "
+                    "relay on its way: a TLS-terminating proxy or load balancer in front of "
+                    "it (declare it: serve --tls-proxy-fingerprint) or a man in the middle"
+                    % fingerprint_text(seen))
         return ("the client saw the certificate SHA-256 %s, not this relay's: a man in the "
                 "middle, or a TLS proxy this relay was not told about" % fingerprint_text(seen))
 
@@ -5343,6 +5345,9 @@ class Dialer(Conn):
             n = self.sock.recv_into(self.loop.scratch)
         except WOULD_BLOCK:
             return
+        except OSError as exc:
+            self._fail("%s during %s" % (describe_oserror(exc), DIAL_STAGES[self.stage]))
+            return
         if not n:
             self._fail("connection closed during %s" % DIAL_STAGES[self.stage])
             return
@@ -5429,6 +5434,9 @@ class Dialer(Conn):
                 sent = self.sock.send(self.out)
             except WOULD_BLOCK:
                 sent = 0
+            except OSError as exc:
+                self._fail("%s during %s" % (describe_oserror(exc), DIAL_STAGES[self.stage]))
+                return
             del self.out[:sent]
         elif getattr(self.sock, "unsent", b""):
             self.sock.push()
@@ -5606,6 +5614,7 @@ class RelayConfig(Settings):
     domain: str = DEFAULT_DOMAIN
     token: str = ""
     public_port: Optional[int] = None       # port printed in URLs (default: http_port)
+    public_scheme: Optional[str] = None     # http or https in URLs (default: by tls_cert)
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
@@ -5931,7 +5940,7 @@ class VisitorConn(Pipe):
             # A tunnel client sent to NAME.DOMAIN: never handed to that tunnel's owner,
             # who could then sit between the client and this relay.
             raise HTTPError(400, "Tunnel clients connect to the relay itself (--relay "
-                            "https://%s), not to a tunnel's name." % self.relay.config.domain)
+                            "%s), not to a tunnel's name." % self.relay.relay_url())
         tunnel = self.tunnel
         if tunnel is None or req.host != self.bound_host:   # a new connection or Host
             name = self.relay.route(req)
@@ -6282,6 +6291,8 @@ class Relay(SessionDelegate):
                 self.visitor_tls = server_tls_context(cfg.tls_cert, cfg.tls_key)
                 self.visitor_binding = binding_of(certificate_der(cfg.tls_cert))
                 self.scheme = "https"
+            if cfg.public_scheme in ("http", "https"):   # a TLS proxy in front, say
+                self.scheme = cfg.public_scheme
             if control_cert:
                 self.control_tls = (server_tls_context(control_cert, cfg.control_tls_key)
                                     if cfg.control_tls_cert else self.visitor_tls)
@@ -6554,7 +6565,8 @@ class Relay(SessionDelegate):
         the client's binding must name)."""
         addr = self._client_address(visitor.addr, req)
         if protocol == WS_PROTOCOL_TLS and self.control_tls is None:
-            raise HTTPError(400, "This relay runs --plaintext: use the subprotocol %s."
+            raise HTTPError(400, "This relay runs --plaintext (no TLS inside the "
+                            "WebSocket): pass --plaintext to expose as well (subprotocol %s)."
                             % WS_PROTOCOL)
         if not visitor.requests.awaiting_upgrade:   # over a head's worth sent before the 101
             raise HTTPError(400, "Data sent before the upgrade was answered.")
@@ -7251,6 +7263,9 @@ class Client(SessionDelegate):
         if first and not at_proxy and why.endswith(
                 "connection closed during %s" % DIAL_STAGES[DIAL_WEBSOCKET]):
             why += " (is that the relay's control port? then use --relay HOST:PORT)"
+        elif (first and not at_proxy and self.config.relay_scheme == "http"
+              and "connection reset by peer during" in why):
+            why += " (is that an HTTPS port? then use --relay https://HOST:PORT)"
         self._connect_failed(why, unreachable=kind == DIAL_UNREACHABLE and self.proxy is None)
 
     def _connected(self, sock: Any) -> None:
@@ -7498,6 +7513,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shared secret (default: $TUNNEL_TOKEN, else a generated one)")
     serve.add_argument("--public-port", type=int, default=None, metavar="PORT",
                        help="port shown in URLs, when a proxy in front maps ports")
+    serve.add_argument("--public-scheme", choices=("http", "https"), default=None,
+                       help="scheme shown in URLs (and sent as X-Forwarded-Proto), when a "
+                       "TLS proxy or load balancer in front serves HTTPS (default: https "
+                       "with --tls-cert, else http)")
     serve.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
                        metavar="SEC", help="clients must authenticate within (default "
                        "%(default)s)")
@@ -7768,7 +7787,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.bind = LOOPBACK_BIND if domain == DEFAULT_DOMAIN else DEFAULT_BIND
     config = RelayConfig(bind=args.bind, http_port=args.http_port,
                          control_port=args.control_port, domain=domain, token=token,
-                         public_port=args.public_port,
+                         public_port=args.public_port, public_scheme=args.public_scheme,
                          heartbeat_interval=args.heartbeat_interval,
                          heartbeat_timeout=args.heartbeat_timeout,
                          handshake_timeout=args.handshake_timeout, grace=args.grace,
