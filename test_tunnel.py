@@ -2900,7 +2900,7 @@ class ControlChannelSecurityTest(EndToEndBase):
             self.assertEqual(cm.exception.code, "binding")
         with self.assertRaises(tunnel.RefusedError) as cm:     # TLS seen, plain relay
             self.handshake({"binding": other})
-        self.assertIn("plain TCP", str(cm.exception))
+        self.assertIn("no TLS ends at this relay", str(cm.exception))
         _, relay, _ = self.handshake({"binding": other, "tls_interception": True},
                                      frozenset({mine}), unbound_ok=False)
         self.assertTrue(relay.done)
