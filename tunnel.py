@@ -3495,7 +3495,6 @@ UNUSED_PROXY_VARIABLE = ("%s applies to %s:// relays: use --relay %s://HOST, or 
                          "--proxy for the control port")
 
 _PROXY_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?\.?\Z")
-_PROXY_URL_RE = re.compile(r"([^/?#]*)(.*)\Z", re.S)
 _URL_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]*\Z")
 _RELAY_USERINFO_RE = re.compile(r"\A((?:[A-Za-z][A-Za-z0-9+.-]*://)?).*@", re.S)   # user:pass@
 _NO_PROXY_SPLIT_RE = re.compile(r"[,\s]+")
@@ -3541,6 +3540,16 @@ def _ip_literal(text: str) -> Any:
         return None
 
 
+def _authority(rest: str) -> Tuple[str, str]:
+    """A URL after its ``scheme://``: the authority, and what follows (path, query...)."""
+    end = len(rest)
+    for mark in "/?#":
+        i = rest.find(mark, 0, end)
+        if i >= 0:
+            end = i
+    return rest[:end], rest[end:]
+
+
 def parse_proxy_url(text: str) -> ProxyURL:
     """``[SCHEME://][USER[:PASS]@]HOST[:PORT][/]`` with SCHEME one of PROXY_SCHEMES
     (none: http, as curl does); USER and PASS are percent-decoded, an IPv6 HOST is in
@@ -3556,8 +3565,7 @@ def parse_proxy_url(text: str) -> ProxyURL:
         shown = " %r" % scheme if _URL_SCHEME_RE.match(scheme) else ""
         raise ValueError("unsupported proxy scheme%s (tunnel.py speaks %s)"
                          % (shown, ", ".join(PROXY_SCHEMES)))
-    m = _PROXY_URL_RE.match(rest)
-    authority, path = m.group(1), m.group(2)
+    authority, path = _authority(rest)
     if path not in ("", "/"):      # not shown: it may hold the rest of a password
         raise ValueError("a proxy URL has no path, query or fragment (percent-encode "
                          "'/', '?', '#' and '@' in a user name or password)")
@@ -3599,7 +3607,7 @@ def parse_proxy_url(text: str) -> ProxyURL:
     if user is not None and scheme.startswith("socks"):
         if not 0 < len(user.encode("utf-8")) <= SOCKS_MAX_FIELD:
             raise ValueError("a SOCKS user name is 1-%d bytes" % SOCKS_MAX_FIELD)
-        if len(password.encode("utf-8")) > SOCKS_MAX_FIELD:
+        if len((password or "").encode("utf-8")) > SOCKS_MAX_FIELD:
             raise ValueError("a SOCKS password is at most %d bytes" % SOCKS_MAX_FIELD)
     return ProxyURL(scheme, host, port, user, password)
 
@@ -4753,9 +4761,9 @@ class TLSChannel:
     (TLS inside a WebSocket), ``unsent``, ``wire_sent``, ``push()`` and ``pending()``
     count what that channel holds too, its bytes going out first."""
 
-    def __init__(self, sock: socket.socket, ctx: Any, server_side: bool,
+    def __init__(self, sock: Any, ctx: Any, server_side: bool,
                  server_hostname: Optional[str] = None) -> None:
-        self.sock = sock
+        self.sock: Any = sock       # a socket, or a WSChannel or TLSChannel to stack on
         ssl = self._ssl = load_ssl()
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
@@ -5520,7 +5528,7 @@ class Dialer(Conn):
             why = "%s: the relay redirects to %s" % (self._url, shown)
             scheme, sep, rest = target.partition("://")
             if sep and scheme.lower() in ("https", "http"):
-                host = _PROXY_URL_RE.match(rest).group(1).rpartition("@")[2]
+                host = _authority(rest)[0].rpartition("@")[2]
                 why += ": use --relay %s://%s" % (scheme.lower(), escape_unprintable(
                     host[:MAX_HOST_NAME]) or "HOST")
         else:
@@ -6487,7 +6495,7 @@ class Relay(SessionDelegate):
     def _accept_redirect(self, sock: socket.socket, addr: Any) -> None:
         self._accept_visitor(sock, addr, redirect=True)
 
-    def _tls_accept(self, sock: socket.socket, addr: Any, ctx: Any, timeout: float,
+    def _tls_accept(self, sock: Any, addr: Any, ctx: Any, timeout: float,
                     pending: Dict[Any, str], source: str, then: Callable[[Any], None],
                     lost: Optional[Callable[[], None]] = None, channel: bool = False) -> None:
         """Wrap an accepted socket and run its TLS handshake inside the loop, listed in
@@ -6928,8 +6936,7 @@ def parse_relay(text: str) -> Tuple[str, str, int]:
         shown = " '%s'" % scheme if _URL_SCHEME_RE.match(scheme.lower()) else ""
         raise ValueError("unknown scheme%s: use https://, http://, wss://, ws:// or "
                          "HOST:PORT" % shown)
-    m = _PROXY_URL_RE.match(rest)             # authority, then path, query, fragment
-    authority, path = m.group(1), m.group(2)
+    authority, path = _authority(rest)         # then path, query, fragment
     if "@" in authority:
         raise ValueError("the relay URL takes no user name or password")
     if "?" in path or "#" in path:
@@ -7058,7 +7065,7 @@ class Client(SessionDelegate):
 
     def __init__(self, config: ClientConfig, loop: Optional[EventLoop] = None,
                  output: Callable[[str], None] = print,
-                 environ: Optional[Dict[str, str]] = None) -> None:
+                 environ: Optional[Mapping[str, str]] = None) -> None:
         """``environ``: where proxy variables are read (default: os.environ); a
         malformed proxy URL raises TunnelError."""
         self.config = config
@@ -7070,14 +7077,14 @@ class Client(SessionDelegate):
                 format_hostport(config.relay_host, config.relay_port)
                 if config.relay_port != default else "[%s]" % config.relay_host
                 if ":" in config.relay_host else config.relay_host))
-        environ = os.environ if environ is None else environ
+        env: Mapping[str, str] = os.environ if environ is None else environ
         try:
             self.proxy, self.route = proxy_for(
                 config.relay_scheme, config.relay_host, config.relay_port,
-                environ, config.proxy, config.no_proxy)
+                env, config.proxy, config.no_proxy)
         except ValueError as exc:
             raise TunnelError(str(exc)) from None
-        notice = unused_proxy_variable(config.relay_scheme, environ, config.proxy,
+        notice = unused_proxy_variable(config.relay_scheme, env, config.proxy,
                                        config.no_proxy)
         if notice:
             log.info("%s", notice)
