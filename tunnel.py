@@ -5168,6 +5168,25 @@ class WSChannel:
         self.sock.close()
 
 
+def tls_handshake_step(sock: Any) -> Optional[bool]:
+    """One non-blocking step of ``sock.do_handshake()`` (an SSLSocket or TLSChannel):
+    None once it is done, else whether it waits to write (True) or to read; raises
+    TunnelError("TLS handshake failed: REASON[: the verification's message]")."""
+    ssl = load_ssl()
+    try:
+        sock.do_handshake()
+    except ssl.SSLWantReadError:
+        return False
+    except ssl.SSLWantWriteError:
+        return True
+    except (ssl.SSLError, OSError) as exc:
+        why = getattr(exc, "reason", None) or describe_oserror(exc)
+        detail = getattr(exc, "verify_message", None)   # SSLCertVerificationError
+        raise TunnelError("TLS handshake failed: %s" % ("%s: %s" % (why, detail) if detail
+                                                        else why)) from None
+    return None
+
+
 class TLSHandshake(Conn):
     """A non-blocking TLS handshake in the loop; a stalled one blocks nobody.
 
@@ -5191,23 +5210,16 @@ class TLSHandshake(Conn):
         return self.want_write
 
     def step(self) -> None:
-        ssl = load_ssl()
         try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.want_write = False
-        except ssl.SSLWantWriteError:
-            self.want_write = True
-        except (ssl.SSLError, OSError) as exc:
-            why = getattr(exc, "reason", None) or describe_oserror(exc)
-            detail = getattr(exc, "verify_message", None)   # SSLCertVerificationError
-            self._fail("TLS handshake failed: %s" % ("%s: %s" % (why, detail) if detail
-                                                     else why))
+            want = tls_handshake_step(self.sock)
+        except TunnelError as exc:
+            self._fail(str(exc))
             return
-        else:
+        if want is None:
             self._timer.cancel()
             self.done_cb(self.detach())
             return
+        self.want_write = want
         self.update()
 
     on_read = step
@@ -5451,27 +5463,21 @@ class Dialer(Conn):
         self.update()
 
     def _tls_step(self) -> None:
-        ssl = load_ssl()
         try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want_write = False
-        except ssl.SSLWantWriteError:
-            self._want_write = True
-        except (ssl.SSLError, OSError) as exc:
-            why = getattr(exc, "reason", None) or describe_oserror(exc)
-            detail = getattr(exc, "verify_message", None)   # SSLCertVerificationError
-            why = "TLS handshake failed: %s" % ("%s: %s" % (why, detail) if detail else why)
+            want = tls_handshake_step(self.sock)
+        except TunnelError as exc:
+            why = str(exc)
             self._fail(why, DIAL_FATAL if "CERTIFICATE_VERIFY_FAILED" in why
                        or "certificate verify failed" in why else DIAL_TLS_FAILED)
             return
-        else:
+        if want is None:
             self._want_write = False
             if self._binds:
                 self.peer_der = self.sock.getpeercert(binary_form=True) or b""
                 self._sealed = True     # from here on, all is ciphertext to the relay
             self._next_stage()
             return
+        self._want_write = want
         self.update()
 
     def _connect_reply(self, data: bytes) -> None:
