@@ -1175,6 +1175,16 @@ class EndToEndBase(unittest.TestCase):
     def start_origin(self):
         return start_origin(self)
 
+    def capture_logs(self, level=logging.DEBUG):
+        """The tool's log records from now to the end of the test, at ``level`` and up."""
+        capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(capture)
+        self.addCleanup(logger.removeHandler, capture)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(level)
+        return capture
+
     def start_relay(self, http_port=0, control_port=0, **kw):
         opts = dict(FAST)
         # Plain TCP on loopback unless a test asks for TLS (ControlChannelSecurityTest
@@ -1590,13 +1600,7 @@ class HardeningTest(EndToEndBase):
     RELAY = dict(head_timeout=0.4, idle_timeout=0.6, handshake_timeout=0.5)
 
     def setUp(self):
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        old_level = logger.level
-        logger.setLevel(logging.DEBUG)
-        self.addCleanup(logger.setLevel, old_level)
-        self.addCleanup(logger.removeHandler, self.capture)
+        self.capture = self.capture_logs(logging.DEBUG)
         self.origin = self.start_origin()
         self.relay = self.start_relay(**self.RELAY)
         self.client, self.lines = self.start_client("demo")
@@ -2697,12 +2701,7 @@ class ControlChannelSecurityTest(EndToEndBase):
         self.addCleanup(shutil.rmtree, self.state, True)
         self.origin = self.start_origin()
         self.relay = self.start_relay(plaintext=False, state_dir=self.state)
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        self.addCleanup(logger.removeHandler, self.capture)
-        self.addCleanup(logger.setLevel, logger.level)
-        logger.setLevel(logging.INFO)
+        self.capture = self.capture_logs(logging.INFO)
 
     def middle_identity(self):
         cert, key, _ = tunnel.relay_identity(os.path.join(self.state, "mitm"))
@@ -3660,13 +3659,7 @@ class SourceLimitsTest(EndToEndBase):
     dual-stack bind; running out of descriptors does not spin the relay."""
 
     def setUp(self):
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        old_level = logger.level
-        logger.setLevel(logging.DEBUG)
-        self.addCleanup(logger.setLevel, old_level)
-        self.addCleanup(logger.removeHandler, self.capture)
+        self.capture = self.capture_logs(logging.DEBUG)
         self.origin = self.start_origin()
 
     def in_loop(self, relay, fn):
@@ -4886,13 +4879,7 @@ class OpenWindowTest(EndToEndBase):
 
 class UsabilityTest(EndToEndBase):
     def setUp(self):
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        old_level = logger.level
-        logger.setLevel(logging.DEBUG)
-        self.addCleanup(logger.setLevel, old_level)
-        self.addCleanup(logger.removeHandler, self.capture)
+        self.capture = self.capture_logs(logging.DEBUG)
         self.origin = self.start_origin()
         self.relay = self.start_relay()
         self.dir = tempfile.mkdtemp(prefix="tunnel-ux-")
@@ -5066,13 +5053,7 @@ class ControlTLSWireTest(EndToEndBase):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
     def setUp(self):
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        old_level = logger.level
-        logger.setLevel(logging.DEBUG)
-        self.addCleanup(logger.setLevel, old_level)
-        self.addCleanup(logger.removeHandler, self.capture)
+        self.capture = self.capture_logs(logging.DEBUG)
 
     def assert_no_traceback(self):
         self.assertEqual([r.getMessage() for r in self.capture.records if r.exc_info], [])
@@ -6882,13 +6863,7 @@ class WebSocketRelayTests(EndToEndBase):
     """Tunnel clients on the visitor port: the reserved path, its caps, real tunnels."""
 
     def setUp(self):
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        old_level = logger.level
-        logger.setLevel(logging.DEBUG)
-        self.addCleanup(logger.setLevel, old_level)
-        self.addCleanup(logger.removeHandler, self.capture)
+        self.capture = self.capture_logs(logging.DEBUG)
         self.origin = self.start_origin()
 
     def state_dir(self):
@@ -7155,12 +7130,7 @@ class ProxiedClientTest(EndToEndBase):
     def setUp(self):
         self.origin = self.start_origin()
         self.relay = self.start_relay(control_port=None)
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        self.addCleanup(logger.removeHandler, self.capture)
-        self.addCleanup(logger.setLevel, logger.level)
-        logger.setLevel(logging.INFO)
+        self.capture = self.capture_logs(logging.INFO)
 
     def proxy(self, cls=None, **kw):
         proxy = (cls or ConnectProxy)(**kw)

@@ -4745,7 +4745,33 @@ class Lingering(Conn):
         super().close_socket()
 
 
-class TLSChannel:
+class _Stacked:
+    """What the socket-like channels (TLSChannel, WSChannel) share when one sits on
+    another (TLS inside a WebSocket, TLS inside TLS to a proxy): the bytes held for the
+    wire and the bytes sent count the channel under them too (``_inner``)."""
+
+    _inner: Any = None          # the channel under this one, if any
+    _unsent = b""               # bytes this one holds for the wire
+    _wire_sent = 0              # bytes the one under it took, ever
+
+    @property
+    def unsent(self) -> bytes:
+        """Bytes held for the wire: ours, and the channel's under us (sent first)."""
+        inner = self._inner
+        if inner is None:
+            return self._unsent
+        below = inner.unsent
+        if not below:
+            return self._unsent
+        return self._unsent + below if self._unsent else below
+
+    @property
+    def wire_sent(self) -> int:
+        inner = self._inner
+        return self._wire_sent + (inner.wire_sent if inner is not None else 0)
+
+
+class TLSChannel(_Stacked):
     """TLS over a non-blocking socket through two memory BIOs, for the control channel.
 
     ``ssl.SSLSocket`` hands out one 16 KiB record per ``recv_into`` (OpenSSL reads each
@@ -4783,22 +4809,6 @@ class TLSChannel:
 
     def fileno(self) -> int:
         return self.sock.fileno()
-
-    @property
-    def unsent(self) -> bytes:
-        """Ciphertext held for the wire: ours, and what a channel under us holds."""
-        inner = self._inner
-        if inner is None:
-            return self._unsent
-        below = inner.unsent
-        if not below:
-            return self._unsent
-        return self._unsent + below if self._unsent else below
-
-    @property
-    def wire_sent(self) -> int:
-        inner = self._inner
-        return self._wire_sent + (inner.wire_sent if inner is not None else 0)
 
     def pending(self) -> bool:
         inner = self._inner
@@ -4955,7 +4965,7 @@ class TLSChannel:
         self.sock.close()
 
 
-class WSChannel:
+class WSChannel(_Stacked):
     """The tunnel's byte stream inside WebSocket binary frames, over a socket, an
     ssl.SSLSocket (the relay's HTTPS port) or a TLSChannel (a client's outer TLS).
     It looks like a socket to the loop, to Session and to a TLSChannel on top (TLS
@@ -4998,20 +5008,6 @@ class WSChannel:
 
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self.sock.getpeercert(binary_form)
-
-    @property
-    def unsent(self) -> bytes:
-        """Bytes held for the wire: ours, and the channel's under us."""
-        inner = self._inner
-        below = inner.unsent if inner is not None else b""
-        if not below:
-            return self._unsent
-        return self._unsent + below if self._unsent else below
-
-    @property
-    def wire_sent(self) -> int:
-        inner = self._inner
-        return self._wire_sent + (inner.wire_sent if inner is not None else 0)
 
     def pending(self) -> bool:
         if self._input or self._initial or (self._eof and not self._eof_told):
