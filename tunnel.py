@@ -77,8 +77,9 @@ name here, ``socks5h://`` lets the proxy do it.  The proxy's codecs are pure
 line and a retry, except a 407 or a SOCKS credential failure, which are
 configuration errors (exit status 2; ``ProxyError.fatal``).  So is a relay URL
 answered with a 3xx (its Location named) or a 4xx but 408/429 (the start of the
-relay's body in the line) before the tunnel was ever up; a 5xx, 408 or 429 is
-retried (``Dialer._upgrade_refused``, DIAL_REFUSED).
+relay's body in the line) the same way three times in a row before the tunnel was
+ever up (UPGRADE_REFUSALS_FATAL: the answer is not authenticated); a 5xx, 408 or
+429 is retried (``Dialer._upgrade_refused``, DIAL_REFUSED).
 
 Handshake, inside TLS (over TCP or in the WebSocket; client C, relay R, token K;
 the token never crosses)::
@@ -478,6 +479,9 @@ DIAL_UNREACHABLE = "unreachable"        # refused or not resolvable: likely a wr
 DIAL_FATAL = "fatal"                    # a configuration error: exit status 2
 DIAL_TLS_FAILED = "tls_failed"          # TLS did not come up (a --plaintext relay?)
 DIAL_REFUSED = "refused"                # the relay answered the upgrade with a 3xx or a 4xx
+UPGRADE_REFUSALS_FATAL = 3              # ... the same answer this many times in a row before
+#                                         the first tunnel: exit status 2 (a configuration
+#                                         error; once could be something on the path)
                                         # (not 408/429): exit status 2 unless it was ever up
 UPGRADE_RETRY_STATUSES = (408, 429)     # 4xx answers to the upgrade that are worth a retry
 UPGRADE_REDIRECTS = (301, 302, 307, 308)   # answers that name the relay's URL in Location
@@ -630,7 +634,10 @@ def cert_fingerprint(der: bytes) -> str:
 
 def normalize_fingerprint(text: str) -> str:
     """Accept ``AB:CD:...``, ``abcd...`` or ``SHA256:...``; raise ValueError otherwise."""
-    hexdigits = re.sub(r"[\s:]", "", text.strip().upper().replace("SHA256", "", 1))
+    text = text.strip()
+    if text.lower().startswith("sha256 fingerprint="):     # openssl x509 -fingerprint
+        text = text.split("=", 1)[1]
+    hexdigits = re.sub(r"[\s:]", "", text.upper().replace("SHA256", "", 1))
     if not re.fullmatch(r"[0-9A-F]{64}", hexdigits):
         raise ValueError("not a SHA-256 fingerprint: %r" % text)
     return ":".join(hexdigits[i:i + 2] for i in range(0, 64, 2))
@@ -1447,7 +1454,7 @@ def ws_check_response(head: bytes, key: str, protocol: str) -> None:
     if status != 101:
         reason = line.split(" ", 2)[2] if line.count(" ") >= 2 else ""
         raise ProtocolError("the relay answered %d%s, not 101" % (
-            status, " " + escape_unprintable(reason) if reason else ""))
+            status, " " + escape_unprintable(reason[:UPGRADE_BODY_SHOWN]) if reason else ""))
     try:
         headers = _parse_fields(block)
     except HTTPError as exc:
@@ -3823,13 +3830,14 @@ def connect_error(reply: ConnectReply, proxy: ProxyURL, target: str) -> ProxyErr
         hint = ""
         if reply.status in PROXY_FORBIDDEN and not target.endswith(":%d" % PROXY_OPEN_PORT):
             hint = ("; many proxies allow CONNECT only to port %d: use --relay https://HOST"
-                    % PROXY_OPEN_PORT)
+                    " (on port %d)" % (PROXY_OPEN_PORT, PROXY_OPEN_PORT))
         return ProxyError("proxy %s refused CONNECT %s: %s%s" % (where, target, status, hint))
     schemes = auth_schemes(reply.get_all("proxy-authenticate"))
     if schemes and not any(s.lower() == "basic" for s in schemes):
         return ProxyError("proxy %s wants %s, which tunnel.py does not speak; use a proxy "
                           "account with Basic, or a SOCKS proxy"
-                          % (where, escape_unprintable(", ".join(schemes))), fatal=True)
+                          % (where, escape_unprintable(" or ".join(
+                              dict.fromkeys(schemes)))), fatal=True)
     if proxy.user is not None:
         return ProxyError("proxy %s refused the credentials for %s (407)"
                           % (where, escape_unprintable(proxy.user)), fatal=True)
@@ -5309,7 +5317,6 @@ class Dialer(Conn):
         self._want_write = True
         self._finished = False          # failed_cb called (at most once)
         self._binds = False             # the current TLS stage is the channel's
-        self._sealed = False            # ... and it is up: TLS to the relay below us
         self._reader: Any = None        # ConnectReply, Socks5Handshake or the 101 head
         self._key = ""                  # Sec-WebSocket-Key of the upgrade
         self._timer = loop.call_later(timeout, self._timeout)
@@ -5470,7 +5477,6 @@ class Dialer(Conn):
             self._want_write = False
             if self._binds:
                 self.peer_der = self.sock.getpeercert(binary_form=True) or b""
-                self._sealed = True     # from here on, all is ciphertext to the relay
             self._next_stage()
             return
         self._want_write = want
@@ -5505,9 +5511,10 @@ class Dialer(Conn):
             self._fail("%s: %s" % (self._url, exc), bare=True)
             return
         channel = WSChannel(self.sock, server_side=False, initial=bytes(buf[end:]))
-        # TLS outside (the https:// form) or inside (tunnel.py.2.tls): frames carry
-        # ciphertext, masked the quick way (ws_frame's ``sealed``).
-        channel.sealed = self._sealed or self._protocol == WS_PROTOCOL_TLS
+        # TLS inside (tunnel.py.2.tls): the frames carry ciphertext to the relay, masked
+        # the quick way (ws_frame's ``sealed``).  Not with TLS outside: whatever ends that
+        # TLS (a load balancer, a declared inspecting proxy) passes plain frames on.
+        channel.sealed = self._protocol == WS_PROTOCOL_TLS
         self.attach(channel)
         self._next_stage()
 
@@ -5522,12 +5529,13 @@ class Dialer(Conn):
         except HTTPError:
             headers = Headers([])
         why = "%s: the relay answered %d%s, not 101" % (
-            self._url, status, " " + escape_unprintable(reason) if reason else "")
+            self._url, status, " " + escape_unprintable(reason[:UPGRADE_BODY_SHOWN])
+            if reason else "")
         location = headers.get("location")
         if status in UPGRADE_REDIRECTS and location:
             target = location.strip()
             shown = escape_unprintable(target[:UPGRADE_BODY_SHOWN])
-            why = "%s: the relay redirects to %s" % (self._url, shown)
+            why = "%s: the answer redirects to %s" % (self._url, shown)
             scheme, sep, rest = target.partition("://")
             if sep and scheme.lower() in ("https", "http"):
                 host = _authority(rest)[0].rpartition("@")[2]
@@ -5943,6 +5951,11 @@ class VisitorConn(Pipe):
             if self.tunnel is not None or self.inflight:
                 raise HTTPError(400, "A WebSocket upgrade must be the first request of its "
                                 "connection.")
+            if req.headers.get("origin") is not None or any(
+                    name.startswith("sec-fetch-") for name in req.headers.index):
+                # A browser (tunnel.py sends neither): a web page could otherwise make
+                # its visitors fail handshakes here, and get their shared address banned.
+                raise HTTPError(403, "Tunnel clients do not come from web pages.")
             self.relay._accept_websocket(self, req, ws_check_upgrade(req))
             return
         if req.upgrade is not None and self.relay.is_tunnel_host(req.host) \
@@ -6274,6 +6287,7 @@ class Relay(SessionDelegate):
         self.fingerprint = ""                   # of the control certificate
         self.bindings: FrozenSet[str] = frozenset()   # certificates a client may see
         self.trusted: List[Any] = []            # --trusted-proxy networks
+        self._xff_log = Throttle()              # unparsable X-Forwarded-For hops
         self.proxy_bindings: FrozenSet[str] = frozenset()   # ... of TLS proxies in front
         self.visitor_binding = ""               # the HTTPS port's certificate (a binding)
         self.identity_created = False           # the control certificate is new
@@ -6301,6 +6315,9 @@ class Relay(SessionDelegate):
                 self.visitor_tls = server_tls_context(cfg.tls_cert, cfg.tls_key)
                 self.visitor_binding = binding_of(certificate_der(cfg.tls_cert))
                 self.scheme = "https"
+            if cfg.public_scheme == "http" and cfg.tls_cert:
+                raise TunnelError("--public-scheme http with --tls-cert: visitors would be "
+                                  "sent to plain HTTP (and cookies lose Secure)")
             if cfg.public_scheme in ("http", "https"):   # a TLS proxy in front, say
                 self.scheme = cfg.public_scheme
             if control_cert:
@@ -6340,6 +6357,10 @@ class Relay(SessionDelegate):
             self.trusted = _parse_networks(list(cfg.trusted_proxies), "--trusted-proxy")
         except RefusedError as exc:
             raise TunnelError(str(exc)) from None
+        for net in self.trusted:
+            if net.prefixlen == 0:      # then any client names its own source
+                raise TunnelError("--trusted-proxy %s trusts every address: name the load "
+                                  "balancer's address or network" % net)
         self.proxy_bindings = proxies
         http = self._listen(cfg.http_port, "--http-port")
         control = None
@@ -6620,21 +6641,38 @@ class Relay(SessionDelegate):
         if not trusted or not isinstance(addr, tuple):
             return addr
 
-        def is_trusted(text: str) -> bool:
+        def address(text: str) -> Optional[str]:
+            """A hop as one form: ``[v6]:port``, ``v4:port``, zone ids and IPv4-mapped
+            IPv6 (how some proxies write them) reduced to the bare address."""
+            text = text.strip()
+            if text.startswith("["):
+                text = text[1:].partition("]")[0]
+            elif text.count(":") == 1:
+                text = text.partition(":")[0]
             try:
-                ip = ipaddress.ip_address(text)
+                ip = ipaddress.ip_address(text.split("%", 1)[0])
             except ValueError:
+                return None
+            mapped = getattr(ip, "ipv4_mapped", None)
+            return str(mapped or ip)
+
+        def is_trusted(text: Optional[str]) -> bool:
+            if text is None:
                 return False
+            ip = ipaddress.ip_address(text)
             return any(ip in net for net in trusted)
-        if not is_trusted(addr[0]):
+        if not is_trusted(address(addr[0])):
             return addr
-        hops = [h.strip() for v in req.headers.get_all("x-forwarded-for") for h in v.split(",")]
+        hops = [h for v in req.headers.get_all("x-forwarded-for") for h in v.split(",")]
         for hop in reversed(hops):
-            if not is_trusted(hop):
-                try:
-                    return (str(ipaddress.ip_address(hop)), addr[1])
-                except ValueError:
-                    return addr
+            ip = address(hop)
+            if ip is None:
+                self._xff_log.warn("X-Forwarded-For from trusted proxy %s has a hop that is "
+                                   "not an address (%s): counted as the proxy",
+                                   peer_text(addr), escape_unprintable(hop.strip()[:60]))
+                return addr
+            if not is_trusted(ip):
+                return (ip, addr[1])
         return addr
 
     def _start_session(self, sock: Any, addr: Any, bindings: Optional[FrozenSet[str]] = None,
@@ -7116,6 +7154,7 @@ class Client(SessionDelegate):
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
         self._ban_logged = False             # "banned" said once per ban
+        self._refusals = (0, "")             # same upgrade refusal, how many times in a row
         self._reconnect_timer: Optional[Timer] = None
         self._clock = (0, "")                # (second, "HH:MM:SS") for the access log
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
@@ -7253,10 +7292,17 @@ class Client(SessionDelegate):
             self.fatal(EXIT_USAGE, why)
             return
         if kind == DIAL_REFUSED:
-            if self.url is None:   # never up: the URL is wrong or the relay is set up otherwise
+            # Never up: the URL is wrong or the relay is set up otherwise.  But the answer
+            # is not authenticated (a proxy or captive portal may have written it), so
+            # only the same one UPGRADE_REFUSALS_FATAL times in a row ends the client.
+            same = self._refusals[0] + 1 if self._refusals[1] == why else 1
+            self._refusals = (same, why)
+            if self.url is None and same >= UPGRADE_REFUSALS_FATAL:
                 self.fatal(EXIT_USAGE, why)
                 return
             kind = DIAL_RETRY
+        else:
+            self._refusals = (0, "")
         first = self.url is None
         if (kind == DIAL_TLS_FAILED and not at_proxy and first and not self._hinted
                 and TLS_NOT_SPOKEN in why):
