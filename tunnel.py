@@ -56,8 +56,12 @@ the control certificate inside the WebSocket (the plain HTTP port), and
 ``tunnel.py.2`` the tunnel protocol straight inside, TLS being outside (the
 HTTPS port, whose certificate is then the binding, or a TLS proxy in front,
 declared with ``--tls-proxy-fingerprint``).  The path obeys the control port's
-handshake timeout, caps and failed-handshake penalties; without an upgrade it is
-an ordinary 404, and ``NAME.DOMAIN/_tunnel`` is just a path of tunnel NAME.
+handshake timeout, caps and failed-handshake penalties (at most WS_PREAUTH_FRAMES
+frames before the session is up; behind ``--trusted-proxy`` a client counts by
+X-Forwarded-For); without an upgrade it is an ordinary 404, a browser's upgrade
+(Origin) is 403, and ``NAME.DOMAIN/_tunnel`` is just a path of tunnel NAME, to
+which an upgrade offering our subprotocols is refused (never handed to that
+tunnel's owner).
 ``serve --control-port off`` leaves only the visitor port(s).
 
 The client's way out is one ``Dialer`` (used for every stream's target too, with
@@ -1176,8 +1180,9 @@ def ws_frame(opcode: int, payload: Any, mask: bool, fin: bool = True,
              sealed: bool = False) -> bytes:
     """One frame: masked with a random key (``mask``: what a client sends) or not.
 
-    ``sealed``: the payload is TLS ciphertext (TLS inside the WebSocket, or around
-    it), so the key is one random byte four times, which masks in one C pass rather
+    ``sealed``: the payload is TLS ciphertext to the relay (TLS inside the WebSocket;
+    not TLS around it, which may end at a load balancer that passes plain frames on),
+    so the key is one random non-zero byte four times, which masks in one C pass rather
     than four (2.5 times the speed: a bulk upload's cost).  Masking exists so that
     script-chosen plaintext cannot be made to look like another protocol to a proxy
     on the way (RFC 6455 10.3); ciphertext cannot be chosen that way, so 8 bits of
