@@ -4763,9 +4763,19 @@ class _Stacked:
     another (TLS inside a WebSocket, TLS inside TLS to a proxy): the bytes held for the
     wire and the bytes sent count the channel under them too (``_inner``)."""
 
+    sock: Any                   # what this one sits on: a socket or another channel
     _inner: Any = None          # the channel under this one, if any
     _unsent = b""               # bytes this one holds for the wire
     _wire_sent = 0              # bytes the one under it took, ever
+
+    def __repr__(self) -> str:
+        return "<%s fd=%d>" % (type(self).__name__, self.sock.fileno())
+
+    def __getattr__(self, name: str) -> Any:      # setblocking, getpeername, setsockopt...
+        return getattr(self.__dict__["sock"], name)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     @property
     def unsent(self) -> bytes:
@@ -4813,15 +4823,6 @@ class TLSChannel(_Stacked):
         #                             plaintext waits behind ``unsent``)
         self._more = False          # the last read stopped on a full buffer, not a dry BIO
         self._inner = sock if hasattr(sock, "push") else None   # a WSChannel under us
-
-    def __repr__(self) -> str:
-        return "<TLSChannel fd=%d>" % self.sock.fileno()
-
-    def __getattr__(self, name: str) -> Any:      # family, setsockopt, getpeername...
-        return getattr(self.__dict__["sock"], name)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def pending(self) -> bool:
         inner = self._inner
@@ -5009,15 +5010,6 @@ class WSChannel(_Stacked):
         self._eof = False                       # the peer's CLOSE or end of stream seen
         self._eof_told = False                  # ... and the 0 returned
         self._close_sent = False
-
-    def __repr__(self) -> str:
-        return "<WSChannel fd=%d>" % self.sock.fileno()
-
-    def __getattr__(self, name: str) -> Any:      # setblocking, getpeername, setsockopt...
-        return getattr(self.__dict__["sock"], name)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self.sock.getpeercert(binary_form)
