@@ -4895,8 +4895,8 @@ class UsabilityTest(EndToEndBase):
         fp = ":".join(["AB"] * 32)
         expose = ["expose", "5000", "--token", TOKEN, "--relay", "127.0.0.1:1"]
         cases = [
-            (["expose", "https://localhost:5000", "--token", TOKEN],
-             "HTTPS origins are not supported yet"),
+            (["expose", "5000", "--target-insecure", "--token", TOKEN],
+             "for an https:// TARGET"),
             (["expose", "ftp://localhost:21", "--token", TOKEN], "invalid TARGET"),
             (["expose", "http://localhost:5000/app", "--token", TOKEN], "without a path"),
             (["expose", "http", "5000", "--token", TOKEN], "use: expose 5000"),
@@ -8078,6 +8078,80 @@ class SealedMaskTest(unittest.TestCase):
         for offset in range(4):
             self.assertEqual(tunnel.ws_mask(data, b"\x5a" * 4, offset),
                              bytes(b ^ 0x5a for b in data))
+
+
+class TLSOrigin(Origin):
+    """The test origin behind TLS (its handshake runs in the handler's thread)."""
+
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        return self.ctx.wrap_socket(sock, server_side=True,
+                                    do_handshake_on_connect=False), addr
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError, socket.timeout)):
+            super().handle_error(request, client_address)
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command")
+class HTTPSOriginTest(EndToEndBase):
+    """expose https://HOST:PORT: TLS to the local service, verified by default, inside the
+    client's loop (the Dialer's TLS stage), with --target-ca and --target-insecure."""
+
+    def setUp(self):
+        directory = tempfile.mkdtemp(prefix="tunnel-origin-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.cert, key = make_certificate(directory)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, key)
+        self.origin = TLSOrigin(ctx)
+
+        def stop():
+            self.origin.slow_gate.set()
+            self.origin.shutdown()
+            self.origin.server_close()
+        run_in_thread(self, lambda: self.origin.serve_forever(poll_interval=0.05), stop,
+                      "tls-origin")
+        self.relay = self.start_relay()
+
+    def test_https_target_verified_with_its_ca(self):
+        client, lines = self.start_client("secure", target_tls=True, target_ca=self.cert)
+        self.assertEqual(lines[0], "Forwarding http://secure.localhost:%d -> "
+                         "https://127.0.0.1:%d" % (self.relay.http_port,
+                                                   self.origin.server_address[1]))
+        self.assertEqual(self.get("/hello", host="secure.localhost")[:2], (200, b"hello"))
+        body = os.urandom(3 << 20)
+        status, data, _ = self.get("/echo", host="secure.localhost", method="POST", body=body)
+        self.assertEqual(json.loads(data)["sha256"], hashlib.sha256(body).hexdigest())
+        c = self.conn()                 # keep-alive over one TLS connection to the origin
+        for _ in range(5):
+            c.request("GET", "/hello", headers={"Host": "secure.localhost"})
+            self.assertEqual(c.getresponse().read(), b"hello")
+
+    def test_unverifiable_origin_is_a_502_that_names_the_flags(self):
+        self.start_client("strict", target_tls=True)     # the system's CAs: not this one
+        status, body, _ = self.get("/hello", host="strict.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"CERTIFICATE_VERIFY_FAILED", body)
+        self.assertIn(b"--target-insecure", body)
+        self.assertIn(b"--target-ca FILE", body)
+
+    def test_target_insecure_skips_the_check(self):
+        self.start_client("lax", target_tls=True, target_insecure=True)
+        self.assertEqual(self.get("/hello", host="lax.localhost")[:2], (200, b"hello"))
+
+    def test_target_urls(self):
+        self.assertEqual(tunnel.parse_target_url("https://localhost:8443"),
+                         ("https", "localhost", 8443))
+        self.assertEqual(tunnel.parse_target_url("HTTPS://[::1]/"), ("https", "::1", 443))
+        self.assertEqual(tunnel.parse_target_url("5000"), ("http", "127.0.0.1", 5000))
+        self.assertEqual(tunnel.parse_target("http://localhost:5000"), ("localhost", 5000))
+        with self.assertRaises(tunnel.UsageError):
+            tunnel.parse_target_url("ftp://localhost:21")
 
 
 

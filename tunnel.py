@@ -64,8 +64,8 @@ which an upgrade offering our subprotocols is refused (never handed to that
 tunnel's owner).
 ``serve --control-port off`` leaves only the visitor port(s).
 
-The client's way out is one ``Dialer`` (used for every stream's target too, with
-no stages): TCP to each address of the first hop in turn, then its stages, each
+The client's way out is one ``Dialer`` (used for every stream's target too: no
+stages, or TLS for an ``https://`` TARGET, checked unless ``--target-insecure``): TCP to each address of the first hop in turn, then its stages, each
 within ``--connect-timeout``::
 
     [TLS to an https:// proxy] -> CONNECT or SOCKS5 through the proxy
@@ -6953,6 +6953,9 @@ class ClientConfig(Settings):
     proxy: Optional[str] = None             # proxy URL (default: from the environment)
     no_proxy: bool = False                  # never use a proxy
     proxy_ca: Optional[str] = None          # CA file for an https:// proxy (default: system)
+    target_tls: bool = False                # TLS to the target (an https:// TARGET)
+    target_insecure: bool = False           # ... without verifying its certificate
+    target_ca: Optional[str] = None         # ... verified with this CA file (default: system)
 
 
 def parse_relay(text: str) -> Tuple[str, str, int]:
@@ -7014,8 +7017,8 @@ class TargetConn(Pipe):
         stream.handler = self
         self.peer = str(info.get("peer", "?"))
         self.dialer: Optional[Dialer] = Dialer(self.loop, cfg.target_host, cfg.target_port,
-                                               [], cfg.connect_timeout, self._dialed,
-                                               self._dial_failed)
+                                               client.target_stages(), cfg.connect_timeout,
+                                               self._dialed, self._dial_failed)
 
     def __repr__(self) -> str:
         return "<Target %s stream %s>" % (self.target, self.stream.id if self.stream else "-")
@@ -7039,8 +7042,29 @@ class TargetConn(Pipe):
 
     def _dial_failed(self, why: str, kind: str) -> None:
         self.dialer = None
+        if kind == DIAL_FATAL and "TLS handshake failed" in why:
+            why += (" (a local server with a self-signed certificate: expose "
+                    "--target-insecure, or --target-ca FILE)")
+        elif kind == DIAL_TLS_FAILED and TLS_NOT_SPOKEN in why:
+            why += " (the local service does not speak HTTPS: use an http:// TARGET)"
         if not self.closed:
             self._connect_failed("could not connect to %s" % why)
+
+    # TLS to the target (an https:// TARGET): a TLSChannel may hold ciphertext its
+    # socket did not take when ``out`` is empty; that is output to wait for too.
+    def wants_write(self) -> bool:
+        return bool(self.out) or bool(self.tls and self.sock.unsent)
+
+    def on_write(self) -> None:
+        if not self.out and self.tls and self.sock.unsent:
+            try:
+                self.sock.push()
+            except OSError as exc:
+                self.on_socket_error(exc)
+                return
+            self.update()
+            return
+        super().on_write()
 
     def mid_message(self, data: memoryview) -> bool:
         # The client does not parse responses, but the usual small one arrives whole in
@@ -7148,6 +7172,7 @@ class Client(SessionDelegate):
         self.changed = threading.Condition()  # notified when the session goes up or down
         self._connector: Optional[Dialer] = None
         self._tls_context: Any = None
+        self._target_tls_context: Any = None
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
         self._ban_logged = False             # "banned" said once per ban
@@ -7161,7 +7186,25 @@ class Client(SessionDelegate):
 
     @property
     def target_url(self) -> str:
-        return "http://%s" % format_hostport(self.config.target_host, self.config.target_port)
+        return "%s://%s" % ("https" if self.config.target_tls else "http",
+                            format_hostport(self.config.target_host, self.config.target_port))
+
+    def target_stages(self) -> List[DialStage]:
+        """The way to the target: TCP, and TLS for an https:// TARGET (SNI and the check
+        against its host; --target-insecure: no check; --target-ca: that CA)."""
+        cfg = self.config
+        if not cfg.target_tls:
+            return []
+        if self._target_tls_context is None:
+            ssl = load_ssl()
+            if cfg.target_insecure:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            else:
+                ctx = ssl.create_default_context(cafile=cfg.target_ca)
+            self._target_tls_context = ctx
+        return [DialStage(DIAL_TLS, self._target_tls_context, cfg.target_host, False)]
 
     # -- lifecycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -7677,6 +7720,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CONNECT), https://..., socks5://..., socks5h://... (default: "
                         "$HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY by the relay's form, "
                         "curl's rules, $NO_PROXY honoured; an empty URL: none)")
+    expose.add_argument("--target-insecure", action="store_true",
+                        help="an https:// TARGET's certificate is not verified (a local "
+                        "server with a self-signed one)")
+    expose.add_argument("--target-ca", metavar="FILE", default=None,
+                        help="CA certificates that verify an https:// TARGET (default: the "
+                        "system's)")
     expose.add_argument("--proxy-ca", metavar="FILE", default=None,
                         help="CA certificates that verify an https:// proxy (default: the "
                         "system's)")
@@ -7930,23 +7979,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 TARGET_PROTOCOLS = ("http", "https", "tcp", "tls")   # "expose http 5000" is ngrok's habit
+TARGET_DEFAULT_PORTS = {"http": 80, "https": 443}     # a TARGET URL without a port
 
 
 def parse_target(text: str) -> Tuple[str, int]:
-    """expose's TARGET: ``PORT``, ``HOST:PORT`` or ``http://HOST:PORT[/]``; raises
+    """expose's TARGET as (host, port); see parse_target_url."""
+    return parse_target_url(text)[1:]
+
+
+def parse_target_url(text: str) -> Tuple[str, str, int]:
+    """expose's TARGET: ``PORT``, ``HOST:PORT``, ``http://HOST[:PORT][/]`` or
+    ``https://HOST[:PORT][/]`` (TLS to the origin), as (scheme, host, port); raises
     UsageError with a hint for what a user of other tools may type instead."""
     lowered = text.strip().lower()
     if lowered in TARGET_PROTOCOLS:
         raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: expose "
                          "5000")
     scheme, sep, rest = text.strip().partition("://")
+    scheme = scheme.lower() if sep else "http"
     if sep:
-        if scheme.lower() == "https":
-            raise UsageError("invalid TARGET %r: HTTPS origins are not supported yet (use "
-                             "the origin's plain HTTP port)" % text)
-        if scheme.lower() != "http":
-            raise UsageError("invalid TARGET %r: expected PORT, HOST:PORT or "
-                             "http://HOST:PORT" % text)
+        if scheme not in ("http", "https"):
+            raise UsageError("invalid TARGET %r: expected PORT, HOST:PORT, http://HOST:PORT "
+                             "or https://HOST:PORT" % text)
         if rest.endswith("/"):
             rest = rest[:-1]
         if not rest or "/" in rest or "?" in rest or "#" in rest or "@" in rest:
@@ -7954,8 +8008,9 @@ def parse_target(text: str) -> Tuple[str, int]:
                              "path" % text)
         text = rest
     try:
-        return parse_hostport(text, default_host="127.0.0.1",
-                              default_port=80 if sep else None)
+        host, port = parse_hostport(text, default_host="127.0.0.1", default_port=(
+            TARGET_DEFAULT_PORTS[scheme] if sep else None))
+        return scheme, host, port
     except ValueError as exc:
         raise UsageError("invalid TARGET %r: expected PORT or HOST:PORT (%s)"
                          % (text, exc)) from None
@@ -7967,7 +8022,11 @@ def cmd_expose(args: argparse.Namespace) -> int:
             raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: "
                              "expose %s" % args.extra)
         raise UsageError("unexpected argument %r after TARGET %r" % (args.extra, args.target))
-    target_host, target_port = parse_target(args.target)
+    target_scheme, target_host, target_port = parse_target_url(args.target)
+    if (args.target_insecure or args.target_ca) and target_scheme != "https":
+        raise UsageError("--target-insecure and --target-ca are for an https:// TARGET")
+    if args.target_insecure and args.target_ca:
+        raise UsageError("--target-insecure excludes --target-ca")
     if not args.connect_timeout > 0 or not args.backoff_max > 0:
         raise UsageError("--connect-timeout and --backoff-max must be positive")
     source = "--relay" if args.relay else "TUNNEL_RELAY"
@@ -8030,7 +8089,8 @@ def cmd_expose(args: argparse.Namespace) -> int:
     if args.insecure and (args.tls or args.tls_ca or args.tls_fingerprint):
         raise UsageError("--insecure excludes --tls, --tls-ca and --tls-fingerprint (it "
                          "means no CA or fingerprint check)")
-    for flag, cafile in (("--tls-ca", args.tls_ca), ("--proxy-ca", args.proxy_ca)):
+    for flag, cafile in (("--tls-ca", args.tls_ca), ("--proxy-ca", args.proxy_ca),
+                         ("--target-ca", args.target_ca)):
         if not cafile:    # a bad file is the user's to fix, not the relay's: say so at once
             continue
         ssl = load_ssl()
@@ -8058,7 +8118,8 @@ def cmd_expose(args: argparse.Namespace) -> int:
     config = ClientConfig(target_host=target_host, target_port=target_port,
                           relay_host=relay_host, relay_port=relay_port, token=token,
                           relay_scheme=relay_scheme, proxy=args.proxy, no_proxy=args.no_proxy,
-                          proxy_ca=args.proxy_ca,
+                          proxy_ca=args.proxy_ca, target_tls=target_scheme == "https",
+                          target_insecure=args.target_insecure, target_ca=args.target_ca,
                           subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
