@@ -8154,6 +8154,22 @@ class HTTPSOriginTest(EndToEndBase):
             tunnel.parse_target_url("ftp://localhost:21")
 
 
+class AccessLogMaskTest(EndToEndBase):
+    def test_secret_query_values_are_masked_and_long_targets_cut(self):
+        self.assertEqual(self.get("/hello?token=abc123&x=1")[0], 200)
+        self.assertEqual(self.get("/hello?a=1&Access_Token=zz;sig=q#f")[0], 200)
+        self.assertEqual(self.get("/hello?" + "x" * 1000)[0], 200)
+        wait_until(lambda: len(self.lines) >= 4, what="access log lines")
+        targets = [line.split()[2] for line in self.lines[1:4]]
+        self.assertEqual(targets[0], "/hello?token=[secret]&x=1")
+        self.assertEqual(targets[1], "/hello?a=1&Access_Token=[secret];sig=[secret]#f")
+        self.assertEqual(len(targets[2]), tunnel.MAX_LOGGED_TARGET + 3)
+        self.assertTrue(targets[2].endswith("..."))
+        self.assertFalse(any("abc123" in line or "zz" in line for line in self.lines))
+        self.assertEqual(tunnel.logged_target("/p?tokenizer=1&mytoken=2"),
+                         "/p?tokenizer=1&mytoken=2")      # only those names, whole
+
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -358,6 +358,7 @@ MAX_CHUNK_SIZE_DIGITS = 10              # hex digits of a request's chunk size, 
                                         # exist only to overflow or truncate one differently
 MAX_TRAILER_SIZE = 16 * 1024            # all trailer lines together
 WHOLE_RESPONSE_PROBE = 16 * 1024        # larger reads are not checked for a whole response
+MAX_LOGGED_TARGET = 300                 # characters of a request target in the access log
 FORWARDING_CACHE = 1024                 # (peer, host) pairs whose added fields are kept
 
 # -- timeouts and retry (seconds) ---------------------------------------------
@@ -6924,6 +6925,23 @@ class Relay(SessionDelegate):
 # =============================================================================
 
 
+# Query parameters whose values the access log never shows (a Jupyter ?token=, a signed
+# URL's sig=...), as Jupyter logs token=[secret].
+SECRET_QUERY_RE = re.compile(r"(?:^|(?<=[&;]))((?:tunnel_|access_)?token|key|password|secret|"
+                             r"sig)=[^&;#]*", re.IGNORECASE)
+
+
+def logged_target(target: str) -> str:
+    """A request target as the access log shows it: secret query values masked, and cut
+    at MAX_LOGGED_TARGET characters."""
+    path, sep, query = target.partition("?")
+    if sep:
+        target = path + "?" + SECRET_QUERY_RE.sub(r"\1=[secret]", query)
+    if len(target) > MAX_LOGGED_TARGET:
+        target = target[:MAX_LOGGED_TARGET] + "..."
+    return target
+
+
 class ClientConfig(Settings):
     target_host: str = "127.0.0.1"
     target_port: int = 5000
@@ -7527,7 +7545,7 @@ class Client(SessionDelegate):
         second = int(time.time())
         if second != self._clock[0]:     # strftime once a second, not once a line
             self._clock = (second, time.strftime("%H:%M:%S", time.localtime(second)))
-        what = "%s %s" % (record["method"], record["target"])
+        what = "%s %s" % (record["method"], logged_target(record["target"]))
         if not what.isprintable():   # C0, DEL, C1 (CSI is 0x9b), format and separator chars
             what = escape_unprintable(what)
         self.output("%s %s %d %.1fms %s" % (
