@@ -8170,6 +8170,57 @@ class AccessLogMaskTest(EndToEndBase):
                          "/p?tokenizer=1&mytoken=2")      # only those names, whole
 
 
+class HostHeaderTest(EndToEndBase):
+    """expose --host-header: apps that check Host (Django, Vite, Jupyter) see their own."""
+
+    def headers_seen(self, host, extra=None):
+        status, body, _ = self.get("/headers", host=host, headers=extra or {})
+        self.assertEqual(status, 200)
+        return {k.lower(): v for k, v in json.loads(body)}
+
+    def test_rewrite_sends_the_targets_host_and_origin(self):
+        self.start_client("app", host_header="rewrite")
+        public = "http://app.localhost:%d" % self.relay.http_port
+        target = "127.0.0.1:%d" % self.origin.server_address[1]
+        seen = self.headers_seen("app.localhost", {"Origin": public,
+                                                   "Referer": public + "/lab/tree?x=1"})
+        self.assertEqual(seen["host"], target)
+        self.assertEqual(seen["origin"], "http://" + target)
+        self.assertEqual(seen["referer"], "http://" + target + "/lab/tree?x=1")
+        self.assertEqual(seen["x-forwarded-host"], "app.localhost")
+        # Another site's Origin is left for the app's own CSRF check.
+        seen = self.headers_seen("app.localhost", {"Origin": "https://evil.example",
+                                                   "Referer": "https://evil.example/x"})
+        self.assertEqual(seen["origin"], "https://evil.example")
+        self.assertEqual(seen["referer"], "https://evil.example/x")
+        self.assertEqual(seen["host"], target)
+        # Upgrades go the same way (and still work).
+        key = base64.b64encode(os.urandom(16)).decode()
+        s = self.raw(("GET /ws HTTP/1.1\r\nHost: app.localhost\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nOrigin: %s\r\nSec-WebSocket-Key: %s\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n" % (public, key)).encode())
+        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
+
+    def test_a_fixed_host_and_the_default(self):
+        self.start_client("fixed", host_header="app.internal:8000")
+        seen = self.headers_seen("fixed.localhost", {"Origin": "http://fixed.localhost:%d"
+                                                     % self.relay.http_port})
+        self.assertEqual(seen["host"], "app.internal:8000")
+        self.assertEqual(seen["origin"], "http://fixed.localhost:%d" % self.relay.http_port)
+        self.assertEqual(self.headers_seen("demo.localhost")["host"], "demo.localhost")
+
+    def test_bad_values_are_refused(self):
+        client, _ = self.start_client("bad", host_header="evil\r\nX-Injected: 1", wait=False)
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, tunnel.EXIT_FAILURE)
+        self.assertIn("not a HOST[:PORT]", client.error)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = tunnel.main(["expose", "5000", "--token", TOKEN, "--host-header", "a b"])
+        self.assertEqual(code, 2)
+        self.assertIn("--host-header", err.getvalue())
+
+
 
 if __name__ == "__main__":
     unittest.main()

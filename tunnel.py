@@ -317,6 +317,8 @@ REFUSALS: Dict[str, Tuple[str, str]] = {
     "invalid_name": ("the subdomain is not a DNS label", REFUSE_STOP),
     "name_not_allowed": ("the user may not use that subdomain", REFUSE_STOP),
     "invalid_access": ("the visitor access policy is malformed", REFUSE_STOP),
+    "invalid_host_header": ("the Host to send (--host-header) is not a HOST[:PORT]",
+                            REFUSE_STOP),
     "name_taken": ("another client holds or has reserved the name", REFUSE_FIRST),
     "limit": ("the user has max_tunnels tunnels already", REFUSE_FIRST),
     "shutting_down": ("the relay is stopping", REFUSE_RETRY),
@@ -5742,11 +5744,30 @@ def may_take(holder: Any, owner: str, client_key: bytes) -> bool:
         owner and holder.owner == owner)
 
 
+_HOST_VALUE_RE = re.compile(r"[A-Za-z0-9._~-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+_ORIGIN_VALUE_RE = re.compile(r"https?://(?:%s)" % _HOST_VALUE_RE.pattern)
+
+
+def _host_options(request: Dict[str, Any]) -> Tuple[str, str]:
+    """The handshake's ``host_header`` (the Host the origin gets) and ``target_origin``
+    (what a visitor's Origin naming the tunnel becomes), checked; RefusedError else."""
+    host, origin = request.get("host_header") or "", request.get("target_origin") or ""
+    if not isinstance(host, str) or (host and not _HOST_VALUE_RE.fullmatch(host)) \
+            or len(host) > MAX_HOST_NAME:
+        raise RefusedError("invalid_host_header", "host_header %.60r is not a HOST[:PORT]"
+                           % (host,))
+    if not isinstance(origin, str) or (origin and not (host and _ORIGIN_VALUE_RE.fullmatch(
+            origin))) or len(origin) > MAX_HOST_NAME + 16:
+        raise RefusedError("invalid_host_header", "target_origin %.60r is not a "
+                           "http(s)://HOST[:PORT]" % (origin,))
+    return host, origin
+
+
 class Tunnel:
     """A live name on the relay."""
 
     __slots__ = ("name", "session", "owner", "client_key", "url", "wants_log", "visitors",
-                 "policy", "token_digest")
+                 "policy", "token_digest", "host_header", "target_origin")
 
     def __init__(self, name: str, session: Session, owner: str, client_key: bytes,
                  url: str, wants_log: bool = True) -> None:
@@ -5754,6 +5775,8 @@ class Tunnel:
         self.visitors = 0            # visitor connections bound to this tunnel
         self.policy: Optional[AccessPolicy] = None   # who may reach it
         self.token_digest = ""       # of the owner's token, to notice a change on reload
+        self.host_header = ""        # Host the origin gets instead of the visitor's
+        self.target_origin = ""      # ... and the origin's own, for Origin and Referer
         self.name = name
         self.session = session
         self.owner = owner
@@ -5772,6 +5795,30 @@ class Exchange:
         self.started = time.monotonic()
         self.status = 0
         self.upgrade = upgrade
+
+
+def _rewrite_host(req: Request, tunnel: "Tunnel") -> None:
+    """expose --host-header: the origin gets the tunnel's Host instead of the visitor's
+    (which stays in X-Forwarded-Host); in rewrite mode (``target_origin``) an Origin
+    or Referer naming the tunnel's public origin names the target's instead, so an app
+    comparing them with Host sees a same-origin request.  Any other Origin is left for
+    the app's own checks."""
+    strip = {"host"}
+    extra = [("Host", tunnel.host_header)]
+    target = tunnel.target_origin
+    if target:
+        public = tunnel.url.lower()
+        for name, field in (("origin", "Origin"), ("referer", "Referer")):
+            values = req.headers.get_all(name)
+            if len(values) != 1:
+                continue
+            value = values[0].strip()
+            lowered = value.lower()
+            if lowered == public or (name == "referer" and lowered.startswith(public + "/")):
+                strip.add(name)
+                extra.append((field, target + value[len(public):]))
+    req.strip = req.strip | strip
+    req.extra = req.extra + tuple(extra)
 
 
 _HTTP_REQUEST_START = re.compile(rb"[A-Z]{3,10} ")   # "GET ", "OPTIONS ", ...
@@ -6002,6 +6049,8 @@ class VisitorConn(Pipe):
             log.debug("visitor %s -> %s stream %d", self.peer, name, self.stream.id)
         if self.stream is None or not self.stream.can_send:
             raise HTTPError(502, "The tunnel's client went away.")
+        if tunnel.host_header:
+            _rewrite_host(req, tunnel)
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
         self.responses.expect(req.method)
         self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
@@ -6762,6 +6811,7 @@ class Relay(SessionDelegate):
         tunnel = Tunnel(name, session, owner, client_key, url, bool(request.get("log", True)))
         tunnel.policy = policy
         tunnel.token_digest = user.digest if user is not None else ""
+        tunnel.host_header, tunnel.target_origin = _host_options(request)
         self.tunnels[name] = tunnel
         return {"name": name, "url": url, "heartbeat_interval": self.config.heartbeat_interval}
 
@@ -6974,6 +7024,7 @@ class ClientConfig(Settings):
     target_tls: bool = False                # TLS to the target (an https:// TARGET)
     target_insecure: bool = False           # ... without verifying its certificate
     target_ca: Optional[str] = None         # ... verified with this CA file (default: system)
+    host_header: Optional[str] = None       # "rewrite" (the target's HOST:PORT) or a Host
 
 
 def parse_relay(text: str) -> Tuple[str, str, int]:
@@ -7393,6 +7444,11 @@ class Client(SessionDelegate):
             request["user"] = cfg.user
         if cfg.tls_interception and not cfg.plaintext:
             request["tls_interception"] = True
+        if cfg.host_header == HOST_HEADER_REWRITE:
+            request["host_header"] = format_hostport(cfg.target_host, cfg.target_port)
+            request["target_origin"] = self.target_url
+        elif cfg.host_header:
+            request["host_header"] = cfg.host_header
         sealed = {"client_secret": self.client_secret, "access": cfg.access or None}
         handshake = ClientHandshake(cfg.token, request, sealed=sealed)
         self.session = Session(self.loop, sock, self.relay_text, handshake, self,
@@ -7738,6 +7794,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CONNECT), https://..., socks5://..., socks5h://... (default: "
                         "$HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY by the relay's form, "
                         "curl's rules, $NO_PROXY honoured; an empty URL: none)")
+    expose.add_argument("--host-header", metavar="rewrite|HOST", default=None,
+                        help="the Host the local service gets: 'rewrite' sends its own "
+                        "HOST:PORT (and an Origin/Referer naming the tunnel becomes its "
+                        "origin: Jupyter, Django, Vite), HOST sends that; the visitor's stays "
+                        "in X-Forwarded-Host (default: the visitor's Host, unchanged)")
     expose.add_argument("--target-insecure", action="store_true",
                         help="an https:// TARGET's certificate is not verified (a local "
                         "server with a self-signed one)")
@@ -7998,6 +8059,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 TARGET_PROTOCOLS = ("http", "https", "tcp", "tls")   # "expose http 5000" is ngrok's habit
 TARGET_DEFAULT_PORTS = {"http": 80, "https": 443}     # a TARGET URL without a port
+HOST_HEADER_REWRITE = "rewrite"         # expose --host-header rewrite: the target's own
 
 
 def parse_target(text: str) -> Tuple[str, int]:
@@ -8045,6 +8107,12 @@ def cmd_expose(args: argparse.Namespace) -> int:
         raise UsageError("--target-insecure and --target-ca are for an https:// TARGET")
     if args.target_insecure and args.target_ca:
         raise UsageError("--target-insecure excludes --target-ca")
+    if args.host_header is not None and args.host_header != HOST_HEADER_REWRITE:
+        try:
+            _host_options({"host_header": args.host_header})
+        except RefusedError:
+            raise UsageError("--host-header %r: expected 'rewrite' or HOST[:PORT]"
+                             % args.host_header) from None
     if not args.connect_timeout > 0 or not args.backoff_max > 0:
         raise UsageError("--connect-timeout and --backoff-max must be positive")
     source = "--relay" if args.relay else "TUNNEL_RELAY"
@@ -8137,6 +8205,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
                           relay_host=relay_host, relay_port=relay_port, token=token,
                           relay_scheme=relay_scheme, proxy=args.proxy, no_proxy=args.no_proxy,
                           proxy_ca=args.proxy_ca, target_tls=target_scheme == "https",
+                          host_header=args.host_header,
                           target_insecure=args.target_insecure, target_ca=args.target_ca,
                           subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
