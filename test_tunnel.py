@@ -8144,6 +8144,20 @@ class HTTPSOriginTest(EndToEndBase):
         self.start_client("lax", target_tls=True, target_insecure=True)
         self.assertEqual(self.get("/hello", host="lax.localhost")[:2], (200, b"hello"))
 
+    def test_plain_http_to_a_tls_origin_says_use_https(self):
+        self.start_client("plain")                    # http:// to the TLS origin
+        status, body, _ = self.get("/hello", host="plain.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"if it speaks HTTPS, expose https://127.0.0.1:%d"
+                      % self.origin.server_address[1], body)
+
+    def test_plain_http_to_a_server_that_answers_with_a_tls_alert(self):
+        alerting = CannedServer(self, b"\x15\x03\x01\x00\x02\x02\x46")   # protocol_version
+        self.start_client("alert", target_port=alerting.port)
+        status, body, _ = self.get("/hello", host="alert.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"speaks HTTPS: expose https://127.0.0.1:%d" % alerting.port, body)
+
     def test_target_urls(self):
         self.assertEqual(tunnel.parse_target_url("https://localhost:8443"),
                          ("https", "localhost", 8443))

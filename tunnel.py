@@ -401,6 +401,8 @@ IDENTITY_KEY = "relay-key.pem"          # ... and its Ed25519 key (mode 0600)
 IDENTITY_DAYS = 3650                    # validity of a generated certificate (10 years)
 IDENTITY_NAME = "tunnel.py relay"       # its subject and issuer common name
 STATE_DIR_ENV = "TUNNEL_STATE_DIR"      # overrides the default state directory
+TLS_HANDSHAKE_RECORD = b"\x16\x03"        # a TLS record header: handshake, version 3.x
+TLS_ALERT_RECORD = b"\x15\x03"            # ... an alert (what TLS servers answer HTTP with)
 SEAL_LABEL = b"seal"                    # MAC label of the key that seals AUTH's secrets
 CLIENT_SECRET_BYTES = 32                # per-client secret: binds a name reservation
 
@@ -5822,7 +5824,6 @@ def _rewrite_host(req: Request, tunnel: "Tunnel") -> None:
 
 
 _HTTP_REQUEST_START = re.compile(rb"[A-Z]{3,10} ")   # "GET ", "OPTIONS ", ...
-TLS_HANDSHAKE_RECORD = b"\x16\x03"        # a TLS record header: handshake, version 3.x
 
 
 def _wrong_port(data: Any, tls: bool) -> str:
@@ -7081,6 +7082,7 @@ class TargetConn(Pipe):
         self.target = format_hostport(cfg.target_host, cfg.target_port)
         self.connecting = True
         self.failed = False
+        self.first_read = True      # the origin's first bytes: a TLS alert is a hint
         super().__init__(client.loop, None)
         self.stream = stream
         stream.handler = self
@@ -7134,6 +7136,30 @@ class TargetConn(Pipe):
             self.update()
             return
         super().on_write()
+
+    def on_socket_data(self, data: memoryview) -> None:
+        if self.first_read:
+            self.first_read = False
+            if (not self.tls and data[:len(TLS_ALERT_RECORD)] == TLS_ALERT_RECORD
+                    and self.stream is not None and self.stream.can_send):
+                # A TLS server answers plain HTTP with an alert record: say what to use.
+                self._connect_failed("the local service at %s speaks HTTPS: expose "
+                                     "https://%s (with --target-insecure for a self-signed "
+                                     "certificate)" % (self.target, self.target))
+                return
+        super().on_socket_data(data)
+
+    def on_socket_eof(self) -> None:
+        if (self.first_read and not self.tls and self.out_sent and self.stream is not None
+                and self.stream.can_send):
+            # Closed at the first request without a byte: what a TLS server that reads
+            # plain HTTP does (OpenSSL sends no alert for a bad first record).
+            self._connect_failed("the local service at %s closed the connection without a "
+                                 "response; if it speaks HTTPS, expose https://%s (with "
+                                 "--target-insecure for a self-signed certificate)"
+                                 % (self.target, self.target))
+            return
+        super().on_socket_eof()
 
     def mid_message(self, data: memoryview) -> bool:
         # The client does not parse responses, but the usual small one arrives whole in
