@@ -2642,23 +2642,29 @@ class TLSMiddle:
                 raw.close()
                 continue
             self.sockets += [down, up]
-            for src, dst, record in ((down, up, True), (up, down, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, record), daemon=True)
-                t.start()
-                self.threads.append(t)
+            # One thread per connection: an SSLSocket read in one thread while another
+            # writes it can corrupt records (seen under load).
+            t = threading.Thread(target=self._pump, args=(down, up), daemon=True)
+            t.start()
+            self.threads.append(t)
 
-    def _pump(self, src, dst, record):
+    def _pump(self, down, up):
+        other = {down: up, up: down}
         try:
             while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if record:
-                    self.seen += data
-                dst.sendall(data)
-        except OSError:
+                ready = [s for s in other if isinstance(s, ssl.SSLSocket) and s.pending()]
+                if not ready:
+                    ready = select.select(list(other), [], [], WAIT)[0]
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        raise EOFError
+                    if src is down:
+                        self.seen += data
+                    other[src].sendall(data)
+        except (OSError, EOFError):
             pass
-        for s in (src, dst):
+        for s in (down, up):
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
