@@ -8241,6 +8241,22 @@ class HostHeaderTest(EndToEndBase):
         self.assertIn("--host-header", err.getvalue())
 
 
+class GraceMessageTest(EndToEndBase):
+    def test_ctrl_c_says_what_it_waits_for(self):
+        capture = self.capture_logs(logging.INFO)
+        s = self.raw(b"GET /slow HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertTrue(self.origin.slow_started.wait(WAIT))
+        self.client.loop.call_soon_threadsafe(self.client.shutdown)
+        wait_until(lambda: any(m.startswith("waiting for 1 open connection to finish, up to")
+                               and m.endswith("Ctrl-C again to quit")
+                               for m in capture.messages()), what="the grace message")
+        self.origin.slow_gate.set()
+        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 200"))
+        s.close()                       # the keep-alive connection ends: nothing to wait for
+        self.client.thread.join(WAIT)
+        self.assertFalse(self.client.thread.is_alive())
+
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -6495,7 +6495,7 @@ class Relay(SessionDelegate):
         self.stopping = True
         grace = self.config.grace if grace is None else grace
         log.info("relay shutting down: %d tunnels, %d visitor connections; waiting up to "
-                 "%.0fs", len(self.tunnels), len(self.visitors), grace)
+                 "%.0fs (Ctrl-C again to quit)", len(self.tunnels), len(self.visitors), grace)
         for listener in self.listeners:
             listener.close_socket()
         for visitor in list(self.visitors):
@@ -7327,6 +7327,10 @@ class Client(SessionDelegate):
             self.loop.stop()
             return
         session.go_away("client shutting down")
+        if session.streams:
+            log.info("waiting for %d open connection%s to finish, up to %.0fs; Ctrl-C again "
+                     "to quit", len(session.streams), "" if len(session.streams) == 1
+                     else "s", grace)
         self.loop.stop_when(lambda: not session.streams or session.closed, grace,
                             lambda: session.close_after_flush("client shut down"))
 
