@@ -7084,6 +7084,7 @@ class TargetConn(Pipe):
         self.failed = False
         self.first_read = True      # the origin's first bytes: a TLS alert is a hint
         super().__init__(client.loop, None)
+        self.on_socket_data = self._first_data     # type: ignore[assignment]
         self.stream = stream
         stream.handler = self
         self.peer = str(info.get("peer", "?"))
@@ -7104,6 +7105,9 @@ class TargetConn(Pipe):
             return
         set_nodelay(sock)
         self.connecting = False
+        if hasattr(sock, "unsent"):     # a TLSChannel: an https:// target
+            self.wants_write = self._tls_wants_write    # type: ignore[assignment]
+            self.on_write = self._tls_on_write          # type: ignore[assignment]
         self.attach(sock)
         if self.out:
             self.on_write()
@@ -7122,12 +7126,13 @@ class TargetConn(Pipe):
             self._connect_failed("could not connect to %s" % why)
 
     # TLS to the target (an https:// TARGET): a TLSChannel may hold ciphertext its
-    # socket did not take when ``out`` is empty; that is output to wait for too.
-    def wants_write(self) -> bool:
-        return bool(self.out) or bool(self.tls and self.sock.unsent)
+    # socket did not take when ``out`` is empty; that is output to wait for too.  (Bound
+    # in _dialed for such targets only: plain ones keep Pipe's, on the hot path.)
+    def _tls_wants_write(self) -> bool:
+        return bool(self.out) or bool(self.sock.unsent)
 
-    def on_write(self) -> None:
-        if not self.out and self.tls and self.sock.unsent:
+    def _tls_on_write(self) -> None:
+        if not self.out and self.sock.unsent:
             try:
                 self.sock.push()
             except OSError as exc:
@@ -7135,9 +7140,11 @@ class TargetConn(Pipe):
                 return
             self.update()
             return
-        super().on_write()
+        Pipe.on_write(self)
 
-    def on_socket_data(self, data: memoryview) -> None:
+    def _first_data(self, data: memoryview) -> None:
+        """on_socket_data for the origin's first bytes only (then the class's again)."""
+        del self.on_socket_data
         if self.first_read:
             self.first_read = False
             if (not self.tls and data[:len(TLS_ALERT_RECORD)] == TLS_ALERT_RECORD
@@ -7147,7 +7154,7 @@ class TargetConn(Pipe):
                                      "https://%s (with --target-insecure for a self-signed "
                                      "certificate)" % (self.target, self.target))
                 return
-        super().on_socket_data(data)
+        self.on_socket_data(data)
 
     def on_socket_eof(self) -> None:
         if (self.first_read and not self.tls and self.out_sent and self.stream is not None
