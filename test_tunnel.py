@@ -1954,6 +1954,13 @@ def make_certificate(directory):
     return cert, key
 
 
+def temp_certificate(test):
+    """make_certificate in a directory removed when ``test`` ends: (cert, key)."""
+    directory = tempfile.mkdtemp(prefix="tunnel-cert-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    return make_certificate(directory)
+
+
 @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a "
                      "throwaway certificate")
 class TLSTest(EndToEndBase):
@@ -3738,9 +3745,7 @@ class SourceLimitsTest(EndToEndBase):
 
     @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command")
     def test_visitor_tls_handshakes_do_not_count_as_control_handshakes(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-limits-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        cert, key = make_certificate(directory)
+        cert, key = temp_certificate(self)
         relay = self.start_relay(tls_cert=cert, tls_key=key, domain=TLS_DOMAIN,
                                  max_unauthenticated=16, handshake_timeout=3 * WAIT,
                                  head_timeout=3 * WAIT)
@@ -4703,9 +4708,7 @@ class HTTPAbuseTest(EndToEndBase):
 
     @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command")
     def test_https_redirect_only_for_names_under_the_domain(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-abuse-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        cert, key = make_certificate(directory)
+        cert, key = temp_certificate(self)
         relay = self.start_relay(tls_cert=cert, tls_key=key, domain=TLS_DOMAIN,
                                  redirect_port=0)
 
@@ -7266,9 +7269,7 @@ class ProxiedClientTest(EndToEndBase):
         self.assertTrue(client.thread.is_alive())
 
     def test_https_proxy_is_tls_to_the_proxy(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-proxy-tls-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        cert, key = make_certificate(directory)
+        cert, key = temp_certificate(self)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         proxy = self.proxy(tls_context=ctx)
@@ -7310,9 +7311,7 @@ class ProxiedClientTest(EndToEndBase):
         self.assertEqual(self.get("/hello", host="bypass.localhost")[:2], (200, b"hello"))
 
     def test_https_relay_reads_https_proxy_not_http_proxy(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-tls-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        cert, key = make_certificate(directory)
+        cert, key = temp_certificate(self)
         relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
                                  domain=TLS_DOMAIN)
         used, unused = self.proxy(), self.proxy()
@@ -7351,9 +7350,7 @@ class ProxiedClientTest(EndToEndBase):
         self.assertIn(b"--relay https://localhost ", data)
 
     def test_plain_websocket_to_an_https_port_says_so(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-tls-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        cert, key = make_certificate(directory)
+        cert, key = temp_certificate(self)
         relay = self.start_relay(control_port=None, tls_cert=cert, tls_key=key,
                                  domain=TLS_DOMAIN)
         client, _ = self.ws_client("x", relay=relay, relay_scheme="http",
@@ -7912,9 +7909,7 @@ class ClientHintsTest(EndToEndBase):
                             for m in self.warnings()), self.warnings())
 
     def test_unused_proxy_ca_is_warned_about_once(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-proxy-ca-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        cert, _ = make_certificate(directory)
+        cert, _ = temp_certificate(self)
         proxy = self.proxy()
         for kw in ({}, dict(proxy="http://127.0.0.1:%d" % proxy.port)):
             self.capture.records.clear()
@@ -8109,9 +8104,7 @@ class HTTPSOriginTest(EndToEndBase):
     client's loop (the Dialer's TLS stage), with --target-ca and --target-insecure."""
 
     def setUp(self):
-        directory = tempfile.mkdtemp(prefix="tunnel-origin-tls-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        self.cert, key = make_certificate(directory)
+        self.cert, key = temp_certificate(self)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.cert, key)
         self.origin = TLSOrigin(ctx)
