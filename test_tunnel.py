@@ -8251,5 +8251,230 @@ class GraceMessageTest(EndToEndBase):
 
 
 
+
+# =============================================================================
+# The Python API: tunnel.serve, tunnel.expose, tunnels(), close_all()
+# =============================================================================
+
+def open_descriptors():
+    """This process's open file descriptors (Linux), or None where /proc is absent."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+class PythonAPITest(unittest.TestCase):
+    """What a notebook does: serve() and expose() in-process, requests, close."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.state = tempfile.mkdtemp(prefix="tunnel-api-")   # one identity for the class
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.state, ignore_errors=True)
+
+    def setUp(self):
+        self.origin = start_origin(self)
+        self.port = self.origin.server_address[1]
+
+    def serve(self, **kw):
+        opts = dict(http_port=0, control_port=0, state_dir=self.state, **FAST)
+        opts.update(kw)
+        relay = tunnel.serve(**opts)
+        self.addCleanup(relay.close)
+        return relay
+
+    def expose(self, relay, target=None, **kw):
+        handle = tunnel.expose(self.port if target is None else target, relay=relay,
+                               heartbeat_interval=FAST["heartbeat_interval"],
+                               heartbeat_timeout=FAST["heartbeat_timeout"], **kw)
+        self.addCleanup(handle.close)
+        return handle
+
+    def fetch(self, relay, name, path="/hello"):
+        conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        try:
+            conn.request("GET", path, headers={"Host": "%s.localhost" % name})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def test_serve_expose_and_a_request_in_one_test(self):
+        relay = self.serve()                 # TLS on the control port: the default
+        self.assertTrue(relay.fingerprint)
+        self.assertIsInstance(relay.token, str)
+        self.assertNotIn(relay.control_port, (None, 0, tunnel.DEFAULT_CONTROL_PORT))
+        seen = []
+        heard = threading.Event()
+
+        def on_request(entry):
+            seen.append(entry)
+            heard.set()
+        handle = self.expose(relay, subdomain="nb", on_request=on_request)
+        self.assertEqual(handle.url, relay.url("nb"))
+        self.assertEqual(handle.url, "http://nb.localhost:%d" % relay.http_port)
+        self.assertEqual((handle.name, handle.target), ("nb", "http://127.0.0.1:%d"
+                                                        % self.port))
+        self.assertTrue(handle.connected)
+        self.assertEqual(self.fetch(relay, "nb", "/hello?token=abc"), (200, b"hello"))
+        self.assertTrue(heard.wait(WAIT))
+        entry = seen[0]
+        self.assertEqual((entry.method, entry.path, entry.status),
+                         ("GET", "/hello?token=[secret]", 200))
+        self.assertGreater(entry.bytes, len(b"hello"))      # head and body
+        self.assertGreater(entry.duration, 0)
+        self.assertEqual(handle.requests, [entry])
+        self.assertIn(handle, tunnel.tunnels())
+
+    def test_expose_close_in_a_loop_leaks_no_threads_or_sockets(self):
+        relay = self.serve(plaintext=True)
+        self.expose(relay).close()            # first use: lazily made things exist now
+        threads, fds = threading.active_count(), open_descriptors()
+        for i in range(5):
+            handle = tunnel.expose(self.port, relay=relay, subdomain="loop%d" % i)
+            self.assertEqual(self.fetch(relay, "loop%d" % i), (200, b"hello"))
+            handle.close()
+            handle.close()                    # idempotent
+            self.assertNotIn(handle, tunnel.tunnels())
+        self.assertEqual(threading.active_count(), threads)
+        if fds is not None:
+            # The origin's own keep-alive handler threads may still be closing sockets.
+            wait_until(lambda: open_descriptors() <= fds, what="descriptors back to %d"
+                       % fds)
+
+    def test_two_tunnels_at_once_and_close_all(self):
+        relay = self.serve(plaintext=True)
+        first, second = self.expose(relay, subdomain="one"), self.expose(relay,
+                                                                        subdomain="two")
+        self.assertEqual(self.fetch(relay, "one"), (200, b"hello"))
+        self.assertEqual(self.fetch(relay, "two"), (200, b"hello"))
+        self.assertEqual(set(tunnel.tunnels()) & {first, second}, {first, second})
+        tunnel.close_all()
+        self.assertEqual(set(tunnel.tunnels()) & {first, second}, set())
+        wait_until(lambda: self.fetch(relay, "one")[0] == 404, what="tunnel one gone")
+        self.assertFalse(first.connected or second.connected)
+
+    def test_context_manager(self):
+        relay = self.serve(plaintext=True)
+        with tunnel.expose(self.port, relay=relay, subdomain="ctx") as handle:
+            self.assertEqual(self.fetch(relay, "ctx"), (200, b"hello"))
+        self.assertNotIn(handle, tunnel.tunnels())
+        self.assertFalse(handle._thread.is_alive())
+        wait_until(lambda: self.fetch(relay, "ctx")[0] == 404, what="tunnel ctx gone")
+        with tunnel.serve(http_port=0, control_port=0, plaintext=True) as other:
+            port = other.http_port
+        with self.assertRaises(OSError):     # closed: its port is free again
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+
+    def test_rejected_token_raises_auth_error(self):
+        relay = self.serve(plaintext=True)
+        before = threading.active_count()
+        with self.assertRaises(tunnel.AuthError) as cm:
+            tunnel.expose(self.port, relay=relay.relay, token="wrong-token-0123456789",
+                          plaintext=True)
+        self.assertIn("rejected the token", str(cm.exception))
+        self.assertEqual(threading.active_count(), before)
+
+    def test_relay_down_raises_connection_error_within_the_timeout(self):
+        port = free_port()                   # nothing listens there
+        start = time.monotonic()
+        with self.assertRaises(ConnectionError) as cm:
+            tunnel.expose(self.port, relay="127.0.0.1:%d" % port, token=TOKEN, timeout=3)
+        self.assertLess(time.monotonic() - start, 3)
+        self.assertIn("127.0.0.1:%d" % port, str(cm.exception))
+        self.assertIn("connection refused", str(cm.exception))
+
+    def test_silent_relay_raises_timeout_error(self):
+        silent = socket.socket()              # accepts (the backlog does) but never answers
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        start = time.monotonic()
+        with self.assertRaises(TimeoutError) as cm:
+            tunnel.expose(self.port, relay="127.0.0.1:%d" % silent.getsockname()[1],
+                          token=TOKEN, timeout=0.5)
+        self.assertLess(time.monotonic() - start, WAIT)
+        self.assertIn("did not come up within 0.5s", str(cm.exception))
+
+    def test_bad_arguments_raise_value_error(self):
+        relay = self.serve(plaintext=True)
+        bad = [dict(bogus=1), dict(connect_timeout="soon"), dict(subdomain="a b"),
+               dict(host_header="evil\r\nX: 1"), dict(allow=[5]), dict(tls=1),
+               dict(basic_auth="nopassword"), dict(timeout=0), dict(timeout=True),
+               dict(on_request="print"), dict(output=3), dict(verbose=True)]
+        for kw in bad:
+            with self.subTest(kw=kw), self.assertRaises(ValueError) as cm:
+                tunnel.expose(self.port, relay=relay, **kw)
+            self.assertTrue(str(cm.exception))
+        with self.assertRaises(TypeError):    # an unknown keyword, as Python says it
+            tunnel.expose(self.port, relay=relay, bogus=1)
+        for target in ("http 5000", True, 5.5, None, "ftp://x:1", "http://h:1/path"):
+            with self.subTest(target=target), self.assertRaises(ValueError):
+                tunnel.expose(target, relay=relay)
+        for kw in (dict(http_port="x"), dict(max_visitors=0), dict(domain="a..b"),
+                   dict(token="short"), dict(public_scheme="gopher"), dict(nope=1)):
+            with self.subTest(kw=kw), self.assertRaises(ValueError):
+                tunnel.serve(**kw)
+        self.assertEqual(tunnel.tunnels(), [])
+
+    def test_port_in_use_raises_os_error_naming_the_flag(self):
+        relay = self.serve(plaintext=True)
+        with self.assertRaises(OSError) as cm:
+            tunnel.serve(http_port=relay.http_port, control_port=0, plaintext=True)
+        self.assertIn("--http-port", str(cm.exception))
+
+    def test_inside_a_running_asyncio_loop(self):
+        import asyncio
+        relay = self.serve(plaintext=True)
+
+        async def cell():                    # a notebook cell: the loop is running
+            handle = tunnel.expose(self.port, relay=relay, subdomain="aio")
+            try:
+                answer = await asyncio.get_running_loop().run_in_executor(
+                    None, self.fetch, relay, "aio")
+            finally:
+                handle.close()
+            return answer
+        self.assertEqual(asyncio.run(cell()), (200, b"hello"))
+
+    def test_websocket_only_relay_and_host_header_keyword(self):
+        relay = self.serve(control_port="off", plaintext=True)
+        self.assertIsNone(relay.control_port)
+        self.assertTrue(relay.relay.startswith("http://localhost:"))
+        handle = self.expose(relay, subdomain="ws", host_header="rewrite")
+        status, body = self.fetch(relay, "ws", "/headers")
+        self.assertEqual(status, 200)
+        seen = {k.lower(): v for k, v in json.loads(body)}
+        self.assertEqual(seen["host"], "127.0.0.1:%d" % self.port)
+        self.assertEqual(handle.relay, relay.relay)
+
+    def test_output_only_when_asked_and_help_is_complete(self):
+        relay = self.serve(plaintext=True)
+        lines = []
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            quiet = self.expose(relay, subdomain="silent")
+            self.fetch(relay, "silent")
+            loud = self.expose(relay, subdomain="loud", output=lines.append)
+            self.fetch(relay, "loud")
+            wait_until(lambda: len(lines) >= 2, what="two lines")
+            quiet.close()
+            loud.close()
+        self.assertEqual(err.getvalue(), "")
+        self.assertEqual(lines[0], "Forwarding %s -> http://127.0.0.1:%d"
+                         % (relay.url("loud"), self.port))
+        self.assertRegex(lines[1], r"^\d\d:\d\d:\d\d GET /hello 200 ")
+        import pydoc
+        text = pydoc.render_doc(tunnel.expose)
+        for word in ("target", "relay", "token", "subdomain", "user", "timeout",
+                     "on_request", "output", "host_header", "AuthError", "ConnectionError",
+                     "TimeoutError", "ValueError", "close()"):
+            self.assertIn(word, text)
+        self.assertIn("http_port", pydoc.render_doc(tunnel.serve))
+
+
 if __name__ == "__main__":
     unittest.main()

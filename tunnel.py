@@ -259,6 +259,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 log = logging.getLogger("tunnel")
+log.addHandler(logging.NullHandler())   # imported as a library: quiet unless configured
 
 # =============================================================================
 # Constants
@@ -373,6 +374,10 @@ BACKOFF_INITIAL = 0.5                   # first reconnect delay
 BACKOFF_MAX = 30.0                      # reconnect delay cap
 BACKOFF_JITTER = 0.2                    # delay is scaled by 1 - U(0, this)
 GRACE_PERIOD = 10.0                     # in-flight work may finish this long
+API_TIMEOUT = 10.0                      # tunnel.expose waits this long for the tunnel
+API_CLOSE_GRACE = 1.0                   # Tunnel.close / RunningRelay.close let requests
+#                                         in flight finish this long
+API_KEEP_REQUESTS = 100                 # Tunnel.requests keeps the last this many
 DRAIN_POLL = 0.05                       # how often a graceful stop checks for idleness
 HEAD_TIMEOUT = 10.0                     # a request head must arrive whole within (408)
 IDLE_TIMEOUT = 75.0                     # idle keep-alive visitor connections are closed
@@ -5739,7 +5744,7 @@ class Reservation(collections.namedtuple("Reservation", "owner client_key until"
 
 
 def may_take(holder: Any, owner: str, client_key: bytes) -> bool:
-    """May a client (``owner``, ``client_key``) take over a name ``holder`` (a Tunnel or
+    """May a client (``owner``, ``client_key``) take over a name ``holder`` (a Route or
     a Reservation) has?  Only the same client, or the same user of a --tokens relay
     (a shared token is not an identity: every client has it)."""
     return hmac.compare_digest(holder.client_key, client_key) or bool(
@@ -5765,8 +5770,8 @@ def _host_options(request: Dict[str, Any]) -> Tuple[str, str]:
     return host, origin
 
 
-class Tunnel:
-    """A live name on the relay."""
+class Route:
+    """A live name on the relay: the tunnel a visitor's Host leads to."""
 
     __slots__ = ("name", "session", "owner", "client_key", "url", "wants_log", "visitors",
                  "policy", "token_digest", "host_header", "target_origin")
@@ -5799,7 +5804,7 @@ class Exchange:
         self.upgrade = upgrade
 
 
-def _rewrite_host(req: Request, tunnel: "Tunnel") -> None:
+def _rewrite_host(req: Request, tunnel: "Route") -> None:
     """expose --host-header: the origin gets the tunnel's Host instead of the visitor's
     (which stays in X-Forwarded-Host); in rewrite mode (``target_origin``) an Origin
     or Referer naming the tunnel's public origin names the target's instead, so an app
@@ -5854,7 +5859,7 @@ class VisitorConn(Pipe):
         self.source = source_key(self.peer_ip)   # what per-source caps count by
         self.requests = HTTPParser(is_request=True, max_head=relay.config.max_head_size)
         self.responses = HTTPParser(is_request=False, emit_body=False)
-        self.tunnel: Optional[Tunnel] = None
+        self.tunnel: Optional[Route] = None
         self.bound_host = ""          # the Host that bound this connection to its tunnel
         self.inflight: Deque[Exchange] = collections.deque()
         self.deferred: Optional[HTTPError] = None   # answer once in-flight ones finish
@@ -6315,7 +6320,7 @@ class Relay(SessionDelegate):
         self.users: Optional[Dict[str, "User"]] = (load_users(config.tokens_file)
                                                    if config.tokens_file else None)
         self.loop = loop or EventLoop()
-        self.tunnels: Dict[str, Tunnel] = {}
+        self.tunnels: Dict[str, Route] = {}
         self.reserved: Dict[str, Reservation] = {}
         self.sessions: set = set()
         self.unauthenticated: set = set()       # sessions still in the handshake
@@ -6323,7 +6328,7 @@ class Relay(SessionDelegate):
         self._handshake_cap_log = Throttle()
         self._source_cap_log = Throttle()       # per-source refusals, visitors and clients
         self.visitor_sources: Dict[str, int] = {}   # source_key -> visitor connections
-        self.tunnel_sources: Dict[Tuple[Tunnel, str], int] = {}   # ... bound to a tunnel
+        self.tunnel_sources: Dict[Tuple[Route, str], int] = {}   # ... bound to a tunnel
         self.visitors: set = set()
         self.listeners: List[Listener] = []
         self.http_port = 0
@@ -6809,7 +6814,7 @@ class Relay(SessionDelegate):
         self.reserved.pop(name, None)
         session.name = name
         url = self.public_url(name)
-        tunnel = Tunnel(name, session, owner, client_key, url, bool(request.get("log", True)))
+        tunnel = Route(name, session, owner, client_key, url, bool(request.get("log", True)))
         tunnel.policy = policy
         tunnel.token_digest = user.digest if user is not None else ""
         tunnel.host_header, tunnel.target_origin = _host_options(request)
@@ -6923,7 +6928,7 @@ class Relay(SessionDelegate):
             raise HTTPError(404, "No tunnel named %r is online." % name)
         return name
 
-    def tunnel_for(self, name: str) -> Tunnel:
+    def tunnel_for(self, name: str) -> Route:
         tunnel = self.tunnels.get(name)
         if tunnel is not None and not tunnel.session.goaway_received:
             return tunnel
@@ -7267,6 +7272,11 @@ class Client(SessionDelegate):
         self.url: Optional[str] = None
         self.exit_code = EXIT_OK
         self.error: Optional[str] = None
+        self.failure: Optional[BaseException] = None   # what ended it (tunnel.expose raises)
+        self.last_failure = ""               # why the last attempt to reach the relay failed
+        self.unreachable = False             # ... refused or not resolvable (a wrong --relay)
+        self.failures = 0                    # attempts that failed, all told
+        self.on_record: Optional[Callable[[Dict[str, Any]], None]] = None   # API: each LOG
         self.attempt = 0
         self.stopping = False
         self.ready = threading.Event()
@@ -7444,7 +7454,7 @@ class Client(SessionDelegate):
             same = self._refusals[0] + 1 if self._refusals[1] == why else 1
             self._refusals = (same, why)
             if self.url is None and same >= UPGRADE_REFUSALS_FATAL:
-                self.fatal(EXIT_USAGE, why)
+                self.fatal(EXIT_USAGE, why, ConnectionError(why))
                 return
             kind = DIAL_RETRY
         else:
@@ -7520,6 +7530,10 @@ class Client(SessionDelegate):
         """``unreachable``: refused or not resolvable, likely a wrong --relay."""
         self._connector = None
         log.warning("could not reach the relay: %s", why)
+        with self.changed:
+            self.last_failure, self.unreachable = why, unreachable
+            self.failures += 1
+            self.changed.notify_all()
         if unreachable and self.url is None and not self._relay_hinted:
             self._relay_hinted = True
             if self.config.relay_scheme == "tcp":
@@ -7564,7 +7578,7 @@ class Client(SessionDelegate):
             self.ready.clear()
             self.changed.notify_all()
         if isinstance(error, AuthError):
-            self.fatal(EXIT_USAGE, str(error))
+            self.fatal(EXIT_USAGE, str(error), error)
             return
         if isinstance(error, RefusedError):
             if error.code == "binding" and self.config.plaintext:
@@ -7581,7 +7595,7 @@ class Client(SessionDelegate):
                 return
             action = REFUSALS.get(error.code, ("", REFUSE_RETRY))[1]
             if action == REFUSE_STOP or (action == REFUSE_FIRST and self.url is None):
-                self.fatal(EXIT_FAILURE, str(error))
+                self.fatal(EXIT_FAILURE, str(error), error)
                 return
             if error.code != "banned" or not self._ban_logged:
                 log.warning("relay refused: %s", error)
@@ -7607,11 +7621,16 @@ class Client(SessionDelegate):
             self.attempt = 0
         self._schedule_reconnect()
 
-    def fatal(self, code: int, message: str) -> None:
+    def fatal(self, code: int, message: str, error: Optional[BaseException] = None) -> None:
+        """Stop for good: ``code`` is the exit status, ``message`` main()'s last line on
+        stderr, ``error`` what tunnel.expose raises (default: a TunnelError)."""
         self.exit_code = code
-        self.error = message     # main() prints it as the last line on stderr
+        self.error = message
         self.stopping = True
         self.loop.stop()
+        with self.changed:
+            self.failure = error or TunnelError(message)
+            self.changed.notify_all()
 
     def on_stream_open(self, session: Session, stream: Stream, info: Dict[str, Any]) -> None:
         if self.stopping:
@@ -7633,6 +7652,8 @@ class Client(SessionDelegate):
         pass
 
     def on_access_log(self, session: Session, record: Dict[str, Any]) -> None:
+        if self.on_record is not None:
+            self.on_record(record)
         if not self.config.access_log:
             return
         second = int(time.time())
@@ -7651,6 +7672,388 @@ class Client(SessionDelegate):
 
 
 # =============================================================================
+# Python API (a notebook's tunnel: tunnel.expose, tunnel.serve)
+# =============================================================================
+#
+# The same Client and Relay as the command line, each on a daemon thread with its own
+# EventLoop (never the caller's: it works inside a running asyncio loop, as in Jupyter),
+# configured by the same flags under their keyword names and checked by the same
+# serve_config / expose_config.  Nothing is printed unless asked (``output=print``;
+# warnings go to the "tunnel" logger, which has only a NullHandler until configured).
+
+_API_SKIPPED = ("help", "version", "verbose")   # flags that mean nothing to an API call
+
+
+def _discard(line: str) -> None:
+    """Client output for the API: nothing printed unless asked."""
+
+
+def _api_value(flag: str, action: argparse.Action, value: Any) -> Any:
+    """A keyword's value as the flag's parsed value would be; raises UsageError."""
+    if action.nargs == 0:                                  # store_true
+        if not isinstance(value, bool):
+            raise UsageError("%s must be True or False, not %r" % (flag, value))
+        return value
+    if isinstance(action, argparse._AppendAction):          # repeatable: one or a list
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str)
+                                                            for v in values):
+            raise UsageError("%s must be a string or a list of strings, not %r"
+                             % (flag, value))
+        return list(values) or None
+    if value is None:
+        if action.default is None or action.type is _port_or_off:
+            return None
+        raise UsageError("%s may not be None" % flag)
+    if isinstance(value, bool):
+        raise UsageError("%s must not be a bool" % flag)
+    if action.type in (int, float, _port_or_off) and isinstance(value, (int, float)):
+        if action.type is not float and not isinstance(value, int):
+            raise UsageError("%s must be an integer, not %r" % (flag, value))
+        value = float(value) if action.type is float else value
+    elif isinstance(value, str):
+        if action.type is not None:
+            try:
+                value = action.type(value)                  # type: ignore[operator]
+            except (TypeError, ValueError):
+                raise UsageError("invalid %s %r" % (flag, value)) from None
+    else:
+        raise UsageError("%s must be a %s, not %r" % (
+            flag, "number" if action.type in (int, float) else "string", value))
+    if action.choices is not None and value not in action.choices:
+        raise UsageError("%s must be one of %s, not %r" % (
+            flag, ", ".join(map(repr, action.choices)), value))
+    return value
+
+
+def _api_args(command: str, positional: List[str], options: Dict[str, Any],
+              caller: str) -> argparse.Namespace:
+    """The namespace ``python3 tunnel.py COMMAND POSITIONAL`` would give, with
+    ``options`` (keyword names of the long flags) set on it."""
+    commands: Dict[str, _Parser] = {}
+    parser = build_parser(commands)
+    args = parser.parse_args([command] + positional)
+    flags = commands[command].flags()
+    for key, value in options.items():
+        action = flags.get(key)
+        if action is None or key in _API_SKIPPED:
+            known = sorted(k for k in flags if k not in _API_SKIPPED)
+            raise OptionError("%s() got an unexpected keyword argument %r (its options: %s)"
+                              % (caller, key, ", ".join(known)))
+        setattr(args, action.dest, _api_value(key, action, value))
+    return args
+
+
+def _positive_timeout(timeout: Any) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
+    return float(timeout)
+
+
+class RequestLog(collections.namedtuple("RequestLog", "time method path status duration "
+                                        "bytes")):
+    """One access-log line of a tunnel, as ``Tunnel.requests`` and ``on_request`` get it:
+    ``time`` (seconds since the epoch, when the client heard of it), ``method``,
+    ``path`` (secret query values masked, as the console shows), ``status``,
+    ``duration`` (seconds) and ``bytes`` (of the response, head and body)."""
+
+    __slots__ = ()
+
+
+_open_tunnels: List["Tunnel"] = []      # what tunnels() lists (under _api_lock)
+_api_lock = threading.Lock()
+
+
+class Tunnel:
+    """A tunnel kept up by ``expose``: a Client on a daemon thread.
+
+    ``url`` (the public URL), ``name``, ``target`` (the local service's URL),
+    ``relay`` (where it connects), ``requests`` (the last API_KEEP_REQUESTS access-log
+    records, oldest first), ``connected`` (a session is up right now; it reconnects by
+    itself), ``error`` (why it stopped for good, if it did).  ``close()`` ends it and
+    waits for its thread; a ``with`` block closes it too."""
+
+    def __init__(self, client: "Client",
+                 on_request: Optional[Callable[[RequestLog], None]] = None) -> None:
+        self._client = client
+        self._on_request = on_request
+        self._requests: Deque[RequestLog] = collections.deque(maxlen=API_KEEP_REQUESTS)
+        self._lock = threading.Lock()
+        self._closed = False
+        client.on_record = self._record
+        self._thread = threading.Thread(target=client.run, daemon=True,
+                                        name="tunnel.py expose %s" % client.target_url)
+
+    # -- what the caller sees ------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self._client.url or ""
+
+    @property
+    def name(self) -> str:
+        return self._client.name or ""
+
+    @property
+    def target(self) -> str:
+        return self._client.target_url
+
+    @property
+    def relay(self) -> str:
+        return self._client.relay_text
+
+    @property
+    def connected(self) -> bool:
+        return self._client.ready.is_set()
+
+    @property
+    def error(self) -> Optional[str]:
+        return self._client.error
+
+    @property
+    def requests(self) -> List[RequestLog]:
+        with self._lock:
+            return list(self._requests)
+
+    def __repr__(self) -> str:
+        return "<Tunnel %s -> %s%s>" % (self.url or "(not up)", self.target,
+                                        " closed" if self._closed else "")
+
+    def __enter__(self) -> "Tunnel":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- life ------------------------------------------------------------------------
+    def _record(self, record: Dict[str, Any]) -> None:
+        """A LOG frame (on the client's loop thread)."""
+        entry = RequestLog(time.time(), str(record.get("method", "")),
+                           logged_target(str(record.get("target", ""))),
+                           record.get("status", 0), record.get("duration", 0.0),
+                           record.get("bytes", 0))
+        with self._lock:
+            self._requests.append(entry)
+        if self._on_request is not None:
+            try:
+                self._on_request(entry)
+            except Exception:        # the caller's bug: say so, keep the tunnel up
+                log.exception("the on_request callback of %r raised", self)
+
+    def _start(self, timeout: float) -> None:
+        """Start the thread; return once the tunnel is up, else stop it and raise."""
+        client = self._client
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        with client.changed:
+            while not (client.up_count or client.failure or client.unreachable):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                client.changed.wait(left)
+            up, failure, why = client.up_count, client.failure, client.last_failure
+            unreachable = client.unreachable
+        if up:
+            with _api_lock:
+                _open_tunnels.append(self)
+            return
+        self._stop(0.0)
+        if failure is not None:
+            raise failure
+        if unreachable:
+            raise ConnectionError("cannot reach the relay%s: %s" % (
+                "" if self.relay in why else " at " + self.relay, why))
+        raise TimeoutError("the tunnel to %s did not come up within %gs%s" % (
+            self.relay, timeout, " (last: %s)" % why if why else ""))
+
+    def _stop(self, grace: float) -> None:
+        client = self._client
+        client.loop.call_soon_threadsafe(lambda: client.shutdown(grace))
+        self._thread.join(grace + API_CLOSE_GRACE + client.config.connect_timeout)
+
+    def close(self, grace: float = API_CLOSE_GRACE) -> None:
+        """End the tunnel: requests in flight get ``grace`` seconds, then the thread
+        is joined.  Closing twice does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with _api_lock:
+            if self in _open_tunnels:
+                _open_tunnels.remove(self)
+        self._stop(grace)
+
+
+def expose(target: Any, relay: Any = None, token: Optional[str] = None,
+           subdomain: Optional[str] = None, user: Optional[str] = None, *,
+           timeout: float = API_TIMEOUT,
+           on_request: Optional[Callable[[RequestLog], None]] = None,
+           output: Optional[Callable[[str], None]] = None, **options: Any) -> Tunnel:
+    """Expose a local service through a relay; return a ``Tunnel`` once it is up.
+
+    ``target`` is what ``python3 tunnel.py expose`` takes: a port (``8888``),
+    ``"HOST:PORT"``, ``"http://HOST:PORT"`` or ``"https://HOST:PORT"``.  ``relay``:
+    ``"HOST:PORT"`` (the control port) or a URL (``"https://relay.example.com"``), or
+    a ``RunningRelay`` from ``serve()`` (its address and token); default
+    $TUNNEL_RELAY, else localhost:7835.  ``token``: default $TUNNEL_TOKEN.
+    ``subdomain``: ask for that name.  ``user``: on a relay with per-user tokens
+    (default $TUNNEL_USER).  Proxy variables apply as on the command line.
+
+    Every long flag of ``expose`` is a keyword: ``host_header="rewrite"``,
+    ``basic_auth="me:secret"``, ``visitor_token=...``, ``allow=["10.0.0.0/8"]``,
+    ``target_insecure=True``, ``target_ca=FILE``, ``proxy=URL``, ``tls_ca=FILE``,
+    ``tls_fingerprint=...``, ``plaintext=True``, ``connect_timeout=5``,
+    ``quiet=True`` (no access log: ``requests`` stays empty), and so on.
+
+    ``timeout``: seconds to wait for the tunnel (default API_TIMEOUT).
+    ``on_request(RequestLog)`` is called (on the tunnel's thread) for each request;
+    ``output``: where the Forwarding and access-log lines go (``print``; default
+    nowhere).
+
+    Raises ``ValueError`` (UsageError) for a bad argument, ``AuthError`` for a
+    rejected token, ``RefusedError`` when the relay refuses the tunnel (a name taken,
+    say), ``ConnectionError`` naming the relay when it cannot be reached,
+    ``TimeoutError`` when the tunnel is not up within ``timeout``, ``TunnelError``
+    for other failures (a certificate that does not verify).  The tunnel then runs
+    until ``close()`` (or the end of the process), reconnecting as the command line
+    does.
+    """
+    timeout = _positive_timeout(timeout)
+    if isinstance(relay, RunningRelay):
+        token = token if token is not None else relay.token
+        if relay.plaintext and "plaintext" not in options:
+            options["plaintext"] = True
+        relay = relay.relay
+    if isinstance(target, bool) or not isinstance(target, (int, str)):
+        raise UsageError("target must be a port or a string such as 'HOST:PORT', not %r"
+                         % (target,))
+    for key, value in (("relay", relay), ("token", token), ("subdomain", subdomain),
+                       ("user", user)):
+        if value is not None:
+            options[key] = value
+    if output is not None and not callable(output):
+        raise UsageError("output must be callable (print, say), not %r" % (output,))
+    if on_request is not None and not callable(on_request):
+        raise UsageError("on_request must be callable, not %r" % (on_request,))
+    args = _api_args("expose", [str(target)], options, "expose")
+    config = expose_config(args)
+    try:
+        client = Client(config, output=output or _discard)
+    except TunnelError as exc:       # a malformed proxy variable
+        raise UsageError(str(exc)) from None
+    handle = Tunnel(client, on_request)
+    handle._start(timeout)
+    return handle
+
+
+def tunnels() -> List[Tunnel]:
+    """The tunnels ``expose`` opened in this process and nobody closed yet."""
+    with _api_lock:
+        return list(_open_tunnels)
+
+
+def close_all() -> None:
+    """Close every tunnel ``tunnels()`` lists."""
+    for handle in tunnels():
+        handle.close()
+
+
+class RunningRelay:
+    """A relay started by ``serve``: ``http_port`` and ``control_port`` (the ports it
+    listens on, None when off), ``token`` (the shared token, generated if none was
+    given; None with a tokens file), ``domain``, ``fingerprint`` (of its control
+    certificate, "" with plaintext), ``relay`` (what ``expose`` takes as ``relay``),
+    ``url(name)`` (a tunnel's public URL); ``close()``; a ``with`` block closes it."""
+
+    def __init__(self, relay: "Relay") -> None:
+        self._relay = relay
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=relay.run, daemon=True,
+                                        name="tunnel.py serve :%d" % relay.http_port)
+
+    @property
+    def http_port(self) -> int:
+        return self._relay.http_port
+
+    @property
+    def control_port(self) -> Optional[int]:
+        return self._relay.control_port or None
+
+    @property
+    def token(self) -> Optional[str]:
+        return None if self._relay.config.tokens_file else self._relay.config.token
+
+    @property
+    def domain(self) -> str:
+        return self._relay.config.domain
+
+    @property
+    def fingerprint(self) -> str:
+        return self._relay.fingerprint or ""
+
+    @property
+    def plaintext(self) -> bool:
+        return self._relay.control_tls is None
+
+    @property
+    def relay(self) -> str:
+        return self._relay.relay_address()
+
+    def url(self, name: str) -> str:
+        return self._relay.public_url(name)
+
+    def __repr__(self) -> str:
+        return "<RunningRelay %s, clients at %s%s>" % (
+            self.url("NAME"), self.relay, " closed" if self._closed else "")
+
+    def __enter__(self) -> "RunningRelay":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self, grace: float = API_CLOSE_GRACE) -> None:
+        """Stop the relay: visitors in flight get ``grace`` seconds.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        relay = self._relay
+        relay.loop.call_soon_threadsafe(lambda: relay.shutdown(grace))
+        self._thread.join(grace + API_CLOSE_GRACE)
+        if self._thread.is_alive():
+            relay.stop()
+            self._thread.join()
+
+
+def serve(**options: Any) -> RunningRelay:
+    """Start a relay on a daemon thread and return it running (``RunningRelay``).
+
+    Every long flag of ``serve`` is a keyword: ``http_port`` and ``control_port``
+    (0: a free port, which the handle tells; ``control_port="off"`` or None: WebSocket
+    on the visitor port only), ``bind``, ``domain``, ``token`` (default
+    $TUNNEL_TOKEN, else a generated one, in ``.token``), ``tokens`` (a users file),
+    ``tls_cert``, ``tls_key``, ``state_dir``, ``plaintext=True``, ``max_visitors``,
+    ``head_timeout`` and so on; defaults as on the command line.
+
+    Raises ``ValueError`` (UsageError) for a bad option, ``OSError`` (ListenError)
+    when a port is taken, ``TunnelError`` for unreadable certificates or a bad
+    tokens file."""
+    args = _api_args("serve", [], options, "serve")
+    config, _ = serve_config(args)
+    relay = Relay(config)
+    try:
+        relay.start()
+    except BaseException:
+        relay.verify_pool.stop()
+        relay.loop.close()
+        raise
+    handle = RunningRelay(relay)
+    handle._thread.start()
+    return handle
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -7663,11 +8066,21 @@ examples:
 """
 
 
-class UsageError(Exception):
-    pass
+class UsageError(ValueError):
+    """A bad flag or argument: one line for the operator (exit 2), a ValueError for an
+    API caller."""
+
+
+class OptionError(UsageError, TypeError):
+    """An API keyword that names no flag (a TypeError, as Python's own, and a ValueError)."""
 
 
 class _Parser(argparse.ArgumentParser):
+    def flags(self) -> Dict[str, argparse.Action]:
+        """Long flags as keyword names (``--host-header``: ``host_header``), for the API."""
+        return {opt[2:].replace("-", "_"): action for action in self._actions
+                for opt in action.option_strings if opt.startswith("--")}
+
     def error(self, message: str) -> Any:  # one line, status 2 (not argparse's usage dump)
         raise UsageError(message)
 
@@ -7683,7 +8096,8 @@ def _port_or_off(text: str) -> Optional[int]:
                                          % text) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.ArgumentParser:
+    """The command line; ``commands`` (if given) receives the serve and expose parsers."""
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log every stream (DEBUG)")
     common.add_argument("-q", "--quiet", action="store_true",
@@ -7892,6 +8306,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or --tls-ca; the relay logs it")
     expose.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="SEC",
                         help="longest wait between reconnects (default %(default)s)")
+    if commands is not None:
+        commands.update(serve=serve, expose=expose)
     sub.add_parser("token", help="print a new strong token",
                    description="Print a new random token (256 bits, URL-safe).")
     sub.add_parser("hash-password", help="print a PBKDF2 hash for --basic-auth",
@@ -7982,7 +8398,9 @@ def _check_timeouts(args: argparse.Namespace) -> None:
         raise UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace) -> Tuple[RelayConfig, bool]:
+    """``serve``'s flags (or ``tunnel.serve``'s keywords) as a checked RelayConfig, and
+    whether its token was generated; raises UsageError."""
     if args.tokens and args.token:
         raise UsageError("--tokens and --token exclude each other")
     token = args.token or os.environ.get("TUNNEL_TOKEN", "")
@@ -8066,6 +8484,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             normalize_fingerprint(fp)
         except ValueError as exc:
             raise UsageError("--tls-proxy-fingerprint: %s" % exc) from None
+    return config, generated
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config, generated = serve_config(args)
+    token = config.token
     try:
         relay = Relay(config)
     except TunnelError as exc:     # an unreadable tokens file
@@ -8079,7 +8503,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         relay.loop.close()
         return EXIT_FAILURE
     except OSError as exc:
-        log.error("cannot listen on %s: %s", args.bind, describe_oserror(exc))
+        log.error("cannot listen on %s: %s", config.bind, describe_oserror(exc))
         relay.loop.close()
         return EXIT_FAILURE
     tls_flag = " --plaintext" if relay.control_tls is None else ""
@@ -8133,7 +8557,9 @@ def parse_target_url(text: str) -> Tuple[str, str, int]:
                          % (text, exc)) from None
 
 
-def cmd_expose(args: argparse.Namespace) -> int:
+def expose_config(args: argparse.Namespace) -> ClientConfig:
+    """``expose``'s flags (or ``tunnel.expose``'s arguments) as a checked ClientConfig,
+    with $TUNNEL_RELAY, $TUNNEL_TOKEN and $TUNNEL_USER filled in; raises UsageError."""
     if args.extra is not None:
         if args.target.strip().lower() in TARGET_PROTOCOLS:
             raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: "
@@ -8253,6 +8679,11 @@ def cmd_expose(args: argparse.Namespace) -> int:
                           plaintext=args.plaintext, tls_interception=args.tls_interception,
                           user=args.user or os.environ.get("TUNNEL_USER") or None,
                           access=access or None)
+    return config
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    config = expose_config(args)
     loop = EventLoop()
     try:
         client = Client(config, loop=loop, output=LineOutput(loop))
