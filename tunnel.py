@@ -226,9 +226,55 @@ Run ``python3 tunnel.py --help`` for the command line.
 
 from __future__ import annotations
 
-if __name__ == "__main__":   # Ctrl-C while this script's imports run: exit 0, no traceback
-    import os as _os, signal as _signal   # (the end of the file puts Python's handler back)
-    _signal.signal(_signal.SIGINT, lambda signum, frame: _os._exit(0))
+import os
+import sys
+
+# -- Start-up memory: a re-exec and malloc_trim, which only work as a pair -----------
+# Run as ``python3 tunnel.py``, CPython compiles the whole script and keeps its parse
+# tree (about 8 MiB) until the script ends, which for a relay is never; an *import*
+# frees it after compiling.  So ``serve`` and ``expose`` hand over at once, before the
+# module body runs, to a fresh interpreter that imports this file as a module
+# (``python3 FLAGS -c _REEXEC tunnel.py ARGS``: same process id, interpreter flags from
+# ``sys.orig_argv`` (3.10+), exit status; later starts load the bytecode the import
+# caches in __pycache__, 2 MiB less again).  Freed, those pages still sit in the C
+# heap: ``release_free_memory`` (glibc's malloc_trim, called by main) gives them back
+# to the system.  Either one alone saves little.  TUNNEL_NO_REEXEC=1 turns the re-exec
+# off (profilers, debuggers); Python 3.9, Windows and ``python -m tunnel`` run in place.
+# Ctrl-C before main installs its handlers exits 0 quietly, here and in the stub.
+# (-c puts the working directory first in sys.path, a script its own directory: the
+# stub puts the script's back before it imports anything that is not loaded yet.)
+_REEXEC = ("import os, sys; sys.path[:1] == [''] and sys.path.__setitem__(0, "
+           "os.path.dirname(sys.argv[1])); import signal, importlib.util as u; "
+           "signal.signal(signal.SIGINT, lambda *a: os._exit(0)); "
+           "s = u.spec_from_file_location('tunnel', sys.argv.pop(1)); "
+           "m = sys.modules['tunnel'] = u.module_from_spec(s); s.loader.exec_module(m); "
+           "sys.exit(m._script_main())")
+
+
+def _reexec_as_module() -> None:
+    """Replace this process with ``python FLAGS -c _REEXEC tunnel.py ARGS`` if possible."""
+    orig = getattr(sys, "orig_argv", None)
+    if os.name != "posix" or not orig or not sys.executable or __spec__ is not None:
+        return
+    script = os.path.abspath(sys.argv[0])
+    try:
+        at = orig.index(sys.argv[0], 1)      # interpreter flags come before the script
+    except ValueError:
+        return
+    if not os.path.isfile(script) or orig[at + 1:] != sys.argv[1:]:
+        return
+    try:
+        os.execv(sys.executable, [sys.executable] + orig[1:at] + ["-c", _REEXEC, script]
+                 + sys.argv[1:])
+    except OSError:
+        pass                                 # run in this interpreter after all
+
+
+if __name__ == "__main__":
+    import signal as _signal                 # (_script_main puts Python's handler back)
+    _signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(0))
+    if sys.argv[1:2] in (["serve"], ["expose"]) and not os.environ.get("TUNNEL_NO_REEXEC"):
+        _reexec_as_module()
 
 import argparse
 import collections
@@ -241,7 +287,6 @@ import hmac
 import itertools
 import json
 import logging
-import os
 import random
 import re
 import secrets
@@ -249,7 +294,6 @@ import selectors
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 TYPE_CHECKING = False   # typing costs 2 MiB at run time; annotations are strings anyway
@@ -8744,45 +8788,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_OK
 
 
-# Run as ``python tunnel.py``, CPython keeps the parse tree of the whole script (about
-# 8 MiB) until the script ends, which for a relay is never.  So the script hands over
-# at once to a fresh interpreter that imports this file as a module instead (an
-# import frees its parse tree after compiling, and later starts load the bytecode
-# that import caches in __pycache__, which saves 2 MiB more).  Same process id, same
-# flags (from ``sys.orig_argv``, Python 3.10+), same exit status; elsewhere (Python
-# 3.9, Windows, ``python -m tunnel``) it just runs main().
-_REEXEC = """import os, sys, importlib.util as u
-if sys.path and sys.path[0] == "": sys.path[0] = os.path.dirname(sys.argv[1])
-try: s = u.spec_from_file_location("tunnel", sys.argv[1]); m = sys.modules["tunnel"] = \
-u.module_from_spec(s); s.loader.exec_module(m)
-except KeyboardInterrupt: sys.exit(0)
-del sys.argv[0]; sys.exit(m.main())
-"""
-# (-c puts the working directory first in sys.path, a script its own directory: the
-# stub keeps the latter.  Ctrl-C while it imports exits quietly with 0, as main does.)
-
-
-def _reexec_as_module() -> None:
-    """Replace this process with ``python FLAGS -c _REEXEC tunnel.py ARGS`` if possible."""
-    orig = getattr(sys, "orig_argv", None)
-    if os.name != "posix" or not orig or not sys.executable or __spec__ is not None:
-        return
-    script = os.path.abspath(sys.argv[0])
-    try:
-        at = orig.index(sys.argv[0], 1)      # interpreter flags come before the script
-    except ValueError:
-        return
-    if not os.path.isfile(script) or orig[at + 1:] != sys.argv[1:]:
-        return
-    try:
-        os.execv(sys.executable, [sys.executable] + orig[1:at] + ["-c", _REEXEC, script]
-                 + sys.argv[1:])
-    except OSError:
-        pass                                 # run in this interpreter after all
+def _script_main() -> int:
+    """``python3 tunnel.py ...``, run as a script or in the interpreter _REEXEC started."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # main catches it from here
+    return main()
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # main catches it from here
-    if len(sys.argv) > 1 and sys.argv[1] in ("serve", "expose"):
-        _reexec_as_module()
-    sys.exit(main())
+    sys.exit(_script_main())
