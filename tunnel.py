@@ -354,20 +354,33 @@ GOAWAY_NORMAL = 0                       # planned shutdown
 # up (later it is a passing state: the old session still holds the name), "retry"
 # reconnects with backoff.  Unknown codes are retried.
 REFUSE_STOP, REFUSE_FIRST, REFUSE_RETRY = "stop", "first", "retry"
+REFUSED_AUTH = "auth"
+REFUSED_BINDING = "binding"
+REFUSED_VERSION = "version"
+REFUSED_INVALID_NAME = "invalid_name"
+REFUSED_NAME_NOT_ALLOWED = "name_not_allowed"
+REFUSED_INVALID_ACCESS = "invalid_access"
+REFUSED_INVALID_HOST_HEADER = "invalid_host_header"
+REFUSED_NAME_TAKEN = "name_taken"
+REFUSED_LIMIT = "limit"
+REFUSED_SHUTTING_DOWN = "shutting_down"
+REFUSED_BANNED = "banned"
 REFUSALS: Dict[str, Tuple[str, str]] = {
-    "auth": ("the relay does not accept the token (or user); exit status 2", REFUSE_STOP),
-    "binding": ("the relay's certificate is not the one the client saw: a man in the "
-                "middle or an undeclared TLS proxy; exit status 2", REFUSE_STOP),
-    "version": ("the relay speaks another protocol version", REFUSE_STOP),
-    "invalid_name": ("the subdomain is not a DNS label", REFUSE_STOP),
-    "name_not_allowed": ("the user may not use that subdomain", REFUSE_STOP),
-    "invalid_access": ("the visitor access policy is malformed", REFUSE_STOP),
-    "invalid_host_header": ("the Host to send (--host-header) is not a HOST[:PORT]",
-                            REFUSE_STOP),
-    "name_taken": ("another client holds or has reserved the name", REFUSE_FIRST),
-    "limit": ("the user has max_tunnels tunnels already", REFUSE_FIRST),
-    "shutting_down": ("the relay is stopping", REFUSE_RETRY),
-    "banned": ("too many failed handshakes from this address for this user", REFUSE_RETRY),
+    REFUSED_AUTH: ("the relay does not accept the token (or user); exit status 2",
+                   REFUSE_STOP),
+    REFUSED_BINDING: ("the relay's certificate is not the one the client saw: a man in "
+                      "the middle or an undeclared TLS proxy; exit status 2", REFUSE_STOP),
+    REFUSED_VERSION: ("the relay speaks another protocol version", REFUSE_STOP),
+    REFUSED_INVALID_NAME: ("the subdomain is not a DNS label", REFUSE_STOP),
+    REFUSED_NAME_NOT_ALLOWED: ("the user may not use that subdomain", REFUSE_STOP),
+    REFUSED_INVALID_ACCESS: ("the visitor access policy is malformed", REFUSE_STOP),
+    REFUSED_INVALID_HOST_HEADER: ("the Host to send (--host-header) is not a HOST[:PORT]",
+                                  REFUSE_STOP),
+    REFUSED_NAME_TAKEN: ("another client holds or has reserved the name", REFUSE_FIRST),
+    REFUSED_LIMIT: ("the user has max_tunnels tunnels already", REFUSE_FIRST),
+    REFUSED_SHUTTING_DOWN: ("the relay is stopping", REFUSE_RETRY),
+    REFUSED_BANNED: ("too many failed handshakes from this address for this user",
+                     REFUSE_RETRY),
 }
 
 # -- flow control and buffering -----------------------------------------------
@@ -1653,7 +1666,7 @@ class ClientHandshake:
             # write it, so it is escaped and cut before it reaches a log or a terminal.
             code = escape_unprintable(str(info.get("error", "")))[:MAX_REFUSAL_TEXT]
             message = escape_unprintable(str(info.get("message", "")))[:MAX_REFUSAL_TEXT]
-            if code == "auth":
+            if code == REFUSED_AUTH:
                 raise AuthError("relay rejected the token")
             raise RefusedError(code, message or "relay refused the connection (%s)" % code)
         if ftype == FrameType.CHALLENGE and not self._mac:
@@ -1730,7 +1743,7 @@ class RelayHandshake:
             return b""
         if self._state == "preamble" and isinstance(frame, Preamble):
             if frame.version != PROTOCOL_VERSION:
-                return self._refuse("version", "unsupported protocol version %d; this relay "
+                return self._refuse(REFUSED_VERSION, "unsupported protocol version %d; this relay "
                                     "speaks version %d" % (frame.version, PROTOCOL_VERSION))
             self._state = "hello"
             return b""
@@ -1751,16 +1764,16 @@ class RelayHandshake:
         user = request.get("user")
         self.user = user if isinstance(user, str) else ""
         if self._banned(self.user):
-            return self._refuse("banned", "too many failed attempts from your address; "
+            return self._refuse(REFUSED_BANNED, "too many failed attempts from your address; "
                                 "try again later")
         token = self._token_for(self.user)
         key = token.encode("utf-8") if token else secrets.token_bytes(MAC_SIZE)
         expected = compute_mac(key, b"client", self._client_nonce, self._nonce, body)
         if not hmac.compare_digest(mac, expected) or not token:
-            return self._refuse("auth", "relay rejected the token")
+            return self._refuse(REFUSED_AUTH, "relay rejected the token")
         problem = self._binding_problem(request)
         if problem:
-            return self._refuse("binding", problem)
+            return self._refuse(REFUSED_BINDING, problem)
         request.pop("access", None)        # visitor secrets count only when sealed
         sealed = request.pop("sealed", None)
         if sealed is not None:
@@ -4183,11 +4196,11 @@ def _parse_networks(values: Any, what: str) -> List[Any]:
     if values is None:
         return []
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise RefusedError("invalid_access", "%s must be a list of CIDR strings" % what)
+        raise RefusedError(REFUSED_INVALID_ACCESS, "%s must be a list of CIDR strings" % what)
     try:
         return [ipaddress.ip_network(v, strict=False) for v in values]
     except ValueError as exc:
-        raise RefusedError("invalid_access", "%s: %s" % (what, exc)) from None
+        raise RefusedError(REFUSED_INVALID_ACCESS, "%s: %s" % (what, exc)) from None
 
 
 _QUERY_SEPARATOR_RE = re.compile(r"[&;]")
@@ -4233,14 +4246,14 @@ class AccessPolicy:
         if basic is not None:
             if (not isinstance(basic, dict) or not isinstance(basic.get("user"), str)
                     or not is_password_hash(str(basic.get("hash", "")))):
-                raise RefusedError("invalid_access", "basic_auth needs a user and a "
+                raise RefusedError(REFUSED_INVALID_ACCESS, "basic_auth needs a user and a "
                                    "pbkdf2_sha256 hash of %d to %d iterations"
                                    % (PBKDF2_MIN_ITERATIONS, PBKDF2_MAX_ITERATIONS))
             self.basic_user, self.basic_hash = basic["user"], basic["hash"]
         token = spec.get("visitor_token_sha256")
         if token is not None and not (isinstance(token, str)
                                       and re.fullmatch(r"[0-9a-f]{64}", token)):
-            raise RefusedError("invalid_access", "visitor_token_sha256 must be 64 hex digits")
+            raise RefusedError(REFUSED_INVALID_ACCESS, "visitor_token_sha256 must be 64 hex digits")
         self.token_hash = token or ""
         self.allow = _parse_networks(spec.get("allow"), "allow")
         self.deny = _parse_networks(spec.get("deny"), "deny")
@@ -5805,11 +5818,11 @@ def _host_options(request: Dict[str, Any]) -> Tuple[str, str]:
     host, origin = request.get("host_header") or "", request.get("target_origin") or ""
     if not isinstance(host, str) or (host and not _HOST_VALUE_RE.fullmatch(host)) \
             or len(host) > MAX_HOST_NAME:
-        raise RefusedError("invalid_host_header", "host_header %.60r is not a HOST[:PORT]"
+        raise RefusedError(REFUSED_INVALID_HOST_HEADER, "host_header %.60r is not a HOST[:PORT]"
                            % (host,))
     if not isinstance(origin, str) or (origin and not (host and _ORIGIN_VALUE_RE.fullmatch(
             origin))) or len(origin) > MAX_HOST_NAME + 16:
-        raise RefusedError("invalid_host_header", "target_origin %.60r is not a "
+        raise RefusedError(REFUSED_INVALID_HOST_HEADER, "target_origin %.60r is not a "
                            "http(s)://HOST[:PORT]" % (origin,))
     return host, origin
 
@@ -6804,7 +6817,7 @@ class Relay(SessionDelegate):
 
     def _claim(self, session: Session, request: Dict[str, Any]) -> Dict[str, Any]:
         if self.stopping:
-            raise RefusedError("shutting_down", "the relay is shutting down")
+            raise RefusedError(REFUSED_SHUTTING_DOWN, "the relay is shutting down")
         user = self.users.get(str(request.get("user"))) if self.users is not None else None
         owner = user.name if user is not None else ""   # single token: one owner
         secret = request.get("client_secret")
@@ -6818,21 +6831,21 @@ class Relay(SessionDelegate):
         if wanted:
             name = str(wanted).lower()
             if not valid_name(name):
-                raise RefusedError("invalid_name", "%r is not a valid subdomain: use a-z, 0-9 "
+                raise RefusedError(REFUSED_INVALID_NAME, "%r is not a valid subdomain: use a-z, 0-9 "
                                    "and inner hyphens, 1-63 characters" % str(wanted))
             if not self.name_allowed(user, name):
-                raise RefusedError("name_not_allowed", "user %s may not use subdomain %r"
+                raise RefusedError(REFUSED_NAME_NOT_ALLOWED, "user %s may not use subdomain %r"
                                    % (owner or "-", name))
             live = self.tunnels.get(name)
             if live is not None:
                 if hmac.compare_digest(live.client_key, client_key) and live.owner == owner:
                     live.session.close("replaced by a new connection from the same client")
                 else:
-                    raise RefusedError("name_taken", "subdomain %r is in use by another "
+                    raise RefusedError(REFUSED_NAME_TAKEN, "subdomain %r is in use by another "
                                        "tunnel" % name)
             held = self.reserved.get(name)
             if held is not None and not may_take(held, owner, client_key):
-                raise RefusedError("name_taken", "subdomain %r is reserved for its previous "
+                raise RefusedError(REFUSED_NAME_TAKEN, "subdomain %r is reserved for its previous "
                                    "client for another %d s (or choose another "
                                    "--subdomain)" % (name, max(1, round(held.until - now))))
         else:
@@ -6844,15 +6857,15 @@ class Relay(SessionDelegate):
                         and (held is None or may_take(held, owner, client_key))):
                     break
             else:
-                raise RefusedError("name_taken", "could not find a free name")
+                raise RefusedError(REFUSED_NAME_TAKEN, "could not find a free name")
         if user is not None and user.max_tunnels is not None:
             count = sum(1 for t in self.tunnels.values() if t.owner == owner)
             if count >= user.max_tunnels:
-                raise RefusedError("limit", "user %s already has %d tunnels (the limit)"
+                raise RefusedError(REFUSED_LIMIT, "user %s already has %d tunnels (the limit)"
                                    % (user.name, count))
         spec = request.get("access") or {}
         if not isinstance(spec, dict):
-            raise RefusedError("invalid_access", "access must be an object")
+            raise RefusedError(REFUSED_INVALID_ACCESS, "access must be an object")
         policy = AccessPolicy(spec, self.secret, "%s.%s" % (name, self.config.domain),
                               secure=self.scheme == "https")
         self.reserved.pop(name, None)
@@ -6920,11 +6933,11 @@ class Relay(SessionDelegate):
 
     def on_handshake_refused(self, session: Session, handshake: Any) -> float:
         code = getattr(handshake, "failed_code", "")
-        if code == "binding":
+        if code == REFUSED_BINDING:
             log.warning("control connection from %s refused: %s", session.peer,
                         handshake.failed)
             return 0.0
-        if code != "auth":
+        if code != REFUSED_AUTH:
             return 0.0
         key = self.penalty_key(session.peer_ip, handshake.user)
         delay = self.penalties.fail(key)
@@ -7331,7 +7344,7 @@ class Client(SessionDelegate):
         self._target_tls_context: Any = None
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
-        self._ban_logged = False             # "banned" said once per ban
+        self._ban_logged = False             # REFUSED_BANNED said once per ban
         self._refusals = (0, "")             # same upgrade refusal, how many times in a row
         self._reconnect_timer: Optional[Timer] = None
         self._clock = (0, "")                # (second, "HH:MM:SS") for the access log
@@ -7625,11 +7638,11 @@ class Client(SessionDelegate):
             self.fatal(EXIT_USAGE, str(error), error)
             return
         if isinstance(error, RefusedError):
-            if error.code == "binding" and self.config.plaintext:
+            if error.code == REFUSED_BINDING and self.config.plaintext:
                 self.fatal(EXIT_USAGE, "the relay requires TLS (it does not run --plaintext): "
                            "drop --plaintext")
                 return
-            if error.code == "binding":
+            if error.code == REFUSED_BINDING:
                 self.fatal(EXIT_USAGE, "the relay did not see the TLS certificate this client "
                            "saw (SHA-256 %s): a man in the middle, or a TLS-terminating proxy "
                            "or TLS-inspecting middlebox on the path (a TLS proxy or load "
@@ -7641,11 +7654,11 @@ class Client(SessionDelegate):
             if action == REFUSE_STOP or (action == REFUSE_FIRST and self.url is None):
                 self.fatal(EXIT_FAILURE, str(error), error)
                 return
-            if error.code != "banned" or not self._ban_logged:
+            if error.code != REFUSED_BANNED or not self._ban_logged:
                 log.warning("relay refused: %s", error)
             else:                            # the same ban, seen again by a retry
                 log.debug("relay refused: %s", error)
-            self._ban_logged = error.code == "banned"
+            self._ban_logged = error.code == REFUSED_BANNED
         if self.stopping:
             self.loop.stop()
             return
