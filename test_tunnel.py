@@ -8507,5 +8507,27 @@ class PythonAPITest(unittest.TestCase):
         self.assertIn("http_port", pydoc.render_doc(tunnel.serve))
 
 
+class ErrorTreeTest(unittest.TestCase):
+    """The relay's own pages are responses, its failures errors (bottle's HTTPResponse)."""
+
+    def head(self, data):
+        events = HTTPParser(is_request=True).feed(data)
+        self.assertEqual(events[0][0], EV_HEAD)
+        return events[0][1]
+
+    def test_root_page_is_a_response_and_a_wrong_name_an_error(self):
+        relay = tunnel.Relay(tunnel.RelayConfig(token=TOKEN, plaintext=True))
+        self.addCleanup(relay.loop.close)
+        with self.assertRaises(tunnel.HTTPResponse) as cm:
+            relay.route(self.head(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+        self.assertEqual(cm.exception.status, 200)
+        self.assertNotIsInstance(cm.exception, tunnel.HTTPError)
+        with self.assertRaises(tunnel.HTTPError) as cm:
+            relay.route(self.head(b"GET / HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n"))
+        self.assertEqual(cm.exception.status, 404)
+        self.assertIsInstance(cm.exception, tunnel.HTTPResponse)
+        self.assertIsInstance(cm.exception, tunnel.TunnelError)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -642,14 +642,20 @@ class ListenError(TunnelError, OSError):
     """The relay could not bind one of its ports (an OSError, as before, that says which)."""
 
 
-class HTTPError(TunnelError):
-    """An HTTP-level failure answered with ``status`` and a short text."""
+class HTTPResponse(TunnelError):
+    """The relay answers a visitor itself: ``status``, a short text and extra fields
+    (its root page's 200, a sign-in's 303, the redirect port's 308; raised, like
+    bottle's HTTPResponse, from wherever the request is being looked at)."""
 
     def __init__(self, status: int, message: str,
                  headers: Tuple[Tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.headers = headers    # extra response fields, e.g. Location
+
+
+class HTTPError(HTTPResponse):
+    """An HTTP-level failure (4xx, 5xx) answered with ``status`` and a short text."""
 
 
 # =============================================================================
@@ -4232,8 +4238,9 @@ def local_location(path: str) -> str:
 class AccessPolicy:
     """Who may reach one tunnel; built from the client's handshake request.
 
-    ``check(req, now)`` raises ``HTTPError`` (401, 403 or a 303 that sets the visitor
-    cookie) or returns, after marking in ``req`` what credential fields to strip
+    ``check(req, now)`` raises ``HTTPError`` (401, 403) or ``HTTPResponse`` (a 303
+    that sets the visitor cookie) or returns, after marking in ``req`` what
+    credential fields to strip
     before the request is forwarded.  With ``defer=True`` a basic-auth credential not
     verified before is returned instead of hashed: the caller runs ``verify`` on it
     off the event loop, ``remember``s it if it is good and calls ``check`` again.
@@ -4436,7 +4443,7 @@ class AccessPolicy:
         location = local_location(path) + ("?" + rest if rest else "")
         cookie = "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax%s" % (
             COOKIE_NAME, self.make_cookie(now), COOKIE_TTL, "; Secure" if self.secure else "")
-        raise HTTPError(303, "Signed in; continue at %s" % location,
+        raise HTTPResponse(303, "Signed in; continue at %s" % location,
                         (("Location", location), ("Set-Cookie", cookie)))
 
 
@@ -5919,7 +5926,7 @@ class VisitorConn(Pipe):
         self.tunnel: Optional[Route] = None
         self.bound_host = ""          # the Host that bound this connection to its tunnel
         self.inflight: Deque[Exchange] = collections.deque()
-        self.deferred: Optional[HTTPError] = None   # answer once in-flight ones finish
+        self.deferred: Optional[HTTPResponse] = None   # answer once in-flight ones finish
         self.upgraded = False
         self.in_body = False          # between a forwarded head and its end
         self.close_after = False      # the request being read asked to close
@@ -6023,7 +6030,7 @@ class VisitorConn(Pipe):
             elif kind == EV_HEAD:
                 try:
                     self._forward_head(value)
-                except HTTPError as exc:
+                except HTTPResponse as exc:
                     self.fail(exc, value.method)
                     return
                 if self.held is not None:   # its password is being checked: keep the rest
@@ -6048,7 +6055,7 @@ class VisitorConn(Pipe):
                                 % (domain, host))
             url = "https://%s%s%s" % (host, self.relay.https_port_suffix(),
                                       req.target if req.target[:1] == "/" else "/")
-            raise HTTPError(308, "This relay serves HTTPS: %s" % url, (("Location", url),))
+            raise HTTPResponse(308, "This relay serves HTTPS: %s" % url, (("Location", url),))
         if req.target.startswith(WS_PATH) and req.target.split("?", 1)[0] == WS_PATH \
                 and not self.relay.is_tunnel_host(req.host):
             # A tunnel client over WebSocket: the reserved path of the bare domain, or of
@@ -6170,7 +6177,7 @@ class VisitorConn(Pipe):
             policy.remember(credential)
             req.strip, req.extra = _NO_FIELDS, ()    # check() runs again and sets them
             self._forward_head(req)
-        except HTTPError as exc:
+        except HTTPResponse as exc:
             self.fail(exc, req.method)
             return
         if self.held is not None:    # held again (its credential was forgotten meanwhile)
@@ -6191,8 +6198,8 @@ class VisitorConn(Pipe):
         else:
             self.finish()
 
-    def fail(self, exc: HTTPError, method: str = "GET") -> None:
-        """Answer a relay-made error once the responses before it are sent."""
+    def fail(self, exc: HTTPResponse, method: str = "GET") -> None:
+        """Answer a relay-made error (or page) once the responses before it are sent."""
         if exc.status >= 400:
             log.info("visitor %s: %d %s", self.peer, exc.status, exc)
         if self.in_body:
@@ -6210,7 +6217,7 @@ class VisitorConn(Pipe):
         else:
             self.send_error(exc, method)
 
-    def send_error(self, exc: HTTPError, method: str = "GET") -> None:
+    def send_error(self, exc: HTTPResponse, method: str = "GET") -> None:
         """Answer with a relay-made page and end the connection (lingering close)."""
         if self.stream is not None and not self.stream.done:
             self.stream.reset("relay answered %d" % exc.status)
@@ -6969,11 +6976,12 @@ class Relay(SessionDelegate):
         return host.rstrip(".").endswith("." + self.config.domain.lower())
 
     def route(self, req: Request) -> str:
-        """The tunnel name for a request, or an ``HTTPError`` page."""
+        """The tunnel name for a request; raises HTTPError (404) or HTTPResponse (the
+        root page)."""
         host = req.host.rstrip(".")
         domain = self.config.domain.lower()
         if host == domain or not host:
-            raise HTTPError(200, "This is a tunnel.py relay.\nTunnels are reached at "
+            raise HTTPResponse(200, "This is a tunnel.py relay.\nTunnels are reached at "
                             "%s; expose a local port with:\n  python3 tunnel.py "
                             "expose PORT --relay %s --token TOKEN"
                             % (self.public_url("NAME"), self.relay_address()))
