@@ -35,6 +35,32 @@ framing, replacing ``X-Forwarded-*``) and every response (to find message
 boundaries, spot ``101 Switching Protocols`` and write an access log).  Bodies
 are streamed, never buffered whole.
 
+Theory of operation: one request, and its response, through both event loops
+(each side runs one ``EventLoop``; a ready socket calls its ``Conn``'s
+``on_read``/``on_write``, which the selector key's data names)::
+
+    relay    Listener.on_read -> Relay._accept_visitor -> VisitorConn
+             VisitorConn.on_read (Pipe) -> on_socket_data -> HTTPParser.feed
+               -> _handle_requests -> _forward_head: Relay.route (Host -> name),
+                  tunnel_for, _check_access (AccessPolicy), Session.open_stream
+                  (OPEN) and the rewritten head, Stream.write -> DATA frames
+             Session.flush (once per loop turn) -> the control socket
+    client   Session.on_read -> FrameDecoder.feed -> Session._dispatch
+               OPEN -> Client.on_stream_open -> TargetConn (Dialer: connect, TLS)
+               DATA -> Stream._on_data -> TargetConn.on_stream_data -> origin
+             TargetConn.on_read -> Stream.write -> DATA (and WINDOW as it drains)
+    relay    Session._dispatch -> Stream._on_data -> VisitorConn.on_stream_data
+               -> send_bytes (to the visitor), HTTPParser.feed of the response
+               -> _on_response_head (101: a raw pipe from here) and
+                  _on_response_end -> Session.send_log (LOG)
+    client   Session._on_log -> Client.on_access_log -> the console line
+
+A connection ends in ``Conn.close_socket`` (once; the selector key goes, the
+stream is reset or finished); flow control is ``Stream.consumed`` (WINDOW) and
+the session's budget (below).  Socket plumbing (``Listener``, ``Lingering``,
+``TLSChannel``, ``WSChannel``, ``TLSHandshake``, ``Dialer``) sits together in
+"Event loop and socket plumbing"; the codecs above it touch no socket.
+
 The control channel is TLS by default.  A relay without ``--tls-cert`` makes its
 own Ed25519 key and self-signed certificate on first start (standard library
 only: ``ed25519_sign``, ``self_signed_certificate``), keeps them in its state
