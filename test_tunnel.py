@@ -8529,5 +8529,54 @@ class ErrorTreeTest(unittest.TestCase):
         self.assertIsInstance(cm.exception, tunnel.TunnelError)
 
 
+class ConfigValidationTest(unittest.TestCase):
+    """One validate() per config: the command line and the API get the same errors."""
+
+    def cli_error(self, argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(tunnel.main(argv), 2, argv)
+        return err.getvalue()
+
+    def test_cli_and_api_refuse_alike(self):
+        cases = [
+            (["serve", "--heartbeat-interval", "0"], tunnel.serve, dict(heartbeat_interval=0)),
+            (["serve", "--max-streams", "0"], tunnel.serve, dict(max_streams=0)),
+            (["serve", "--idle-timeout", "nan"], tunnel.serve, dict(idle_timeout=float("nan"))),
+            (["serve", "--http-redirect-port", "8081"], tunnel.serve,
+             dict(http_redirect_port=8081)),
+            (["serve", "--trusted-proxy", "0.0.0.0/0"], tunnel.serve,
+             dict(trusted_proxy="0.0.0.0/0")),
+            (["expose", "5000", "--token", TOKEN, "--heartbeat-timeout", "1",
+              "--heartbeat-interval", "2"], functools.partial(tunnel.expose, 5000, token=TOKEN),
+             dict(heartbeat_timeout=1, heartbeat_interval=2)),
+            (["expose", "5000", "--token", TOKEN, "--target-insecure"],
+             functools.partial(tunnel.expose, 5000, token=TOKEN), dict(target_insecure=True)),
+        ]
+        for argv, api, kw in cases:
+            with self.subTest(argv=argv):
+                line = self.cli_error(argv)
+                with self.assertRaises(ValueError) as cm:
+                    api(**kw)
+                self.assertIn(str(cm.exception), line)
+
+    def test_every_flag_is_a_config_field_or_translated(self):
+        commands = {}
+        tunnel.build_parser(commands)
+        translated = {"serve": {"help", "verbose", "quiet", "token", "version"},
+                      "expose": {"help", "verbose", "quiet", "token", "relay", "target",
+                                 "extra", "basic_auth", "visitor_token", "allow", "deny"}}
+        for name, config in (("serve", tunnel.RelayConfig), ("expose", tunnel.ClientConfig)):
+            dests = {a.dest for a in commands[name]._actions}
+            self.assertEqual(dests - set(config.fields()) - translated[name], set(), name)
+
+    def test_a_config_built_by_hand_is_checked_when_the_relay_starts(self):
+        relay = tunnel.Relay(tunnel.RelayConfig(token=TOKEN, plaintext=True, max_head_size=10,
+                                                http_port=0, control_port=0))
+        self.addCleanup(relay.loop.close)
+        with self.assertRaisesRegex(tunnel.UsageError, "--max-head-size"):
+            relay.start()
+
+
 if __name__ == "__main__":
     unittest.main()

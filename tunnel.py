@@ -668,6 +668,15 @@ class ListenError(TunnelError, OSError):
     """The relay could not bind one of its ports (an OSError, as before, that says which)."""
 
 
+class UsageError(TunnelError, ValueError):
+    """A setting that cannot work (a flag, an API keyword, a config field): one line
+    that names it; the command line exits 2, an API caller gets a ValueError."""
+
+
+class OptionError(UsageError, TypeError):
+    """An API keyword that names no flag (a TypeError, as Python's own, and a ValueError)."""
+
+
 class HTTPResponse(TunnelError):
     """The relay answers a visitor itself: ``status``, a short text and extra fields
     (its root page's 200, a sign-in's 303, the redirect port's 308; raised, like
@@ -709,8 +718,13 @@ class Settings:
                 raise TypeError("%s has no setting %r" % (type(self).__name__, key))
             setattr(self, key, value)
 
+    @classmethod
+    def fields(cls) -> List[str]:
+        """The settings' names, in declaration order."""
+        return list(cls.__annotations__)
+
     def __repr__(self) -> str:
-        keys = [k for k in dir(type(self)) if not k.startswith("_")]
+        keys = self.fields()
         return "%s(%s)" % (type(self).__name__,
                            ", ".join("%s=%r" % (k, getattr(self, k)) for k in keys))
 
@@ -5722,6 +5736,29 @@ def peer_text(addr: Any) -> str:
 # =============================================================================
 
 
+def _check_heartbeat(cfg: Any) -> None:
+    """The settings serve and expose share (a UsageError that names the flag)."""
+    if not cfg.heartbeat_interval > 0 or not cfg.grace >= 0:
+        raise UsageError("--heartbeat-interval must be positive and --grace not negative")
+    if not cfg.heartbeat_timeout > cfg.heartbeat_interval:
+        raise UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
+
+
+def _check_ca_file(flag: str, cafile: Optional[str]) -> None:
+    """A CA file that ssl reads, or a UsageError that says why not."""
+    if not cafile:
+        return
+    ssl = load_ssl()
+    try:
+        ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as exc:
+        raise UsageError("%s %s: not a PEM file of CA certificates (%s)"
+                         % (flag, cafile, exc.reason or exc)) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError("%s %s: %s" % (flag, cafile, describe_oserror(exc)
+                                        if isinstance(exc, OSError) else exc)) from None
+
+
 class RelayConfig(Settings):
     bind: str = DEFAULT_BIND
     http_port: int = DEFAULT_HTTP_PORT
@@ -5765,6 +5802,72 @@ class RelayConfig(Settings):
     verify_threads: int = VERIFY_THREADS    # threads that check visitors' passwords
     max_verifications: int = MAX_VERIFICATIONS   # password checks queued, relay-wide (503)
     max_verifications_per_source: int = MAX_VERIFICATIONS_PER_SOURCE   # ... per address (429)
+
+    def validate(self) -> "RelayConfig":
+        """Check every setting together (yamux's VerifyConfig), the same for the command
+        line and ``tunnel.serve``; fills in ``bind`` (loopback for the default domain)
+        and the domain's canonical form; raises UsageError naming the flag."""
+        if self.token and len(self.token) < MIN_TOKEN_LENGTH and not self.tokens_file:
+            # A man in the middle sees one MAC under the token: a short one can be
+            # guessed offline.  Generated tokens have 256 bits.
+            raise UsageError("the token must have at least %d characters (python3 "
+                             "tunnel.py token makes a strong one)" % MIN_TOKEN_LENGTH)
+        for flag, port in (("--http-port", self.http_port),
+                           ("--control-port", self.control_port),
+                           ("--public-port", self.public_port),
+                           ("--http-redirect-port", self.redirect_port)):
+            if port is not None and not 0 <= port < 65536:
+                raise UsageError("invalid port %d (%s)" % (port, flag))
+        domain = self.domain.strip().lower().rstrip(".")
+        if not domain or not all(valid_name(p) for p in domain.split(".")):
+            raise UsageError("invalid --domain %r" % self.domain)
+        self.domain = domain
+        if self.bind is None:
+            self.bind = LOOPBACK_BIND if domain == DEFAULT_DOMAIN else DEFAULT_BIND
+        _check_heartbeat(self)
+        if not 1024 <= self.max_head_size <= 16 * 1024 * 1024:
+            raise UsageError("--max-head-size must be between 1024 and 16777216")
+        if not INITIAL_WINDOW <= self.session_budget <= MAX_CREDIT:
+            raise UsageError("--session-budget must be between %d and %d"
+                             % (INITIAL_WINDOW, MAX_CREDIT))
+        for name in ("max_visitors", "max_visitors_per_tunnel", "max_streams",
+                     "max_unauthenticated", "max_unauthenticated_per_source",
+                     "max_visitors_per_source", "max_visitors_per_source_per_tunnel",
+                     "verify_threads", "max_verifications", "max_verifications_per_source"):
+            if getattr(self, name) < 1:
+                raise UsageError("--%s must be at least 1" % name.replace("_", "-"))
+        if self.auth_ban_after < 0:
+            raise UsageError("--auth-ban-after must not be negative (0 disables bans)")
+        for name in ("handshake_timeout", "head_timeout", "idle_timeout", "body_timeout",
+                     "send_timeout", "auth_ban_time"):
+            if not getattr(self, name) > 0:      # also refuses nan
+                raise UsageError("--%s must be positive" % name.replace("_", "-"))
+        if self.redirect_port is not None and not self.tls_cert:
+            raise UsageError("--http-redirect-port needs --tls-cert")
+        if (self.tls_key and not self.tls_cert
+                or self.control_tls_key and not self.control_tls_cert):
+            raise UsageError("a TLS key needs its certificate (--tls-cert/--control-tls-cert)")
+        if self.plaintext and self.control_tls_cert:
+            raise UsageError("--plaintext and --control-tls-cert exclude each other")
+        if self.public_scheme not in (None, "http", "https"):
+            raise UsageError("--public-scheme must be http or https")
+        if self.public_scheme == "http" and self.tls_cert:
+            raise UsageError("--public-scheme http with --tls-cert: visitors would be "
+                             "sent to plain HTTP (and cookies lose Secure)")
+        for fp in self.tls_proxy_fingerprints:
+            try:
+                normalize_fingerprint(fp)
+            except ValueError as exc:
+                raise UsageError("--tls-proxy-fingerprint: %s" % exc) from None
+        try:
+            trusted = _parse_networks(list(self.trusted_proxies), "--trusted-proxy")
+        except RefusedError as exc:
+            raise UsageError(str(exc)) from None
+        for net in trusted:
+            if net.prefixlen == 0:      # then any client names its own source
+                raise UsageError("--trusted-proxy %s trusts every address: name the load "
+                                 "balancer's address or network" % net)
+        return self
 
 
 class User:
@@ -6451,16 +6554,13 @@ class Relay(SessionDelegate):
     def start(self) -> None:
         """Load certificates and bind the ports (raises OSError, ssl.SSLError);
         the loop is run by ``run``."""
-        cfg = self.config
+        cfg = self.config.validate()
         control_cert = None if cfg.plaintext else cfg.control_tls_cert or cfg.tls_cert
         try:
             if cfg.tls_cert:
                 self.visitor_tls = server_tls_context(cfg.tls_cert, cfg.tls_key)
                 self.visitor_binding = binding_of(certificate_der(cfg.tls_cert))
                 self.scheme = "https"
-            if cfg.public_scheme == "http" and cfg.tls_cert:
-                raise TunnelError("--public-scheme http with --tls-cert: visitors would be "
-                                  "sent to plain HTTP (and cookies lose Secure)")
             if cfg.public_scheme in ("http", "https"):   # a TLS proxy in front, say
                 self.scheme = cfg.public_scheme
             if control_cert:
@@ -6490,20 +6590,10 @@ class Relay(SessionDelegate):
                         "port nor inside WebSockets on a plain HTTP port): anyone on the path "
                         "can read and change tunnel traffic; use it on loopback or a trusted "
                         "network only")
-        try:
-            proxies = frozenset(normalize_fingerprint(fp).replace(":", "").lower()
-                                for fp in cfg.tls_proxy_fingerprints)
-        except ValueError as exc:
-            raise TunnelError(str(exc)) from None
+        proxies = frozenset(normalize_fingerprint(fp).replace(":", "").lower()
+                            for fp in cfg.tls_proxy_fingerprints)     # (validated)
         self.bindings |= proxies
-        try:
-            self.trusted = _parse_networks(list(cfg.trusted_proxies), "--trusted-proxy")
-        except RefusedError as exc:
-            raise TunnelError(str(exc)) from None
-        for net in self.trusted:
-            if net.prefixlen == 0:      # then any client names its own source
-                raise TunnelError("--trusted-proxy %s trusts every address: name the load "
-                                  "balancer's address or network" % net)
+        self.trusted = _parse_networks(list(cfg.trusted_proxies), "--trusted-proxy")
         self.proxy_bindings = proxies
         http = self._listen(cfg.http_port, "--http-port")
         control = None
@@ -7122,6 +7212,58 @@ class ClientConfig(Settings):
     target_insecure: bool = False           # ... without verifying its certificate
     target_ca: Optional[str] = None         # ... verified with this CA file (default: system)
     host_header: Optional[str] = None       # "rewrite" (the target's HOST:PORT) or a Host
+
+    def validate(self) -> "ClientConfig":
+        """Check every setting together, the same for the command line and
+        ``tunnel.expose``; raises UsageError naming the flag."""
+        if (self.target_insecure or self.target_ca) and not self.target_tls:
+            raise UsageError("--target-insecure and --target-ca are for an https:// TARGET")
+        if self.target_insecure and self.target_ca:
+            raise UsageError("--target-insecure excludes --target-ca")
+        if self.host_header is not None and self.host_header != HOST_HEADER_REWRITE:
+            try:
+                _host_options({"host_header": self.host_header})
+            except RefusedError:
+                raise UsageError("--host-header %r: expected 'rewrite' or HOST[:PORT]"
+                                 % self.host_header) from None
+        if not self.connect_timeout > 0 or not self.backoff_max > 0:
+            raise UsageError("--connect-timeout and --backoff-max must be positive")
+        _check_heartbeat(self)
+        if self.plaintext and self.relay_scheme == "https":
+            raise UsageError("--plaintext excludes an https:// relay (use http://HOST:PORT "
+                             "for a relay's plain HTTP port)")
+        proxy = (self.proxy or "").strip()     # --proxy "": no proxy (curl -x "")
+        if proxy and self.no_proxy:
+            raise UsageError("--proxy and --no-proxy exclude each other")
+        if proxy:
+            try:
+                parse_proxy_url(proxy)
+            except ValueError as exc:
+                raise UsageError("invalid --proxy: %s" % exc) from None   # (no password shown)
+        if not self.token:
+            raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints "
+                             "one)")
+        if self.tls_fingerprint:
+            try:
+                normalize_fingerprint(self.tls_fingerprint)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        if self.insecure and (self.tls or self.tls_ca or self.tls_fingerprint):
+            raise UsageError("--insecure excludes --tls, --tls-ca and --tls-fingerprint (it "
+                             "means no CA or fingerprint check)")
+        for flag, cafile in (("--tls-ca", self.tls_ca), ("--proxy-ca", self.proxy_ca),
+                             ("--target-ca", self.target_ca)):
+            _check_ca_file(flag, cafile)  # a bad file is the user's to fix: say so at once
+        if self.tls_interception and not (self.tls or self.tls_ca):
+            raise UsageError("--tls-interception needs --tls or --tls-ca: the middlebox's "
+                             "certificate must verify")
+        if self.plaintext and (self.tls or self.tls_ca or self.tls_fingerprint
+                               or self.tls_interception):
+            raise UsageError("--plaintext excludes the TLS options")
+        if self.subdomain is not None and not valid_name(self.subdomain.lower()):
+            raise UsageError("invalid --subdomain %r: use a-z, 0-9 and inner hyphens, 1-63 "
+                             "characters" % self.subdomain)
+        return self
 
 
 def parse_relay(text: str) -> Tuple[str, str, int]:
@@ -8157,15 +8299,6 @@ examples:
 """
 
 
-class UsageError(ValueError):
-    """A bad flag or argument: one line for the operator (exit 2), a ValueError for an
-    API caller."""
-
-
-class OptionError(UsageError, TypeError):
-    """An API keyword that names no flag (a TypeError, as Python's own, and a ValueError)."""
-
-
 class _Parser(argparse.ArgumentParser):
     def flags(self) -> Dict[str, argparse.Action]:
         """Long flags as keyword names (``--host-header``: ``host_header``), for the API."""
@@ -8246,7 +8379,7 @@ def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.Ar
     serve.add_argument("--max-streams", type=int, default=MAX_STREAMS, metavar="N",
                        help="open streams per client session; more get 503 (default "
                        "%(default)s)")
-    serve.add_argument("--tokens", metavar="FILE", default=None,
+    serve.add_argument("--tokens", metavar="FILE", default=None, dest="tokens_file",
                        help='per-user tokens instead of --token: JSON {"users": {NAME: '
                        '{"token": T, "subdomains": ["NAME", "NAME-*"], "max_tunnels": 3}}}; '
                        "SIGHUP reloads it")
@@ -8278,6 +8411,7 @@ def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.Ar
                        "clients this certificate: accept it in the channel binding "
                        "(repeatable)")
     serve.add_argument("--http-redirect-port", type=int, default=None, metavar="PORT",
+                       dest="redirect_port",
                        help="with --tls-cert: also listen on PORT for plain HTTP that "
                        "only redirects to HTTPS (for the domain and NAME.DOMAIN; other "
                        "hosts get 404)")
@@ -8482,100 +8616,22 @@ def _install_signals(loop: EventLoop, on_signal: Callable[[], None],
         signal.signal(signal.SIGHUP, lambda signum, frame: loop.call_soon_threadsafe(on_hup))
 
 
-def _check_timeouts(args: argparse.Namespace) -> None:
-    if args.heartbeat_interval <= 0 or args.grace < 0:
-        raise UsageError("--heartbeat-interval must be positive and --grace not negative")
-    if args.heartbeat_timeout <= args.heartbeat_interval:
-        raise UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
-
-
 def serve_config(args: argparse.Namespace) -> Tuple[RelayConfig, bool]:
     """``serve``'s flags (or ``tunnel.serve``'s keywords) as a checked RelayConfig, and
-    whether its token was generated; raises UsageError."""
-    if args.tokens and args.token:
+    whether its token was generated; raises UsageError.  The flags' destinations are
+    the config's field names: they are copied in one loop."""
+    if args.tokens_file and args.token:
         raise UsageError("--tokens and --token exclude each other")
-    token = args.token or os.environ.get("TUNNEL_TOKEN", "")
-    generated = not token and not args.tokens
+    config = RelayConfig(**{name: getattr(args, name) for name in RelayConfig.fields()
+                            if hasattr(args, name)})
+    config.token = args.token or ("" if args.tokens_file
+                                  else os.environ.get("TUNNEL_TOKEN", ""))
+    config.trusted_proxies = tuple(args.trusted_proxies or ())
+    config.tls_proxy_fingerprints = tuple(args.tls_proxy_fingerprints or ())
+    generated = not config.token and not config.tokens_file
     if generated:
-        token = new_token()
-    elif token and len(token) < MIN_TOKEN_LENGTH:
-        # A man in the middle sees one MAC under the token: a short one can be guessed
-        # offline.  Generated tokens have 256 bits.
-        raise UsageError("the token must have at least %d characters (python3 tunnel.py "
-                         "token makes a strong one)" % MIN_TOKEN_LENGTH)
-    for port in (args.http_port, args.control_port):
-        if port is not None and not 0 <= port < 65536:
-            raise UsageError("invalid port %d" % port)
-    domain = args.domain.strip().lower().rstrip(".")
-    if not domain or not all(valid_name(p) for p in domain.split(".")):
-        raise UsageError("invalid --domain %r" % args.domain)
-    if args.bind is None:
-        args.bind = LOOPBACK_BIND if domain == DEFAULT_DOMAIN else DEFAULT_BIND
-    config = RelayConfig(bind=args.bind, http_port=args.http_port,
-                         control_port=args.control_port, domain=domain, token=token,
-                         public_port=args.public_port, public_scheme=args.public_scheme,
-                         heartbeat_interval=args.heartbeat_interval,
-                         heartbeat_timeout=args.heartbeat_timeout,
-                         handshake_timeout=args.handshake_timeout, grace=args.grace,
-                         head_timeout=args.head_timeout, idle_timeout=args.idle_timeout,
-                         max_visitors=args.max_visitors,
-                         max_visitors_per_tunnel=args.max_visitors_per_tunnel,
-                         max_streams=args.max_streams,
-                         max_unauthenticated=args.max_unauthenticated,
-                         session_budget=args.session_budget,
-                         max_unauthenticated_per_source=args.max_unauthenticated_per_source,
-                         trusted_proxies=tuple(args.trusted_proxies or ()),
-                         max_visitors_per_source=args.max_visitors_per_source,
-                         max_visitors_per_source_per_tunnel=(
-                             args.max_visitors_per_source_per_tunnel),
-                         body_timeout=args.body_timeout,
-                         send_timeout=args.send_timeout,
-                         verify_threads=args.verify_threads,
-                         max_verifications=args.max_verifications,
-                         max_verifications_per_source=args.max_verifications_per_source,
-                         max_head_size=args.max_head_size,
-                         tls_cert=args.tls_cert, tls_key=args.tls_key,
-                         control_tls_cert=args.control_tls_cert,
-                         control_tls_key=args.control_tls_key,
-                         redirect_port=args.http_redirect_port,
-                         tokens_file=args.tokens, auth_ban_after=args.auth_ban_after,
-                         auth_ban_time=args.auth_ban_time, plaintext=args.plaintext,
-                         state_dir=args.state_dir,
-                         tls_proxy_fingerprints=tuple(args.tls_proxy_fingerprints or ()))
-    if not 1024 <= args.max_head_size <= 16 * 1024 * 1024:
-        raise UsageError("--max-head-size must be between 1024 and 16777216")
-    if not INITIAL_WINDOW <= args.session_budget <= MAX_CREDIT:
-        raise UsageError("--session-budget must be between %d and %d"
-                         % (INITIAL_WINDOW, MAX_CREDIT))
-    if min(args.max_unauthenticated_per_source, args.max_visitors_per_source,
-           args.max_visitors_per_source_per_tunnel) < 1:
-        raise UsageError("--max-unauthenticated-per-source, --max-visitors-per-source and "
-                         "--max-visitors-per-source-per-tunnel must be at least 1")
-    if not (args.body_timeout > 0 and args.send_timeout > 0):
-        raise UsageError("--body-timeout and --send-timeout must be positive")
-    if min(args.verify_threads, args.max_verifications,
-           args.max_verifications_per_source) < 1:
-        raise UsageError("--verify-threads and --max-verifications[-per-source] must be "
-                         "at least 1")
-    for flag in ("max_visitors", "max_visitors_per_tunnel", "max_streams",
-                 "max_unauthenticated"):
-        if getattr(args, flag) < 1:
-            raise UsageError("--%s must be at least 1" % flag.replace("_", "-"))
-    for flag in ("handshake_timeout", "head_timeout", "idle_timeout"):
-        if not getattr(args, flag) > 0:      # also refuses nan
-            raise UsageError("--%s must be positive" % flag.replace("_", "-"))
-    if args.http_redirect_port is not None and not args.tls_cert:
-        raise UsageError("--http-redirect-port needs --tls-cert")
-    if args.tls_key and not args.tls_cert or args.control_tls_key and not args.control_tls_cert:
-        raise UsageError("a TLS key needs its certificate (--tls-cert/--control-tls-cert)")
-    if args.plaintext and args.control_tls_cert:
-        raise UsageError("--plaintext and --control-tls-cert exclude each other")
-    for fp in args.tls_proxy_fingerprints or ():
-        try:
-            normalize_fingerprint(fp)
-        except ValueError as exc:
-            raise UsageError("--tls-proxy-fingerprint: %s" % exc) from None
-    return config, generated
+        config.token = new_token()
+    return config.validate(), generated
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -8650,48 +8706,43 @@ def parse_target_url(text: str) -> Tuple[str, str, int]:
 
 def expose_config(args: argparse.Namespace) -> ClientConfig:
     """``expose``'s flags (or ``tunnel.expose``'s arguments) as a checked ClientConfig,
-    with $TUNNEL_RELAY, $TUNNEL_TOKEN and $TUNNEL_USER filled in; raises UsageError."""
+    with $TUNNEL_RELAY, $TUNNEL_TOKEN and $TUNNEL_USER filled in; raises UsageError.
+    The flags named after config fields are copied in one loop; TARGET, --relay,
+    --quiet and the visitor-access flags are translated here."""
     if args.extra is not None:
         if args.target.strip().lower() in TARGET_PROTOCOLS:
             raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: "
                              "expose %s" % args.extra)
         raise UsageError("unexpected argument %r after TARGET %r" % (args.extra, args.target))
-    target_scheme, target_host, target_port = parse_target_url(args.target)
-    if (args.target_insecure or args.target_ca) and target_scheme != "https":
-        raise UsageError("--target-insecure and --target-ca are for an https:// TARGET")
-    if args.target_insecure and args.target_ca:
-        raise UsageError("--target-insecure excludes --target-ca")
-    if args.host_header is not None and args.host_header != HOST_HEADER_REWRITE:
-        try:
-            _host_options({"host_header": args.host_header})
-        except RefusedError:
-            raise UsageError("--host-header %r: expected 'rewrite' or HOST[:PORT]"
-                             % args.host_header) from None
-    if not args.connect_timeout > 0 or not args.backoff_max > 0:
-        raise UsageError("--connect-timeout and --backoff-max must be positive")
+    config = ClientConfig(**{name: getattr(args, name) for name in ClientConfig.fields()
+                             if hasattr(args, name)})
+    target_scheme, config.target_host, config.target_port = parse_target_url(args.target)
+    config.target_tls = target_scheme == "https"
     source = "--relay" if args.relay else "TUNNEL_RELAY"
     relay_text = args.relay or os.environ.get("TUNNEL_RELAY") or DEFAULT_RELAY
     try:
-        relay_scheme, relay_host, relay_port = parse_relay(relay_text)
+        config.relay_scheme, config.relay_host, config.relay_port = parse_relay(relay_text)
     except ValueError as exc:
         reason = str(exc)
         if "expected" not in reason and "use https://" not in reason:
             reason += " (expected HOST:PORT, https://HOST[:PORT] or http://HOST[:PORT])"
         raise UsageError("invalid %s '%s': %s" % (source, relay_text_shown(relay_text),
                                                    reason)) from None
-    if args.plaintext and relay_scheme == "https":
-        raise UsageError("--plaintext excludes an https:// relay (use http://HOST:PORT for "
-                         "a relay's plain HTTP port)")
-    if args.proxy is not None and args.proxy.strip() and args.no_proxy:
-        raise UsageError("--proxy and --no-proxy exclude each other")
-    if args.proxy is not None and args.proxy.strip():     # --proxy "": no proxy (curl -x "")
-        try:
-            parse_proxy_url(args.proxy)
-        except ValueError as exc:
-            raise UsageError("invalid --proxy: %s" % exc) from None   # (no password shown)
-    token = args.token or os.environ.get("TUNNEL_TOKEN", "")
-    if not token:
-        raise UsageError("no token: pass --token or set TUNNEL_TOKEN (the relay prints one)")
+    config.token = args.token or os.environ.get("TUNNEL_TOKEN", "")
+    config.user = args.user or os.environ.get("TUNNEL_USER") or None
+    config.access_log = not args.quiet
+    config.access = visitor_access(args) or None
+    config.validate()
+    if config.insecure:
+        log.warning("--insecure: the relay's certificate is NOT verified by a CA or a "
+                    "fingerprint; that is the default now, and the handshake's channel "
+                    "binding still detects a man in the middle")
+    return config
+
+
+def visitor_access(args: argparse.Namespace) -> Dict[str, Any]:
+    """--basic-auth, --visitor-token, --allow and --deny as the AccessPolicy spec the
+    relay gets (a password becomes its PBKDF2 hash here: the relay never sees it)."""
     access: Dict[str, Any] = {}
     if args.basic_auth is not None:
         user, sep, password = args.basic_auth.partition(":")
@@ -8721,56 +8772,7 @@ def expose_config(args: argparse.Namespace) -> ClientConfig:
             except RefusedError as exc:
                 raise UsageError(str(exc)) from None
             access[flag] = values
-    if args.tls_fingerprint:
-        try:
-            normalize_fingerprint(args.tls_fingerprint)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    if args.insecure and (args.tls or args.tls_ca or args.tls_fingerprint):
-        raise UsageError("--insecure excludes --tls, --tls-ca and --tls-fingerprint (it "
-                         "means no CA or fingerprint check)")
-    for flag, cafile in (("--tls-ca", args.tls_ca), ("--proxy-ca", args.proxy_ca),
-                         ("--target-ca", args.target_ca)):
-        if not cafile:    # a bad file is the user's to fix, not the relay's: say so at once
-            continue
-        ssl = load_ssl()
-        try:
-            ssl.create_default_context(cafile=cafile)
-        except ssl.SSLError as exc:
-            raise UsageError("%s %s: not a PEM file of CA certificates (%s)"
-                             % (flag, cafile, exc.reason or exc)) from None
-        except (OSError, ValueError) as exc:
-            raise UsageError("%s %s: %s" % (flag, cafile, describe_oserror(exc)
-                                            if isinstance(exc, OSError) else exc)) from None
-    if args.insecure:
-        log.warning("--insecure: the relay's certificate is NOT verified by a CA or a "
-                    "fingerprint; that is the default now, and the handshake's channel "
-                    "binding still detects a man in the middle")
-    if args.tls_interception and not (args.tls or args.tls_ca):
-        raise UsageError("--tls-interception needs --tls or --tls-ca: the middlebox's "
-                         "certificate must verify")
-    if args.plaintext and (args.tls or args.tls_ca or args.tls_fingerprint
-                           or args.tls_interception):
-        raise UsageError("--plaintext excludes the TLS options")
-    if args.subdomain is not None and not valid_name(args.subdomain.lower()):
-        raise UsageError("invalid --subdomain %r: use a-z, 0-9 and inner hyphens, 1-63 "
-                         "characters" % args.subdomain)
-    config = ClientConfig(target_host=target_host, target_port=target_port,
-                          relay_host=relay_host, relay_port=relay_port, token=token,
-                          relay_scheme=relay_scheme, proxy=args.proxy, no_proxy=args.no_proxy,
-                          proxy_ca=args.proxy_ca, target_tls=target_scheme == "https",
-                          host_header=args.host_header,
-                          target_insecure=args.target_insecure, target_ca=args.target_ca,
-                          subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
-                          heartbeat_timeout=args.heartbeat_timeout,
-                          connect_timeout=args.connect_timeout, backoff_max=args.backoff_max,
-                          grace=args.grace, access_log=not args.quiet,
-                          tls=args.tls, tls_ca=args.tls_ca,
-                          tls_fingerprint=args.tls_fingerprint, insecure=args.insecure,
-                          plaintext=args.plaintext, tls_interception=args.tls_interception,
-                          user=args.user or os.environ.get("TUNNEL_USER") or None,
-                          access=access or None)
-    return config
+    return access
 
 
 def cmd_expose(args: argparse.Namespace) -> int:
@@ -8814,8 +8816,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         if args.command in ("token", "hash-password"):
             args.verbose = args.quiet = False
-        else:
-            _check_timeouts(args)
         _setup_logging(args)
         raise_fd_limit()
         if args.command in ("serve", "expose"):
