@@ -6,7 +6,7 @@ ratios (tunnel.py / ssh -R, tunnel.py / direct), since absolute numbers on a sha
 machine are noise.  Everything runs on 127.0.0.1.
 
     bash bench/setup.sh          # nginx, wrk, curl, openssh (Debian packages)
-    python3 bench/run.py         # about 3 minutes; --quick for a 1-second smoke run
+    python3 bench/run.py         # about 10 minutes; --quick for a short smoke run
 
 Rows and metrics follow issue 3: wrk at 1 and 50 connections (rps, p50, p99), a
 1-connection run where the origin sends head and body in separate segments, a
@@ -17,7 +17,7 @@ clients on one relay.
 Issue 12's row: the WebSocket transport through a CONNECT proxy (bench/connect_proxy.py,
 a process of its own) to a relay with --control-port off, against the raw control port,
 both with TLS as by default: 50 and 1 connections, split p99, 256 MiB each way
-(--transport runs only that, in about 2 minutes).
+(--transport runs only that, in about 3 minutes).
 """
 
 import argparse
