@@ -2429,6 +2429,49 @@ class SessionDelegate:
     def on_access_log(self, session: "Session", record: Dict[str, Any]) -> None: ...
 
 
+class Side(SessionDelegate):
+    """What the relay and the client share: one EventLoop they run until stopped, and a
+    graceful shutdown (go-away, let work finish within the grace period, stop)."""
+
+    loop: "EventLoop"
+    config: Any
+    stopping: bool
+    exit_code: int = 0
+
+    def run(self) -> int:
+        """Run the loop (on this thread) until stopped; return the exit status."""
+        self._starting()
+        try:
+            self.loop.run()
+        finally:
+            self._stopped()
+            self.loop.close()
+        return self.exit_code
+
+    def stop(self) -> None:
+        """Stop now (thread-safe)."""
+        self.loop.stop()
+
+    def shutdown(self, grace: Optional[float] = None) -> None:
+        """Graceful stop (on the loop thread); a second call stops at once."""
+        if self.stopping:
+            self.loop.stop()
+            return
+        self.stopping = True
+        self._drain(self.config.grace if grace is None else grace)
+
+    # -- what each side fills in ----------------------------------------------------
+    def _starting(self) -> None:
+        """On the loop's thread, just before it runs."""
+
+    def _stopped(self) -> None:
+        """After the loop ran, before it closes."""
+
+    def _drain(self, grace: float) -> None:
+        """Begin the graceful stop: at the end, ``loop.stop()`` (``stop_when``)."""
+        self.loop.stop()
+
+
 class SessionConfig(Settings):
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
@@ -6503,7 +6546,7 @@ class VisitorConn(Pipe):
         return super().detach()
 
 
-class Relay(SessionDelegate):
+class Relay(Side):
     """The public side: visitors on ``http_port``, tunnel clients on ``control_port``
     (and as WebSockets on the visitor port: ``_accept_websocket``)."""
 
@@ -6661,24 +6704,11 @@ class Relay(SessionDelegate):
         if self.identity_created and scratch is None:
             log.info("made the relay's key and certificate in %s", state_dir)
 
-    def run(self) -> None:
-        try:
-            self.loop.run()
-        finally:
-            self.verify_pool.stop()
-            self.loop.close()
+    def _stopped(self) -> None:
+        self.verify_pool.stop()
 
-    def stop(self) -> None:
-        """Stop now (thread-safe)."""
-        self.loop.stop()
-
-    def shutdown(self, grace: Optional[float] = None) -> None:
-        """Graceful stop (call on the loop thread): go-away, drain, then stop."""
-        if self.stopping:
-            self.loop.stop()
-            return
-        self.stopping = True
-        grace = self.config.grace if grace is None else grace
+    def _drain(self, grace: float) -> None:
+        """Go-away to every client, close idle visitors, let the others finish."""
         log.info("relay shutting down: %d tunnels, %d visitor connections; waiting up to "
                  "%.0fs (Ctrl-C again to quit)", len(self.tunnels), len(self.visitors), grace)
         for listener in self.listeners:
@@ -7461,7 +7491,7 @@ class TargetConn(Pipe):
         self.client.targets.discard(self)
 
 
-class Client(SessionDelegate):
+class Client(Side):
     """The private side: keeps a session to the relay and serves its streams."""
 
     def __init__(self, config: ClientConfig, loop: Optional[EventLoop] = None,
@@ -7552,24 +7582,11 @@ class Client(SessionDelegate):
         return [DialStage(DIAL_TLS, self._target_tls_context, cfg.target_host, False)]
 
     # -- lifecycle -------------------------------------------------------------------
-    def run(self) -> int:
-        self.loop.call_soon_threadsafe(self.connect)
-        try:
-            self.loop.run()
-        finally:
-            self.loop.close()
-        return self.exit_code
+    def _starting(self) -> None:
+        self.loop.call_soon(self.connect)
 
-    def stop(self) -> None:
-        self.loop.stop()
-
-    def shutdown(self, grace: Optional[float] = None) -> None:
-        """Graceful stop (on the loop thread): go-away, let streams finish, stop."""
-        if self.stopping:
-            self.loop.stop()
-            return
-        self.stopping = True
-        grace = self.config.grace if grace is None else grace
+    def _drain(self, grace: float) -> None:
+        """Go-away to the relay, let open streams finish, stop."""
         if self._reconnect_timer is not None:
             self._reconnect_timer.cancel()
         session = self.session
