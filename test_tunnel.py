@@ -11,6 +11,7 @@ Run with:  python -m unittest -v test_tunnel
 import base64
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import http.client
@@ -8576,6 +8577,63 @@ class ConfigValidationTest(unittest.TestCase):
         self.addCleanup(relay.loop.close)
         with self.assertRaisesRegex(tunnel.UsageError, "--max-head-size"):
             relay.start()
+
+
+class ErrorPolicyTest(unittest.TestCase):
+    """EventLoop.failed: one policy for selector events, callbacks and timers."""
+
+    def setUp(self):
+        self.loop = tunnel.EventLoop()
+        self.addCleanup(self.loop.close)
+        self.capture = LogCapture()
+        logger = logging.getLogger("tunnel")
+        logger.addHandler(self.capture)
+        self.addCleanup(logger.removeHandler, self.capture)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.DEBUG)
+
+    def conn(self):
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        conn = tunnel.Conn(self.loop, a)
+        self.addCleanup(conn.close_socket)
+        return conn, b
+
+    def test_an_os_error_in_a_connections_timer_closes_it_and_is_no_bug(self):
+        conn, _ = self.conn()
+
+        def boom(self):
+            raise ConnectionResetError(errno.ECONNRESET, "reset by the test")
+        conn.boom = boom.__get__(conn)          # a bound method: the timer's owner is conn
+        self.loop.call_later(0, conn.boom)
+        self.loop.run_once(0)
+        self.assertTrue(conn.closed)
+        self.assertEqual(self.capture.messages(logging.ERROR), [])
+        self.assertTrue(any("reset by the test" in m for m in self.capture.messages()))
+
+    def test_a_loose_callbacks_os_error_is_one_warning(self):
+        def boom():
+            raise OSError(errno.EPIPE, "broken by the test")
+        self.loop.call_soon(boom)
+        self.loop.run_once(0)
+        self.assertEqual(self.capture.messages(logging.ERROR), [])
+        self.assertEqual([m for m in self.capture.messages(logging.WARNING)
+                          if "broken by the test" in m], ["[Errno 32] broken by the test"])
+
+    def test_a_bug_is_logged_with_its_traceback_and_its_connection_closed(self):
+        conn, peer = self.conn()
+
+        def on_read():
+            raise ValueError("a bug")
+        conn.on_read = on_read
+        conn.update()
+        peer.sendall(b"x")
+        self.loop.run_once(WAIT)
+        self.assertTrue(conn.closed)
+        bugs = [r for r in self.capture.records if r.levelno >= logging.ERROR]
+        self.assertEqual(len(bugs), 1)
+        self.assertIn("internal error on", bugs[0].getMessage())
+        self.assertIsNotNone(bugs[0].exc_info)
 
 
 if __name__ == "__main__":

@@ -2347,23 +2347,35 @@ class EventLoop:
                     conn.on_read()
                 if mask & selectors.EVENT_WRITE and not conn.closed:
                     conn.on_write()
-            except (TunnelError, OSError) as exc:
-                conn.abort(str(exc))
-            except Exception:
-                self._internal.warn("internal error on %r; closing it", conn,
-                                    level=logging.ERROR, exc_info=True)
-                conn.abort("internal error")
+            except Exception as exc:     # the error policy: ``failed`` (no bug is hidden)
+                self.failed(conn, exc)
         self._run_timers()
         while self._calls:
             callback = self._calls.popleft()
             try:
                 callback()
-            except (TunnelError, OSError) as exc:
-                log.warning("callback failed: %s", exc)
-            except Exception:
-                self._internal.warn("internal error in a callback", level=logging.ERROR,
-                                    exc_info=True)
+            except Exception as exc:
+                self.failed(getattr(callback, "__self__", None), exc)
         self._run_flushes()
+
+    def failed(self, owner: Any, exc: Exception) -> None:
+        """The one error policy for selector events, callbacks and timers.  A
+        TunnelError or OSError is the peer's or the network's doing: the connection it
+        came from (``owner``, a Conn, when the callback was one's method) is torn down
+        with that reason, else one line is logged.  Anything else is a bug: logged
+        with its traceback (throttled: a bug hit by every request is not a flood), and
+        its connection closed."""
+        conn = owner if isinstance(owner, Conn) else None
+        if isinstance(exc, (TunnelError, OSError)):
+            if conn is not None:
+                conn.abort(str(exc))
+            else:
+                log.warning("%s", exc)
+            return
+        self._internal.warn("internal error%s", " on %r; closing it" % (conn,) if conn
+                            else "", level=logging.ERROR, exc_info=True)
+        if conn is not None and not conn.closed:
+            conn.abort("internal error")
 
     def _run_flushes(self) -> None:
         while self._flush:
@@ -2382,11 +2394,8 @@ class EventLoop:
                 continue
             try:
                 timer.callback()
-            except TunnelError as exc:
-                log.warning("timer failed: %s", exc)
-            except Exception:
-                self._internal.warn("internal error in a timer", level=logging.ERROR,
-                                    exc_info=True)
+            except Exception as exc:
+                self.failed(getattr(timer.callback, "__self__", None), exc)
 
     def _drain_wake(self) -> None:
         try:
