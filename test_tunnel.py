@@ -3126,7 +3126,9 @@ class SlowReaderTest(EndToEndBase):
 
     def setUp(self):
         self.origin = self.start_origin()
-        self.relay = self.start_relay(send_timeout=0.5)
+        # 1 s: the slow reader below reads every 0.05 s, so only a machine that does
+        # not run its thread for a whole second makes it look deaf.
+        self.relay = self.start_relay(send_timeout=1.0)
         self.client, self.lines = self.start_client("demo")
 
     def visitor(self):
@@ -3143,9 +3145,9 @@ class SlowReaderTest(EndToEndBase):
         slow.settimeout(WAIT)
         started = time.monotonic()
         got = 0
-        while time.monotonic() - started < 2.5:     # 5 send timeouts, reading a little
+        while time.monotonic() - started < 2.5:     # 2.5 send timeouts, reading a little
             got += len(slow.recv(4096))
-            time.sleep(0.1)
+            time.sleep(0.05)
         self.assertGreater(got, 0)
         wait_until(lambda: self.relay_stats()["visitors"] == 1, what="deaf visitors closed")
         for s in deaf:
