@@ -8248,6 +8248,21 @@ class HostHeaderTest(EndToEndBase):
                       "Sec-WebSocket-Version: 13\r\n\r\n" % (public, key)).encode())
         self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
 
+    def test_rewrite_knows_the_origin_of_the_host_the_visitor_sent(self):
+        # Behind a port forward the visitor's Host has no port (or a trailing dot): its
+        # own origin is as same-origin as the tunnel's URL.  Another site's is not.
+        self.start_client("app", host_header="rewrite")
+        target = "http://127.0.0.1:%d" % self.origin.server_address[1]
+        for host in ("app.localhost", "app.localhost.", "APP.localhost"):
+            seen = self.headers_seen(host, {"Origin": "http://%s" % host.lower(),
+                                            "Referer": "http://%s/tree" % host})
+            self.assertEqual((seen["origin"], seen["referer"]), (target, target + "/tree"),
+                             host)
+        for origin in ("http://app.localhost.evil.example", "https://app.localhost",
+                       "http://evil.example"):
+            seen = self.headers_seen("app.localhost", {"Origin": origin})
+            self.assertEqual(seen["origin"], origin)
+
     def test_a_fixed_host_and_the_default(self):
         self.start_client("fixed", host_header="app.internal:8000")
         seen = self.headers_seen("fixed.localhost", {"Origin": "http://fixed.localhost:%d"

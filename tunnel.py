@@ -6049,26 +6049,31 @@ class Exchange:
         self.upgrade = upgrade
 
 
-def _rewrite_host(req: Request, tunnel: "Route") -> None:
+def _rewrite_host(req: Request, tunnel: "Route", scheme: str = "http") -> None:
     """expose --host-header: the origin gets the tunnel's Host instead of the visitor's
     (which stays in X-Forwarded-Host); in rewrite mode (``target_origin``) an Origin
     or Referer naming the tunnel's public origin names the target's instead, so an app
-    comparing them with Host sees a same-origin request.  Any other Origin is left for
-    the app's own checks."""
+    comparing them with Host sees a same-origin request.  The public origin is the
+    tunnel's URL, or ``scheme``://the Host this visitor sent (a relay behind a port
+    forward, a trailing dot: a page on another site cannot send that Origin).  Any
+    other Origin is left for the app's own checks."""
     strip = {"host"}
     extra = [("Host", tunnel.host_header)]
     target = tunnel.target_origin
     if target:
-        public = tunnel.url.lower()
+        publics = (tunnel.url.lower(), ("%s://%s" % (scheme, req.host_header)).lower())
         for name, field in (("origin", "Origin"), ("referer", "Referer")):
             values = req.headers.get_all(name)
             if len(values) != 1:
                 continue
             value = values[0].strip()
             lowered = value.lower()
-            if lowered == public or (name == "referer" and lowered.startswith(public + "/")):
-                strip.add(name)
-                extra.append((field, target + value[len(public):]))
+            for public in publics:
+                if lowered == public or (name == "referer"
+                                         and lowered.startswith(public + "/")):
+                    strip.add(name)
+                    extra.append((field, target + value[len(public):]))
+                    break
     req.strip = req.strip | strip
     req.extra = req.extra + tuple(extra)
 
@@ -6301,7 +6306,7 @@ class VisitorConn(Pipe):
         if self.stream is None or not self.stream.can_send:
             raise HTTPError(502, "The tunnel's client went away.")
         if tunnel.host_header:
-            _rewrite_host(req, tunnel)
+            _rewrite_host(req, tunnel, self.relay.scheme)
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
         self.responses.expect(req.method)
         self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
