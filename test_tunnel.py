@@ -7721,6 +7721,19 @@ class TransportAbuseTest(EndToEndBase):
         self.assertIn(b"control port", data)
         self.assertLess(time.monotonic() - started, 2.0)     # not after a timeout
 
+    def test_control_port_form_aimed_at_the_visitor_port_says_what_to_use(self):
+        state = tempfile.mkdtemp(prefix="tunnel-wrong-port-")
+        self.addCleanup(shutil.rmtree, state, True)
+        relay = self.start_relay(plaintext=False, state_dir=state)
+        client, _ = self.start_client("wrong", relay=relay, relay_port=relay.http_port,
+                                      wait=False, backoff_initial=0.01, backoff_max=0.02)
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, tunnel.EXIT_USAGE)     # the same answer 3 times
+        self.assertIn("answered in plain HTTP, not TLS: 400 Bad Request: This port speaks "
+                      "plain HTTP, not TLS: tunnel clients use --relay http://HOST:PORT "
+                      "here, or HOST:%d, the relay's control port." % relay.control_port,
+                      client.error)
+
 
 
 class CannedServer:
@@ -7874,8 +7887,8 @@ class ClientHintsTest(EndToEndBase):
             server, client = self.canned_client(
                 b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
                 relay_scheme=scheme, plaintext=False)
-            wait_until(lambda: sum("WRONG_VERSION_NUMBER" in m for m in self.warnings()) >= 2,
-                       what="two failures")
+            wait_until(lambda: sum("answered in plain HTTP, not TLS: 400 Bad Request" in m
+                                   for m in self.warnings()) >= 2, what="two failures")
             self.assertEqual(self.warnings().count(hint), 1, self.warnings())
             client.loop.run_in_loop(client.shutdown)
             client.thread.join(WAIT)

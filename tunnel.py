@@ -583,6 +583,9 @@ UPGRADE_REFUSALS_FATAL = 3              # ... the same answer this many times in
 UPGRADE_RETRY_STATUSES = (408, 429)     # 4xx answers to the upgrade that are worth a retry
 UPGRADE_REDIRECTS = (301, 302, 307, 308)   # answers that name the relay's URL in Location
 TLS_NOT_SPOKEN = "WRONG_VERSION_NUMBER"  # OpenSSL's reason when the peer's bytes are not TLS
+TLS_GOT_HTTP = "answered in plain HTTP, not TLS"   # ... and they were an HTTP response
+TLS_FIRST_BYTES = 512                   # raw bytes a TLS handshake keeps, to say what the
+#                                         peer spoke when it was not TLS
 UPGRADE_BODY_SHOWN = 200                # bytes of a refusal's body in the message (already
                                         # read with its head: the dialer waits for no more)
 
@@ -4989,6 +4992,7 @@ class TLSChannel(_Stacked):
         #                             plaintext waits behind ``unsent``)
         self._more = False          # the last read stopped on a full buffer, not a dry BIO
         self._inner = sock if hasattr(sock, "push") else None   # a WSChannel under us
+        self.first_bytes = b""      # the peer's first raw bytes (handshake only)
 
     def pending(self) -> bool:
         inner = self._inner
@@ -5040,6 +5044,8 @@ class TLSChannel(_Stacked):
                     raise ssl.SSLWantReadError() from None
                 if not data:
                     raise OSError("connection closed by the peer") from None
+                if len(self.first_bytes) < TLS_FIRST_BYTES:
+                    self.first_bytes += data[:TLS_FIRST_BYTES - len(self.first_bytes)]
                 self._in.write(data)
                 continue
             except ssl.SSLError:
@@ -5633,6 +5639,9 @@ class Dialer(Conn):
             want = tls_handshake_step(self.sock)
         except TunnelError as exc:
             why = str(exc)
+            first = getattr(self.sock, "first_bytes", b"")
+            if TLS_NOT_SPOKEN in why and first.startswith(b"HTTP/1."):
+                why = "%s: %s" % (TLS_GOT_HTTP, _http_answer_text(first))
             self._fail(why, DIAL_FATAL if "CERTIFICATE_VERIFY_FAILED" in why
                        or "certificate verify failed" in why else DIAL_TLS_FAILED)
             return
@@ -5739,6 +5748,16 @@ class Dialer(Conn):
         self._finished = True
         self._timer.cancel()
         self.close_socket()
+
+
+def _http_answer_text(data: bytes) -> str:
+    """An HTTP answer's status and the first line of its body, printable and short
+    (``400 Bad Request: This port speaks plain HTTP, ...``)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split(b" ", 1)[1:]
+    text = body.decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
+    shown = (status[0].decode("latin-1") if status else "") + (": " + text if text else "")
+    return escape_unprintable(shown[:UPGRADE_BODY_SHOWN])
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -6081,16 +6100,18 @@ def _rewrite_host(req: Request, tunnel: "Route", scheme: str = "http") -> None:
 _HTTP_REQUEST_START = re.compile(rb"[A-Z]{3,10} ")   # "GET ", "OPTIONS ", ...
 
 
-def _wrong_port(data: Any, tls: bool) -> str:
+def _wrong_port(data: Any, tls: bool, control_port: Optional[int] = None) -> str:
     """A visitor connection's first bytes from a tunnel client at the wrong port: what
-    to tell it ('' for anything else).  The tunnel preamble, or TLS on the plain port."""
+    to tell it ('' for anything else).  The tunnel preamble, or TLS on the plain port
+    (a client given this port as HOST:PORT: its control port, if any, is named)."""
     if data[:len(MAGIC)] == MAGIC:
         return ("This is the relay's visitor port: tunnel clients reach it with --relay "
                 "http://HOST:PORT or https://HOST:PORT (a WebSocket), or use the control "
                 "port.")
     if not tls and data[:len(TLS_HANDSHAKE_RECORD)] == TLS_HANDSHAKE_RECORD:
         return ("This port speaks plain HTTP, not TLS: tunnel clients use --relay "
-                "http://HOST:PORT here.")
+                "http://HOST:PORT here%s." % (", or HOST:%d, the relay's control port"
+                                              % control_port if control_port else ""))
     return ""
 
 
@@ -6150,7 +6171,7 @@ class VisitorConn(Pipe):
             return
         if self.fresh:
             self.fresh = False          # the head clock started at accept
-            wrong = _wrong_port(data, self.tls)
+            wrong = _wrong_port(data, self.tls, self.relay.control_port)
             if wrong:
                 self.fail(HTTPError(400, wrong))
                 return
@@ -7402,7 +7423,7 @@ class TargetConn(Pipe):
         if kind == DIAL_FATAL and "TLS handshake failed" in why:
             why += (" (a local server with a self-signed certificate: expose "
                     "--target-insecure, or --target-ca FILE)")
-        elif kind == DIAL_TLS_FAILED and TLS_NOT_SPOKEN in why:
+        elif kind == DIAL_TLS_FAILED and (TLS_NOT_SPOKEN in why or TLS_GOT_HTTP in why):
             why += " (the local service does not speak HTTPS: use an http:// TARGET)"
         if not self.closed:
             self._connect_failed("could not connect to %s" % why)
@@ -7711,6 +7732,15 @@ class Client(Side):
                     why += "; pass its CA with --proxy-ca FILE"
             self.fatal(EXIT_USAGE, why)
             return
+        first = self.url is None
+        if (kind == DIAL_TLS_FAILED and not at_proxy and first and not self._hinted
+                and (TLS_NOT_SPOKEN in why or TLS_GOT_HTTP in why)):
+            self._hinted = True   # once: the bytes that came back were not TLS at all
+            log.warning("the relay's port does not speak TLS: a --plaintext relay's control "
+                        "port (pass --plaintext), or its plain HTTP port (use --relay "
+                        "http://HOST:PORT)")
+        if kind == DIAL_TLS_FAILED and TLS_GOT_HTTP in why and not at_proxy:
+            kind = DIAL_REFUSED             # an HTTP port's answer, the same each time
         if kind == DIAL_REFUSED:
             # Never up: the URL is wrong or the relay is set up otherwise.  But the answer
             # is not authenticated (a proxy or captive portal may have written it), so
@@ -7723,14 +7753,7 @@ class Client(Side):
             kind = DIAL_RETRY
         else:
             self._refusals = (0, "")
-        first = self.url is None
-        if (kind == DIAL_TLS_FAILED and not at_proxy and first and not self._hinted
-                and TLS_NOT_SPOKEN in why):
-            self._hinted = True   # once: the bytes that came back were not TLS at all
-            log.warning("the relay's port does not speak TLS: a --plaintext relay's control "
-                        "port (pass --plaintext), or its plain HTTP port (use --relay "
-                        "http://HOST:PORT)")
-        elif (kind == DIAL_TLS_FAILED and self.config.relay_scheme == "tcp"
+        if (kind == DIAL_TLS_FAILED and self.config.relay_scheme == "tcp"
                 and first and not self._hinted):
             self._hinted = True   # once: a relay that drops TLS may be plain or busy
             log.warning("TLS to the relay failed; if it runs with --plaintext, pass "
