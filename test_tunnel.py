@@ -8251,5 +8251,89 @@ class GraceMessageTest(EndToEndBase):
 
 
 
+def ipv6_loopback_available():
+    """Can a server listen on ::1 here (a host or container without IPv6: no)?"""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+            s.listen(1)
+            with socket.create_connection(("::1", s.getsockname()[1]), WAIT):
+                pass
+    except OSError:
+        return False
+    return True
+
+
+class IPv6Origin(Origin):
+    """The test origin on [::1]:0 only (as Vite and Node listen where localhost is ::1)."""
+    address_family = socket.AF_INET6
+
+    def __init__(self):
+        http.server.ThreadingHTTPServer.__init__(self, ("::1", 0), OriginHandler)
+        self.blob = b""
+        self.sse_gate = threading.Event()
+        self.slow_gate = threading.Event()
+        self.slow_started = threading.Event()
+        self.seen = []
+
+
+@unittest.skipUnless(ipv6_loopback_available(), "needs an IPv6 loopback (::1)")
+class LoopbackFallbackTest(EndToEndBase):
+    """expose PORT (a bare port) tries 127.0.0.1, then ::1; HOST:PORT means that host."""
+
+    def setUp(self):
+        self.origin6 = IPv6Origin()
+
+        def stop():
+            self.origin6.shutdown()
+            self.origin6.server_close()
+        run_in_thread(self, lambda: self.origin6.serve_forever(poll_interval=0.05), stop,
+                      "origin6")
+        self.port6 = self.origin6.server_address[1]
+        self.relay = self.start_relay()
+
+    def test_bare_port_reaches_a_server_on_ipv6_loopback_only(self):
+        client, lines = self.start_client("six", target_port=self.port6,
+                                          target_loopback_fallback=True)
+        for _ in range(3):      # the first finds ::1; the next go there first
+            self.assertEqual(self.get("/bytes?n=100000&seed=6", host="six.localhost")[:2],
+                             (200, pattern(100000, 6)))
+        self.assertEqual(self.get("/hello", host="six.localhost")[:2], (200, b"hello"))
+        self.assertEqual(client.loopback[0][0], socket.AF_INET6)    # remembered
+
+    def test_explicit_host_gets_no_fallback(self):
+        self.start_client("four", target_port=self.port6)      # 127.0.0.1:PORT, as given
+        status, body, _ = self.get("/hello", host="four.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"could not connect to 127.0.0.1:%d: connection refused" % self.port6,
+                      body)
+
+    def test_refused_on_both_is_the_usual_502(self):
+        with socket.socket(socket.AF_INET6) as six, socket.socket() as four:
+            four.bind(("127.0.0.1", 0))         # bound, not listening: refused on both
+            port = four.getsockname()[1]
+            try:
+                six.bind(("::1", port))
+            except OSError:
+                self.skipTest("port %d is taken on ::1" % port)
+            self.start_client("none", target_port=port, target_loopback_fallback=True)
+            status, body, _ = self.get("/hello", host="none.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"could not connect to 127.0.0.1:%d: connection refused" % port, body)
+
+    def test_command_line_bare_port_falls_back(self):
+        p = CommandLineTest.spawn(self, "expose", str(self.port6), "--relay",
+                                  "127.0.0.1:%d" % self.relay.control_port, "--token", TOKEN,
+                                  "--plaintext", "--subdomain", "cli6")
+        line = p.stdout.readline().decode()
+        self.assertTrue(line.startswith("Forwarding http://cli6.localhost:"), line)
+        self.assertEqual(self.get("/hello", host="cli6.localhost")[:2], (200, b"hello"))
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 0)
+
+
 if __name__ == "__main__":
     unittest.main()

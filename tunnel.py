@@ -497,6 +497,7 @@ UPGRADE_REDIRECTS = (301, 302, 307, 308)   # answers that name the relay's URL i
 TLS_NOT_SPOKEN = "WRONG_VERSION_NUMBER"  # OpenSSL's reason when the peer's bytes are not TLS
 UPGRADE_BODY_SHOWN = 200                # bytes of a refusal's body in the message (already
                                         # read with its head: the dialer waits for no more)
+LOOPBACK_HOSTS = ("127.0.0.1", "::1")   # a bare PORT TARGET, tried in this order
 
 # -- proxies ------------------------------------------------------------------
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tunnel.py speaks
@@ -5270,7 +5271,13 @@ def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
     error: Optional[OSError] = None
     while infos:
         family, stype, proto, _, addr = infos.pop(0)
-        sock = socket.socket(family, stype, proto)
+        try:
+            sock = socket.socket(family, stype, proto)
+        except OSError as exc:      # no IPv6 here (::1 of a bare PORT): the next address
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
+            error = exc
+            continue
         sock.setblocking(False)
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
@@ -5302,11 +5309,14 @@ class Dialer(Conn):
 
     ``done(sock)`` gets the ready socket (or channel: TLSChannel, WSChannel) and owns it
     from then on; ``failed(why, kind)`` gets a one-line reason and a DIAL_* kind, at most
-    once, never from inside the constructor (so the caller's own state is set first)."""
+    once, never from inside the constructor (so the caller's own state is set first).
+    ``addrs``: the addresses to try, already resolved (a list of the caller's own, copied;
+    a bare PORT's loopback pair), instead of resolving ``host``."""
 
     def __init__(self, loop: EventLoop, host: str, port: int, stages: List[DialStage],
                  timeout: float, done: Callable[[Any], None],
-                 failed: Callable[[str, str], None], where: str = "") -> None:
+                 failed: Callable[[str, str], None], where: str = "",
+                 addrs: Optional[List[Any]] = None) -> None:
         super().__init__(loop, None)
         self.where = where or format_hostport(host, port)
         self.stages = list(stages)
@@ -5323,7 +5333,7 @@ class Dialer(Conn):
         self._key = ""                  # Sec-WebSocket-Key of the upgrade
         self._timer = loop.call_later(timeout, self._timeout)
         try:
-            self._addrs = resolve(host, port)
+            self._addrs = list(addrs) if addrs is not None else resolve(host, port)
         except (OSError, UnicodeError) as exc:   # UnicodeError: a label over 63 bytes
             why = describe_oserror(exc) if isinstance(exc, OSError) else "invalid host name"
             loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
@@ -7026,6 +7036,9 @@ class ClientConfig(Settings):
     target_insecure: bool = False           # ... without verifying its certificate
     target_ca: Optional[str] = None         # ... verified with this CA file (default: system)
     host_header: Optional[str] = None       # "rewrite" (the target's HOST:PORT) or a Host
+    # A bare PORT TARGET: 127.0.0.1, then ::1 if that is refused (servers that listen
+    # only where localhost is ::1: Node, Vite); the one that answered is tried first next.
+    target_loopback_fallback: bool = False
 
 
 def parse_relay(text: str) -> Tuple[str, str, int]:
@@ -7090,7 +7103,8 @@ class TargetConn(Pipe):
         self.peer = str(info.get("peer", "?"))
         self.dialer: Optional[Dialer] = Dialer(self.loop, cfg.target_host, cfg.target_port,
                                                client.target_stages(), cfg.connect_timeout,
-                                               self._dialed, self._dial_failed)
+                                               self._dialed, self._dial_failed,
+                                               addrs=client.loopback_addresses())
 
     def __repr__(self) -> str:
         return "<Target %s stream %s>" % (self.target, self.stream.id if self.stream else "-")
@@ -7100,6 +7114,8 @@ class TargetConn(Pipe):
 
     def _dialed(self, sock: Any) -> None:
         self.dialer = None
+        if self.client.loopback is not None:
+            self.client.loopback_answered(sock.family)
         if self.closed:             # the stream went first
             sock.close()
             return
@@ -7275,6 +7291,7 @@ class Client(SessionDelegate):
         self._connector: Optional[Dialer] = None
         self._tls_context: Any = None
         self._target_tls_context: Any = None
+        self.loopback: Optional[List[Any]] = None   # a bare PORT's addresses, see below
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
         self._ban_logged = False             # "banned" said once per ban
@@ -7307,6 +7324,29 @@ class Client(SessionDelegate):
                 ctx = ssl.create_default_context(cafile=cfg.target_ca)
             self._target_tls_context = ctx
         return [DialStage(DIAL_TLS, self._target_tls_context, cfg.target_host, False)]
+
+    def loopback_addresses(self) -> Optional[List[Any]]:
+        """target_loopback_fallback (a bare PORT): 127.0.0.1's and ::1's addresses, the
+        one that answered last first (the Dialer tries the next when one is refused);
+        None otherwise (the Dialer resolves the target's host)."""
+        cfg = self.config
+        if not cfg.target_loopback_fallback:
+            return None
+        if self.loopback is None:
+            found: List[Any] = []
+            for host in LOOPBACK_HOSTS:
+                try:
+                    found += resolve(host, cfg.target_port)
+                except OSError:         # no IPv6 at all: 127.0.0.1 alone
+                    pass
+            self.loopback = found
+        return self.loopback
+
+    def loopback_answered(self, family: int) -> None:
+        """A bare PORT's target connection was made over ``family``: try it first next."""
+        addrs = self.loopback
+        if addrs and addrs[0][0] != family:
+            addrs.sort(key=lambda info: info[0] != family)     # stable: order kept within
 
     # -- lifecycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -8104,6 +8144,11 @@ def parse_target(text: str) -> Tuple[str, int]:
     return parse_target_url(text)[1:]
 
 
+def is_bare_port(text: str) -> bool:
+    """expose's TARGET is just a PORT (no host, no scheme): loopback, IPv4 or IPv6."""
+    return text.strip().isdigit()
+
+
 def parse_target_url(text: str) -> Tuple[str, str, int]:
     """expose's TARGET: ``PORT``, ``HOST:PORT``, ``http://HOST[:PORT][/]`` or
     ``https://HOST[:PORT][/]`` (TLS to the origin), as (scheme, host, port); raises
@@ -8243,6 +8288,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
                           relay_scheme=relay_scheme, proxy=args.proxy, no_proxy=args.no_proxy,
                           proxy_ca=args.proxy_ca, target_tls=target_scheme == "https",
                           host_header=args.host_header,
+                          target_loopback_fallback=is_bare_port(args.target),
                           target_insecure=args.target_insecure, target_ca=args.target_ca,
                           subdomain=args.subdomain, heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
