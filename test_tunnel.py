@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -8333,6 +8334,103 @@ class LoopbackFallbackTest(EndToEndBase):
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=WAIT)
         self.assertEqual(p.returncode, 0)
+
+
+def ws_upgrade(host, path="/ws", extra=""):
+    """A visitor's WebSocket upgrade request (as a browser sends it, without Origin)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+            % (path, host, key, extra)).encode()
+
+
+class UpgradeLogTest(EndToEndBase):
+    """An upgraded connection (101: WebSocket) is one access-log line, at its end: its
+    duration and the bytes each way after the upgrade."""
+
+    LINE = re.compile(r"^\d\d:\d\d:\d\d GET /ws\?x=1 101 WebSocket (\d+\.\d)(ms|s) "
+                      r"(\S+) in (\S+) out$")
+
+    def ws_lines(self):
+        return [line for line in self.lines if " /ws" in line]
+
+    def test_websocket_is_logged_once_at_its_end_with_the_bytes_each_way(self):
+        started = time.monotonic()
+        s = self.raw(ws_upgrade("demo.localhost", "/ws?x=1"))
+        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
+        upgraded = time.monotonic()
+        message = ws_frame(2, b"m" * 300)           # masked: 2 + 2 + 4 + 300 bytes
+        s.sendall(message)
+        echo = b""
+        while len(echo) < 304:                      # unmasked: 2 + 2 + 300 bytes
+            chunk = s.recv(65536)
+            self.assertTrue(chunk)
+            echo += chunk
+        self.assertEqual(echo, b"\x82\x7e\x01\x2c" + b"m" * 300)
+        # A request after it is logged; the WebSocket, still open, is not.
+        self.assertEqual(self.get("/hello")[0], 200)
+        wait_until(lambda: any(" /hello 200 " in line for line in self.lines),
+                   what="the /hello line")
+        self.assertEqual(self.ws_lines(), [])
+        opened_for = time.monotonic() - upgraded
+        close = ws_frame(8, b"\x03\xe8")            # masked: 2 + 4 + 2 bytes
+        s.sendall(close)
+        self.assertEqual(closed_by_peer(s), b"\x88\x02\x03\xe8")   # echoed, then closed
+        self.assertEqual(self.ws_lines(), [])       # the visitor has not closed yet
+        s.close()
+        wait_until(lambda: self.ws_lines(), what="the WebSocket's line")
+        ended = time.monotonic()
+        lines = self.ws_lines()
+        self.assertEqual(len(lines), 1, lines)
+        m = self.LINE.match(lines[0])
+        self.assertIsNotNone(m, lines[0])
+        self.assertEqual(m.group(3), "%dB" % (len(message) + len(close)))     # 316B in
+        self.assertEqual(m.group(4), "%dB" % (len(echo) + 4))                 # 308B out
+        seconds = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+        self.assertGreaterEqual(seconds + 0.05, opened_for)   # from the request to the end
+        self.assertLessEqual(seconds, ended - started)
+        self.assertTrue(lines[0].isascii())
+
+    def test_bytes_that_came_with_the_heads_count(self):
+        """Frames in the same segment as the upgrade request, or as the 101, count."""
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\n")
+        pushed = ws_frame(1, b"p" * 200, mask=False)     # 2 + 2 + 200 bytes
+        canned = CannedServer(self, head + pushed)        # then closes
+        client, lines = self.start_client("canned", target_port=canned.port)
+        sent = ws_frame(1, b"q" * 50)                     # 2 + 4 + 50 bytes, pipelined
+        s = self.raw(ws_upgrade("canned.localhost", "/ws?x=1") + sent)
+        self.assertEqual(closed_by_peer(s), head + pushed)
+        s.close()
+        wait_until(lambda: any(" /ws" in line for line in lines), what="the line")
+        m = self.LINE.match([line for line in lines if " /ws" in line][0])
+        self.assertEqual((m.group(3), m.group(4)), ("56B", "204B"))
+
+    def test_an_old_client_gets_its_line_at_the_101(self):
+        """A client that did not ask ("log_upgrades") gets the LOG record as before."""
+        rogue = RogueClient(self, self.relay, "old")
+        s = self.raw(ws_upgrade("old.localhost", "/ws?x=1"))
+        frames = list(rogue.frames)
+
+        def next_frame(ftype):
+            while True:
+                while frames:
+                    frame = frames.pop(0)
+                    if frame.type == ftype:
+                        return frame
+                chunk = rogue.sock.recv(65536)
+                self.assertTrue(chunk, "the relay closed the session")
+                frames.extend(rogue.decoder.feed(chunk))
+        opened = next_frame(FrameType.OPEN)
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\n")
+        rogue.sock.sendall(tunnel.encode_frame(FrameType.DATA, opened.stream_id, head))
+        self.assertEqual(recv_until(s, b"\r\n\r\n"), head)
+        record = next_frame(FrameType.LOG)      # at the 101, the connection still open
+        self.assertEqual(record.flags, 0)
+        status, _, nbytes = tunnel.LOG_RECORD.unpack_from(record.payload)
+        self.assertEqual((status, nbytes), (101, len(head)))
+        self.assertEqual(record.payload[tunnel.LOG_RECORD.size:], b"GET /ws?x=1")
 
 
 if __name__ == "__main__":

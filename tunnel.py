@@ -92,8 +92,8 @@ the token never crosses)::
     C -> R  HELLO     client nonce Nc                   (32 random bytes)
     R -> C  CHALLENGE relay nonce Nr                    (32 random bytes)
     C -> R  AUTH      Mc + request JSON                 {"subdomain", "version", "user",
-                                                         "log", "binding", "sealed",
-                                                         "tls_interception"}
+                                                         "log", "log_upgrades", "binding",
+                                                         "sealed", "tls_interception"}
             binding = hex SHA-256 of the relay certificate C saw ("" over plain TCP)
             sealed  = base64(JSON {"access", "client_secret"} XOR HMAC-SHA256 key
                       stream under S), S = HMAC-SHA256(K, "tunnel.py/1 seal" 0 Nc Nr)
@@ -155,6 +155,10 @@ Frames (after the preamble, everything on the control socket is a frame)::
    12 GOAWAY     0     u32 code + reason text        sender is shutting down
    13 LOG        id    u16 status, u32 us, u64 bytes, one finished request,
                        "METHOD target"               for the client's log
+                       flag UPGRADED=2: u64 bytes    an upgraded connection's end (to
+                       in after the u64 bytes out;   clients that asked: "log_upgrades");
+                       flag WEBSOCKET=4              status 101, duration and bytes from
+                                                     the request to the close
 
 Streams are opened only by the relay, with increasing ids.  A frame for a
 stream id that was never opened, an unknown type, an over-long frame or a
@@ -282,6 +286,9 @@ PING_PAYLOAD = struct.Struct("!Q")      # PING payload: 8 random bytes, echoed i
 LOG_RECORD = struct.Struct("!HIQ")      # status, duration in us, bytes
 MAX_CREDIT = 2 ** 31 - 1                # send credit beyond this is an error
 FLAG_ACK = 0x01                         # PING: this is the answer
+FLAG_LOG_UPGRADED = 0x02                # LOG: an upgraded connection (101) ended; a u64
+#                                         of the bytes from the visitor follows LOG_RECORD
+FLAG_LOG_WEBSOCKET = 0x04               # LOG: ... and it was a WebSocket
 
 
 class FrameType(enum.IntEnum):
@@ -2634,13 +2641,19 @@ class Session(Conn):
             self._send(encode_frame(FrameType.PING, 0, frame.payload, FLAG_ACK))
 
     def _on_log(self, frame: Frame) -> None:
-        if len(frame.payload) < LOG_RECORD.size:
-            raise ProtocolError("LOG payload of %d bytes" % len(frame.payload))
-        status, micros, nbytes = LOG_RECORD.unpack_from(frame.payload)
-        what = frame.payload[LOG_RECORD.size:].decode("utf-8", "replace")
-        method, _, target = what.partition(" ")
-        self.delegate.on_access_log(self, {"method": method, "target": target, "status": status,
-                                           "duration": micros / 1e6, "bytes": nbytes})
+        payload = frame.payload
+        upgraded = frame.flags & FLAG_LOG_UPGRADED
+        at = LOG_RECORD.size + (U64.size if upgraded else 0)
+        if len(payload) < at:
+            raise ProtocolError("LOG payload of %d bytes" % len(payload))
+        status, micros, nbytes = LOG_RECORD.unpack_from(payload)
+        method, _, target = payload[at:].decode("utf-8", "replace").partition(" ")
+        record = {"method": method, "target": target, "status": status,
+                  "duration": micros / 1e6, "bytes": nbytes}
+        if upgraded:        # the end of an upgraded connection: "bytes" went to the visitor
+            record.update(upgraded=True, websocket=bool(frame.flags & FLAG_LOG_WEBSOCKET),
+                          bytes_in=U64.unpack_from(payload, LOG_RECORD.size)[0])
+        self.delegate.on_access_log(self, record)
 
     def _handshake_step(self, frame: Any) -> None:
         reply = self.handshake.receive(frame)
@@ -2728,11 +2741,19 @@ class Session(Conn):
         return stream
 
     def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
-                 method: str, target: str) -> None:
+                 method: str, target: str, bytes_in: Optional[int] = None,
+                 websocket: bool = False) -> None:
+        """One access-log record; ``bytes_in`` (bytes from the visitor) marks the end of
+        an upgraded connection (FLAG_LOG_UPGRADED: only to clients that asked)."""
         text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
-        self._send(FRAME_HEADER.pack(FrameType.LOG, 0, stream_id, LOG_RECORD.size + len(text))
-                   + LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
-                                     min(nbytes, 2 ** 64 - 1)) + text)
+        record = LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
+                                 min(nbytes, 2 ** 64 - 1))
+        flags = 0
+        if bytes_in is not None:
+            flags = FLAG_LOG_UPGRADED | (FLAG_LOG_WEBSOCKET if websocket else 0)
+            record += U64.pack(min(bytes_in, 2 ** 64 - 1))
+        self._send(FRAME_HEADER.pack(FrameType.LOG, flags, stream_id, len(record) + len(text))
+                   + record + text)
 
     def go_away(self, reason: str = "") -> None:
         if self.goaway_sent or self.closed or not self.established:
@@ -3039,6 +3060,7 @@ class HTTPParser:
         self._host: Tuple[Optional[str], str] = (None, "")
         self._after_end = _S_HEAD
         self.message_bytes = 0          # bytes of the current message so far
+        self.upgrade_tail = 0           # bytes after a 101's head in the feed that ended it
 
     # -- public -----------------------------------------------------------------
     @property
@@ -3241,6 +3263,8 @@ class HTTPParser:
                 self._buf += mv[pos:end]
                 return
             else:  # tunnel or dead: nothing to parse
+                if st == _S_TUNNEL:     # just after a 101: the bytes that came with its head
+                    self.upgrade_tail = end - pos
                 return
 
     def _on_chunk_line(self, st: int, line: bytes, events: List[Tuple[str, Any]]) -> None:
@@ -5779,11 +5803,12 @@ class Tunnel:
     """A live name on the relay."""
 
     __slots__ = ("name", "session", "owner", "client_key", "url", "wants_log", "visitors",
-                 "policy", "token_digest", "host_header", "target_origin")
+                 "policy", "token_digest", "host_header", "target_origin", "logs_upgrades")
 
     def __init__(self, name: str, session: Session, owner: str, client_key: bytes,
                  url: str, wants_log: bool = True) -> None:
         self.wants_log = wants_log   # the client prints an access log: send LOG frames
+        self.logs_upgrades = False   # ... and an upgraded connection's at its end, not its 101
         self.visitors = 0            # visitor connections bound to this tunnel
         self.policy: Optional[AccessPolicy] = None   # who may reach it
         self.token_digest = ""       # of the owner's token, to notice a change on reload
@@ -5801,12 +5826,12 @@ class Exchange:
 
     __slots__ = ("method", "target", "started", "status", "upgrade")
 
-    def __init__(self, method: str, target: str, upgrade: bool) -> None:
+    def __init__(self, method: str, target: str, upgrade: Optional[str]) -> None:
         self.method = method
         self.target = target
         self.started = time.monotonic()
         self.status = 0
-        self.upgrade = upgrade
+        self.upgrade = upgrade      # the request's Upgrade ("websocket"), or None
 
 
 def _rewrite_host(req: Request, tunnel: "Tunnel") -> None:
@@ -5869,6 +5894,9 @@ class VisitorConn(Pipe):
         self.inflight: Deque[Exchange] = collections.deque()
         self.deferred: Optional[HTTPError] = None   # answer once in-flight ones finish
         self.upgraded = False
+        self.upgrade_log: Optional[Exchange] = None   # the 101, logged when the connection
+        #                               ends (stream bytes each way at the 101: in, out)
+        self.upgrade_marks = (0, 0)
         self.in_body = False          # between a forwarded head and its end
         self.close_after = False      # the request being read asked to close
         self.last_request = False     # ... and it has been read whole
@@ -6064,7 +6092,7 @@ class VisitorConn(Pipe):
             _rewrite_host(req, tunnel)
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
         self.responses.expect(req.method)
-        self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
+        self.inflight.append(Exchange(req.method, req.target, req.upgrade))
         self.in_body = True
         self.close_after = not req.keep_alive
         if verdict is not None:
@@ -6243,6 +6271,10 @@ class VisitorConn(Pipe):
         if ex.upgrade:
             if resp.status == 101:
                 self.upgraded = True
+                stream = self.stream
+                if stream is not None:   # from here on both ways count for its log line
+                    self.upgrade_marks = (stream.bytes_out + len(stream.pending),
+                                          stream.bytes_in - self.responses.upgrade_tail)
                 rest = self.requests.upgrade_done()
                 if rest and self.stream is not None:
                     self.stream.write(rest)
@@ -6255,9 +6287,13 @@ class VisitorConn(Pipe):
             return
         ex = self.inflight.popleft()
         now = time.monotonic()
-        if self.stream is not None and self.tunnel is not None and self.tunnel.wants_log:
-            self.tunnel.session.send_log(self.stream.id, ex.status, now - ex.started, nbytes,
-                                         ex.method, ex.target)
+        tunnel = self.tunnel
+        if self.stream is not None and tunnel is not None and tunnel.wants_log:
+            if self.upgraded and tunnel.logs_upgrades:
+                self.upgrade_log = ex       # its line comes when the connection ends
+            else:
+                tunnel.session.send_log(self.stream.id, ex.status, now - ex.started, nbytes,
+                                        ex.method, ex.target)
         if self.upgraded:
             return
         if not self.inflight:
@@ -6294,8 +6330,23 @@ class VisitorConn(Pipe):
             self.send_bytes(http_response(502, why, method), False)
         self.close_after_flush()
 
+    def _log_upgrade_end(self) -> None:
+        """The access-log line of an upgraded connection, at its end: its duration from
+        the request, and the bytes each way after the 101 (Stream counts them anyway)."""
+        ex, self.upgrade_log = self.upgrade_log, None
+        stream, tunnel = self.stream, self.tunnel
+        if ex is None or stream is None or tunnel is None:
+            return
+        marked_in, marked_out = self.upgrade_marks
+        tunnel.session.send_log(stream.id, ex.status, time.monotonic() - ex.started,
+                                max(0, stream.bytes_in - marked_out), ex.method, ex.target,
+                                bytes_in=max(0, stream.bytes_out - marked_in),
+                                websocket="websocket" in (ex.upgrade or "").lower())
+
     def _gone(self) -> None:
         if not self.closed:
+            if self.upgrade_log is not None:
+                self._log_upgrade_end()
             relay = self.relay
             relay.visitor_left(self.source)
             if self.tunnel is not None:
@@ -6821,6 +6872,7 @@ class Relay(SessionDelegate):
         url = self.public_url(name)
         tunnel = Tunnel(name, session, owner, client_key, url, bool(request.get("log", True)))
         tunnel.policy = policy
+        tunnel.logs_upgrades = request.get("log_upgrades") is True
         tunnel.token_digest = user.digest if user is not None else ""
         tunnel.host_header, tunnel.target_origin = _host_options(request)
         self.tunnels[name] = tunnel
@@ -7516,6 +7568,7 @@ class Client(SessionDelegate):
             return
         request: Dict[str, Any] = {"subdomain": self.name,
                                    "version": __version__, "log": cfg.access_log,
+                                   "log_upgrades": True,
                                    "binding": "" if cfg.plaintext else self.binding}
         if cfg.user:
             request["user"] = cfg.user
@@ -7681,6 +7734,14 @@ class Client(SessionDelegate):
         what = "%s %s" % (record["method"], logged_target(record["target"]))
         if not what.isprintable():   # C0, DEL, C1 (CSI is 0x9b), format and separator chars
             what = escape_unprintable(what)
+        if record.get("upgraded"):      # the end of a WebSocket (or other 101) connection
+            seconds = record["duration"]
+            self.output("%s %s %d %s %s %s in %s out" % (
+                self._clock[1], what, record["status"],
+                "WebSocket" if record.get("websocket") else "upgraded",
+                "%.1fms" % (seconds * 1000.0) if seconds < 1.0 else "%.1fs" % seconds,
+                format_size(record["bytes_in"]), format_size(record["bytes"])))
+            return
         self.output("%s %s %d %.1fms %s" % (
             self._clock[1], what, record["status"],
             record["duration"] * 1000.0, format_size(record["bytes"])))
