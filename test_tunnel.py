@@ -8433,5 +8433,143 @@ class UpgradeLogTest(EndToEndBase):
         self.assertEqual(record.payload[tunnel.LOG_RECORD.size:], b"GET /ws?x=1")
 
 
+class ErrorLogTest(EndToEndBase):
+    """Every 502 the relay or the client makes itself is one access-log line on the
+    client (when the tunnel is up), as the origin's own answers are."""
+
+    LINE = r"^\d\d:\d\d:\d\d %s %s 502 \d+\.\dms \d+B$"
+
+    def dead_port(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        return port
+
+    def assert_one_502_line(self, lines, target, method="GET"):
+        pattern = re.compile(self.LINE % (method, re.escape(target)))
+        wait_until(lambda: any(pattern.match(line) for line in lines),
+                   what="a 502 line for %s" % target)
+        self.assertEqual(len([line for line in lines if " 502 " in line]), 1, lines)
+
+    def test_local_service_down(self):
+        client, lines = self.start_client("down", target_port=self.dead_port())
+        status, body, _ = self.get("/down?token=abc", host="down.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"connection refused", body)
+        self.assert_one_502_line(lines, "/down?token=[secret]")
+
+    def test_origin_that_closes_without_a_response(self):
+        closing = CannedServer(self, b"")
+        client, lines = self.start_client("closes", target_port=closing.port)
+        status, body, _ = self.get("/gone", host="closes.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"closed the connection without a response", body)
+        self.assert_one_502_line(lines, "/gone")
+
+    def test_origin_that_resets_before_a_response(self):
+        self.assertEqual(self.get("/reset")[0], 502)
+        self.assert_one_502_line(self.lines, "/reset")
+
+    def test_origin_that_closes_after_one_of_two_pipelined_requests(self):
+        once = CannedServer(self, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        client, lines = self.start_client("once", target_port=once.port)
+        s = self.raw(b"GET /first HTTP/1.1\r\nHost: once.localhost\r\n\r\n"
+                     b"POST /second HTTP/1.1\r\nHost: once.localhost\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+        answer = closed_by_peer(s)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                          b"HTTP/1.1 502 "), answer)
+        self.assertIn(b"The local service closed the connection without a response.", answer)
+        self.assert_one_502_line(lines, "/second", "POST")
+        self.assertTrue(any(" GET /first 200 " in line for line in lines), lines)
+
+    def test_origin_that_does_not_speak_http(self):
+        banner = CannedServer(self, b"SSH-2.0-OpenSSH_9.6\r\n\x1b[31m")
+        client, lines = self.start_client("ssh", target_port=banner.port)
+        status, body, _ = self.get("/", host="ssh.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"the local service at 127.0.0.1:%d did not answer with HTTP (its "
+                      b"first bytes: SSH-2.0-OpenSSH_9.6\\x0d\\x0a\\x1b[31m)" % banner.port,
+                      body)
+        self.assert_one_502_line(lines, "/")
+
+    def test_origin_that_speaks_tls(self):
+        alerting = CannedServer(self, b"\x15\x03\x01\x00\x02\x02\x46")   # protocol_version
+        client, lines = self.start_client("tls", target_port=alerting.port)
+        status, body, _ = self.get("/tls", host="tls.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"speaks HTTPS", body)
+        self.assert_one_502_line(lines, "/tls")
+
+    def test_a_status_line_in_pieces_is_not_refused(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve():        # "HT", then the rest: HTTP in two segments
+            conn, _ = listener.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.recv(65536)
+                conn.sendall(b"HT")
+                time.sleep(0.05)     # (to make two segments, not to wait for an event)
+                conn.sendall(b"TP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        self.start_client("split", target_port=listener.getsockname()[1])
+        self.assertEqual(self.get("/", host="split.localhost")[:2], (200, b"ok"))
+
+    def rogue_answers(self, name, frame_type, payload=b""):
+        """A hand-made client that answers the stream with FIN or RST and nothing else:
+        the relay's own 502; returns the visitor's answer and the LOG record it got."""
+        rogue = RogueClient(self, self.relay, name)
+        s = self.raw(b"GET /rogue?key=k HTTP/1.1\r\nHost: %s.localhost\r\n\r\n"
+                     % name.encode())
+        frames = list(rogue.frames)
+
+        def next_frame(ftype):
+            while True:
+                while frames:
+                    frame = frames.pop(0)
+                    if frame.type == ftype:
+                        return frame
+                chunk = rogue.sock.recv(65536)
+                self.assertTrue(chunk, "the relay closed the session")
+                frames.extend(rogue.decoder.feed(chunk))
+        opened = next_frame(FrameType.OPEN)
+        rogue.sock.sendall(tunnel.encode_frame(frame_type, opened.stream_id, payload))
+        answer = closed_by_peer(s)
+        record = next_frame(FrameType.LOG)
+        status, _, nbytes = tunnel.LOG_RECORD.unpack_from(record.payload)
+        self.assertEqual((status, nbytes), (502, len(answer)))
+        self.assertEqual(record.payload[tunnel.LOG_RECORD.size:], b"GET /rogue?key=k")
+        return answer
+
+    def test_the_client_resets_the_stream(self):
+        answer = self.rogue_answers("rst", FrameType.RST, b"no socket")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer)
+        self.assertIn(b"The tunnel's client reset the stream: no socket.", answer)
+
+    def test_the_client_ends_the_stream_without_a_response(self):
+        answer = self.rogue_answers("fin", FrameType.FIN)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer)
+        self.assertIn(b"The local service closed the connection without a response.", answer)
+
+    def test_a_client_in_its_grace_period(self):
+        s = self.raw(b"GET /slow HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertTrue(self.origin.slow_started.wait(WAIT))
+        self.client.loop.call_soon_threadsafe(self.client.shutdown)
+        wait_until(lambda: self.relay.loop.run_in_loop(
+            lambda: self.relay.tunnels["demo"].session.goaway_received), what="GOAWAY")
+        status, body, _ = self.get("/late")
+        self.assertEqual(status, 502)
+        self.assert_one_502_line(self.lines, "/late")
+        self.origin.slow_gate.set()
+        self.assertTrue(recv_until(s, b"slow done").endswith(b"slow done"))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -410,6 +410,8 @@ IDENTITY_NAME = "tunnel.py relay"       # its subject and issuer common name
 STATE_DIR_ENV = "TUNNEL_STATE_DIR"      # overrides the default state directory
 TLS_HANDSHAKE_RECORD = b"\x16\x03"        # a TLS record header: handshake, version 3.x
 TLS_ALERT_RECORD = b"\x15\x03"            # ... an alert (what TLS servers answer HTTP with)
+HTTP_RESPONSE_START = b"HTTP/"          # what an origin's first bytes must begin with
+NOT_HTTP_SHOWN = 32                     # bytes of a non-HTTP origin's first answer shown
 SEAL_LABEL = b"seal"                    # MAC label of the key that seals AUTH's secrets
 CLIENT_SECRET_BYTES = 32                # per-client secret: binds a name reservation
 
@@ -6051,7 +6053,14 @@ class VisitorConn(Pipe):
         tunnel = self.tunnel
         if tunnel is None or req.host != self.bound_host:   # a new connection or Host
             name = self.relay.route(req)
-            tunnel = tunnel or self.relay.tunnel_for(name)
+            if tunnel is None:
+                try:
+                    tunnel = self.relay.tunnel_for(name)
+                except HTTPError as exc:   # 502: its client is going away (GOAWAY) or gone
+                    if exc.status != 502:
+                        raise
+                    self._log_refusal(self.relay.tunnels.get(name), req, exc)
+                    raise
         else:
             name = tunnel.name
         if name != tunnel.name:
@@ -6087,7 +6096,9 @@ class VisitorConn(Pipe):
             self.stream.handler = self
             log.debug("visitor %s -> %s stream %d", self.peer, name, self.stream.id)
         if self.stream is None or not self.stream.can_send:
-            raise HTTPError(502, "The tunnel's client went away.")
+            gone = HTTPError(502, "The tunnel's client went away.")
+            self._log_refusal(tunnel, req, gone)
+            raise gone
         if tunnel.host_header:
             _rewrite_host(req, tunnel)
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
@@ -6325,10 +6336,27 @@ class VisitorConn(Pipe):
             return
         if (self.inflight and not self.upgraded and self.inflight[0].status == 0
                 and self.responses.message_bytes == 0):
-            method = self.inflight[0].method
+            ex = self.inflight[0]
             self.inflight.clear()
-            self.send_bytes(http_response(502, why, method), False)
+            page = http_response(502, why, ex.method)
+            self.send_bytes(page, False)
+            self._log_answer(self.tunnel, 502, ex.started, len(page), ex.method, ex.target)
         self.close_after_flush()
+
+    def _log_answer(self, tunnel: Optional[Tunnel], status: int, started: float, nbytes: int,
+                    method: str, target: str) -> None:
+        """A relay-made answer's access-log line (as the origin's answers get theirs), if
+        the tunnel's client is there to print it."""
+        if tunnel is not None and tunnel.wants_log and not tunnel.session.closed:
+            tunnel.session.send_log(self.stream.id if self.stream is not None else 0, status,
+                                    time.monotonic() - started, nbytes, method, target)
+
+    def _log_refusal(self, tunnel: Optional[Tunnel], req: Request, exc: HTTPError) -> None:
+        """Log the error page the relay is about to answer ``req`` with (made here once
+        more, for its size: an error path)."""
+        self._log_answer(tunnel, exc.status, self.head_started,
+                         len(http_response(exc.status, str(exc), req.method, exc.headers)),
+                         req.method, req.target)
 
     def _log_upgrade_end(self) -> None:
         """The access-log line of an upgraded connection, at its end: its duration from
@@ -7221,6 +7249,15 @@ class TargetConn(Pipe):
                 self._connect_failed("the local service at %s speaks HTTPS: expose "
                                      "https://%s (with --target-insecure for a self-signed "
                                      "certificate)" % (self.target, self.target))
+                return
+            if (data[:len(HTTP_RESPONSE_START)] != HTTP_RESPONSE_START[:len(data)]
+                    and self.stream is not None and self.stream.can_send):
+                # Not HTTP at all (an SSH or database port): a 502 that says so, rather
+                # than the bytes themselves for the visitor's browser to choke on.
+                shown = bytes(data[:NOT_HTTP_SHOWN]).decode("ascii", "backslashreplace")
+                self._connect_failed("the local service at %s did not answer with HTTP (its "
+                                     "first bytes: %s)" % (self.target,
+                                                           escape_unprintable(shown)))
                 return
         self.on_socket_data(data)
 
