@@ -4976,8 +4976,8 @@ class UsabilityTest(EndToEndBase):
                       "or drop it on the relay", str(cm.exception))
 
     def test_unresolvable_and_refused_relay_hint_once(self):
-        self.assertEqual(tunnel.describe_oserror(socket.gaierror(socket.EAI_NONAME, "x")),
-                         "cannot resolve the host name")
+        self.assertEqual(tunnel.describe_oserror(socket.gaierror(
+            socket.EAI_NONAME, "Name or service not known")), "Name or service not known")
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))
             port = closed.getsockname()[1]      # bound, not listening: refused
@@ -7895,9 +7895,9 @@ class ClientHintsTest(EndToEndBase):
         wait_until(lambda: any("use socks5h://" in m for m in self.warnings()),
                    what="the failure")
         line = [m for m in self.warnings() if "use socks5h://" in m][0]
-        self.assertTrue(line.startswith("could not reach the relay: cannot resolve "
-                                        "no-such-host.invalid: "), line)
-        self.assertTrue(line.endswith("; use socks5h:// to let the proxy resolve it"), line)
+        self.assertEqual(line, "could not reach the relay: cannot resolve no-such-host.invalid: "
+                         "%s; use socks5h:// to let the proxy resolve it"
+                         % resolver_says("no-such-host.invalid"))
         self.assertEqual(proxy.requests, [])
 
     def test_proxy_502_says_could_not_reach(self):
@@ -8569,6 +8569,60 @@ class ErrorLogTest(EndToEndBase):
         self.assert_one_502_line(self.lines, "/late")
         self.origin.slow_gate.set()
         self.assertTrue(recv_until(s, b"slow done").endswith(b"slow done"))
+
+
+def resolver_says(host):
+    """This machine's resolver's own message for a name that does not resolve (a name
+    under .invalid, RFC 6761: never resolvable), checked to be quick here."""
+    started = time.monotonic()
+    try:
+        socket.getaddrinfo(host, 80, 0, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if time.monotonic() - started > SLOW_RESOLVER:
+            raise unittest.SkipTest("the resolver takes %.1fs for %s here"
+                                    % (time.monotonic() - started, host))
+        return exc.strerror
+    raise unittest.SkipTest("%s resolves here" % host)
+
+
+SLOW_RESOLVER = 2.0     # seconds: a resolver slower than this for .invalid skips the test
+
+
+class NameLookupTest(EndToEndBase):
+    """A name that does not resolve is said in words: the name and the resolver's own
+    message (not an errno), for the relay and for the target."""
+
+    def setUp(self):
+        self.capture = self.capture_logs(logging.INFO)
+        super().setUp()
+
+    def test_unresolvable_relay(self):
+        said = resolver_says("relay.invalid")
+        client, _ = self.start_client("x", relay_host="relay.invalid", relay_port=7835,
+                                      wait=False, backoff_initial=0.01, backoff_max=0.02)
+        wait_until(lambda: client.attempt >= 2, what="two attempts")
+        failures = [m for m in self.capture.messages(logging.WARNING)
+                    if m.startswith("could not reach the relay")]
+        self.assertEqual(failures[0], "could not reach the relay: cannot resolve relay.invalid: "
+                         "%s" % said)
+
+    def test_unresolvable_proxy(self):
+        said = resolver_says("proxy.invalid")
+        client, _ = self.start_client("x", proxy="http://proxy.invalid:3128", wait=False,
+                                      backoff_initial=0.01, backoff_max=0.02)
+        wait_until(lambda: client.attempt >= 2, what="two attempts")
+        failures = [m for m in self.capture.messages(logging.WARNING)
+                    if m.startswith("could not reach the relay")]
+        self.assertEqual(failures[0], "could not reach the relay: proxy proxy.invalid:3128: "
+                         "cannot resolve proxy.invalid: %s" % said)
+
+    def test_unresolvable_target(self):
+        said = resolver_says("origin.invalid")
+        self.start_client("nowhere", target_host="origin.invalid", target_port=5000)
+        status, body, _ = self.get("/", host="nowhere.localhost")
+        self.assertEqual(status, 502)
+        self.assertEqual(body.decode(), "could not connect to origin.invalid:5000: cannot "
+                         "resolve origin.invalid: %s\n" % said)
 
 
 if __name__ == "__main__":

@@ -944,11 +944,13 @@ def is_loopback(host: str) -> bool:
     return bool((mapped or ip).is_loopback)
 
 def describe_oserror(exc: OSError) -> str:
-    """``connection refused`` rather than ``[Errno 111] Connection refused``."""
+    """``connection refused`` rather than ``[Errno 111] Connection refused``; a failed
+    name lookup is the resolver's own words (``Name or service not known``), to follow
+    ``cannot resolve HOST: ``."""
     if isinstance(exc, socket.timeout):
         return "timed out"
     if isinstance(exc, socket.gaierror):     # errno is an EAI_* code, not an errno
-        return "cannot resolve the host name"
+        return exc.strerror or str(exc) or "the name does not resolve"
     if exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or exc.__class__.__name__
@@ -5360,6 +5362,10 @@ class Dialer(Conn):
         self._timer = loop.call_later(timeout, self._timeout)
         try:
             self._addrs = list(addrs) if addrs is not None else resolve(host, port)
+        except socket.gaierror as exc:      # "cannot resolve HOST: <the resolver's words>"
+            why = "cannot resolve %s: %s" % (escape_unprintable(host), describe_oserror(exc))
+            loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE, bare=not where))
+            return      # (a proxy's: "proxy HOST:PORT: cannot resolve HOST: ...")
         except (OSError, UnicodeError) as exc:   # UnicodeError: a label over 63 bytes
             why = describe_oserror(exc) if isinstance(exc, OSError) else "invalid host name"
             loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
@@ -7218,6 +7224,8 @@ class TargetConn(Pipe):
                     "--target-insecure, or --target-ca FILE)")
         elif kind == DIAL_TLS_FAILED and TLS_NOT_SPOKEN in why:
             why += " (the local service does not speak HTTPS: use an http:// TARGET)"
+        if why.startswith("cannot resolve "):      # the Dialer's words name the host only
+            why = "%s: %s" % (self.target, why)
         if not self.closed:
             self._connect_failed("could not connect to %s" % why)
 
