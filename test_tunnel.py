@@ -8267,12 +8267,13 @@ def ipv6_loopback_available():
     return True
 
 
-class IPv6Origin(Origin):
-    """The test origin on [::1]:0 only (as Vite and Node listen where localhost is ::1)."""
-    address_family = socket.AF_INET6
+class LocalOrigin(Origin):
+    """The test origin elsewhere than 127.0.0.1 (``host="::1"``: as Vite and Node listen
+    where localhost is ::1) or with another handler; serve_origin runs it."""
 
-    def __init__(self):
-        http.server.ThreadingHTTPServer.__init__(self, ("::1", 0), OriginHandler)
+    def __init__(self, host="127.0.0.1", handler=OriginHandler):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        http.server.ThreadingHTTPServer.__init__(self, (host, 0), handler)
         self.blob = b""
         self.sse_gate = threading.Event()
         self.slow_gate = threading.Event()
@@ -8280,18 +8281,22 @@ class IPv6Origin(Origin):
         self.seen = []
 
 
+def serve_origin(test, origin):
+    """Run ``origin`` until the test's cleanup."""
+    def stop():
+        origin.slow_gate.set()
+        origin.shutdown()
+        origin.server_close()
+    run_in_thread(test, lambda: origin.serve_forever(poll_interval=0.05), stop, "origin")
+    return origin
+
+
 @unittest.skipUnless(ipv6_loopback_available(), "needs an IPv6 loopback (::1)")
 class LoopbackFallbackTest(EndToEndBase):
     """expose PORT (a bare port) tries 127.0.0.1, then ::1; HOST:PORT means that host."""
 
     def setUp(self):
-        self.origin6 = IPv6Origin()
-
-        def stop():
-            self.origin6.shutdown()
-            self.origin6.server_close()
-        run_in_thread(self, lambda: self.origin6.serve_forever(poll_interval=0.05), stop,
-                      "origin6")
+        self.origin6 = serve_origin(self, LocalOrigin("::1"))
         self.port6 = self.origin6.server_address[1]
         self.relay = self.start_relay()
 
@@ -8623,6 +8628,74 @@ class NameLookupTest(EndToEndBase):
         self.assertEqual(status, 502)
         self.assertEqual(body.decode(), "could not connect to origin.invalid:5000: cannot "
                          "resolve origin.invalid: %s\n" % said)
+
+
+class HostCheckingHandler(OriginHandler):
+    """An app that answers only to its own Host (Django's ALLOWED_HOSTS, Vite's
+    allowedHosts, Jupyter without allow_remote_access): 403 for any other; with
+    ``server.check_origin``, also a WebSocket whose Origin is not Host's (Jupyter)."""
+
+    def do_GET(self):
+        own = "127.0.0.1:%d" % self.server.server_address[1]
+        if self.headers.get("Host") != own:
+            self.reply(403, b"Blocking request with non-local 'Host'")
+            return
+        if (self.server.check_origin
+                and self.headers.get("Upgrade", "").lower() == "websocket"):
+            origin = self.headers.get("Origin") or ""
+            if urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
+                self.reply(403, b"Blocking Cross Origin WebSocket Attempt")
+                return
+        OriginHandler.do_GET(self)
+
+
+class HostCheckingOriginTest(EndToEndBase):
+    """Apps that check Host, and Origin against Host, reached through the tunnel: their
+    403 by default, served with --host-header rewrite (and a fixed --host-header is not
+    enough for the Origin check)."""
+
+    def setUp(self):
+        self.origin = serve_origin(self, LocalOrigin(handler=HostCheckingHandler))
+        self.origin.check_origin = False
+        self.own = "127.0.0.1:%d" % self.origin.server_address[1]
+        self.relay = self.start_relay()
+
+    def upgrade(self, name, origin):
+        """A browser's WebSocket to NAME with Origin ``origin`` (the tunnel's own by
+        default): the answer's head, and the socket."""
+        s = self.raw(ws_upgrade("%s.localhost:%d" % (name, self.relay.http_port),
+                                extra="Origin: %s\r\n" % origin))
+        return recv_until(s, b"\r\n\r\n"), s
+
+    def public(self, name):
+        return "http://%s.localhost:%d" % (name, self.relay.http_port)
+
+    def test_an_app_that_checks_host(self):
+        self.start_client("plain")
+        status, body, _ = self.get("/hello", host="plain.localhost")
+        self.assertEqual((status, body), (403, b"Blocking request with non-local 'Host'"))
+        self.start_client("rewritten", host_header="rewrite")
+        self.assertEqual(self.get("/hello", host="rewritten.localhost")[:2], (200, b"hello"))
+        self.start_client("fixed", host_header=self.own)
+        self.assertEqual(self.get("/hello", host="fixed.localhost")[:2], (200, b"hello"))
+
+    def test_an_app_that_compares_origin_with_host_on_websockets(self):
+        self.origin.check_origin = True
+        self.start_client("jplain")
+        head, _ = self.upgrade("jplain", self.public("jplain"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)      # its Host check
+        self.start_client("jfixed", host_header=self.own)
+        head, _ = self.upgrade("jfixed", self.public("jfixed"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)      # Origin is not Host
+        self.start_client("jrewrite", host_header="rewrite")
+        head, s = self.upgrade("jrewrite", self.public("jrewrite"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        s.sendall(ws_frame(1, b"kernel"))
+        self.assertEqual(recv_until(s, b"kernel"), b"\x81\x06kernel")   # echoed
+        # Another site's page gets the app's own refusal still.
+        head, _ = self.upgrade("jrewrite", "https://evil.example")
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+        self.assertEqual(self.get("/hello", host="jrewrite.localhost")[:2], (200, b"hello"))
 
 
 if __name__ == "__main__":
