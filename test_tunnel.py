@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -4981,8 +4982,8 @@ class UsabilityTest(EndToEndBase):
                       "or drop it on the relay", str(cm.exception))
 
     def test_unresolvable_and_refused_relay_hint_once(self):
-        self.assertEqual(tunnel.describe_oserror(socket.gaierror(socket.EAI_NONAME, "x")),
-                         "cannot resolve the host name")
+        self.assertEqual(tunnel.describe_oserror(socket.gaierror(
+            socket.EAI_NONAME, "Name or service not known")), "Name or service not known")
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))
             port = closed.getsockname()[1]      # bound, not listening: refused
@@ -7941,9 +7942,9 @@ class ClientHintsTest(EndToEndBase):
         wait_until(lambda: any("use socks5h://" in m for m in self.warnings()),
                    what="the failure")
         line = [m for m in self.warnings() if "use socks5h://" in m][0]
-        self.assertTrue(line.startswith("could not reach the relay: cannot resolve "
-                                        "no-such-host.invalid: "), line)
-        self.assertTrue(line.endswith("; use socks5h:// to let the proxy resolve it"), line)
+        self.assertEqual(line, "could not reach the relay: cannot resolve no-such-host.invalid: "
+                         "%s; use socks5h:// to let the proxy resolve it"
+                         % resolver_says("no-such-host.invalid"))
         self.assertEqual(proxy.requests, [])
 
     def test_proxy_502_says_could_not_reach(self):
@@ -8664,6 +8665,452 @@ class ErrorPolicyTest(unittest.TestCase):
         self.assertEqual(len(bugs), 1)
         self.assertIn("internal error on", bugs[0].getMessage())
         self.assertIsNotNone(bugs[0].exc_info)
+
+
+def ipv6_loopback_available():
+    """Can a server listen on ::1 here (a host or container without IPv6: no)?"""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+            s.listen(1)
+            with socket.create_connection(("::1", s.getsockname()[1]), WAIT):
+                pass
+    except OSError:
+        return False
+    return True
+
+
+class LocalOrigin(Origin):
+    """The test origin elsewhere than 127.0.0.1 (``host="::1"``: as Vite and Node listen
+    where localhost is ::1) or with another handler; serve_origin runs it."""
+
+    def __init__(self, host="127.0.0.1", handler=OriginHandler):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        http.server.ThreadingHTTPServer.__init__(self, (host, 0), handler)
+        self.blob = b""
+        self.sse_gate = threading.Event()
+        self.slow_gate = threading.Event()
+        self.slow_started = threading.Event()
+        self.seen = []
+
+
+def serve_origin(test, origin):
+    """Run ``origin`` until the test's cleanup."""
+    def stop():
+        origin.slow_gate.set()
+        origin.shutdown()
+        origin.server_close()
+    run_in_thread(test, lambda: origin.serve_forever(poll_interval=0.05), stop, "origin")
+    return origin
+
+
+@unittest.skipUnless(ipv6_loopback_available(), "needs an IPv6 loopback (::1)")
+class LoopbackFallbackTest(EndToEndBase):
+    """expose PORT (a bare port) tries 127.0.0.1, then ::1; HOST:PORT means that host."""
+
+    def setUp(self):
+        self.origin6 = serve_origin(self, LocalOrigin("::1"))
+        self.port6 = self.origin6.server_address[1]
+        self.relay = self.start_relay()
+
+    def test_bare_port_reaches_a_server_on_ipv6_loopback_only(self):
+        client, lines = self.start_client("six", target_port=self.port6,
+                                          target_loopback_fallback=True)
+        for _ in range(3):      # the first finds ::1; the next go there first
+            self.assertEqual(self.get("/bytes?n=100000&seed=6", host="six.localhost")[:2],
+                             (200, pattern(100000, 6)))
+        self.assertEqual(self.get("/hello", host="six.localhost")[:2], (200, b"hello"))
+        self.assertEqual(client.loopback[0][0], socket.AF_INET6)    # remembered
+
+    def test_explicit_host_gets_no_fallback(self):
+        self.start_client("four", target_port=self.port6)      # 127.0.0.1:PORT, as given
+        status, body, _ = self.get("/hello", host="four.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"could not connect to 127.0.0.1:%d: connection refused" % self.port6,
+                      body)
+
+    def test_refused_on_both_is_the_usual_502(self):
+        with socket.socket(socket.AF_INET6) as six, socket.socket() as four:
+            four.bind(("127.0.0.1", 0))         # bound, not listening: refused on both
+            port = four.getsockname()[1]
+            try:
+                six.bind(("::1", port))
+            except OSError:
+                self.skipTest("port %d is taken on ::1" % port)
+            self.start_client("none", target_port=port, target_loopback_fallback=True)
+            status, body, _ = self.get("/hello", host="none.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"could not connect to 127.0.0.1:%d: connection refused" % port, body)
+
+    def test_command_line_bare_port_falls_back(self):
+        p = CommandLineTest.spawn(self, "expose", str(self.port6), "--relay",
+                                  "127.0.0.1:%d" % self.relay.control_port, "--token", TOKEN,
+                                  "--plaintext", "--subdomain", "cli6")
+        line = p.stdout.readline().decode()
+        self.assertTrue(line.startswith("Forwarding http://cli6.localhost:"), line)
+        self.assertEqual(self.get("/hello", host="cli6.localhost")[:2], (200, b"hello"))
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=WAIT)
+        self.assertEqual(p.returncode, 0)
+
+
+def ws_upgrade(host, path="/ws", extra=""):
+    """A visitor's WebSocket upgrade request (as a browser sends it, without Origin)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+            % (path, host, key, extra)).encode()
+
+
+class UpgradeLogTest(EndToEndBase):
+    """An upgraded connection (101: WebSocket) is one access-log line, at its end: its
+    duration and the bytes each way after the upgrade."""
+
+    LINE = re.compile(r"^\d\d:\d\d:\d\d GET /ws\?x=1 101 WebSocket (\d+\.\d)(ms|s) "
+                      r"(\S+) in (\S+) out$")
+
+    def ws_lines(self):
+        return [line for line in self.lines if " /ws" in line]
+
+    def test_websocket_is_logged_once_at_its_end_with_the_bytes_each_way(self):
+        started = time.monotonic()
+        s = self.raw(ws_upgrade("demo.localhost", "/ws?x=1"))
+        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
+        upgraded = time.monotonic()
+        message = ws_frame(2, b"m" * 300)           # masked: 2 + 2 + 4 + 300 bytes
+        s.sendall(message)
+        echo = b""
+        while len(echo) < 304:                      # unmasked: 2 + 2 + 300 bytes
+            chunk = s.recv(65536)
+            self.assertTrue(chunk)
+            echo += chunk
+        self.assertEqual(echo, b"\x82\x7e\x01\x2c" + b"m" * 300)
+        # A request after it is logged; the WebSocket, still open, is not.
+        self.assertEqual(self.get("/hello")[0], 200)
+        wait_until(lambda: any(" /hello 200 " in line for line in self.lines),
+                   what="the /hello line")
+        self.assertEqual(self.ws_lines(), [])
+        opened_for = time.monotonic() - upgraded
+        close = ws_frame(8, b"\x03\xe8")            # masked: 2 + 4 + 2 bytes
+        s.sendall(close)
+        self.assertEqual(closed_by_peer(s), b"\x88\x02\x03\xe8")   # echoed, then closed
+        self.assertEqual(self.ws_lines(), [])       # the visitor has not closed yet
+        s.close()
+        wait_until(lambda: self.ws_lines(), what="the WebSocket's line")
+        ended = time.monotonic()
+        lines = self.ws_lines()
+        self.assertEqual(len(lines), 1, lines)
+        m = self.LINE.match(lines[0])
+        self.assertIsNotNone(m, lines[0])
+        self.assertEqual(m.group(3), "%dB" % (len(message) + len(close)))     # 316B in
+        self.assertEqual(m.group(4), "%dB" % (len(echo) + 4))                 # 308B out
+        seconds = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+        self.assertGreaterEqual(seconds + 0.05, opened_for)   # from the request to the end
+        self.assertLessEqual(seconds, ended - started)
+        self.assertTrue(lines[0].isascii())
+
+    def test_bytes_that_came_with_the_heads_count(self):
+        """Frames in the same segment as the upgrade request, or as the 101, count."""
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\n")
+        pushed = ws_frame(1, b"p" * 200, mask=False)     # 2 + 2 + 200 bytes
+        canned = CannedServer(self, head + pushed)        # then closes
+        client, lines = self.start_client("canned", target_port=canned.port)
+        sent = ws_frame(1, b"q" * 50)                     # 2 + 4 + 50 bytes, pipelined
+        s = self.raw(ws_upgrade("canned.localhost", "/ws?x=1") + sent)
+        self.assertEqual(closed_by_peer(s), head + pushed)
+        s.close()
+        wait_until(lambda: any(" /ws" in line for line in lines), what="the line")
+        m = self.LINE.match([line for line in lines if " /ws" in line][0])
+        self.assertEqual((m.group(3), m.group(4)), ("56B", "204B"))
+
+    def test_an_old_client_gets_its_line_at_the_101(self):
+        """A client that did not ask ("log_upgrades") gets the LOG record as before."""
+        rogue = RogueClient(self, self.relay, "old")
+        s = self.raw(ws_upgrade("old.localhost", "/ws?x=1"))
+        frames = list(rogue.frames)
+
+        def next_frame(ftype):
+            while True:
+                while frames:
+                    frame = frames.pop(0)
+                    if frame.type == ftype:
+                        return frame
+                chunk = rogue.sock.recv(65536)
+                self.assertTrue(chunk, "the relay closed the session")
+                frames.extend(rogue.decoder.feed(chunk))
+        opened = next_frame(FrameType.OPEN)
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\n")
+        rogue.sock.sendall(tunnel.encode_frame(FrameType.DATA, opened.stream_id, head))
+        self.assertEqual(recv_until(s, b"\r\n\r\n"), head)
+        record = next_frame(FrameType.LOG)      # at the 101, the connection still open
+        self.assertEqual(record.flags, 0)
+        status, _, nbytes = tunnel.LOG_RECORD.unpack_from(record.payload)
+        self.assertEqual((status, nbytes), (101, len(head)))
+        self.assertEqual(record.payload[tunnel.LOG_RECORD.size:], b"GET /ws?x=1")
+
+
+class ErrorLogTest(EndToEndBase):
+    """Every 502 the relay or the client makes itself is one access-log line on the
+    client (when the tunnel is up), as the origin's own answers are."""
+
+    LINE = r"^\d\d:\d\d:\d\d %s %s 502 \d+\.\dms \d+B$"
+
+    def dead_port(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        return port
+
+    def assert_one_502_line(self, lines, target, method="GET"):
+        pattern = re.compile(self.LINE % (method, re.escape(target)))
+        wait_until(lambda: any(pattern.match(line) for line in lines),
+                   what="a 502 line for %s" % target)
+        self.assertEqual(len([line for line in lines if " 502 " in line]), 1, lines)
+
+    def test_local_service_down(self):
+        client, lines = self.start_client("down", target_port=self.dead_port())
+        status, body, _ = self.get("/down?token=abc", host="down.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"connection refused", body)
+        self.assert_one_502_line(lines, "/down?token=[secret]")
+
+    def test_origin_that_closes_without_a_response(self):
+        closing = CannedServer(self, b"")
+        client, lines = self.start_client("closes", target_port=closing.port)
+        status, body, _ = self.get("/gone", host="closes.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"closed the connection without a response", body)
+        self.assert_one_502_line(lines, "/gone")
+
+    def test_origin_that_resets_before_a_response(self):
+        self.assertEqual(self.get("/reset")[0], 502)
+        self.assert_one_502_line(self.lines, "/reset")
+
+    def test_origin_that_closes_after_one_of_two_pipelined_requests(self):
+        once = CannedServer(self, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        client, lines = self.start_client("once", target_port=once.port)
+        s = self.raw(b"GET /first HTTP/1.1\r\nHost: once.localhost\r\n\r\n"
+                     b"POST /second HTTP/1.1\r\nHost: once.localhost\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+        answer = closed_by_peer(s)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                          b"HTTP/1.1 502 "), answer)
+        self.assertIn(b"The local service closed the connection without a response.", answer)
+        self.assert_one_502_line(lines, "/second", "POST")
+        self.assertTrue(any(" GET /first 200 " in line for line in lines), lines)
+
+    def test_origin_that_does_not_speak_http(self):
+        banner = CannedServer(self, b"SSH-2.0-OpenSSH_9.6\r\n\x1b[31m")
+        client, lines = self.start_client("ssh", target_port=banner.port)
+        status, body, _ = self.get("/", host="ssh.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"the local service at 127.0.0.1:%d did not answer with HTTP (its "
+                      b"first bytes: SSH-2.0-OpenSSH_9.6\\x0d\\x0a\\x1b[31m)" % banner.port,
+                      body)
+        self.assert_one_502_line(lines, "/")
+
+    def test_origin_that_speaks_tls(self):
+        alerting = CannedServer(self, b"\x15\x03\x01\x00\x02\x02\x46")   # protocol_version
+        client, lines = self.start_client("tls", target_port=alerting.port)
+        status, body, _ = self.get("/tls", host="tls.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"speaks HTTPS", body)
+        self.assert_one_502_line(lines, "/tls")
+
+    def test_a_status_line_in_pieces_is_not_refused(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve():        # "HT", then the rest: HTTP in two segments
+            conn, _ = listener.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.recv(65536)
+                conn.sendall(b"HT")
+                time.sleep(0.05)     # (to make two segments, not to wait for an event)
+                conn.sendall(b"TP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        self.start_client("split", target_port=listener.getsockname()[1])
+        self.assertEqual(self.get("/", host="split.localhost")[:2], (200, b"ok"))
+
+    def rogue_answers(self, name, frame_type, payload=b""):
+        """A hand-made client that answers the stream with FIN or RST and nothing else:
+        the relay's own 502; returns the visitor's answer and the LOG record it got."""
+        rogue = RogueClient(self, self.relay, name)
+        s = self.raw(b"GET /rogue?key=k HTTP/1.1\r\nHost: %s.localhost\r\n\r\n"
+                     % name.encode())
+        frames = list(rogue.frames)
+
+        def next_frame(ftype):
+            while True:
+                while frames:
+                    frame = frames.pop(0)
+                    if frame.type == ftype:
+                        return frame
+                chunk = rogue.sock.recv(65536)
+                self.assertTrue(chunk, "the relay closed the session")
+                frames.extend(rogue.decoder.feed(chunk))
+        opened = next_frame(FrameType.OPEN)
+        rogue.sock.sendall(tunnel.encode_frame(frame_type, opened.stream_id, payload))
+        answer = closed_by_peer(s)
+        record = next_frame(FrameType.LOG)
+        status, _, nbytes = tunnel.LOG_RECORD.unpack_from(record.payload)
+        self.assertEqual((status, nbytes), (502, len(answer)))
+        self.assertEqual(record.payload[tunnel.LOG_RECORD.size:], b"GET /rogue?key=k")
+        return answer
+
+    def test_the_client_resets_the_stream(self):
+        answer = self.rogue_answers("rst", FrameType.RST, b"no socket")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer)
+        self.assertIn(b"The tunnel's client reset the stream: no socket.", answer)
+
+    def test_the_client_ends_the_stream_without_a_response(self):
+        answer = self.rogue_answers("fin", FrameType.FIN)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer)
+        self.assertIn(b"The local service closed the connection without a response.", answer)
+
+    def test_a_client_in_its_grace_period(self):
+        s = self.raw(b"GET /slow HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertTrue(self.origin.slow_started.wait(WAIT))
+        self.client.loop.call_soon_threadsafe(self.client.shutdown)
+        wait_until(lambda: self.relay.loop.run_in_loop(
+            lambda: self.relay.tunnels["demo"].session.goaway_received), what="GOAWAY")
+        status, body, _ = self.get("/late")
+        self.assertEqual(status, 502)
+        self.assert_one_502_line(self.lines, "/late")
+        self.origin.slow_gate.set()
+        self.assertTrue(recv_until(s, b"slow done").endswith(b"slow done"))
+
+
+def resolver_says(host):
+    """This machine's resolver's own message for a name that does not resolve (a name
+    under .invalid, RFC 6761: never resolvable), checked to be quick here."""
+    started = time.monotonic()
+    try:
+        socket.getaddrinfo(host, 80, 0, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if time.monotonic() - started > SLOW_RESOLVER:
+            raise unittest.SkipTest("the resolver takes %.1fs for %s here"
+                                    % (time.monotonic() - started, host))
+        return exc.strerror
+    raise unittest.SkipTest("%s resolves here" % host)
+
+
+SLOW_RESOLVER = 2.0     # seconds: a resolver slower than this for .invalid skips the test
+
+
+class NameLookupTest(EndToEndBase):
+    """A name that does not resolve is said in words: the name and the resolver's own
+    message (not an errno), for the relay and for the target."""
+
+    def setUp(self):
+        self.capture = self.capture_logs(logging.INFO)
+        super().setUp()
+
+    def test_unresolvable_relay(self):
+        said = resolver_says("relay.invalid")
+        client, _ = self.start_client("x", relay_host="relay.invalid", relay_port=7835,
+                                      wait=False, backoff_initial=0.01, backoff_max=0.02)
+        wait_until(lambda: client.attempt >= 2, what="two attempts")
+        failures = [m for m in self.capture.messages(logging.WARNING)
+                    if m.startswith("could not reach the relay")]
+        self.assertEqual(failures[0], "could not reach the relay: cannot resolve relay.invalid: "
+                         "%s" % said)
+
+    def test_unresolvable_proxy(self):
+        said = resolver_says("proxy.invalid")
+        client, _ = self.start_client("x", proxy="http://proxy.invalid:3128", wait=False,
+                                      backoff_initial=0.01, backoff_max=0.02)
+        wait_until(lambda: client.attempt >= 2, what="two attempts")
+        failures = [m for m in self.capture.messages(logging.WARNING)
+                    if m.startswith("could not reach the relay")]
+        self.assertEqual(failures[0], "could not reach the relay: proxy proxy.invalid:3128: "
+                         "cannot resolve proxy.invalid: %s" % said)
+
+    def test_unresolvable_target(self):
+        said = resolver_says("origin.invalid")
+        self.start_client("nowhere", target_host="origin.invalid", target_port=5000)
+        status, body, _ = self.get("/", host="nowhere.localhost")
+        self.assertEqual(status, 502)
+        self.assertEqual(body.decode(), "could not connect to origin.invalid:5000: cannot "
+                         "resolve origin.invalid: %s\n" % said)
+
+
+class HostCheckingHandler(OriginHandler):
+    """An app that answers only to its own Host (Django's ALLOWED_HOSTS, Vite's
+    allowedHosts, Jupyter without allow_remote_access): 403 for any other; with
+    ``server.check_origin``, also a WebSocket whose Origin is not Host's (Jupyter)."""
+
+    def do_GET(self):
+        own = "127.0.0.1:%d" % self.server.server_address[1]
+        if self.headers.get("Host") != own:
+            self.reply(403, b"Blocking request with non-local 'Host'")
+            return
+        if (self.server.check_origin
+                and self.headers.get("Upgrade", "").lower() == "websocket"):
+            origin = self.headers.get("Origin") or ""
+            if urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
+                self.reply(403, b"Blocking Cross Origin WebSocket Attempt")
+                return
+        OriginHandler.do_GET(self)
+
+
+class HostCheckingOriginTest(EndToEndBase):
+    """Apps that check Host, and Origin against Host, reached through the tunnel: their
+    403 by default, served with --host-header rewrite (and a fixed --host-header is not
+    enough for the Origin check)."""
+
+    def setUp(self):
+        self.origin = serve_origin(self, LocalOrigin(handler=HostCheckingHandler))
+        self.origin.check_origin = False
+        self.own = "127.0.0.1:%d" % self.origin.server_address[1]
+        self.relay = self.start_relay()
+
+    def upgrade(self, name, origin):
+        """A browser's WebSocket to NAME with Origin ``origin`` (the tunnel's own by
+        default): the answer's head, and the socket."""
+        s = self.raw(ws_upgrade("%s.localhost:%d" % (name, self.relay.http_port),
+                                extra="Origin: %s\r\n" % origin))
+        return recv_until(s, b"\r\n\r\n"), s
+
+    def public(self, name):
+        return "http://%s.localhost:%d" % (name, self.relay.http_port)
+
+    def test_an_app_that_checks_host(self):
+        self.start_client("plain")
+        status, body, _ = self.get("/hello", host="plain.localhost")
+        self.assertEqual((status, body), (403, b"Blocking request with non-local 'Host'"))
+        self.start_client("rewritten", host_header="rewrite")
+        self.assertEqual(self.get("/hello", host="rewritten.localhost")[:2], (200, b"hello"))
+        self.start_client("fixed", host_header=self.own)
+        self.assertEqual(self.get("/hello", host="fixed.localhost")[:2], (200, b"hello"))
+
+    def test_an_app_that_compares_origin_with_host_on_websockets(self):
+        self.origin.check_origin = True
+        self.start_client("jplain")
+        head, _ = self.upgrade("jplain", self.public("jplain"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)      # its Host check
+        self.start_client("jfixed", host_header=self.own)
+        head, _ = self.upgrade("jfixed", self.public("jfixed"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)      # Origin is not Host
+        self.start_client("jrewrite", host_header="rewrite")
+        head, s = self.upgrade("jrewrite", self.public("jrewrite"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        s.sendall(ws_frame(1, b"kernel"))
+        self.assertEqual(recv_until(s, b"kernel"), b"\x81\x06kernel")   # echoed
+        # Another site's page gets the app's own refusal still.
+        head, _ = self.upgrade("jrewrite", "https://evil.example")
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+        self.assertEqual(self.get("/hello", host="jrewrite.localhost")[:2], (200, b"hello"))
 
 
 if __name__ == "__main__":

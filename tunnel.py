@@ -118,8 +118,8 @@ the token never crosses)::
     C -> R  HELLO     client nonce Nc                   (32 random bytes)
     R -> C  CHALLENGE relay nonce Nr                    (32 random bytes)
     C -> R  AUTH      Mc + request JSON                 {"subdomain", "version", "user",
-                                                         "log", "binding", "sealed",
-                                                         "tls_interception"}
+                                                         "log", "log_upgrades", "binding",
+                                                         "sealed", "tls_interception"}
             binding = hex SHA-256 of the relay certificate C saw ("" over plain TCP)
             sealed  = base64(JSON {"access", "client_secret"} XOR HMAC-SHA256 key
                       stream under S), S = HMAC-SHA256(K, "tunnel.py/1 seal" 0 Nc Nr)
@@ -181,6 +181,10 @@ Frames (after the preamble, everything on the control socket is a frame)::
    12 GOAWAY     0     u32 code + reason text        sender is shutting down
    13 LOG        id    u16 status, u32 us, u64 bytes, one finished request,
                        "METHOD target"               for the client's log
+                       flag UPGRADED=2: u64 bytes    an upgraded connection's end (to
+                       in after the u64 bytes out;   clients that asked: "log_upgrades");
+                       flag WEBSOCKET=4              status 101, duration and bytes from
+                                                     the request to the close
 
 Streams are opened only by the relay, with increasing ids.  A frame for a
 stream id that was never opened, an unknown type, an over-long frame or a
@@ -353,6 +357,9 @@ PING_PAYLOAD = struct.Struct("!Q")      # PING payload: 8 random bytes, echoed i
 LOG_RECORD = struct.Struct("!HIQ")      # status, duration in us, bytes
 MAX_CREDIT = 2 ** 31 - 1                # send credit beyond this is an error
 FLAG_ACK = 0x01                         # PING: this is the answer
+FLAG_LOG_UPGRADED = 0x02                # LOG: an upgraded connection (101) ended; a u64
+#                                         of the bytes from the visitor follows LOG_RECORD
+FLAG_LOG_WEBSOCKET = 0x04               # LOG: ... and it was a WebSocket
 
 
 class FrameType(enum.IntEnum):
@@ -491,6 +498,8 @@ IDENTITY_NAME = "tunnel.py relay"       # its subject and issuer common name
 STATE_DIR_ENV = "TUNNEL_STATE_DIR"      # overrides the default state directory
 TLS_HANDSHAKE_RECORD = b"\x16\x03"        # a TLS record header: handshake, version 3.x
 TLS_ALERT_RECORD = b"\x15\x03"            # ... an alert (what TLS servers answer HTTP with)
+HTTP_RESPONSE_START = b"HTTP/"          # what an origin's first bytes must begin with
+NOT_HTTP_SHOWN = 32                     # bytes of a non-HTTP origin's first answer shown
 SEAL_LABEL = b"seal"                    # MAC label of the key that seals AUTH's secrets
 CLIENT_SECRET_BYTES = 32                # per-client secret: binds a name reservation
 
@@ -588,6 +597,7 @@ TLS_FIRST_BYTES = 512                   # raw bytes a TLS handshake keeps, to sa
 #                                         peer spoke when it was not TLS
 UPGRADE_BODY_SHOWN = 200                # bytes of a refusal's body in the message (already
                                         # read with its head: the dialer waits for no more)
+LOOPBACK_HOSTS = ("127.0.0.1", "::1")   # a bare PORT TARGET, tried in this order
 
 # -- proxies ------------------------------------------------------------------
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tunnel.py speaks
@@ -1045,11 +1055,13 @@ def is_loopback(host: str) -> bool:
     return bool((mapped or ip).is_loopback)
 
 def describe_oserror(exc: OSError) -> str:
-    """``connection refused`` rather than ``[Errno 111] Connection refused``."""
+    """``connection refused`` rather than ``[Errno 111] Connection refused``; a failed
+    name lookup is the resolver's own words (``Name or service not known``), to follow
+    ``cannot resolve HOST: ``."""
     if isinstance(exc, socket.timeout):
         return "timed out"
     if isinstance(exc, socket.gaierror):     # errno is an EAI_* code, not an errno
-        return "cannot resolve the host name"
+        return exc.strerror or str(exc) or "the name does not resolve"
     if exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or exc.__class__.__name__
@@ -2796,13 +2808,19 @@ class Session(Conn):
             self._send(encode_frame(FrameType.PING, 0, frame.payload, FLAG_ACK))
 
     def _on_log(self, frame: Frame) -> None:
-        if len(frame.payload) < LOG_RECORD.size:
-            raise ProtocolError("LOG payload of %d bytes" % len(frame.payload))
-        status, micros, nbytes = LOG_RECORD.unpack_from(frame.payload)
-        what = frame.payload[LOG_RECORD.size:].decode("utf-8", "replace")
-        method, _, target = what.partition(" ")
-        self.delegate.on_access_log(self, {"method": method, "target": target, "status": status,
-                                           "duration": micros / 1e6, "bytes": nbytes})
+        payload = frame.payload
+        upgraded = frame.flags & FLAG_LOG_UPGRADED
+        at = LOG_RECORD.size + (U64.size if upgraded else 0)
+        if len(payload) < at:
+            raise ProtocolError("LOG payload of %d bytes" % len(payload))
+        status, micros, nbytes = LOG_RECORD.unpack_from(payload)
+        method, _, target = payload[at:].decode("utf-8", "replace").partition(" ")
+        record = {"method": method, "target": target, "status": status,
+                  "duration": micros / 1e6, "bytes": nbytes}
+        if upgraded:        # the end of an upgraded connection: "bytes" went to the visitor
+            record.update(upgraded=True, websocket=bool(frame.flags & FLAG_LOG_WEBSOCKET),
+                          bytes_in=U64.unpack_from(payload, LOG_RECORD.size)[0])
+        self.delegate.on_access_log(self, record)
 
     def _handshake_step(self, frame: Any) -> None:
         reply = self.handshake.receive(frame)
@@ -2890,11 +2908,19 @@ class Session(Conn):
         return stream
 
     def send_log(self, stream_id: int, status: int, duration: float, nbytes: int,
-                 method: str, target: str) -> None:
+                 method: str, target: str, bytes_in: Optional[int] = None,
+                 websocket: bool = False) -> None:
+        """One access-log record; ``bytes_in`` (bytes from the visitor) marks the end of
+        an upgraded connection (FLAG_LOG_UPGRADED: only to clients that asked)."""
         text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
-        self._send(FRAME_HEADER.pack(FrameType.LOG, 0, stream_id, LOG_RECORD.size + len(text))
-                   + LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
-                                     min(nbytes, 2 ** 64 - 1)) + text)
+        record = LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
+                                 min(nbytes, 2 ** 64 - 1))
+        flags = 0
+        if bytes_in is not None:
+            flags = FLAG_LOG_UPGRADED | (FLAG_LOG_WEBSOCKET if websocket else 0)
+            record += U64.pack(min(bytes_in, 2 ** 64 - 1))
+        self._send(FRAME_HEADER.pack(FrameType.LOG, flags, stream_id, len(record) + len(text))
+                   + record + text)
 
     def go_away(self, reason: str = "") -> None:
         if self.goaway_sent or self.closed or not self.established:
@@ -3201,6 +3227,7 @@ class HTTPParser:
         self._host: Tuple[Optional[str], str] = (None, "")
         self._after_end = _S_HEAD
         self.message_bytes = 0          # bytes of the current message so far
+        self.upgrade_tail = 0           # bytes after a 101's head in the feed that ended it
 
     # -- public -----------------------------------------------------------------
     @property
@@ -3403,6 +3430,8 @@ class HTTPParser:
                 self._buf += mv[pos:end]
                 return
             else:  # tunnel or dead: nothing to parse
+                if st == _S_TUNNEL:     # just after a 101: the bytes that came with its head
+                    self.upgrade_tail = end - pos
                 return
 
     def _on_chunk_line(self, st: int, line: bytes, events: List[Tuple[str, Any]]) -> None:
@@ -5437,7 +5466,13 @@ def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
     error: Optional[OSError] = None
     while infos:
         family, stype, proto, _, addr = infos.pop(0)
-        sock = socket.socket(family, stype, proto)
+        try:
+            sock = socket.socket(family, stype, proto)
+        except OSError as exc:      # no IPv6 here (::1 of a bare PORT): the next address
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
+            error = exc
+            continue
         sock.setblocking(False)
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
@@ -5469,11 +5504,14 @@ class Dialer(Conn):
 
     ``done(sock)`` gets the ready socket (or channel: TLSChannel, WSChannel) and owns it
     from then on; ``failed(why, kind)`` gets a one-line reason and a DIAL_* kind, at most
-    once, never from inside the constructor (so the caller's own state is set first)."""
+    once, never from inside the constructor (so the caller's own state is set first).
+    ``addrs``: the addresses to try, already resolved (a list of the caller's own, copied;
+    a bare PORT's loopback pair), instead of resolving ``host``."""
 
     def __init__(self, loop: EventLoop, host: str, port: int, stages: List[DialStage],
                  timeout: float, done: Callable[[Any], None],
-                 failed: Callable[[str, str], None], where: str = "") -> None:
+                 failed: Callable[[str, str], None], where: str = "",
+                 addrs: Optional[List[Any]] = None) -> None:
         super().__init__(loop, None)
         self.where = where or format_hostport(host, port)
         self.stages = list(stages)
@@ -5490,7 +5528,11 @@ class Dialer(Conn):
         self._key = ""                  # Sec-WebSocket-Key of the upgrade
         self._timer = loop.call_later(timeout, self._timeout)
         try:
-            self._addrs = resolve(host, port)
+            self._addrs = list(addrs) if addrs is not None else resolve(host, port)
+        except socket.gaierror as exc:      # "cannot resolve HOST: <the resolver's words>"
+            why = "cannot resolve %s: %s" % (escape_unprintable(host), describe_oserror(exc))
+            loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE, bare=not where))
+            return      # (a proxy's: "proxy HOST:PORT: cannot resolve HOST: ...")
         except (OSError, UnicodeError) as exc:   # UnicodeError: a label over 63 bytes
             why = describe_oserror(exc) if isinstance(exc, OSError) else "invalid host name"
             loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
@@ -6038,11 +6080,12 @@ class Route:
     """A live name on the relay: the tunnel a visitor's Host leads to."""
 
     __slots__ = ("name", "session", "owner", "client_key", "url", "wants_log", "visitors",
-                 "policy", "token_digest", "host_header", "target_origin")
+                 "policy", "token_digest", "host_header", "target_origin", "logs_upgrades")
 
     def __init__(self, name: str, session: Session, owner: str, client_key: bytes,
                  url: str, wants_log: bool = True) -> None:
         self.wants_log = wants_log   # the client prints an access log: send LOG frames
+        self.logs_upgrades = False   # ... and an upgraded connection's at its end, not its 101
         self.visitors = 0            # visitor connections bound to this tunnel
         self.policy: Optional[AccessPolicy] = None   # who may reach it
         self.token_digest = ""       # of the owner's token, to notice a change on reload
@@ -6060,12 +6103,12 @@ class Exchange:
 
     __slots__ = ("method", "target", "started", "status", "upgrade")
 
-    def __init__(self, method: str, target: str, upgrade: bool) -> None:
+    def __init__(self, method: str, target: str, upgrade: Optional[str]) -> None:
         self.method = method
         self.target = target
         self.started = time.monotonic()
         self.status = 0
-        self.upgrade = upgrade
+        self.upgrade = upgrade      # the request's Upgrade ("websocket"), or None
 
 
 def _rewrite_host(req: Request, tunnel: "Route", scheme: str = "http") -> None:
@@ -6135,6 +6178,9 @@ class VisitorConn(Pipe):
         self.inflight: Deque[Exchange] = collections.deque()
         self.deferred: Optional[HTTPResponse] = None   # answer once in-flight ones finish
         self.upgraded = False
+        self.upgrade_log: Optional[Exchange] = None   # the 101, logged when the connection
+        #                               ends (stream bytes each way at the 101: in, out)
+        self.upgrade_marks = (0, 0)
         self.in_body = False          # between a forwarded head and its end
         self.close_after = False      # the request being read asked to close
         self.last_request = False     # ... and it has been read whole
@@ -6289,7 +6335,14 @@ class VisitorConn(Pipe):
         tunnel = self.tunnel
         if tunnel is None or req.host != self.bound_host:   # a new connection or Host
             name = self.relay.route(req)
-            tunnel = tunnel or self.relay.tunnel_for(name)
+            if tunnel is None:
+                try:
+                    tunnel = self.relay.tunnel_for(name)
+                except HTTPError as exc:   # 502: its client is going away (GOAWAY) or gone
+                    if exc.status != 502:
+                        raise
+                    self._log_refusal(self.relay.tunnels.get(name), req, exc)
+                    raise
         else:
             name = tunnel.name
         if name != tunnel.name:
@@ -6325,12 +6378,14 @@ class VisitorConn(Pipe):
             self.stream.handler = self
             log.debug("visitor %s -> %s stream %d", self.peer, name, self.stream.id)
         if self.stream is None or not self.stream.can_send:
-            raise HTTPError(502, "The tunnel's client went away.")
+            gone = HTTPError(502, "The tunnel's client went away.")
+            self._log_refusal(tunnel, req, gone)
+            raise gone
         if tunnel.host_header:
             _rewrite_host(req, tunnel, self.relay.scheme)
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
         self.responses.expect(req.method)
-        self.inflight.append(Exchange(req.method, req.target, req.upgrade is not None))
+        self.inflight.append(Exchange(req.method, req.target, req.upgrade))
         self.in_body = True
         self.close_after = not req.keep_alive
         if verdict is not None:
@@ -6509,6 +6564,10 @@ class VisitorConn(Pipe):
         if ex.upgrade:
             if resp.status == 101:
                 self.upgraded = True
+                stream = self.stream
+                if stream is not None:   # from here on both ways count for its log line
+                    self.upgrade_marks = (stream.bytes_out + len(stream.pending),
+                                          stream.bytes_in - self.responses.upgrade_tail)
                 rest = self.requests.upgrade_done()
                 if rest and self.stream is not None:
                     self.stream.write(rest)
@@ -6521,9 +6580,13 @@ class VisitorConn(Pipe):
             return
         ex = self.inflight.popleft()
         now = time.monotonic()
-        if self.stream is not None and self.tunnel is not None and self.tunnel.wants_log:
-            self.tunnel.session.send_log(self.stream.id, ex.status, now - ex.started, nbytes,
-                                         ex.method, ex.target)
+        tunnel = self.tunnel
+        if self.stream is not None and tunnel is not None and tunnel.wants_log:
+            if self.upgraded and tunnel.logs_upgrades:
+                self.upgrade_log = ex       # its line comes when the connection ends
+            else:
+                tunnel.session.send_log(self.stream.id, ex.status, now - ex.started, nbytes,
+                                        ex.method, ex.target)
         if self.upgraded:
             return
         if not self.inflight:
@@ -6555,13 +6618,45 @@ class VisitorConn(Pipe):
             return
         if (self.inflight and not self.upgraded and self.inflight[0].status == 0
                 and self.responses.message_bytes == 0):
-            method = self.inflight[0].method
+            ex = self.inflight[0]
             self.inflight.clear()
-            self.send_bytes(http_response(502, why, method), False)
+            page = http_response(502, why, ex.method)
+            self.send_bytes(page, False)
+            self._log_answer(self.tunnel, 502, ex.started, len(page), ex.method, ex.target)
         self.close_after_flush()
+
+    def _log_answer(self, tunnel: Optional[Route], status: int, started: float, nbytes: int,
+                    method: str, target: str) -> None:
+        """A relay-made answer's access-log line (as the origin's answers get theirs), if
+        the tunnel's client is there to print it."""
+        if tunnel is not None and tunnel.wants_log and not tunnel.session.closed:
+            tunnel.session.send_log(self.stream.id if self.stream is not None else 0, status,
+                                    time.monotonic() - started, nbytes, method, target)
+
+    def _log_refusal(self, tunnel: Optional[Route], req: Request, exc: HTTPError) -> None:
+        """Log the error page the relay is about to answer ``req`` with (made here once
+        more, for its size: an error path)."""
+        self._log_answer(tunnel, exc.status, self.head_started,
+                         len(http_response(exc.status, str(exc), req.method, exc.headers)),
+                         req.method, req.target)
+
+    def _log_upgrade_end(self) -> None:
+        """The access-log line of an upgraded connection, at its end: its duration from
+        the request, and the bytes each way after the 101 (Stream counts them anyway)."""
+        ex, self.upgrade_log = self.upgrade_log, None
+        stream, tunnel = self.stream, self.tunnel
+        if ex is None or stream is None or tunnel is None:
+            return
+        marked_in, marked_out = self.upgrade_marks
+        tunnel.session.send_log(stream.id, ex.status, time.monotonic() - ex.started,
+                                max(0, stream.bytes_in - marked_out), ex.method, ex.target,
+                                bytes_in=max(0, stream.bytes_out - marked_in),
+                                websocket="websocket" in (ex.upgrade or "").lower())
 
     def _gone(self) -> None:
         if not self.closed:
+            if self.upgrade_log is not None:
+                self._log_upgrade_end()
             relay = self.relay
             relay.visitor_left(self.source)
             if self.tunnel is not None:
@@ -7061,6 +7156,7 @@ class Relay(Side):
         url = self.public_url(name)
         tunnel = Route(name, session, owner, client_key, url, bool(request.get("log", True)))
         tunnel.policy = policy
+        tunnel.logs_upgrades = request.get("log_upgrades") is True
         tunnel.token_digest = user.digest if user is not None else ""
         tunnel.host_header, tunnel.target_origin = _host_options(request)
         self.tunnels[name] = tunnel
@@ -7277,6 +7373,9 @@ class ClientConfig(Settings):
     target_insecure: bool = False           # ... without verifying its certificate
     target_ca: Optional[str] = None         # ... verified with this CA file (default: system)
     host_header: Optional[str] = None       # "rewrite" (the target's HOST:PORT) or a Host
+    # A bare PORT TARGET: 127.0.0.1, then ::1 if that is refused (servers that listen
+    # only where localhost is ::1: Node, Vite); the one that answered is tried first next.
+    target_loopback_fallback: bool = False
 
     def validate(self) -> "ClientConfig":
         """Check every setting together, the same for the command line and
@@ -7393,7 +7492,8 @@ class TargetConn(Pipe):
         self.peer = str(info.get("peer", "?"))
         self.dialer: Optional[Dialer] = Dialer(self.loop, cfg.target_host, cfg.target_port,
                                                client.target_stages(), cfg.connect_timeout,
-                                               self._dialed, self._dial_failed)
+                                               self._dialed, self._dial_failed,
+                                               addrs=client.loopback_addresses())
 
     def __repr__(self) -> str:
         return "<Target %s stream %s>" % (self.target, self.stream.id if self.stream else "-")
@@ -7403,6 +7503,8 @@ class TargetConn(Pipe):
 
     def _dialed(self, sock: Any) -> None:
         self.dialer = None
+        if self.client.loopback is not None:
+            self.client.loopback_answered(sock.family)
         if self.closed:             # the stream went first
             sock.close()
             return
@@ -7425,6 +7527,8 @@ class TargetConn(Pipe):
                     "--target-insecure, or --target-ca FILE)")
         elif kind == DIAL_TLS_FAILED and (TLS_NOT_SPOKEN in why or TLS_GOT_HTTP in why):
             why += " (the local service does not speak HTTPS: use an http:// TARGET)"
+        if why.startswith("cannot resolve "):      # the Dialer's words name the host only
+            why = "%s: %s" % (self.target, why)
         if not self.closed:
             self._connect_failed("could not connect to %s" % why)
 
@@ -7456,6 +7560,15 @@ class TargetConn(Pipe):
                 self._connect_failed("the local service at %s speaks HTTPS: expose "
                                      "https://%s (with --target-insecure for a self-signed "
                                      "certificate)" % (self.target, self.target))
+                return
+            if (data[:len(HTTP_RESPONSE_START)] != HTTP_RESPONSE_START[:len(data)]
+                    and self.stream is not None and self.stream.can_send):
+                # Not HTTP at all (an SSH or database port): a 502 that says so, rather
+                # than the bytes themselves for the visitor's browser to choke on.
+                shown = bytes(data[:NOT_HTTP_SHOWN]).decode("ascii", "backslashreplace")
+                self._connect_failed("the local service at %s did not answer with HTTP (its "
+                                     "first bytes: %s)" % (self.target,
+                                                           escape_unprintable(shown)))
                 return
         self.on_socket_data(data)
 
@@ -7583,6 +7696,7 @@ class Client(Side):
         self._connector: Optional[Dialer] = None
         self._tls_context: Any = None
         self._target_tls_context: Any = None
+        self.loopback: Optional[List[Any]] = None   # a bare PORT's addresses, see below
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
         self._ban_logged = False             # REFUSED_BANNED said once per ban
@@ -7615,6 +7729,29 @@ class Client(Side):
                 ctx = ssl.create_default_context(cafile=cfg.target_ca)
             self._target_tls_context = ctx
         return [DialStage(DIAL_TLS, self._target_tls_context, cfg.target_host, False)]
+
+    def loopback_addresses(self) -> Optional[List[Any]]:
+        """target_loopback_fallback (a bare PORT): 127.0.0.1's and ::1's addresses, the
+        one that answered last first (the Dialer tries the next when one is refused);
+        None otherwise (the Dialer resolves the target's host)."""
+        cfg = self.config
+        if not cfg.target_loopback_fallback:
+            return None
+        if self.loopback is None:
+            found: List[Any] = []
+            for host in LOOPBACK_HOSTS:
+                try:
+                    found += resolve(host, cfg.target_port)
+                except OSError:         # no IPv6 at all: 127.0.0.1 alone
+                    pass
+            self.loopback = found
+        return self.loopback
+
+    def loopback_answered(self, family: int) -> None:
+        """A bare PORT's target connection was made over ``family``: try it first next."""
+        addrs = self.loopback
+        if addrs and addrs[0][0] != family:
+            addrs.sort(key=lambda info: info[0] != family)     # stable: order kept within
 
     # -- lifecycle -------------------------------------------------------------------
     def _starting(self) -> None:
@@ -7773,6 +7910,7 @@ class Client(Side):
             return
         request: Dict[str, Any] = {"subdomain": self.name,
                                    "version": __version__, "log": cfg.access_log,
+                                   "log_upgrades": True,
                                    "binding": "" if cfg.plaintext else self.binding}
         if cfg.user:
             request["user"] = cfg.user
@@ -7949,6 +8087,14 @@ class Client(Side):
         what = "%s %s" % (record["method"], logged_target(record["target"]))
         if not what.isprintable():   # C0, DEL, C1 (CSI is 0x9b), format and separator chars
             what = escape_unprintable(what)
+        if record.get("upgraded"):      # the end of a WebSocket (or other 101) connection
+            seconds = record["duration"]
+            self.output("%s %s %d %s %s %s in %s out" % (
+                self._clock[1], what, record["status"],
+                "WebSocket" if record.get("websocket") else "upgraded",
+                "%.1fms" % (seconds * 1000.0) if seconds < 1.0 else "%.1fs" % seconds,
+                format_size(record["bytes_in"]), format_size(record["bytes"])))
+            return
         self.output("%s %s %d %.1fms %s" % (
             self._clock[1], what, record["status"],
             record["duration"] * 1000.0, format_size(record["bytes"])))
@@ -8729,6 +8875,11 @@ def parse_target(text: str) -> Tuple[str, int]:
     return parse_target_url(text)[1:]
 
 
+def is_bare_port(text: str) -> bool:
+    """expose's TARGET is just a PORT (no host, no scheme): loopback, IPv4 or IPv6."""
+    return text.strip().isdigit()
+
+
 def parse_target_url(text: str) -> Tuple[str, str, int]:
     """expose's TARGET: ``PORT``, ``HOST:PORT``, ``http://HOST[:PORT][/]`` or
     ``https://HOST[:PORT][/]`` (TLS to the origin), as (scheme, host, port); raises
@@ -8784,6 +8935,7 @@ def expose_config(args: argparse.Namespace) -> ClientConfig:
                                                    reason)) from None
     config.token = args.token or os.environ.get("TUNNEL_TOKEN", "")
     config.user = args.user or os.environ.get("TUNNEL_USER") or None
+    config.target_loopback_fallback = is_bare_port(args.target)
     config.access_log = not args.quiet
     config.access = visitor_access(args) or None
     config.validate()
