@@ -8392,6 +8392,22 @@ class PythonAPITest(unittest.TestCase):
         self.assertEqual(handle.requests, [entry])
         self.assertIn(handle, tunnel.tunnels())
 
+    def test_a_websocket_is_one_record_at_its_end(self):
+        relay = self.serve(plaintext=True)
+        handle = self.expose(relay, subdomain="wsrec")
+        s = socket.create_connection(("127.0.0.1", relay.http_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(ws_upgrade("wsrec.localhost", "/ws"))
+        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
+        close = ws_frame(8, b"\x03\xe8")
+        s.sendall(close)
+        self.assertEqual(closed_by_peer(s), b"\x88\x02\x03\xe8")
+        s.close()
+        wait_until(lambda: handle.requests, what="the WebSocket's record")
+        entry = handle.requests[0]
+        self.assertEqual((entry.path, entry.status, entry.upgraded, entry.websocket,
+                          entry.bytes_in, entry.bytes), ("/ws", 101, True, True, len(close), 4))
+
     def test_expose_close_in_a_loop_leaks_no_threads_or_sockets(self):
         relay = self.serve(plaintext=True)
         self.expose(relay).close()            # first use: lazily made things exist now

@@ -8184,11 +8184,14 @@ def _positive_timeout(timeout: Any) -> float:
 
 
 class RequestLog(collections.namedtuple("RequestLog", "time method path status duration "
-                                        "bytes")):
+                                        "bytes upgraded websocket bytes_in")):
     """One access-log line of a tunnel, as ``Tunnel.requests`` and ``on_request`` get it:
     ``time`` (seconds since the epoch, when the client heard of it), ``method``,
     ``path`` (secret query values masked, as the console shows), ``status``,
-    ``duration`` (seconds) and ``bytes`` (of the response, head and body)."""
+    ``duration`` (seconds) and ``bytes`` (of the response, head and body).  An
+    upgraded connection (101) comes when it ends: ``upgraded`` True, ``websocket``
+    True for a WebSocket, ``duration`` its whole life, ``bytes`` what went to the
+    visitor after the upgrade and ``bytes_in`` what came from it (else 0)."""
 
     __slots__ = ()
 
@@ -8263,7 +8266,8 @@ class Tunnel:
         entry = RequestLog(time.time(), str(record.get("method", "")),
                            logged_target(str(record.get("target", ""))),
                            record.get("status", 0), record.get("duration", 0.0),
-                           record.get("bytes", 0))
+                           record.get("bytes", 0), bool(record.get("upgraded")),
+                           bool(record.get("websocket")), record.get("bytes_in", 0))
         with self._lock:
             self._requests.append(entry)
         if self._on_request is not None:
