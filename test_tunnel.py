@@ -8198,6 +8198,25 @@ class HTTPSOriginTest(EndToEndBase):
         self.assertIn(b"if it speaks HTTPS, expose https://127.0.0.1:%d"
                       % self.origin.server_address[1], body)
 
+    def test_plain_http_to_a_tls_server_that_resets(self):
+        # Python's ssl servers (Jupyter, uvicorn with a certificate) reset, not close.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        run_in_thread(self, serve, lambda: None, "resetting origin")
+        port = listener.getsockname()[1]
+        self.start_client("reset", target_port=port)
+        status, body, _ = self.get("/hello", host="reset.localhost")
+        self.assertEqual(status, 502)
+        self.assertIn(b"if it speaks HTTPS, expose https://127.0.0.1:%d" % port, body)
+
     def test_plain_http_to_a_server_that_answers_with_a_tls_alert(self):
         alerting = CannedServer(self, b"\x15\x03\x01\x00\x02\x02\x46")   # protocol_version
         self.start_client("alert", target_port=alerting.port)

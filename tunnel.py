@@ -7572,17 +7572,26 @@ class TargetConn(Pipe):
                 return
         self.on_socket_data(data)
 
-    def on_socket_eof(self) -> None:
+    def _closed_unanswered(self) -> bool:
+        """Closed (or reset) at the first request without a byte: what a TLS server that
+        reads plain HTTP does (OpenSSL sends no alert for a bad first record; Python's
+        ssl servers and Jupyter reset).  Then a 502 that says so; True if it was that."""
         if (self.first_read and not self.tls and self.out_sent and self.stream is not None
                 and self.stream.can_send):
-            # Closed at the first request without a byte: what a TLS server that reads
-            # plain HTTP does (OpenSSL sends no alert for a bad first record).
             self._connect_failed("the local service at %s closed the connection without a "
                                  "response; if it speaks HTTPS, expose https://%s (with "
                                  "--target-insecure for a self-signed certificate)"
                                  % (self.target, self.target))
-            return
-        super().on_socket_eof()
+            return True
+        return False
+
+    def on_socket_eof(self) -> None:
+        if not self._closed_unanswered():
+            super().on_socket_eof()
+
+    def on_socket_error(self, exc: OSError) -> None:
+        if exc.errno != errno.ECONNRESET or not self._closed_unanswered():
+            super().on_socket_error(exc)
 
     def mid_message(self, data: memoryview) -> bool:
         # The client does not parse responses, but the usual small one arrives whole in
