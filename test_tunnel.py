@@ -8677,6 +8677,25 @@ class ErrorPolicyTest(unittest.TestCase):
         self.assertEqual(self.capture.messages(logging.ERROR), [])
         self.assertTrue(any("reset by the test" in m for m in self.capture.messages()))
 
+    def test_connection_lost_runs_once_whichever_way_the_connection_ends(self):
+        class Counting(tunnel.Conn):
+            lost = 0
+
+            def connection_lost(self):
+                self.lost += 1
+        for ways in (("close_socket", "close_socket", "detach"),
+                     ("detach", "close_socket", "detach")):
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            conn = Counting(self.loop, a)
+            conn.update()
+            for way in ways:
+                getattr(conn, way)()
+            self.assertEqual(conn.lost, 1, ways)
+            self.assertNotIn(conn, self.loop.conns)
+            self.assertEqual(a.fileno() == -1, ways[0] == "close_socket", ways)
+
     def test_a_loose_callbacks_os_error_is_one_warning(self):
         def boom():
             raise OSError(errno.EPIPE, "broken by the test")

@@ -2202,11 +2202,8 @@ class Conn:
 
     def detach(self) -> socket.socket:
         """Leave the loop without closing the socket (it is handed to someone else)."""
-        if self._mask:
-            self.loop.selector.unregister(self.sock)
-            self._mask = 0
-        self.closed = True
-        self.loop.conns.discard(self)
+        if not self.closed:
+            self._leave()
         return self.sock
 
     def attach(self, sock: Any) -> None:
@@ -2221,15 +2218,27 @@ class Conn:
         self.update()
 
     def close_socket(self) -> None:
+        """The end of the connection: leave the loop and close the socket (once)."""
         if self.closed:
             return
+        self._leave()
+        if self.sock is not None:
+            self.sock.close()
+
+    def _leave(self) -> None:
+        """The one teardown path (asyncio's _force_close): both ways out of the loop,
+        closed or detached, come here once, and ``connection_lost`` runs once."""
         self.closed = True
         if self._mask:
             self.loop.selector.unregister(self.sock)
             self._mask = 0
         self.loop.conns.discard(self)
-        if self.sock is not None:
-            self.sock.close()
+        self.connection_lost()
+
+    def connection_lost(self) -> None:
+        """Runs exactly once when the connection ends (its socket closed or handed
+        on), after it left the selector: release what it holds here (a stream's
+        credit, counts, timers), never in close_socket or detach."""
 
     def on_read(self) -> None:
         pass
@@ -4826,15 +4835,9 @@ class Pipe(Conn, StreamHandler):
         if self.read_eof and self.write_eof and (stream is None or stream.done):
             self.finish()
 
-    def close_socket(self) -> None:
+    def connection_lost(self) -> None:
         if self.stream is not None:
             self.stream.discard()       # what ``out`` held for it is gone
-        super().close_socket()
-
-    def detach(self) -> socket.socket:
-        if self.stream is not None:
-            self.stream.discard()
-        return super().detach()
 
     def finish(self) -> None:
         """Close the socket; reset the stream if it is still open."""
@@ -4951,9 +4954,8 @@ class Lingering(Conn):
         if not data:
             self.close_socket()
 
-    def close_socket(self) -> None:
+    def connection_lost(self) -> None:
         self._timer.cancel()
-        super().close_socket()
 
 
 class _Stacked:
@@ -6653,27 +6655,20 @@ class VisitorConn(Pipe):
                                 bytes_in=max(0, stream.bytes_out - marked_in),
                                 websocket="websocket" in (ex.upgrade or "").lower())
 
-    def _gone(self) -> None:
-        if not self.closed:
-            if self.upgrade_log is not None:
-                self._log_upgrade_end()
-            relay = self.relay
-            relay.visitor_left(self.source)
-            if self.tunnel is not None:
-                self.tunnel.visitors -= 1
-                key = (self.tunnel, self.source)
-                held = relay.tunnel_sources.pop(key) - 1
-                if held:
-                    relay.tunnel_sources[key] = held
-        self.relay.visitors.discard(self)
-
-    def close_socket(self) -> None:
-        self._gone()
-        super().close_socket()
-
-    def detach(self) -> socket.socket:
-        self._gone()
-        return super().detach()
+    def connection_lost(self) -> None:
+        """The visitor's counts go (and an upgraded connection's log line goes out)."""
+        if self.upgrade_log is not None:
+            self._log_upgrade_end()
+        relay = self.relay
+        relay.visitor_left(self.source)
+        if self.tunnel is not None:
+            self.tunnel.visitors -= 1
+            key = (self.tunnel, self.source)
+            held = relay.tunnel_sources.pop(key) - 1
+            if held:
+                relay.tunnel_sources[key] = held
+        relay.visitors.discard(self)
+        super().connection_lost()
 
 
 class Relay(Side):
@@ -7640,12 +7635,12 @@ class TargetConn(Pipe):
             return
         self.close_socket()
 
-    def close_socket(self) -> None:
+    def connection_lost(self) -> None:
         if self.dialer is not None:
             self.dialer.abort_quietly()
             self.dialer = None
-        super().close_socket()
         self.client.targets.discard(self)
+        super().connection_lost()
 
 
 class Client(Side):
