@@ -2144,7 +2144,8 @@ class Stream:
 
 
 # =============================================================================
-# Event loop
+# Event loop and socket plumbing (Conn, EventLoop, Listener, Lingering, TLS and
+# WebSocket channels, TLSHandshake, Dialer: every socket call lives here and in Pipe)
 # =============================================================================
 
 
@@ -2435,6 +2436,985 @@ class EventLoop:
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+class Listener(Conn):
+    """A listening socket; ``factory(sock, addr)`` handles each accepted connection,
+    ``addr`` unmapped once here (``unmap_peer``) for every later check and log line.
+
+    Out of descriptors or kernel memory (ACCEPT_RESOURCE_ERRORS) the pending
+    connection stays queued and the socket stays readable, so retrying at once would
+    spin: instead it stops reading for ``pause`` seconds, with one warning a period."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket,
+                 factory: Callable[[socket.socket, Any], None],
+                 pause: float = ACCEPT_PAUSE) -> None:
+        super().__init__(loop, sock)
+        self.factory = factory
+        self.pause = pause
+        self.paused = False
+        self._failures = Throttle()
+        self.update()
+
+    def wants_read(self) -> bool:
+        return not self.paused
+
+    def on_read(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                    self.paused = True
+                    self.update()
+                    self.loop.call_later(self.pause, self._resume)
+                    self._failures.warn("accept failed: %s; not accepting for %.1fs",
+                                        describe_oserror(exc), self.pause)
+                else:   # this connection is gone (ECONNABORTED...); the next may be fine
+                    self._failures.warn("accept failed: %s", describe_oserror(exc))
+                return
+            self.factory(sock, unmap_peer(addr))
+
+    def _resume(self) -> None:
+        self.paused = False
+        self.update()       # a no-op once closed
+
+    def abort(self, reason: str) -> None:
+        log.warning("listener error: %s", reason)
+
+
+class Lingering(Conn):
+    """Send a last answer, half-close, and discard input until EOF or LINGER_TIMEOUT.
+
+    Closing a socket that still has unread input makes the kernel send RST, which
+    can destroy the answer before the peer reads it (the "lingering close" of
+    RFC 9112 section 9.6)."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, data: bytes) -> None:
+        super().__init__(loop, sock)
+        self.out += data
+        self._timer = loop.call_later(LINGER_TIMEOUT, self.close_socket)
+        self.on_write()
+
+    def on_write(self) -> None:
+        try:
+            sent = self.sock.send(self.out) if self.out else 0
+        except WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self.close_socket()
+            return
+        del self.out[:sent]
+        if not self.out:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.close_socket()
+                return
+        self.update()
+
+    def on_read(self) -> None:
+        try:
+            data = self.sock.recv_into(self.loop.scratch)
+        except WOULD_BLOCK:
+            return
+        except OSError:
+            data = 0
+        if not data:
+            self.close_socket()
+
+    def connection_lost(self) -> None:
+        self._timer.cancel()
+
+
+class _Stacked:
+    """What the socket-like channels (TLSChannel, WSChannel) share when one sits on
+    another (TLS inside a WebSocket, TLS inside TLS to a proxy): the bytes held for the
+    wire and the bytes sent count the channel under them too (``_inner``)."""
+
+    sock: Any                   # what this one sits on: a socket or another channel
+    _inner: Any = None          # the channel under this one, if any
+    _unsent = b""               # bytes this one holds for the wire
+    _wire_sent = 0              # bytes the one under it took, ever
+
+    def __repr__(self) -> str:
+        return "<%s fd=%d>" % (type(self).__name__, self.sock.fileno())
+
+    def __getattr__(self, name: str) -> Any:      # setblocking, getpeername, setsockopt...
+        return getattr(self.__dict__["sock"], name)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def unsent(self) -> bytes:
+        """Bytes held for the wire: ours, and the channel's under us (sent first)."""
+        inner = self._inner
+        if inner is None:
+            return self._unsent
+        below = inner.unsent
+        if not below:
+            return self._unsent
+        return self._unsent + below if self._unsent else below
+
+    @property
+    def wire_sent(self) -> int:
+        inner = self._inner
+        return self._wire_sent + (inner.wire_sent if inner is not None else 0)
+
+
+class TLSChannel(_Stacked):
+    """TLS over a non-blocking socket through two memory BIOs, for the control channel.
+
+    ``ssl.SSLSocket`` hands out one 16 KiB record per ``recv_into`` (OpenSSL reads each
+    with two system calls) and writes one system call per record; this makes one raw
+    ``recv`` of up to TLS_READ_SIZE ciphertext per read and one raw ``send`` of all the
+    ciphertext per write.  It looks like a socket to the loop and to Session:
+    ``recv_into`` and ``send`` count plaintext and raise a WOULD_BLOCK error when there
+    is nothing to do; ``pending()`` says decrypted input waits that the selector cannot
+    see.  Ciphertext a short raw send left (``unsent``) goes out first on the next
+    ``send`` or ``push``, and no new plaintext is taken while any is left: at most a
+    TLS_WRITE_SIZE of it is held here, the rest waits in the caller's queue.  TLS
+    errors come out as an OSError with the reason (``TLS: ...``).  Over a WSChannel
+    (TLS inside a WebSocket), ``unsent``, ``wire_sent``, ``push()`` and ``pending()``
+    count what that channel holds too, its bytes going out first."""
+
+    def __init__(self, sock: Any, ctx: Any, server_side: bool,
+                 server_hostname: Optional[str] = None) -> None:
+        self.sock: Any = sock       # a socket, or a WSChannel or TLSChannel to stack on
+        ssl = self._ssl = load_ssl()
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
+                                 server_hostname=server_hostname)
+        self._unsent = b""          # ciphertext the socket did not take yet
+        self._wire_sent = 0         # ciphertext the socket took, ever (progress while
+        #                             plaintext waits behind ``unsent``)
+        self._more = False          # the last read stopped on a full buffer, not a dry BIO
+        self._inner = sock if hasattr(sock, "push") else None   # a WSChannel under us
+        self.first_bytes = b""      # the peer's first raw bytes (handshake only)
+
+    def pending(self) -> bool:
+        inner = self._inner
+        return self._more or (inner is not None and inner.pending())
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._obj.getpeercert(binary_form)
+
+    def _error(self, exc: Any) -> OSError:
+        return OSError("TLS: %s" % (exc.reason or exc.__class__.__name__))
+
+    def push(self) -> bool:
+        """Send what ciphertext is left with one system call; True once none is left
+        (nor in a channel under us, whose bytes go first)."""
+        inner = self._inner
+        if inner is not None and inner.unsent and not inner.push():
+            return False
+        if not self._unsent:        # (an empty write to a TLSChannel under us is an
+            return True             # error in OpenSSL 3 before Python 3.10)
+        try:
+            sent = self.sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self._wire_sent += sent
+        self._unsent = self._unsent[sent:] if sent < len(self._unsent) else b""
+        return not self._unsent
+
+    def _queue_output(self) -> None:
+        """Ciphertext OpenSSL made outside ``send`` (handshake, alerts, key updates)."""
+        if self._out.pending:
+            self._unsent += self._out.read()
+
+    def do_handshake(self) -> None:
+        """One non-blocking step, like ``SSLSocket.do_handshake``: raises
+        SSLWantReadError or SSLWantWriteError until the handshake is done."""
+        ssl = self._ssl
+        if self.unsent and not self.push():
+            raise ssl.SSLWantWriteError()
+        while True:
+            try:
+                self._obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self._queue_output()
+                if self.unsent and not self.push():
+                    raise ssl.SSLWantWriteError() from None
+                try:
+                    data = self.sock.recv(TLS_READ_SIZE)
+                except BlockingIOError:
+                    raise ssl.SSLWantReadError() from None
+                if not data:
+                    raise OSError("connection closed by the peer") from None
+                if len(self.first_bytes) < TLS_FIRST_BYTES:
+                    self.first_bytes += data[:TLS_FIRST_BYTES - len(self.first_bytes)]
+                self._in.write(data)
+                continue
+            except ssl.SSLError:
+                self._queue_output()    # the alert, for the peer's log: best effort
+                if self.unsent:
+                    self.push()
+                raise
+            self._queue_output()        # our last flight (Finished, tickets)
+            if self.unsent:
+                self.push()
+            self._more = bool(self._in.pending or self._obj.pending())   # the peer's
+            return                      # first records came along: read them at once
+
+    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+        """Decrypted bytes into ``buf``: records already received first, else one raw
+        recv and what it completes.  0 at the end (close_notify or a clean EOF)."""
+        ssl = self._ssl
+        size = nbytes or len(buf)
+        obj = self._obj
+        raw = not self._more
+        while True:
+            if raw:
+                data = self.sock.recv(TLS_READ_SIZE)    # BlockingIOError: wait
+                if not data:        # a record cut short gave nothing: OpenSSL keeps it
+                    self._more = False
+                    return 0
+                self._in.write(data)
+            got = 0
+            try:
+                got = obj.read(size, buf)
+                if got and got < size:
+                    with memoryview(buf) as view:
+                        while got < size:
+                            n = obj.read(size - got, view[got:])
+                            if not n:       # close_notify: the 0 comes next time
+                                self._more = True
+                                return got
+                            got += n
+                if not got:                     # close_notify (read returns 0)
+                    self._more = False
+                    return 0
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:      # close_notify, some versions
+                self._more = False
+                return got
+            except ssl.SSLError as exc:
+                self._more = False
+                raise self._error(exc) from None
+            self._more = got == size
+            if self._out.pending:               # a key update's answer, say
+                self._queue_output()
+            if got or raw:
+                break
+            raw = True                          # the buffer was full last time: read on
+        if not got:
+            raise ssl.SSLWantReadError()
+        return got
+
+    def send(self, data: Any) -> int:
+        """Encrypt up to TLS_WRITE_SIZE of ``data`` and send it with one system call;
+        returns the plaintext taken (0 while older ciphertext still waits)."""
+        if (self._unsent or self._inner is not None) and not self.push():
+            return 0
+        n = len(data)
+        if not n:
+            return 0
+        try:
+            if n > TLS_WRITE_SIZE:
+                n = TLS_WRITE_SIZE
+                with memoryview(data) as view:
+                    self._obj.write(view[:n])
+            else:
+                self._obj.write(data)
+        except self._ssl.SSLError as exc:
+            raise self._error(exc) from None
+        self._unsent = self._out.read()
+        self.push()
+        return n
+
+    def recv(self, size: int) -> bytes:
+        """Decrypted bytes, for a channel stacked on this one (TLS to the relay inside
+        TLS to an https:// proxy); raises SSLWantReadError when there are none."""
+        buf = bytearray(size)
+        n = self.recv_into(buf)
+        del buf[n:]
+        return bytes(buf)
+
+    def close(self) -> None:
+        """Send close_notify (and any ciphertext left) if the socket takes it; close."""
+        if self.sock.fileno() < 0:
+            return
+        try:
+            self._obj.unwrap()
+        except (self._ssl.SSLError, ValueError):
+            pass        # SSLWantReadError: the peer's close_notify is not awaited
+        self._queue_output()
+        if self.unsent:
+            try:
+                self.push()
+            except OSError:
+                pass
+        self.sock.close()
+
+
+class WSChannel(_Stacked):
+    """The tunnel's byte stream inside WebSocket binary frames, over a socket, an
+    ssl.SSLSocket (the relay's HTTPS port) or a TLSChannel (a client's outer TLS).
+    It looks like a socket to the loop, to Session and to a TLSChannel on top (TLS
+    inside the WebSocket), as TLSChannel does: ``recv_into``/``recv`` return payload
+    bytes and raise BlockingIOError when a read brought none (only control frames, or
+    nothing); ``pending()`` says decoded bytes (or the inner's) wait that the selector
+    cannot see.  ``send`` frames up to WS_WRITE_SIZE of the data as one BINARY frame
+    (masked on the client side) with one send on the inner socket; frame bytes the
+    inner did not take (``unsent``) go out first on the next ``send`` or ``push``, and
+    no new data is taken while any is left.  PING is answered with PONG; CLOSE with
+    CLOSE, then the end of the stream (0).  A peer that breaks RFC 6455 gets CLOSE 1002
+    and an OSError (``WebSocket: ...``).  ``initial``: bytes already read past the
+    HTTP head (the first frames)."""
+
+    def __init__(self, sock: Any, server_side: bool, initial: bytes = b"") -> None:
+        self.sock = sock
+        self.server_side = server_side
+        self._mask = not server_side            # a client masks what it sends
+        self.sealed = False                     # what it sends is TLS ciphertext (ws_frame)
+        self._decoder = WSDecoder(server_side)
+        self._inner = sock if hasattr(sock, "push") else None   # a channel under us
+        self._inner_pending = getattr(sock, "pending", None)    # ... or an SSLSocket
+        self._unsent = b""                      # frame bytes the inner did not take yet
+        self._wire_sent = 0                     # frame bytes the inner took, ever
+        self._input = bytearray()               # payload decoded but not yet returned
+        self._initial = bytes(initial)          # raw bytes read before we existed
+        self._scratch: Optional[bytearray] = None   # raw reads from a channel under us
+        self._eof = False                       # the peer's CLOSE or end of stream seen
+        self._eof_told = False                  # ... and the 0 returned
+        self._close_sent = False
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self.sock.getpeercert(binary_form)
+
+    def pending(self) -> bool:
+        if self._input or self._initial or (self._eof and not self._eof_told):
+            return True
+        return bool(self._inner_pending is not None and self._inner_pending())
+
+    def limit_frames(self, frames: Optional[int]) -> None:
+        """Allow only this many more frames from the peer (None: no limit); past it,
+        the channel fails as on a protocol error."""
+        self._decoder.frames_left = frames
+
+    def write_raw(self, data: bytes) -> None:
+        """Queue bytes outside any frame, before the next frame (the relay's 101)."""
+        self._unsent += data
+
+    def push(self) -> bool:
+        """Send what frame bytes are left with one send; True once none is left here
+        (nor in a channel under us)."""
+        inner = self._inner
+        if inner is not None and inner.unsent and not inner.push():
+            return False
+        if not self._unsent:
+            return True
+        try:
+            sent = self.sock.send(self._unsent)
+        except WOULD_BLOCK:
+            return False
+        self._wire_sent += sent
+        self._unsent = self._unsent[sent:] if sent < len(self._unsent) else b""
+        return not self._unsent
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        """Queue a control frame behind what is held (frames never interleave) and
+        try to send it now."""
+        self._unsent += ws_frame(opcode, payload, self._mask)
+        try:
+            self.push()
+        except OSError:
+            pass        # the next read or write reports the broken connection
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` payload bytes: decoded ones first, else one read of the inner
+        socket and what it completes; b"" at the end of the stream."""
+        pieces: List[bytes] = []
+        got = self._input
+        if got:                 # decoded before: no read unless the inner holds more
+            if len(got) >= size:
+                data = bytes(got[:size])
+                del got[:size]
+                return data
+            pieces.append(bytes(got))
+            have = len(got)
+            got.clear()
+        elif self._eof:
+            self._eof_told = True
+            return b""
+        else:
+            have = self._read_frames(size, pieces)      # WOULD_BLOCK: wait
+        pending = self._inner_pending
+        # An ssl.SSLSocket hands out one record per read and the selector cannot see the
+        # ones it holds: a read of control frames alone (or of half an inner TLS record)
+        # must not end here while the rest already waits inside it.
+        while pending is not None and have < size and not self._eof and pending():
+            try:
+                have += self._read_frames(size - have, pieces)
+            except WOULD_BLOCK:
+                break
+        if not pieces:
+            if self._eof:
+                self._eof_told = True
+                return b""
+            raise BlockingIOError(errno.EAGAIN, "only WebSocket control frames")
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(data) > size:
+            self._input += memoryview(data)[size:]
+            data = data[:size]
+        return data
+
+    def _read_frames(self, size: int, pieces: List[bytes]) -> int:
+        """One read of the inner socket (or the initial bytes), decoded: payload appended
+        to ``pieces``, PING answered, CLOSE answered and the end noted; returns the
+        payload bytes it gave."""
+        if self._initial:
+            raw: Any = self._initial
+            self._initial = b""
+        elif self._inner is not None:       # a TLSChannel: read through it, never past it
+            want = size if size > WS_MIN_READ else WS_MIN_READ
+            scratch = self._scratch
+            if scratch is None or len(scratch) < want:
+                scratch = self._scratch = bytearray(want)
+            n = self.sock.recv_into(scratch, want)
+            raw = memoryview(scratch)[:n]
+        else:       # payload <= raw bytes: a large read never leaves decoded bytes over
+            raw = self.sock.recv(size if size > WS_MIN_READ else WS_MIN_READ)
+        if not raw:
+            self._eof = True
+            return 0
+        try:
+            events = self._decoder.feed(raw)
+        except ProtocolError as exc:
+            if not self._close_sent:
+                self._close_sent = True
+                self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_PROTOCOL, str(exc)))
+            raise OSError("WebSocket: %s" % exc) from None
+        have = 0
+        for event in events:
+            kind = event[0]
+            if kind is WS_EV_DATA:
+                pieces.append(event[1])
+                have += len(event[1])
+            elif kind is WS_EV_PING:
+                if not self._close_sent and len(self._unsent) < WS_PONG_LIMIT:
+                    self._control(WSOpcode.PONG, event[1])      # (nothing after our CLOSE)
+            elif kind is WS_EV_CLOSE:
+                self._eof = True
+                log.debug("WebSocket closed by the peer: %d %s", event[1],
+                          escape_unprintable(event[2]))
+                if not self._close_sent:
+                    self._close_sent = True
+                    self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
+        return have
+
+    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+        data = self.recv(nbytes or len(buf))
+        n = len(data)
+        buf[:n] = data
+        return n
+
+    def send(self, data: Any) -> int:
+        """Frame up to WS_WRITE_SIZE of ``data`` and send it with one send; returns the
+        payload taken (0 while older frame bytes still wait)."""
+        if (self._unsent or self._inner is not None) and not self.push():
+            return 0
+        n = len(data)
+        if not n:
+            return 0
+        if n > WS_WRITE_SIZE:
+            n = WS_WRITE_SIZE
+            with memoryview(data) as view:
+                self._unsent = ws_frame(WSOpcode.BINARY, view[:n], self._mask,
+                                        sealed=self.sealed)
+        else:
+            self._unsent = ws_frame(WSOpcode.BINARY, data, self._mask, sealed=self.sealed)
+        self.push()
+        return n
+
+    def close(self) -> None:
+        """Send CLOSE 1000 (and any frame bytes left) if the inner takes them; close."""
+        if self.sock.fileno() < 0:
+            return
+        if not self._close_sent:
+            self._close_sent = True
+            self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
+        self.sock.close()
+
+
+def tls_handshake_step(sock: Any) -> Optional[bool]:
+    """One non-blocking step of ``sock.do_handshake()`` (an SSLSocket or TLSChannel):
+    None once it is done, else whether it waits to write (True) or to read; raises
+    TunnelError("TLS handshake failed: REASON[: the verification's message]")."""
+    ssl = load_ssl()
+    try:
+        sock.do_handshake()
+    except ssl.SSLWantReadError:
+        return False
+    except ssl.SSLWantWriteError:
+        return True
+    except (ssl.SSLError, OSError) as exc:
+        why = getattr(exc, "reason", None) or describe_oserror(exc)
+        detail = getattr(exc, "verify_message", None)   # SSLCertVerificationError
+        raise TunnelError("TLS handshake failed: %s" % ("%s: %s" % (why, detail) if detail
+                                                        else why)) from None
+    return None
+
+
+class TLSHandshake(Conn):
+    """A non-blocking TLS handshake in the loop; a stalled one blocks nobody.
+
+    ``done(sslsock)`` gets the socket when the handshake completes; ``failed(why)``
+    is called on an error or after ``timeout``."""
+
+    def __init__(self, loop: EventLoop, sock: Any, timeout: float,
+                 done: Callable[[Any], None], failed: Callable[[str], None]) -> None:
+        super().__init__(loop, sock)
+        self.done_cb = done
+        self.failed_cb = failed
+        self.want_write = False
+        self._timer = loop.call_later(timeout, lambda: self._fail("TLS handshake timed out"))
+
+    def start(self) -> "TLSHandshake":
+        """First step; may finish (and call ``done``) at once if the peer was quick."""
+        self.step()
+        return self
+
+    def wants_write(self) -> bool:
+        return self.want_write
+
+    def step(self) -> None:
+        try:
+            want = tls_handshake_step(self.sock)
+        except TunnelError as exc:
+            self._fail(str(exc))
+            return
+        if want is None:
+            self._timer.cancel()
+            self.done_cb(self.detach())
+            return
+        self.want_write = want
+        self.update()
+
+    on_read = step
+    on_write = step
+
+    def _fail(self, why: str) -> None:
+        if self.closed:
+            return
+        self._timer.cancel()
+        self.close_socket()
+        self.failed_cb(why)
+
+    def abort(self, reason: str) -> None:
+        self._fail(reason)
+
+
+def make_listener(host: str, port: int) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (IPv4 or IPv6 by ``host``)."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               0, socket.AI_PASSIVE)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def resolve(host: str, port: int) -> List[Any]:
+    """Every TCP address for host:port (``localhost`` is often ::1 and 127.0.0.1)."""
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+
+def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
+    """Start a non-blocking connect to the first address that does not fail at once;
+    ``infos`` is consumed as addresses are tried."""
+    error: Optional[OSError] = None
+    while infos:
+        family, stype, proto, _, addr = infos.pop(0)
+        try:
+            sock = socket.socket(family, stype, proto)
+        except OSError as exc:      # no IPv6 here (::1 of a bare PORT): the next address
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
+            error = exc
+            continue
+        sock.setblocking(False)
+        err = sock.connect_ex(addr)
+        if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            return sock, None
+        sock.close()
+        error = OSError(err, os.strerror(err))
+    return None, error or OSError(errno.EADDRNOTAVAIL, "no address to connect to")
+
+
+class DialStage(collections.namedtuple("DialStage", "kind arg1 arg2 arg3 where")):
+    """One step of a Dialer after the TCP connect (see DIAL_STAGES):
+
+    ``(DIAL_TLS, ctx, server_hostname, is_channel)``: is_channel marks the TLS whose
+    certificate the handshake binds (the relay's), not a proxy's;
+    ``(DIAL_CONNECT, proxy, host, port)`` and ``(DIAL_SOCKS, proxy, host, port)``;
+    ``(DIAL_WEBSOCKET, host_header, protocol, url)``.  ``where`` names the far end of
+    the stage in error messages (``relay.example.com:443``)."""
+
+    def __new__(cls, kind: str, arg1: Any = None, arg2: Any = None,
+                arg3: Any = None, where: str = "") -> "DialStage":
+        return super().__new__(cls, kind, arg1, arg2, arg3, where)
+
+
+class Dialer(Conn):
+    """One outgoing connection, non-blocking, through its stages: TCP to each address of
+    ``host:port`` in turn, then each DialStage in order (proxy CONNECT or SOCKS5, TLS,
+    WebSocket upgrade), every stage within ``timeout`` of its start.  The client uses it
+    for the relay and for every stream's target (no stages).
+
+    ``done(sock)`` gets the ready socket (or channel: TLSChannel, WSChannel) and owns it
+    from then on; ``failed(why, kind)`` gets a one-line reason and a DIAL_* kind, at most
+    once, never from inside the constructor (so the caller's own state is set first).
+    ``addrs``: the addresses to try, already resolved (a list of the caller's own, copied;
+    a bare PORT's loopback pair), instead of resolving ``host``."""
+
+    def __init__(self, loop: EventLoop, host: str, port: int, stages: List[DialStage],
+                 timeout: float, done: Callable[[Any], None],
+                 failed: Callable[[str, str], None], where: str = "",
+                 addrs: Optional[List[Any]] = None) -> None:
+        super().__init__(loop, None)
+        self.where = where or format_hostport(host, port)
+        self.stages = list(stages)
+        self.stage = DIAL_TCP
+        self.timeout = timeout
+        self.done_cb = done
+        self.failed_cb = failed
+        self.peer_der = b""             # certificate of the channel's TLS stage
+        self.rest = b""                 # bytes a stage read past its reply (after a 101)
+        self._want_write = True
+        self._finished = False          # failed_cb called (at most once)
+        self._binds = False             # the current TLS stage is the channel's
+        self._reader: Any = None        # ConnectReply, Socks5Handshake or the 101 head
+        self._key = ""                  # Sec-WebSocket-Key of the upgrade
+        self._timer = loop.call_later(timeout, self._timeout)
+        try:
+            self._addrs = list(addrs) if addrs is not None else resolve(host, port)
+        except socket.gaierror as exc:      # "cannot resolve HOST: <the resolver's words>"
+            why = "cannot resolve %s: %s" % (escape_unprintable(host), describe_oserror(exc))
+            loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE, bare=not where))
+            return      # (a proxy's: "proxy HOST:PORT: cannot resolve HOST: ...")
+        except (OSError, UnicodeError) as exc:   # UnicodeError: a label over 63 bytes
+            why = describe_oserror(exc) if isinstance(exc, OSError) else "invalid host name"
+            loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
+            return
+        sock, error = dial(self._addrs)
+        if sock is None:
+            loop.call_soon(lambda: self._fail(describe_oserror(error or OSError()),
+                                              DIAL_UNREACHABLE))
+            return
+        self.attach(sock)
+
+    def __repr__(self) -> str:
+        return "<Dialer %s %s>" % (self.where, self.stage)
+
+    def wants_read(self) -> bool:
+        return self.stage != DIAL_TCP and not self._want_write
+
+    def wants_write(self) -> bool:
+        return self._want_write or bool(self.out) or bool(getattr(self.sock, "unsent", b""))
+
+    def on_write(self) -> None:
+        if self.stage == DIAL_TCP:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                sock, _ = dial(self._addrs) if self._addrs else (None, None)
+                if sock is None:
+                    self._fail(os.strerror(err).lower(), DIAL_UNREACHABLE
+                               if err == errno.ECONNREFUSED else DIAL_RETRY)
+                    return
+                self.sock.close()
+                self.attach(sock)       # the next address (::1 refused, 127.0.0.1 next)
+                return
+            self._next_stage()
+        elif self.stage == DIAL_TLS:
+            self._tls_step()
+        else:
+            self._send_out()
+
+    def on_read(self) -> None:
+        if self.stage == DIAL_TLS:
+            self._tls_step()
+            return
+        try:
+            n = self.sock.recv_into(self.loop.scratch)
+        except WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._fail("%s during %s" % (describe_oserror(exc), DIAL_STAGES[self.stage]))
+            return
+        if not n:
+            self._fail("connection closed during %s" % DIAL_STAGES[self.stage])
+            return
+        data = bytes(self.loop.scratch_view[:n])
+        try:
+            if self.stage == DIAL_CONNECT:
+                self._connect_reply(data)
+            elif self.stage == DIAL_SOCKS:
+                self.out += self._reader.feed(data)
+                if self._reader.done:
+                    self._after_reply(self._reader.rest)
+                else:
+                    self._send_out()
+            else:
+                self._upgrade_reply(data)
+        except ProxyError as exc:
+            self._fail(str(exc), DIAL_FATAL if exc.fatal else DIAL_RETRY, bare=True)
+        except ProtocolError as exc:
+            self._fail(str(exc))
+
+    # -- stages -------------------------------------------------------------------------
+    def _next_stage(self) -> None:
+        """Start the next stage, or hand the socket over when none is left."""
+        self._timer.cancel()
+        if not self.stages:
+            self._finished = True
+            self.done_cb(self.detach())
+            return
+        try:
+            self._start_next()
+        except ValueError as exc:     # a name no request can carry (CR, LF, 256 bytes)
+            self._fail(str(exc), DIAL_FATAL)
+
+    def _start_next(self) -> None:
+        self._timer = self.loop.call_later(self.timeout, self._timeout)
+        stage = self.stages.pop(0)
+        self.stage = stage.kind
+        self.where = stage.where or self.where
+        self._want_write = False
+        if stage.kind == DIAL_TLS:
+            ctx, name, self._binds = stage.arg1, stage.arg2, stage.arg3
+            # The name checked (an IP literal too), else sent as SNI (names only).
+            hostname = name if ctx.check_hostname or not _is_ip_literal(name) else None
+            try:
+                channel = TLSChannel(self.sock, ctx, server_side=False,
+                                     server_hostname=hostname)
+            except (OSError, ValueError) as exc:
+                self._fail("TLS: %s" % exc, DIAL_TLS_FAILED)
+                return
+            self.attach(channel)
+            self._tls_step()
+        elif stage.kind == DIAL_CONNECT:
+            proxy, host, port = stage.arg1, stage.arg2, stage.arg3
+            self._proxy, self._target = proxy, format_hostport(host, port)
+            self._reader = ConnectReply()
+            self.out += connect_request(host, port, proxy)
+            self._send_out()
+        elif stage.kind == DIAL_SOCKS:
+            proxy, host, port = stage.arg1, stage.arg2, stage.arg3
+            if proxy.scheme == "socks5":            # names resolved here, not by the proxy
+                try:
+                    host = resolve(host, port)[0][4][0]
+                except (OSError, IndexError, UnicodeError) as exc:
+                    self._fail("cannot resolve %s: %s; use socks5h:// to let the proxy "
+                               "resolve it" % (host, describe_oserror(exc)
+                                               if isinstance(exc, OSError) else "no address"),
+                               DIAL_UNREACHABLE, bare=True)
+                    return
+            self._reader = Socks5Handshake(host, port, proxy.user, proxy.password,
+                                           proxy_name=proxy.where)
+            self.out += self._reader.start()
+            self._send_out()
+        else:
+            host_header, protocol, self._url = stage.arg1, stage.arg2, stage.arg3
+            self._key = ws_key()
+            self._protocol = protocol
+            self._reader = bytearray()
+            self.out += ws_upgrade_request(host_header, WS_PATH, self._key, protocol)
+            self._send_out()
+
+    def _send_out(self) -> None:
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                self._fail("%s during %s" % (describe_oserror(exc), DIAL_STAGES[self.stage]))
+                return
+            del self.out[:sent]
+        elif getattr(self.sock, "unsent", b""):
+            self.sock.push()
+        self.update()
+
+    def _tls_step(self) -> None:
+        try:
+            want = tls_handshake_step(self.sock)
+        except TunnelError as exc:
+            why = str(exc)
+            first = getattr(self.sock, "first_bytes", b"")
+            if TLS_NOT_SPOKEN in why and first.startswith(b"HTTP/1."):
+                why = "%s: %s" % (TLS_GOT_HTTP, _http_answer_text(first))
+            self._fail(why, DIAL_FATAL if "CERTIFICATE_VERIFY_FAILED" in why
+                       or "certificate verify failed" in why else DIAL_TLS_FAILED)
+            return
+        if want is None:
+            self._want_write = False
+            if self._binds:
+                self.peer_der = self.sock.getpeercert(binary_form=True) or b""
+            self._next_stage()
+            return
+        self._want_write = want
+        self.update()
+
+    def _connect_reply(self, data: bytes) -> None:
+        reply = self._reader
+        if not reply.feed(data):
+            return
+        if not 200 <= reply.status < 300:
+            raise connect_error(reply, self._proxy, self._target)
+        self._after_reply(reply.rest)
+
+    def _after_reply(self, rest: bytes) -> None:
+        if rest:        # the relay speaks second: nothing may come before our first bytes
+            raise ProtocolError("the proxy sent %d bytes after its reply" % len(rest))
+        self._next_stage()
+
+    def _upgrade_reply(self, data: bytes) -> None:
+        buf = self._reader
+        buf += data
+        end = ws_response_head_end(buf)
+        if end < 0:
+            return
+        m = _STATUS_LINE_RE.match(buf)
+        if m is not None and m.group(3) != b"101":
+            self._upgrade_refused(bytes(buf[:end]), int(m.group(3)), bytes(buf[end:]))
+            return
+        try:
+            ws_check_response(bytes(buf[:end]), self._key, self._protocol)
+        except ProtocolError as exc:        # the URL names the place: not ``where`` too
+            self._fail("%s: %s" % (self._url, exc), bare=True)
+            return
+        channel = WSChannel(self.sock, server_side=False, initial=bytes(buf[end:]))
+        # TLS inside (tunnel.py.2.tls): the frames carry ciphertext to the relay, masked
+        # the quick way (ws_frame's ``sealed``).  Not with TLS outside: whatever ends that
+        # TLS (a load balancer, a declared inspecting proxy) passes plain frames on.
+        channel.sealed = self._protocol == WS_PROTOCOL_TLS
+        self.attach(channel)
+        self._next_stage()
+
+    def _upgrade_refused(self, head: bytes, status: int, body: bytes) -> None:
+        """Not 101: the status, the start of the body (where a relay explains itself,
+        only what came with the head), a redirect's Location; DIAL_REFUSED for a 3xx or
+        a 4xx but 408/429 (the caller decides whether that ends it), else a retry."""
+        line, block = _split_start_line(head[:-4])
+        reason = line.split(" ", 2)[2] if line.count(" ") >= 2 else ""
+        try:
+            headers = _parse_fields(block)
+        except HTTPError:
+            headers = Headers([])
+        why = "%s: the relay answered %d%s, not 101" % (
+            self._url, status, " " + escape_unprintable(reason[:UPGRADE_BODY_SHOWN])
+            if reason else "")
+        location = headers.get("location")
+        if status in UPGRADE_REDIRECTS and location:
+            target = location.strip()
+            shown = escape_unprintable(target[:UPGRADE_BODY_SHOWN])
+            why = "%s: the answer redirects to %s" % (self._url, shown)
+            scheme, sep, rest = target.partition("://")
+            if sep and scheme.lower() in ("https", "http"):
+                host = _authority(rest)[0].rpartition("@")[2]
+                why += ": use --relay %s://%s" % (scheme.lower(), escape_unprintable(
+                    host[:MAX_HOST_NAME]) or "HOST")
+        else:
+            try:
+                length = _length_from(headers.get_all("content-length"))
+            except HTTPError:
+                length = None
+            text = body[:min(UPGRADE_BODY_SHOWN, len(body) if length is None else length)]
+            first = text.decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
+            if first:
+                why += ": " + escape_unprintable(first)
+        refused = 300 <= status < 500 and status not in UPGRADE_RETRY_STATUSES
+        self._fail(why, DIAL_REFUSED if refused else DIAL_RETRY, bare=True)
+
+    # -- failure --------------------------------------------------------------------------
+    def _timeout(self) -> None:
+        if not self._finished:
+            self._fail("timed out" if self.stage == DIAL_TCP
+                       else "timed out in %s" % DIAL_STAGES[self.stage])
+
+    def _fail(self, why: str, kind: str = DIAL_RETRY, bare: bool = False) -> None:
+        """``bare``: the message names its own place (a proxy's refusal)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._timer.cancel()
+        self.close_socket()
+        self.failed_cb(why if bare else "%s: %s" % (self.where, why), kind)
+
+    def abort(self, reason: str) -> None:
+        self._fail(reason)
+
+    def abort_quietly(self) -> None:
+        """The caller gave up (its stream went away): close, report nothing."""
+        self._finished = True
+        self._timer.cancel()
+        self.close_socket()
+
+
+def _http_answer_text(data: bytes) -> str:
+    """An HTTP answer's status and the first line of its body, printable and short
+    (``400 Bad Request: This port speaks plain HTTP, ...``)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split(b" ", 1)[1:]
+    text = body.decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
+    shown = (status[0].decode("latin-1") if status else "") + (": " + text if text else "")
+    return escape_unprintable(shown[:UPGRADE_BODY_SHOWN])
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+def unmap_peer(addr: Any) -> Any:
+    """An accepted peer address, with an IPv4-mapped IPv6 host (``::ffff:a.b.c.d``, how
+    a dual-stack socket reports an IPv4 peer) as plain IPv4 ``(a.b.c.d, port)``, so
+    that allow/deny rules, penalties, caps, logs and X-Forwarded-For see one form."""
+    if isinstance(addr, tuple) and len(addr) >= 2 and ":" in addr[0]:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, addr[0])
+        except OSError:         # a scope id (fe80::1%eth0): not a mapped address
+            return addr
+        if packed[:len(IPV4_MAPPED_PREFIX)] == IPV4_MAPPED_PREFIX:
+            return (socket.inet_ntop(socket.AF_INET, packed[len(IPV4_MAPPED_PREFIX):]),
+                    addr[1])
+    return addr
+
+
+def source_key(ip: str) -> str:
+    """What per-source limits count by: an IPv4 address itself, an IPv6 address's /64
+    (a subscriber is routed a whole /64, so its single addresses are no limit)."""
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except OSError:
+        return ip
+    prefix = packed[:IPV6_SOURCE_PREFIX] + bytes(16 - IPV6_SOURCE_PREFIX)
+    return "%s/%d" % (socket.inet_ntop(socket.AF_INET6, prefix), IPV6_SOURCE_PREFIX * 8)
+
+
+def peer_text(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return format_hostport(addr[0], addr[1])
+    return str(addr) or "local"
 
 
 # =============================================================================
@@ -4865,985 +5845,6 @@ class Pipe(Conn, StreamHandler):
         if self.stream is not None:
             self.stream.reset(reason)
         self.close_socket()
-
-
-class Listener(Conn):
-    """A listening socket; ``factory(sock, addr)`` handles each accepted connection,
-    ``addr`` unmapped once here (``unmap_peer``) for every later check and log line.
-
-    Out of descriptors or kernel memory (ACCEPT_RESOURCE_ERRORS) the pending
-    connection stays queued and the socket stays readable, so retrying at once would
-    spin: instead it stops reading for ``pause`` seconds, with one warning a period."""
-
-    def __init__(self, loop: EventLoop, sock: socket.socket,
-                 factory: Callable[[socket.socket, Any], None],
-                 pause: float = ACCEPT_PAUSE) -> None:
-        super().__init__(loop, sock)
-        self.factory = factory
-        self.pause = pause
-        self.paused = False
-        self._failures = Throttle()
-        self.update()
-
-    def wants_read(self) -> bool:
-        return not self.paused
-
-    def on_read(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in ACCEPT_RESOURCE_ERRORS:
-                    self.paused = True
-                    self.update()
-                    self.loop.call_later(self.pause, self._resume)
-                    self._failures.warn("accept failed: %s; not accepting for %.1fs",
-                                        describe_oserror(exc), self.pause)
-                else:   # this connection is gone (ECONNABORTED...); the next may be fine
-                    self._failures.warn("accept failed: %s", describe_oserror(exc))
-                return
-            self.factory(sock, unmap_peer(addr))
-
-    def _resume(self) -> None:
-        self.paused = False
-        self.update()       # a no-op once closed
-
-    def abort(self, reason: str) -> None:
-        log.warning("listener error: %s", reason)
-
-
-class Lingering(Conn):
-    """Send a last answer, half-close, and discard input until EOF or LINGER_TIMEOUT.
-
-    Closing a socket that still has unread input makes the kernel send RST, which
-    can destroy the answer before the peer reads it (the "lingering close" of
-    RFC 9112 section 9.6)."""
-
-    def __init__(self, loop: EventLoop, sock: socket.socket, data: bytes) -> None:
-        super().__init__(loop, sock)
-        self.out += data
-        self._timer = loop.call_later(LINGER_TIMEOUT, self.close_socket)
-        self.on_write()
-
-    def on_write(self) -> None:
-        try:
-            sent = self.sock.send(self.out) if self.out else 0
-        except WOULD_BLOCK:
-            sent = 0
-        except OSError:
-            self.close_socket()
-            return
-        del self.out[:sent]
-        if not self.out:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self.close_socket()
-                return
-        self.update()
-
-    def on_read(self) -> None:
-        try:
-            data = self.sock.recv_into(self.loop.scratch)
-        except WOULD_BLOCK:
-            return
-        except OSError:
-            data = 0
-        if not data:
-            self.close_socket()
-
-    def connection_lost(self) -> None:
-        self._timer.cancel()
-
-
-class _Stacked:
-    """What the socket-like channels (TLSChannel, WSChannel) share when one sits on
-    another (TLS inside a WebSocket, TLS inside TLS to a proxy): the bytes held for the
-    wire and the bytes sent count the channel under them too (``_inner``)."""
-
-    sock: Any                   # what this one sits on: a socket or another channel
-    _inner: Any = None          # the channel under this one, if any
-    _unsent = b""               # bytes this one holds for the wire
-    _wire_sent = 0              # bytes the one under it took, ever
-
-    def __repr__(self) -> str:
-        return "<%s fd=%d>" % (type(self).__name__, self.sock.fileno())
-
-    def __getattr__(self, name: str) -> Any:      # setblocking, getpeername, setsockopt...
-        return getattr(self.__dict__["sock"], name)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    @property
-    def unsent(self) -> bytes:
-        """Bytes held for the wire: ours, and the channel's under us (sent first)."""
-        inner = self._inner
-        if inner is None:
-            return self._unsent
-        below = inner.unsent
-        if not below:
-            return self._unsent
-        return self._unsent + below if self._unsent else below
-
-    @property
-    def wire_sent(self) -> int:
-        inner = self._inner
-        return self._wire_sent + (inner.wire_sent if inner is not None else 0)
-
-
-class TLSChannel(_Stacked):
-    """TLS over a non-blocking socket through two memory BIOs, for the control channel.
-
-    ``ssl.SSLSocket`` hands out one 16 KiB record per ``recv_into`` (OpenSSL reads each
-    with two system calls) and writes one system call per record; this makes one raw
-    ``recv`` of up to TLS_READ_SIZE ciphertext per read and one raw ``send`` of all the
-    ciphertext per write.  It looks like a socket to the loop and to Session:
-    ``recv_into`` and ``send`` count plaintext and raise a WOULD_BLOCK error when there
-    is nothing to do; ``pending()`` says decrypted input waits that the selector cannot
-    see.  Ciphertext a short raw send left (``unsent``) goes out first on the next
-    ``send`` or ``push``, and no new plaintext is taken while any is left: at most a
-    TLS_WRITE_SIZE of it is held here, the rest waits in the caller's queue.  TLS
-    errors come out as an OSError with the reason (``TLS: ...``).  Over a WSChannel
-    (TLS inside a WebSocket), ``unsent``, ``wire_sent``, ``push()`` and ``pending()``
-    count what that channel holds too, its bytes going out first."""
-
-    def __init__(self, sock: Any, ctx: Any, server_side: bool,
-                 server_hostname: Optional[str] = None) -> None:
-        self.sock: Any = sock       # a socket, or a WSChannel or TLSChannel to stack on
-        ssl = self._ssl = load_ssl()
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
-                                 server_hostname=server_hostname)
-        self._unsent = b""          # ciphertext the socket did not take yet
-        self._wire_sent = 0         # ciphertext the socket took, ever (progress while
-        #                             plaintext waits behind ``unsent``)
-        self._more = False          # the last read stopped on a full buffer, not a dry BIO
-        self._inner = sock if hasattr(sock, "push") else None   # a WSChannel under us
-        self.first_bytes = b""      # the peer's first raw bytes (handshake only)
-
-    def pending(self) -> bool:
-        inner = self._inner
-        return self._more or (inner is not None and inner.pending())
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._obj.getpeercert(binary_form)
-
-    def _error(self, exc: Any) -> OSError:
-        return OSError("TLS: %s" % (exc.reason or exc.__class__.__name__))
-
-    def push(self) -> bool:
-        """Send what ciphertext is left with one system call; True once none is left
-        (nor in a channel under us, whose bytes go first)."""
-        inner = self._inner
-        if inner is not None and inner.unsent and not inner.push():
-            return False
-        if not self._unsent:        # (an empty write to a TLSChannel under us is an
-            return True             # error in OpenSSL 3 before Python 3.10)
-        try:
-            sent = self.sock.send(self._unsent)
-        except (BlockingIOError, InterruptedError):
-            return False
-        self._wire_sent += sent
-        self._unsent = self._unsent[sent:] if sent < len(self._unsent) else b""
-        return not self._unsent
-
-    def _queue_output(self) -> None:
-        """Ciphertext OpenSSL made outside ``send`` (handshake, alerts, key updates)."""
-        if self._out.pending:
-            self._unsent += self._out.read()
-
-    def do_handshake(self) -> None:
-        """One non-blocking step, like ``SSLSocket.do_handshake``: raises
-        SSLWantReadError or SSLWantWriteError until the handshake is done."""
-        ssl = self._ssl
-        if self.unsent and not self.push():
-            raise ssl.SSLWantWriteError()
-        while True:
-            try:
-                self._obj.do_handshake()
-            except ssl.SSLWantReadError:
-                self._queue_output()
-                if self.unsent and not self.push():
-                    raise ssl.SSLWantWriteError() from None
-                try:
-                    data = self.sock.recv(TLS_READ_SIZE)
-                except BlockingIOError:
-                    raise ssl.SSLWantReadError() from None
-                if not data:
-                    raise OSError("connection closed by the peer") from None
-                if len(self.first_bytes) < TLS_FIRST_BYTES:
-                    self.first_bytes += data[:TLS_FIRST_BYTES - len(self.first_bytes)]
-                self._in.write(data)
-                continue
-            except ssl.SSLError:
-                self._queue_output()    # the alert, for the peer's log: best effort
-                if self.unsent:
-                    self.push()
-                raise
-            self._queue_output()        # our last flight (Finished, tickets)
-            if self.unsent:
-                self.push()
-            self._more = bool(self._in.pending or self._obj.pending())   # the peer's
-            return                      # first records came along: read them at once
-
-    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
-        """Decrypted bytes into ``buf``: records already received first, else one raw
-        recv and what it completes.  0 at the end (close_notify or a clean EOF)."""
-        ssl = self._ssl
-        size = nbytes or len(buf)
-        obj = self._obj
-        raw = not self._more
-        while True:
-            if raw:
-                data = self.sock.recv(TLS_READ_SIZE)    # BlockingIOError: wait
-                if not data:        # a record cut short gave nothing: OpenSSL keeps it
-                    self._more = False
-                    return 0
-                self._in.write(data)
-            got = 0
-            try:
-                got = obj.read(size, buf)
-                if got and got < size:
-                    with memoryview(buf) as view:
-                        while got < size:
-                            n = obj.read(size - got, view[got:])
-                            if not n:       # close_notify: the 0 comes next time
-                                self._more = True
-                                return got
-                            got += n
-                if not got:                     # close_notify (read returns 0)
-                    self._more = False
-                    return 0
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:      # close_notify, some versions
-                self._more = False
-                return got
-            except ssl.SSLError as exc:
-                self._more = False
-                raise self._error(exc) from None
-            self._more = got == size
-            if self._out.pending:               # a key update's answer, say
-                self._queue_output()
-            if got or raw:
-                break
-            raw = True                          # the buffer was full last time: read on
-        if not got:
-            raise ssl.SSLWantReadError()
-        return got
-
-    def send(self, data: Any) -> int:
-        """Encrypt up to TLS_WRITE_SIZE of ``data`` and send it with one system call;
-        returns the plaintext taken (0 while older ciphertext still waits)."""
-        if (self._unsent or self._inner is not None) and not self.push():
-            return 0
-        n = len(data)
-        if not n:
-            return 0
-        try:
-            if n > TLS_WRITE_SIZE:
-                n = TLS_WRITE_SIZE
-                with memoryview(data) as view:
-                    self._obj.write(view[:n])
-            else:
-                self._obj.write(data)
-        except self._ssl.SSLError as exc:
-            raise self._error(exc) from None
-        self._unsent = self._out.read()
-        self.push()
-        return n
-
-    def recv(self, size: int) -> bytes:
-        """Decrypted bytes, for a channel stacked on this one (TLS to the relay inside
-        TLS to an https:// proxy); raises SSLWantReadError when there are none."""
-        buf = bytearray(size)
-        n = self.recv_into(buf)
-        del buf[n:]
-        return bytes(buf)
-
-    def close(self) -> None:
-        """Send close_notify (and any ciphertext left) if the socket takes it; close."""
-        if self.sock.fileno() < 0:
-            return
-        try:
-            self._obj.unwrap()
-        except (self._ssl.SSLError, ValueError):
-            pass        # SSLWantReadError: the peer's close_notify is not awaited
-        self._queue_output()
-        if self.unsent:
-            try:
-                self.push()
-            except OSError:
-                pass
-        self.sock.close()
-
-
-class WSChannel(_Stacked):
-    """The tunnel's byte stream inside WebSocket binary frames, over a socket, an
-    ssl.SSLSocket (the relay's HTTPS port) or a TLSChannel (a client's outer TLS).
-    It looks like a socket to the loop, to Session and to a TLSChannel on top (TLS
-    inside the WebSocket), as TLSChannel does: ``recv_into``/``recv`` return payload
-    bytes and raise BlockingIOError when a read brought none (only control frames, or
-    nothing); ``pending()`` says decoded bytes (or the inner's) wait that the selector
-    cannot see.  ``send`` frames up to WS_WRITE_SIZE of the data as one BINARY frame
-    (masked on the client side) with one send on the inner socket; frame bytes the
-    inner did not take (``unsent``) go out first on the next ``send`` or ``push``, and
-    no new data is taken while any is left.  PING is answered with PONG; CLOSE with
-    CLOSE, then the end of the stream (0).  A peer that breaks RFC 6455 gets CLOSE 1002
-    and an OSError (``WebSocket: ...``).  ``initial``: bytes already read past the
-    HTTP head (the first frames)."""
-
-    def __init__(self, sock: Any, server_side: bool, initial: bytes = b"") -> None:
-        self.sock = sock
-        self.server_side = server_side
-        self._mask = not server_side            # a client masks what it sends
-        self.sealed = False                     # what it sends is TLS ciphertext (ws_frame)
-        self._decoder = WSDecoder(server_side)
-        self._inner = sock if hasattr(sock, "push") else None   # a channel under us
-        self._inner_pending = getattr(sock, "pending", None)    # ... or an SSLSocket
-        self._unsent = b""                      # frame bytes the inner did not take yet
-        self._wire_sent = 0                     # frame bytes the inner took, ever
-        self._input = bytearray()               # payload decoded but not yet returned
-        self._initial = bytes(initial)          # raw bytes read before we existed
-        self._scratch: Optional[bytearray] = None   # raw reads from a channel under us
-        self._eof = False                       # the peer's CLOSE or end of stream seen
-        self._eof_told = False                  # ... and the 0 returned
-        self._close_sent = False
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return self.sock.getpeercert(binary_form)
-
-    def pending(self) -> bool:
-        if self._input or self._initial or (self._eof and not self._eof_told):
-            return True
-        return bool(self._inner_pending is not None and self._inner_pending())
-
-    def limit_frames(self, frames: Optional[int]) -> None:
-        """Allow only this many more frames from the peer (None: no limit); past it,
-        the channel fails as on a protocol error."""
-        self._decoder.frames_left = frames
-
-    def write_raw(self, data: bytes) -> None:
-        """Queue bytes outside any frame, before the next frame (the relay's 101)."""
-        self._unsent += data
-
-    def push(self) -> bool:
-        """Send what frame bytes are left with one send; True once none is left here
-        (nor in a channel under us)."""
-        inner = self._inner
-        if inner is not None and inner.unsent and not inner.push():
-            return False
-        if not self._unsent:
-            return True
-        try:
-            sent = self.sock.send(self._unsent)
-        except WOULD_BLOCK:
-            return False
-        self._wire_sent += sent
-        self._unsent = self._unsent[sent:] if sent < len(self._unsent) else b""
-        return not self._unsent
-
-    def _control(self, opcode: int, payload: bytes) -> None:
-        """Queue a control frame behind what is held (frames never interleave) and
-        try to send it now."""
-        self._unsent += ws_frame(opcode, payload, self._mask)
-        try:
-            self.push()
-        except OSError:
-            pass        # the next read or write reports the broken connection
-
-    def recv(self, size: int) -> bytes:
-        """Up to ``size`` payload bytes: decoded ones first, else one read of the inner
-        socket and what it completes; b"" at the end of the stream."""
-        pieces: List[bytes] = []
-        got = self._input
-        if got:                 # decoded before: no read unless the inner holds more
-            if len(got) >= size:
-                data = bytes(got[:size])
-                del got[:size]
-                return data
-            pieces.append(bytes(got))
-            have = len(got)
-            got.clear()
-        elif self._eof:
-            self._eof_told = True
-            return b""
-        else:
-            have = self._read_frames(size, pieces)      # WOULD_BLOCK: wait
-        pending = self._inner_pending
-        # An ssl.SSLSocket hands out one record per read and the selector cannot see the
-        # ones it holds: a read of control frames alone (or of half an inner TLS record)
-        # must not end here while the rest already waits inside it.
-        while pending is not None and have < size and not self._eof and pending():
-            try:
-                have += self._read_frames(size - have, pieces)
-            except WOULD_BLOCK:
-                break
-        if not pieces:
-            if self._eof:
-                self._eof_told = True
-                return b""
-            raise BlockingIOError(errno.EAGAIN, "only WebSocket control frames")
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        if len(data) > size:
-            self._input += memoryview(data)[size:]
-            data = data[:size]
-        return data
-
-    def _read_frames(self, size: int, pieces: List[bytes]) -> int:
-        """One read of the inner socket (or the initial bytes), decoded: payload appended
-        to ``pieces``, PING answered, CLOSE answered and the end noted; returns the
-        payload bytes it gave."""
-        if self._initial:
-            raw: Any = self._initial
-            self._initial = b""
-        elif self._inner is not None:       # a TLSChannel: read through it, never past it
-            want = size if size > WS_MIN_READ else WS_MIN_READ
-            scratch = self._scratch
-            if scratch is None or len(scratch) < want:
-                scratch = self._scratch = bytearray(want)
-            n = self.sock.recv_into(scratch, want)
-            raw = memoryview(scratch)[:n]
-        else:       # payload <= raw bytes: a large read never leaves decoded bytes over
-            raw = self.sock.recv(size if size > WS_MIN_READ else WS_MIN_READ)
-        if not raw:
-            self._eof = True
-            return 0
-        try:
-            events = self._decoder.feed(raw)
-        except ProtocolError as exc:
-            if not self._close_sent:
-                self._close_sent = True
-                self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_PROTOCOL, str(exc)))
-            raise OSError("WebSocket: %s" % exc) from None
-        have = 0
-        for event in events:
-            kind = event[0]
-            if kind is WS_EV_DATA:
-                pieces.append(event[1])
-                have += len(event[1])
-            elif kind is WS_EV_PING:
-                if not self._close_sent and len(self._unsent) < WS_PONG_LIMIT:
-                    self._control(WSOpcode.PONG, event[1])      # (nothing after our CLOSE)
-            elif kind is WS_EV_CLOSE:
-                self._eof = True
-                log.debug("WebSocket closed by the peer: %d %s", event[1],
-                          escape_unprintable(event[2]))
-                if not self._close_sent:
-                    self._close_sent = True
-                    self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
-        return have
-
-    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
-        data = self.recv(nbytes or len(buf))
-        n = len(data)
-        buf[:n] = data
-        return n
-
-    def send(self, data: Any) -> int:
-        """Frame up to WS_WRITE_SIZE of ``data`` and send it with one send; returns the
-        payload taken (0 while older frame bytes still wait)."""
-        if (self._unsent or self._inner is not None) and not self.push():
-            return 0
-        n = len(data)
-        if not n:
-            return 0
-        if n > WS_WRITE_SIZE:
-            n = WS_WRITE_SIZE
-            with memoryview(data) as view:
-                self._unsent = ws_frame(WSOpcode.BINARY, view[:n], self._mask,
-                                        sealed=self.sealed)
-        else:
-            self._unsent = ws_frame(WSOpcode.BINARY, data, self._mask, sealed=self.sealed)
-        self.push()
-        return n
-
-    def close(self) -> None:
-        """Send CLOSE 1000 (and any frame bytes left) if the inner takes them; close."""
-        if self.sock.fileno() < 0:
-            return
-        if not self._close_sent:
-            self._close_sent = True
-            self._control(WSOpcode.CLOSE, ws_close_payload(WS_CLOSE_NORMAL))
-        self.sock.close()
-
-
-def tls_handshake_step(sock: Any) -> Optional[bool]:
-    """One non-blocking step of ``sock.do_handshake()`` (an SSLSocket or TLSChannel):
-    None once it is done, else whether it waits to write (True) or to read; raises
-    TunnelError("TLS handshake failed: REASON[: the verification's message]")."""
-    ssl = load_ssl()
-    try:
-        sock.do_handshake()
-    except ssl.SSLWantReadError:
-        return False
-    except ssl.SSLWantWriteError:
-        return True
-    except (ssl.SSLError, OSError) as exc:
-        why = getattr(exc, "reason", None) or describe_oserror(exc)
-        detail = getattr(exc, "verify_message", None)   # SSLCertVerificationError
-        raise TunnelError("TLS handshake failed: %s" % ("%s: %s" % (why, detail) if detail
-                                                        else why)) from None
-    return None
-
-
-class TLSHandshake(Conn):
-    """A non-blocking TLS handshake in the loop; a stalled one blocks nobody.
-
-    ``done(sslsock)`` gets the socket when the handshake completes; ``failed(why)``
-    is called on an error or after ``timeout``."""
-
-    def __init__(self, loop: EventLoop, sock: Any, timeout: float,
-                 done: Callable[[Any], None], failed: Callable[[str], None]) -> None:
-        super().__init__(loop, sock)
-        self.done_cb = done
-        self.failed_cb = failed
-        self.want_write = False
-        self._timer = loop.call_later(timeout, lambda: self._fail("TLS handshake timed out"))
-
-    def start(self) -> "TLSHandshake":
-        """First step; may finish (and call ``done``) at once if the peer was quick."""
-        self.step()
-        return self
-
-    def wants_write(self) -> bool:
-        return self.want_write
-
-    def step(self) -> None:
-        try:
-            want = tls_handshake_step(self.sock)
-        except TunnelError as exc:
-            self._fail(str(exc))
-            return
-        if want is None:
-            self._timer.cancel()
-            self.done_cb(self.detach())
-            return
-        self.want_write = want
-        self.update()
-
-    on_read = step
-    on_write = step
-
-    def _fail(self, why: str) -> None:
-        if self.closed:
-            return
-        self._timer.cancel()
-        self.close_socket()
-        self.failed_cb(why)
-
-    def abort(self, reason: str) -> None:
-        self._fail(reason)
-
-
-def make_listener(host: str, port: int) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket (IPv4 or IPv6 by ``host``)."""
-    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                               0, socket.AI_PASSIVE)
-    family, socktype, proto, _, addr = infos[0]
-    sock = socket.socket(family, socktype, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def resolve(host: str, port: int) -> List[Any]:
-    """Every TCP address for host:port (``localhost`` is often ::1 and 127.0.0.1)."""
-    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-
-
-def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
-    """Start a non-blocking connect to the first address that does not fail at once;
-    ``infos`` is consumed as addresses are tried."""
-    error: Optional[OSError] = None
-    while infos:
-        family, stype, proto, _, addr = infos.pop(0)
-        try:
-            sock = socket.socket(family, stype, proto)
-        except OSError as exc:      # no IPv6 here (::1 of a bare PORT): the next address
-            if exc.errno != errno.EAFNOSUPPORT:
-                raise
-            error = exc
-            continue
-        sock.setblocking(False)
-        err = sock.connect_ex(addr)
-        if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            return sock, None
-        sock.close()
-        error = OSError(err, os.strerror(err))
-    return None, error or OSError(errno.EADDRNOTAVAIL, "no address to connect to")
-
-
-class DialStage(collections.namedtuple("DialStage", "kind arg1 arg2 arg3 where")):
-    """One step of a Dialer after the TCP connect (see DIAL_STAGES):
-
-    ``(DIAL_TLS, ctx, server_hostname, is_channel)``: is_channel marks the TLS whose
-    certificate the handshake binds (the relay's), not a proxy's;
-    ``(DIAL_CONNECT, proxy, host, port)`` and ``(DIAL_SOCKS, proxy, host, port)``;
-    ``(DIAL_WEBSOCKET, host_header, protocol, url)``.  ``where`` names the far end of
-    the stage in error messages (``relay.example.com:443``)."""
-
-    def __new__(cls, kind: str, arg1: Any = None, arg2: Any = None,
-                arg3: Any = None, where: str = "") -> "DialStage":
-        return super().__new__(cls, kind, arg1, arg2, arg3, where)
-
-
-class Dialer(Conn):
-    """One outgoing connection, non-blocking, through its stages: TCP to each address of
-    ``host:port`` in turn, then each DialStage in order (proxy CONNECT or SOCKS5, TLS,
-    WebSocket upgrade), every stage within ``timeout`` of its start.  The client uses it
-    for the relay and for every stream's target (no stages).
-
-    ``done(sock)`` gets the ready socket (or channel: TLSChannel, WSChannel) and owns it
-    from then on; ``failed(why, kind)`` gets a one-line reason and a DIAL_* kind, at most
-    once, never from inside the constructor (so the caller's own state is set first).
-    ``addrs``: the addresses to try, already resolved (a list of the caller's own, copied;
-    a bare PORT's loopback pair), instead of resolving ``host``."""
-
-    def __init__(self, loop: EventLoop, host: str, port: int, stages: List[DialStage],
-                 timeout: float, done: Callable[[Any], None],
-                 failed: Callable[[str, str], None], where: str = "",
-                 addrs: Optional[List[Any]] = None) -> None:
-        super().__init__(loop, None)
-        self.where = where or format_hostport(host, port)
-        self.stages = list(stages)
-        self.stage = DIAL_TCP
-        self.timeout = timeout
-        self.done_cb = done
-        self.failed_cb = failed
-        self.peer_der = b""             # certificate of the channel's TLS stage
-        self.rest = b""                 # bytes a stage read past its reply (after a 101)
-        self._want_write = True
-        self._finished = False          # failed_cb called (at most once)
-        self._binds = False             # the current TLS stage is the channel's
-        self._reader: Any = None        # ConnectReply, Socks5Handshake or the 101 head
-        self._key = ""                  # Sec-WebSocket-Key of the upgrade
-        self._timer = loop.call_later(timeout, self._timeout)
-        try:
-            self._addrs = list(addrs) if addrs is not None else resolve(host, port)
-        except socket.gaierror as exc:      # "cannot resolve HOST: <the resolver's words>"
-            why = "cannot resolve %s: %s" % (escape_unprintable(host), describe_oserror(exc))
-            loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE, bare=not where))
-            return      # (a proxy's: "proxy HOST:PORT: cannot resolve HOST: ...")
-        except (OSError, UnicodeError) as exc:   # UnicodeError: a label over 63 bytes
-            why = describe_oserror(exc) if isinstance(exc, OSError) else "invalid host name"
-            loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
-            return
-        sock, error = dial(self._addrs)
-        if sock is None:
-            loop.call_soon(lambda: self._fail(describe_oserror(error or OSError()),
-                                              DIAL_UNREACHABLE))
-            return
-        self.attach(sock)
-
-    def __repr__(self) -> str:
-        return "<Dialer %s %s>" % (self.where, self.stage)
-
-    def wants_read(self) -> bool:
-        return self.stage != DIAL_TCP and not self._want_write
-
-    def wants_write(self) -> bool:
-        return self._want_write or bool(self.out) or bool(getattr(self.sock, "unsent", b""))
-
-    def on_write(self) -> None:
-        if self.stage == DIAL_TCP:
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                sock, _ = dial(self._addrs) if self._addrs else (None, None)
-                if sock is None:
-                    self._fail(os.strerror(err).lower(), DIAL_UNREACHABLE
-                               if err == errno.ECONNREFUSED else DIAL_RETRY)
-                    return
-                self.sock.close()
-                self.attach(sock)       # the next address (::1 refused, 127.0.0.1 next)
-                return
-            self._next_stage()
-        elif self.stage == DIAL_TLS:
-            self._tls_step()
-        else:
-            self._send_out()
-
-    def on_read(self) -> None:
-        if self.stage == DIAL_TLS:
-            self._tls_step()
-            return
-        try:
-            n = self.sock.recv_into(self.loop.scratch)
-        except WOULD_BLOCK:
-            return
-        except OSError as exc:
-            self._fail("%s during %s" % (describe_oserror(exc), DIAL_STAGES[self.stage]))
-            return
-        if not n:
-            self._fail("connection closed during %s" % DIAL_STAGES[self.stage])
-            return
-        data = bytes(self.loop.scratch_view[:n])
-        try:
-            if self.stage == DIAL_CONNECT:
-                self._connect_reply(data)
-            elif self.stage == DIAL_SOCKS:
-                self.out += self._reader.feed(data)
-                if self._reader.done:
-                    self._after_reply(self._reader.rest)
-                else:
-                    self._send_out()
-            else:
-                self._upgrade_reply(data)
-        except ProxyError as exc:
-            self._fail(str(exc), DIAL_FATAL if exc.fatal else DIAL_RETRY, bare=True)
-        except ProtocolError as exc:
-            self._fail(str(exc))
-
-    # -- stages -------------------------------------------------------------------------
-    def _next_stage(self) -> None:
-        """Start the next stage, or hand the socket over when none is left."""
-        self._timer.cancel()
-        if not self.stages:
-            self._finished = True
-            self.done_cb(self.detach())
-            return
-        try:
-            self._start_next()
-        except ValueError as exc:     # a name no request can carry (CR, LF, 256 bytes)
-            self._fail(str(exc), DIAL_FATAL)
-
-    def _start_next(self) -> None:
-        self._timer = self.loop.call_later(self.timeout, self._timeout)
-        stage = self.stages.pop(0)
-        self.stage = stage.kind
-        self.where = stage.where or self.where
-        self._want_write = False
-        if stage.kind == DIAL_TLS:
-            ctx, name, self._binds = stage.arg1, stage.arg2, stage.arg3
-            # The name checked (an IP literal too), else sent as SNI (names only).
-            hostname = name if ctx.check_hostname or not _is_ip_literal(name) else None
-            try:
-                channel = TLSChannel(self.sock, ctx, server_side=False,
-                                     server_hostname=hostname)
-            except (OSError, ValueError) as exc:
-                self._fail("TLS: %s" % exc, DIAL_TLS_FAILED)
-                return
-            self.attach(channel)
-            self._tls_step()
-        elif stage.kind == DIAL_CONNECT:
-            proxy, host, port = stage.arg1, stage.arg2, stage.arg3
-            self._proxy, self._target = proxy, format_hostport(host, port)
-            self._reader = ConnectReply()
-            self.out += connect_request(host, port, proxy)
-            self._send_out()
-        elif stage.kind == DIAL_SOCKS:
-            proxy, host, port = stage.arg1, stage.arg2, stage.arg3
-            if proxy.scheme == "socks5":            # names resolved here, not by the proxy
-                try:
-                    host = resolve(host, port)[0][4][0]
-                except (OSError, IndexError, UnicodeError) as exc:
-                    self._fail("cannot resolve %s: %s; use socks5h:// to let the proxy "
-                               "resolve it" % (host, describe_oserror(exc)
-                                               if isinstance(exc, OSError) else "no address"),
-                               DIAL_UNREACHABLE, bare=True)
-                    return
-            self._reader = Socks5Handshake(host, port, proxy.user, proxy.password,
-                                           proxy_name=proxy.where)
-            self.out += self._reader.start()
-            self._send_out()
-        else:
-            host_header, protocol, self._url = stage.arg1, stage.arg2, stage.arg3
-            self._key = ws_key()
-            self._protocol = protocol
-            self._reader = bytearray()
-            self.out += ws_upgrade_request(host_header, WS_PATH, self._key, protocol)
-            self._send_out()
-
-    def _send_out(self) -> None:
-        if self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except WOULD_BLOCK:
-                sent = 0
-            except OSError as exc:
-                self._fail("%s during %s" % (describe_oserror(exc), DIAL_STAGES[self.stage]))
-                return
-            del self.out[:sent]
-        elif getattr(self.sock, "unsent", b""):
-            self.sock.push()
-        self.update()
-
-    def _tls_step(self) -> None:
-        try:
-            want = tls_handshake_step(self.sock)
-        except TunnelError as exc:
-            why = str(exc)
-            first = getattr(self.sock, "first_bytes", b"")
-            if TLS_NOT_SPOKEN in why and first.startswith(b"HTTP/1."):
-                why = "%s: %s" % (TLS_GOT_HTTP, _http_answer_text(first))
-            self._fail(why, DIAL_FATAL if "CERTIFICATE_VERIFY_FAILED" in why
-                       or "certificate verify failed" in why else DIAL_TLS_FAILED)
-            return
-        if want is None:
-            self._want_write = False
-            if self._binds:
-                self.peer_der = self.sock.getpeercert(binary_form=True) or b""
-            self._next_stage()
-            return
-        self._want_write = want
-        self.update()
-
-    def _connect_reply(self, data: bytes) -> None:
-        reply = self._reader
-        if not reply.feed(data):
-            return
-        if not 200 <= reply.status < 300:
-            raise connect_error(reply, self._proxy, self._target)
-        self._after_reply(reply.rest)
-
-    def _after_reply(self, rest: bytes) -> None:
-        if rest:        # the relay speaks second: nothing may come before our first bytes
-            raise ProtocolError("the proxy sent %d bytes after its reply" % len(rest))
-        self._next_stage()
-
-    def _upgrade_reply(self, data: bytes) -> None:
-        buf = self._reader
-        buf += data
-        end = ws_response_head_end(buf)
-        if end < 0:
-            return
-        m = _STATUS_LINE_RE.match(buf)
-        if m is not None and m.group(3) != b"101":
-            self._upgrade_refused(bytes(buf[:end]), int(m.group(3)), bytes(buf[end:]))
-            return
-        try:
-            ws_check_response(bytes(buf[:end]), self._key, self._protocol)
-        except ProtocolError as exc:        # the URL names the place: not ``where`` too
-            self._fail("%s: %s" % (self._url, exc), bare=True)
-            return
-        channel = WSChannel(self.sock, server_side=False, initial=bytes(buf[end:]))
-        # TLS inside (tunnel.py.2.tls): the frames carry ciphertext to the relay, masked
-        # the quick way (ws_frame's ``sealed``).  Not with TLS outside: whatever ends that
-        # TLS (a load balancer, a declared inspecting proxy) passes plain frames on.
-        channel.sealed = self._protocol == WS_PROTOCOL_TLS
-        self.attach(channel)
-        self._next_stage()
-
-    def _upgrade_refused(self, head: bytes, status: int, body: bytes) -> None:
-        """Not 101: the status, the start of the body (where a relay explains itself,
-        only what came with the head), a redirect's Location; DIAL_REFUSED for a 3xx or
-        a 4xx but 408/429 (the caller decides whether that ends it), else a retry."""
-        line, block = _split_start_line(head[:-4])
-        reason = line.split(" ", 2)[2] if line.count(" ") >= 2 else ""
-        try:
-            headers = _parse_fields(block)
-        except HTTPError:
-            headers = Headers([])
-        why = "%s: the relay answered %d%s, not 101" % (
-            self._url, status, " " + escape_unprintable(reason[:UPGRADE_BODY_SHOWN])
-            if reason else "")
-        location = headers.get("location")
-        if status in UPGRADE_REDIRECTS and location:
-            target = location.strip()
-            shown = escape_unprintable(target[:UPGRADE_BODY_SHOWN])
-            why = "%s: the answer redirects to %s" % (self._url, shown)
-            scheme, sep, rest = target.partition("://")
-            if sep and scheme.lower() in ("https", "http"):
-                host = _authority(rest)[0].rpartition("@")[2]
-                why += ": use --relay %s://%s" % (scheme.lower(), escape_unprintable(
-                    host[:MAX_HOST_NAME]) or "HOST")
-        else:
-            try:
-                length = _length_from(headers.get_all("content-length"))
-            except HTTPError:
-                length = None
-            text = body[:min(UPGRADE_BODY_SHOWN, len(body) if length is None else length)]
-            first = text.decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
-            if first:
-                why += ": " + escape_unprintable(first)
-        refused = 300 <= status < 500 and status not in UPGRADE_RETRY_STATUSES
-        self._fail(why, DIAL_REFUSED if refused else DIAL_RETRY, bare=True)
-
-    # -- failure --------------------------------------------------------------------------
-    def _timeout(self) -> None:
-        if not self._finished:
-            self._fail("timed out" if self.stage == DIAL_TCP
-                       else "timed out in %s" % DIAL_STAGES[self.stage])
-
-    def _fail(self, why: str, kind: str = DIAL_RETRY, bare: bool = False) -> None:
-        """``bare``: the message names its own place (a proxy's refusal)."""
-        if self._finished:
-            return
-        self._finished = True
-        self._timer.cancel()
-        self.close_socket()
-        self.failed_cb(why if bare else "%s: %s" % (self.where, why), kind)
-
-    def abort(self, reason: str) -> None:
-        self._fail(reason)
-
-    def abort_quietly(self) -> None:
-        """The caller gave up (its stream went away): close, report nothing."""
-        self._finished = True
-        self._timer.cancel()
-        self.close_socket()
-
-
-def _http_answer_text(data: bytes) -> str:
-    """An HTTP answer's status and the first line of its body, printable and short
-    (``400 Bad Request: This port speaks plain HTTP, ...``)."""
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b"\r\n", 1)[0].split(b" ", 1)[1:]
-    text = body.decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
-    shown = (status[0].decode("latin-1") if status else "") + (": " + text if text else "")
-    return escape_unprintable(shown[:UPGRADE_BODY_SHOWN])
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        return False
-    return True
-
-
-def unmap_peer(addr: Any) -> Any:
-    """An accepted peer address, with an IPv4-mapped IPv6 host (``::ffff:a.b.c.d``, how
-    a dual-stack socket reports an IPv4 peer) as plain IPv4 ``(a.b.c.d, port)``, so
-    that allow/deny rules, penalties, caps, logs and X-Forwarded-For see one form."""
-    if isinstance(addr, tuple) and len(addr) >= 2 and ":" in addr[0]:
-        try:
-            packed = socket.inet_pton(socket.AF_INET6, addr[0])
-        except OSError:         # a scope id (fe80::1%eth0): not a mapped address
-            return addr
-        if packed[:len(IPV4_MAPPED_PREFIX)] == IPV4_MAPPED_PREFIX:
-            return (socket.inet_ntop(socket.AF_INET, packed[len(IPV4_MAPPED_PREFIX):]),
-                    addr[1])
-    return addr
-
-
-def source_key(ip: str) -> str:
-    """What per-source limits count by: an IPv4 address itself, an IPv6 address's /64
-    (a subscriber is routed a whole /64, so its single addresses are no limit)."""
-    if ":" not in ip:
-        return ip
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
-    except OSError:
-        return ip
-    prefix = packed[:IPV6_SOURCE_PREFIX] + bytes(16 - IPV6_SOURCE_PREFIX)
-    return "%s/%d" % (socket.inet_ntop(socket.AF_INET6, prefix), IPV6_SOURCE_PREFIX * 8)
-
-
-def peer_text(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return format_hostport(addr[0], addr[1])
-    return str(addr) or "local"
 
 
 # =============================================================================
