@@ -1166,12 +1166,26 @@ def recv_all(sock):
 
 
 class EndToEndBase(unittest.TestCase):
-    """Fixtures: a relay, clients and an origin, all in this process on 127.0.0.1."""
+    """Fixtures: a relay, clients and an origin, all in this process on 127.0.0.1.
+
+    A class sets its knobs instead of rewriting setUp: RELAY_OPTIONS and CLIENT_OPTIONS
+    (RelayConfig and ClientConfig fields every start_relay/start_client of the class
+    gets, before a call's own), CAPTURE (a log level: setUp captures the tool's log
+    from that level in ``self.capture``) and CLIENT (the subdomain of the client setUp
+    starts as ``self.client``, ``self.lines``; None: no client)."""
+
+    RELAY_OPTIONS: dict = {}
+    CLIENT_OPTIONS: dict = {}
+    CAPTURE = None
+    CLIENT = "demo"
 
     def setUp(self):
+        if self.CAPTURE is not None:
+            self.capture = self.capture_logs(self.CAPTURE)
         self.origin = self.start_origin()
         self.relay = self.start_relay()
-        self.client, self.lines = self.start_client("demo")
+        if self.CLIENT is not None:
+            self.client, self.lines = self.start_client(self.CLIENT)
 
     # -- fixtures -----------------------------------------------------------------
     def start_origin(self):
@@ -1187,15 +1201,14 @@ class EndToEndBase(unittest.TestCase):
         logger.setLevel(level)
         return capture
 
-    def start_relay(self, http_port=0, control_port=0, **kw):
-        opts = dict(FAST)
+    def start_relay(self, **kw):
+        kw = dict(self.RELAY_OPTIONS, **kw)
+        opts = dict(FAST, bind="127.0.0.1", http_port=0, control_port=0, token=TOKEN)
         # Plain TCP on loopback unless a test asks for TLS (ControlChannelSecurityTest
         # covers the default, TLS with the relay's own certificate).
         opts["plaintext"] = not (kw.get("tls_cert") or kw.get("control_tls_cert"))
         opts.update(kw)
-        relay = tunnel.Relay(tunnel.RelayConfig(bind="127.0.0.1", http_port=http_port,
-                                                control_port=control_port, token=TOKEN,
-                                                **opts))
+        relay = tunnel.Relay(tunnel.RelayConfig(**opts))
         relay.start()
         relay.thread = run_in_thread(self, relay.run, relay.stop, "relay")
         return relay
@@ -1206,6 +1219,7 @@ class EndToEndBase(unittest.TestCase):
         relay = relay or self.relay
         opts = dict(FAST, backoff_initial=0.05, backoff_max=0.5,
                     plaintext=relay.control_tls is None)
+        opts.update(self.CLIENT_OPTIONS)
         opts.update(kw)
         environ = opts.pop("environ", {})     # proxy variables: none unless a test sets them
         lines = []
@@ -1599,13 +1613,8 @@ class LogCapture(logging.Handler):
 
 
 class HardeningTest(EndToEndBase):
-    RELAY = dict(head_timeout=0.4, idle_timeout=0.6, handshake_timeout=0.5)
-
-    def setUp(self):
-        self.capture = self.capture_logs(logging.DEBUG)
-        self.origin = self.start_origin()
-        self.relay = self.start_relay(**self.RELAY)
-        self.client, self.lines = self.start_client("demo")
+    RELAY_OPTIONS = dict(head_timeout=0.4, idle_timeout=0.6, handshake_timeout=0.5)
+    CAPTURE = logging.DEBUG
 
     def status_of(self, data):
         return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
@@ -1855,8 +1864,8 @@ class HardeningTest(EndToEndBase):
         # All from 127.0.0.1, about 67 to each tunnel at once: above the per-source cap.
         # (The class's short head and idle timeouts would cut a keep-alive connection
         # whose thread the loaded machine did not run for 0.6 s: not what this checks.)
-        self.relay = self.start_relay(max_visitors_per_source_per_tunnel=200, **dict(
-            self.RELAY, head_timeout=WAIT, idle_timeout=WAIT))
+        self.relay = self.start_relay(max_visitors_per_source_per_tunnel=200,
+                                      head_timeout=WAIT, idle_timeout=WAIT)
         self.start_client("demo")
         self.start_client("second")
         self.start_client("third")
@@ -3125,12 +3134,9 @@ class SlowReaderTest(EndToEndBase):
     """A visitor that stops reading its response is disconnected after --send-timeout;
     one that reads slowly is not."""
 
-    def setUp(self):
-        self.origin = self.start_origin()
-        # 1 s: the slow reader below reads every 0.05 s, so only a machine that does
-        # not run its thread for a whole second makes it look deaf.
-        self.relay = self.start_relay(send_timeout=1.0)
-        self.client, self.lines = self.start_client("demo")
+    # 1 s: the slow reader below reads every 0.05 s, so only a machine that does not run
+    # its thread for a whole second makes it look deaf.
+    RELAY_OPTIONS = dict(send_timeout=1.0)
 
     def visitor(self):
         s = socket.socket()
@@ -3160,9 +3166,7 @@ class SlowReaderTest(EndToEndBase):
 class ClientOutOfDescriptorsTest(EndToEndBase):
     """A client out of file descriptors fails the streams it cannot serve, not its session."""
 
-    def setUp(self):
-        self.origin = self.start_origin()
-        self.relay = self.start_relay()
+    CLIENT = None
 
     def test_emfile_on_the_client_resets_streams_not_the_session(self):
         import resource
@@ -7174,7 +7178,7 @@ class ProxiedClientTest(EndToEndBase):
 
     def setUp(self):
         self.origin = self.start_origin()
-        self.relay = self.start_relay(control_port=None)
+        self.relay = self.start_relay(control_port=None)    # the one-port relay
         self.capture = self.capture_logs(logging.INFO)
 
     def proxy(self, cls=None, **kw):
