@@ -1446,6 +1446,57 @@ class HostCheckingHandler(OriginHandler):
 
 
 # =============================================================================
+# Fixtures: codec helpers, test servers, proxies, the end-to-end base class
+# =============================================================================
+
+
+def parser_outcome(parser, pieces, eof=True):
+    """What feeding ``pieces`` in turn (then EOF) did, comparable across feeding patterns:
+    the squashed events with heads and errors as plain values, and the parser's state
+    before EOF (None after an error: the parser is dead, its counters mean nothing)."""
+    events = []
+    for piece in pieces:
+        events.extend(parser.feed(piece))
+    state = None if any(kind == EV_ERROR for kind, _ in events) else (
+        parser.idle, parser.tunnel, parser.awaiting_upgrade, parser.message_bytes,
+        len(parser.methods))
+    if eof:
+        events.extend(parser.feed_eof())
+    out = []
+    for kind, value in squash(events):
+        if kind == EV_HEAD and isinstance(value, tunnel.Response):
+            value = value.status
+        elif kind == EV_HEAD:
+            value = (value.method, value.target, value.version, value.body, value.host,
+                     value.keep_alive, value.upgrade, value.raw)
+        elif kind == EV_ERROR:
+            value = (value.status, str(value))
+        out.append((kind, value))
+    return out, state
+
+
+def random_cuts(rnd, data, count=3):
+    """``data`` cut at ``count`` random places (fewer for short data), as bytes pieces."""
+    cuts = sorted(rnd.sample(range(1, len(data)), min(count, len(data) - 1))) if data else []
+    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+
+
+def mutate(rnd, data, alphabet):
+    """``data`` with 1 to 5 random replacements, deletions or insertions."""
+    data = bytearray(data)
+    for _ in range(rnd.randint(1, 5)):
+        op = rnd.random()
+        pos = rnd.randrange(len(data) + 1)
+        if op < 0.4:
+            data[pos:pos + 1] = bytes([rnd.choice(alphabet)])
+        elif op < 0.7:
+            del data[pos:pos + rnd.randint(1, 8)]
+        else:
+            data[pos:pos] = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(1, 8)))
+    return bytes(data)
+
+
+# =============================================================================
 # Tier 1: codecs, handshakes and pure state machines
 # =============================================================================
 
@@ -3561,6 +3612,180 @@ class ParserStrictnessTest(unittest.TestCase):
                 for a, b in zip([0] + cuts, cuts + [len(data)]):
                     events.extend(p.feed(data[a:b]))
                 self.assertEqual(outcome(None, events), expected, (body, cuts))
+
+
+class ParserPathsTest(unittest.TestCase):
+    """HTTPParser's fast paths (a head found in one probe, a request's whole chunks, a
+    whole Content-Length response in one ``bytes``: _feed_whole_response) must frame
+    exactly as the general path, which a memoryview or bytearray and one byte at a time
+    always take; and no input makes the parser raise."""
+
+    STATUSES = (100, 101, 103, 200, 200, 200, 200, 201, 204, 206, 301, 304, 404, 500)
+    METHODS = ("GET", "GET", "GET", "POST", "HEAD")
+    BODY_BYTES = b"abcxyz\r\n0123HTTP/1.1 200 OK\r\n;:"
+    REQUEST_ALPHABET = b"\r\n :;,\t\x00\x7fAz09-chunkedTransfer-EncodingContent-Length=\"\x9b"
+    RESPONSE_ALPHABET = b"\r\n :;,\t\x00\x7fAz0129-chunkedHTTP/1.1 Content-Length\x9b"
+    REQUEST_STATUSES = (400, 405, 414, 431, 501, 505)   # CONNECT is 405
+
+    def body(self, rnd, size):
+        return bytes(rnd.choice(self.BODY_BYTES) for _ in range(size))
+
+    def chunked(self, rnd):
+        out = b""
+        for _ in range(rnd.randint(0, 4)):
+            size = rnd.randint(1, 40)
+            ext = rnd.choice((b"", b"", b";a=b", b" ; x"))
+            out += b"%x%s\r\n%s\r\n" % (size, ext, self.body(rnd, size))
+        trailer = rnd.choice((b"", b"", b"T: 1\r\n", b"A: b\r\nC: d\r\n"))
+        return out + b"0\r\n" + trailer + b"\r\n"
+
+    def response(self, rnd, method):
+        """One random response to ``method``, its interim responses included:
+        (bytes of each message, True if no message may follow)."""
+        messages = []
+        while True:
+            status = rnd.choice(self.STATUSES)
+            version = rnd.choice((b"1.1", b"1.1", b"1.0"))
+            reason = rnd.choice((b" OK", b" Some Reason", b" ", b""))
+            head = b"HTTP/%s %d%s\r\n" % (version, status, reason)
+            head += b"".join(rnd.choice((b"Server: s\r\n", b"X-A:\t1 \r\n", b"Date: d\r\n"))
+                             for _ in range(rnd.randint(0, 3)))
+            bodyless = status < 200 or status in (204, 304) or method == "HEAD"
+            framing = rnd.choice(("length", "length", "length", "zero", "spelled",
+                                  "chunked", "close"))
+            size = rnd.randint(1, 300)
+            body = b""
+            if framing == "length":
+                head += b"Content-Length: %d\r\n" % size
+                body = self.body(rnd, size)
+            elif framing == "zero":
+                head += rnd.choice((b"Content-Length: 0\r\n", b"content-length:0\r\n"))
+            elif framing == "spelled":
+                head += rnd.choice((b"content-length:\t%d \r\n", b"CONTENT-LENGTH: %d\r\n",
+                                    b"Content-Length: %d, %d\r\n" % (size, size),
+                                    b"Content-Length: %d\r\nContent-Length: %d\r\n"
+                                    % (size, size), b"Content-Length: 00%d\r\n")
+                                   ).replace(b"%d", b"%d" % size)
+                body = self.body(rnd, size)
+            elif framing == "chunked":
+                head += rnd.choice((b"Transfer-Encoding: chunked\r\n",
+                                    b"Transfer-Encoding: gzip, chunked\r\n"))
+                body = self.chunked(rnd)
+            message = head + b"\r\n"
+            if not bodyless or rnd.random() < 0.1:      # (some origins send one anyway)
+                message += body
+            messages.append(message)
+            if status == 101:
+                messages[-1] += self.body(rnd, rnd.randint(0, 20))   # tunnel bytes
+                return messages, True
+            if 100 <= status < 200:
+                continue                            # the final response follows
+            return messages, framing == "close" and not bodyless
+
+    def exchange(self, rnd):
+        """One to three pipelined responses: (methods, bytes of each message)."""
+        methods, messages = [], []
+        for _ in range(rnd.randint(1, 3)):
+            method = rnd.choice(self.METHODS)
+            more, final = self.response(rnd, method)
+            methods.append(method)
+            messages += more
+            if final:
+                break
+        return methods, messages
+
+    def response_outcome(self, methods, pieces, emit_body=True):
+        p = HTTPParser(is_request=False, emit_body=emit_body)
+        for method in methods:
+            p.expect(method)
+        return parser_outcome(p, pieces)
+
+    def assert_same_framing(self, methods, data, messages, rnd):
+        """Every way of feeding ``data`` gives the events of one byte at a time."""
+        expected = self.response_outcome(methods, [data[i:i + 1] for i in range(len(data))])
+        for pieces in ([data], messages, [bytearray(data)], [memoryview(data)],
+                       random_cuts(rnd, data)):
+            self.assertEqual(self.response_outcome(methods, pieces), expected,
+                             (methods, data, pieces))
+        # Without body events (the relay's response parser), the same less the bodies.
+        bodiless = ([e for e in expected[0] if e[0] != EV_BODY], expected[1])
+        for pieces in ([data], messages, [bytearray(data)]):
+            self.assertEqual(self.response_outcome(methods, pieces, emit_body=False), bodiless,
+                             (methods, data))
+        return expected
+
+    def test_whole_response_fast_path_frames_as_the_general_path(self):
+        rnd = random.Random(1406)
+        fast = 0
+        for _ in range(600):
+            methods, messages = self.exchange(rnd)
+            data = b"".join(messages)
+            self.assert_same_framing(methods, data, messages, rnd)
+            probe = HTTPParser(is_request=False)
+            for method in methods:
+                probe.expect(method)
+            fast += probe._feed_whole_response(messages[0], [])
+        self.assertGreater(fast, 150)      # the corpus does exercise the fast path
+
+    def test_whole_response_fast_path_edge_cases(self):
+        # Where the fast path must decline or agree exactly: HEAD, bodyless statuses, a
+        # head at and past max_head, a body one byte short or long, no expect() at all.
+        rnd = random.Random(5)
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+        cases = [(("GET",), head + b"abc"), (("HEAD",), head), (("HEAD", "GET"), head + head
+                 + b"abc"), ((), head + b"abc"), (("GET",), head + b"ab"),
+                 (("GET", "GET"), head + b"abcd"), (("GET",), head.replace(b"3", b"0")),
+                 (("GET",), b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n"),
+                 (("GET",), b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n"),
+                 (("GET",), b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n" + head
+                  + b"abc"),
+                 (("GET",), b"HTTP/1.1 101 Switching\r\nContent-Length: 3\r\n\r\nabc"),
+                 (("GET",), b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\nabc"),
+                 (("GET",), b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\nabc"),
+                 (("HEAD",), head + b"abc"),
+                 (("GET",), b"HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\nabc"),
+                 (("GET",), b"HTTP/1.1 2000 OK\r\nContent-Length: 3\r\n\r\nabc"),
+                 (("GET",), b"HTTP/1.1 200 OK\x00\r\nContent-Length: 3\r\n\r\nabc")]
+        for methods, data in cases:
+            self.assert_same_framing(methods, data, [data], rnd)
+        size = len(head) - 4
+        for max_head in (size - 1, size, size + 1):
+            outcomes = set()
+            for pieces in ([head + b"abc"], [bytearray(head + b"abc")],
+                           [bytes([c]) for c in head + b"abc"]):
+                p = HTTPParser(is_request=False, max_head=max_head)
+                p.expect("GET")
+                outcomes.add(repr(parser_outcome(p, pieces)))
+            self.assertEqual(len(outcomes), 1, (max_head, outcomes))
+
+    def test_mutated_responses_fail_only_as_502_on_every_path(self):
+        rnd = random.Random(2606)
+        for _ in range(700):
+            methods, messages = self.exchange(rnd)
+            data = mutate(rnd, b"".join(messages), self.RESPONSE_ALPHABET)
+            expected = self.assert_same_framing(methods, data, [data], rnd)
+            for kind, value in expected[0]:
+                if kind == EV_ERROR:
+                    self.assertEqual(value[0], 502, (data, value))
+
+    def test_mutated_requests_fail_only_as_4xx_or_5xx_on_every_path(self):
+        rnd = random.Random(2607)
+        seeds = ParserFuzzTest.SEEDS + [
+            b"GET http://h/x?y HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+            b"\r\nPUT /u HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+            b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"1\r\na\r\n" * 20 + b"0\r\n\r\n"]
+        for _ in range(1500):
+            data = mutate(rnd, rnd.choice(seeds) * rnd.randint(1, 2), self.REQUEST_ALPHABET)
+            expected = parser_outcome(HTTPParser(is_request=True),
+                                      [data[i:i + 1] for i in range(len(data))])
+            for pieces in ([data], [bytearray(data)], random_cuts(rnd, data)):
+                self.assertEqual(parser_outcome(HTTPParser(is_request=True), pieces), expected,
+                                 (data, pieces))
+            for kind, value in expected[0]:
+                if kind == EV_ERROR:
+                    self.assertIn(value[0], self.REQUEST_STATUSES, (data, value))
 
 
 # =============================================================================
@@ -9030,7 +9255,11 @@ class PythonAPITest(unittest.TestCase):
             handle.close()
             handle.close()                    # idempotent
             self.assertNotIn(handle, tunnel.tunnels())
-        self.assertEqual(threading.active_count(), threads)
+        self.assertEqual([t.name for t in threading.enumerate()
+                          if t.name.startswith("tunnel.py expose")], [])
+        # (the origin's handler threads end on their own, just after their connection)
+        wait_until(lambda: threading.active_count() <= threads, what="threads back to %d"
+                   % threads)
         if fds is not None:
             # The origin's own keep-alive handler threads may still be closing sockets.
             wait_until(lambda: open_descriptors() <= fds, what="descriptors back to %d"

@@ -3976,7 +3976,7 @@ _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\x00-\x08\x0a-\x1f\x
 # size, then any number of ";" name [ "=" ( token / quoted-string ) ]; no whitespace
 # outside a quoted string.  Each piece starts with a byte the one before cannot hold,
 # so the match is linear.  (Responses use the lenient _CHUNK_SIZE_RE: see
-# HTTPParser._on_chunk_line.)
+# HTTPParser._read_chunk_size.)
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _REQUEST_CHUNK_LINE = (rb"([0-9A-Fa-f]{1,%d})(?:;%s(?:=(?:%s|%s))?)*"
                        % (MAX_CHUNK_SIZE_DIGITS, _TOKEN.encode(), _TOKEN.encode(), _QUOTED))
@@ -3990,9 +3990,18 @@ _ABSOLUTE_RE = re.compile(r"(?i:https?)://([^/?#]*)([^#]*)")
 
 _HTTP_VERSIONS = {("1", "0"): (1, 0), ("1", "1"): (1, 1)}   # the versions a request may use
 
-# Parser states.
-_S_HEAD, _S_LENGTH, _S_CHUNK_SIZE, _S_CHUNK_DATA, _S_CHUNK_END, _S_TRAILER, \
-    _S_UNTIL_CLOSE, _S_UPGRADE_WAIT, _S_TUNNEL, _S_DEAD = range(10)
+# Parser states: what the next bytes of the direction are.  HTTPParser._READERS holds
+# the reader of each (h11's readers): it takes the bytes its state can use.
+_S_HEAD = 0          # a message head through its empty line (a request's: empty lines first)
+_S_LENGTH = 1        # the rest of a Content-Length body: _remaining bytes
+_S_CHUNK_SIZE = 2    # a chunk-size line
+_S_CHUNK_DATA = 3    # the rest of a chunk's data: _remaining bytes
+_S_CHUNK_END = 4     # the CRLF after a chunk's data
+_S_TRAILER = 5       # a trailer line, or the empty line that ends a chunked body
+_S_UNTIL_CLOSE = 6   # a body that ends with the connection (a response without framing)
+_S_UPGRADE_WAIT = 7  # bytes after an upgrade request, held until the origin answers it
+_S_TUNNEL = 8        # after a 101 (or upgrade_done): not HTTP any more, nothing parsed
+_S_DEAD = 9          # after an error or the end of input: nothing parsed
 
 
 _NO_VALUES: List[str] = []
@@ -4171,18 +4180,6 @@ def _check_codings(values: List[str]) -> None:
                     % ", ".join(c for c in codings if c != "chunked"))
 
 
-def _add_body(events: List[Tuple[str, Any]], mv: memoryview, start: int, stop: int,
-              run_from: int, run_to: int) -> int:
-    """Emit body bytes ``mv[start:stop]``; when they continue the last body event (the
-    run ``mv[run_from:run_to]``), that event grows instead, so the body bytes of one
-    feed() are one slice.  Returns where the run now begins."""
-    if start == run_to and events and events[-1][0] is EV_BODY:
-        events[-1] = (EV_BODY, mv[run_from:stop])
-        return run_from
-    events.append((EV_BODY, mv[start:stop]))
-    return start
-
-
 def _split_host(value: str) -> Tuple[str, str]:
     m = _HOST_RE.match(value)
     if m is None:
@@ -4200,6 +4197,22 @@ class HTTPParser:
     parser needs the request methods in order (``expect(method)``) so it knows
     which responses have no body.  Heads are limited to ``max_head`` bytes
     before anything is buffered past it.
+
+    The state (``_S_*``) names what the next bytes are; ``feed`` hands the bytes to the
+    state's reader (``_READERS``), which takes what it can use, changes the state when
+    its part of the message is complete and returns where it stopped; a reader that
+    must wait for more bytes has taken (buffered) all of them.  Errors are 4xx for a
+    request (``_bad``: 400, ``_too_large``: 431) and 502 for a response.
+
+    Fast paths skip the general machinery for the common cases: a head found in the
+    first HEAD_PROBE bytes is not buffered, a request's whole chunks in one piece are
+    taken a regex match each (``_skip_whole_chunks``), and a response parser handed one
+    whole Content-Length response at a message boundary as ``bytes`` frames it in one
+    step (``_feed_whole_response``).  The invariant: a fast path frames exactly as the
+    general path (the same events, bodies joined, and the same state after), which
+    ParserPathsTest in test_tunnel.py checks over seeded corpora, fed whole, per
+    message, as a bytearray or memoryview (never the whole-response path), cut at
+    random and one byte at a time.
     """
 
     def __init__(self, is_request: bool, max_head: int = MAX_HEAD_SIZE,
@@ -4217,6 +4230,9 @@ class HTTPParser:
         self._after_end = _S_HEAD
         self.message_bytes = 0          # bytes of the current message so far
         self.upgrade_tail = 0           # bytes after a 101's head in the feed that ended it
+        self._bad = 400 if is_request else 502          # malformed input
+        self._too_large = 431 if is_request else 502    # a head or trailer past its limit
+        self._body_to = -1      # where the last EV_BODY of this feed ends in its memoryview
 
     # -- public -----------------------------------------------------------------
     @property
@@ -4242,8 +4258,12 @@ class HTTPParser:
         if (not self.is_request and self._state == _S_HEAD and not self._buf
                 and type(data) is bytes and self._feed_whole_response(data, events)):
             return events
+        mv = memoryview(data)
+        pos, end = 0, len(mv)
+        readers = self._READERS
         try:
-            self._run(memoryview(data), events)
+            while pos < end:
+                pos = readers[self._state](self, mv, pos, end, events)
         except HTTPError as exc:
             self._state = _S_DEAD
             events.append((EV_ERROR, exc))
@@ -4280,8 +4300,7 @@ class HTTPParser:
             self._state = _S_DEAD
             return []
         self._state = _S_DEAD
-        return [(EV_ERROR, HTTPError(400 if self.is_request else 502,
-                                     "connection closed in the middle of a message"))]
+        return [(EV_ERROR, HTTPError(self._bad, "connection closed in the middle of a message"))]
 
     def upgrade_done(self) -> bytes:
         """The origin answered 101: return what was buffered and stop parsing."""
@@ -4318,146 +4337,195 @@ class HTTPParser:
         buf.clear()
         return block, pos + used
 
-    def _run(self, mv: memoryview, events: List[Tuple[str, Any]]) -> None:
-        # Body bytes are reported as one view per run: a piece that starts where the
-        # last EV_BODY ended widens that event (chunk lines, data and CRLFs of one read,
-        # however small the chunks, become one slice of ``mv``, without a copy).
-        pos, end = 0, len(mv)
-        body_from = body_to = -1
-        while True:
-            st = self._state
-            if st == _S_HEAD:
-                if pos >= end:
-                    return
-                if self.is_request and not self._buf:
-                    while pos < end and mv[pos] in (13, 10):  # empty lines before a request
-                        pos += 1
-                    if pos >= end:
-                        return
-                start = pos
-                head = None
-                if not self._buf:    # fast path: the whole head is in this piece
-                    probe = bytes(mv[pos:pos + HEAD_PROBE])
-                    i = probe.find(b"\r\n\r\n")
-                    if 0 <= i <= self.max_head:
-                        head, pos = probe[:i], pos + i + 4
-                if head is None:
-                    head, pos = self._take_until(mv, pos, b"\r\n\r\n", self.max_head, 431
-                                                 if self.is_request else 502, "message head")
-                self.message_bytes += pos - start
-                if head is None:
-                    if (self.is_request and len(self._buf) > MAX_REQUEST_LINE
-                            and self._buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0):
-                        raise HTTPError(414, "request line longer than %d bytes"
-                                        % MAX_REQUEST_LINE)
-                    return
-                if self.is_request:
-                    self._on_request_head(head, events)
-                else:
-                    self._on_response_head(head, events)
-            elif st == _S_LENGTH or st == _S_CHUNK_DATA:
-                take = min(self._remaining, end - pos)
-                if take:
-                    if self.emit_body:
-                        body_from = _add_body(events, mv, pos, pos + take, body_from, body_to)
-                        body_to = pos + take
-                    pos += take
-                    self._remaining -= take
-                    self.message_bytes += take
-                if self._remaining:
-                    return
-                if st == _S_LENGTH:
-                    self._end(events)
-                else:
-                    self._state = _S_CHUNK_END
-            elif st in (_S_CHUNK_SIZE, _S_CHUNK_END, _S_TRAILER):
-                if pos >= end:
-                    return
-                start = pos
-                if st == _S_CHUNK_SIZE and self.is_request and not self._buf:
-                    # Whole chunks of a request (size line, data, CRLF) in this piece: one
-                    # match each, nothing copied.  The rest (a chunk cut by the piece's
-                    # end, the last chunk, anything refused) takes the general path
-                    # below, which also names the reason.
-                    match = _REQUEST_CHUNK_RE.match
-                    while True:
-                        m = match(mv, pos, pos + MAX_CHUNK_LINE + 2)
-                        if m is None:
-                            break
-                        data_at = m.end()
-                        stop = data_at + int(m.group(1), 16)
-                        if stop == data_at or stop + 2 > end or mv[stop:stop + 2] != b"\r\n":
-                            break
-                        pos = stop + 2
-                    if pos > start:
-                        self.message_bytes += pos - start
-                        if self.emit_body:
-                            body_from = _add_body(events, mv, start, pos, body_from, body_to)
-                            body_to = pos
-                        if pos >= end:
-                            return
-                        start = pos
-                line, pos = self._take_until(mv, pos, b"\r\n", MAX_CHUNK_LINE, 400
-                                             if self.is_request else 502, "chunk line")
-                if pos > start:
-                    self.message_bytes += pos - start
-                    if self.emit_body:
-                        body_from = _add_body(events, mv, start, pos, body_from, body_to)
-                        body_to = pos
-                if line is None:
-                    return
-                self._on_chunk_line(st, line, events)
-            elif st == _S_UNTIL_CLOSE:
-                if pos < end:
-                    if self.emit_body:
-                        events.append((EV_BODY, mv[pos:end]))
-                    self.message_bytes += end - pos
-                return
-            elif st == _S_UPGRADE_WAIT:
-                if len(self._buf) + end - pos > self.max_head:
-                    raise HTTPError(400, "data sent before the upgrade was answered")
-                self._buf += mv[pos:end]
-                return
-            else:  # tunnel or dead: nothing to parse
-                if st == _S_TUNNEL:     # just after a 101: the bytes that came with its head
-                    self.upgrade_tail = end - pos
-                return
+    def _emit_body(self, events: List[Tuple[str, Any]], mv: memoryview, start: int,
+                   stop: int) -> None:
+        """Emit body bytes ``mv[start:stop]`` as one view per feed() (chunk lines, data
+        and CRLFs of one read, however small the chunks, become one slice of ``mv``,
+        without a copy): a piece that starts where the last EV_BODY of this feed ends
+        widens that event.  (Every EV_BODY of a feed's list comes from here, so a last
+        event that is an EV_BODY is this feed's and ``_body_to`` its end.)"""
+        if start == self._body_to and events and events[-1][0] is EV_BODY:
+            events[-1] = (EV_BODY, mv[start - len(events[-1][1]):stop])
+        else:
+            events.append((EV_BODY, mv[start:stop]))
+        self._body_to = stop
 
-    def _on_chunk_line(self, st: int, line: bytes, events: List[Tuple[str, Any]]) -> None:
-        bad = 400 if self.is_request else 502
-        if st == _S_CHUNK_END:
+    # -- readers: one per state (_READER_OF); each takes bytes of mv[pos:end] and
+    # -- returns where it stopped: end when it must wait for more -------------------
+    def _read_head(self, mv: memoryview, pos: int, end: int,
+                   events: List[Tuple[str, Any]]) -> int:
+        if self.is_request and not self._buf:
+            while mv[pos] in (13, 10):        # empty lines before a request
+                pos += 1
+                if pos >= end:
+                    return pos
+        start = pos
+        head = None
+        if not self._buf:    # fast path: the whole head is in this piece
+            probe = bytes(mv[pos:pos + HEAD_PROBE])
+            i = probe.find(b"\r\n\r\n")
+            if 0 <= i <= self.max_head:
+                head, pos = probe[:i], pos + i + 4
+        if head is None:
+            head, pos = self._take_until(mv, pos, b"\r\n\r\n", self.max_head, self._too_large,
+                                         "message head")
+        self.message_bytes += pos - start
+        if head is None:
+            if (self.is_request and len(self._buf) > MAX_REQUEST_LINE
+                    and self._buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0):
+                raise HTTPError(414, "request line longer than %d bytes" % MAX_REQUEST_LINE)
+        elif self.is_request:
+            self._on_request_head(head, events)
+        else:
+            self._on_response_head(head, events)
+        return pos
+
+    def _read_length(self, mv: memoryview, pos: int, end: int,
+                     events: List[Tuple[str, Any]]) -> int:
+        stop = pos + self._remaining
+        if stop > end:
+            stop = end
+        self.message_bytes += stop - pos
+        if self.emit_body:
+            self._emit_body(events, mv, pos, stop)
+        self._remaining -= stop - pos
+        if not self._remaining:
+            self._end(events)
+        return stop
+
+    def _read_chunk_data(self, mv: memoryview, pos: int, end: int,
+                         events: List[Tuple[str, Any]]) -> int:
+        stop = pos + self._remaining
+        if stop > end:
+            stop = end
+        self.message_bytes += stop - pos
+        if self.emit_body:
+            self._emit_body(events, mv, pos, stop)
+        self._remaining -= stop - pos
+        if not self._remaining:
+            self._state = _S_CHUNK_END
+        return stop
+
+    def _read_chunk_size(self, mv: memoryview, pos: int, end: int,
+                         events: List[Tuple[str, Any]]) -> int:
+        if self.is_request and not self._buf:
+            stop = self._skip_whole_chunks(mv, pos, end)
+            if stop > pos:
+                self.message_bytes += stop - pos
+                if self.emit_body:
+                    self._emit_body(events, mv, pos, stop)
+                if stop >= end:
+                    return stop
+                pos = stop
+        line, pos = self._chunk_line(mv, pos, events)
+        if line is None:
+            return pos
+        # A request's chunk line is checked strictly: the origin may read any looseness
+        # differently.  An origin's chunk lines only frame the relay's own bookkeeping
+        # (the order of responses, the log, a 101, which needs an upgrade request the
+        # relay checked): the visitor reads those bytes itself, and each visitor
+        # connection has its own origin connection, so whitespace and loose extensions
+        # pass there (old servers send them); control bytes and 17+ digits do not.
+        m = (_REQUEST_CHUNK_SIZE_RE if self.is_request else _CHUNK_SIZE_RE).match(line)
+        if m is None:
+            if self.is_request and _LONG_CHUNK_SIZE_RE.match(line):
+                raise HTTPError(400, "chunk size longer than %d hex digits"
+                                % MAX_CHUNK_SIZE_DIGITS)
+            raise HTTPError(self._bad, "invalid chunk size line")
+        size = int(m.group(1), 16)
+        if size:
+            self._remaining = size
+            self._state = _S_CHUNK_DATA
+        else:
+            self._trailer_size = 0
+            self._state = _S_TRAILER
+        return pos
+
+    def _read_chunk_end(self, mv: memoryview, pos: int, end: int,
+                        events: List[Tuple[str, Any]]) -> int:
+        line, pos = self._chunk_line(mv, pos, events)
+        if line is not None:
             if line:
-                raise HTTPError(bad, "chunk data longer than its size")
+                raise HTTPError(self._bad, "chunk data longer than its size")
             self._state = _S_CHUNK_SIZE
-        elif st == _S_CHUNK_SIZE:
-            # A request's chunk line is checked strictly: the origin may read any looseness
-            # differently.  An origin's chunk lines only frame the relay's own bookkeeping
-            # (the order of responses, the log, a 101, which needs an upgrade request the
-            # relay checked): the visitor reads those bytes itself, and each visitor
-            # connection has its own origin connection, so whitespace and loose extensions
-            # pass there (old servers send them); control bytes and 17+ digits do not.
-            m = (_REQUEST_CHUNK_SIZE_RE if self.is_request else _CHUNK_SIZE_RE).match(line)
+        return pos
+
+    def _read_trailer(self, mv: memoryview, pos: int, end: int,
+                      events: List[Tuple[str, Any]]) -> int:
+        line, pos = self._chunk_line(mv, pos, events)
+        if line is None:
+            return pos
+        if not line:
+            self._end(events)
+            return pos
+        self._trailer_size += len(line) + 2
+        if self._trailer_size > MAX_TRAILER_SIZE:
+            raise HTTPError(self._too_large, "trailer section too large")
+        if _TRAILER_RE.match(line) is None:
+            raise HTTPError(self._bad, "malformed trailer field")
+        return pos
+
+    def _read_until_close(self, mv: memoryview, pos: int, end: int,
+                          events: List[Tuple[str, Any]]) -> int:
+        self.message_bytes += end - pos
+        if self.emit_body:
+            self._emit_body(events, mv, pos, end)
+        return end
+
+    def _read_upgrade_wait(self, mv: memoryview, pos: int, end: int,
+                           events: List[Tuple[str, Any]]) -> int:
+        if len(self._buf) + end - pos > self.max_head:
+            raise HTTPError(400, "data sent before the upgrade was answered")
+        self._buf += mv[pos:end]
+        return end
+
+    def _read_nothing(self, mv: memoryview, pos: int, end: int,
+                      events: List[Tuple[str, Any]]) -> int:
+        return end              # dead: nothing to parse
+
+    def _read_tunnel(self, mv: memoryview, pos: int, end: int,
+                     events: List[Tuple[str, Any]]) -> int:
+        self.upgrade_tail = end - pos   # just after a 101: the bytes that came with its head
+        return end
+
+    # The reader of each state; feed() indexes the tuple by the state (a state without
+    # a reader: KeyError when the class is made).
+    _READER_OF = {_S_HEAD: _read_head, _S_LENGTH: _read_length,
+                  _S_CHUNK_SIZE: _read_chunk_size, _S_CHUNK_DATA: _read_chunk_data,
+                  _S_CHUNK_END: _read_chunk_end, _S_TRAILER: _read_trailer,
+                  _S_UNTIL_CLOSE: _read_until_close, _S_UPGRADE_WAIT: _read_upgrade_wait,
+                  _S_TUNNEL: _read_tunnel, _S_DEAD: _read_nothing}
+    _READERS = tuple(map(_READER_OF.__getitem__, range(len(_READER_OF))))
+
+    # -- reader helpers -------------------------------------------------------------
+    def _chunk_line(self, mv: memoryview, pos: int,
+                    events: List[Tuple[str, Any]]) -> Tuple[Optional[bytes], int]:
+        """A chunk-size, chunk-end or trailer line without its CRLF (None while it is
+        incomplete), and where it ends; its bytes are body bytes."""
+        line, stop = self._take_until(mv, pos, b"\r\n", MAX_CHUNK_LINE, self._bad,
+                                      "chunk line")
+        if stop > pos:
+            self.message_bytes += stop - pos
+            if self.emit_body:
+                self._emit_body(events, mv, pos, stop)
+        return line, stop
+
+    @staticmethod
+    def _skip_whole_chunks(mv: memoryview, pos: int, end: int) -> int:
+        """Where the whole chunks of a request (size line, data, CRLF) from ``pos`` in
+        this piece end: one match each, nothing copied.  The rest (a chunk cut by the
+        piece's end, the last chunk, anything refused) takes the general path, which
+        also names the reason."""
+        match = _REQUEST_CHUNK_RE.match
+        while True:
+            m = match(mv, pos, pos + MAX_CHUNK_LINE + 2)
             if m is None:
-                if self.is_request and _LONG_CHUNK_SIZE_RE.match(line):
-                    raise HTTPError(400, "chunk size longer than %d hex digits"
-                                    % MAX_CHUNK_SIZE_DIGITS)
-                raise HTTPError(bad, "invalid chunk size line")
-            size = int(m.group(1), 16)
-            if size:
-                self._remaining = size
-                self._state = _S_CHUNK_DATA
-            else:
-                self._trailer_size = 0
-                self._state = _S_TRAILER
-        else:  # trailer section: lines until an empty one
-            if not line:
-                self._end(events)
-                return
-            self._trailer_size += len(line) + 2
-            if self._trailer_size > MAX_TRAILER_SIZE:
-                raise HTTPError(431 if self.is_request else 502, "trailer section too large")
-            if _TRAILER_RE.match(line) is None:
-                raise HTTPError(bad, "malformed trailer field")
+                return pos
+            data_at = m.end()
+            stop = data_at + int(m.group(1), 16)
+            if stop == data_at or stop + 2 > end or mv[stop:stop + 2] != b"\r\n":
+                return pos
+            pos = stop + 2
 
     def _end(self, events: List[Tuple[str, Any]]) -> None:
         events.append((EV_END, self.message_bytes))
