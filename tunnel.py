@@ -119,7 +119,8 @@ the token never crosses)::
     R -> C  CHALLENGE relay nonce Nr                    (32 random bytes)
     C -> R  AUTH      Mc + request JSON                 {"subdomain", "version", "user",
                                                          "log", "log_upgrades", "binding",
-                                                         "sealed", "tls_interception"}
+                                                         "sealed", "tls_interception",
+                                                         "host_header", "target_origin"}
             binding = hex SHA-256 of the relay certificate C saw ("" over plain TCP)
             sealed  = base64(JSON {"access", "client_secret"} XOR HMAC-SHA256 key
                       stream under S), S = HMAC-SHA256(K, "tunnel.py/1 seal" 0 Nc Nr)
