@@ -329,7 +329,8 @@ import threading
 import time
 TYPE_CHECKING = False   # typing costs 2 MiB at run time; annotations are strings anyway
 if TYPE_CHECKING:
-    from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type
+    from typing import (Any, Callable, Collection, Deque, Dict, FrozenSet, List, Mapping,
+                        Optional, Tuple, Type)
 
 __version__ = "0.1.0"
 
@@ -457,6 +458,9 @@ FORWARDING_CACHE = 1024                 # (peer, host) pairs whose added fields 
 
 # -- timeouts and retry (seconds) ---------------------------------------------
 HEARTBEAT_INTERVAL = 10.0               # PING this often
+MIN_HEARTBEAT_INTERVAL = 0.05           # ... at most this often (a smaller one is a busy loop)
+MAX_SECONDS = 86400.0                   # any timeout, interval or grace: at most a day
+#                                         (longer ones overflow the selector's timeout)
 HEARTBEAT_TIMEOUT = 30.0                # silent this long: session is dead
 HANDSHAKE_TIMEOUT = 10.0                # control connection must authenticate
 CONNECT_TIMEOUT = 10.0                  # client -> relay, client -> target
@@ -599,6 +603,7 @@ TLS_FIRST_BYTES = 512                   # raw bytes a TLS handshake keeps, to sa
 UPGRADE_BODY_SHOWN = 200                # bytes of a refusal's body in the message (already
                                         # read with its head: the dialer waits for no more)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")   # a bare PORT TARGET, tried in this order
+REFUSED_ONLY = frozenset({errno.ECONNREFUSED})  # ... the next one only after a refusal
 
 # -- proxies ------------------------------------------------------------------
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tunnel.py speaks
@@ -1010,12 +1015,15 @@ def compute_mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, MAC_LABEL + label + b"\0" + b"".join(parts), hashlib.sha256).digest()
 
 
+_ASCII_DIGITS = re.compile(r"[0-9]+")    # (str.isdigit also takes other scripts' digits)
+
+
 def parse_hostport(text: str, default_host: Optional[str] = None,
                    default_port: Optional[int] = None) -> Tuple[str, int]:
     """Parse ``PORT``, ``HOST:PORT`` or ``[V6]:PORT``; raise ValueError if malformed."""
     text = text.strip()
     host, port = default_host, None
-    if text.isdigit():
+    if _ASCII_DIGITS.fullmatch(text):
         port = text
     elif text.startswith("["):
         end = text.find("]")
@@ -1036,8 +1044,8 @@ def parse_hostport(text: str, default_host: Optional[str] = None,
         if default_port is None:
             raise ValueError("no port in %r" % text)
         return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("invalid port %r" % port)
+    if not _ASCII_DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
+        raise ValueError("invalid port %r" % port)      # (str.isdigit takes "٥٠٠٠")
     return host, int(port)
 
 
@@ -3034,9 +3042,11 @@ def resolve(host: str, port: int) -> List[Any]:
     return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
 
 
-def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
+def dial(infos: List[Any], retry_on: Optional[Collection[int]] = None
+         ) -> Tuple[Optional[socket.socket], Optional[OSError]]:
     """Start a non-blocking connect to the first address that does not fail at once;
-    ``infos`` is consumed as addresses are tried."""
+    ``infos`` is consumed as addresses are tried.  ``retry_on``: the errnos after which
+    the next address is tried (None: any); another error ends the list."""
     error: Optional[OSError] = None
     while infos:
         family, stype, proto, _, addr = infos.pop(0)
@@ -3053,6 +3063,8 @@ def dial(infos: List[Any]) -> Tuple[Optional[socket.socket], Optional[OSError]]:
             return sock, None
         sock.close()
         error = OSError(err, os.strerror(err))
+        if retry_on is not None and err not in retry_on:
+            break
     return None, error or OSError(errno.EADDRNOTAVAIL, "no address to connect to")
 
 
@@ -3080,12 +3092,15 @@ class Dialer(Conn):
     from then on; ``failed(why, kind)`` gets a one-line reason and a DIAL_* kind, at most
     once, never from inside the constructor (so the caller's own state is set first).
     ``addrs``: the addresses to try, already resolved (a list of the caller's own, copied;
-    a bare PORT's loopback pair), instead of resolving ``host``."""
+    a bare PORT's loopback pair), instead of resolving ``host``; ``retry_on``: the errnos
+    after which the next address is tried (None: any; a bare PORT's pair: refused only,
+    so that a timeout of 127.0.0.1 never sends the request to whoever holds ::1)."""
 
     def __init__(self, loop: EventLoop, host: str, port: int, stages: List[DialStage],
                  timeout: float, done: Callable[[Any], None],
                  failed: Callable[[str, str], None], where: str = "",
-                 addrs: Optional[List[Any]] = None) -> None:
+                 addrs: Optional[List[Any]] = None,
+                 retry_on: Optional[Collection[int]] = None) -> None:
         super().__init__(loop, None)
         self.where = where or format_hostport(host, port)
         self.stages = list(stages)
@@ -3101,6 +3116,7 @@ class Dialer(Conn):
         self._reader: Any = None        # ConnectReply, Socks5Handshake or the 101 head
         self._key = ""                  # Sec-WebSocket-Key of the upgrade
         self._timer = loop.call_later(timeout, self._timeout)
+        self._retry_on = retry_on
         try:
             self._addrs = list(addrs) if addrs is not None else resolve(host, port)
         except socket.gaierror as exc:      # "cannot resolve HOST: <the resolver's words>"
@@ -3111,7 +3127,7 @@ class Dialer(Conn):
             why = describe_oserror(exc) if isinstance(exc, OSError) else "invalid host name"
             loop.call_soon(lambda: self._fail(why, DIAL_UNREACHABLE))
             return
-        sock, error = dial(self._addrs)
+        sock, error = dial(self._addrs, retry_on)
         if sock is None:
             loop.call_soon(lambda: self._fail(describe_oserror(error or OSError()),
                                               DIAL_UNREACHABLE))
@@ -3131,7 +3147,8 @@ class Dialer(Conn):
         if self.stage == DIAL_TCP:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                sock, _ = dial(self._addrs) if self._addrs else (None, None)
+                retry = self._addrs and (self._retry_on is None or err in self._retry_on)
+                sock, _ = dial(self._addrs, self._retry_on) if retry else (None, None)
                 if sock is None:
                     self._fail(os.strerror(err).lower(), DIAL_UNREACHABLE
                                if err == errno.ECONNREFUSED else DIAL_RETRY)
@@ -4381,8 +4398,10 @@ class HTTPParser:
             self._on_response_head(head, events)
         return pos
 
-    def _read_length(self, mv: memoryview, pos: int, end: int,
-                     events: List[Tuple[str, Any]]) -> int:
+    def _read_counted(self, mv: memoryview, pos: int, end: int,
+                      events: List[Tuple[str, Any]]) -> int:
+        """_S_LENGTH and _S_CHUNK_DATA: up to ``_remaining`` body bytes; then the end of
+        the message (a Content-Length body) or the chunk's CRLF (a chunk's data)."""
         stop = pos + self._remaining
         if stop > end:
             stop = end
@@ -4391,20 +4410,10 @@ class HTTPParser:
             self._emit_body(events, mv, pos, stop)
         self._remaining -= stop - pos
         if not self._remaining:
-            self._end(events)
-        return stop
-
-    def _read_chunk_data(self, mv: memoryview, pos: int, end: int,
-                         events: List[Tuple[str, Any]]) -> int:
-        stop = pos + self._remaining
-        if stop > end:
-            stop = end
-        self.message_bytes += stop - pos
-        if self.emit_body:
-            self._emit_body(events, mv, pos, stop)
-        self._remaining -= stop - pos
-        if not self._remaining:
-            self._state = _S_CHUNK_END
+            if self._state == _S_LENGTH:
+                self._end(events)
+            else:
+                self._state = _S_CHUNK_END
         return stop
 
     def _read_chunk_size(self, mv: memoryview, pos: int, end: int,
@@ -4491,8 +4500,8 @@ class HTTPParser:
 
     # The reader of each state; feed() indexes the tuple by the state (a state without
     # a reader: KeyError when the class is made).
-    _READER_OF = {_S_HEAD: _read_head, _S_LENGTH: _read_length,
-                  _S_CHUNK_SIZE: _read_chunk_size, _S_CHUNK_DATA: _read_chunk_data,
+    _READER_OF = {_S_HEAD: _read_head, _S_LENGTH: _read_counted,
+                  _S_CHUNK_SIZE: _read_chunk_size, _S_CHUNK_DATA: _read_counted,
                   _S_CHUNK_END: _read_chunk_end, _S_TRAILER: _read_trailer,
                   _S_UNTIL_CLOSE: _read_until_close, _S_UPGRADE_WAIT: _read_upgrade_wait,
                   _S_TUNNEL: _read_tunnel, _S_DEAD: _read_nothing}
@@ -5922,9 +5931,18 @@ class Pipe(Conn, StreamHandler):
 
 
 def _check_heartbeat(cfg: Any) -> None:
-    """The settings serve and expose share (a UsageError that names the flag)."""
-    if not cfg.heartbeat_interval > 0 or not cfg.grace >= 0:
-        raise UsageError("--heartbeat-interval must be positive and --grace not negative")
+    """The settings serve and expose share (a UsageError that names the flag): every
+    duration (a ``float`` field) a number of seconds between 0 and MAX_SECONDS."""
+    for name in cfg.fields():
+        if type(cfg).__annotations__[name] == "float":
+            value = getattr(cfg, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 <= value <= MAX_SECONDS):      # also refuses nan and inf
+                raise UsageError("--%s must be a number of seconds from 0 to %d, not %r"
+                                 % (name.replace("_", "-"), MAX_SECONDS, value))
+    if not cfg.heartbeat_interval >= MIN_HEARTBEAT_INTERVAL:
+        raise UsageError("--heartbeat-interval must be at least %g seconds"
+                         % MIN_HEARTBEAT_INTERVAL)
     if not cfg.heartbeat_timeout > cfg.heartbeat_interval:
         raise UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
 
@@ -6007,7 +6025,7 @@ class RelayConfig(Settings):
         if not domain or not all(valid_name(p) for p in domain.split(".")):
             raise UsageError("invalid --domain %r" % self.domain)
         self.domain = domain
-        if self.bind is None:
+        if not (self.bind or "").strip():     # --bind "": unset, not every address
             self.bind = LOOPBACK_BIND if domain == DEFAULT_DOMAIN else DEFAULT_BIND
         _check_heartbeat(self)
         if not 1024 <= self.max_head_size <= 16 * 1024 * 1024:
@@ -7389,9 +7407,21 @@ class Relay(Side):
 
 
 # Query parameters whose values the access log never shows (a Jupyter ?token=, a signed
-# URL's sig=...), as Jupyter logs token=[secret].
-SECRET_QUERY_RE = re.compile(r"(?:^|(?<=[&;]))((?:tunnel_|access_)?token|key|password|secret|"
-                             r"sig)=[^&;#]*", re.IGNORECASE)
+# URL's X-Amz-Signature=, an OAuth redirect's code=), as Jupyter logs token=[secret]: a
+# name (percent-decoded, any case) that ends with one of these words.  Masking a harmless
+# "zipcode" costs nothing; printing a secret cannot be undone.
+SECRET_QUERY_WORDS = ("token", "key", "password", "passwd", "pwd", "secret", "sig",
+                      "signature", "credential", "code", "auth", "sid")
+_QUERY_PART_RE = re.compile(r"([^&;=#]*)(=[^&;#]*)?")
+_PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _mask_param(match: "re.Match[str]") -> str:
+    name, value = match.group(1), match.group(2)
+    if value is None:
+        return match.group(0)
+    plain = _PERCENT_RE.sub(lambda m: chr(int(m.group(1), 16)), name).lower().strip()
+    return name + "=[secret]" if plain.endswith(SECRET_QUERY_WORDS) else match.group(0)
 
 
 def logged_target(target: str) -> str:
@@ -7399,7 +7429,8 @@ def logged_target(target: str) -> str:
     at MAX_LOGGED_TARGET characters."""
     path, sep, query = target.partition("?")
     if sep:
-        target = path + "?" + SECRET_QUERY_RE.sub(r"\1=[secret]", query)
+        query, hash_sign, fragment = query.partition("#")
+        target = path + "?" + _QUERY_PART_RE.sub(_mask_param, query) + hash_sign + fragment
     if len(target) > MAX_LOGGED_TARGET:
         target = target[:MAX_LOGGED_TARGET] + "..."
     return target
@@ -7449,6 +7480,8 @@ class ClientConfig(Settings):
             raise UsageError("--target-insecure and --target-ca are for an https:// TARGET")
         if self.target_insecure and self.target_ca:
             raise UsageError("--target-insecure excludes --target-ca")
+        if self.host_header is not None and self.host_header.lower() == HOST_HEADER_REWRITE:
+            self.host_header = HOST_HEADER_REWRITE          # --host-header Rewrite
         if self.host_header is not None and self.host_header != HOST_HEADER_REWRITE:
             try:
                 _host_options({"host_header": self.host_header})
@@ -7555,10 +7588,11 @@ class TargetConn(Pipe):
         self.stream = stream
         stream.handler = self
         self.peer = str(info.get("peer", "?"))
+        addrs = client.loopback_addresses()
         self.dialer: Optional[Dialer] = Dialer(self.loop, cfg.target_host, cfg.target_port,
                                                client.target_stages(), cfg.connect_timeout,
-                                               self._dialed, self._dial_failed,
-                                               addrs=client.loopback_addresses())
+                                               self._dialed, self._dial_failed, addrs=addrs,
+                                               retry_on=None if addrs is None else REFUSED_ONLY)
 
     def __repr__(self) -> str:
         return "<Target %s stream %s>" % (self.target, self.stream.id if self.stream else "-")
@@ -7771,6 +7805,7 @@ class Client(Side):
         self._tls_context: Any = None
         self._target_tls_context: Any = None
         self.loopback: Optional[List[Any]] = None   # a bare PORT's addresses, see below
+        self.loopback_family: Optional[int] = None  # the one of them that answered
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
         self._ban_logged = False             # REFUSED_BANNED said once per ban
@@ -7805,9 +7840,11 @@ class Client(Side):
         return [DialStage(DIAL_TLS, self._target_tls_context, cfg.target_host, False)]
 
     def loopback_addresses(self) -> Optional[List[Any]]:
-        """target_loopback_fallback (a bare PORT): 127.0.0.1's and ::1's addresses, the
-        one that answered last first (the Dialer tries the next when one is refused);
-        None otherwise (the Dialer resolves the target's host)."""
+        """target_loopback_fallback (a bare PORT): 127.0.0.1's addresses, then ::1's (the
+        Dialer tries the next only when one is refused), until one of them has answered;
+        from then on that family's alone, so that while the service is down nobody else
+        listening on the other loopback address gets its visitors.  None otherwise (the
+        Dialer resolves the target's host)."""
         cfg = self.config
         if not cfg.target_loopback_fallback:
             return None
@@ -7819,13 +7856,21 @@ class Client(Side):
                 except OSError:         # no IPv6 at all: 127.0.0.1 alone
                     pass
             self.loopback = found
-        return self.loopback
+        if self.loopback_family is None:
+            return self.loopback
+        return [info for info in self.loopback if info[0] == self.loopback_family]
 
     def loopback_answered(self, family: int) -> None:
-        """A bare PORT's target connection was made over ``family``: try it first next."""
-        addrs = self.loopback
-        if addrs and addrs[0][0] != family:
-            addrs.sort(key=lambda info: info[0] != family)     # stable: order kept within
+        """A bare PORT's target connection was made over ``family``: that family from now
+        on; said once when it is ::1 (127.0.0.1 refused)."""
+        if self.loopback_family is not None:
+            return
+        self.loopback_family = family
+        if family == socket.AF_INET6:
+            port = self.config.target_port
+            log.warning("127.0.0.1:%d refused the connection and [::1]:%d answered: "
+                        "forwarding to [::1]:%d from now on (TARGET [::1]:%d says so)",
+                        port, port, port, port)
 
     # -- lifecycle -------------------------------------------------------------------
     def _starting(self) -> None:
@@ -8075,6 +8120,9 @@ class Client(Side):
             self.session = None
         with self.changed:
             self.ready.clear()
+            if not session.established:     # why, for tunnel.expose's TimeoutError
+                self.last_failure = ("relay refused: %s" % error
+                                     if isinstance(error, RefusedError) else reason)
             self.changed.notify_all()
         if isinstance(error, AuthError):
             self.fatal(EXIT_USAGE, str(error), error)
@@ -8217,12 +8265,15 @@ def _api_value(flag: str, action: argparse.Action, value: Any) -> Any:
     if action.type in (int, float, _port_or_off) and isinstance(value, (int, float)):
         if action.type is not float and not isinstance(value, int):
             raise UsageError("%s must be an integer, not %r" % (flag, value))
-        value = float(value) if action.type is float else value
+        try:
+            value = float(value) if action.type is float else value
+        except OverflowError:                               # 10 ** 400
+            raise UsageError("%s %r is too large" % (flag, value)) from None
     elif isinstance(value, str):
         if action.type is not None:
             try:
                 value = action.type(value)                  # type: ignore[operator]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
                 raise UsageError("invalid %s %r" % (flag, value)) from None
     else:
         raise UsageError("%s must be a %s, not %r" % (
@@ -8239,7 +8290,8 @@ def _api_args(command: str, positional: List[str], options: Dict[str, Any],
     ``options`` (keyword names of the long flags) set on it."""
     commands: Dict[str, _Parser] = {}
     parser = build_parser(commands)
-    args = parser.parse_args([command] + positional)
+    args = parser.parse_args([command] + (["--"] + positional if positional else []))
+    #                                               (after "--", a TARGET "-h" is a TARGET)
     flags = commands[command].flags()
     for key, value in options.items():
         action = flags.get(key)
@@ -8251,10 +8303,25 @@ def _api_args(command: str, positional: List[str], options: Dict[str, Any],
     return args
 
 
-def _positive_timeout(timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
-    return float(timeout)
+def _seconds(name: str, value: Any, positive: bool = False) -> float:
+    """An API call's number of seconds; inf (or anything over threading.TIMEOUT_MAX)
+    means as long as a wait can be; raises UsageError."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (value > 0 if positive else value >= 0)):     # also refuses nan
+        raise UsageError("%s must be a %s number of seconds, not %r"
+                         % (name, "positive" if positive else "non-negative", value))
+    return min(float(value), threading.TIMEOUT_MAX)
+
+
+def _guarded(callback: Callable[[Any], None], what: str) -> Callable[[Any], None]:
+    """The caller's callback, run on a tunnel's loop thread: whatever it raises
+    (SystemExit too) is logged, never the end of the tunnel."""
+    def call(arg: Any) -> None:
+        try:
+            callback(arg)
+        except BaseException:        # the caller's bug: say so, keep the tunnel up
+            log.exception("the %s callback %r raised", what, callback)
+    return call
 
 
 class RequestLog(collections.namedtuple("RequestLog", "time method path status duration "
@@ -8286,7 +8353,7 @@ class Tunnel:
     def __init__(self, client: "Client",
                  on_request: Optional[Callable[[RequestLog], None]] = None) -> None:
         self._client = client
-        self._on_request = on_request
+        self._on_request = None if on_request is None else _guarded(on_request, "on_request")
         self._requests: Deque[RequestLog] = collections.deque(maxlen=API_KEEP_REQUESTS)
         self._lock = threading.Lock()
         self._closed = False
@@ -8337,36 +8404,44 @@ class Tunnel:
     # -- life ------------------------------------------------------------------------
     def _record(self, record: Dict[str, Any]) -> None:
         """A LOG frame (on the client's loop thread)."""
-        entry = RequestLog(time.time(), str(record.get("method", "")),
-                           logged_target(str(record.get("target", ""))),
+        method = str(record.get("method", ""))
+        path = logged_target(str(record.get("target", "")))
+        entry = RequestLog(time.time(), method if method.isprintable()
+                           else escape_unprintable(method),
+                           path if path.isprintable() else escape_unprintable(path),
                            record.get("status", 0), record.get("duration", 0.0),
                            record.get("bytes", 0), bool(record.get("upgraded")),
                            bool(record.get("websocket")), record.get("bytes_in", 0))
         with self._lock:
             self._requests.append(entry)
         if self._on_request is not None:
-            try:
-                self._on_request(entry)
-            except Exception:        # the caller's bug: say so, keep the tunnel up
-                log.exception("the on_request callback of %r raised", self)
+            self._on_request(entry)
 
     def _start(self, timeout: float) -> None:
-        """Start the thread; return once the tunnel is up, else stop it and raise."""
+        """Start the thread; return once the tunnel is up, else stop it and raise (a
+        KeyboardInterrupt in the wait too: nothing is left running that tunnels() does
+        not list)."""
         client = self._client
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        with client.changed:
-            while not (client.up_count or client.failure or client.unreachable):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                client.changed.wait(left)
-            up, failure, why = client.up_count, client.failure, client.last_failure
-            unreachable = client.unreachable
+        try:
+            self._thread.start()
+            deadline = time.monotonic() + timeout
+            with client.changed:
+                while not (client.up_count or client.failure or client.unreachable):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    client.changed.wait(min(left, threading.TIMEOUT_MAX))
+                up, failure, why = client.up_count, client.failure, client.last_failure
+                unreachable = client.unreachable
+        except BaseException:
+            self._closed = True
+            self._stop(0.0)
+            raise
         if up:
             with _api_lock:
                 _open_tunnels.append(self)
             return
+        self._closed = True
         self._stop(0.0)
         if failure is not None:
             raise failure
@@ -8378,12 +8453,19 @@ class Tunnel:
 
     def _stop(self, grace: float) -> None:
         client = self._client
+        if self._thread.ident is None:          # never started
+            client.loop.close()
+            return
         client.loop.call_soon_threadsafe(lambda: client.shutdown(grace))
-        self._thread.join(grace + API_CLOSE_GRACE + client.config.connect_timeout)
+        if threading.current_thread() is not self._thread:    # not from on_request
+            self._thread.join(min(grace + API_CLOSE_GRACE + client.config.connect_timeout,
+                                  threading.TIMEOUT_MAX))
 
     def close(self, grace: float = API_CLOSE_GRACE) -> None:
         """End the tunnel: requests in flight get ``grace`` seconds, then the thread
-        is joined.  Closing twice does nothing."""
+        is joined (not when called from ``on_request``, on that thread).  Closing twice
+        does nothing."""
+        grace = min(_seconds("grace", grace), MAX_SECONDS)
         with self._lock:
             if self._closed:
                 return
@@ -8428,7 +8510,7 @@ def expose(target: Any, relay: Any = None, token: Optional[str] = None,
     until ``close()`` (or the end of the process), reconnecting as the command line
     does.
     """
-    timeout = _positive_timeout(timeout)
+    timeout = _seconds("timeout", timeout, positive=True)
     if isinstance(relay, RunningRelay):
         token = token if token is not None else relay.token
         if relay.plaintext and "plaintext" not in options:
@@ -8448,7 +8530,8 @@ def expose(target: Any, relay: Any = None, token: Optional[str] = None,
     args = _api_args("expose", [str(target)], options, "expose")
     config = expose_config(args)
     try:
-        client = Client(config, output=output or _discard)
+        client = Client(config, output=_discard if output is None else _guarded(output,
+                                                                               "output"))
     except TunnelError as exc:       # a malformed proxy variable
         raise UsageError(str(exc)) from None
     handle = Tunnel(client, on_request)
@@ -8525,6 +8608,7 @@ class RunningRelay:
 
     def close(self, grace: float = API_CLOSE_GRACE) -> None:
         """Stop the relay: visitors in flight get ``grace`` seconds.  Idempotent."""
+        grace = min(_seconds("grace", grace), MAX_SECONDS)
         with self._lock:
             if self._closed:
                 return
@@ -8955,7 +9039,7 @@ def parse_target(text: str) -> Tuple[str, int]:
 
 def is_bare_port(text: str) -> bool:
     """expose's TARGET is just a PORT (no host, no scheme): loopback, IPv4 or IPv6."""
-    return text.strip().isdigit()
+    return bool(_ASCII_DIGITS.fullmatch(text.strip()))
 
 
 def parse_target_url(text: str) -> Tuple[str, str, int]:
@@ -8981,7 +9065,7 @@ def parse_target_url(text: str) -> Tuple[str, str, int]:
     try:
         host, port = parse_hostport(text, default_host="127.0.0.1", default_port=(
             TARGET_DEFAULT_PORTS[scheme] if sep else None))
-        return scheme, host, port
+        return scheme, _relay_host(host), port
     except ValueError as exc:
         raise UsageError("invalid TARGET %r: expected PORT or HOST:PORT (%s)"
                          % (text, exc)) from None
