@@ -394,7 +394,8 @@ class EndToEndBase(unittest.TestCase):
 
     def start_relay(self, **kw):
         kw = dict(self.RELAY_OPTIONS, **kw)
-        opts = dict(FAST, bind="127.0.0.1", http_port=0, control_port=0, token=TOKEN)
+        opts = dict(FAST, bind="127.0.0.1", http_port=0, control_port=0,
+                    token="" if kw.get("tokens_file") else TOKEN)
         # Plain TCP on loopback unless a test asks for TLS (ControlChannelSecurityTest
         # covers the default, TLS with the relay's own certificate).
         opts["plaintext"] = not (kw.get("tls_cert") or kw.get("control_tls_cert"))
@@ -1381,9 +1382,9 @@ class LocalOrigin(Origin):
     """The test origin elsewhere than 127.0.0.1 (``host="::1"``: as Vite and Node listen
     where localhost is ::1) or with another handler; serve_origin runs it."""
 
-    def __init__(self, host="127.0.0.1", handler=OriginHandler):
+    def __init__(self, host="127.0.0.1", handler=OriginHandler, port=0):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        http.server.ThreadingHTTPServer.__init__(self, (host, 0), handler)
+        http.server.ThreadingHTTPServer.__init__(self, (host, port), handler)
         self.blob = b""
         self.sse_gate = threading.Event()
         self.slow_gate = threading.Event()
@@ -2959,6 +2960,17 @@ class ErrorTreeTest(unittest.TestCase):
         self.assertIsInstance(cm.exception, tunnel.TunnelError)
 
 
+class ProtocolVocabularyTest(unittest.TestCase):
+    def test_every_refusal_code_has_a_row(self):
+        codes = {getattr(tunnel, n) for n in dir(tunnel) if n.startswith("REFUSED_")}
+        self.assertEqual(codes, set(tunnel.REFUSALS))
+        for code, refusal in tunnel.REFUSALS.items():
+            self.assertIn(refusal.action, (tunnel.REFUSE_STOP, tunnel.REFUSE_FIRST,
+                                           tunnel.REFUSE_RETRY), code)
+            self.assertIn(refusal.exit_status, (tunnel.EXIT_FAILURE, tunnel.EXIT_USAGE), code)
+            self.assertTrue(refusal.meaning, code)
+
+
 class ConfigValidationTest(unittest.TestCase):
     """One validate() per config: the command line and the API get the same errors."""
 
@@ -3017,6 +3029,33 @@ class ConfigValidationTest(unittest.TestCase):
                      lambda: tunnel.serve(http_port="x")):
             with self.assertRaises(ValueError):
                 call()
+
+    def test_messages_name_the_flag_or_the_setting(self):
+        commands = {}
+        tunnel.build_parser(commands)
+        for name, config in (("serve", tunnel.RelayConfig), ("expose", tunnel.ClientConfig)):
+            flags = {a.dest: [o for o in a.option_strings if o.startswith("--")]
+                     for a in commands[name]._actions}
+            for field in config.fields():
+                with self.subTest(field=field):
+                    if flags.get(field):
+                        self.assertEqual(config.flag(field), flags[field][0])
+                    else:
+                        self.assertIn(field, config.NO_FLAG)
+        for config, kw, said in (
+                (tunnel.RelayConfig, dict(reservation=-1), "RelayConfig(reservation=...)"),
+                (tunnel.RelayConfig, dict(max_streams="x"), "--max-streams must be an integer"),
+                (tunnel.RelayConfig, dict(http_port=True), "--http-port must be an integer"),
+                (tunnel.RelayConfig, dict(token=TOKEN, tokens_file="users.json"),
+                 "--tokens and --token exclude each other"),
+                (tunnel.ClientConfig, dict(token=TOKEN, handshake_timeout=float("inf")),
+                 "ClientConfig(handshake_timeout=...)")):
+            with self.subTest(kw=kw), self.assertRaises(tunnel.UsageError) as cm:
+                config(**({"token": TOKEN, "plaintext": True} if config is tunnel.RelayConfig
+                          else {}) | kw).validate()
+            self.assertIn(said, str(cm.exception))
+        with self.assertRaises(TypeError):
+            tunnel.RelayConfig(FLAG_NAMES={})
 
     def test_host_header_rewrite_is_case_insensitive(self):
         args = tunnel.build_parser().parse_args(["expose", "5000", "--token", TOKEN,
@@ -5250,7 +5289,7 @@ class SourceLimitsTest(EndToEndBase):
     def status_of(self, data):
         return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
 
-    # -- item 7: IPv4-mapped peers ----------------------------------------------------
+    # -- IPv4-mapped peers ----------------------------------------------------
     def test_unmap_peer_and_source_key(self):
         unmap = tunnel.unmap_peer
         self.assertEqual(unmap(("::ffff:127.0.0.1", 80, 0, 0)), ("127.0.0.1", 80))
@@ -5291,7 +5330,7 @@ class SourceLimitsTest(EndToEndBase):
         self.assertEqual(peers, ["127.0.0.1", "127.0.0.1"])
         self.assertFalse([m for m in self.capture.messages() if "ffff" in m])
 
-    # -- item 5: unauthenticated control connections ------------------------------------
+    # -- unauthenticated control connections ------------------------------------
     def test_one_source_cannot_hold_every_handshake_slot(self):
         relay = self.start_relay(max_unauthenticated=16, handshake_timeout=3 * WAIT)
         idle = self.attackers(relay.control_port, 16)
@@ -5322,7 +5361,7 @@ class SourceLimitsTest(EndToEndBase):
                                                       relay.visitor_sources[ATTACKER_IP])),
                          (20, 20))
 
-    # -- item 6: visitor connections per source ---------------------------------------------
+    # -- visitor connections per source ---------------------------------------------
     def test_one_source_cannot_take_every_visitor_slot(self):
         cap = tunnel.MAX_VISITORS_PER_SOURCE
         relay = self.start_relay(max_visitors=cap + 10)
@@ -5366,7 +5405,7 @@ class SourceLimitsTest(EndToEndBase):
         c.close()
         return r.status, body, r
 
-    # -- item 6: request bodies must move ---------------------------------------------------
+    # -- request bodies must move ---------------------------------------------------
     def test_stalled_and_trickled_bodies_get_408(self):
         relay = self.start_relay(body_timeout=0.4)
         self.start_client("demo", relay=relay)
@@ -5493,7 +5532,7 @@ class SourceLimitsTest(EndToEndBase):
         reply = recv_until(s, b"\r\n\r\n%d" % size)
         self.assertTrue(reply.endswith(b"\r\n\r\n%d" % size), reply[-200:])
 
-    # -- item 14: out of descriptors ------------------------------------------------------------
+    # -- out of descriptors ------------------------------------------------------------
     @unittest.skipUnless(os.path.exists("/proc/self/stat"), "needs /proc (Linux)")
     def test_out_of_descriptors_pauses_accepting(self):
         http_port, control_port = free_port(), free_port()
@@ -5550,7 +5589,7 @@ class HTTPAbuseTest(EndToEndBase):
         self.start_client(name, target_port=origin.port)
         return origin
 
-    # -- item 8: forwarding fields ---------------------------------------------------
+    # -- forwarding fields ---------------------------------------------------
     def test_visitor_forwarding_fields_never_reach_the_origin(self):
         spoofed = ["X_Forwarded_For", "X_Real_IP", "x_real_ip", "X-Forwarded-Ssl",
                    "X-Forwarded-Scheme", "X-Forwarded-Prefix", "X-Client-IP", "True-Client-IP",
@@ -5578,7 +5617,7 @@ class HTTPAbuseTest(EndToEndBase):
         self.assertEqual(fields["x-forwardedness"], "kept")
         self.assertEqual(fields["x-keep"], "1")
 
-    # -- item 9: transfer codings ----------------------------------------------------
+    # -- transfer codings ----------------------------------------------------
     def test_origin_receives_exactly_one_plain_chunked(self):
         origin = self.raw_origin("raw")
         body = b"5\r\nhello\r\n3;a=b\r\nabc\r\n0\r\n\r\n"
@@ -5622,7 +5661,7 @@ class HTTPAbuseTest(EndToEndBase):
         wait_until(lambda: origin.requests and origin.requests[-1].startswith(b"GET /done"))
         self.assertEqual(len(origin.requests), 1, origin.requests)
 
-    # -- item 13: one-byte chunks ----------------------------------------------------
+    # -- one-byte chunks ----------------------------------------------------
     def test_one_byte_chunks_of_one_read_are_one_data_frame(self):
         origin = self.raw_origin("raw")
         session = self.relay.tunnels["raw"].session
@@ -5645,7 +5684,7 @@ class HTTPAbuseTest(EndToEndBase):
         self.assertEqual(origin.requests[0].partition(b"\r\n\r\n")[2], body)
         self.assertEqual(frames[1:], [(frames[0][0], len(body))])
 
-    # -- item 14: the client's access log, the HTTPS-redirect port ------------------
+    # -- the client's access log, the HTTPS-redirect port ------------------
     def test_access_log_escapes_control_characters(self):
         nasty = "/a\x9b31m\x1b[2J\x07\x7f\x00\u202e\u2028z"
         record = {"method": "GET\x1b", "target": nasty, "status": 200, "duration": 0.0015,
@@ -5853,11 +5892,14 @@ class AccessLogMaskTest(EndToEndBase):
                          "/p?tokenizer=1&mytoken=[secret]")   # names that end with a word
         for name in ("%74oken", "%54OKEN", "api_key", "apiKey", "client_secret",
                      "refresh_token", "id_token", "code", "X-Amz-Signature", "Signature",
-                     "X-Amz-Security-Token", "X-Amz-Credential", "password", "sig"):
+                     "X-Amz-Security-Token", "X-Amz-Credential", "password", "sig",
+                     "user[password]", "token[]", "a[token]", "pass", "jwt", "jsessionid"):
             with self.subTest(name=name):
                 self.assertEqual(tunnel.logged_target("/cb?a=1&%s=S3CR3T&b=2" % name),
                                  "/cb?a=1&%s=[secret]&b=2" % name)
         self.assertEqual(tunnel.logged_target("/p?flag&x=1&=v&&token"), "/p?flag&x=1&=v&&token")
+        self.assertEqual(tunnel.logged_target("/?x=1#&token=s"), "/?x=1#&token=[secret]")
+        self.assertEqual(tunnel.logged_target("/x#token=s"), "/x#token=[secret]")
 
 
 class UpgradeLogTest(EndToEndBase):
@@ -7487,11 +7529,29 @@ class LoopbackFallbackTest(EndToEndBase):
             self.assertEqual(self.get("/bytes?n=100000&seed=6", host="six.localhost")[:2],
                              (200, pattern(100000, 6)))
         self.assertEqual(self.get("/hello", host="six.localhost")[:2], (200, b"hello"))
-        self.assertEqual(client.loopback_family, socket.AF_INET6)   # remembered
+        self.assertIsNone(client.loopback_family)       # 127.0.0.1 is still tried first
         said = [m for m in self.capture.messages(logging.WARNING) if "[::1]" in m]
         self.assertEqual(said, ["127.0.0.1:%d refused the connection and [::1]:%d answered: "
-                                "forwarding to [::1]:%d from now on (TARGET [::1]:%d says so)"
-                                % ((self.port6,) * 4)])       # once, not per request
+                                "forwarding there while 127.0.0.1:%d refuses (TARGET [::1]:%d "
+                                "says so)" % ((self.port6,) * 4)])   # once, not per request
+
+    def test_a_squatter_on_ipv6_loses_the_visitors_once_the_service_starts(self):
+        """expose first, start the service later (a notebook's order): whoever listened
+        on [::1] meanwhile gets visitors only until the service answers on 127.0.0.1."""
+        squatter = serve_origin(self, LocalOrigin("::1"))
+        squatter.blob = b"the squatter"
+        port = squatter.server_address[1]
+        self.start_client("late", target_port=port, target_loopback_fallback=True)
+        self.assertEqual(self.get("/blob", host="late.localhost")[:2], (200, b"the squatter"))
+        try:                                # the service comes up on 127.0.0.1
+            origin4 = LocalOrigin("127.0.0.1", port=port)
+        except OSError:
+            self.skipTest("port %d is taken on 127.0.0.1" % port)
+        origin4.blob = b"the real service"
+        serve_origin(self, origin4)
+        for _ in range(3):
+            self.assertEqual(self.get("/blob", host="late.localhost")[:2],
+                             (200, b"the real service"))
 
     def test_once_127_answered_a_squatter_on_ipv6_gets_no_visitor(self):
         """The service answered on 127.0.0.1, then stopped: another local user listening
@@ -9050,6 +9110,44 @@ class TransportAbuseTest(EndToEndBase):
                       client.error)
 
 
+class HostileRelayTest(EndToEndBase):
+    """What a relay sends the client is printed and returned by the API: a relay (or
+    whoever holds its token) must not write escapes or lines into the user's terminal."""
+
+    CLIENT = None
+    CAPTURE = logging.INFO
+
+    def test_a_malformed_welcome_is_a_protocol_error_not_a_forwarding_line(self):
+        honest = self.relay._claim
+
+        def hostile(session, request):
+            welcome = honest(session, request)
+            welcome["url"] = "http://x\x1b[2J\x1b]0;pwned\x07\nFAKE LINE\r"
+            return welcome
+        self.relay._claim = hostile
+        client, lines = self.start_client("evil", wait=False)
+        wait_until(lambda: any("WELCOME with a malformed url" in m
+                               for m in self.capture.messages(logging.INFO)),
+                   what="the refusal of the WELCOME")
+        self.assertEqual(lines, [])
+        self.assertIsNone(client.url)
+        said = "\n".join(self.capture.messages(logging.DEBUG))
+        self.assertNotIn("\x1b", said)
+
+    def test_a_goaway_reason_is_one_escaped_line(self):
+        client, _ = self.start_client("bye")
+        session = next(iter(self.relay.tunnels.values())).session
+        self.relay.loop.call_soon_threadsafe(
+            lambda: session.go_away("bye\n16:00:00 WARNING forged line \x1b[2J" + "x" * 500))
+        wait_until(lambda: any("peer is going away" in m
+                               for m in self.capture.messages(logging.INFO)),
+                   what="the GOAWAY's log line")
+        line = [m for m in self.capture.messages(logging.INFO) if "going away" in m][0]
+        self.assertNotIn("\n", line)
+        self.assertNotIn("\x1b", line)
+        self.assertLess(len(line), tunnel.MAX_REFUSAL_TEXT + 100)
+
+
 class ClientHintsTest(EndToEndBase):
     """What a new user sees when the relay, the port or the proxy is not what the
     client was told: one clear line, a hint once, exit status 2 for what is
@@ -9469,6 +9567,20 @@ class PythonAPITest(unittest.TestCase):
         seen = {k.lower(): v for k, v in json.loads(body)}
         self.assertEqual(seen["host"], "127.0.0.1:%d" % self.port)
         self.assertEqual(handle.relay, relay.relay)
+
+    def test_secrets_and_empty_allow_lists_in_bad_arguments(self):
+        for kw in (dict(token=b"SECRETTOK1234567890"), dict(basic_auth=b"me:SECRETPW"),
+                   dict(visitor_token=["SECRETV", 3]), dict(token=12345678901234567)):
+            with self.subTest(kw=kw), self.assertRaises(ValueError) as cm:
+                tunnel.expose(self.port, **dict(dict(token=TOKEN), **kw))
+            self.assertNotIn("SECRET", str(cm.exception))
+            self.assertNotIn("12345678901234567", str(cm.exception))
+        with self.assertRaises(ValueError) as cm:
+            tunnel.expose("http://user:SECRETPW@127.0.0.1:5000", token=TOKEN)
+        self.assertNotIn("SECRETPW", str(cm.exception))
+        for empty in ([], ()):
+            with self.assertRaisesRegex(ValueError, "admits nobody"):
+                tunnel.expose(self.port, token=TOKEN, allow=empty)
 
     def test_a_banned_client_is_told_why_it_timed_out(self):
         relay = self.serve(plaintext=True, auth_ban_after=1, auth_ban_time=60)

@@ -46,17 +46,20 @@ Theory of operation: one request, and its response, through both event loops
                   (OPEN) and the rewritten head, Stream.write -> DATA frames
              Session.flush (once per loop turn) -> the control socket
     client   Session.on_read -> FrameDecoder.feed -> Session._dispatch
-               OPEN -> Client.on_stream_open -> TargetConn (Dialer: connect, TLS)
+               OPEN -> Session._on_open -> Client.on_stream_open -> TargetConn
+                  (its Dialer: connect, TLS)
                DATA -> Stream._on_data -> TargetConn.on_stream_data -> origin
-             TargetConn.on_read -> Stream.write -> DATA (and WINDOW as it drains)
+             TargetConn.on_read (Pipe) -> Stream.write -> DATA (WINDOW as it drains)
     relay    Session._dispatch -> Stream._on_data -> VisitorConn.on_stream_data
                -> send_bytes (to the visitor), HTTPParser.feed of the response
                -> _on_response_head (101: a raw pipe from here) and
                   _on_response_end -> Session.send_log (LOG)
     client   Session._on_log -> Client.on_access_log -> the console line
 
-A connection ends in ``Conn.close_socket`` (once; the selector key goes, the
-stream is reset or finished); flow control is ``Stream.consumed`` (WINDOW) and
+A connection ends in ``Conn._leave`` (closed by ``close_socket`` or handed on by
+``detach``), which runs its ``connection_lost`` once: the selector key goes, what it
+holds is released (a Pipe's stream is finished by ``Pipe.finish`` or reset by
+``abort`` before); flow control is ``Stream.consumed`` (WINDOW) and
 the session's budget (below).  Socket plumbing (``Listener``, ``Lingering``,
 ``TLSChannel``, ``WSChannel``, ``TLSHandshake``, ``Dialer``) sits together in
 "Event loop and socket plumbing"; the codecs above it touch no socket.
@@ -91,8 +94,9 @@ tunnel's owner).
 ``serve --control-port off`` leaves only the visitor port(s).
 
 The client's way out is one ``Dialer`` (used for every stream's target too: no
-stages, or TLS for an ``https://`` TARGET, checked unless ``--target-insecure``): TCP to each address of the first hop in turn, then its stages, each
-within ``--connect-timeout``::
+stages, or TLS for an ``https://`` TARGET, checked unless ``--target-insecure``): TCP
+to each address of the first hop in turn, then its stages, each within
+``--connect-timeout``::
 
     [TLS to an https:// proxy] -> CONNECT or SOCKS5 through the proxy
       -> by --relay:  HOST:PORT    TLS (the channel)
@@ -125,7 +129,7 @@ the token never crosses)::
             sealed  = base64(JSON {"access", "client_secret"} XOR HMAC-SHA256 key
                       stream under S), S = HMAC-SHA256(K, "tunnel.py/1 seal" 0 Nc Nr)
             Mc = HMAC-SHA256(K, "tunnel.py/1 client" 0 Nc Nr request)
-    R -> C  WELCOME   Mr + welcome JSON                 {"name", "url", ...}
+    R -> C  WELCOME   Mr + welcome JSON                 {"name", "url", "heartbeat_interval"}
             Mr = HMAC-SHA256(K, "tunnel.py/1 relay" 0 Nr Nc Mc welcome)
        or   REFUSE    JSON {"error": CODE, "message": TEXT}   (codes: REFUSALS)
 
@@ -354,6 +358,7 @@ MAC_LABEL = b"tunnel.py/1 "             # domain separation for the MACs
 U32 = struct.Struct("!I")               # WINDOW increment, GOAWAY code
 U64 = struct.Struct("!Q")               # block counter of the seal's key stream
 MAX_REFUSAL_TEXT = 300                  # characters of a REFUSE's code or message shown
+#                                         (and of a GOAWAY's reason)
 MAX_JSON_CONTAINERS = 64                # '[' and '{' in one handshake JSON (no deep nesting)
 PING_PAYLOAD = struct.Struct("!Q")      # PING payload: 8 random bytes, echoed in the ACK
 LOG_RECORD = struct.Struct("!HIQ")      # status, duration in us, bytes
@@ -384,11 +389,23 @@ FRAME_TYPES = frozenset(int(t) for t in FrameType)
 
 GOAWAY_NORMAL = 0                       # planned shutdown
 
-# Refusal codes (the "error" of a REFUSE frame): what each means and what the client
-# does about it.  "stop" ends the client, "first" ends it only if its tunnel never came
-# up (later it is a passing state: the old session still holds the name), "retry"
-# reconnects with backoff.  Unknown codes are retried.
+# -- exit statuses -------------------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILURE = 1                        # could not listen, relay refused, ...
+EXIT_USAGE = 2                          # bad command line or token rejected
+
+# Refusal codes (the "error" of a REFUSE frame): what each means, what the client does
+# about it and with which exit status it ends then.  "stop" ends the client, "first"
+# ends it only if its tunnel never came up (later it is a passing state: the old session
+# still holds the name), "retry" reconnects with backoff.  Unknown codes are retried.
 REFUSE_STOP, REFUSE_FIRST, REFUSE_RETRY = "stop", "first", "retry"
+
+
+class Refusal(collections.namedtuple("Refusal", "meaning action exit_status")):
+    __slots__ = ()
+
+
+
 REFUSED_AUTH = "auth"
 REFUSED_BINDING = "binding"
 REFUSED_VERSION = "version"
@@ -400,23 +417,31 @@ REFUSED_NAME_TAKEN = "name_taken"
 REFUSED_LIMIT = "limit"
 REFUSED_SHUTTING_DOWN = "shutting_down"
 REFUSED_BANNED = "banned"
-REFUSALS: Dict[str, Tuple[str, str]] = {
-    REFUSED_AUTH: ("the relay does not accept the token (or user); exit status 2",
-                   REFUSE_STOP),
-    REFUSED_BINDING: ("the relay's certificate is not the one the client saw: a man in "
-                      "the middle or an undeclared TLS proxy; exit status 2", REFUSE_STOP),
-    REFUSED_VERSION: ("the relay speaks another protocol version", REFUSE_STOP),
-    REFUSED_INVALID_NAME: ("the subdomain is not a DNS label", REFUSE_STOP),
-    REFUSED_NAME_NOT_ALLOWED: ("the user may not use that subdomain", REFUSE_STOP),
-    REFUSED_INVALID_ACCESS: ("the visitor access policy is malformed", REFUSE_STOP),
-    REFUSED_INVALID_HOST_HEADER: ("the Host to send (--host-header) is not a HOST[:PORT]",
-                                  REFUSE_STOP),
-    REFUSED_NAME_TAKEN: ("another client holds or has reserved the name", REFUSE_FIRST),
-    REFUSED_LIMIT: ("the user has max_tunnels tunnels already", REFUSE_FIRST),
-    REFUSED_SHUTTING_DOWN: ("the relay is stopping", REFUSE_RETRY),
-    REFUSED_BANNED: ("too many failed handshakes from this address for this user",
-                     REFUSE_RETRY),
+REFUSALS: Dict[str, Refusal] = {
+    REFUSED_AUTH: Refusal("the relay does not accept the token (or user)", REFUSE_STOP,
+                          EXIT_USAGE),
+    REFUSED_BINDING: Refusal("the relay's certificate is not the one the client saw: a "
+                             "man in the middle or an undeclared TLS proxy", REFUSE_STOP,
+                             EXIT_USAGE),
+    REFUSED_VERSION: Refusal("the relay speaks another protocol version", REFUSE_STOP,
+                             EXIT_FAILURE),
+    REFUSED_INVALID_NAME: Refusal("the subdomain is not a DNS label", REFUSE_STOP,
+                                  EXIT_FAILURE),
+    REFUSED_NAME_NOT_ALLOWED: Refusal("the user may not use that subdomain", REFUSE_STOP,
+                                      EXIT_FAILURE),
+    REFUSED_INVALID_ACCESS: Refusal("the visitor access policy is malformed", REFUSE_STOP,
+                                    EXIT_FAILURE),
+    REFUSED_INVALID_HOST_HEADER: Refusal("the Host to send (--host-header) is not a "
+                                         "HOST[:PORT]", REFUSE_STOP, EXIT_FAILURE),
+    REFUSED_NAME_TAKEN: Refusal("another client holds or has reserved the name",
+                                REFUSE_FIRST, EXIT_FAILURE),
+    REFUSED_LIMIT: Refusal("the user has max_tunnels tunnels already", REFUSE_FIRST,
+                           EXIT_FAILURE),
+    REFUSED_SHUTTING_DOWN: Refusal("the relay is stopping", REFUSE_RETRY, EXIT_FAILURE),
+    REFUSED_BANNED: Refusal("too many failed handshakes from this address for this user "
+                            "(said once per ban)", REFUSE_RETRY, EXIT_FAILURE),
 }
+UNKNOWN_REFUSAL = Refusal("a code this client does not know", REFUSE_RETRY, EXIT_FAILURE)
 
 # -- flow control and buffering -----------------------------------------------
 INITIAL_WINDOW = 256 * 1024             # per-stream credit at open (while the budget has room)
@@ -603,7 +628,7 @@ TLS_FIRST_BYTES = 512                   # raw bytes a TLS handshake keeps, to sa
 UPGRADE_BODY_SHOWN = 200                # bytes of a refusal's body in the message (already
                                         # read with its head: the dialer waits for no more)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")   # a bare PORT TARGET, tried in this order
-REFUSED_ONLY = frozenset({errno.ECONNREFUSED})  # ... the next one only after a refusal
+CONNECT_RETRY_ERRNOS = frozenset({errno.ECONNREFUSED})   # ... the next only after a refusal
 
 # -- proxies ------------------------------------------------------------------
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")   # proxy URL schemes tunnel.py speaks
@@ -642,11 +667,6 @@ SOCKS5_REPLIES: Dict[int, str] = {      # RFC 1928 section 6
     0x07: "command not supported",
     0x08: "address type not supported",
 }
-
-# -- exit statuses -------------------------------------------------------------
-EXIT_OK = 0
-EXIT_FAILURE = 1                        # could not listen, relay refused, ...
-EXIT_USAGE = 2                          # bad command line or token rejected
 
 # =============================================================================
 # Errors
@@ -732,15 +752,26 @@ class Settings:
     """Keyword settings with class-level defaults (a dataclass without the import cost)."""
 
     def __init__(self, **values: Any) -> None:
+        fields = self.fields()
         for key, value in values.items():
-            if key.startswith("_") or not hasattr(type(self), key):
+            if key not in fields:
                 raise TypeError("%s has no setting %r" % (type(self).__name__, key))
             setattr(self, key, value)
+
+    FLAG_NAMES = {}     # type: Dict[str, str]      # fields whose flag has another name
+    NO_FLAG = frozenset()    # type: FrozenSet[str]   # fields only the API sets
 
     @classmethod
     def fields(cls) -> List[str]:
         """The settings' names, in declaration order."""
         return list(cls.__annotations__)
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """How an error message names a field: its command-line flag, if it has one."""
+        if name in cls.NO_FLAG:
+            return "%s(%s=...)" % (cls.__name__, name)
+        return cls.FLAG_NAMES.get(name) or "--" + name.replace("_", "-")
 
     def __repr__(self) -> str:
         keys = self.fields()
@@ -1036,6 +1067,8 @@ def parse_hostport(text: str, default_host: Optional[str] = None,
             port = rest[1:]
     elif ":" in text:
         host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError("an IPv6 address goes in brackets, as in [::1]:5000")
     else:
         host = text
     if not host:
@@ -2417,7 +2450,10 @@ class EventLoop:
             for conn in batch:
                 conn.flush_scheduled = False
                 if not conn.closed:
-                    conn.flush()
+                    try:
+                        conn.flush()
+                    except Exception as exc:
+                        self.failed(conn, exc)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -3000,7 +3036,6 @@ class TLSHandshake(Conn):
             self._fail(str(exc))
             return
         if want is None:
-            self._timer.cancel()
             self.done_cb(self.detach())
             return
         self.want_write = want
@@ -3009,10 +3044,12 @@ class TLSHandshake(Conn):
     on_read = step
     on_write = step
 
+    def connection_lost(self) -> None:
+        self._timer.cancel()
+
     def _fail(self, why: str) -> None:
         if self.closed:
             return
-        self._timer.cancel()
         self.close_socket()
         self.failed_cb(why)
 
@@ -3369,7 +3406,6 @@ class Dialer(Conn):
         if self._finished:
             return
         self._finished = True
-        self._timer.cancel()
         self.close_socket()
         self.failed_cb(why if bare else "%s: %s" % (self.where, why), kind)
 
@@ -3379,8 +3415,10 @@ class Dialer(Conn):
     def abort_quietly(self) -> None:
         """The caller gave up (its stream went away): close, report nothing."""
         self._finished = True
-        self._timer.cancel()
         self.close_socket()
+
+    def connection_lost(self) -> None:
+        self._timer.cancel()        # (a stage's timer: each stage starts its own)
 
 
 def _http_answer_text(data: bytes) -> str:
@@ -3549,6 +3587,7 @@ class Session(Conn):
         self.goaway_received = False
         self.flush_scheduled = False
         self.close_reason: Optional[str] = None
+        self._close_error: Optional[BaseException] = None   # what close() was given
         self._close_when_flushed: Optional[str] = None
         self._hold = False               # output held back (a delayed refusal)
         self._congested = False
@@ -3757,7 +3796,8 @@ class Session(Conn):
             if self.goaway_received:        # once is news; a stream of them is noise
                 return
             self.goaway_received = True
-            reason = frame.payload[U32.size:].decode("utf-8", "replace")
+            reason = escape_unprintable(frame.payload[U32.size:].decode(
+                "utf-8", "replace"))[:MAX_REFUSAL_TEXT]     # the peer's words: one line
             log.info("%s: peer is going away%s", self.label, ": " + reason if reason else "")
             self.delegate.on_goaway(self, reason)
         elif ftype == FrameType.LOG and not self.is_relay:
@@ -3950,12 +3990,19 @@ class Session(Conn):
         if self.closed:
             return
         self.close_reason = reason
+        self._close_error = error
+        self.close_socket()             # -> connection_lost
+
+    def connection_lost(self) -> None:
+        """The session's end, however it came (close, or the loop closing): timers
+        cancelled, its streams reset, the delegate told, once."""
+        reason = self.close_reason or "the event loop closed"
+        error, self._close_error = self._close_error, None
         for timer in self._timers:
             timer.cancel()
         self._timers = []
         streams = list(self.streams.values())
         self.streams.clear()
-        self.close_socket()
         if self.established or error is not None:
             log.info("%s closed: %s", self.label, reason)
         else:
@@ -5930,16 +5977,23 @@ class Pipe(Conn, StreamHandler):
 # =============================================================================
 
 
-def _check_heartbeat(cfg: Any) -> None:
-    """The settings serve and expose share (a UsageError that names the flag): every
-    duration (a ``float`` field) a number of seconds between 0 and MAX_SECONDS."""
+def _check_common(cfg: Any) -> None:
+    """The checks serve and expose share (a UsageError that names the flag): every
+    ``int`` field an integer, every duration (a ``float`` field) a number of seconds
+    from 0 to MAX_SECONDS, and the heartbeat's pair."""
     for name in cfg.fields():
-        if type(cfg).__annotations__[name] == "float":
+        kind = type(cfg).__annotations__[name]
+        if kind in ("int", "Optional[int]"):
+            value = getattr(cfg, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)
+                    or value is None and kind != "int"):
+                raise UsageError("%s must be an integer, not %r" % (cfg.flag(name), value))
+        if kind == "float":
             value = getattr(cfg, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not 0 <= value <= MAX_SECONDS):      # also refuses nan and inf
-                raise UsageError("--%s must be a number of seconds from 0 to %d, not %r"
-                                 % (name.replace("_", "-"), MAX_SECONDS, value))
+                raise UsageError("%s must be a number of seconds from 0 to %d, not %r"
+                                 % (cfg.flag(name), MAX_SECONDS, value))
     if not cfg.heartbeat_interval >= MIN_HEARTBEAT_INTERVAL:
         raise UsageError("--heartbeat-interval must be at least %g seconds"
                          % MIN_HEARTBEAT_INTERVAL)
@@ -5963,6 +6017,10 @@ def _check_ca_file(flag: str, cafile: Optional[str]) -> None:
 
 
 class RelayConfig(Settings):
+    FLAG_NAMES = {"trusted_proxies": "--trusted-proxy", "redirect_port": "--http-redirect-port",
+                  "tokens_file": "--tokens", "tls_proxy_fingerprints": "--tls-proxy-fingerprint"}
+    NO_FLAG = frozenset({"reservation", "accept_pause"})
+
     bind: str = DEFAULT_BIND
     http_port: int = DEFAULT_HTTP_PORT
     control_port: Optional[int] = DEFAULT_CONTROL_PORT   # None: off (WebSocket only)
@@ -6010,6 +6068,10 @@ class RelayConfig(Settings):
         """Check every setting together (yamux's VerifyConfig), the same for the command
         line and ``tunnel.serve``; fills in ``bind`` (loopback for the default domain)
         and the domain's canonical form; raises UsageError naming the flag."""
+        if self.tokens_file and self.token:
+            raise UsageError("--tokens and --token exclude each other")
+        self.trusted_proxies = tuple(self.trusted_proxies or ())
+        self.tls_proxy_fingerprints = tuple(self.tls_proxy_fingerprints or ())
         if self.token and len(self.token) < MIN_TOKEN_LENGTH and not self.tokens_file:
             # A man in the middle sees one MAC under the token: a short one can be
             # guessed offline.  Generated tokens have 256 bits.
@@ -6027,7 +6089,7 @@ class RelayConfig(Settings):
         self.domain = domain
         if not (self.bind or "").strip():     # --bind "": unset, not every address
             self.bind = LOOPBACK_BIND if domain == DEFAULT_DOMAIN else DEFAULT_BIND
-        _check_heartbeat(self)
+        _check_common(self)
         if not 1024 <= self.max_head_size <= 16 * 1024 * 1024:
             raise UsageError("--max-head-size must be between 1024 and 16777216")
         if not INITIAL_WINDOW <= self.session_budget <= MAX_CREDIT:
@@ -6038,13 +6100,13 @@ class RelayConfig(Settings):
                      "max_visitors_per_source", "max_visitors_per_source_per_tunnel",
                      "verify_threads", "max_verifications", "max_verifications_per_source"):
             if getattr(self, name) < 1:
-                raise UsageError("--%s must be at least 1" % name.replace("_", "-"))
+                raise UsageError("%s must be at least 1" % self.flag(name))
         if self.auth_ban_after < 0:
             raise UsageError("--auth-ban-after must not be negative (0 disables bans)")
         for name in ("handshake_timeout", "head_timeout", "idle_timeout", "body_timeout",
                      "send_timeout", "auth_ban_time"):
             if not getattr(self, name) > 0:      # also refuses nan
-                raise UsageError("--%s must be positive" % name.replace("_", "-"))
+                raise UsageError("%s must be positive" % self.flag(name))
         if self.redirect_port is not None and not self.tls_cert:
             raise UsageError("--http-redirect-port needs --tls-cert")
         if (self.tls_key and not self.tls_cert
@@ -7081,7 +7143,7 @@ class Relay(Side):
         if refused:
             raise HTTPError(503, refused + " Try again soon.")
         rest = visitor.requests.upgrade_done()
-        sock = visitor.detach()             # visitor counts released (once, in _gone)
+        sock = visitor.detach()             # visitor counts released (connection_lost)
         key = req.headers.get("sec-websocket-key") or ""
         channel = WSChannel(sock, server_side=True, initial=rest)
         channel.limit_frames(WS_PREAUTH_FRAMES)     # lifted in on_session_up
@@ -7197,8 +7259,8 @@ class Relay(Side):
         if wanted:
             name = str(wanted).lower()
             if not valid_name(name):
-                raise RefusedError(REFUSED_INVALID_NAME, "%r is not a valid subdomain: use a-z, 0-9 "
-                                   "and inner hyphens, 1-63 characters" % str(wanted))
+                raise RefusedError(REFUSED_INVALID_NAME, "%r is not a valid subdomain: use "
+                                   "a-z, 0-9 and inner hyphens, 1-63 characters" % str(wanted))
             if not self.name_allowed(user, name):
                 raise RefusedError(REFUSED_NAME_NOT_ALLOWED, "user %s may not use subdomain %r"
                                    % (owner or "-", name))
@@ -7410,10 +7472,12 @@ class Relay(Side):
 # URL's X-Amz-Signature=, an OAuth redirect's code=), as Jupyter logs token=[secret]: a
 # name (percent-decoded, any case) that ends with one of these words.  Masking a harmless
 # "zipcode" costs nothing; printing a secret cannot be undone.
-SECRET_QUERY_WORDS = ("token", "key", "password", "passwd", "pwd", "secret", "sig",
-                      "signature", "credential", "code", "auth", "sid")
-_QUERY_PART_RE = re.compile(r"([^&;=#]*)(=[^&;#]*)?")
+SECRET_QUERY_WORDS = ("token", "key", "password", "passwd", "pwd", "pass", "secret", "sig",
+                      "signature", "credential", "code", "auth", "sid", "jwt", "session",
+                      "sessionid")
+_QUERY_PART_RE = re.compile(r"([^&;=#?]*)(=[^&;#?]*)?")
 _PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_BRACKETS_RE = re.compile(r"[\[\]]")          # user[password]=, token[]=
 
 
 def _mask_param(match: "re.Match[str]") -> str:
@@ -7421,22 +7485,32 @@ def _mask_param(match: "re.Match[str]") -> str:
     if value is None:
         return match.group(0)
     plain = _PERCENT_RE.sub(lambda m: chr(int(m.group(1), 16)), name).lower().strip()
-    return name + "=[secret]" if plain.endswith(SECRET_QUERY_WORDS) else match.group(0)
+    if any(part.strip().endswith(SECRET_QUERY_WORDS) for part in _BRACKETS_RE.split(plain)):
+        return name + "=[secret]"
+    return match.group(0)
 
 
 def logged_target(target: str) -> str:
-    """A request target as the access log shows it: secret query values masked, and cut
-    at MAX_LOGGED_TARGET characters."""
-    path, sep, query = target.partition("?")
-    if sep:
-        query, hash_sign, fragment = query.partition("#")
-        target = path + "?" + _QUERY_PART_RE.sub(_mask_param, query) + hash_sign + fragment
+    """A request target as the access log shows it: secret values masked in the query
+    and in a fragment (which a raw request line may carry), cut at MAX_LOGGED_TARGET
+    characters."""
+    cut = target.find("?")
+    hash_at = target.find("#")
+    if hash_at >= 0 and (cut < 0 or hash_at < cut):
+        cut = hash_at
+    if cut >= 0:
+        target = target[:cut] + _QUERY_PART_RE.sub(_mask_param, target[cut:])
     if len(target) > MAX_LOGGED_TARGET:
         target = target[:MAX_LOGGED_TARGET] + "..."
     return target
 
 
 class ClientConfig(Settings):
+    NO_FLAG = frozenset({"target_host", "target_port", "relay_host", "relay_port",
+                         "handshake_timeout", "backoff_initial", "access_log", "access",
+                         "client_secret", "session_budget", "relay_scheme", "target_tls",
+                         "target_loopback_fallback"})   # (TARGET, --relay, -q set some)
+
     target_host: str = "127.0.0.1"
     target_port: int = 5000
     relay_host: str = "localhost"
@@ -7488,9 +7562,17 @@ class ClientConfig(Settings):
             except RefusedError:
                 raise UsageError("--host-header %r: expected 'rewrite' or HOST[:PORT]"
                                  % self.host_header) from None
+        if self.host_header == HOST_HEADER_REWRITE:   # what the relay will check: say it now
+            try:
+                _host_options({"host_header": format_hostport(self.target_host,
+                                                              self.target_port)})
+            except RefusedError:
+                raise UsageError("--host-header rewrite: the TARGET's host %r cannot be "
+                                 "sent as a Host (a zone index?): give --host-header HOST"
+                                 % self.target_host) from None
         if not self.connect_timeout > 0 or not self.backoff_max > 0:
             raise UsageError("--connect-timeout and --backoff-max must be positive")
-        _check_heartbeat(self)
+        _check_common(self)
         if self.plaintext and self.relay_scheme == "https":
             raise UsageError("--plaintext excludes an https:// relay (use http://HOST:PORT "
                              "for a relay's plain HTTP port)")
@@ -7526,6 +7608,9 @@ class ClientConfig(Settings):
             raise UsageError("invalid --subdomain %r: use a-z, 0-9 and inner hyphens, 1-63 "
                              "characters" % self.subdomain)
         return self
+
+
+_WELCOME_URL_RE = re.compile(r"https?://[A-Za-z0-9.\[\]:-]{1,300}")  # a relay's public URL
 
 
 def parse_relay(text: str) -> Tuple[str, str, int]:
@@ -7589,10 +7674,11 @@ class TargetConn(Pipe):
         stream.handler = self
         self.peer = str(info.get("peer", "?"))
         addrs = client.loopback_addresses()
+        retry_on = None if addrs is None else CONNECT_RETRY_ERRNOS
         self.dialer: Optional[Dialer] = Dialer(self.loop, cfg.target_host, cfg.target_port,
                                                client.target_stages(), cfg.connect_timeout,
                                                self._dialed, self._dial_failed, addrs=addrs,
-                                               retry_on=None if addrs is None else REFUSED_ONLY)
+                                               retry_on=retry_on)
 
     def __repr__(self) -> str:
         return "<Target %s stream %s>" % (self.target, self.stream.id if self.stream else "-")
@@ -7805,7 +7891,8 @@ class Client(Side):
         self._tls_context: Any = None
         self._target_tls_context: Any = None
         self.loopback: Optional[List[Any]] = None   # a bare PORT's addresses, see below
-        self.loopback_family: Optional[int] = None  # the one of them that answered
+        self.loopback_family: Optional[int] = None  # AF_INET once 127.0.0.1 answered
+        self._v6_said = False                       # the ::1 fallback's warning, once
         self._hinted = False
         self._relay_hinted = False           # "is the relay running?" said once
         self._ban_logged = False             # REFUSED_BANNED said once per ban
@@ -7841,10 +7928,10 @@ class Client(Side):
 
     def loopback_addresses(self) -> Optional[List[Any]]:
         """target_loopback_fallback (a bare PORT): 127.0.0.1's addresses, then ::1's (the
-        Dialer tries the next only when one is refused), until one of them has answered;
-        from then on that family's alone, so that while the service is down nobody else
-        listening on the other loopback address gets its visitors.  None otherwise (the
-        Dialer resolves the target's host)."""
+        Dialer tries the next only when one is refused), until 127.0.0.1 has answered;
+        from then on 127.0.0.1 alone, so that while the service is down nobody else
+        listening on ::1 gets its visitors.  None otherwise (the Dialer resolves the
+        target's host)."""
         cfg = self.config
         if not cfg.target_loopback_fallback:
             return None
@@ -7861,16 +7948,21 @@ class Client(Side):
         return [info for info in self.loopback if info[0] == self.loopback_family]
 
     def loopback_answered(self, family: int) -> None:
-        """A bare PORT's target connection was made over ``family``: that family from now
-        on; said once when it is ::1 (127.0.0.1 refused)."""
+        """A bare PORT's target connection was made over ``family``.  127.0.0.1: that
+        address alone from now on.  ::1 (127.0.0.1 refused): said once, and 127.0.0.1
+        is still tried first for every connection (a refusal costs microseconds), so a
+        service that starts on 127.0.0.1 later gets its visitors back from whoever
+        listened on ::1 while it was down."""
         if self.loopback_family is not None:
             return
-        self.loopback_family = family
-        if family == socket.AF_INET6:
+        if family == socket.AF_INET:
+            self.loopback_family = family
+        elif not self._v6_said:
+            self._v6_said = True
             port = self.config.target_port
             log.warning("127.0.0.1:%d refused the connection and [::1]:%d answered: "
-                        "forwarding to [::1]:%d from now on (TARGET [::1]:%d says so)",
-                        port, port, port, port)
+                        "forwarding there while 127.0.0.1:%d refuses (TARGET [::1]:%d "
+                        "says so)", port, port, port, port)
 
     # -- lifecycle -------------------------------------------------------------------
     def _starting(self) -> None:
@@ -8101,8 +8193,12 @@ class Client(Side):
     # -- session events ---------------------------------------------------------------
     def on_session_up(self, session: Session) -> None:
         welcome = session.handshake.welcome
-        url = str(welcome.get("url", ""))
-        self.name = session.name = str(welcome.get("name", ""))
+        url, name = welcome.get("url"), welcome.get("name")
+        if not (isinstance(url, str) and _WELCOME_URL_RE.fullmatch(url)
+                and isinstance(name, str) and valid_name(name)):   # printed and returned
+            raise ProtocolError("WELCOME with a malformed url or name: %s" % escape_unprintable(
+                repr((url, name)))[:MAX_REFUSAL_TEXT])
+        self.name = session.name = name
         self.attempt = 0
         self._ban_logged = False
         if url != self.url:
@@ -8124,31 +8220,20 @@ class Client(Side):
                 self.last_failure = ("relay refused: %s" % error
                                      if isinstance(error, RefusedError) else reason)
             self.changed.notify_all()
-        if isinstance(error, AuthError):
-            self.fatal(EXIT_USAGE, str(error), error)
-            return
-        if isinstance(error, RefusedError):
-            if error.code == REFUSED_BINDING and self.config.plaintext:
-                self.fatal(EXIT_USAGE, "the relay requires TLS (it does not run --plaintext): "
-                           "drop --plaintext")
+        code = (REFUSED_AUTH if isinstance(error, AuthError) else
+                error.code if isinstance(error, RefusedError) else None)
+        if code is not None:
+            refusal = REFUSALS.get(code, UNKNOWN_REFUSAL)
+            if refusal.action == REFUSE_STOP or (refusal.action == REFUSE_FIRST
+                                                 and self.url is None):
+                self.fatal(refusal.exit_status, self._refusal_text(code, error),
+                           None if code == REFUSED_BINDING else error)
                 return
-            if error.code == REFUSED_BINDING:
-                self.fatal(EXIT_USAGE, "the relay did not see the TLS certificate this client "
-                           "saw (SHA-256 %s): a man in the middle, or a TLS-terminating proxy "
-                           "or TLS-inspecting middlebox on the path (a TLS proxy or load "
-                           "balancer in front of the relay: serve --tls-proxy-fingerprint; "
-                           "a TLS-inspecting middlebox: expose --tls-interception; the relay "
-                           "says: %s)" % (fingerprint_text(self.binding), error))
-                return
-            action = REFUSALS.get(error.code, ("", REFUSE_RETRY))[1]
-            if action == REFUSE_STOP or (action == REFUSE_FIRST and self.url is None):
-                self.fatal(EXIT_FAILURE, str(error), error)
-                return
-            if error.code != REFUSED_BANNED or not self._ban_logged:
+            if code != REFUSED_BANNED or not self._ban_logged:
                 log.warning("relay refused: %s", error)
             else:                            # the same ban, seen again by a retry
                 log.debug("relay refused: %s", error)
-            self._ban_logged = error.code == REFUSED_BANNED
+            self._ban_logged = code == REFUSED_BANNED
         if self.stopping:
             self.loop.stop()
             return
@@ -8167,6 +8252,19 @@ class Client(Side):
         if session.goaway_received:
             self.attempt = 0
         self._schedule_reconnect()
+
+    def _refusal_text(self, code: str, error: Optional[BaseException]) -> str:
+        """The line a refusal that ends the client prints."""
+        if code == REFUSED_BINDING and self.config.plaintext:
+            return "the relay requires TLS (it does not run --plaintext): drop --plaintext"
+        if code == REFUSED_BINDING:
+            return ("the relay did not see the TLS certificate this client saw (SHA-256 "
+                    "%s): a man in the middle, or a TLS-terminating proxy or TLS-inspecting "
+                    "middlebox on the path (a TLS proxy or load balancer in front of the "
+                    "relay: serve --tls-proxy-fingerprint; a TLS-inspecting middlebox: "
+                    "expose --tls-interception; the relay says: %s)"
+                    % (fingerprint_text(self.binding), error))
+        return str(error)
 
     def fatal(self, code: int, message: str, error: Optional[BaseException] = None) -> None:
         """Stop for good: ``code`` is the exit status, ``message`` main()'s last line on
@@ -8243,18 +8341,27 @@ def _discard(line: str) -> None:
     """Client output for the API: nothing printed unless asked."""
 
 
+_API_SECRETS = frozenset({"token", "basic_auth", "visitor_token", "proxy", "client_secret",
+                          "admin_token"})   # a wrong value's type is said, never the value
+
+
 def _api_value(flag: str, action: argparse.Action, value: Any) -> Any:
-    """A keyword's value as the flag's parsed value would be; raises UsageError."""
+    """A keyword's value as the flag's parsed value would be; raises UsageError (which
+    names a secret keyword's wrong value by its type only: notebooks share tracebacks)."""
+    shown = ("a %s" % type(value).__name__) if flag in _API_SECRETS else repr(value)
     if action.nargs == 0:                                  # store_true
         if not isinstance(value, bool):
-            raise UsageError("%s must be True or False, not %r" % (flag, value))
+            raise UsageError("%s must be True or False, not %s" % (flag, shown))
         return value
     if isinstance(action, argparse._AppendAction):          # repeatable: one or a list
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, (list, tuple)) or not all(isinstance(v, str)
                                                             for v in values):
-            raise UsageError("%s must be a string or a list of strings, not %r"
-                             % (flag, value))
+            raise UsageError("%s must be a string or a list of strings, not %s"
+                             % (flag, shown))
+        if not values and flag == "allow":      # an empty allow list would admit anyone
+            raise UsageError("allow=[] admits nobody, yet no list at all admits everyone: "
+                             "pass None (or leave it out) for no allow list")
         return list(values) or None
     if value is None:
         if action.default is None or action.type is _port_or_off:
@@ -8274,13 +8381,13 @@ def _api_value(flag: str, action: argparse.Action, value: Any) -> Any:
             try:
                 value = action.type(value)                  # type: ignore[operator]
             except (TypeError, ValueError, argparse.ArgumentTypeError):
-                raise UsageError("invalid %s %r" % (flag, value)) from None
+                raise UsageError("invalid %s %s" % (flag, shown)) from None
     else:
-        raise UsageError("%s must be a %s, not %r" % (
-            flag, "number" if action.type in (int, float) else "string", value))
+        raise UsageError("%s must be a %s, not %s" % (
+            flag, "number" if action.type in (int, float) else "string", shown))
     if action.choices is not None and value not in action.choices:
-        raise UsageError("%s must be one of %s, not %r" % (
-            flag, ", ".join(map(repr, action.choices)), value))
+        raise UsageError("%s must be one of %s, not %s" % (
+            flag, ", ".join(map(repr, action.choices)), shown))
     return value
 
 
@@ -8464,7 +8571,9 @@ class Tunnel:
     def close(self, grace: float = API_CLOSE_GRACE) -> None:
         """End the tunnel: requests in flight get ``grace`` seconds, then the thread
         is joined (not when called from ``on_request``, on that thread).  Closing twice
-        does nothing."""
+        does nothing.  An ``on_request`` callback that blocks holds the tunnel's thread:
+        ``close`` then returns after its wait and the thread ends when the callback
+        returns."""
         grace = min(_seconds("grace", grace), MAX_SECONDS)
         with self._lock:
             if self._closed:
@@ -8982,14 +9091,10 @@ def serve_config(args: argparse.Namespace) -> Tuple[RelayConfig, bool]:
     """``serve``'s flags (or ``tunnel.serve``'s keywords) as a checked RelayConfig, and
     whether its token was generated; raises UsageError.  The flags' destinations are
     the config's field names: they are copied in one loop."""
-    if args.tokens_file and args.token:
-        raise UsageError("--tokens and --token exclude each other")
     config = RelayConfig(**{name: getattr(args, name) for name in RelayConfig.fields()
                             if hasattr(args, name)})
-    config.token = args.token or ("" if args.tokens_file
-                                  else os.environ.get("TUNNEL_TOKEN", ""))
-    config.trusted_proxies = tuple(args.trusted_proxies or ())
-    config.tls_proxy_fingerprints = tuple(args.tls_proxy_fingerprints or ())
+    config.token = config.token or ("" if config.tokens_file
+                                    else os.environ.get("TUNNEL_TOKEN", ""))
     generated = not config.token and not config.tokens_file
     if generated:
         config.token = new_token()
@@ -9047,6 +9152,9 @@ def parse_target_url(text: str) -> Tuple[str, str, int]:
     ``https://HOST[:PORT][/]`` (TLS to the origin), as (scheme, host, port); raises
     UsageError with a hint for what a user of other tools may type instead."""
     lowered = text.strip().lower()
+    if "@" in text:             # user info: never repeated (it would show a password)
+        raise UsageError("invalid TARGET: it takes no user name or password (expected PORT, "
+                         "HOST:PORT or http(s)://HOST:PORT)")
     if lowered in TARGET_PROTOCOLS:
         raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: expose "
                          "5000")
