@@ -362,19 +362,23 @@ class EndToEndBase(unittest.TestCase):
     A class sets its knobs instead of rewriting setUp: RELAY_OPTIONS and CLIENT_OPTIONS
     (RelayConfig and ClientConfig fields every start_relay/start_client of the class
     gets, before a call's own), CAPTURE (a log level: setUp captures the tool's log
-    from that level in ``self.capture``) and CLIENT (the subdomain of the client setUp
-    starts as ``self.client``, ``self.lines``; None: no client)."""
+    from that level in ``self.capture``), RELAY (False: the tests start their own
+    relays; a dict: options of setUp's ``self.relay`` alone) and CLIENT (the subdomain of the client setUp starts as ``self.client``,
+    ``self.lines``; None: no client)."""
 
     RELAY_OPTIONS: dict = {}
     CLIENT_OPTIONS: dict = {}
     CAPTURE = None
+    RELAY = True
     CLIENT = "demo"
 
     def setUp(self):
         if self.CAPTURE is not None:
             self.capture = self.capture_logs(self.CAPTURE)
         self.origin = self.start_origin()
-        self.relay = self.start_relay()
+        if self.RELAY:
+            self.relay = self.start_relay(**(self.RELAY if isinstance(self.RELAY, dict)
+                                             else {}))
         if self.CLIENT is not None:
             self.client, self.lines = self.start_client(self.CLIENT)
 
@@ -448,6 +452,10 @@ class EndToEndBase(unittest.TestCase):
         if shut:
             s.shutdown(socket.SHUT_WR)
         return s
+
+    def status_of(self, data):
+        """The status code of a raw response, or None when it is not one."""
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
 
     def relay_stats(self, relay=None):
         relay = relay or self.relay
@@ -4470,15 +4478,6 @@ class EndToEnd(EndToEndBase):
         self.assertEqual(data.count(b"HTTP/1.1"), 1)
         self.assertNotIn(b"hello", data.split(b"\r\n\r\n", 1)[1])
 
-    def test_second_request_smuggled_after_good_one(self):
-        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
-                     b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 1\r\n"
-                     b"Content-Length: 2\r\n\r\n")
-        data = recv_all(s)
-        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
-        self.assertIn(b"hello", data)
-        self.assertIn(b"HTTP/1.1 400", data)   # answered after the first, in order
-
     def test_other_tunnel_on_same_connection_421(self):
         self.start_client("other")
         s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
@@ -4600,9 +4599,6 @@ class HardeningTest(EndToEndBase):
     RELAY_OPTIONS = dict(head_timeout=0.4, idle_timeout=0.6, handshake_timeout=0.5)
     CAPTURE = logging.DEBUG
 
-    def status_of(self, data):
-        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
-
     def assert_no_internal_errors(self):
         bad = [m for m in self.capture.messages(logging.ERROR)]
         self.assertEqual(bad, [])
@@ -4641,29 +4637,6 @@ class HardeningTest(EndToEndBase):
         started = time.monotonic()
         self.assertEqual(recv_all(s), b"")     # closed by the relay, no bytes
         self.assertGreater(time.monotonic() - started, 0.3)
-
-    def test_smuggling_end_to_end(self):
-        cases = [
-            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 1\r\n"
-            b"Content-Length: 2\r\n\r\nab",
-            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: gzip\r\n\r\n",
-            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"zz\r\n",
-            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: 1\r\n folded\r\n\r\n",
-            b"GET /hello HTTP/1.1\r\nHost : demo.localhost\r\n\r\n",
-            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: a\x00b\r\n\r\n",
-            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: a\rb\r\n\r\n",
-            b"GET /hello HTTP/1.1\r\n\r\n",
-            b"GET http://other.localhost/hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n",
-            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nHost: other.localhost\r\n\r\n",
-        ]
-        for data in cases:
-            with self.subTest(data=data):
-                reply = recv_all(self.raw(data))
-                self.assertEqual(self.status_of(reply), 400, reply)
-                self.assertEqual(reply.count(b"HTTP/1.1 "), 1)
-                self.assertNotIn(b"hello", reply.split(b"\r\n\r\n", 1)[1])
-        wait_until(lambda: self.relay_stats()["streams"] == 0, what="streams closed")
 
     # -- caps -------------------------------------------------------------------------
     def test_visitor_caps_503(self):
@@ -5273,9 +5246,9 @@ class SourceLimitsTest(EndToEndBase):
     """One source cannot take every slot; bodies must move; IPv4 rules hold on a
     dual-stack bind; running out of descriptors does not spin the relay."""
 
-    def setUp(self):
-        self.capture = self.capture_logs(logging.DEBUG)
-        self.origin = self.start_origin()
+    RELAY = False
+    CAPTURE = logging.DEBUG
+    CLIENT = None
 
     def in_loop(self, relay, fn):
         return relay.loop.run_in_loop(fn)
@@ -5285,9 +5258,6 @@ class SourceLimitsTest(EndToEndBase):
         for s in socks:
             self.addCleanup(s.close)
         return socks
-
-    def status_of(self, data):
-        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
 
     # -- IPv4-mapped peers ----------------------------------------------------
     def test_unmap_peer_and_source_key(self):
@@ -5575,7 +5545,8 @@ class SourceLimitsTest(EndToEndBase):
 
 
 class HTTPAbuseTest(EndToEndBase):
-    """HTTP-layer abuse (smuggling, forwarding fields, codings), end to end through a real relay and client."""
+    """HTTP-layer abuse end to end, through a real relay and client: smuggling (the unit
+    tests are RequestSmugglingTest), forwarding fields, codings, escaping."""
 
     def origin_headers(self, request):
         s = self.raw(request)
@@ -5588,6 +5559,38 @@ class HTTPAbuseTest(EndToEndBase):
         origin = RawOrigin(self)
         self.start_client(name, target_port=origin.port)
         return origin
+
+    def test_second_request_smuggled_after_good_one(self):
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n"
+                     b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 1\r\n"
+                     b"Content-Length: 2\r\n\r\n")
+        data = recv_all(s)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+        self.assertIn(b"hello", data)
+        self.assertIn(b"HTTP/1.1 400", data)   # answered after the first, in order
+
+    def test_smuggling_end_to_end(self):
+        cases = [
+            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 1\r\n"
+            b"Content-Length: 2\r\n\r\nab",
+            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: 1\r\n folded\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost : demo.localhost\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: a\x00b\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nX-A: a\rb\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\n\r\n",
+            b"GET http://other.localhost/hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nHost: other.localhost\r\n\r\n",
+        ]
+        for data in cases:
+            with self.subTest(data=data):
+                reply = recv_all(self.raw(data))
+                self.assertEqual(self.status_of(reply), 400, reply)
+                self.assertEqual(reply.count(b"HTTP/1.1 "), 1)
+                self.assertNotIn(b"hello", reply.split(b"\r\n\r\n", 1)[1])
+        wait_until(lambda: self.relay_stats()["streams"] == 0, what="streams closed")
 
     # -- forwarding fields ---------------------------------------------------
     def test_visitor_forwarding_fields_never_reach_the_origin(self):
@@ -6611,8 +6614,9 @@ class ControlTLSWireTest(EndToEndBase):
     def tearDownClass(cls):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
-    def setUp(self):
-        self.capture = self.capture_logs(logging.DEBUG)
+    RELAY = False
+    CAPTURE = logging.DEBUG
+    CLIENT = None
 
     def assert_no_traceback(self):
         self.assertEqual([r.getMessage() for r in self.capture.records if r.exc_info], [])
@@ -7617,9 +7621,7 @@ class NameLookupTest(EndToEndBase):
     """A name that does not resolve is said in words: the name and the resolver's own
     message (not an errno), for the relay and for the target."""
 
-    def setUp(self):
-        self.capture = self.capture_logs(logging.INFO)
-        super().setUp()
+    CAPTURE = logging.INFO
 
     def test_unresolvable_relay(self):
         said = resolver_says("relay.invalid")
@@ -8317,9 +8319,9 @@ class ProxyFixtureTests(unittest.TestCase):
 class WebSocketRelayTests(EndToEndBase):
     """Tunnel clients on the visitor port: the reserved path, its caps, real tunnels."""
 
-    def setUp(self):
-        self.capture = self.capture_logs(logging.DEBUG)
-        self.origin = self.start_origin()
+    RELAY = False
+    CAPTURE = logging.DEBUG
+    CLIENT = None
 
     def state_dir(self):
         directory = tempfile.mkdtemp(prefix="tunnel-ws-state-")
@@ -8331,9 +8333,6 @@ class WebSocketRelayTests(EndToEndBase):
             self.skipTest("needs the openssl command to make a throwaway certificate")
         directory = self.state_dir()
         return make_certificate(directory)
-
-    def status_of(self, data):
-        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
 
     def upgrade(self, relay, host="localhost", protocol=tunnel.WS_PROTOCOL, key=None,
                 replace=()):
@@ -8577,15 +8576,12 @@ class WebSocketRelayTests(EndToEndBase):
             parser.parse_args(["serve", "--control-port", "of"])
 
 
-class ProxiedClientTest(EndToEndBase):
-    """expose from a restricted network: a relay with one port (--control-port off)
-    reached by URL over its WebSocket path, directly and through CONNECT and SOCKS5
-    proxies written in these tests; the proxy variables by curl's rules."""
+class ProxiedBase(EndToEndBase):
+    """A one-port relay (control port off) and the helpers the proxy tests share."""
 
-    def setUp(self):
-        self.origin = self.start_origin()
-        self.relay = self.start_relay(control_port=None)    # the one-port relay
-        self.capture = self.capture_logs(logging.INFO)
+    RELAY = dict(control_port=None)
+    CAPTURE = logging.INFO
+    CLIENT = None
 
     def proxy(self, cls=None, **kw):
         proxy = (cls or ConnectProxy)(**kw)
@@ -8605,6 +8601,12 @@ class ProxiedClientTest(EndToEndBase):
 
     def warnings(self):
         return self.capture.messages(logging.WARNING)
+
+
+class ProxiedClientTest(ProxiedBase):
+    """expose from a restricted network: a relay with one port (--control-port off)
+    reached by URL over its WebSocket path, directly and through CONNECT and SOCKS5
+    proxies written in these tests; the proxy variables by curl's rules."""
 
     # -- one port --------------------------------------------------------------------
     def test_one_port_serves_visitors_and_clients_that_reconnect(self):
@@ -8872,13 +8874,9 @@ class ProxiedWebSocketEndToEnd(EndToEndBase):
 class DialerStageTest(EndToEndBase):
     """The Dialer's stages each have their timeout and one-line errors."""
 
-    def setUp(self):
-        self.origin = self.start_origin()
-        self.relay = self.start_relay(control_port=None)
-        self.capture = LogCapture()
-        logger = logging.getLogger("tunnel")
-        logger.addHandler(self.capture)
-        self.addCleanup(logger.removeHandler, self.capture)
+    RELAY = dict(control_port=None)
+    CAPTURE = logging.WARNING
+    CLIENT = None
 
     def test_silent_proxy_times_out_in_its_stage(self):
         silent = socket.socket()
@@ -9148,16 +9146,11 @@ class HostileRelayTest(EndToEndBase):
         self.assertLess(len(line), tunnel.MAX_REFUSAL_TEXT + 100)
 
 
-class ClientHintsTest(EndToEndBase):
+class ClientHintsTest(ProxiedBase):
     """What a new user sees when the relay, the port or the proxy is not what the
     client was told: one clear line, a hint once, exit status 2 for what is
     configuration (and only before the tunnel was ever up)."""
 
-    setUp = ProxiedClientTest.setUp
-    proxy = ProxiedClientTest.proxy
-    ws_client = ProxiedClientTest.ws_client
-    finished = ProxiedClientTest.finished
-    warnings = ProxiedClientTest.warnings
 
     def canned_client(self, reply, **kw):
         server = CannedServer(self, reply)
