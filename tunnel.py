@@ -6238,6 +6238,7 @@ class Exchange:
     """One request on a visitor connection, waiting for or receiving its response."""
 
     __slots__ = ("method", "target", "started", "status", "upgrade", "details")
+    details: Any        # set only with --access-log: (version, User-Agent, Referer)
 
     def __init__(self, method: str, target: str, upgrade: Optional[str]) -> None:
         self.method = method
@@ -6245,7 +6246,6 @@ class Exchange:
         self.started = time.monotonic()
         self.status = 0
         self.upgrade = upgrade      # the request's Upgrade ("websocket"), or None
-        self.details: Any = None    # with --access-log: (version, User-Agent, Referer)
 
 
 def _rewrite_host(req: Request, tunnel: "Route", scheme: str = "http") -> None:
@@ -6528,10 +6528,9 @@ class VisitorConn(Pipe):
             _rewrite_host(req, tunnel, self.relay.scheme)
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
         self.responses.expect(req.method)
-        ex = Exchange(req.method, req.target, req.upgrade)
+        self.inflight.append(Exchange(req.method, req.target, req.upgrade))
         if self.access_log is not None:
-            ex.details = access_details(req)
-        self.inflight.append(ex)
+            self.inflight[-1].details = access_details(req)
         self.in_body = True
         self.close_after = not req.keep_alive
         if verdict is not None:
@@ -7659,7 +7658,8 @@ class AccessLog:
         duration = (time.monotonic() if now is None else now) - ex.started
         tunnel = visitor.tunnel
         self.add(tunnel.name if tunnel is not None else None, visitor.peer_ip, visitor.peer,
-                 ex.method, ex.target, ex.status, nbytes, duration, ex.details)
+                 ex.method, ex.target, ex.status, nbytes, duration,
+                 getattr(ex, "details", None))
 
     def answered(self, visitor: Any, status: int, nbytes: int,
                  req: Optional[Request]) -> None:
