@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 
 import tunnel
@@ -6320,6 +6321,37 @@ class AdminTest(EndToEndBase):
         self.assertEqual(info["handshake_failures"], {"auth": 1})
 
 
+class AdminRefusalsTest(EndToEndBase):
+    """Refusals are counted by reason, and the relay's own answers by status."""
+
+    RELAY_OPTIONS = dict(admin="0", max_visitors_per_source=2)
+
+    def test_refused_visitors_by_reason(self):
+        self.start_client("denied", access={"deny": ["127.0.0.0/8"]})
+        self.start_client("locked", access={"basic_auth": {
+            "user": "ann", "hash": tunnel.hash_password("pw", iterations=1000)}})
+        self.assertEqual(self.get("/", host="denied.localhost")[0], 403)
+        self.assertEqual(self.get("/", host="locked.localhost")[0], 401)
+        held = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertIn(b"hello", recv_until(held, b"hello"))
+        second = self.raw(b"")
+        wait_until(lambda: self.relay_stats()["visitors"] == 2, what="two visitors")
+        third = self.raw(b"GET / HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertTrue(closed_by_peer(third).startswith(b"HTTP/1.1 503 "))
+        second.close()
+        _, _, body = http_exchange(self.relay.admin_port, path="/metrics")
+        samples = parse_exposition(body.decode())
+        refused = {labels[0][1]: n for (name, labels), n in samples.items()
+                   if name == "tunnel_refused_visitors_total"}
+        self.assertEqual(refused, {"address": 1, "credentials": 1,
+                                   "max_visitors_per_source": 1})
+        errors = {labels[0][1]: n for (name, labels), n in samples.items()
+                  if name == "tunnel_relay_errors_total"}
+        self.assertEqual(errors, {"401": 1, "403": 1, "503": 1})
+        self.assertEqual(samples[("tunnel_requests_total", (("code", "2xx"),
+                                                            ("tunnel", "demo")))], 1)
+
+
 class AdminBansTest(EndToEndBase):
     RELAY_OPTIONS = dict(admin="0", auth_ban_after=1)
     CLIENT = None
@@ -6388,6 +6420,54 @@ class AdminTokenTest(EndToEndBase):
         self.assertEqual(config.admin_token, self.ADMIN_TOKEN)
         config, _ = tunnel.serve_config(parser.parse_args(["serve", "--token", TOKEN]))
         self.assertEqual(config.admin_token, "")    # not without --admin
+
+    def test_python_api(self):
+        work = tempfile.mkdtemp(prefix="tunnel-api-log-")
+        self.addCleanup(shutil.rmtree, work, True)
+        path = os.path.join(work, "access.log")
+        with tunnel.serve(http_port=0, control_port=0, plaintext=True, token=TOKEN,
+                          admin="127.0.0.1:0", admin_token=self.ADMIN_TOKEN,
+                          access_log=path, log_format="json") as relay:
+            ok = {"Authorization": "Bearer " + self.ADMIN_TOKEN}
+            status, _, body = http_exchange(relay.admin_port, path="/metrics", headers=ok)
+            self.assertEqual(status, 200)
+            parse_exposition(body.decode())
+            c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+            self.addCleanup(c.close)
+            c.request("GET", "/", headers={"Host": "nobody.localhost"})
+            self.assertEqual(c.getresponse().status, 404)
+        with open(path) as f:               # written at the latest when the relay stops
+            self.assertEqual(json.loads(f.read())["status"], 404)
+        with tunnel.serve(http_port=0, control_port=0, plaintext=True, token=TOKEN) as relay:
+            self.assertIsNone(relay.admin_port)
+
+    def test_command_line_serves_admin_and_access_log_on_stdout(self):
+        http_port, admin_port = free_port(), free_port()
+        p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY, "serve", "--plaintext",
+                              "--http-port", str(http_port), "--control-port", "0",
+                              "--token", TOKEN, "--admin", str(admin_port),
+                              "--access-log", "-", "--log-format", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def cleanup():
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=WAIT)     # (closes the pipes)
+        self.addCleanup(cleanup)
+        line = b""
+        while b"relay status at" not in line:
+            line = p.stderr.readline()
+            self.assertTrue(line, "no admin line")
+        self.assertIn(b"http://127.0.0.1:%d/status" % admin_port, line)
+        c = http.client.HTTPConnection("127.0.0.1", http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/x?key=k3y", headers={"Host": "nobody.localhost"})
+        self.assertEqual(c.getresponse().status, 404)
+        record = json.loads(p.stdout.readline())
+        self.assertEqual((record["target"], record["status"]), ("/x?key=[secret]", 404))
+        self.assertEqual(http_exchange(admin_port, path="/metrics")[0], 200)
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(WAIT), 0)
 
     def test_command_line_refuses_to_start_off_loopback_without_a_token(self):
         e = dict(os.environ)
@@ -6589,6 +6669,27 @@ class AccessLogOutputTest(unittest.TestCase):
         self.assertEqual([r["target"] for r in records],
                          ["/%d" % i for i in range(len(records))])   # whole lines, in order
         self.assertEqual(len(records) + out.dropped, n)
+
+    def test_standard_output_keeps_its_flags_and_is_not_waited_for(self):
+        # stdout may be stderr too (2>&1): never made non-blocking, yet a stalled pipe
+        # there costs lines, not the loop.
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        stdout = os.fdopen(w, "w")
+        self.addCleanup(stdout.close)
+        with unittest.mock.patch.object(sys, "stdout", stdout):
+            out = tunnel.AccessLog(self.loop, "-")
+        self.addCleanup(out.close)
+        out.add("demo", "127.0.0.1", "127.0.0.1:1", "GET", "/first", 200, 1, 0.0, None)
+        self.loop.run_once(0)
+        self.assertTrue(os.read(r, 4096).startswith(b'demo 127.0.0.1 - - ['))
+        started = time.monotonic()
+        while out.dropped == 0:
+            for _ in range(100):
+                out.add("demo", "127.0.0.1", "127.0.0.1:1", "GET", "/", 200, 1, 0.0, None)
+            self.loop.run_once(0)
+        self.assertLess(time.monotonic() - started, WAIT)
+        self.assertTrue(os.get_blocking(w))
 
 
 # =============================================================================

@@ -252,6 +252,15 @@ come back in order.  ``Connection: Upgrade`` requests become a raw two-way pipe 
 origin answers 101.  Relay-made answers use a lingering close so the visitor
 reads them even while still sending.
 
+For the relay's operator: ``serve --admin [HOST:]PORT`` serves ``/status`` (a page, or
+``?format=json``: tunnels, reservations, refusals, bans) and ``/metrics`` (Prometheus
+text format) from the same loop (``RelayAdmin``; loopback unless told otherwise, and
+off loopback only with ``--admin-token``, a Bearer token); ``serve --access-log
+FILE|-`` writes a line per visitor request (``AccessLog``: Combined Log Format with the
+tunnel's name first, or ``--log-format json``).  Both count only what the relay
+already looks at: a response's status where its end is found, a stream's bytes when
+its visitor connection ends.
+
 Run ``python3 tunnel.py --help`` for the command line.
 """
 
@@ -6564,10 +6573,14 @@ class VisitorConn(Pipe):
                 penalties.fail(key)     # wrong credentials, not just missing ones
             raise
         if isinstance(verdict, bytes):     # a password not verified yet: off the loop
-            self.relay.verify_pool.submit(
-                source_key(self.peer_ip), functools.partial(policy.verify, verdict),
-                functools.partial(self._verified, policy, req, verdict),
-                group=("tunnel", policy.name))
+            try:
+                self.relay.verify_pool.submit(
+                    source_key(self.peer_ip), functools.partial(policy.verify, verdict),
+                    functools.partial(self._verified, policy, req, verdict),
+                    group=("tunnel", policy.name))
+            except HTTPError:
+                self.relay.refused_visitors["max_verifications"] += 1
+                raise
             self.held = []
             return True
         if verdict is None and ("authorization" in index or TOKEN_HEADER in index):
@@ -7604,10 +7617,13 @@ class AccessLog:
     (``logged_target``) and visitor strings escaped.
 
     The lines of one loop turn are written together (``LineOutput``'s way: one
-    ``os.write``).  A pipe, FIFO or socket is written without blocking: what it does not
-    take is held (up to ACCESS_LOG_BUFFER, then lines are dropped and counted) and tried
-    again every ACCESS_LOG_RETRY, so a slow reader never stalls the relay.  A regular file
-    takes its writes at once.  ``reopen`` (SIGHUP) follows a rotated file."""
+    ``os.write``).  A pipe, FIFO or socket is never waited for: what it does not take is
+    held (up to ACCESS_LOG_BUFFER, then lines are dropped and counted) and tried again
+    every ACCESS_LOG_RETRY, so a slow reader never stalls the relay.  FILE is opened
+    non-blocking; standard output is shared (with stderr too, after ``2>&1``), so its
+    flags stay as they are and a pipe there gets PIPE_BUF bytes at a time while poll
+    says it has room.  A regular file or a terminal takes its writes at once.
+    ``reopen`` (SIGHUP) follows a rotated file."""
 
     def __init__(self, loop: EventLoop, path: str, fmt: str = LOG_FORMAT_COMBINED) -> None:
         self.loop = loop
@@ -7619,6 +7635,8 @@ class AccessLog:
         self.closed = False
         self.dropped = 0                # lines dropped (a reader that did not keep up)
         self.stream: Any = None         # a text stream without a descriptor (a notebook)
+        self._poll: Any = None          # a shared pipe or socket: poll before each write
+        self._chunk = 0                 # ... and write this much at a time
         self.fd = self._open()
         self._retry: Optional[Timer] = None
         self._clock = (-1, "", "")      # (second, its CLF time, its ISO time)
@@ -7641,14 +7659,17 @@ class AccessLog:
                 why = ("no process reads that FIFO" if exc.errno == errno.ENXIO
                        else describe_oserror(exc))
                 raise UsageError("--access-log %s: %s" % (self.path, why)) from None
+            return fd               # O_NONBLOCK: a FIFO's reader sets no pace for us
+        import select
         import stat
         try:
             mode = os.fstat(fd).st_mode
-            # Not blocking where a reader sets the pace; a terminal keeps its flags (they
-            # belong to the shell's open file too, and it takes lines at once anyway).
-            os.set_blocking(fd, not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)))
         except OSError:
-            pass
+            return fd
+        if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLOUT)
+            self._chunk = getattr(select, "PIPE_BUF", 512)   # what it takes whole
         return fd
 
     # -- lines ------------------------------------------------------------------------
@@ -7728,10 +7749,19 @@ class AccessLog:
         self._retry = None
         if self.closed or not self.held:
             return
+        n = 0
         try:
-            n = os.write(self.fd, self.held)
+            if self._poll is None:
+                n = os.write(self.fd, self.held)
+            else:           # a shared pipe: what it surely takes without blocking
+                view = memoryview(self.held)
+                try:
+                    while n < len(view) and self._poll.poll(0):
+                        n += os.write(self.fd, view[n:n + self._chunk])
+                finally:
+                    view.release()
         except (BlockingIOError, InterruptedError):
-            n = 0
+            pass
         except BrokenPipeError:
             log.warning("access log %s: its reader went away; no more lines", self.path)
             self.held.clear()
@@ -7769,8 +7799,7 @@ class AccessLog:
             self._retry.cancel()
         deadline = time.monotonic() + ACCESS_LOG_RETRY * 10
         while self.held and not self.closed and time.monotonic() < deadline:
-            import select
-            select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
+            time.sleep(ACCESS_LOG_RETRY / 10)
             self._write()
             if self._retry is not None:
                 self._retry.cancel()
