@@ -6564,7 +6564,10 @@ class AccessLogBase(EndToEndBase):
         self.assertEqual(self.get("/", host="nobody.localhost")[0], 404)
         s = self.raw(b"GET /bad\x01 HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
         self.assertTrue(closed_by_peer(s).startswith(b"HTTP/1.1 400 "))
-        return self.log_lines(3)
+        self.start_client("locked", access={"basic_auth": {
+            "user": "ann", "hash": tunnel.hash_password("pw", iterations=1000)}})
+        self.assertEqual(self.get("/in", host="locked.localhost")[0], 401)
+        return self.log_lines(4)
 
 
 class AccessLogTest(AccessLogBase):
@@ -6581,6 +6584,8 @@ class AccessLogTest(AccessLogBase):
         self.assertEqual(self.CLF.match(lines[1]).group(1, 4, 5, 8),
                          ("-", "GET / HTTP/1.1", "404", "-"))
         self.assertEqual(self.CLF.match(lines[2]).group(4, 5), ("-", "400"))
+        self.assertEqual(self.CLF.match(lines[3]).group(1, 4, 5),
+                         ("locked", "GET /in HTTP/1.1", "401"))
         self.assertFalse(any("abc123" in line for line in lines))
 
     def umask(self):
@@ -6608,7 +6613,8 @@ class AccessLogJSONTest(AccessLogBase):
                                            "status", "bytes", "duration", "user_agent"})
             self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
             self.assertTrue(record["peer"].startswith("127.0.0.1:"))
-        first, missing, bad = lines
+        first, missing, bad, locked = lines
+        self.assertEqual((locked["tunnel"], locked["status"]), ("locked", 401))
         self.assertEqual((first["tunnel"], first["method"], first["target"], first["status"],
                           first["user_agent"]),
                          ("demo", "GET", "/hello?token=[secret]&x=1", 200, self.AGENT))

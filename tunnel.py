@@ -7684,9 +7684,17 @@ class AccessLog:
 
     def answered(self, visitor: Any, status: int, nbytes: int,
                  req: Optional[Request]) -> None:
-        """A relay-made page; ``req`` None: no request was read whole (a 400, a 408)."""
+        """A relay-made page; ``req`` None: no request was read whole (a 400, a 408).
+        A request refused before its connection was bound (a 401, a cap) names the
+        tunnel it asked for, if that one is online."""
         tunnel = visitor.tunnel
-        self.add(tunnel.name if tunnel is not None else None, visitor.peer_ip, visitor.peer,
+        name = tunnel.name if tunnel is not None else None
+        if name is None and req is not None:
+            relay = visitor.relay
+            wanted = req.host.rstrip(".")[:-len(relay.config.domain) - 1]
+            if wanted in relay.tunnels and relay.is_tunnel_host(req.host):
+                name = wanted
+        self.add(name, visitor.peer_ip, visitor.peer,
                  req.method if req is not None else None,
                  req.target if req is not None else None, status, nbytes,
                  time.monotonic() - visitor.head_started,
