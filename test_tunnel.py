@@ -6241,7 +6241,7 @@ class AdminTest(EndToEndBase):
         self.assertEqual(info["sessions"], 1)
         [demo_row] = info["tunnels"]
         self.assertEqual((demo_row["name"], demo_row["requests"], demo_row["responses"]),
-                         ("demo", 2, {"2xx": 1, "4xx": 1}))
+                         ("demo", 2, {"200": 1, "404": 1}))
         self.assertEqual(demo_row["client"], self.relay.tunnels["demo"].session.peer)
         self.assertEqual(demo_row["last_request"]["target"], "/missing")
         self.assertEqual(demo_row["bytes_in"],

@@ -659,8 +659,9 @@ ADMIN_MAX_ROWS = 1000                   # tunnels, reservations and bans a page 
 ADMIN_REALM = "tunnel.py relay"         # WWW-Authenticate realm of a 401
 ADMIN_PATHS = ("/", "/status", "/metrics")   # what the admin port serves (others: 404)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"   # Prometheus text
-STATUS_CLASSES = 10                     # a tunnel's response counts by status // 100
-#                                         (an origin may send any three digits: 0xx-9xx)
+STATUS_CODES = 1000                     # a tunnel's response counts, by status (an
+#                                         origin may send any three digits): indexed by
+#                                         the status itself, cheaper than by its class
 LOG_FORMAT_COMBINED = "combined"        # serve --log-format: Combined Log Format, the
 #                                         tunnel's name first (Apache's vhost_combined)
 LOG_FORMAT_JSON = "json"                # ... or one JSON object a line
@@ -6237,7 +6238,7 @@ class Route:
         self.url = url
         # For /status and /metrics: counted where the relay looks at each response anyway.
         self.since = time.time()     # when it came online
-        self.codes = [0] * STATUS_CLASSES   # responses to its visitors by status // 100
+        self.codes = [0] * STATUS_CODES   # responses to its visitors, by status
         self.last: Optional[Exchange] = None   # the last request answered
         self.bytes_in = 0            # stream bytes of its visitors that closed: from them
         self.bytes_out = 0           # ... and to them (open ones: added when asked)
@@ -6716,7 +6717,7 @@ class VisitorConn(Pipe):
         ex.status = status
         self.send_bytes(answer, False)
         if self.tunnel is not None:
-            self.tunnel.codes[status // 100] += 1
+            self.tunnel.codes[status] += 1
             self.tunnel.last = ex
         if self.access_log is not None:
             self.access_log.request(self, ex, len(answer))
@@ -6754,7 +6755,7 @@ class VisitorConn(Pipe):
         now = time.monotonic()
         tunnel = self.tunnel
         if tunnel is not None:
-            tunnel.codes[ex.status // 100] += 1
+            tunnel.codes[ex.status] += 1
             tunnel.last = ex
             if self.stream is not None and tunnel.wants_log:
                 if self.upgraded and tunnel.logs_upgrades:
@@ -6811,7 +6812,7 @@ class VisitorConn(Pipe):
         """A relay-made answer's access-log line (as the origin's answers get theirs), if
         the tunnel's client is there to print it; the tunnel counts it in any case."""
         if tunnel is not None:
-            tunnel.codes[status // 100] += 1
+            tunnel.codes[status] += 1
         if tunnel is not None and tunnel.wants_log and not tunnel.session.closed:
             tunnel.session.send_log(self.stream.id if self.stream is not None else 0, status,
                                     time.monotonic() - started, nbytes, method, target)
@@ -7856,8 +7857,9 @@ def render_metrics(families: List[Tuple[str, str, str, List[Tuple[Any, Any]]]]) 
     return "\n".join(out) + "\n"
 
 
-def _status_class(index: int) -> str:
-    return "%dxx" % index
+def _status_classes(codes: List[int]) -> List[int]:
+    """Response counts by status (Route.codes) as counts by class: 0xx to 9xx."""
+    return [sum(codes[i:i + 100]) for i in range(0, STATUS_CODES, 100)]
 
 
 class RelayAdmin:
@@ -7989,7 +7991,7 @@ class RelayAdmin:
                 "client": t.session.peer, "connected_since": _iso_time(t.since),
                 "streams": len(t.session.streams), "visitors": t.visitors,
                 "requests": sum(t.codes),
-                "responses": {_status_class(i): n for i, n in enumerate(t.codes) if n},
+                "responses": {"%03d" % code: n for code, n in enumerate(t.codes) if n},
                 "bytes_in": bytes_in, "bytes_out": bytes_out,
                 "last_request": None if last is None else {
                     "time": _iso_time(wall - (now - last.started)), "method": last.method,
@@ -8025,9 +8027,9 @@ class RelayAdmin:
         now = time.monotonic()
         requests = []
         for t, _, _ in rows:
-            for i, n in enumerate(t.codes):
+            for i, n in enumerate(_status_classes(t.codes)):
                 if n or 1 <= i <= 5:
-                    requests.append(((("tunnel", t.name), ("code", _status_class(i))), n))
+                    requests.append(((("tunnel", t.name), ("code", "%dxx" % i)), n))
         return [
             ("tunnel_info", "gauge", "The relay's version (the value is always 1).",
              [((("version", __version__),), 1)]),
