@@ -671,6 +671,10 @@ ACCESS_LOG_MODE = 0o640                 # a new access log file's permissions (u
 ACCESS_LOG_BUFFER = 1024 * 1024         # bytes of lines held for a reader that is slow
 #                                         (a pipe); past this, lines are dropped, counted
 ACCESS_LOG_RETRY = 0.1                  # held lines are tried again this often (s)
+ACCESS_LOG_EXIT_WAIT = 1.0              # at exit, a slow reader gets this long for them
+ACCESS_LOG_EXIT_POLL = 0.01             # ... tried this often (s)
+PIPE_BUF_MIN = 512                      # what POSIX says any pipe takes in one piece
+#                                         (select.PIPE_BUF, where known, is used)
 MAX_LOGGED_HEADER = 300                 # characters of a User-Agent or Referer logged
 
 # -- exit statuses -------------------------------------------------------------
@@ -7596,7 +7600,9 @@ def access_details(req: Request) -> Tuple[Tuple[int, int], Optional[str], Option
 
 def _clf_char(m: Any) -> str:
     c = m.group()
-    return "\\" + c if c in '"\\' else "\\x%02x" % ord(c) if ord(c) < 0x100 else "\\u%04x" % ord(c)
+    if c in '"\\':
+        return "\\" + c
+    return "\\x%02x" % ord(c) if ord(c) < 0x100 else "\\u%04x" % ord(c)
 
 
 def clf_escape(text: str) -> str:
@@ -7670,7 +7676,7 @@ class AccessLog:
         if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and hasattr(select, "poll"):
             self._poll = select.poll()
             self._poll.register(fd, select.POLLOUT)
-            self._chunk = getattr(select, "PIPE_BUF", 512)   # what it takes whole
+            self._chunk = getattr(select, "PIPE_BUF", PIPE_BUF_MIN)   # taken whole
         return fd
 
     # -- lines ------------------------------------------------------------------------
@@ -7800,15 +7806,15 @@ class AccessLog:
         log.info("access log %s reopened", self.path)
 
     def close(self) -> None:
-        """Write what is left (a reader gets up to ACCESS_LOG_RETRY * 10 to take it)."""
+        """Write what is left (a reader gets ACCESS_LOG_EXIT_WAIT to take it)."""
         if self.closed:
             return
         self.flush()
         if self._retry is not None:
             self._retry.cancel()
-        deadline = time.monotonic() + ACCESS_LOG_RETRY * 10
+        deadline = time.monotonic() + ACCESS_LOG_EXIT_WAIT
         while self.held and not self.closed and time.monotonic() < deadline:
-            time.sleep(ACCESS_LOG_RETRY / 10)
+            time.sleep(ACCESS_LOG_EXIT_POLL)
             self._write()
             if self._retry is not None:
                 self._retry.cancel()
@@ -8017,7 +8023,8 @@ class RelayAdmin:
             "handshake_failures": dict(sorted(relay.handshake_failures.items())),
             "refused_visitors": dict(sorted(relay.refused_visitors.items())),
             "relay_errors": {str(code): n for code, n in sorted(relay.relay_errors.items())},
-            "bans": bans[:ADMIN_MAX_ROWS], "bans_not_listed": max(0, len(bans) - ADMIN_MAX_ROWS),
+            "bans": bans[:ADMIN_MAX_ROWS],
+            "bans_not_listed": max(0, len(bans) - ADMIN_MAX_ROWS),
         }
 
     def metrics(self) -> List[Tuple[str, str, str, List[Tuple[Any, Any]]]]:
