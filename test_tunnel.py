@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 
 import tunnel
@@ -6130,6 +6131,658 @@ class ErrorLogTest(EndToEndBase):
         self.assert_one_502_line(self.lines, "/late")
         self.origin.slow_gate.set()
         self.assertTrue(recv_until(s, b"slow done").endswith(b"slow done"))
+
+
+# =============================================================================
+# Tier 3: relay status, metrics and access log (serve --admin, serve --access-log)
+# =============================================================================
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)(?: (-?\d+))?\Z")
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|\Z)')
+
+
+def parse_exposition(text):
+    """Check ``text`` against the Prometheus text format 0.0.4 rules (raises
+    AssertionError naming the line) and return {(name, ((label, value), ...)): value}:
+    metric and label names by their grammar, label values with only \\\\, \\" and \\n
+    escaped, exactly one TYPE per metric and HELP at most once, both before its
+    samples, every sample after its family's TYPE and the samples of a family
+    together, counters named ..._total, no series twice, a final newline."""
+    if not text.endswith("\n"):
+        raise AssertionError("no newline at the end")
+    types, helps, samples = {}, set(), {}
+    current, finished = None, set()
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = "line %d: %r" % (number, line)
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                name = parts[2]
+                if not _METRIC_NAME.match(name):
+                    raise AssertionError("bad metric name, " + where)
+                if name in finished or (name in types and current != name):
+                    raise AssertionError("HELP/TYPE after the samples, " + where)
+                if parts[1] == "TYPE":
+                    if name in types:
+                        raise AssertionError("second TYPE, " + where)
+                    if len(parts) != 4 or parts[3] not in ("counter", "gauge", "summary",
+                                                           "histogram", "untyped"):
+                        raise AssertionError("bad type, " + where)
+                    if parts[3] == "counter" and not name.endswith("_total"):
+                        raise AssertionError("a counter not named _total, " + where)
+                    types[name] = parts[3]
+                else:
+                    if name in helps:
+                        raise AssertionError("second HELP, " + where)
+                    if not re.fullmatch(r"(?:[^\\]|\\[\\n])*", parts[3] if len(parts) > 3
+                                        else ""):
+                        raise AssertionError("bad escape in HELP, " + where)
+                    helps.add(name)
+                if current is not None and current != name:
+                    finished.add(current)
+                current = name
+            continue
+        if not line:
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            raise AssertionError("not a sample, " + where)
+        name, block, value = m.group(1), m.group(2), m.group(3)
+        if name not in types:
+            raise AssertionError("a sample before its TYPE, " + where)
+        if name != current:
+            raise AssertionError("samples of a family apart, " + where)
+        labels = []
+        if block:
+            at = 0
+            while at < len(block):
+                pair = _LABEL_PAIR.match(block, at)
+                if pair is None:
+                    raise AssertionError("bad label, " + where)
+                if not _LABEL_NAME.match(pair.group(1)):
+                    raise AssertionError("bad label name, " + where)
+                raw = pair.group(2)
+                labels.append((pair.group(1), re.sub(r"\\(.)", lambda e: {
+                    "n": "\n"}.get(e.group(1), e.group(1)), raw)))
+                at = pair.end()
+            if len({k for k, _ in labels}) != len(labels):
+                raise AssertionError("a label twice, " + where)
+        if value not in ("NaN", "+Inf", "-Inf"):
+            float(value)        # ValueError: not a number
+        key = (name, tuple(sorted(labels)))
+        if key in samples:
+            raise AssertionError("a series twice, " + where)
+        samples[key] = float(value)
+    return samples
+
+
+class MetricsFormatTest(unittest.TestCase):
+    """The exposition format of /metrics, its escaping and the checker the end-to-end
+    tests use (which must refuse what breaks the rules)."""
+
+    def test_rendered_families_pass_and_label_values_round_trip(self):
+        hostile = 'a"b\\c\nd}{,="'
+        text = tunnel.render_metrics([
+            ("tunnel_x_total", "counter", "Help with a \\ and a\nnew line.",
+             [((("tunnel", hostile), ("code", "2xx")), 3), ((("tunnel", "b"),), 0)]),
+            ("tunnel_g", "gauge", "A gauge.", [((), 1.5)]),
+            ("tunnel_none_total", "counter", "No samples yet.", []),
+            ("tunnel_inf", "gauge", "Odd numbers.", [((("k", "nan"),), float("nan")),
+                                                    ((("k", "inf"),), float("inf"))])])
+        samples = parse_exposition(text)
+        self.assertEqual(samples[("tunnel_x_total", (("code", "2xx"), ("tunnel", hostile)))],
+                         3)
+        self.assertEqual(samples[("tunnel_g", ())], 1.5)
+        self.assertIn('tunnel_inf{k="inf"} +Inf\n', text)
+        self.assertIn("# HELP tunnel_x_total Help with a \\\\ and a\\nnew line.\n", text)
+        self.assertEqual(tunnel.metric_label_value(hostile), 'a\\"b\\\\c\\nd}{,=\\"')
+
+    def test_the_checker_refuses_what_breaks_the_rules(self):
+        good = "# HELP tunnel_a_total A.\n# TYPE tunnel_a_total counter\ntunnel_a_total 1\n"
+        parse_exposition(good)
+        for bad in (good[:-1],                                              # no newline
+                    good + "# TYPE tunnel_a_total counter\n",               # TYPE twice
+                    "tunnel_a_total 1\n# TYPE tunnel_a_total counter\n",    # sample first
+                    good.replace("tunnel_a_total", "tunnel_a"),             # counter name
+                    good.replace("tunnel_a_total 1", 'tunnel_a_total{x="a"b"} 1'),
+                    good.replace("tunnel_a_total 1", 'tunnel_a_total{x="a\\tb"} 1'),
+                    good.replace("tunnel_a_total 1", 'tunnel_a_total{0x="a"} 1'),
+                    good.replace("tunnel_a_total 1", "tunnel_a_total one"),
+                    good + "tunnel_a_total 2\n",                            # series twice
+                    good + "# TYPE tunnel_b gauge\ntunnel_b 1\ntunnel_a_total 2\n",
+                    good.replace("# HELP tunnel_a_total", "# HELP 9tunnel")):
+            with self.assertRaises((AssertionError, ValueError), msg=bad):
+                parse_exposition(bad)
+
+    def test_admin_addresses_and_log_escaping(self):
+        self.assertEqual(tunnel.parse_admin_address("9100"), ("127.0.0.1", 9100))
+        self.assertEqual(tunnel.parse_admin_address("0"), ("127.0.0.1", 0))
+        self.assertEqual(tunnel.parse_admin_address("[::1]:9100"), ("::1", 9100))
+        self.assertEqual(tunnel.parse_admin_address("localhost:1"), ("localhost", 1))
+        for bad in ("", "x", "::1:9100", "1.2.3.4:", "1.2.3.4:70000", "a b:1"):
+            with self.assertRaises(tunnel.UsageError, msg=bad):
+                tunnel.parse_admin_address(bad)
+        self.assertEqual(tunnel.clf_escape('Mozilla/5.0 (X; "q") \\ \xe9\t\x7f'),
+                         'Mozilla/5.0 (X; \\"q\\") \\\\ \\xe9\\x09\\x7f')
+        self.assertEqual(tunnel.clf_escape("plain text"), "plain text")
+
+
+def http_exchange(port, method="GET", path="/status", headers=None, host="127.0.0.1"):
+    """One request to 127.0.0.1:port: (status, fields, body)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    try:
+        h = {"Host": host}
+        h.update(headers or {})
+        c.request(method, path, headers=h)
+        r = c.getresponse()
+        return r.status, r.headers, r.read()
+    finally:
+        c.close()
+
+
+class AdminTest(EndToEndBase):
+    """serve --admin on loopback: /status and /metrics reflect real traffic."""
+
+    RELAY_OPTIONS = dict(admin="127.0.0.1:0")
+
+    def admin(self, path="/status", method="GET", headers=None, host="127.0.0.1"):
+        return http_exchange(self.relay.admin_port, method, path, headers, host)
+
+    def metrics(self):
+        status, fields, body = self.admin("/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(fields["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        return parse_exposition(body.decode("utf-8"))
+
+    def status_json(self):
+        status, fields, body = self.admin("/status?format=json")
+        self.assertEqual((status, fields["Content-Type"]), (200, "application/json"))
+        return json.loads(body)
+
+    def test_a_request_through_the_tunnel_changes_the_counters(self):
+        demo = (("tunnel", "demo"),)
+        before = self.metrics()
+        self.assertEqual(before[("tunnel_requests_total", (("code", "2xx"),) + demo)], 0)
+        self.assertEqual(before[("tunnel_sessions", ())], 1)
+        self.assertEqual(self.get("/hello?token=abc")[:2], (200, b"hello"))
+        self.assertEqual(self.get("/missing")[0], 404)      # the origin's 404
+        self.assertEqual(self.get("/", host="nobody.localhost")[0], 404)   # the relay's
+        wait_until(lambda: self.metrics()[("tunnel_requests_total",
+                                           (("code", "4xx"),) + demo)] == 1,
+                   what="the origin's 404 counted")
+        after = self.metrics()
+        self.assertEqual(after[("tunnel_requests_total", (("code", "2xx"),) + demo)], 1)
+        self.assertEqual(after[("tunnel_relay_errors_total", (("code", "404"),))], 1)
+        self.assertGreater(after[("tunnel_receive_bytes_total", demo)],
+                           before[("tunnel_receive_bytes_total", demo)] + 50)
+        self.assertGreater(after[("tunnel_transmit_bytes_total", demo)],
+                           before[("tunnel_transmit_bytes_total", demo)] + 50)
+        for name in ("tunnel_sessions", "tunnel_streams", "tunnel_visitor_connections",
+                     "tunnel_handshakes", "tunnel_start_time_seconds"):
+            self.assertIn((name, ()), after)
+        self.assertEqual(after[("tunnel_info", (("version", tunnel.__version__),))], 1)
+        info = self.status_json()
+        self.assertEqual(info["version"], tunnel.__version__)
+        self.assertEqual(info["sessions"], 1)
+        [demo_row] = info["tunnels"]
+        self.assertEqual((demo_row["name"], demo_row["requests"], demo_row["responses"]),
+                         ("demo", 2, {"200": 1, "404": 1}))
+        self.assertEqual(demo_row["client"], self.relay.tunnels["demo"].session.peer)
+        self.assertEqual(demo_row["last_request"]["target"], "/missing")
+        self.assertEqual(demo_row["bytes_in"],
+                         after[("tunnel_receive_bytes_total", demo)])
+        self.assertEqual(info["relay_errors"], {"404": 1})
+
+    def test_open_connections_count_as_they_go(self):
+        c = self.conn()
+        c.request("GET", "/hello", headers={"Host": "demo.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+        demo = (("tunnel", "demo"),)
+        m = self.metrics()            # the keep-alive connection is still open
+        self.assertEqual(m[("tunnel_tunnel_visitor_connections", demo)], 1)
+        self.assertEqual(m[("tunnel_tunnel_streams", demo)], 1)
+        live_in = m[("tunnel_receive_bytes_total", demo)]
+        self.assertGreater(live_in, 0)
+        c.close()
+        wait_until(lambda: self.relay_stats()["visitors"] == 0, what="visitor gone")
+        m = self.metrics()
+        self.assertEqual(m[("tunnel_tunnel_visitor_connections", demo)], 0)
+        self.assertEqual(m[("tunnel_receive_bytes_total", demo)], live_in)   # monotonic
+
+    def test_html_page_escapes_what_visitors_send(self):
+        self.assertEqual(self.get("/<script>alert(1)</script>?x=\"'&token=s3cret")[0], 404)
+        wait_until(lambda: self.status_json()["tunnels"][0]["last_request"] is not None,
+                   what="the request counted")
+        status, fields, body = self.admin("/status")
+        self.assertEqual(status, 200)
+        self.assertEqual(fields["Content-Type"], "text/html; charset=utf-8")
+        self.assertIn("default-src 'none'", fields["Content-Security-Policy"])
+        page = body.decode("utf-8")
+        self.assertNotIn("<script>", page)
+        self.assertNotIn("s3cret", page)
+        self.assertIn("/&lt;script&gt;alert(1)&lt;/script&gt;?x=&quot;&#x27;&amp;token="
+                      "[secret]", page)
+        self.assertIn("<td>demo</td>", page)
+        self.assertEqual(self.admin("/")[0], 200)
+
+    def test_errors_methods_and_head(self):
+        status, _, body = self.admin("/nothing")
+        self.assertEqual(status, 404)
+        self.assertIn(b"/metrics", body)
+        for method in ("POST", "DELETE", "OPTIONS"):
+            status, fields, _ = self.admin("/status", method)
+            self.assertEqual((status, fields["Allow"]), (405, "GET, HEAD"), method)
+        status, fields, body = self.admin("/metrics", "HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(fields["Content-Length"]), 100)
+        s = socket.create_connection(("127.0.0.1", self.relay.admin_port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(b"CONNECT x:1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(closed_by_peer(s).startswith(b"HTTP/1.1 405 "))
+
+    def test_unknown_host_names_are_refused_without_a_token(self):
+        # A web page cannot read the status through DNS rebinding (its Host is its own).
+        status, _, body = self.admin("/status", host="attacker.example:%d"
+                                     % self.relay.admin_port)
+        self.assertEqual(status, 403)
+        self.assertNotIn(b"demo", body)
+        for host in ("localhost:1", "127.0.0.1", "[::1]:5"):
+            self.assertEqual(self.admin("/metrics", host=host)[0], 200, host)
+
+    def test_handshake_failures_bans_and_reservations(self):
+        client, _ = self.start_client("x", token="wrong-token-0123456789", wait=False)
+        client.thread.join(WAIT)
+        wait_until(lambda: self.metrics().get(
+            ("tunnel_handshake_failures_total", (("reason", "auth"),))) == 1,
+            what="the refusal counted")
+        self.client.stop()                  # a crash: the name stays reserved for it
+        self.client.thread.join(WAIT)
+        wait_until(lambda: self.status_json()["reserved"], what="the reservation")
+        info = self.status_json()
+        self.assertEqual([r["name"] for r in info["reserved"]], ["demo"])
+        self.assertEqual(info["tunnels"], [])
+        self.assertEqual(self.metrics()[("tunnel_sessions", ())], 0)
+        self.assertNotIn(("tunnel_tunnel_streams", (("tunnel", "demo"),)), self.metrics())
+        self.assertEqual(info["handshake_failures"], {"auth": 1})
+
+
+class AdminRefusalsTest(EndToEndBase):
+    """Refusals are counted by reason, and the relay's own answers by status."""
+
+    RELAY_OPTIONS = dict(admin="0", max_visitors_per_source=2)
+
+    def test_refused_visitors_by_reason(self):
+        self.start_client("denied", access={"deny": ["127.0.0.0/8"]})
+        self.start_client("locked", access={"basic_auth": {
+            "user": "ann", "hash": tunnel.hash_password("pw", iterations=1000)}})
+        self.assertEqual(self.get("/", host="denied.localhost")[0], 403)
+        self.assertEqual(self.get("/", host="locked.localhost")[0], 401)
+        held = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertIn(b"hello", recv_until(held, b"hello"))
+        second = self.raw(b"")
+        wait_until(lambda: self.relay_stats()["visitors"] == 2, what="two visitors")
+        third = self.raw(b"GET / HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertTrue(closed_by_peer(third).startswith(b"HTTP/1.1 503 "))
+        second.close()
+        _, _, body = http_exchange(self.relay.admin_port, path="/metrics")
+        samples = parse_exposition(body.decode())
+        refused = {labels[0][1]: n for (name, labels), n in samples.items()
+                   if name == "tunnel_refused_visitors_total"}
+        self.assertEqual(refused, {"address": 1, "credentials": 1,
+                                   "max_visitors_per_source": 1})
+        errors = {labels[0][1]: n for (name, labels), n in samples.items()
+                  if name == "tunnel_relay_errors_total"}
+        self.assertEqual(errors, {"401": 1, "403": 1, "503": 1})
+        self.assertEqual(samples[("tunnel_requests_total", (("code", "2xx"),
+                                                            ("tunnel", "demo")))], 1)
+
+
+class AdminBansTest(EndToEndBase):
+    RELAY_OPTIONS = dict(admin="0", auth_ban_after=1)
+    CLIENT = None
+
+    def test_a_ban_is_listed_and_counted(self):
+        client, _ = self.start_client("x", token="wrong-token-0123456789", wait=False)
+        client.thread.join(WAIT)
+        _, _, body = http_exchange(self.relay.admin_port, path="/status?format=json")
+        self.assertEqual([(b["kind"], b["source"]) for b in json.loads(body)["bans"]],
+                         [("control", "127.0.0.1")])
+        _, _, body = http_exchange(self.relay.admin_port, path="/metrics")
+        samples = parse_exposition(body.decode())
+        self.assertEqual(samples[("tunnel_bans", (("kind", "control"),))], 1)
+        self.assertEqual(samples[("tunnel_bans", (("kind", "visitor"),))], 0)
+
+
+class AdminTokenTest(EndToEndBase):
+    """--admin-token: Bearer only, checked on loopback too; required off loopback."""
+
+    ADMIN_TOKEN = "admin-token-0123456789"
+    RELAY_OPTIONS = dict(admin="127.0.0.1:0", admin_token=ADMIN_TOKEN)
+    CLIENT = None
+
+    def test_bearer_token_is_checked_on_loopback_too(self):
+        port = self.relay.admin_port
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
+                        {"Authorization": "Bearer " + self.ADMIN_TOKEN[:-1]},
+                        {"Authorization": "Basic " + base64.b64encode(
+                            b"x:" + self.ADMIN_TOKEN.encode()).decode()},
+                        {"Authorization": "Bearer " + self.ADMIN_TOKEN + "\xe9"}):
+            status, fields, body = http_exchange(port, "GET", "/metrics", headers)
+            self.assertEqual(status, 401, headers)
+            self.assertEqual(fields["WWW-Authenticate"], 'Bearer realm="tunnel.py relay"')
+            self.assertNotIn(b"tunnel_", body)
+        for scheme in ("Bearer", "bearer"):
+            ok = {"Authorization": "%s %s" % (scheme, self.ADMIN_TOKEN)}
+            self.assertEqual(http_exchange(port, "GET", "/metrics", ok)[0], 200)
+            # With a token, any Host will do (behind a proxy, by name).
+            self.assertEqual(http_exchange(port, "GET", "/status", ok, host="relay.example")
+                             [0], 200)
+        self.assertEqual(http_exchange(port, "POST", "/status", {})[0], 401)   # auth first
+
+    def test_off_loopback_needs_a_token_and_other_usage_errors(self):
+        for options, message in (
+                (dict(admin="0.0.0.0:0"), "not a loopback address: it needs --admin-token"),
+                (dict(admin="[::]:0"), "not a loopback address"),
+                (dict(admin="example.com:0"), "not a loopback address"),
+                (dict(admin_token=self.ADMIN_TOKEN), "--admin-token needs --admin"),
+                (dict(admin="0", admin_token="short"), "at least 16 characters"),
+                (dict(admin="0", admin_token="has space 0123456789"), "without spaces"),
+                (dict(admin="nonsense"), "is not PORT or HOST:PORT"),
+                (dict(log_format="json"), "--log-format needs --access-log"),
+                (dict(log_format="xml", access_log="-"), "must be one of")):
+            with self.assertRaises(ValueError, msg=options) as caught:
+                tunnel.serve(http_port=0, control_port=0, plaintext=True, **options)
+            self.assertIn(message, str(caught.exception))
+
+    def test_the_token_may_come_from_the_environment(self):
+        parser = tunnel.build_parser()
+        old = os.environ.get(tunnel.ADMIN_TOKEN_ENV)
+        self.addCleanup(lambda: os.environ.pop(tunnel.ADMIN_TOKEN_ENV, None) if old is None
+                        else os.environ.__setitem__(tunnel.ADMIN_TOKEN_ENV, old))
+        os.environ[tunnel.ADMIN_TOKEN_ENV] = self.ADMIN_TOKEN
+        config, _ = tunnel.serve_config(parser.parse_args(
+            ["serve", "--admin", "0.0.0.0:9100", "--token", TOKEN]))
+        self.assertEqual(config.admin_token, self.ADMIN_TOKEN)
+        config, _ = tunnel.serve_config(parser.parse_args(["serve", "--token", TOKEN]))
+        self.assertEqual(config.admin_token, "")    # not without --admin
+
+    def test_python_api(self):
+        work = tempfile.mkdtemp(prefix="tunnel-api-log-")
+        self.addCleanup(shutil.rmtree, work, True)
+        path = os.path.join(work, "access.log")
+        with tunnel.serve(http_port=0, control_port=0, plaintext=True, token=TOKEN,
+                          admin="127.0.0.1:0", admin_token=self.ADMIN_TOKEN,
+                          access_log=path, log_format="json") as relay:
+            ok = {"Authorization": "Bearer " + self.ADMIN_TOKEN}
+            status, _, body = http_exchange(relay.admin_port, path="/metrics", headers=ok)
+            self.assertEqual(status, 200)
+            parse_exposition(body.decode())
+            c = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+            self.addCleanup(c.close)
+            c.request("GET", "/", headers={"Host": "nobody.localhost"})
+            self.assertEqual(c.getresponse().status, 404)
+        with open(path) as f:               # written at the latest when the relay stops
+            self.assertEqual(json.loads(f.read())["status"], 404)
+        with tunnel.serve(http_port=0, control_port=0, plaintext=True, token=TOKEN) as relay:
+            self.assertIsNone(relay.admin_port)
+
+    def test_command_line_serves_admin_and_access_log_on_stdout(self):
+        http_port, admin_port = free_port(), free_port()
+        p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY, "serve", "--plaintext",
+                              "--http-port", str(http_port), "--control-port", "0",
+                              "--token", TOKEN, "--admin", str(admin_port),
+                              "--access-log", "-", "--log-format", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def cleanup():
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=WAIT)     # (closes the pipes)
+        self.addCleanup(cleanup)
+        line = b""
+        while b"relay status at" not in line:
+            line = p.stderr.readline()
+            self.assertTrue(line, "no admin line")
+        self.assertIn(b"http://127.0.0.1:%d/status" % admin_port, line)
+        c = http.client.HTTPConnection("127.0.0.1", http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/x?key=k3y", headers={"Host": "nobody.localhost"})
+        self.assertEqual(c.getresponse().status, 404)
+        record = json.loads(p.stdout.readline())
+        self.assertEqual((record["target"], record["status"]), ("/x?key=[secret]", 404))
+        self.assertEqual(http_exchange(admin_port, path="/metrics")[0], 200)
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(WAIT), 0)
+
+    def test_command_line_refuses_to_start_off_loopback_without_a_token(self):
+        e = dict(os.environ)
+        e.pop(tunnel.ADMIN_TOKEN_ENV, None)
+        for args, message in ((["--admin", "0.0.0.0:0"], b"needs --admin-token"),
+                              (["--access-log", "/nonexistent/dir/access.log"],
+                               b"--access-log /nonexistent/dir/access.log: no such file")):
+            p = subprocess.run([sys.executable, "-W", "error", TUNNEL_PY, "serve",
+                                "--http-port", "0", "--control-port", "0", "--plaintext"]
+                               + args, capture_output=True, env=e, timeout=WAIT)
+            self.assertEqual(p.returncode, 2, p.stderr)
+            self.assertEqual(len(p.stderr.decode().strip().splitlines()), 1, p.stderr)
+            self.assertIn(message, p.stderr)
+            self.assertTrue(p.stderr.startswith(b"tunnel.py: error: "), p.stderr)
+
+
+class AdminAbuseTest(EndToEndBase):
+    """The admin port under a visitor's tricks: slow heads, huge heads, many connections;
+    the tunnels keep working meanwhile."""
+
+    RELAY_OPTIONS = dict(admin="0", head_timeout=0.5)
+
+    def connect(self):
+        s = socket.create_connection(("127.0.0.1", self.relay.admin_port), WAIT)
+        self.addCleanup(s.close)
+        return s
+
+    def test_slowloris_gets_408_within_the_head_timeout(self):
+        s = self.connect()
+        started = time.monotonic()
+        s.sendall(b"GET /status HTTP/1.1\r\n")
+        for _ in range(3):
+            s.sendall(b"X-Slow: 1\r\n")       # bytes keep coming, the head never ends
+            self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        answer = closed_by_peer(s)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertLess(time.monotonic() - started, 0.5 + tunnel.LINGER_TIMEOUT)
+        wait_until(lambda: self.relay.loop.run_in_loop(
+            lambda: self.relay.admin.connections) == 0, what="the connection to go")
+
+    def test_huge_head_is_431_and_garbage_400(self):
+        s = self.connect()
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * tunnel.ADMIN_MAX_HEAD)
+        self.assertTrue(closed_by_peer(s).startswith(b"HTTP/1.1 431 "))
+        s = self.connect()
+        s.sendall(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(64) + b"\r\n\r\n")
+        self.assertTrue(closed_by_peer(s).startswith(b"HTTP/1.1 400 "))
+
+    def test_connections_per_source_are_capped(self):
+        held = [self.connect() for _ in range(tunnel.ADMIN_MAX_PER_SOURCE)]
+        wait_until(lambda: self.relay.loop.run_in_loop(lambda: self.relay.admin.connections)
+                   == tunnel.ADMIN_MAX_PER_SOURCE, what="the connections accepted")
+        extra = self.connect()
+        self.assertEqual(closed_by_peer(extra), b"")        # closed at accept
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))   # visitors unaffected
+        # Another source still gets in (the cap is per source; loopback has many).
+        other = attacker_socket(self.relay.admin_port,
+                                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.addCleanup(other.close)
+        self.assertTrue(closed_by_peer(other).startswith(b"HTTP/1.1 200 "))
+        for s in held:
+            s.close()
+        wait_until(lambda: self.relay.loop.run_in_loop(lambda: self.relay.admin.connections)
+                   == 0, what="the connections to go")
+        self.assertEqual(http_exchange(self.relay.admin_port, path="/metrics")[0], 200)
+
+
+class AccessLogBase(EndToEndBase):
+    """serve --access-log: a line per request, in Combined Log Format or JSON, secrets
+    masked and what a visitor sends escaped (the fixtures; tests below)."""
+
+    LOG_FORMAT = "combined"
+    AGENT = 'evil" \\ \xe9\t<x>'             # a quote, a backslash, obs-text, a tab
+    CLF = re.compile(r'^(\S+) (\S+) - - \[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] '
+                     r'"(.*)" (\d{3}) (\d+) "(.*)" "(.*)"$')
+
+    def setUp(self):
+        work = tempfile.mkdtemp(prefix="tunnel-access-")
+        self.addCleanup(shutil.rmtree, work, True)
+        self.path = os.path.join(work, "access.log")
+        self.RELAY_OPTIONS = dict(access_log=self.path, log_format=self.LOG_FORMAT)
+        super().setUp()
+
+    def log_lines(self, n, path=None):
+        def read():
+            with open(path or self.path, encoding="ascii") as f:
+                return f.read().splitlines()
+        wait_until(lambda: len(read()) >= n, what="%d access-log lines" % n)
+        return read()
+
+    def traffic(self):
+        self.assertEqual(self.get("/hello?token=abc123&x=1", headers={
+            "User-Agent": self.AGENT, "Referer": "http://ref.example/\"p\""})[0], 200)
+        self.assertEqual(self.get("/", host="nobody.localhost")[0], 404)
+        s = self.raw(b"GET /bad\x01 HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        self.assertTrue(closed_by_peer(s).startswith(b"HTTP/1.1 400 "))
+        self.start_client("locked", access={"basic_auth": {
+            "user": "ann", "hash": tunnel.hash_password("pw", iterations=1000)}})
+        self.assertEqual(self.get("/in", host="locked.localhost")[0], 401)
+        return self.log_lines(4)
+
+
+class AccessLogTest(AccessLogBase):
+    def test_combined_log_format(self):
+        lines = self.traffic()
+        self.assertEqual(oct(os.stat(self.path).st_mode & 0o777), oct(0o640 & ~self.umask()))
+        first = self.CLF.match(lines[0])
+        self.assertIsNotNone(first, lines[0])
+        self.assertEqual(first.group(1, 2, 4, 5), (
+            "demo", "127.0.0.1", "GET /hello?token=[secret]&x=1 HTTP/1.1", "200"))
+        self.assertEqual(first.group(7), 'http://ref.example/\\"p\\"')
+        self.assertEqual(first.group(8), 'evil\\" \\\\ \\xe9\\x09<x>')
+        self.assertGreater(int(first.group(6)), len(b"hello"))
+        self.assertEqual(self.CLF.match(lines[1]).group(1, 4, 5, 8),
+                         ("-", "GET / HTTP/1.1", "404", "-"))
+        self.assertEqual(self.CLF.match(lines[2]).group(4, 5), ("-", "400"))
+        self.assertEqual(self.CLF.match(lines[3]).group(1, 4, 5),
+                         ("locked", "GET /in HTTP/1.1", "401"))
+        self.assertFalse(any("abc123" in line for line in lines))
+
+    def umask(self):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+    def test_sighup_reopens_a_rotated_file(self):
+        self.assertEqual(self.get("/hello")[0], 200)
+        self.log_lines(1)
+        os.rename(self.path, self.path + ".1")
+        self.relay.loop.run_in_loop(self.relay.reload)
+        self.assertEqual(self.get("/hello?second")[0], 200)
+        self.assertIn("/hello?second", self.log_lines(1)[0])
+        self.assertEqual(len(self.log_lines(1, self.path + ".1")), 1)
+
+
+class AccessLogJSONTest(AccessLogBase):
+    LOG_FORMAT = "json"
+
+    def test_json_lines(self):
+        lines = [json.loads(line) for line in self.traffic()]
+        for record in lines:
+            self.assertEqual(set(record), {"time", "tunnel", "peer", "method", "target",
+                                           "status", "bytes", "duration", "user_agent"})
+            self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+            self.assertTrue(record["peer"].startswith("127.0.0.1:"))
+        first, missing, bad, locked = lines
+        self.assertEqual((locked["tunnel"], locked["status"]), ("locked", 401))
+        self.assertEqual((first["tunnel"], first["method"], first["target"], first["status"],
+                          first["user_agent"]),
+                         ("demo", "GET", "/hello?token=[secret]&x=1", 200, self.AGENT))
+        self.assertGreaterEqual(first["duration"], 0)
+        self.assertEqual((missing["tunnel"], missing["status"], missing["user_agent"]),
+                         (None, 404, None))
+        self.assertEqual((bad["method"], bad["target"], bad["status"]), (None, None, 400))
+
+
+class AccessLogOutputTest(unittest.TestCase):
+    """The access log's writer: a reader that stops reading cannot stall the loop."""
+
+    def setUp(self):
+        self.loop = tunnel.EventLoop()
+        self.addCleanup(self.loop.close)
+        work = tempfile.mkdtemp(prefix="tunnel-fifo-")
+        self.addCleanup(shutil.rmtree, work, True)
+        self.fifo = os.path.join(work, "fifo")
+        os.mkfifo(self.fifo)
+
+    def test_a_fifo_without_a_reader_is_a_usage_error(self):
+        with self.assertRaises(tunnel.UsageError) as caught:
+            tunnel.AccessLog(self.loop, self.fifo)
+        self.assertIn("no process reads that FIFO", str(caught.exception))
+
+    def test_a_stalled_reader_costs_lines_not_the_loop(self):
+        reader = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self.addCleanup(os.close, reader)
+        out = tunnel.AccessLog(self.loop, self.fifo, "json")
+        self.addCleanup(out.close)
+        started = time.monotonic()
+        n = 0
+        while out.dropped == 0:
+            for _ in range(100):
+                out.add("demo", "127.0.0.1", "127.0.0.1:1", "GET", "/%d" % n, 200, 1, 0.0,
+                        None)
+                n += 1
+            self.loop.run_once(0)
+            self.assertLess(n, 100000, "nothing dropped")
+        self.assertLess(time.monotonic() - started, WAIT)
+        self.assertLessEqual(len(out.held), tunnel.ACCESS_LOG_BUFFER)
+        taken = bytearray()
+        deadline = time.monotonic() + WAIT
+        while out.held and time.monotonic() < deadline:     # the reader wakes up
+            try:
+                taken += os.read(reader, 1 << 20)
+            except BlockingIOError:
+                pass
+            self.loop.run_once(0.01)
+        self.assertEqual(bytes(out.held), b"")
+        with contextlib.suppress(BlockingIOError):
+            while True:                     # what the last write put in the pipe
+                chunk = os.read(reader, 1 << 20)
+                if not chunk:
+                    break
+                taken += chunk
+        records = [json.loads(line) for line in taken.decode().splitlines()]
+        self.assertEqual([r["target"] for r in records],
+                         ["/%d" % i for i in range(len(records))])   # whole lines, in order
+        self.assertEqual(len(records) + out.dropped, n)
+
+    def test_standard_output_keeps_its_flags_and_is_not_waited_for(self):
+        # stdout may be stderr too (2>&1): never made non-blocking, yet a stalled pipe
+        # there costs lines, not the loop.
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        stdout = os.fdopen(w, "w")
+        self.addCleanup(stdout.close)
+        with unittest.mock.patch.object(sys, "stdout", stdout):
+            out = tunnel.AccessLog(self.loop, "-")
+        self.addCleanup(out.close)
+        out.add("demo", "127.0.0.1", "127.0.0.1:1", "GET", "/first", 200, 1, 0.0, None)
+        self.loop.run_once(0)
+        self.assertTrue(os.read(r, 4096).startswith(b'demo 127.0.0.1 - - ['))
+        started = time.monotonic()
+        while out.dropped == 0:
+            for _ in range(100):
+                out.add("demo", "127.0.0.1", "127.0.0.1:1", "GET", "/", 200, 1, 0.0, None)
+            self.loop.run_once(0)
+        self.assertLess(time.monotonic() - started, WAIT)
+        self.assertTrue(os.get_blocking(w))
 
 
 # =============================================================================

@@ -256,6 +256,15 @@ come back in order.  ``Connection: Upgrade`` requests become a raw two-way pipe 
 origin answers 101.  Relay-made answers use a lingering close so the visitor
 reads them even while still sending.
 
+For the relay's operator: ``serve --admin [HOST:]PORT`` serves ``/status`` (a page, or
+``?format=json``: tunnels, reservations, refusals, bans) and ``/metrics`` (Prometheus
+text format) from the same loop (``RelayAdmin``; loopback unless told otherwise, and
+off loopback only with ``--admin-token``, a Bearer token); ``serve --access-log
+FILE|-`` writes a line per visitor request (``AccessLog``: Combined Log Format with the
+tunnel's name first, or ``--log-format json``).  Both count only what the relay
+already looks at: a response's status where its end is found, a stream's bytes when
+its visitor connection ends.
+
 Run ``python3 tunnel.py --help`` for the command line.
 """
 
@@ -667,6 +676,36 @@ SOCKS5_REPLIES: Dict[int, str] = {      # RFC 1928 section 6
     0x07: "command not supported",
     0x08: "address type not supported",
 }
+
+# -- relay status, metrics and access log (serve --admin, --access-log) --------------
+ADMIN_TOKEN_ENV = "TUNNEL_ADMIN_TOKEN"  # serve --admin-token's default (with --admin)
+ADMIN_MAX_HEAD = 8 * 1024               # request head on the admin port; more: 431
+ADMIN_MAX_CONNECTIONS = 32              # admin connections at once (answers lingering
+#                                         included); more are closed at accept
+ADMIN_MAX_PER_SOURCE = 8                # ... of them from one source address
+ADMIN_MAX_ROWS = 1000                   # tunnels, reservations and bans a page or a
+#                                         scrape lists (the rest is counted, not listed):
+#                                         bounds /metrics' tunnel label values too
+ADMIN_REALM = "tunnel.py relay"         # WWW-Authenticate realm of a 401
+ADMIN_PATHS = ("/", "/status", "/metrics")   # what the admin port serves (others: 404)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"   # Prometheus text
+STATUS_CODES = 1000                     # a tunnel's response counts, by status (an
+#                                         origin may send any three digits): indexed by
+#                                         the status itself, cheaper than by its class
+LOG_FORMAT_COMBINED = "combined"        # serve --log-format: Combined Log Format, the
+#                                         tunnel's name first (Apache's vhost_combined)
+LOG_FORMAT_JSON = "json"                # ... or one JSON object a line
+LOG_FORMATS = (LOG_FORMAT_COMBINED, LOG_FORMAT_JSON)
+ACCESS_LOG_STDOUT = "-"                 # serve --access-log -: standard output
+ACCESS_LOG_MODE = 0o640                 # a new access log file's permissions (umask too)
+ACCESS_LOG_BUFFER = 1024 * 1024         # bytes of lines held for a reader that is slow
+#                                         (a pipe); past this, lines are dropped, counted
+ACCESS_LOG_RETRY = 0.1                  # held lines are tried again this often (s)
+ACCESS_LOG_EXIT_WAIT = 1.0              # at exit, a slow reader gets this long for them
+ACCESS_LOG_EXIT_POLL = 0.01             # ... tried this often (s)
+PIPE_BUF_MIN = 512                      # what POSIX says any pipe takes in one piece
+#                                         (select.PIPE_BUF, where known, is used)
+MAX_LOGGED_HEADER = 300                 # characters of a User-Agent or Referer logged
 
 # =============================================================================
 # Errors
@@ -5419,6 +5458,11 @@ class Penalties:
     def succeed(self, ip: Any) -> None:
         self._failures.pop(ip, None)
 
+    def active(self, now: Optional[float] = None) -> List[Tuple[Any, float]]:
+        """The bans in force: (key, seconds left), oldest first (for /status)."""
+        now = time.monotonic() if now is None else now
+        return [(key, until - now) for key, until in self._banned.items() if until > now]
+
 
 def _forget_oldest(table: Dict[Any, Any], now: float,
                    expired: Optional[Callable[[Any], bool]] = None) -> None:
@@ -6063,6 +6107,10 @@ class RelayConfig(Settings):
     verify_threads: int = VERIFY_THREADS    # threads that check visitors' passwords
     max_verifications: int = MAX_VERIFICATIONS   # password checks queued, relay-wide (503)
     max_verifications_per_source: int = MAX_VERIFICATIONS_PER_SOURCE   # ... per address (429)
+    admin: Optional[str] = None             # [HOST:]PORT of /status and /metrics (None: off)
+    admin_token: str = ""                   # Bearer token they need (required off loopback)
+    access_log: Optional[str] = None        # FILE or "-" (stdout): a line per request
+    log_format: str = LOG_FORMAT_COMBINED   # ... in Combined Log Format, or "json"
 
     def validate(self) -> "RelayConfig":
         """Check every setting together (yamux's VerifyConfig), the same for the command
@@ -6132,7 +6180,30 @@ class RelayConfig(Settings):
             if net.prefixlen == 0:      # then any client names its own source
                 raise UsageError("--trusted-proxy %s trusts every address: name the load "
                                  "balancer's address or network" % net)
+        self._validate_admin()
         return self
+
+    def _validate_admin(self) -> None:
+        """--admin, --admin-token, --access-log and --log-format."""
+        self.admin_token = self.admin_token or ""
+        if self.admin is not None:
+            host, _ = parse_admin_address(self.admin)
+            if not is_loopback(host) and not self.admin_token:
+                raise UsageError("--admin %s is not a loopback address: it needs "
+                                 "--admin-token TOKEN (or $%s)" % (self.admin, ADMIN_TOKEN_ENV))
+        elif self.admin_token:
+            raise UsageError("--admin-token needs --admin")
+        if self.admin_token and (len(self.admin_token) < MIN_TOKEN_LENGTH
+                                 or not _ADMIN_TOKEN_RE.fullmatch(self.admin_token)):
+            raise UsageError("--admin-token must have at least %d characters, printable "
+                             "ASCII without spaces (python3 tunnel.py token makes one)"
+                             % MIN_TOKEN_LENGTH)
+        if self.log_format not in LOG_FORMATS:
+            raise UsageError("--log-format must be one of %s" % ", ".join(LOG_FORMATS))
+        if self.log_format != LOG_FORMAT_COMBINED and not self.access_log:
+            raise UsageError("--log-format needs --access-log")
+        if self.access_log is not None and not self.access_log:
+            raise UsageError("--access-log needs a FILE, or - for standard output")
 
 
 class User:
@@ -6232,7 +6303,8 @@ class Route:
     """A live name on the relay: the tunnel a visitor's Host leads to."""
 
     __slots__ = ("name", "session", "owner", "client_key", "url", "wants_log", "visitors",
-                 "policy", "token_digest", "host_header", "target_origin", "logs_upgrades")
+                 "policy", "token_digest", "host_header", "target_origin", "logs_upgrades",
+                 "since", "codes", "last", "bytes_in", "bytes_out")
 
     def __init__(self, name: str, session: Session, owner: str, client_key: bytes,
                  url: str, wants_log: bool = True) -> None:
@@ -6248,12 +6320,19 @@ class Route:
         self.owner = owner
         self.client_key = client_key   # SHA-256 of the client's sealed secret
         self.url = url
+        # For /status and /metrics: counted where the relay looks at each response anyway.
+        self.since = time.time()     # when it came online
+        self.codes = [0] * STATUS_CODES   # responses to its visitors, by status
+        self.last: Optional[Exchange] = None   # the last request answered
+        self.bytes_in = 0            # stream bytes of its visitors that closed: from them
+        self.bytes_out = 0           # ... and to them (open ones: added when asked)
 
 
 class Exchange:
     """One request on a visitor connection, waiting for or receiving its response."""
 
-    __slots__ = ("method", "target", "started", "status", "upgrade")
+    __slots__ = ("method", "target", "started", "status", "upgrade", "details")
+    details: Any        # set only with --access-log: (version, User-Agent, Referer)
 
     def __init__(self, method: str, target: str, upgrade: Optional[str]) -> None:
         self.method = method
@@ -6346,6 +6425,8 @@ class VisitorConn(Pipe):
         self.body_mark = -1.0         # ... and when (-1: not timing a body)
         self.send_seen = 0            # out_sent when the sweeper last saw it move
         self.send_mark = -1.0         # ... and when (-1: nothing waiting for the visitor)
+        self.access_log = relay.access_log   # serve --access-log (None: off)
+        self.refused: Optional[Request] = None   # the request a relay-made answer is for
         self.update()
         relay.visitor_came(self.source)
 
@@ -6436,7 +6517,7 @@ class VisitorConn(Pipe):
                 try:
                     self._forward_head(value)
                 except HTTPResponse as exc:
-                    self.fail(exc, value.method)
+                    self.fail(exc, value.method, value)
                     return
                 if self.held is not None:   # its password is being checked: keep the rest
                     self.held = [(k, bytes(v) if k == EV_BODY else v) for k, v in it]
@@ -6511,14 +6592,18 @@ class VisitorConn(Pipe):
                 req.keep_alive = False
         if self.tunnel is None:
             cfg = self.relay.config
+            refused = self.relay.refused_visitors
             if tunnel.visitors >= cfg.max_visitors_per_tunnel:
+                refused["max_visitors_per_tunnel"] += 1
                 raise HTTPError(503, "The tunnel %s is at its limit of %d connections; try "
                                 "again soon." % (name, cfg.max_visitors_per_tunnel))
             if len(tunnel.session.streams) >= cfg.max_streams:
+                refused["max_streams"] += 1
                 raise HTTPError(503, "The tunnel %s is at its limit of %d streams; try "
                                 "again soon." % (name, cfg.max_streams))
             held = self.relay.tunnel_sources.get((tunnel, self.source), 0)
             if held >= cfg.max_visitors_per_source_per_tunnel:
+                refused["max_visitors_per_source_per_tunnel"] += 1
                 raise HTTPError(503, "Your address has %d connections to the tunnel %s, "
                                 "its limit; try again soon." % (held, name))
             self.tunnel = tunnel
@@ -6538,6 +6623,8 @@ class VisitorConn(Pipe):
         self.stream.write(rewrite_request_head(req, self.peer_ip, self.relay.scheme))
         self.responses.expect(req.method)
         self.inflight.append(Exchange(req.method, req.target, req.upgrade))
+        if self.access_log is not None:
+            self.inflight[-1].details = access_details(req)
         self.in_body = True
         self.close_after = not req.keep_alive
         if verdict is not None:
@@ -6550,12 +6637,14 @@ class VisitorConn(Pipe):
         if self.peer_ok is None:
             self.peer_ok = policy.peer_allowed(self.peer_ip)
         if not self.peer_ok:
+            self.relay.refused_visitors["address"] += 1
             raise HTTPError(403, "Your address may not reach this tunnel.")
         if not policy.needs_credentials:
             return None
         penalties = self.relay.visitor_penalties
         key = (source_key(self.peer_ip), policy.name)   # failures per source and tunnel
         if penalties.banned(key):
+            self.relay.refused_visitors["banned"] += 1
             raise HTTPError(429, "Too many failed attempts from your address; try again "
                             "later.")
         index = req.headers.index
@@ -6563,15 +6652,20 @@ class VisitorConn(Pipe):
         try:
             verdict = policy.check(req, time.time(), defer=True)
         except HTTPError as exc:
+            self.relay.refused_visitors["credentials"] += 1
             if exc.status == 401 and ("authorization" in index or TOKEN_HEADER in index
                                       or req.target != target):   # a ?tunnel_token= went
                 penalties.fail(key)     # wrong credentials, not just missing ones
             raise
         if isinstance(verdict, bytes):     # a password not verified yet: off the loop
-            self.relay.verify_pool.submit(
-                source_key(self.peer_ip), functools.partial(policy.verify, verdict),
-                functools.partial(self._verified, policy, req, verdict),
-                group=("tunnel", policy.name))
+            try:
+                self.relay.verify_pool.submit(
+                    source_key(self.peer_ip), functools.partial(policy.verify, verdict),
+                    functools.partial(self._verified, policy, req, verdict),
+                    group=("tunnel", policy.name))
+            except HTTPError:
+                self.relay.refused_visitors["max_verifications"] += 1
+                raise
             self.held = []
             return True
         if verdict is None and ("authorization" in index or TOKEN_HEADER in index):
@@ -6587,12 +6681,13 @@ class VisitorConn(Pipe):
         try:
             if not ok:
                 self.relay.visitor_penalties.fail((source_key(self.peer_ip), policy.name))
+                self.relay.refused_visitors["credentials"] += 1
                 raise policy.refusal()
             policy.remember(credential)
             req.strip, req.extra = _NO_FIELDS, ()    # check() runs again and sets them
             self._forward_head(req)
         except HTTPResponse as exc:
-            self.fail(exc, req.method)
+            self.fail(exc, req.method, req)
             return
         if self.held is not None:    # held again (its credential was forgotten meanwhile)
             self.held = rest
@@ -6612,10 +6707,13 @@ class VisitorConn(Pipe):
         else:
             self.finish()
 
-    def fail(self, exc: HTTPResponse, method: str = "GET") -> None:
-        """Answer a relay-made error (or page) once the responses before it are sent."""
+    def fail(self, exc: HTTPResponse, method: str = "GET",
+             req: Optional[Request] = None) -> None:
+        """Answer a relay-made error (or page) once the responses before it are sent
+        (``req``: the request it answers, if there is one, for the access log)."""
         if exc.status >= 400:
             log.info("visitor %s: %d %s", self.peer, exc.status, exc)
+        self.refused = req
         if self.in_body:
             # The origin has half a request: reset its stream so it never completes, and
             # answer the visitor ourselves if the origin has not started a response.
@@ -6635,7 +6733,9 @@ class VisitorConn(Pipe):
         """Answer with a relay-made page and end the connection (lingering close)."""
         if self.stream is not None and not self.stream.done:
             self.stream.reset("relay answered %d" % exc.status)
-        page = bytes(self.out) + http_response(exc.status, str(exc), method, exc.headers)
+        answer = http_response(exc.status, str(exc), method, exc.headers)
+        self.relay.answered_itself(self, exc.status, len(answer), self.refused)
+        page = bytes(self.out) + answer
         self.out.clear()
         self.counted = 0
         relay = self.relay
@@ -6700,6 +6800,11 @@ class VisitorConn(Pipe):
         ex = self.inflight.popleft()
         ex.status = status
         self.send_bytes(answer, False)
+        if self.tunnel is not None:
+            self.tunnel.codes[status] += 1
+            self.tunnel.last = ex
+        if self.access_log is not None:
+            self.access_log.request(self, ex, len(answer))
         stream = self.stream
         if stream is not None and self.tunnel is not None and self.tunnel.wants_log:
             self.tunnel.session.send_log(stream.id, status, time.monotonic() - ex.started,
@@ -6733,12 +6838,17 @@ class VisitorConn(Pipe):
         ex = self.inflight.popleft()
         now = time.monotonic()
         tunnel = self.tunnel
-        if self.stream is not None and tunnel is not None and tunnel.wants_log:
-            if self.upgraded and tunnel.logs_upgrades:
-                self.upgrade_log = ex       # its line comes when the connection ends
-            else:
-                tunnel.session.send_log(self.stream.id, ex.status, now - ex.started, nbytes,
-                                        ex.method, ex.target)
+        if tunnel is not None:
+            tunnel.codes[ex.status] += 1
+            tunnel.last = ex
+            if self.stream is not None and tunnel.wants_log:
+                if self.upgraded and tunnel.logs_upgrades:
+                    self.upgrade_log = ex       # its line comes when the connection ends
+                else:
+                    tunnel.session.send_log(self.stream.id, ex.status, now - ex.started,
+                                            nbytes, ex.method, ex.target)
+        if self.access_log is not None:
+            self.access_log.request(self, ex, nbytes, now)
         if self.upgraded:
             return
         if not self.inflight:
@@ -6775,12 +6885,18 @@ class VisitorConn(Pipe):
             page = http_response(502, why, ex.method)
             self.send_bytes(page, False)
             self._log_answer(self.tunnel, 502, ex.started, len(page), ex.method, ex.target)
+            ex.status = 502
+            self.relay.relay_errors[502] += 1
+            if self.access_log is not None:
+                self.access_log.request(self, ex, len(page))
         self.close_after_flush()
 
     def _log_answer(self, tunnel: Optional[Route], status: int, started: float, nbytes: int,
                     method: str, target: str) -> None:
         """A relay-made answer's access-log line (as the origin's answers get theirs), if
-        the tunnel's client is there to print it."""
+        the tunnel's client is there to print it; the tunnel counts it in any case."""
+        if tunnel is not None:
+            tunnel.codes[status] += 1
         if tunnel is not None and tunnel.wants_log and not tunnel.session.closed:
             tunnel.session.send_log(self.stream.id if self.stream is not None else 0, status,
                                     time.monotonic() - started, nbytes, method, target)
@@ -6813,6 +6929,9 @@ class VisitorConn(Pipe):
         relay.visitor_left(self.source)
         if self.tunnel is not None:
             self.tunnel.visitors -= 1
+            if self.stream is not None:     # its bytes each way, for /status and /metrics
+                self.tunnel.bytes_in += self.stream.bytes_out
+                self.tunnel.bytes_out += self.stream.bytes_in
             key = (self.tunnel, self.source)
             held = relay.tunnel_sources.pop(key) - 1
             if held:
@@ -6867,12 +6986,34 @@ class Relay(Side):
                                             heartbeat_timeout=config.heartbeat_timeout,
                                             handshake_timeout=config.handshake_timeout,
                                             window_budget=config.session_budget)
+        # serve --admin and --access-log (RelayAdmin, AccessLog), and what they show:
+        # counted only where something is refused or answered by the relay itself.
+        self.access_log: Optional[AccessLog] = None
+        self.admin: Optional[RelayAdmin] = None
+        self.admin_port = 0
+        self.started = time.time()
+        self.handshake_failures: Dict[str, int] = collections.Counter()   # by reason
+        self.refused_visitors: Dict[str, int] = collections.Counter()     # by reason
+        self.relay_errors: Dict[int, int] = collections.Counter()   # 4xx/5xx made here
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        """Load certificates and bind the ports (raises OSError, ssl.SSLError);
-        the loop is run by ``run``."""
+        """Open the access log, load certificates and bind the ports (raises UsageError,
+        OSError, TunnelError); the loop is run by ``run``."""
         cfg = self.config.validate()
+        if cfg.access_log:
+            self.access_log = AccessLog(self.loop, cfg.access_log, cfg.log_format)
+        try:
+            self._start()
+        except BaseException:
+            if self.access_log is not None:
+                self.access_log.close()
+                self.access_log = None
+            raise
+        self.started = time.time()
+
+    def _start(self) -> None:
+        cfg = self.config
         control_cert = None if cfg.plaintext else cfg.control_tls_cert or cfg.tls_cert
         try:
             if cfg.tls_cert:
@@ -6933,12 +7074,17 @@ class Relay(Side):
             self.redirect_port = redirect.getsockname()[1]
             self.listeners.append(Listener(self.loop, redirect, self._accept_redirect,
                                            cfg.accept_pause))
+        if cfg.admin is not None:
+            self.admin = RelayAdmin(self, *parse_admin_address(cfg.admin))
+            self.admin_port = self.admin.port
         self.loop.call_later(self._sweep_interval(), self._sweep)
         log.info("relay listening: visitors on %s, tunnel clients on %s, domain %s",
                  format_hostport(self.config.bind, self.http_port),
                  format_hostport(self.config.bind, self.control_port) if self.control_port
                  else "that port only (WebSocket: --relay %s)" % self.relay_url(),
                  self.config.domain)
+        if self.admin is not None:
+            self.admin.announce()
 
     def _listen(self, port: int, flag: str) -> socket.socket:
         """make_listener, with an error that names the address, port and flag."""
@@ -6981,6 +7127,8 @@ class Relay(Side):
 
     def _stopped(self) -> None:
         self.verify_pool.stop()
+        if self.access_log is not None:
+            self.access_log.close()
 
     def _drain(self, grace: float) -> None:
         """Go-away to every client, close idle visitors, let the others finish."""
@@ -6988,6 +7136,8 @@ class Relay(Side):
                  "%.0fs (Ctrl-C again to quit)", len(self.tunnels), len(self.visitors), grace)
         for listener in self.listeners:
             listener.close_socket()
+        if self.admin is not None:
+            self.admin.close()
         for visitor in list(self.visitors):
             if not visitor.inflight:        # idle keep-alive: nothing to finish
                 visitor.finish()
@@ -7028,6 +7178,8 @@ class Relay(Side):
     def _accept_visitor(self, sock: socket.socket, addr: Any, redirect: bool = False) -> None:
         cfg = self.config
         if len(self.visitors) + len(self.visitor_tls_pending) >= cfg.max_visitors:
+            self.refused_visitors["max_visitors"] += 1
+            self.relay_errors[503] += 1
             Lingering(self.loop, sock, http_response(
                 503, "The relay is at its limit of %d visitor connections; try again soon."
                 % cfg.max_visitors))
@@ -7037,6 +7189,8 @@ class Relay(Side):
         source = source_key(addr[0])
         held = self.visitor_sources.get(source, 0)
         if held >= cfg.max_visitors_per_source:
+            self.refused_visitors["max_visitors_per_source"] += 1
+            self.relay_errors[503] += 1
             Lingering(self.loop, sock, http_response(
                 503, "Your address has %d connections to this relay, its limit; try again "
                 "soon." % held))
@@ -7081,6 +7235,8 @@ class Relay(Side):
             pending.pop(handshake, None)
             if lost is not None:
                 lost()
+            if channel:             # a control connection's TLS
+                self.handshake_failures["tls"] += 1
             log.debug("%s: %s", peer_text(addr), why)
         handshake = TLSHandshake(self.loop, tls, timeout, done, failed)
         pending[handshake] = source
@@ -7098,6 +7254,7 @@ class Relay(Side):
         cfg = self.config
         pending = len(self.unauthenticated) + len(self.control_tls_pending)
         if pending >= cfg.max_unauthenticated:
+            self.handshake_failures["max_unauthenticated"] += 1
             self._handshake_cap_log.warn("control connection from %s refused: %d still in "
                                          "the handshake (--max-unauthenticated)",
                                          peer_text(addr), pending)
@@ -7105,6 +7262,7 @@ class Relay(Side):
         source = source_key(addr[0])
         held = self._unauthenticated_from(source)
         if held >= cfg.max_unauthenticated_per_source:
+            self.handshake_failures["max_unauthenticated_per_source"] += 1
             self._source_cap_log.warn("control connection from %s refused: %d from %s still "
                                       "in the handshake (--max-unauthenticated-per-source)",
                                       peer_text(addr), held, source)
@@ -7444,7 +7602,10 @@ class Relay(Side):
     def on_session_closed(self, session: Session, reason: str,
                           error: Optional[BaseException]) -> None:
         self.sessions.discard(session)
-        self.unauthenticated.discard(session)
+        if session in self.unauthenticated:     # a handshake that never completed
+            self.unauthenticated.discard(session)
+            self.handshake_failures[getattr(session.handshake, "failed_code", "")
+                                    or "incomplete"] += 1
         tunnel = self.tunnels.get(session.name)
         if tunnel is not None and tunnel.session is session:
             del self.tunnels[session.name]
@@ -7456,11 +7617,667 @@ class Relay(Side):
         if not session.streams:
             session.close("client went away")
 
+    def answered_itself(self, visitor: VisitorConn, status: int, nbytes: int,
+                        req: Optional[Request]) -> None:
+        """A page the relay made for a visitor (``send_error``; ``req``: the request it
+        answers, if any): counted if it is an error, and an access-log line."""
+        if status >= 400:
+            self.relay_errors[status] += 1
+        if visitor.access_log is not None:
+            visitor.access_log.answered(visitor, status, nbytes, req)
+
+    def reload(self) -> None:
+        """SIGHUP: reopen the access log (after a rotation), reload the tokens file."""
+        if self.access_log is not None:
+            self.access_log.reopen()
+            if not self.config.tokens_file:
+                return
+        self.reload_users()
+
     def stats(self) -> Dict[str, int]:
         """Counts of live objects (for tests and operators)."""
         return {"tunnels": len(self.tunnels), "sessions": len(self.sessions),
                 "visitors": len(self.visitors),
                 "streams": sum(len(s.streams) for s in self.sessions)}
+
+
+# =============================================================================
+# Relay status, metrics and access log (serve --admin, serve --access-log)
+# =============================================================================
+#
+# Nothing here runs on the data path: VisitorConn counts a response where it looks at
+# each one anyway (Route.codes, Route.last), a visitor's stream bytes are added to its
+# tunnel when the connection ends, and refusals are counted where they are made.  The
+# admin port is served by the relay's own EventLoop (a Listener and AdminConn: one
+# request per connection, then a lingering close), with the visitor port's limits:
+# a head size, the head timeout, connections in total and per source.
+
+_ADMIN_ADDRESS_RE = re.compile(r"(?:(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+):)?([0-9]{1,5})\Z")
+_ADMIN_TOKEN_RE = re.compile(r"[\x21-\x7e]+\Z")   # what a Bearer header can carry as is
+_CLF_UNSAFE_RE = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')   # '"', '\' and non-printables
+_QUERY_PARTS_RE = re.compile(r"[&;]")
+
+
+def parse_admin_address(text: str) -> Tuple[str, int]:
+    """``serve --admin``: ``PORT`` (on 127.0.0.1), ``HOST:PORT`` or ``[V6]:PORT``; port 0
+    is a free one.  Raises UsageError."""
+    m = _ADMIN_ADDRESS_RE.match(str(text).strip())
+    if m is None or int(m.group(2)) > 65535:
+        raise UsageError("--admin %r is not PORT or HOST:PORT" % (text,))
+    host = m.group(1) or LOOPBACK_BIND
+    return host.strip("[]"), int(m.group(2))
+
+
+def access_details(req: Request) -> Tuple[Tuple[int, int], Optional[str], Optional[str]]:
+    """What an access-log line needs of a request beyond its Exchange: the HTTP version,
+    User-Agent and Referer (kept only with --access-log)."""
+    index = req.headers.index
+    agent = index.get("user-agent")
+    referer = index.get("referer")
+    return (req.version, agent[0][:MAX_LOGGED_HEADER] if agent else None,
+            referer[0][:MAX_LOGGED_HEADER] if referer else None)
+
+
+def _clf_char(m: Any) -> str:
+    c = m.group()
+    if c in '"\\':
+        return "\\" + c
+    return "\\x%02x" % ord(c) if ord(c) < 0x100 else "\\u%04x" % ord(c)
+
+
+def clf_escape(text: str) -> str:
+    """A visitor's string as a Combined Log Format field shows it (Apache's way): ``"``
+    and ``\\`` escaped with a backslash, anything else outside printable ASCII as \\xHH."""
+    return _CLF_UNSAFE_RE.sub(_clf_char, text) if _CLF_UNSAFE_RE.search(text) else text
+
+
+def _iso_time(t: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC with milliseconds."""
+    return "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)),
+                         int(t * 1000) % 1000)
+
+
+class AccessLog:
+    """``serve --access-log FILE|-``: one line per visitor request, in Combined Log Format
+    with the tunnel's name first (Apache's vhost_combined, without a port), or JSON
+    (``--log-format json``).  Targets are masked as the client's log masks them
+    (``logged_target``) and visitor strings escaped.
+
+    The lines of one loop turn are written together (``LineOutput``'s way: one
+    ``os.write``).  A pipe, FIFO or socket is never waited for: what it does not take is
+    held (up to ACCESS_LOG_BUFFER, then lines are dropped and counted) and tried again
+    every ACCESS_LOG_RETRY, so a slow reader never stalls the relay.  FILE is opened
+    non-blocking; standard output is shared (with stderr too, after ``2>&1``), so its
+    flags stay as they are and a pipe there gets PIPE_BUF bytes at a time while poll
+    says it has room.  A regular file or a terminal takes its writes at once.
+    ``reopen`` (SIGHUP) follows a rotated file."""
+
+    def __init__(self, loop: EventLoop, path: str, fmt: str = LOG_FORMAT_COMBINED) -> None:
+        self.loop = loop
+        self.path = path
+        self.json = fmt == LOG_FORMAT_JSON
+        self.lines: List[str] = []
+        self.held = bytearray()         # bytes the descriptor did not take yet
+        self.flush_scheduled = False
+        self.closed = False
+        self.dropped = 0                # lines dropped (a reader that did not keep up)
+        self.stream: Any = None         # a text stream without a descriptor (a notebook)
+        self._poll: Any = None          # a shared pipe or socket: poll before each write
+        self._chunk = 0                 # ... and write this much at a time
+        self.fd = self._open()
+        self._retry: Optional[Timer] = None
+        self._clock = (-1, "", "")      # (second, its CLF time, its ISO time)
+        self._trouble = Throttle()
+
+    def _open(self) -> int:
+        """The descriptor to write (-1: ``self.stream``); raises UsageError."""
+        if self.path == ACCESS_LOG_STDOUT:
+            try:
+                fd = os.dup(sys.stdout.fileno())
+            except (AttributeError, OSError, ValueError):   # a stream of its own
+                self.stream = sys.stdout
+                return -1
+        else:
+            flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+            try:
+                fd = os.open(self.path, flags, ACCESS_LOG_MODE)
+            except OSError as exc:
+                why = ("no process reads that FIFO" if exc.errno == errno.ENXIO
+                       else describe_oserror(exc))
+                raise UsageError("--access-log %s: %s" % (self.path, why)) from None
+            return fd               # O_NONBLOCK: a FIFO's reader sets no pace for us
+        import select
+        import stat
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return fd
+        if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLOUT)
+            self._chunk = getattr(select, "PIPE_BUF", PIPE_BUF_MIN)   # taken whole
+        return fd
+
+    # -- lines ------------------------------------------------------------------------
+    def request(self, visitor: Any, ex: Exchange, nbytes: int,
+                now: Optional[float] = None) -> None:
+        """An answered request (the origin's response, or a relay-made one)."""
+        duration = (time.monotonic() if now is None else now) - ex.started
+        tunnel = visitor.tunnel
+        self.add(tunnel.name if tunnel is not None else None, visitor.peer_ip, visitor.peer,
+                 ex.method, ex.target, ex.status, nbytes, duration,
+                 getattr(ex, "details", None))
+
+    def answered(self, visitor: Any, status: int, nbytes: int,
+                 req: Optional[Request]) -> None:
+        """A relay-made page; ``req`` None: no request was read whole (a 400, a 408).
+        A request refused before its connection was bound (a 401, a cap) names the
+        tunnel it asked for, if that one is online."""
+        tunnel = visitor.tunnel
+        name = tunnel.name if tunnel is not None else None
+        if name is None and req is not None:
+            relay = visitor.relay
+            wanted = req.host.rstrip(".")[:-len(relay.config.domain) - 1]
+            if wanted in relay.tunnels and relay.is_tunnel_host(req.host):
+                name = wanted
+        self.add(name, visitor.peer_ip, visitor.peer,
+                 req.method if req is not None else None,
+                 req.target if req is not None else None, status, nbytes,
+                 time.monotonic() - visitor.head_started,
+                 access_details(req) if req is not None else None)
+
+    def add(self, tunnel: Optional[str], peer_ip: str, peer: str, method: Optional[str],
+            target: Optional[str], status: int, nbytes: int, duration: float,
+            details: Any) -> None:
+        if self.closed:
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._clock[0]:     # strftime once a second, not once a line
+            local = time.localtime(second)
+            self._clock = (second, time.strftime("%d/%b/%Y:%H:%M:%S %z", local),
+                           time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        version, agent, referer = details or ((1, 1), None, None)
+        shown = logged_target(target) if target is not None else None
+        if self.json:
+            line = json.dumps({
+                "time": "%s.%03dZ" % (self._clock[2], int(now * 1000) % 1000),
+                "tunnel": tunnel, "peer": peer, "method": method, "target": shown,
+                "status": status, "bytes": nbytes, "duration": round(max(0.0, duration), 6),
+                "user_agent": agent}, separators=(", ", ": "))
+        else:
+            what = "-" if method is None else "%s %s HTTP/%d.%d" % (method, shown, *version)
+            line = '%s %s - - [%s] "%s" %d %d "%s" "%s"' % (
+                tunnel or "-", peer_ip, self._clock[1], clf_escape(what), status, nbytes,
+                clf_escape(referer) if referer is not None else "-",
+                clf_escape(agent) if agent is not None else "-")
+        self.lines.append(line)
+        self.loop.schedule_flush(self)
+
+    # -- writing ------------------------------------------------------------------------
+    def flush(self) -> None:
+        """End of the loop turn: this turn's lines in one write."""
+        if not self.lines:
+            return
+        text = "\n".join(self.lines) + "\n"
+        count = len(self.lines)
+        self.lines.clear()
+        if self.stream is not None:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):   # closed, or a broken pipe: stop logging
+                self.closed = True
+            return
+        data = text.encode("utf-8")     # ASCII: every line is escaped
+        if len(self.held) + len(data) > ACCESS_LOG_BUFFER:
+            self.dropped += count
+            self._trouble.warn("access log %s: %d lines dropped, its reader does not keep "
+                               "up (%d so far)", self.path, count, self.dropped)
+            return
+        self.held += data
+        if self._retry is None:         # (else a write is due: keep the order)
+            self._write()
+
+    def _write(self) -> None:
+        self._retry = None
+        if self.closed or not self.held:
+            return
+        n = 0
+        try:
+            if self._poll is None:
+                n = os.write(self.fd, self.held)
+            else:           # a shared pipe: what it surely takes without blocking
+                view = memoryview(self.held)
+                try:
+                    while n < len(view) and self._poll.poll(0):
+                        n += os.write(self.fd, view[n:n + self._chunk])
+                finally:
+                    view.release()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except BrokenPipeError:
+            log.warning("access log %s: its reader went away; no more lines", self.path)
+            self.held.clear()
+            self.closed = True
+            return
+        except OSError as exc:          # a full disk, say: drop these, try the next
+            self._trouble.warn("access log %s: %s (%d bytes of lines dropped)", self.path,
+                               describe_oserror(exc), len(self.held))
+            self.held.clear()
+            return
+        del self.held[:n]
+        if self.held:
+            self._retry = self.loop.call_later(ACCESS_LOG_RETRY, self._write)
+
+    def reopen(self) -> None:
+        """SIGHUP: open FILE again (a rotation renamed it); the old one stays on error."""
+        if self.path == ACCESS_LOG_STDOUT or self.closed:
+            return
+        self.flush()
+        try:
+            fd = self._open()
+        except UsageError as exc:
+            log.error("%s; still writing to the old file", exc)
+            return
+        old, self.fd = self.fd, fd
+        os.close(old)
+        log.info("access log %s reopened", self.path)
+
+    def close(self) -> None:
+        """Write what is left (a reader gets ACCESS_LOG_EXIT_WAIT to take it)."""
+        if self.closed:
+            return
+        self.flush()
+        if self._retry is not None:
+            self._retry.cancel()
+        deadline = time.monotonic() + ACCESS_LOG_EXIT_WAIT
+        while self.held and not self.closed and time.monotonic() < deadline:
+            time.sleep(ACCESS_LOG_EXIT_POLL)
+            self._write()
+            if self._retry is not None:
+                self._retry.cancel()
+        if self.held:
+            log.warning("access log %s: %d bytes of lines not written at exit", self.path,
+                        len(self.held))
+        self.closed = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- the Prometheus text exposition format (0.0.4) ---------------------------------------
+
+def metric_label_value(value: str) -> str:
+    """A label value as the text format writes it: backslash, double quote and line
+    feed escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_number(value: Any) -> str:
+    if isinstance(value, int):
+        return "%d" % value
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render_metrics(families: List[Tuple[str, str, str, List[Tuple[Any, Any]]]]) -> str:
+    """``families``: (name, type, help, [(labels, value)]) with labels a sequence of
+    (name, value) pairs, as the text format 0.0.4: HELP and TYPE once each, then the
+    samples (a family may have none yet)."""
+    out = []
+    for name, kind, text, samples in families:
+        out.append("# HELP %s %s" % (name, text.replace("\\", "\\\\").replace("\n", "\\n")))
+        out.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            if labels:
+                out.append("%s{%s} %s" % (name, ",".join(
+                    '%s="%s"' % (k, metric_label_value(str(v))) for k, v in labels),
+                    _metric_number(value)))
+            else:
+                out.append("%s %s" % (name, _metric_number(value)))
+    return "\n".join(out) + "\n"
+
+
+def _status_classes(codes: List[int]) -> List[int]:
+    """Response counts by status (Route.codes) as counts by class: 0xx to 9xx."""
+    return [sum(codes[i:i + 100]) for i in range(0, STATUS_CODES, 100)]
+
+
+class RelayAdmin:
+    """``serve --admin [HOST:]PORT``: ``/status`` (HTML; ``?format=json``) and
+    ``/metrics`` (Prometheus) for the relay's operator, on the relay's own loop.
+
+    Only GET and HEAD (else 405).  With ``--admin-token`` (required off loopback) every
+    request needs ``Authorization: Bearer TOKEN`` (401 otherwise); without one, only a
+    Host that is an address or ``localhost`` is answered (403 otherwise), so a web page
+    cannot read it through DNS rebinding."""
+
+    def __init__(self, relay: "Relay", host: str, port: int) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.host = host
+        self.token = relay.config.admin_token
+        self.connections = 0            # AdminConn and their lingering answers
+        self.sources: Dict[str, int] = {}
+        self.started = time.monotonic()
+        self._cap_log = Throttle()
+        try:
+            sock = make_listener(host, port)
+        except OSError as exc:
+            raise ListenError("cannot listen on %s (--admin): %s" % (
+                format_hostport(host, port), describe_oserror(exc))) from None
+        self.port = sock.getsockname()[1]
+        self.listener = Listener(self.loop, sock, self._accept, relay.config.accept_pause)
+
+    def announce(self) -> None:
+        log.info("relay status at http://%s/status, metrics at /metrics%s",
+                 format_hostport(self.host, self.port),
+                 " (Bearer token required)" if self.token else "")
+        if not is_loopback(self.host):
+            log.warning("--admin %s is not a loopback address: its token and pages cross "
+                        "the network in plain HTTP (put TLS or a firewall in front)",
+                        format_hostport(self.host, self.port))
+
+    def close(self) -> None:
+        self.listener.close_socket()
+
+    # -- connections --------------------------------------------------------------------
+    def _accept(self, sock: socket.socket, addr: Any) -> None:
+        source = source_key(addr[0]) if isinstance(addr, tuple) else "local"
+        held = self.sources.get(source, 0)
+        if self.connections >= ADMIN_MAX_CONNECTIONS or held >= ADMIN_MAX_PER_SOURCE:
+            self._cap_log.warn("admin connection from %s refused: %d open, %d from %s",
+                               peer_text(addr), self.connections, held, source)
+            sock.close()
+            return
+        self.connections += 1
+        self.sources[source] = held + 1
+        AdminConn(self, sock, addr, source)
+
+    def left(self, source: str) -> None:
+        self.connections -= 1
+        held = self.sources.pop(source) - 1
+        if held:
+            self.sources[source] = held
+
+    # -- requests -------------------------------------------------------------------------
+    def _authorized(self, req: Request) -> bool:
+        values = req.headers.get_all("authorization")
+        if len(values) != 1:
+            return False
+        scheme, _, given = values[0].strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("latin-1"), self.token.encode("utf-8"))
+
+    def respond(self, req: Request) -> bytes:
+        """The whole answer to one request on the admin port."""
+        method = req.method
+        if self.token:
+            if not self._authorized(req):
+                return http_response(401, "This needs the relay's admin token: "
+                                     "Authorization: Bearer TOKEN.", method,
+                                     (("WWW-Authenticate", 'Bearer realm="%s"' % ADMIN_REALM),))
+        elif req.host and req.host != "localhost" and not _is_ip_literal(req.host.strip("[]")):
+            return http_response(403, "Ask for this page by address or as localhost (or "
+                                 "start the relay with --admin-token).", method)
+        if method not in ("GET", "HEAD"):
+            return http_response(405, "Only GET and HEAD are served here.", method,
+                                 (("Allow", "GET, HEAD"),))
+        path, _, query = req.target.partition("?")
+        if path not in ADMIN_PATHS:
+            return http_response(404, "Nothing here: try /status, /status?format=json or "
+                                 "/metrics.", method)
+        if path == "/metrics":
+            body, ctype = render_metrics(self.metrics()).encode("utf-8"), METRICS_CONTENT_TYPE
+        elif "format=json" in _QUERY_PARTS_RE.split(query):
+            body = (json.dumps(self.status(), indent=1) + "\n").encode("utf-8")
+            ctype = "application/json"
+        else:
+            body, ctype = status_html(self.status()).encode("utf-8"), "text/html; charset=utf-8"
+        head = ["HTTP/1.1 200 OK", "Content-Type: " + ctype,
+                "Content-Length: %d" % len(body), "Cache-Control: no-store",
+                "X-Content-Type-Options: nosniff", "Connection: close"]
+        if ctype.startswith("text/html"):
+            head += ["Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'",
+                     "X-Frame-Options: DENY", "Referrer-Policy: no-referrer"]
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        return data if method == "HEAD" else data + body
+
+    # -- what they show ---------------------------------------------------------------------
+    def _tunnels(self) -> List[Tuple[Route, int, int]]:
+        """The first ADMIN_MAX_ROWS tunnels online (oldest first), each with its bytes
+        from and to visitors so far (those of open connections added)."""
+        listed = list(itertools.islice(self.relay.tunnels.values(), ADMIN_MAX_ROWS))
+        live: Dict[Route, List[int]] = {}
+        for visitor in self.relay.visitors:
+            tunnel, stream = visitor.tunnel, visitor.stream
+            if tunnel is not None and stream is not None:
+                counts = live.get(tunnel)
+                if counts is None:
+                    counts = live[tunnel] = [0, 0]
+                counts[0] += stream.bytes_out
+                counts[1] += stream.bytes_in
+        return [(t, t.bytes_in + live.get(t, (0, 0))[0], t.bytes_out + live.get(t, (0, 0))[1])
+                for t in listed]
+
+    def status(self) -> Dict[str, Any]:
+        """What /status shows (its JSON form)."""
+        relay = self.relay
+        now, wall = time.monotonic(), time.time()
+        tunnels = []
+        for t, bytes_in, bytes_out in self._tunnels():
+            last = t.last
+            tunnels.append({
+                "name": t.name, "url": t.url, "user": t.owner or None,
+                "client": t.session.peer, "connected_since": _iso_time(t.since),
+                "streams": len(t.session.streams), "visitors": t.visitors,
+                "requests": sum(t.codes),
+                "responses": {"%03d" % code: n for code, n in enumerate(t.codes) if n},
+                "bytes_in": bytes_in, "bytes_out": bytes_out,
+                "last_request": None if last is None else {
+                    "time": _iso_time(wall - (now - last.started)), "method": last.method,
+                    "target": logged_target(last.target), "status": last.status}})
+        reserved = [{"name": name, "user": r.owner or None,
+                     "expires_in": round(r.until - now, 1)}
+                    for name, r in relay.reserved.items() if r.until > now]
+        bans = ([{"kind": "control", "source": key[0], "user": key[1] or None,
+                  "expires_in": round(left, 1)} for key, left in relay.penalties.active(now)]
+                + [{"kind": "visitor", "source": key[0], "tunnel": key[1],
+                    "expires_in": round(left, 1)}
+                   for key, left in relay.visitor_penalties.active(now)])
+        return {
+            "version": __version__, "started": _iso_time(relay.started),
+            "uptime": round(now - self.started, 3), "domain": relay.config.domain,
+            "sessions": sum(1 for s in relay.sessions if s.established),
+            "handshakes": len(relay.unauthenticated) + len(relay.control_tls_pending),
+            "visitor_connections": len(relay.visitors),
+            "streams": sum(len(s.streams) for s in relay.sessions),
+            "tunnels": tunnels, "tunnels_not_listed": len(relay.tunnels) - len(tunnels),
+            "reserved": reserved[:ADMIN_MAX_ROWS],
+            "reserved_not_listed": max(0, len(reserved) - ADMIN_MAX_ROWS),
+            "handshake_failures": dict(sorted(relay.handshake_failures.items())),
+            "refused_visitors": dict(sorted(relay.refused_visitors.items())),
+            "relay_errors": {str(code): n for code, n in sorted(relay.relay_errors.items())},
+            "bans": bans[:ADMIN_MAX_ROWS],
+            "bans_not_listed": max(0, len(bans) - ADMIN_MAX_ROWS),
+        }
+
+    def metrics(self) -> List[Tuple[str, str, str, List[Tuple[Any, Any]]]]:
+        """The families /metrics exposes (see README: Relay status and metrics)."""
+        relay = self.relay
+        rows = self._tunnels()
+        now = time.monotonic()
+        requests = []
+        for t, _, _ in rows:
+            for i, n in enumerate(_status_classes(t.codes)):
+                if n or 1 <= i <= 5:
+                    requests.append(((("tunnel", t.name), ("code", "%dxx" % i)), n))
+        return [
+            ("tunnel_info", "gauge", "The relay's version (the value is always 1).",
+             [((("version", __version__),), 1)]),
+            ("tunnel_start_time_seconds", "gauge", "When the relay started (Unix time).",
+             [((), round(relay.started, 3))]),
+            ("tunnel_sessions", "gauge", "Control sessions that are up (a tunnel each).",
+             [((), sum(1 for s in relay.sessions if s.established))]),
+            ("tunnel_handshakes", "gauge", "Control connections still in the handshake.",
+             [((), len(relay.unauthenticated) + len(relay.control_tls_pending))]),
+            ("tunnel_streams", "gauge", "Open streams, all sessions.",
+             [((), sum(len(s.streams) for s in relay.sessions))]),
+            ("tunnel_visitor_connections", "gauge", "Visitor connections open.",
+             [((), len(relay.visitors))]),
+            ("tunnel_tunnel_streams", "gauge", "Open streams of a tunnel.",
+             [((("tunnel", t.name),), len(t.session.streams)) for t, _, _ in rows]),
+            ("tunnel_tunnel_visitor_connections", "gauge",
+             "Visitor connections bound to a tunnel.",
+             [((("tunnel", t.name),), t.visitors) for t, _, _ in rows]),
+            ("tunnel_requests_total", "counter", "Responses to a tunnel's visitors, by status "
+             "class (the origin's, and the relay's 502s for it).", requests),
+            ("tunnel_receive_bytes_total", "counter", "Bytes from a tunnel's visitors into "
+             "it (request heads as forwarded, bodies, upgraded streams).",
+             [((("tunnel", t.name),), b_in) for t, b_in, _ in rows]),
+            ("tunnel_transmit_bytes_total", "counter", "Bytes from a tunnel to its visitors.",
+             [((("tunnel", t.name),), b_out) for t, _, b_out in rows]),
+            ("tunnel_handshake_failures_total", "counter", "Control connections that did "
+             "not become a session, by reason (a refusal code, tls, incomplete, a cap).",
+             [((("reason", k),), n) for k, n in sorted(relay.handshake_failures.items())]),
+            ("tunnel_refused_visitors_total", "counter", "Visitor connections or requests "
+             "refused, by reason (a cap, address, credentials, banned).",
+             [((("reason", k),), n) for k, n in sorted(relay.refused_visitors.items())]),
+            ("tunnel_relay_errors_total", "counter", "4xx and 5xx answers the relay made "
+             "itself, by status code.",
+             [((("code", str(k)),), n) for k, n in sorted(relay.relay_errors.items())]),
+            ("tunnel_bans", "gauge", "Bans in force (control: handshakes per source and "
+             "user; visitor: logins per source and tunnel).",
+             [((("kind", "control"),), len(relay.penalties.active(now))),
+              ((("kind", "visitor"),), len(relay.visitor_penalties.active(now)))]),
+        ]
+
+
+def _html_table(columns: Tuple[str, ...], rows: List[List[Any]]) -> str:
+    import html
+    if not rows:
+        return "<p>none</p>"
+    return "<table><tr>%s</tr>%s</table>" % (
+        "".join("<th>%s</th>" % html.escape(c) for c in columns),
+        "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % html.escape(
+            "-" if cell is None else str(cell)) for cell in row) for row in rows))
+
+
+def status_html(status: Dict[str, Any]) -> str:
+    """/status as a page: every value escaped (names, users, addresses, targets)."""
+    import html
+    up = int(status["uptime"])
+    tunnels = [[t["name"], t["user"], t["client"], t["connected_since"], t["streams"],
+                t["visitors"], t["requests"], format_size(t["bytes_in"]),
+                format_size(t["bytes_out"]),
+                "-" if t["last_request"] is None else "%s %s %s %d" % (
+                    t["last_request"]["time"], t["last_request"]["method"],
+                    escape_unprintable(t["last_request"]["target"]),
+                    t["last_request"]["status"])] for t in status["tunnels"]]
+    if status["tunnels_not_listed"]:
+        tunnels.append(["(%d more)" % status["tunnels_not_listed"]] + [""] * 9)
+    sections = [
+        ("Tunnels", _html_table(("name", "user", "client", "connected since", "streams",
+                                 "visitors", "requests", "in", "out", "last request"),
+                                tunnels)),
+        ("Reserved names", _html_table(("name", "user", "expires in (s)"), [
+            [r["name"], r["user"], r["expires_in"]] for r in status["reserved"]])),
+        ("Handshake failures", _html_table(("reason", "count"), [
+            list(kv) for kv in status["handshake_failures"].items()])),
+        ("Refused visitors", _html_table(("reason", "count"), [
+            list(kv) for kv in status["refused_visitors"].items()])),
+        ("Answers the relay made (4xx, 5xx)", _html_table(("status", "count"), [
+            list(kv) for kv in status["relay_errors"].items()])),
+        ("Bans", _html_table(("kind", "source", "user or tunnel", "expires in (s)"), [
+            [b["kind"], b["source"], b.get("user") or b.get("tunnel"), b["expires_in"]]
+            for b in status["bans"]])),
+    ]
+    summary = ("tunnel.py %s on %s, up %dd %02d:%02d:%02d since %s: %d sessions, %d in the "
+               "handshake, %d visitor connections, %d streams" % (
+                   status["version"], status["domain"], up // 86400, up // 3600 % 24,
+                   up // 60 % 60, up % 60, status["started"], status["sessions"],
+                   status["handshakes"], status["visitor_connections"], status["streams"]))
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>tunnel.py relay"
+            "</title><style>body{font:14px sans-serif;margin:1.5em}table{border-collapse:"
+            "collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+            "</style></head><body><h1>tunnel.py relay</h1><p>%s</p><p><a href=\"/status?"
+            "format=json\">JSON</a> &middot; <a href=\"/metrics\">metrics</a></p>%s"
+            "</body></html>\n" % (html.escape(summary), "".join(
+                "<h2>%s</h2>%s" % (html.escape(title), body) for title, body in sections)))
+
+
+class AdminConn(Conn):
+    """One connection to the admin port: one request, answered whole, then a lingering
+    close (``_AdminAnswer``).  Its head must arrive within --head-timeout (408) and fit
+    in ADMIN_MAX_HEAD (431)."""
+
+    def __init__(self, admin: RelayAdmin, sock: socket.socket, addr: Any,
+                 source: str) -> None:
+        super().__init__(admin.loop, sock)
+        self.admin = admin
+        self.peer = peer_text(addr)
+        self.source = source
+        self.parser = HTTPParser(is_request=True, max_head=ADMIN_MAX_HEAD, emit_body=False)
+        self.answered = False
+        self._timer = admin.loop.call_later(admin.relay.config.head_timeout, self._late)
+        self.update()
+
+    def __repr__(self) -> str:
+        return "<Admin %s>" % self.peer
+
+    def on_read(self) -> None:
+        try:
+            n = self.sock.recv_into(self.loop.scratch)
+        except WOULD_BLOCK:
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self.close_socket()
+            return
+        for kind, value in self.parser.feed(self.loop.scratch_view[:n]):
+            if kind == EV_HEAD:
+                answer = self.admin.respond(value)
+                log.debug("admin %s: %s %s: %s", self.peer, value.method,
+                          escape_unprintable(value.target[:MAX_LOGGED_TARGET]),
+                          answer[9:12].decode("latin-1"))
+                self._answer(answer)
+                return
+            if kind == EV_ERROR:
+                self._answer(http_response(value.status, str(value)))
+                return
+
+    def _late(self) -> None:
+        if not self.closed:
+            self._answer(http_response(408, "The request head did not arrive in time."))
+
+    def _answer(self, data: bytes) -> None:
+        self.answered = True
+        _AdminAnswer(self.admin, self.detach(), data, self.source)
+
+    def connection_lost(self) -> None:
+        self._timer.cancel()
+        if not self.answered:
+            self.admin.left(self.source)
+
+
+class _AdminAnswer(Lingering):
+    """An admin answer going out (a lingering close): it still counts against the caps."""
+
+    def __init__(self, admin: RelayAdmin, sock: socket.socket, data: bytes,
+                 source: str) -> None:
+        self.admin = admin
+        self.source = source
+        super().__init__(admin.loop, sock, data)
+
+    def connection_lost(self) -> None:
+        super().connection_lost()
+        self.admin.left(self.source)
 
 
 # =============================================================================
@@ -8661,8 +9478,8 @@ def close_all() -> None:
 
 
 class RunningRelay:
-    """A relay started by ``serve``: ``http_port`` and ``control_port`` (the ports it
-    listens on, None when off), ``token`` (the shared token, generated if none was
+    """A relay started by ``serve``: ``http_port``, ``control_port`` and ``admin_port``
+    (the ports it listens on, None when off), ``token`` (the shared token, generated if none was
     given; None with a tokens file), ``domain``, ``fingerprint`` (of its control
     certificate, "" with plaintext), ``relay`` (what ``expose`` takes as ``relay``),
     ``url(name)`` (a tunnel's public URL); ``close()``; a ``with`` block closes it."""
@@ -8681,6 +9498,11 @@ class RunningRelay:
     @property
     def control_port(self) -> Optional[int]:
         return self._relay.control_port or None
+
+    @property
+    def admin_port(self) -> Optional[int]:
+        """The port of /status and /metrics (``admin=``), None when off."""
+        return self._relay.admin_port or None
 
     @property
     def token(self) -> Optional[str]:
@@ -8930,6 +9752,20 @@ def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.Ar
                        default=MAX_VERIFICATIONS_PER_SOURCE, metavar="N",
                        help="password checks from one address queued or running; "
                        "more answer 429 (default %(default)s)")
+    serve.add_argument("--admin", default=None, metavar="[HOST:]PORT",
+                       help="serve /status (a page; ?format=json) and /metrics (Prometheus) "
+                       "for the operator on this address; a bare PORT is on 127.0.0.1, any "
+                       "address off loopback needs --admin-token (default: off)")
+    serve.add_argument("--admin-token", default=None, metavar="TOKEN",
+                       help="--admin answers only requests with Authorization: Bearer TOKEN "
+                       "(default: $%s)" % ADMIN_TOKEN_ENV)
+    serve.add_argument("--access-log", default=None, metavar="FILE|-",
+                       help="one line per visitor request, appended to FILE (-: standard "
+                       "output; SIGHUP reopens FILE), secret query values masked "
+                       "(default: none)")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default=LOG_FORMAT_COMBINED,
+                       help="--access-log lines: combined (Combined Log Format, the tunnel's "
+                       "name first) or json (default %(default)s)")
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -9095,6 +9931,8 @@ def serve_config(args: argparse.Namespace) -> Tuple[RelayConfig, bool]:
                             if hasattr(args, name)})
     config.token = config.token or ("" if config.tokens_file
                                     else os.environ.get("TUNNEL_TOKEN", ""))
+    config.admin_token = args.admin_token or (os.environ.get(ADMIN_TOKEN_ENV, "")
+                                              if args.admin is not None else "")
     generated = not config.token and not config.tokens_file
     if generated:
         config.token = new_token()
@@ -9109,9 +9947,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except TunnelError as exc:     # an unreadable tokens file
         log.error("%s", exc)
         return EXIT_FAILURE
-    _install_signals(relay.loop, relay.shutdown, relay.reload_users)  # before "listening"
+    _install_signals(relay.loop, relay.shutdown, relay.reload)  # before "listening"
     try:
         relay.start()
+    except UsageError:             # an access log that cannot be opened
+        relay.loop.close()
+        raise
     except TunnelError as exc:
         log.error("%s", exc)
         relay.loop.close()
