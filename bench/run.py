@@ -1048,23 +1048,33 @@ def drain_cost(work, secs, rounds):
         rows.append((label, "http://127.0.0.1:%d/" % start_tunnel(
             nginx_port, output=output)[0], HOST))
     runs = {(label, kind): [] for label, _, _ in rows for kind in ("c50", "c1")}
+    own = {label: [] for label, _, _ in rows}   # this process's CPU us per request, c50
+
+    def cpu_self():
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
     for i in range(rounds):
         print("round %d of %d ..." % (i + 1, rounds), flush=True)
         for label, url, host in rows:
-            runs[label, "c50"].append(wrk(url + "small", 50, secs, host))
+            before = cpu_self()
+            r = wrk(url + "small", 50, secs, host)
+            own[label].append((cpu_self() - before) * 1e6 / max(1, r["requests"]))
+            runs[label, "c50"].append(r)
             runs[label, "c1"].append(wrk(url + "small", 1, secs, host))
     res = {label: {kind: sorted(runs[label, kind], key=lambda r: r["rps"])[rounds // 2]
                    for kind in ("c50", "c1")} for label, _, _ in rows}
     lines = ["", "## The default client's stdout: a file against a pipe drained here "
-             "(wrk -t1, %ds, median of %d; %s)" % (secs, rounds, time.strftime("%Y-%m-%d")),
+             "(wrk -t1, %ds, median of %d; %s; load average %.2f at the end)"
+             % (secs, rounds, time.strftime("%Y-%m-%d"), os.getloadavg()[0]),
              "", "| path | 50 conn rps | 1 conn rps | 50 conn / ssh -R | 1 conn / ssh -R | "
-             "errors |", "|---|---|---|---|---|---|"]
+             "this process's CPU per request at 50 conn | errors |",
+             "|---|---|---|---|---|---|---|"]
     s = res["ssh -R"]
     for label, _, _ in rows:
         r = res[label]
-        lines.append("| %s | %.0f | %.0f | %.2f | %.2f | %d |" % (
+        lines.append("| %s | %.0f | %.0f | %.2f | %.2f | %.1f us | %d |" % (
             label, r["c50"]["rps"], r["c1"]["rps"], r["c50"]["rps"] / s["c50"]["rps"],
-            r["c1"]["rps"] / s["c1"]["rps"],
+            r["c1"]["rps"] / s["c1"]["rps"], sorted(own[label])[rounds // 2],
             sum(x["errors"] for k in ("c50", "c1") for x in runs[label, k])))
     print("\n".join(lines))
 
