@@ -818,6 +818,7 @@ SCALE_TUNNELS = 500
 
 def run(work, secs, quick, tunnel_only=False, rounds=3):
     print("preparing nginx, haproxy, sshd and tunnel.py on 127.0.0.1 ...", flush=True)
+    load_start = os.getloadavg()[0]
     # The bytecode cache any earlier run leaves (this machine may set
     # PYTHONDONTWRITEBYTECODE, so make it here): tunnel.py then starts without compiling.
     py_compile.compile(TUNNEL_PY, doraise=True)
@@ -889,7 +890,7 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
         r["up"] = best_of(2, lambda: curl_upload(
             url, host, os.path.join(work, "www", "big"), big_sha, work, key + ".bin"))
     ssh_rss = sum(rss_kib(p) for p in [ssh_procs[1].pid] + children(ssh_procs[0].pid))
-    lines = report(results, origin_alone, secs, rounds)
+    lines = report(results, origin_alone, secs, rounds, load_start)
     with open(client.out_path, "rb") as f:
         logged = sum(1 for _ in f) - 1
 
@@ -959,13 +960,13 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
         f.write(text + "\n")
 
 
-def report(res, origin_alone, secs, rounds):
+def report(res, origin_alone, secs, rounds, load_start):
     """The table, the ratios and issue 16's targets as PASS/FAIL lines (memory's are
     added by run())."""
     lines = ["", "## Results (wrk -t1, %ds per run, median of %d for every wrk column, "
              "nginx origin, 100-byte file; 256 MiB best of two, SHA-256; %s; load average "
-             "%.2f at the start)" % (secs, rounds, time.strftime("%Y-%m-%d"),
-                                     os.getloadavg()[0]), "",
+             "%.2f at the start, %.2f after the wrk runs)"
+             % (secs, rounds, time.strftime("%Y-%m-%d"), load_start, os.getloadavg()[0]), "",
              "| path | 1 conn rps | 1 conn p99 | 50 conn rps | 50 conn p99 | split p99 | "
              "no-NODELAY origin p99 | 256 MiB down | 256 MiB up | p99 under bulk | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
