@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: direct to nginx, through `ssh -R`, through tunnel.py.
+"""Side-by-side benchmark: direct to nginx, haproxy, `ssh -R` and tunnel.py.
 
-Every row is measured in the same run on the same machine, and the table reports
-ratios (tunnel.py / ssh -R, tunnel.py / direct), since absolute numbers on a shared
-machine are noise.  Everything runs on 127.0.0.1.
+Every row is measured in the same run on the same machine, and the report gives
+ratios (tunnel.py / ssh -R, / haproxy, / direct) and issue 16's targets as PASS/FAIL
+lines, since absolute numbers on a shared machine are noise.  Everything runs on
+127.0.0.1.
 
-    bash bench/setup.sh          # nginx, wrk, curl, openssh (Debian packages)
-    python3 bench/run.py         # about 10 minutes; --quick for a short smoke run
+    bash bench/setup.sh          # nginx, wrk, curl, openssh, haproxy (Debian packages)
+    python3 bench/run.py         # about 12 minutes; --quick for a short smoke run
 
-Rows and metrics follow issue 3: wrk at 1 and 50 connections (rps, p50, p99), a
-1-connection run where the origin sends head and body in separate segments, a
-256 MiB download and upload (curl, bytes verified), small-request p99 while a bulk
-download runs, memory (idle, peak under load, 1,000 idle visitors), and 500 tunnel
-clients on one relay.
+Rows: direct nginx; haproxy `mode tcp` (one thread, one hop 127.0.0.1 -> nginx, its
+config written here); ssh -R; tunnel.py as a user runs it (TLS, access log on, the
+client's stdout going to a file: nothing in this process reads it); tunnel.py with -q on
+both sides; tunnel.py over the WebSocket transport (relay --control-port off, client
+--relay http://..., access log on, to a file).  Metrics (issue 3): wrk at 1 and 50
+connections (rps, p99), a 1-connection run where the origin sends head and body in
+separate segments (split), an origin without TCP_NODELAY, small-request p99 while a
+bulk download runs, a 256 MiB download and upload (curl, SHA-256), memory (idle, peak
+under load, 1,000 idle visitors), and 500 tunnel clients on a new relay.
 
-Issue 12's row: the WebSocket transport through a CONNECT proxy (bench/connect_proxy.py,
-a process of its own) to a relay with --control-port off, against the raw control port,
-both with TLS as by default: 50 and 1 connections, split p99, 256 MiB each way
-(--transport runs only that, in about 3 minutes).
+--transport: issue 12's WebSocket transport through a CONNECT proxy
+(bench/connect_proxy.py, a process of its own) against the raw control port, in about
+3 minutes.  --tls-cost: TLS against --plaintext.  --drain-cost: the default client's
+stdout to a file against a pipe drained by a thread of this process (as this benchmark
+did before), next to ssh -R.
 """
 
 import argparse
@@ -265,14 +271,52 @@ def start_ssh(work, nginx_port, py_port=None):
     return rport, rport2, [sshd, client]
 
 
-def expose(control_port, port, name):
-    """One more tunnel client (default options) for ``port``, named ``name``."""
-    client = spawn([sys.executable, TUNNEL_PY, "expose", str(port), "--relay",
-                    "127.0.0.1:%d" % control_port, "--token", TOKEN, "--subdomain", name, "-q"],
+def expose(route, port, name):
+    """One more tunnel client (-q) for ``port``, named ``name``; ``route``: the relay
+    arguments (--relay ...), as start_tunnel returns them."""
+    client = spawn([sys.executable, TUNNEL_PY, "expose", str(port)] + route
+                   + ["--token", TOKEN, "--subdomain", name, "-q"],
                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     if not client.stdout.readline().startswith(b"Forwarding"):
         raise SystemExit("tunnel %s did not come up" % name)
     return client
+
+
+HAPROXY_CONF = """
+global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend small
+    bind 127.0.0.1:{port}
+    default_backend nginx
+backend nginx
+    server origin 127.0.0.1:{nginx_port}
+frontend nagle
+    bind 127.0.0.1:{py_front}
+    default_backend pyorigin
+backend pyorigin
+    server origin 127.0.0.1:{py_port}
+"""
+
+
+def start_haproxy(work, nginx_port, py_port):
+    """haproxy in ``mode tcp``, one thread, one hop 127.0.0.1 -> nginx (and a second
+    frontend to the no-NODELAY Python origin): a C proxy as the yardstick."""
+    port, py_front = free_port(), free_port()
+    conf = os.path.join(work, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write(HAPROXY_CONF.format(port=port, nginx_port=nginx_port, py_front=py_front,
+                                    py_port=py_port))
+    proc = spawn(["haproxy", "-db", "-f", conf], stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+    wait_port(port)
+    wait_port(py_front)
+    return port, py_front, proc
 
 
 def start_connect_proxy(nagle=False):
@@ -303,41 +347,82 @@ for _var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
 
 STATE_DIR = tempfile.mkdtemp(prefix="tunnel-bench-state-")   # the relay's generated key
 os.environ["TUNNEL_STATE_DIR"] = STATE_DIR
+# The tunnel processes' stdout and stderr (tmpfs where there is one, like the work dir).
+LOG_DIR = tempfile.mkdtemp(prefix="tunnel-bench-out-", dir="/dev/shm" if os.path.isdir(
+    "/dev/shm") else None)
 
 
-def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None):
+def wait_forwarding(path, proc, timeout=30.0):
+    """Until the client's stdout file ``path`` has its Forwarding line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, "rb") as f:
+            first = f.readline()
+        if first.endswith(b"\n"):
+            if first.startswith(b"Forwarding"):
+                return
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise SystemExit("tunnel did not come up: %r" % first)
+
+
+def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None,
+                 output="file", websocket=False):
     """A relay and a client as a user runs them: by default TLS on the control channel
-    (the relay's own certificate, channel binding), access log on; ``plaintext`` runs
-    both with --plaintext, for the TLS-cost row.  With ``proxy_port`` the relay has no
-    control port (--control-port off) and the client reaches it as
-    ``--relay http://localhost:HTTP_PORT`` through the CONNECT proxy on that port: a
-    WebSocket on the visitor port, TLS inside it (control_port is then None)."""
+    (the relay's own certificate, channel binding), access log on, the client's stdout
+    going to a file (as a terminal would take it: nothing in this process reads it) and
+    both sides' stderr to files; ``plaintext`` runs both with --plaintext, for the
+    TLS-cost row.  ``output``: "file" (the default), "quiet" (-q on both sides, the
+    stdout file has the Forwarding line only) or "pipe" (the client's stdout drained by a
+    thread of this process, as this benchmark did before: only for --drain-cost).  With
+    ``websocket`` the relay has no control port (--control-port off) and the client
+    reaches it as ``--relay http://127.0.0.1:HTTP_PORT``: a WebSocket on the visitor
+    port, TLS inside it; ``proxy_port`` does the same through the CONNECT proxy on that
+    port (``--relay http://localhost:HTTP_PORT --proxy ...``).  control_port is then None.
+    Returns (http_port, control_port, relay, client, route): ``route`` are the client's
+    relay arguments, for more clients of the same relay."""
     http_port = free_port()
-    control_port = None if proxy_port else free_port()
+    websocket = websocket or bool(proxy_port)
+    control_port = None if websocket else free_port()
     plain = ["--plaintext"] if plaintext else []
+    quiet = ["-q"] if output == "quiet" else []
+    logs = tempfile.mkdtemp(prefix="out-", dir=LOG_DIR)
     # Every connection comes from 127.0.0.1: lift the per-source caps above what the runs
     # open (1,000 idle visitors on one tunnel, up to 500 clients connecting at once).
-    relay = spawn([python, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
-                   str(http_port), "--control-port", str(control_port or "off"),
-                   "--token", TOKEN, "--max-visitors-per-source", "5000",
-                   "--max-visitors-per-source-per-tunnel", "5000",
-                   "--max-unauthenticated-per-source", "64", "-q"] + plain,
-                  stderr=subprocess.DEVNULL)
+    with open(os.path.join(logs, "relay.err"), "wb") as err:
+        relay = spawn([python, TUNNEL_PY, "serve", "--bind", "127.0.0.1", "--http-port",
+                       str(http_port), "--control-port", str(control_port or "off"),
+                       "--token", TOKEN, "--max-visitors-per-source", "5000",
+                       "--max-visitors-per-source-per-tunnel", "5000",
+                       "--max-unauthenticated-per-source", "64"] + quiet + plain,
+                      stdout=subprocess.DEVNULL, stderr=err)
     wait_port(control_port or http_port)
     if proxy_port:
         route = ["--relay", "http://localhost:%d" % http_port,
                  "--proxy", "http://127.0.0.1:%d" % proxy_port]
+    elif websocket:
+        route = ["--relay", "http://127.0.0.1:%d" % http_port]
     else:
         route = ["--relay", "127.0.0.1:%d" % control_port]
-    # The client runs as a user would: access log on (one line per request, drained here).
-    client = spawn([python, TUNNEL_PY, "expose", str(nginx_port)] + route
-                   + ["--token", TOKEN, "--subdomain", "bench"]
-                   + plain, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    line = client.stdout.readline().decode()
-    if not line.startswith("Forwarding"):
-        raise SystemExit("tunnel did not come up: %r" % line)
-    threading.Thread(target=lambda: [None for _ in client.stdout], daemon=True).start()
-    return http_port, control_port, relay, client
+    args = ([python, TUNNEL_PY, "expose", str(nginx_port)] + route
+            + ["--token", TOKEN, "--subdomain", "bench"] + quiet + plain)
+    out_path = os.path.join(logs, "client.out")
+    with open(out_path, "wb") as out, open(os.path.join(logs, "client.err"), "wb") as err:
+        if output == "pipe":
+            client = spawn(args, stdout=subprocess.PIPE, stderr=err)
+        else:
+            client = spawn(args, stdout=out, stderr=err)
+    if output == "pipe":
+        line = client.stdout.readline().decode()
+        if not line.startswith("Forwarding"):
+            raise SystemExit("tunnel did not come up: %r" % line)
+        threading.Thread(target=lambda: [None for _ in client.stdout], daemon=True).start()
+    else:
+        wait_forwarding(out_path, client)
+    client.out_path = out_path
+    return http_port, control_port, relay, client, route
 
 
 # -- measurements -------------------------------------------------------------------------
@@ -507,10 +592,13 @@ def main():
                     help="only the WebSocket transport through a CONNECT proxy (relay with "
                          "--control-port off, client --relay http://... --proxy ...) against "
                          "the raw control port: 50 and 1 connections, split, 256 MiB each way")
+    ap.add_argument("--drain-cost", action="store_true",
+                    help="only the default client with its stdout to a file against a pipe "
+                         "drained by a thread of this process, and ssh -R")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
-    for tool in ("nginx", "wrk", "curl", "ssh", "/usr/sbin/sshd"):
+    for tool in ("nginx", "wrk", "curl", "ssh", "/usr/sbin/sshd", "haproxy"):
         if not shutil.which(tool):
             raise SystemExit("%s is missing: run bash bench/setup.sh first" % tool)
     secs = 1 if args.quick else args.seconds
@@ -523,12 +611,15 @@ def main():
             tls_cost(work, secs, 1 if args.quick else args.rounds)
         elif args.transport:
             transport(work, secs, 1 if args.quick else args.rounds)
+        elif args.drain_cost:
+            drain_cost(work, secs, 1 if args.quick else args.rounds)
         else:
             run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(STATE_DIR, ignore_errors=True)
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
 
 
 def tls_cost(work, secs, rounds):
@@ -574,7 +665,7 @@ def transport(work, secs, rounds):
     print("preparing nginx and a tunnel on the control port on 127.0.0.1 ...", flush=True)
     py_compile.compile(TUNNEL_PY, doraise=True)
     nginx_port, big_sha = start_nginx(work)
-    http_port, _, relay, client = start_tunnel(nginx_port)
+    http_port, _, relay, client, _ = start_tunnel(nginx_port)
     print("\n".join(transport_compare(work, nginx_port, big_sha, (http_port, relay, client),
                                       secs, rounds)))
 
@@ -586,7 +677,7 @@ def through_proxy(nginx_port, nagle=False):
     collects the proxy's CONNECT lines."""
     import select
     proxy_port, proxy = start_connect_proxy(nagle)
-    http_port, _, relay, client = start_tunnel(nginx_port, proxy_port=proxy_port)
+    http_port, _, relay, client, _ = start_tunnel(nginx_port, proxy_port=proxy_port)
     ready, _, _ = select.select([proxy.stdout], [], [], 10)
     line = proxy.stdout.readline().decode().strip() if ready else ""
     if not line.startswith("CONNECT localhost:%d 200" % http_port):
@@ -704,13 +795,35 @@ def stop_all():
             p.kill()
 
 
+# The rows of the main table: key, label.  TUNNEL_ROWS are tunnel.py's.
+ROWS = (("direct", "direct nginx"),
+        ("haproxy", "haproxy `mode tcp` (C, one hop, 1 thread)"),
+        ("ssh", "ssh -R"),
+        ("default", "tunnel.py as a user runs it (access log on, to a file)"),
+        ("quiet", "tunnel.py `-q` on both sides"),
+        ("ws", "tunnel.py, WebSocket transport (access log on, to a file)"))
+TUNNEL_ROWS = ("default", "quiet", "ws")
+KINDS = ("c1", "c50", "split", "nagle", "fair")
+# issue 16's targets
+AIM_DEFAULT_VS_SSH = 2.0        # default output, c50 rps / ssh -R's
+AIM_QUIET_VS_HAPROXY = 0.8      # -q, c50 rps / haproxy's
+AIM_QUIET_C1_VS_SSH = 1.2       # -q, c1 rps / ssh -R's
+AIM_P99_MS = 2.0                # c1 and split p99, every run
+AIM_FAIR = 3.0                  # p99 under a bulk download / unloaded
+AIM_PEAK_MIB = 40.0             # relay + client RSS at 50 connections
+AIM_IDLE_VISITORS_MIB = 8.0     # 1,000 idle keep-alive visitors add at most
+AIM_TUNNELS_MIB = 30.0          # relay RSS with 500 tunnels
+SCALE_TUNNELS = 500
+
+
 def run(work, secs, quick, tunnel_only=False, rounds=3):
-    print("preparing nginx, sshd and tunnel.py on 127.0.0.1 ...", flush=True)
+    print("preparing nginx, haproxy, sshd and tunnel.py on 127.0.0.1 ...", flush=True)
+    load_start = os.getloadavg()[0]
     # The bytecode cache any earlier run leaves (this machine may set
     # PYTHONDONTWRITEBYTECODE, so make it here): tunnel.py then starts without compiling.
     py_compile.compile(TUNNEL_PY, doraise=True)
     nginx_port, big_sha = start_nginx(work)
-    t_http, t_control, relay, client = start_tunnel(nginx_port)
+    t_http, t_control, relay, client, route = start_tunnel(nginx_port)
     if tunnel_only:
         url = "http://127.0.0.1:%d/" % t_http
         for label, r in (("50 conn", wrk(url + "small", 50, secs, HOST)),
@@ -722,70 +835,75 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
         return
     py_port = start_python_origin()
     ssh_port, ssh_py_port, ssh_procs = start_ssh(work, nginx_port, py_port)
-    expose(t_control, py_port, "pyorigin")
+    ha_port, ha_py_port, _ = start_haproxy(work, nginx_port, py_port)
+    q_http, _, q_relay, q_client, q_route = start_tunnel(nginx_port, output="quiet")
+    w_http, _, w_relay, w_client, w_route = start_tunnel(nginx_port, websocket=True)
+    for r in (route, q_route, w_route):
+        expose(r, py_port, "pyorigin")
     idle = {"relay": rss_kib(relay.pid), "client": rss_kib(client.pid),
             "pss": pss_kib(relay.pid) + pss_kib(client.pid), "bare": bare_interpreter_kib()}
-    rows = [("direct", "http://127.0.0.1:%d/" % nginx_port, None),
-            ("ssh -R", "http://127.0.0.1:%d/" % ssh_port, None),
-            ("tunnel.py", "http://127.0.0.1:%d/" % t_http, HOST)]
-    py_rows = {"direct": ("http://127.0.0.1:%d/" % py_port, None),
-               "ssh -R": ("http://127.0.0.1:%d/" % ssh_py_port, None),
-               "tunnel.py": ("http://127.0.0.1:%d/" % t_http, "pyorigin.localhost")}
-    results = {name: {} for name, _, _ in rows}
+    local = "http://127.0.0.1:%d/"
+    # key: (url, Host, no-NODELAY origin's url, its Host)
+    paths = {"direct": (local % nginx_port, None, local % py_port, None),
+             "haproxy": (local % ha_port, None, local % ha_py_port, None),
+             "ssh": (local % ssh_port, None, local % ssh_py_port, None),
+             "default": (local % t_http, HOST, local % t_http, "pyorigin.localhost"),
+             "quiet": (local % q_http, HOST, local % q_http, "pyorigin.localhost"),
+             "ws": (local % w_http, HOST, local % w_http, "pyorigin.localhost")}
+    sides = {"default": (relay, client), "quiet": (q_relay, q_client),
+             "ws": (w_relay, w_client)}
+    peaks = {key: PeakRSS([p.pid for p in procs]) for key, procs in sides.items()}
+    results = {key: {} for key, _ in ROWS}
     # The wrk runs: the rows take turns, `rounds` times, and each reports its median run
     # (by rps for the throughput runs, by p99 for the latency ones), so a slow spell of
     # this shared machine does not land on one row only.
-    kinds = ("c1", "c50", "split", "nagle", "fair")
-    runs: dict = {(name, kind): [] for name, _, _ in rows for kind in kinds}
+    runs: dict = {(key, kind): [] for key, _ in ROWS for kind in KINDS}
     runs["origin alone"] = []
-    peak = PeakRSS([relay.pid, client.pid])
     for i in range(rounds):
         print("wrk runs, round %d of %d ..." % (i + 1, rounds), flush=True)
-        for name, url, host in rows:
-            runs[name, "c1"].append(wrk(url + "small", 1, secs, host))
-            if name == "tunnel.py":
-                with peak.sampling():
-                    runs[name, "c50"].append(wrk(url + "small", 50, secs, host))
-            else:
-                runs[name, "c50"].append(wrk(url + "small", 50, secs, host))
-            runs[name, "split"].append(wrk(url + "split/small", 1, secs, host))
-            runs[name, "nagle"].append(wrk(py_rows[name][0] + "small", 1, secs,
-                                           py_rows[name][1]))
-            runs[name, "fair"].append(fairness(url, host, secs))
+        for key, _ in ROWS:
+            url, host, py_url, py_host = paths[key]
+            runs[key, "c1"].append(wrk(url + "small", 1, secs, host))
+            with peaks[key].sampling() if key in peaks else contextlib.nullcontext():
+                runs[key, "c50"].append(wrk(url + "small", 50, secs, host))
+            runs[key, "split"].append(wrk(url + "split/small", 1, secs, host))
+            runs[key, "nagle"].append(wrk(py_url + "small", 1, secs, py_host))
+            runs[key, "fair"].append(fairness(url, host, secs))
         runs["origin alone"].append(acking_p99(py_port, secs))
     origin_alone = sorted(runs.pop("origin alone"))[rounds // 2]
-    for (name, kind), rs in runs.items():
-        key = "rps" if kind in ("c1", "c50") else "p99"
-        median = sorted(rs, key=lambda r: r[key])[len(rs) // 2]
-        median = dict(median, errors=sum(r["errors"] for r in rs))
-        results[name][kind] = median
+    for (key, kind), rs in runs.items():
+        by = "rps" if kind in ("c1", "c50") else "p99"
+        median = sorted(rs, key=lambda r: r[by])[len(rs) // 2]
+        results[key][kind] = dict(median, errors=sum(r["errors"] for r in rs),
+                                  worst_p99=max(r["p99"] for r in rs))
     results["origin alone"] = origin_alone
-    results["tunnel.py"]["peak"] = {"relay": peak.peak[relay.pid],
-                                    "client": peak.peak[client.pid], "sum": peak.peak_sum,
-                                    "pss": pss_kib(relay.pid) + pss_kib(client.pid)}
-    for name, url, host in rows:
-        r = results[name]
-        print("measuring %s ..." % name, flush=True)
+    for key, (r_proc, c_proc) in sides.items():
+        results[key]["peak"] = {"relay": peaks[key].peak[r_proc.pid],
+                                "client": peaks[key].peak[c_proc.pid],
+                                "sum": peaks[key].peak_sum,
+                                "pss": pss_kib(r_proc.pid) + pss_kib(c_proc.pid)}
+    for key, label in ROWS:
+        url, host = paths[key][:2]
+        r = results[key]
+        print("256 MiB down and up, %s ..." % label, flush=True)
         r["down"] = best_of(2, lambda: curl_download(url + "big", host, big_sha, work))
         r["up"] = best_of(2, lambda: curl_upload(
-            url, host, os.path.join(work, "www", "big"), big_sha, work,
-            name.replace(" ", "").replace(".", "") + ".bin"))
+            url, host, os.path.join(work, "www", "big"), big_sha, work, key + ".bin"))
     ssh_rss = sum(rss_kib(p) for p in [ssh_procs[1].pid] + children(ssh_procs[0].pid))
-
-    print("WebSocket transport through a CONNECT proxy ...", flush=True)
-    transport_lines = transport_compare(work, nginx_port, big_sha, (t_http, relay, client),
-                                        secs, rounds)
+    lines = report(results, origin_alone, secs, rounds, load_start)
+    with open(client.out_path, "rb") as f:
+        logged = sum(1 for _ in f) - 1
 
     print("measuring memory with a clean interpreter (a venv without site-packages) ...",
           flush=True)
     clean = clean_python(work)
-    c_http, _, c_relay, c_client = start_tunnel(nginx_port, clean)
+    c_http, _, c_relay, c_client, _ = start_tunnel(nginx_port, clean)
     peak = PeakRSS([c_relay.pid, c_client.pid])
     with peak.sampling():
         c50 = wrk("http://127.0.0.1:%d/small" % c_http, 50, secs, HOST)
-    results["clean"] = {"relay": peak.peak[c_relay.pid], "client": peak.peak[c_client.pid],
-                        "sum": peak.peak_sum, "bare": bare_interpreter_kib(clean),
-                        "errors": c50["errors"]}
+    clean_res = {"relay": peak.peak[c_relay.pid], "client": peak.peak[c_client.pid],
+                 "sum": peak.peak_sum, "bare": bare_interpreter_kib(clean),
+                 "errors": c50["errors"]}
     for p in (c_client, c_relay):
         p.terminate()
         p.wait()
@@ -797,79 +915,169 @@ def run(work, secs, quick, tunnel_only=False, rounds=3):
     for s in socks:
         s.close()
 
-    n = 100 if quick else 500
-    print("connecting %d tunnel clients to one relay ..." % n, flush=True)
-    relay_before = rss_kib(relay.pid)
-    loop, up, elapsed = scale(t_control, n)
-    relay_scaled = rss_kib(relay.pid)
+    n = 100 if quick else SCALE_TUNNELS
+    print("connecting %d tunnel clients to a new relay ..." % n, flush=True)
+    s_control, s_relay = start_tunnel(nginx_port, output="quiet")[1:3]
+    relay_before = rss_kib(s_relay.pid)      # with its first client (the bench tunnel)
+    loop, up, elapsed = scale(s_control, n)
+    relay_scaled = rss_kib(s_relay.pid)
     loop.close()
 
-    report(results, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
-           secs, rounds, transport_lines)
-
-
-def report(res, idle, ssh_rss, before, held, n, up, elapsed, relay_before, relay_scaled,
-           secs, rounds, transport_lines=()):
-    d, s, t = res["direct"], res["ssh -R"], res["tunnel.py"]
     mib = lambda kib: kib / 1024.0  # noqa: E731
-    lines = ["", "## Results (wrk -t1, %ds per run, median of %d for every wrk column, "
-             "nginx origin, 100-byte file; %s)" % (secs, rounds, time.strftime("%Y-%m-%d")), "",
-             "| path | 1 conn rps | 1 conn p99 | 50 conn rps | 50 conn p99 | split p99 | "
-             "no-NODELAY origin p99 | 256 MiB down | 256 MiB up | p99 under bulk | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("direct", "ssh -R", "tunnel.py"):
-        r = res[name]
-        errors = sum(r[k]["errors"] for k in ("c1", "c50", "split", "nagle", "fair"))
-        ok = r["down"]["ok"] and r["up"]["ok"]
-        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %.2f ms | %.0f MB/s | "
-                     "%.0f MB/s | %.2f ms | %d%s |" % (
-                         name, r["c1"]["rps"], r["c1"]["p99"], r["c50"]["rps"],
-                         r["c50"]["p99"], r["split"]["p99"], r["nagle"]["p99"],
-                         r["down"]["MBps"],
-                         r["up"]["MBps"], r["fair"]["p99"], errors,
-                         "" if ok else ", BYTES WRONG"))
-    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
-    lines += ["", "| ratio | 1 conn rps | 50 conn rps | download | upload | "
-              "p99 under bulk / unloaded |", "|---|---|---|---|---|---|"]
-    for label, base in (("tunnel.py / ssh -R", s), ("tunnel.py / direct", d)):
-        lines.append("| %s | %.2f | %.2f | %.2f | %.2f | |" % (
-            label, ratio(t["c1"]["rps"], base["c1"]["rps"]),
-            ratio(t["c50"]["rps"], base["c50"]["rps"]),
-            ratio(t["down"]["MBps"], base["down"]["MBps"]),
-            ratio(t["up"]["MBps"], base["up"]["MBps"])))
-    lines.append("| tunnel.py fairness | | | | | %.2f |"
-                 % ratio(t["fair"]["p99"], t["c1"]["p99"]))
-    lines += ["", "The no-NODELAY origin alone, read by a client that ACKs every read at once "
-              "(so Nagle costs nothing there): p99 %.2f ms (median of %d)."
-              % (res["origin alone"], rounds)]
-    lines += ["", "Memory (RSS):", "",
-              "- tunnel.py idle: relay %.1f MiB, client %.1f MiB (PSS of both: %.1f MiB; "
-              "RSS counts the shared libpython/libcrypto pages twice)"
-              % (mib(idle["relay"]), mib(idle["client"]), mib(idle["pss"])),
-              "- tunnel.py peak under the 50-connection load (sampled every 10 ms): relay "
-              "%.1f MiB, client %.1f MiB, together %.1f MiB (PSS right after: %.1f MiB)" % (
-                  mib(t["peak"]["relay"]), mib(t["peak"]["client"]),
-                  mib(t["peak"]["sum"]), mib(t["peak"]["pss"])),
-              "- for scale: this Python doing nothing (`%s -c pass`) has %.1f MiB RSS, so "
-              "tunnel.py's own share of that peak is %.1f MiB"
-              % (os.path.basename(sys.executable), mib(idle["bare"]),
-                 mib(t["peak"]["sum"] - 2 * idle["bare"])),
-              "- the same load with a clean interpreter (a venv without site-packages, as on "
-              "a fresh machine; bare %.1f MiB): relay %.1f MiB, client %.1f MiB, together "
-              "%.1f MiB, errors %d" % (mib(res["clean"]["bare"]), mib(res["clean"]["relay"]),
-                                       mib(res["clean"]["client"]), mib(res["clean"]["sum"]),
-                                       res["clean"]["errors"]),
-              "- ssh -R (ssh client + sshd session) after its runs: %.1f MiB" % mib(ssh_rss),
-              "- 1,000 idle keep-alive visitors add %.1f MiB (relay + client)"
-              % mib(held - before),
-              "- %d tunnel clients: %d connected in %.2f s; relay RSS %.1f -> %.1f MiB"
-              % (n, up, elapsed, mib(relay_before), mib(relay_scaled))]
-    lines += list(transport_lines)
+    t = results["default"]
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    lines += [
+        "- %s memory: relay + client peak at 50 connections (access log on, `%s`, "
+        "sampled every 10 ms) %.1f MiB (relay %.1f, client %.1f; aim <= %.0f MiB)"
+        % (verdict(mib(t["peak"]["sum"]) <= AIM_PEAK_MIB), sys.executable,
+           mib(t["peak"]["sum"]), mib(t["peak"]["relay"]), mib(t["peak"]["client"]),
+           AIM_PEAK_MIB),
+        "- %s memory: 1,000 idle keep-alive visitors add %.1f MiB (relay + client; aim "
+        "<= %.0f MiB)" % (verdict(mib(held - before) <= AIM_IDLE_VISITORS_MIB),
+                         mib(held - before), AIM_IDLE_VISITORS_MIB),
+        ("- %s memory: %d tunnel clients on a new relay (%d connected in %.2f s): relay RSS "
+         "%.1f -> %.1f MiB (aim <= %.0f MiB)" % (
+             verdict(mib(relay_scaled) <= AIM_TUNNELS_MIB and up == n) if n == SCALE_TUNNELS
+             else "n/a (--quick)", n, up, elapsed, mib(relay_before), mib(relay_scaled),
+             AIM_TUNNELS_MIB)),
+        "", "Memory (RSS) in detail:", "",
+        "- idle: relay %.1f MiB, client %.1f MiB (PSS of both: %.1f MiB; RSS counts the "
+        "shared libpython/libcrypto pages twice); this Python doing nothing has %.1f MiB"
+        % (mib(idle["relay"]), mib(idle["client"]), mib(idle["pss"]), mib(idle["bare"])),
+        "- peak at 50 connections, relay + client: "
+        + ", ".join("%s %.1f MiB" % (key, mib(results[key]["peak"]["sum"]))
+                    for key in TUNNEL_ROWS),
+        "- the same load with a clean interpreter (a venv without site-packages; bare "
+        "%.1f MiB): relay %.1f MiB, client %.1f MiB, together %.1f MiB, errors %d"
+        % (mib(clean_res["bare"]), mib(clean_res["relay"]), mib(clean_res["client"]),
+           mib(clean_res["sum"]), clean_res["errors"]),
+        "- ssh -R (ssh client + sshd session) after its runs: %.1f MiB" % mib(ssh_rss),
+        "- the default client's stdout file: %d access-log lines" % logged]
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "latest.md"), "w") as f:
         f.write(text + "\n")
+
+
+def report(res, origin_alone, secs, rounds, load_start):
+    """The table, the ratios and issue 16's targets as PASS/FAIL lines (memory's are
+    added by run())."""
+    lines = ["", "## Results (wrk -t1, %ds per run, median of %d for every wrk column, "
+             "nginx origin, 100-byte file; 256 MiB best of two, SHA-256; %s; load average "
+             "%.2f at the start, %.2f after the wrk runs)"
+             % (secs, rounds, time.strftime("%Y-%m-%d"), load_start, os.getloadavg()[0]), "",
+             "| path | 1 conn rps | 1 conn p99 | 50 conn rps | 50 conn p99 | split p99 | "
+             "no-NODELAY origin p99 | 256 MiB down | 256 MiB up | p99 under bulk | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, label in ROWS:
+        r = res[key]
+        errors = sum(r[k]["errors"] for k in KINDS)
+        ok = r["down"]["ok"] and r["up"]["ok"]
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.2f ms | %.2f ms | %.0f MB/s | "
+                     "%.0f MB/s | %.2f ms | %d%s |" % (
+                         label, r["c1"]["rps"], r["c1"]["p99"], r["c50"]["rps"],
+                         r["c50"]["p99"], r["split"]["p99"], r["nagle"]["p99"],
+                         r["down"]["MBps"], r["up"]["MBps"], r["fair"]["p99"], errors,
+                         "" if ok else ", BYTES WRONG"))
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    d, ha, s, t, q = (res[k] for k in ("direct", "haproxy", "ssh", "default", "quiet"))
+    lines += ["", "| ratio | 1 conn rps | 50 conn rps | download | upload |",
+              "|---|---|---|---|---|"]
+    for key, label in ROWS[3:]:
+        for base_key, base in (("ssh", "ssh -R"), ("haproxy", "haproxy"),
+                               ("direct", "direct")):
+            r, b = res[key], res[base_key]
+            lines.append("| %s / %s | %.2f | %.2f | %.2f | %.2f |" % (
+                key, base, ratio(r["c1"]["rps"], b["c1"]["rps"]),
+                ratio(r["c50"]["rps"], b["c50"]["rps"]),
+                ratio(r["down"]["MBps"], b["down"]["MBps"]),
+                ratio(r["up"]["MBps"], b["up"]["MBps"])))
+    lines += ["", "Issue 16's targets (default = as a user runs it, quiet = `-q` on both "
+              "sides):", ""]
+    lines.append("- %s default c50 / ssh -R c50 = %.2f (aim >= %.1f)" % (
+        verdict(ratio(t["c50"]["rps"], s["c50"]["rps"]) >= AIM_DEFAULT_VS_SSH),
+        ratio(t["c50"]["rps"], s["c50"]["rps"]), AIM_DEFAULT_VS_SSH))
+    lines.append("- %s quiet c50 / haproxy c50 = %.2f (aim >= %.1f)" % (
+        verdict(ratio(q["c50"]["rps"], ha["c50"]["rps"]) >= AIM_QUIET_VS_HAPROXY),
+        ratio(q["c50"]["rps"], ha["c50"]["rps"]), AIM_QUIET_VS_HAPROXY))
+    lines.append("- %s quiet c1 / ssh -R c1 = %.2f (aim >= %.1f)" % (
+        verdict(ratio(q["c1"]["rps"], s["c1"]["rps"]) >= AIM_QUIET_C1_VS_SSH),
+        ratio(q["c1"]["rps"], s["c1"]["rps"]), AIM_QUIET_C1_VS_SSH))
+    for way in ("down", "up"):
+        lines.append("- %s 256 MiB %s: default %.0f MB/s, quiet %.0f MB/s, haproxy %.0f MB/s "
+                     "(default / haproxy %.2f, aim >= 1.0)" % (
+                         verdict(t[way]["MBps"] >= ha[way]["MBps"]), way, t[way]["MBps"],
+                         q[way]["MBps"], ha[way]["MBps"],
+                         ratio(t[way]["MBps"], ha[way]["MBps"])))
+    for key in TUNNEL_ROWS:
+        r = res[key]
+        worst = max(r["c1"]["worst_p99"], r["split"]["worst_p99"])
+        lines.append("- %s %s: c1 p99 and split p99 in every run < %.0f ms (worst run: c1 "
+                     "%.2f ms, split %.2f ms)" % (
+                         verdict(worst < AIM_P99_MS), key, AIM_P99_MS,
+                         r["c1"]["worst_p99"], r["split"]["worst_p99"]))
+    for key in TUNNEL_ROWS:
+        r = res[key]
+        lines.append("- %s %s: p99 under a bulk download / unloaded = %.2f ms / %.2f ms = "
+                     "%.2f (aim <= %.0f)" % (
+                         verdict(ratio(r["fair"]["p99"], r["c1"]["p99"]) <= AIM_FAIR), key,
+                         r["fair"]["p99"], r["c1"]["p99"],
+                         ratio(r["fair"]["p99"], r["c1"]["p99"]), AIM_FAIR))
+    errors = sum(res[key][k]["errors"] for key, _ in ROWS for k in KINDS)
+    ok = all(res[key][w]["ok"] for key, _ in ROWS for w in ("down", "up"))
+    lines.append("- %s errors %d, every 256 MiB transfer's SHA-256 %s" % (
+        verdict(errors == 0 and ok), errors, "right" if ok else "WRONG"))
+    lines += ["", "The no-NODELAY origin alone, read by a client that ACKs every read at once "
+              "(so Nagle costs nothing there): p99 %.2f ms (median of %d)."
+              % (origin_alone, rounds), ""]
+    return lines
+
+
+def drain_cost(work, secs, rounds):
+    """The default client with its stdout going to a file against the same client with
+    its stdout in a pipe that a thread of this process drains (as bench/run.py did
+    before), and ssh -R, taking turns: what draining in the benchmark costs."""
+    print("preparing nginx, sshd and two default tunnels on 127.0.0.1 ...", flush=True)
+    py_compile.compile(TUNNEL_PY, doraise=True)
+    nginx_port, _ = start_nginx(work, with_big=False)
+    ssh_port = start_ssh(work, nginx_port)[0]
+    rows = [("ssh -R", "http://127.0.0.1:%d/" % ssh_port, None)]
+    for label, output in (("stdout to a file", "file"),
+                          ("stdout to a pipe drained by a thread here", "pipe")):
+        rows.append((label, "http://127.0.0.1:%d/" % start_tunnel(
+            nginx_port, output=output)[0], HOST))
+    runs = {(label, kind): [] for label, _, _ in rows for kind in ("c50", "c1")}
+    own = {label: [] for label, _, _ in rows}   # this process's CPU us per request, c50
+
+    def cpu_self():
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    for i in range(rounds):
+        print("round %d of %d ..." % (i + 1, rounds), flush=True)
+        for label, url, host in rows:
+            before = cpu_self()
+            r = wrk(url + "small", 50, secs, host)
+            own[label].append((cpu_self() - before) * 1e6 / max(1, r["requests"]))
+            runs[label, "c50"].append(r)
+            runs[label, "c1"].append(wrk(url + "small", 1, secs, host))
+    res = {label: {kind: sorted(runs[label, kind], key=lambda r: r["rps"])[rounds // 2]
+                   for kind in ("c50", "c1")} for label, _, _ in rows}
+    lines = ["", "## The default client's stdout: a file against a pipe drained here "
+             "(wrk -t1, %ds, median of %d; %s; load average %.2f at the end)"
+             % (secs, rounds, time.strftime("%Y-%m-%d"), os.getloadavg()[0]),
+             "", "| path | 50 conn rps | 1 conn rps | 50 conn / ssh -R | 1 conn / ssh -R | "
+             "this process's CPU per request at 50 conn | errors |",
+             "|---|---|---|---|---|---|---|"]
+    s = res["ssh -R"]
+    for label, _, _ in rows:
+        r = res[label]
+        lines.append("| %s | %.0f | %.0f | %.2f | %.2f | %.1f us | %d |" % (
+            label, r["c50"]["rps"], r["c1"]["rps"], r["c50"]["rps"] / s["c50"]["rps"],
+            r["c1"]["rps"] / s["c1"]["rps"], sorted(own[label])[rounds // 2],
+            sum(x["errors"] for k in ("c50", "c1") for x in runs[label, k])))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -4,5 +4,5 @@ set -euo pipefail
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
-  nginx-light wrk curl openssh-server openssh-client procps valgrind
-echo "bench tools ready: $(nginx -v 2>&1), $(wrk -v 2>&1 | head -1), $(ssh -V 2>&1), $(valgrind --version)"
+  nginx-light wrk curl openssh-server openssh-client procps valgrind haproxy
+echo "bench tools ready: $(nginx -v 2>&1), $(wrk -v 2>&1 | head -1), $(ssh -V 2>&1), $(valgrind --version), $(haproxy -v | head -1)"

@@ -77,7 +77,7 @@ def main():
 
 def soak(work, total, conns):
     origin_port, origin_kind = start_origin(work)
-    http_port, _, relay, client = bench.start_tunnel(origin_port)
+    http_port, _, relay, client, _ = bench.start_tunnel(origin_port)
     expected = {size: body_for(size) for size in SIZES}
     counter = iter(range(total))
     lock = threading.Lock()
