@@ -2993,9 +2993,10 @@ class ConfigValidationTest(unittest.TestCase):
     def test_every_flag_is_a_config_field_or_translated(self):
         commands = {}
         tunnel.build_parser(commands)
-        translated = {"serve": {"help", "verbose", "quiet", "token", "version"},
+        translated = {"serve": {"help", "verbose", "quiet", "token", "version", "config"},
                       "expose": {"help", "verbose", "quiet", "token", "relay", "target",
-                                 "extra", "basic_auth", "visitor_token", "allow", "deny"}}
+                                 "extra", "basic_auth", "visitor_token", "allow", "deny",
+                                 "config"}}
         for name, config in (("serve", tunnel.RelayConfig), ("expose", tunnel.ClientConfig)):
             dests = {a.dest for a in commands[name]._actions}
             self.assertEqual(dests - set(config.fields()) - translated[name], set(), name)
