@@ -9036,17 +9036,14 @@ def with_config_file(parser: argparse.ArgumentParser, commands: Dict[str, "_Pars
     command = commands[args.command]
     repeatable = {action.dest for action in command._actions
                   if isinstance(action, argparse._AppendAction)}
+    given = vars(args)                   # without the file: a flag given differs from
+    source.overridden(dest for dest in source.values    # its default (or it is the default)
+                      if given[dest] != command.get_default(dest))
     command.set_defaults(**{dest: value for dest, value in source.values.items()
                             if dest not in repeatable})
-    given = vars(args)
     again = parser.parse_args(argv)
     for dest in repeatable & set(source.values):
-        if given[dest] is None:
-            setattr(again, dest, source.values[dest])
-        else:
-            setattr(again, dest, given[dest])
-    source.overridden(dest for dest in source.values
-                      if getattr(again, dest) != source.values[dest])
+        setattr(again, dest, source.values[dest] if given[dest] is None else given[dest])
     again.config_source = source
     return again
 

@@ -305,11 +305,14 @@ STATE_DIR = tempfile.mkdtemp(prefix="tunnel-bench-state-")   # the relay's gener
 os.environ["TUNNEL_STATE_DIR"] = STATE_DIR
 
 
-def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None):
+def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None,
+                 quiet=False):
     """A relay and a client as a user runs them: by default TLS on the control channel
-    (the relay's own certificate, channel binding), access log on; ``plaintext`` runs
-    both with --plaintext, for the TLS-cost row.  With ``proxy_port`` the relay has no
-    control port (--control-port off) and the client reaches it as
+    (the relay's own certificate, channel binding), access log on, written to a file
+    (as ``expose 5000 > log`` would: never into this process, which would compete for
+    the same cores); ``plaintext`` runs both with --plaintext, for the TLS-cost row;
+    ``quiet`` runs the client with -q (no access log).  With ``proxy_port`` the relay
+    has no control port (--control-port off) and the client reaches it as
     ``--relay http://localhost:HTTP_PORT`` through the CONNECT proxy on that port: a
     WebSocket on the visitor port, TLS inside it (control_port is then None)."""
     http_port = free_port()
@@ -329,14 +332,23 @@ def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=
                  "--proxy", "http://127.0.0.1:%d" % proxy_port]
     else:
         route = ["--relay", "127.0.0.1:%d" % control_port]
-    # The client runs as a user would: access log on (one line per request, drained here).
+    # The client runs as a user would: access log on, its stdout a file.
+    out = tempfile.NamedTemporaryFile(prefix="tunnel-client-", suffix=".log", dir=STATE_DIR,
+                                      delete=False)
     client = spawn([python, TUNNEL_PY, "expose", str(nginx_port)] + route
-                   + ["--token", TOKEN, "--subdomain", "bench"]
-                   + plain, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    line = client.stdout.readline().decode()
-    if not line.startswith("Forwarding"):
-        raise SystemExit("tunnel did not come up: %r" % line)
-    threading.Thread(target=lambda: [None for _ in client.stdout], daemon=True).start()
+                   + ["--token", TOKEN, "--subdomain", "bench"] + plain
+                   + (["-q"] if quiet else []), stdout=out, stderr=subprocess.DEVNULL)
+    out.close()
+    deadline = time.monotonic() + 20
+    while True:
+        with open(out.name) as f:
+            line = f.readline()
+        if line.startswith("Forwarding"):
+            break
+        if client.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("tunnel did not come up: %r" % line)
+        time.sleep(0.05)
+    client.output_file = out.name
     return http_port, control_port, relay, client
 
 
@@ -507,6 +519,10 @@ def main():
                     help="only the WebSocket transport through a CONNECT proxy (relay with "
                          "--control-port off, client --relay http://... --proxy ...) against "
                          "the raw control port: 50 and 1 connections, split, 256 MiB each way")
+    ap.add_argument("--access-log", action="store_true",
+                    help="only tunnel.py as a user runs it (the client's access log on, to "
+                         "a file) against the client with -q: 50 and 1 connections taking "
+                         "turns")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -523,6 +539,8 @@ def main():
             tls_cost(work, secs, 1 if args.quick else args.rounds)
         elif args.transport:
             transport(work, secs, 1 if args.quick else args.rounds)
+        elif args.access_log:
+            access_log_cost(work, secs, 1 if args.quick else args.rounds)
         else:
             run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
@@ -566,6 +584,45 @@ def tls_cost(work, secs, rounds):
     lines += ["", "TLS / plaintext: 50 conn %.2f, 1 conn %.2f, download %.2f" % (
         t["c50"]["rps"] / p["c50"]["rps"], t["c1"]["rps"] / p["c1"]["rps"],
         t["down"]["MBps"] / p["down"]["MBps"])]
+    print("\n".join(lines))
+
+
+def access_log_cost(work, secs, rounds):
+    """The client's access log (on by default, its stdout a file) against -q, in one run:
+    the two tunnels take turns, each reports its median run.  Above SUMMARY_RATE
+    requests a second the console prints one summary line a second."""
+    print("preparing nginx and two tunnels (access log on, -q) on 127.0.0.1 ...", flush=True)
+    py_compile.compile(TUNNEL_PY, doraise=True)
+    nginx_port, _ = start_nginx(work, with_big=False)
+    rows = []
+    for label, quiet in (("access log on (default)", False), ("-q", True)):
+        http_port, _, _, client = start_tunnel(nginx_port, quiet=quiet)
+        rows.append((label, "http://127.0.0.1:%d/small" % http_port, client))
+    runs = {(label, kind): [] for label, _, _ in rows for kind in ("c50", "c1")}
+    for i in range(rounds):
+        print("round %d of %d ..." % (i + 1, rounds), flush=True)
+        for label, url, _ in rows:
+            runs[label, "c50"].append(wrk(url, 50, secs, HOST))
+            runs[label, "c1"].append(wrk(url, 1, secs, HOST))
+    res = {}
+    for label, _, client in rows:
+        res[label] = {kind: sorted(runs[label, kind], key=lambda r: r["rps"])[rounds // 2]
+                      for kind in ("c50", "c1")}
+        res[label]["errors"] = sum(r["errors"] for k in ("c50", "c1") for r in runs[label, k])
+        with open(client.output_file) as f:
+            res[label]["lines"] = sum(1 for _ in f)
+    lines = ["", "## The client's access log against -q (wrk -t1, %ds, median of %d; %s)"
+             % (secs, rounds, time.strftime("%Y-%m-%d")), "",
+             "| client output | 50 conn rps | 50 conn p99 | 1 conn rps | 1 conn p99 | "
+             "console lines | errors |", "|---|---|---|---|---|---|---|"]
+    for label, _, _ in rows:
+        r = res[label]
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %d | %d |" % (
+            label, r["c50"]["rps"], r["c50"]["p99"], r["c1"]["rps"], r["c1"]["p99"],
+            r["lines"], r["errors"]))
+    on, quiet = res["access log on (default)"], res["-q"]
+    lines += ["", "access log on / -q: 50 conn %.2f, 1 conn %.2f" % (
+        on["c50"]["rps"] / quiet["c50"]["rps"], on["c1"]["rps"] / quiet["c1"]["rps"])]
     print("\n".join(lines))
 
 
