@@ -1794,6 +1794,14 @@ class AccessSummaryTest(unittest.TestCase):
                   websocket=True, bytes_in=5)
         self.assertEqual(summary.tick(self.T + 3), ["12:00:05  2 requests  101 x2"])
 
+    def test_a_flood_of_records_keeps_bounded_samples(self):
+        summary = tunnel.AccessSummary(rate=0, samples=100)
+        self.feed(summary, 100, self.T, ms=1.0)
+        self.feed(summary, 9900, self.T, ms=5.0)         # a uniform sample of them is kept
+        self.assertEqual(len(summary.durations), 100)
+        self.assertEqual(summary.tick(self.T + 1),        # (P(p50 1.0ms) is below 1e-80)
+                         ["12:00:03  10,000 requests  200 x10,000  p50 5.0ms  p99 5.0ms"])
+
     def test_request_lines(self):
         clock = "12:00:03"
         self.assertEqual(tunnel.access_line(self.record(ms=3.14159), clock),
@@ -8159,6 +8167,11 @@ class ConfigFileTest(unittest.TestCase):
         self.assertEqual(tunnel.ConfigFile(path, "expose", commands).warnings, [])
         path = self.write("[serve]\ndomain = example.com\n", mode=0o644, name="open.ini")
         self.assertEqual(tunnel.ConfigFile(path, "serve", commands).warnings, [])
+        for mode in (0o664, 0o606):                     # anyone here could change it
+            os.chmod(path, mode)
+            self.assertEqual(tunnel.ConfigFile(path, "serve", commands).warnings, [
+                "config %s can be changed by others (mode %03o): chmod go-w %s"
+                % (path, mode, path)])
 
     def test_the_python_api_takes_a_config_file_and_keywords_override_it(self):
         state = tempfile.mkdtemp(prefix="tunnel-state-")

@@ -573,6 +573,7 @@ CONFIG_NOT_SETTABLE = ("help", "config")   # flags a config file cannot set
 CONFIG_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,   # a flag without a
                    "false": False, "no": False, "off": False, "0": False}   # value, in a file
 CONFIG_SECRET_MODE = 0o077              # a file with a secret in it readable beyond its owner
+CONFIG_WRITABLE_MODE = 0o022            # a config file others may change: warned about too
 
 # -- the client's console (the access log) ------------------------------------
 SUMMARY_RATE = 20                       # more lines than this in one second: one summary
@@ -580,6 +581,8 @@ SUMMARY_RATE = 20                       # more lines than this in one second: on
 SUMMARY_CALM = 10                       # ... until a second with at most this many requests
 SUMMARY_PERCENTILES = (50, 99)          # request durations a summary line shows
 SUMMARY_MAX_STATUSES = 8                # statuses a summary line counts by name; the rest: "other"
+SUMMARY_MAX_SAMPLES = 100000            # durations one second keeps for its percentiles (past
+#                                         that, a relay flooding LOG frames: a uniform sample)
 SUMMARY_TICK_SLACK = 0.01               # a second's summary is printed this long after it ends
 SUMMARY_NOTICE = "(busy: one summary line per second)"   # said when the summaries start
 
@@ -8911,7 +8914,10 @@ class ConfigFile:
                 if (name.endswith("token") or name == "basic_auth"
                         or name == "proxy" and "@" in value) and key not in secrets_seen:
                     secrets_seen.append(key)
-        if secrets_seen and os.name == "posix" and mode & CONFIG_SECRET_MODE:
+        if os.name == "posix" and mode & CONFIG_WRITABLE_MODE:
+            self.warnings.append("config %s can be changed by others (mode %03o): chmod "
+                                 "go-w %s" % (path, mode & 0o777, path))
+        elif secrets_seen and os.name == "posix" and mode & CONFIG_SECRET_MODE:
             self.warnings.append("config %s holds %s and others can read it (mode %03o): "
                                  "chmod 600 %s" % (path, ", ".join(secrets_seen),
                                                    mode & 0o777, path))
@@ -9162,15 +9168,18 @@ class AccessSummary:
     the two every second.  A second without any request is calm too.  In summary mode a
     record costs a count and a list append: no line is formatted."""
 
-    def __init__(self, rate: int = SUMMARY_RATE, calm: int = SUMMARY_CALM) -> None:
+    def __init__(self, rate: int = SUMMARY_RATE, calm: int = SUMMARY_CALM,
+                 samples: int = SUMMARY_MAX_SAMPLES) -> None:
         self.rate = rate
         self.calm = calm
+        self.samples = samples
         self.busy = False
         self.second = 0                      # the wall-clock second being counted
         self.clock = ""                      # ... as HH:MM:SS (strftime once a second)
         self.count = 0                       # requests in it
         self.statuses: Dict[int, int] = {}   # summarized requests in it, by status
         self.durations: List[float] = []     # ... their durations (not upgraded ones')
+        self.timed = 0                       # ... how many there were (past ``samples``)
 
     def feed(self, record: Dict[str, Any], now: float) -> List[str]:
         second = int(now)
@@ -9185,8 +9194,14 @@ class AccessSummary:
         status = record["status"]
         statuses = self.statuses
         statuses[status] = statuses.get(status, 0) + 1
-        if not record.get("upgraded"):       # a WebSocket's life is not a response time
-            self.durations.append(record["duration"])
+        if not record.get("upgraded"):       # a WebSocket's life is no response time
+            self.timed += 1
+            if self.timed <= self.samples:
+                self.durations.append(record["duration"])
+            else:                            # a flood: a uniform sample of the second's
+                at = random.randrange(self.timed)
+                if at < self.samples:
+                    self.durations[at] = record["duration"]
         return lines
 
     def tick(self, now: float) -> List[str]:
@@ -9203,6 +9218,7 @@ class AccessSummary:
         self.count = 0
         self.statuses = {}
         self.durations = []
+        self.timed = 0
         return lines
 
     def summary_line(self) -> str:
