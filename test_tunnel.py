@@ -3967,6 +3967,27 @@ class SessionPairTest(unittest.TestCase):
         self.assertEqual(stream.state, StreamState.CLOSED)
         self.assertEqual((self.relay.streams, self.client.streams), ({}, {}))
 
+    def test_log_frames_as_the_docstring_lays_them_out(self):
+        records = []
+        self.client_side.on_access_log = lambda session, record: records.append(record)
+        sent = len(self.relay.out)
+        self.relay.send_log(3, 200, 0.0015, 1234, "GET", "/caf\u00e9?a=1")
+        self.relay.send_log(5, 101, 12.5, 10, "GET", "/ws", bytes_in=20, websocket=True)
+        self.relay.send_log(7, 502, 2.0 ** 33 / 1e6, 2 ** 70, "POST", "/" + "x" * 5000)
+        text = "GET /caf\u00e9?a=1".encode()
+        self.assertEqual(bytes(self.relay.out[sent:sent + 10 + 14 + len(text)]),
+                         struct.pack("!BBII", 13, 0, 3, 14 + len(text))
+                         + struct.pack("!HIQ", 200, 1500, 1234) + text)
+        self.pump(lambda: len(records) == 3)
+        self.assertEqual(records[0], {"method": "GET", "target": "/caf\u00e9?a=1",
+                                      "status": 200, "duration": 0.0015, "bytes": 1234})
+        self.assertEqual(records[1], {"method": "GET", "target": "/ws", "status": 101,
+                                      "duration": 12.5, "bytes": 10, "upgraded": True,
+                                      "websocket": True, "bytes_in": 20})
+        self.assertEqual((records[2]["duration"], records[2]["bytes"]),   # clamped
+                         ((2 ** 32 - 1) / 1e6, 2 ** 64 - 1))
+        self.assertEqual(len(records[2]["target"]), tunnel.MAX_CHUNK_LINE - len("POST "))
+
     def test_flow_control_stops_at_the_window(self):
         self.client_side.auto_consume = False
         stream = self.relay.open_stream({})

@@ -382,6 +382,7 @@ class FrameType(enum.IntEnum):
 FRAME_TYPES = frozenset(int(t) for t in FrameType)
 LOG_FRAME = struct.Struct(FRAME_HEADER.format + LOG_RECORD.format[1:])   # the two in one
 LOG_TYPE = int(FrameType.LOG)           # (an int: an enum member costs a lookup a request)
+LOG_RECORD_SIZE = LOG_RECORD.size
 
 GOAWAY_NORMAL = 0                       # planned shutdown
 
@@ -3927,13 +3928,16 @@ class Session(Conn):
                  websocket: bool = False) -> None:
         """One access-log record; ``bytes_in`` (bytes from the visitor) marks the end of
         an upgraded connection (FLAG_LOG_UPGRADED: only to clients that asked)."""
-        text = (method + " " + target).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
+        text = (method + " " + target).encode("utf-8", "replace")
+        if len(text) > MAX_CHUNK_LINE:
+            text = text[:MAX_CHUNK_LINE]
         micros = int(duration * 1e6)
         if micros > 2 ** 32 - 1:
             micros = 2 ** 32 - 1
-        if bytes_in is None:            # a request: header and record in one pack
-            self._send(LOG_FRAME.pack(LOG_TYPE, 0, stream_id, LOG_RECORD.size + len(text),
-                                      status, micros, min(nbytes, 2 ** 64 - 1)) + text)
+        if bytes_in is None:            # a request (once each: no min(), no extra pack)
+            self._send(LOG_FRAME.pack(LOG_TYPE, 0, stream_id, LOG_RECORD_SIZE + len(text),
+                                      status, micros, nbytes if nbytes < 2 ** 64
+                                      else 2 ** 64 - 1) + text)
             return
         record = (LOG_RECORD.pack(status, micros, min(nbytes, 2 ** 64 - 1))
                   + U64.pack(min(bytes_in, 2 ** 64 - 1)))
@@ -9174,16 +9178,16 @@ class AccessSummary:
         self.calm = calm
         self.samples = samples
         self.busy = False
-        self.second = 0                      # the wall-clock second being counted
+        self.second = 0.0                    # the wall-clock second being counted
+        self.ends = 0.0                      # ... and the next one
         self.clock = ""                      # ... as HH:MM:SS (strftime once a second)
         self.count = 0                       # requests in it
         self.statuses: Dict[int, int] = {}   # summarized requests in it, by status
         self.durations: List[float] = []     # ... their durations (not upgraded ones')
-        self.timed = 0                       # ... how many there were (past ``samples``)
+        self.timed = 0                       # ... how many more there were
 
     def feed(self, record: Dict[str, Any], now: float) -> List[str]:
-        second = int(now)
-        lines = self._roll(second) if second != self.second else []
+        lines = [] if self.second <= now < self.ends else self._roll(int(now))
         self.count += 1
         if not self.busy:
             if self.count <= self.rate:
@@ -9191,29 +9195,34 @@ class AccessSummary:
                 return lines
             self.busy = True
             lines.append("%s %s" % (self.clock, SUMMARY_NOTICE))
-        status = record["status"]
-        statuses = self.statuses
-        statuses[status] = statuses.get(status, 0) + 1
-        if not record.get("upgraded"):       # a WebSocket's life is no response time
+        status = record["status"]       # (the summary's own work, once a request: kept
+        statuses = self.statuses        # to a count and an append)
+        if status in statuses:
+            statuses[status] += 1
+        else:
+            statuses[status] = 1
+        if "upgraded" in record and record["upgraded"]:
+            return lines                # a WebSocket's life is no response time
+        durations = self.durations
+        if len(durations) < self.samples:
+            durations.append(record["duration"])
+        else:                           # a flood: keep a uniform sample of the second's
             self.timed += 1
-            if self.timed <= self.samples:
-                self.durations.append(record["duration"])
-            else:                            # a flood: a uniform sample of the second's
-                at = random.randrange(self.timed)
-                if at < self.samples:
-                    self.durations[at] = record["duration"]
+            at = random.randrange(self.samples + self.timed)
+            if at < self.samples:
+                durations[at] = record["duration"]
         return lines
 
     def tick(self, now: float) -> List[str]:
-        second = int(now)
-        return self._roll(second) if second != self.second else []
+        return [] if self.second <= now < self.ends else self._roll(int(now))
 
     def _roll(self, second: int) -> List[str]:
         """A new second: the last one's summary line; lines again after a calm second."""
         lines = [self.summary_line()] if self.statuses else []
-        if self.busy and (self.count <= self.calm or second > self.second + 1):
+        if self.busy and (self.count <= self.calm or second > self.ends):
             self.busy = False
-        self.second = second
+        self.second = float(second)          # (floats: compared with a float a request)
+        self.ends = self.second + 1.0
         self.clock = time.strftime("%H:%M:%S", time.localtime(second))
         self.count = 0
         self.statuses = {}
@@ -9258,7 +9267,7 @@ class AccessConsole:
             self._arm()
 
     def _arm(self) -> None:
-        delay = self.summary.second + 1 - time.time() + SUMMARY_TICK_SLACK
+        delay = self.summary.ends - time.time() + SUMMARY_TICK_SLACK
         self.timer = self.loop.call_later(max(delay, 0.0), self._tick)
 
     def _tick(self) -> None:
