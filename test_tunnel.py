@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import random
 import re
 import select
@@ -8097,6 +8098,7 @@ class ConfigFileTest(unittest.TestCase):
             ("[serve]\nhttp-prot = 1\n", "[serve] unknown key 'http-prot' (did you mean "
                                           "http-port?)"),
             ("[serve]\nhelp = true\n", "[serve] unknown key 'help'"),
+            ("[DEFAULT]\ntarget = 5000\n", "[DEFAULT] unknown key 'target'"),
             ("[serve]\nconfig = other.ini\n", "[serve] config: one file a run (a config "
                                                "file names no other)"),
             ("[serve]\nsubdomain = x\n", "[serve] subdomain: an option of expose, not of "
@@ -8151,6 +8153,10 @@ class ConfigFileTest(unittest.TestCase):
         path = self.write("[serve]\nmax-streams = 0\n")
         self.assertEqual(self.cli_error(["serve", "--config", path, "--max-streams", "0"]),
                          "tunnel.py: error: --max-streams must be at least 1 (see --help)")
+        path = self.write("[expose]\ntarget = 5000\n", name="client.ini")
+        self.assertEqual(self.cli_error(["expose", "5000", "--config", path]),
+                         "tunnel.py: error: config %s: [expose] target: TARGET goes on the "
+                         "command line" % path)
         path = self.write("[expose]\nsubdomain = -x-\n", name="client.ini")
         self.assertEqual(self.cli_error(["expose", "5000", "--config", path]),
                          "tunnel.py: error: config %s: [expose] subdomain: invalid "
@@ -8206,7 +8212,8 @@ class ConfigFileTest(unittest.TestCase):
         relay = tunnel.serve(config=path, http_port=0, control_port=0)
         self.addCleanup(relay.close)
         self.assertEqual((relay.token, relay.plaintext), (TOKEN, True))
-        handle = tunnel.expose(origin.server_address[1], config=path, relay=relay.relay)
+        handle = tunnel.expose(origin.server_address[1], config=pathlib.Path(path),
+                               relay=relay.relay)
         self.addCleanup(handle.close)
         self.assertEqual(handle.name, "fromfile")
         conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)

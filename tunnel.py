@@ -8263,6 +8263,8 @@ def _api_args(command: str, positional: List[str], options: Dict[str, Any],
             known = sorted(k for k in flags if k not in _API_SKIPPED)
             raise OptionError("%s() got an unexpected keyword argument %r (its options: %s)"
                               % (caller, key, ", ".join(known)))
+    if isinstance(options.get("config"), os.PathLike):
+        options["config"] = os.fspath(options["config"])
     if options.get("config") is not None:     # config="FILE": the keywords override it
         source = ConfigFile(_api_value("config", flags["config"], options["config"]),
                             command, commands)
@@ -8440,7 +8442,9 @@ def expose(target: Any, relay: Any = None, token: Optional[str] = None,
     ``basic_auth="me:secret"``, ``visitor_token=...``, ``allow=["10.0.0.0/8"]``,
     ``target_insecure=True``, ``target_ca=FILE``, ``proxy=URL``, ``tls_ca=FILE``,
     ``tls_fingerprint=...``, ``plaintext=True``, ``connect_timeout=5``,
-    ``quiet=True`` (no access log: ``requests`` stays empty), and so on.
+    ``quiet=True`` (no access log: ``requests`` stays empty), ``config="tunnel.ini"``
+    (the ``[expose]`` and ``[DEFAULT]`` sections of that file; keywords override it),
+    and so on.
 
     ``timeout``: seconds to wait for the tunnel (default API_TIMEOUT).
     ``on_request(RequestLog)`` is called (on the tunnel's thread) for each request;
@@ -8572,7 +8576,8 @@ def serve(**options: Any) -> RunningRelay:
     on the visitor port only), ``bind``, ``domain``, ``token`` (default
     $TUNNEL_TOKEN, else a generated one, in ``.token``), ``tokens`` (a users file),
     ``tls_cert``, ``tls_key``, ``state_dir``, ``plaintext=True``, ``max_visitors``,
-    ``head_timeout`` and so on; defaults as on the command line.
+    ``head_timeout``, ``config="tunnel.ini"`` (its ``[serve]`` and ``[DEFAULT]``
+    sections; keywords override it) and so on; defaults as on the command line.
 
     Raises ``ValueError`` (UsageError) for a bad option, ``OSError`` (ListenError)
     when a port is taken, ``TunnelError`` for unreadable certificates or a bad
@@ -8883,6 +8888,8 @@ class ConfigFile:
         others = [name for name in commands if name != command]
         self.other = others[0] if others else ""
         theirs = commands[self.other].flags() if self.other else {}
+        positional = {action.dest for action in self.parser._actions
+                      if not action.option_strings and action.help != argparse.SUPPRESS}
         text, mode = self._read()
         parsed = self._parse(text)
         sections = self._sections(parsed)
@@ -8902,6 +8909,9 @@ class ConfigFile:
                 if name == "config":
                     raise self.error("%s: one file a run (a config file names no other)"
                                      % label)
+                if name in positional:
+                    raise self.error("%s: %s goes on the command line" % (label,
+                                                                          name.upper()))
                 if name in CONFIG_NOT_SETTABLE or action is None and name not in theirs:
                     raise self.error("[%s] unknown key %r%s" % (section, key,
                                                                 self._hint(name)))
