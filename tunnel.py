@@ -8973,9 +8973,10 @@ class ConfigFile:
             raise self.error("line %s: [%s] %s is set twice"
                              % (exc.lineno, exc.section, exc.option)) from None
         except configparser.ParsingError as exc:
-            lineno, line = exc.errors[0]          # (the line's repr, with its "\\n")
-            raise self.error("line %d: expected KEY = VALUE, not %s"
-                             % (lineno, re.sub(r"\\n(['\"])$", r"\1", line))) from None
+            lineno = exc.errors[0][0]             # (its text: a repr before Python 3.13)
+            lines = text.splitlines()
+            raise self.error("line %d: expected KEY = VALUE, not %r" % (
+                lineno, lines[lineno - 1].strip() if lineno <= len(lines) else "")) from None
         except configparser.Error as exc:
             raise self.error(str(exc).splitlines()[0]) from None
         return parsed
