@@ -53,7 +53,8 @@ Theory of operation: one request, and its response, through both event loops
                -> send_bytes (to the visitor), HTTPParser.feed of the response
                -> _on_response_head (101: a raw pipe from here) and
                   _on_response_end -> Session.send_log (LOG)
-    client   Session._on_log -> Client.on_access_log -> the console line
+    client   Session._on_log -> Client.on_access_log -> AccessConsole (AccessSummary:
+               a line a request, or a summary line a second when busy)
 
 A connection ends in ``Conn.close_socket`` (once; the selector key goes, the
 stream is reset or finished); flow control is ``Stream.consumed`` (WINDOW) and
