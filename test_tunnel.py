@@ -1803,6 +1803,26 @@ class AccessSummaryTest(unittest.TestCase):
         self.assertEqual(summary.tick(self.T + 1),        # (P(p50 1.0ms) is below 1e-80)
                          ["12:00:03  10,000 requests  200 x10,000  p50 5.0ms  p99 5.0ms"])
 
+    def test_the_console_arms_a_timer_when_busy_and_says_the_rest_when_closed(self):
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        lines = []
+        now = [self.T + 0.5]
+        console = tunnel.AccessConsole(loop, lines.append, clock=lambda: now[0])
+        console.summary.rate = 1
+        for _ in range(5):
+            console.record(self.record())
+        self.assertEqual(lines, ["12:00:03 GET / 200 1.2ms 100B",
+                                 "12:00:03 (busy: one summary line per second)"])
+        self.assertIsNotNone(console.timer)               # the second's end comes anyway
+        self.assertAlmostEqual(console.timer.when - time.monotonic(),
+                               0.5 + tunnel.SUMMARY_TICK_SLACK, delta=0.2)
+        console.close()                                   # the client stopped: say it now
+        self.assertEqual(lines[2:], ["12:00:03  4 requests  200 x4  p50 1.2ms  p99 1.2ms"])
+        self.assertIsNone(console.timer)
+        console.close()
+        self.assertEqual(len(lines), 3)
+
     def test_request_lines(self):
         clock = "12:00:03"
         self.assertEqual(tunnel.access_line(self.record(ms=3.14159), clock),
@@ -5971,9 +5991,11 @@ class ConsoleSummaryTest(EndToEndBase):
         return total
 
     def test_a_burst_is_summarized_and_every_request_counted(self):
-        requests = 10 * tunnel.SUMMARY_RATE      # sequential: one second cannot hold
-        c = self.conn()                          # fewer than SUMMARY_RATE of them unless
-        for _ in range(requests):                # they took ten seconds
+        summary = self.client.console.summary
+        summary.rate, summary.calm = 5, 2        # (as at SUMMARY_RATE, sooner)
+        requests = 100                           # sequential: one second cannot hold
+        c = self.conn()                          # fewer than 5 of them unless they
+        for _ in range(requests):                # took twenty seconds
             c.request("GET", "/hello", headers={"Host": "demo.localhost"})
             self.assertEqual(c.getresponse().read(), b"hello")
         # The last second's summary comes when that second ends, without a request.

@@ -9228,6 +9228,14 @@ class AccessSummary:
     def tick(self, now: float) -> List[str]:
         return [] if self.second <= now < self.ends else self._roll(int(now))
 
+    def flush(self) -> List[str]:
+        """The summary of this second so far, now (the client is stopping)."""
+        lines = [self.summary_line()] if self.statuses else []
+        self.statuses = {}
+        self.durations = []
+        self.timed = 0
+        return lines
+
     def _roll(self, second: int) -> List[str]:
         """A new second: the last one's summary line; lines again after a calm second."""
         lines = [self.summary_line()] if self.statuses else []
@@ -9265,29 +9273,39 @@ class AccessConsole:
     ends each second, so a second's summary line comes when the second is over, not
     with the next request."""
 
-    def __init__(self, loop: EventLoop, output: Callable[[str], None]) -> None:
+    def __init__(self, loop: EventLoop, output: Callable[[str], None],
+                 clock: Callable[[], float] = time.time) -> None:
         self.loop = loop
         self.output = output
+        self.clock = clock                   # the wall clock (the lines show its time)
         self.summary = AccessSummary()
         self.timer: Optional[Timer] = None
 
     def record(self, record: Dict[str, Any]) -> None:
         summary = self.summary
-        for line in summary.feed(record, time.time()):
+        for line in summary.feed(record, self.clock()):
             self.output(line)
         if summary.busy and self.timer is None:
             self._arm()
 
     def _arm(self) -> None:
-        delay = self.summary.ends - time.time() + SUMMARY_TICK_SLACK
+        delay = self.summary.ends - self.clock() + SUMMARY_TICK_SLACK
         self.timer = self.loop.call_later(max(delay, 0.0), self._tick)
 
     def _tick(self) -> None:
         self.timer = None
-        for line in self.summary.tick(time.time()):
+        for line in self.summary.tick(self.clock()):
             self.output(line)
         if self.summary.busy:
             self._arm()
+
+    def close(self) -> None:
+        """The client stopped: the requests of a second not summarized yet, now."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for line in self.summary.flush():
+            self.output(line)
 
 
 def _install_signals(loop: EventLoop, on_signal: Callable[[], None],
@@ -9472,13 +9490,16 @@ def visitor_access(args: argparse.Namespace) -> Dict[str, Any]:
 def cmd_expose(args: argparse.Namespace) -> int:
     config = expose_config(args)
     loop = EventLoop()
+    output = LineOutput(loop)
     try:
-        client = Client(config, loop=loop, output=LineOutput(loop))
+        client = Client(config, loop=loop, output=output)
     except TunnelError as exc:       # a malformed proxy variable: the user's to fix
         loop.close()
         raise UsageError(str(exc)) from None
     _install_signals(loop, client.shutdown)
     code = client.run()
+    client.console.close()           # a busy last second's summary, after the loop ended
+    output.flush()
     if client.error and code != EXIT_OK:
         sys.stderr.write("tunnel.py: %s\n" % client.error)
     return code
