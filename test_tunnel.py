@@ -8189,6 +8189,11 @@ class ConfigFileTest(unittest.TestCase):
                                (self.dir, "cannot read it: is a directory")):
             self.assertEqual(self.cli_error(["expose", "5000", "--config", path]),
                              "tunnel.py: error: config %s: %s" % (path, expected))
+        if os.geteuid() != 0:                            # (root reads it anyway)
+            path = self.write("[serve]\n", mode=0, name="secret.ini")
+            self.assertEqual(self.cli_error(["serve", "--config", path]),
+                             "tunnel.py: error: config %s: cannot read it: permission "
+                             "denied" % path)
         path = os.path.join(self.dir, "latin1.ini")
         with open(path, "wb") as f:
             f.write(b"[serve]\ndomain = caf\xe9\n")
