@@ -8,6 +8,7 @@ Three tiers:
 Run with:  python -m unittest -v test_tunnel
 """
 
+import argparse
 import base64
 import concurrent.futures
 import contextlib
@@ -20,6 +21,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import random
 import re
 import select
@@ -1718,6 +1720,135 @@ class UtilityTest(unittest.TestCase):
                 p(bad)
 
 
+class AccessSummaryTest(unittest.TestCase):
+    """The client's console: a line a request, one summary line a second when busy."""
+
+    T = time.mktime((2026, 1, 1, 12, 0, 3, 0, 0, -1))   # 12:00:03 local time
+
+    @staticmethod
+    def record(status=200, ms=1.2, **extra):
+        return dict(dict(method="GET", target="/", status=status, duration=ms / 1000.0,
+                         bytes=100), **extra)
+
+    def feed(self, summary, n, at, **kw):
+        lines = []
+        for _ in range(n):
+            lines += summary.feed(self.record(**kw), at)
+        return lines
+
+    def test_the_summary_line(self):
+        summary = tunnel.AccessSummary(rate=0)
+        lines = self.feed(summary, 10000, self.T + 0.1)
+        self.assertEqual(lines, ["12:00:03 (busy: one summary line per second)"])
+        lines += self.feed(summary, 4000 - 20, self.T + 0.2, ms=2.0)
+        lines += self.feed(summary, 20, self.T + 0.3, status=404, ms=2.0)
+        lines += self.feed(summary, 210, self.T + 0.9, ms=3.4)
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(summary.tick(self.T + 0.99), [])           # the second is not over
+        self.assertEqual(summary.tick(self.T + 1.01), [
+            "12:00:03  14,210 requests  200 x14,190  404 x20  p50 1.2ms  p99 3.4ms"])
+        self.assertEqual(summary.tick(self.T + 1.5), [])
+
+    def test_lines_then_summaries_then_lines_again(self):
+        summary = tunnel.AccessSummary()
+        self.assertEqual((summary.rate, summary.calm), (tunnel.SUMMARY_RATE,
+                                                        tunnel.SUMMARY_CALM))
+        lines = self.feed(summary, 20, self.T + 0.5)
+        self.assertEqual(lines, ["12:00:03 GET / 200 1.2ms 100B"] * 20)
+        self.assertEqual(self.feed(summary, 6, self.T + 0.6),
+                         ["12:00:03 (busy: one summary line per second)"])
+        # The next second: the last one's summary (its 6 requests not printed as lines).
+        self.assertEqual(self.feed(summary, 11, self.T + 1.2), [
+            "12:00:03  6 requests  200 x6  p50 1.2ms  p99 1.2ms"])
+        self.assertEqual(summary.tick(self.T + 2.01), [
+            "12:00:04  11 requests  200 x11  p50 1.2ms  p99 1.2ms"])
+        # Hysteresis: 15 a second is below the rate that started it, but not calm.
+        for second in (2, 3):
+            self.assertEqual(self.feed(summary, 15, self.T + second + 0.5), [])
+            self.assertEqual(summary.tick(self.T + second + 1.01), [
+                "%s  15 requests  200 x15  p50 1.2ms  p99 1.2ms"
+                % time.strftime("%H:%M:%S", time.localtime(self.T + second))])
+            self.assertTrue(summary.busy)
+        self.feed(summary, tunnel.SUMMARY_CALM, self.T + 4.5)
+        self.assertEqual(len(summary.tick(self.T + 5.01)), 1)       # 12:00:07: calm
+        self.assertFalse(summary.busy)
+        self.assertEqual(self.feed(summary, 15, self.T + 5.5),
+                         ["12:00:08 GET / 200 1.2ms 100B"] * 15)    # below the rate
+
+    def test_a_second_without_requests_ends_the_summaries(self):
+        summary = tunnel.AccessSummary(rate=2)
+        self.assertEqual(len(self.feed(summary, 50, self.T)), 3)     # 2 lines, the notice
+        self.assertEqual(summary.tick(self.T + 1.01), [
+            "12:00:03  48 requests  200 x48  p50 1.2ms  p99 1.2ms"])
+        self.assertTrue(summary.busy)                 # 48 > calm: the next second decides
+        self.assertEqual(summary.tick(self.T + 2.01), [])
+        self.assertFalse(summary.busy)
+        # Only a gap between two requests (no tick in between): calm all the same.
+        self.feed(summary, 50, self.T + 10)
+        self.assertEqual(len(self.feed(summary, 1, self.T + 12)), 2)   # summary, a line
+        self.assertFalse(summary.busy)
+
+    def test_one_request_statuses_past_the_cap_and_websockets(self):
+        summary = tunnel.AccessSummary(rate=0)
+        self.feed(summary, 1, self.T)
+        self.assertEqual(summary.tick(self.T + 1), [
+            "12:00:03  1 request  200 x1  p50 1.2ms  p99 1.2ms"])
+        for status in range(200, 210):                # 10 statuses: 8 named, 2 "other"
+            self.feed(summary, status - 190, self.T + 1.5, status=status)
+        self.feed(summary, 3, self.T + 1.5, status=101, ms=9000.0, upgraded=True,
+                  websocket=True, bytes_in=5)
+        line = summary.tick(self.T + 2)[0]
+        self.assertEqual(line, "12:00:04  148 requests  202 x12  203 x13  204 x14  205 x15  "
+                         "206 x16  207 x17  208 x18  209 x19  other x24  p50 1.2ms  "
+                         "p99 1.2ms")                 # a WebSocket's life is no duration
+        self.feed(summary, 2, self.T + 2.5, status=101, ms=9000.0, upgraded=True,
+                  websocket=True, bytes_in=5)
+        self.assertEqual(summary.tick(self.T + 3), ["12:00:05  2 requests  101 x2"])
+
+    def test_a_flood_of_records_keeps_bounded_samples(self):
+        summary = tunnel.AccessSummary(rate=0, samples=100)
+        self.feed(summary, 100, self.T, ms=1.0)
+        self.feed(summary, 9900, self.T, ms=5.0)         # a uniform sample of them is kept
+        self.assertEqual(len(summary.durations), 100)
+        self.assertEqual(summary.tick(self.T + 1),        # (P(p50 1.0ms) is below 1e-80)
+                         ["12:00:03  10,000 requests  200 x10,000  p50 5.0ms  p99 5.0ms"])
+
+    def test_the_console_arms_a_timer_when_busy_and_says_the_rest_when_closed(self):
+        loop = tunnel.EventLoop()
+        self.addCleanup(loop.close)
+        lines = []
+        now = [self.T + 0.5]
+        console = tunnel.AccessConsole(loop, lines.append, clock=lambda: now[0])
+        console.summary.rate = 1
+        for _ in range(5):
+            console.record(self.record())
+        self.assertEqual(lines, ["12:00:03 GET / 200 1.2ms 100B",
+                                 "12:00:03 (busy: one summary line per second)"])
+        self.assertIsNotNone(console.timer)               # the second's end comes anyway
+        self.assertAlmostEqual(console.timer.when - time.monotonic(),
+                               0.5 + tunnel.SUMMARY_TICK_SLACK, delta=0.2)
+        console.close()                                   # the client stopped: say it now
+        self.assertEqual(lines[2:], ["12:00:03  4 requests  200 x4  p50 1.2ms  p99 1.2ms"])
+        self.assertIsNone(console.timer)
+        console.close()
+        self.assertEqual(len(lines), 3)
+
+    def test_request_lines(self):
+        clock = "12:00:03"
+        self.assertEqual(tunnel.access_line(self.record(ms=3.14159), clock),
+                         "12:00:03 GET / 200 3.1ms 100B")
+        websocket = self.record(status=101, ms=12345, upgraded=True, websocket=True,
+                                bytes_in=1234, bytes=3482)
+        self.assertEqual(tunnel.access_line(websocket, clock),
+                         "12:00:03 GET / 101 WebSocket 12.3s 1.2KB in 3.4KB out")
+        self.assertEqual(tunnel.access_line(dict(websocket, websocket=False, duration=0.5),
+                                            clock),
+                         "12:00:03 GET / 101 upgraded 500.0ms 1.2KB in 3.4KB out")
+        self.assertEqual(tunnel.access_line(dict(self.record(), target="/\x1b[2J?token=x"),
+                                            clock),
+                         "12:00:03 GET /\\x1b[2J?token=[secret] 200 1.2ms 100B")
+
+
 class AccessUnitTest(unittest.TestCase):
     def test_password_hashes(self):
         h = tunnel.hash_password("pw", iterations=1000)
@@ -3074,9 +3205,10 @@ class ConfigValidationTest(unittest.TestCase):
     def test_every_flag_is_a_config_field_or_translated(self):
         commands = {}
         tunnel.build_parser(commands)
-        translated = {"serve": {"help", "verbose", "quiet", "token", "version"},
+        translated = {"serve": {"help", "verbose", "quiet", "token", "version", "config"},
                       "expose": {"help", "verbose", "quiet", "token", "relay", "target",
-                                 "extra", "basic_auth", "visitor_token", "allow", "deny"}}
+                                 "extra", "basic_auth", "visitor_token", "allow", "deny",
+                                 "config"}}
         for name, config in (("serve", tunnel.RelayConfig), ("expose", tunnel.ClientConfig)):
             dests = {a.dest for a in commands[name]._actions}
             self.assertEqual(dests - set(config.fields()) - translated[name], set(), name)
@@ -3938,6 +4070,27 @@ class SessionPairTest(unittest.TestCase):
         self.assertEqual(bytes(self.relay_side.data), b"pong")
         self.assertEqual(stream.state, StreamState.CLOSED)
         self.assertEqual((self.relay.streams, self.client.streams), ({}, {}))
+
+    def test_log_frames_as_the_docstring_lays_them_out(self):
+        records = []
+        self.client_side.on_access_log = lambda session, record: records.append(record)
+        sent = len(self.relay.out)
+        self.relay.send_log(3, 200, 0.0015, 1234, "GET", "/caf\u00e9?a=1")
+        self.relay.send_log(5, 101, 12.5, 10, "GET", "/ws", bytes_in=20, websocket=True)
+        self.relay.send_log(7, 502, 2.0 ** 33 / 1e6, 2 ** 70, "POST", "/" + "x" * 5000)
+        text = "GET /caf\u00e9?a=1".encode()
+        self.assertEqual(bytes(self.relay.out[sent:sent + 10 + 14 + len(text)]),
+                         struct.pack("!BBII", 13, 0, 3, 14 + len(text))
+                         + struct.pack("!HIQ", 200, 1500, 1234) + text)
+        self.pump(lambda: len(records) == 3)
+        self.assertEqual(records[0], {"method": "GET", "target": "/caf\u00e9?a=1",
+                                      "status": 200, "duration": 0.0015, "bytes": 1234})
+        self.assertEqual(records[1], {"method": "GET", "target": "/ws", "status": 101,
+                                      "duration": 12.5, "bytes": 10, "upgraded": True,
+                                      "websocket": True, "bytes_in": 20})
+        self.assertEqual((records[2]["duration"], records[2]["bytes"]),   # clamped
+                         ((2 ** 32 - 1) / 1e6, 2 ** 64 - 1))
+        self.assertEqual(len(records[2]["target"]), tunnel.MAX_CHUNK_LINE - len("POST "))
 
     def test_flow_control_stops_at_the_window(self):
         self.client_side.auto_consume = False
@@ -5904,6 +6057,46 @@ class AccessLogMaskTest(EndToEndBase):
         self.assertEqual(tunnel.logged_target("/p?flag&x=1&=v&&token"), "/p?flag&x=1&=v&&token")
         self.assertEqual(tunnel.logged_target("/?x=1#&token=s"), "/?x=1#&token=[secret]")
         self.assertEqual(tunnel.logged_target("/x#token=s"), "/x#token=[secret]")
+
+
+class ConsoleSummaryTest(EndToEndBase):
+    """Many requests a second: the client's console turns to one summary line a second,
+    and every request is in exactly one line."""
+
+    SUMMARY = re.compile(r"^\d\d:\d\d:\d\d  ([\d,]+) requests?  200 x([\d,]+)  "
+                         r"p50 \d+\.\dms  p99 \d+\.\dms$")
+    LINE = re.compile(r"^\d\d:\d\d:\d\d GET /hello 200 \d+\.\dms \d+B$")
+
+    def counted(self):
+        total = 0
+        for line in list(self.lines):
+            m = self.SUMMARY.match(line)
+            if m is not None:
+                self.assertEqual(m.group(1), m.group(2))
+                total += int(m.group(1).replace(",", ""))
+            elif self.LINE.match(line):
+                total += 1
+        return total
+
+    def test_a_burst_is_summarized_and_every_request_counted(self):
+        summary = self.client.console.summary
+        summary.rate, summary.calm = 5, 2        # (as at SUMMARY_RATE, sooner)
+        requests = 100                           # sequential: one second cannot hold
+        c = self.conn()                          # fewer than 5 of them unless they
+        for _ in range(requests):                # took twenty seconds
+            c.request("GET", "/hello", headers={"Host": "demo.localhost"})
+            self.assertEqual(c.getresponse().read(), b"hello")
+        # The last second's summary comes when that second ends, without a request.
+        wait_until(lambda: self.counted() == requests, what="all requests on the console")
+        notices = [line for line in self.lines if line.endswith(tunnel.SUMMARY_NOTICE)]
+        self.assertGreaterEqual(len(notices), 1)
+        self.assertTrue(any(self.SUMMARY.match(line) for line in self.lines))
+        self.assertLessEqual(len(self.lines), 1 + requests // 2)   # Forwarding, lines...
+        self.assertEqual(self.counted(), requests)
+        wait_until(lambda: not self.client.console.summary.busy, what="calm again")
+        wait_until(lambda: self.client.console.timer is None, what="the timer to stop")
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        wait_until(lambda: self.LINE.match(self.lines[-1]), what="a request line again")
 
 
 class UpgradeLogTest(EndToEndBase):
@@ -8580,6 +8773,330 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn(b"Traceback", err)
 
 
+def config_example(command):
+    """README's example section of ``command``'s config file: every long flag it has at
+    its default (commented out), or a placeholder in capitals where there is none."""
+    commands = {}
+    tunnel.build_parser(commands)
+    lines = ["[%s]" % command]
+    for action in commands[command]._actions:
+        flags = [flag[2:] for flag in action.option_strings if flag.startswith("--")]
+        if not flags or flags[0] in tunnel.CONFIG_NOT_SETTABLE:
+            continue
+        if action.nargs == 0:
+            value = "true" if action.default else "false"
+        elif action.default is not None:
+            value = str(action.default)
+        else:
+            value = action.metavar or ("|".join(action.choices) if action.choices
+                                       else action.dest.upper())
+            if isinstance(action, argparse._AppendAction):
+                value = "%s, %s" % (value, value)
+        lines.append("# %s = %s" % (flags[0], value))
+    return lines
+
+
+def readme_config_example(command):
+    """The lines of README's ```ini block that starts with ``[command]``."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.find("```ini\n[%s]\n" % command)
+    if start < 0:
+        return []
+    block = text[start + len("```ini\n"):]
+    return block[:block.find("```")].rstrip("\n").split("\n")
+
+
+class ConfigFileTest(unittest.TestCase):
+    """serve --config FILE and expose --config FILE: precedence, values, errors."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="tunnel-config-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        for name in ("TUNNEL_TOKEN", "TUNNEL_RELAY", "TUNNEL_USER"):
+            if name in os.environ:
+                self.addCleanup(os.environ.__setitem__, name, os.environ.pop(name))
+            else:
+                self.addCleanup(os.environ.pop, name, None)
+
+    def write(self, text, mode=0o600, name="tunnel.ini"):
+        path = os.path.join(self.dir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    @staticmethod
+    def parsed(argv):
+        """The namespace main runs a command with (the file's values applied)."""
+        commands = {}
+        parser = tunnel.build_parser(commands)
+        args = parser.parse_args(argv)
+        return tunnel.with_config_file(parser, commands, argv, args) if args.config else args
+
+    def expose(self, *argv):
+        return tunnel.expose_config(self.parsed(["expose"] + list(argv)))
+
+    def serve(self, *argv):
+        return tunnel.serve_config(self.parsed(["serve"] + list(argv)))[0]
+
+    def cli_error(self, argv):
+        """main's one line on stderr for ``argv`` (exit status 2)."""
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(tunnel.main(argv), 2, argv)
+        self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
+        self.assertNotIn("Traceback", err.getvalue())
+        return err.getvalue().rstrip("\n")
+
+    def test_flags_override_the_file_which_overrides_the_environment(self):
+        path = self.write("[DEFAULT]\ntoken = file-token-0123456789\n\n"
+                          "[expose]\nrelay = file.example:7000\nsubdomain = fromfile\n"
+                          "connect-timeout = 3\nallow = 10.0.0.0/8\n  192.168.0.0/16, ::1\n"
+                          "tls = on\n")
+        os.environ.update(TUNNEL_TOKEN="env-token-0123456789", TUNNEL_RELAY="env.example:1",
+                          TUNNEL_USER="env-user")
+        cfg = self.expose("5000", "--config", path)
+        self.assertEqual((cfg.token, cfg.relay_host, cfg.relay_port, cfg.user),
+                         ("file-token-0123456789", "file.example", 7000, "env-user"))
+        self.assertEqual((cfg.subdomain, cfg.connect_timeout, cfg.tls), ("fromfile", 3.0, True))
+        self.assertEqual(cfg.access["allow"], ["10.0.0.0/8", "192.168.0.0/16", "::1"])
+        self.assertEqual(cfg.heartbeat_interval, tunnel.HEARTBEAT_INTERVAL)   # default
+        cfg = self.expose("5000", "--config", path, "--token", "flag-token-0123456789",
+                          "--relay", "flag.example:2", "--connect-timeout", "4",
+                          "--allow", "1.2.3.4", "--user", "flag-user")
+        self.assertEqual((cfg.token, cfg.relay_host, cfg.connect_timeout, cfg.user),
+                         ("flag-token-0123456789", "flag.example", 4.0, "flag-user"))
+        self.assertEqual(cfg.access["allow"], ["1.2.3.4"])    # replaced, not added to
+        self.assertEqual(cfg.subdomain, "fromfile")
+        cfg = self.expose("5000")
+        self.assertEqual((cfg.token, cfg.relay_host), ("env-token-0123456789", "env.example"))
+        # The relay alike: its token from the file, not from TUNNEL_TOKEN nor generated.
+        path = self.write("[DEFAULT]\ntoken = file-token-0123456789\n[serve]\n"
+                          "http-port = 9999\ndomain = example.com\n", name="relay.ini")
+        cfg = self.serve("--config", path, "--http-port", "0")
+        self.assertEqual((cfg.token, cfg.http_port, cfg.domain, cfg.control_port),
+                         ("file-token-0123456789", 0, "example.com",
+                          tunnel.DEFAULT_CONTROL_PORT))
+
+    def test_values_as_the_flags_take_them(self):
+        path = self.write("[DEFAULT]\ntoken = shared-token-0123456789\nquiet = yes\n"
+                          "heartbeat_interval = 5\n\n"
+                          "[serve]\nControl-Port = off\nplaintext = TRUE\n"
+                          "trusted-proxy = 10.0.0.0/8,192.168.0.0/16\n"
+                          "heartbeat-interval = 2.5\n; a comment\n# another\n"
+                          "basic-auth-unused-here =\n".replace("basic-auth-unused-here =\n",
+                                                              "")
+                          + "[expose]\nplaintext = off\nbasic-auth = me:p%ss$word\n"
+                          "host-header = rewrite\n")
+        args = self.parsed(["serve", "--config", path])
+        self.assertTrue(args.quiet)
+        cfg = tunnel.serve_config(args)[0]
+        self.assertEqual((cfg.control_port, cfg.plaintext, cfg.heartbeat_interval),
+                         (None, True, 2.5))                  # the section over [DEFAULT]
+        self.assertEqual(cfg.trusted_proxies, ("10.0.0.0/8", "192.168.0.0/16"))
+        cfg = self.expose("5000", "--config", path)
+        self.assertEqual((cfg.plaintext, cfg.heartbeat_interval, cfg.access_log,
+                          cfg.host_header), (False, 5.0, False, "rewrite"))
+        self.assertTrue(tunnel.verify_password("p%ss$word", cfg.access["basic_auth"]["hash"]))
+        for word, value in tunnel.CONFIG_BOOLEANS.items():
+            path = self.write("[serve]\nplaintext = %s\n" % word.upper(), name="b.ini")
+            self.assertIs(self.parsed(["serve", "--config", path]).plaintext, value, word)
+
+    def test_errors_name_the_file_and_the_key(self):
+        os.environ["TUNNEL_TOKEN"] = TOKEN
+        cases = [
+            ("[serve]\nfoo = 1\n", "[serve] unknown key 'foo'"),
+            ("[serve]\nhttp-prot = 1\n", "[serve] unknown key 'http-prot' (did you mean "
+                                          "http-port?)"),
+            ("[serve]\nhelp = true\n", "[serve] unknown key 'help'"),
+            ("[DEFAULT]\ntarget = 5000\n", "[DEFAULT] unknown key 'target'"),
+            ("[serve]\nconfig = other.ini\n", "[serve] config: one file a run (a config "
+                                               "file names no other)"),
+            ("[serve]\nsubdomain = x\n", "[serve] subdomain: an option of expose, not of "
+                                          "serve (put it in [expose])"),
+            ("[DEFAULT]\nsubdomain = x\n", "[DEFAULT] subdomain: only expose has it (put "
+                                            "it in [expose])"),
+            ("[DEFAULT]\ndomain = x\n", "[DEFAULT] domain: only serve has it (put it in "
+                                         "[serve])"),
+            ("[server]\nhttp-port = 1\n", "unknown section [server] (expected [serve], "
+                                           "[expose], [DEFAULT])"),
+            ("[expose]\nsubdomain = x\n", "no [serve] section (nor [DEFAULT])"),
+            ("", "no [serve] section (nor [DEFAULT])"),
+            ("http-port = 1\n", "line 1: 'http-port = 1' comes before any section (such as "
+                                "[serve])"),
+            ("[serve]\njunk\n", "line 2: expected KEY = VALUE, not 'junk'"),
+            ("[serve]\nhttp-port = 1\nhttp-port = 2\n", "line 3: [serve] http-port is set "
+                                                        "twice"),
+            ("[serve]\n[serve]\n", "line 2: section [serve] appears twice"),
+            ("[serve]\n[Serve]\n", "sections [serve] and [Serve] are the same"),
+            ("[serve]\nhttp_port = 1\nhttp-port = 2\n", "[serve] http_port and http-port "
+                                                        "are the same key"),
+            ("[serve]\nhttp-port = x\n", "[serve] http-port: invalid int value: 'x'"),
+            ("[serve]\ncontrol-port = of\n", "[serve] control-port: 'of' is neither a port "
+                                              "number nor 'off'"),
+            ("[serve]\npublic-scheme = ftp\n", "[serve] public-scheme: invalid choice: "
+                                                "'ftp' (choose from 'http', 'https')"),
+            ("[serve]\nplaintext = maybe\n", "[serve] plaintext: expected true or false, "
+                                              "not 'maybe'"),
+            ("[serve]\ndomain = a\n  b\n", "[serve] domain: one value, not 2 lines (only a "
+                                           "repeatable flag takes several)"),
+            # validate()'s own words, and which key of the file they are about
+            ("[serve]\nmax-streams = 0\n", "[serve] max-streams: --max-streams must be at "
+                                            "least 1"),
+            ("[serve]\nplaintext = yes\ncontrol-tls-cert = x.pem\n",
+             "[serve] plaintext, [serve] control-tls-cert: --plaintext and --control-tls-cert "
+             "exclude each other"),
+        ]
+        for text, expected in cases:
+            with self.subTest(text=text):
+                path = self.write(text)
+                self.assertEqual(self.cli_error(["serve", "--config", path]),
+                                 "tunnel.py: error: config %s: %s" % (path, expected))
+                with self.assertRaises(ValueError) as cm:       # the API says the same
+                    tunnel.serve(config=path, http_port=0, control_port=0)
+                self.assertEqual(str(cm.exception), "config %s: %s" % (path, expected))
+        # The same words as the flag's own (which says where it was: no file).
+        self.assertEqual(self.cli_error(["serve", "--http-port", "x"]),
+                         "tunnel.py: error: argument --http-port: invalid int value: 'x' "
+                         "(see --help)")
+        self.assertEqual(self.cli_error(["serve", "--max-streams", "0"]),
+                         "tunnel.py: error: --max-streams must be at least 1 (see --help)")
+        path = self.write("[serve]\nmax-streams = 0\n")
+        self.assertEqual(self.cli_error(["serve", "--config", path, "--max-streams", "0"]),
+                         "tunnel.py: error: --max-streams must be at least 1 (see --help)")
+        path = self.write("[expose]\ntarget = 5000\n", name="client.ini")
+        self.assertEqual(self.cli_error(["expose", "5000", "--config", path]),
+                         "tunnel.py: error: config %s: [expose] target: TARGET goes on the "
+                         "command line" % path)
+        path = self.write("[expose]\nsubdomain = -x-\n", name="client.ini")
+        self.assertEqual(self.cli_error(["expose", "5000", "--config", path]),
+                         "tunnel.py: error: config %s: [expose] subdomain: invalid "
+                         "--subdomain '-x-': use a-z, 0-9 and inner hyphens, 1-63 characters"
+                         % path)
+        missing = os.path.join(self.dir, "missing.ini")
+        for path, expected in ((missing, "cannot read it: no such file or directory"),
+                               (self.dir, "cannot read it: is a directory")):
+            self.assertEqual(self.cli_error(["expose", "5000", "--config", path]),
+                             "tunnel.py: error: config %s: %s" % (path, expected))
+        if os.geteuid() != 0:                            # (root reads it anyway)
+            path = self.write("[serve]\n", mode=0, name="secret.ini")
+            self.assertEqual(self.cli_error(["serve", "--config", path]),
+                             "tunnel.py: error: config %s: cannot read it: permission "
+                             "denied" % path)
+        path = os.path.join(self.dir, "latin1.ini")
+        with open(path, "wb") as f:
+            f.write(b"[serve]\ndomain = caf\xe9\n")
+        self.assertEqual(self.cli_error(["serve", "--config", path]),
+                         "tunnel.py: error: config %s: line 2: not UTF-8 text" % path)
+        path = self.write("#" * tunnel.CONFIG_MAX_SIZE + "\n[serve]\n", name="big.ini")
+        self.assertEqual(self.cli_error(["serve", "--config", path]),
+                         "tunnel.py: error: config %s: larger than 1024 KiB: not a settings "
+                         "file" % path)
+
+    def test_a_secret_in_a_file_others_can_read_is_warned_about(self):
+        commands = {}
+        tunnel.build_parser(commands)
+        text = ("[DEFAULT]\ntoken = %s\n[expose]\nvisitor-token = abcdefgh\n"
+                "proxy = http://me:pw@proxy:3128\n[serve]\ndomain = example.com\n" % TOKEN)
+        path = self.write(text, mode=0o640)
+        source = tunnel.ConfigFile(path, "expose", commands)
+        self.assertEqual(source.warnings, [
+            "config %s holds token, visitor-token, proxy and others can read it (mode 640): "
+            "chmod 600 %s" % (path, path)])
+        self.assertEqual(tunnel.ConfigFile(path, "serve", commands).warnings, [
+            "config %s holds token and others can read it (mode 640): chmod 600 %s"
+            % (path, path)])
+        os.chmod(path, 0o600)
+        self.assertEqual(tunnel.ConfigFile(path, "expose", commands).warnings, [])
+        path = self.write("[serve]\ndomain = example.com\n", mode=0o644, name="open.ini")
+        self.assertEqual(tunnel.ConfigFile(path, "serve", commands).warnings, [])
+        for mode in (0o664, 0o606):                     # anyone here could change it
+            os.chmod(path, mode)
+            self.assertEqual(tunnel.ConfigFile(path, "serve", commands).warnings, [
+                "config %s can be changed by others (mode %03o): chmod go-w %s"
+                % (path, mode, path)])
+
+    def test_the_python_api_takes_a_config_file_and_keywords_override_it(self):
+        state = tempfile.mkdtemp(prefix="tunnel-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        origin = start_origin(self)
+        path = self.write("[DEFAULT]\ntoken = %s\nplaintext = true\n"
+                          "heartbeat-interval = 0.2\nheartbeat-timeout = 1\n"
+                          "[serve]\nhttp-port = 1\ncontrol-port = 1\nstate-dir = %s\n"
+                          "[expose]\nsubdomain = fromfile\nrelay = 127.0.0.1:1\n"
+                          % (TOKEN, state))
+        relay = tunnel.serve(config=path, http_port=0, control_port=0)
+        self.addCleanup(relay.close)
+        self.assertEqual((relay.token, relay.plaintext), (TOKEN, True))
+        handle = tunnel.expose(origin.server_address[1], config=pathlib.Path(path),
+                               relay=relay.relay)
+        self.addCleanup(handle.close)
+        self.assertEqual(handle.name, "fromfile")
+        conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=WAIT)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/hello", headers={"Host": "fromfile.localhost"})
+        self.assertEqual(conn.getresponse().read(), b"hello")
+        with self.assertRaisesRegex(ValueError, r"\[expose\] relay: invalid --relay"):
+            tunnel.expose(5000, config=self.write("[expose]\nrelay = a:b:c\ntoken = %s\n"
+                                                  % TOKEN, name="bad.ini"))
+
+    def test_serve_and_expose_from_one_file(self):
+        http_port, control_port = free_port(), free_port()
+        origin = start_origin(self)
+        path = self.write("# one file, both sides\n[DEFAULT]\ntoken = %s\nplaintext = yes\n"
+                          "grace = 0.5\n\n"
+                          "[serve]\nbind = 127.0.0.1\nhttp-port = %d\ncontrol-port = %d\n\n"
+                          "[expose]\nrelay = 127.0.0.1:%d\nsubdomain = ini\n"
+                          % (TOKEN, http_port, control_port, control_port), mode=0o644)
+        env = dict(os.environ, **{tunnel.STATE_DIR_ENV: self.dir})
+        procs = []
+        for argv in (["serve", "--config", path],
+                     ["expose", str(origin.server_address[1]), "--config", path]):
+            p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY] + argv,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            procs.append(p)
+            self.addCleanup(p.communicate, timeout=WAIT)
+            self.addCleanup(lambda p=p: p.poll() is None and p.kill())
+            if argv[0] == "serve":
+                wait_until(lambda: CommandLineTest.port_open(control_port), what="the relay")
+        line = procs[1].stdout.readline().decode().strip()
+        self.assertEqual(line, "Forwarding http://ini.localhost:%d -> http://127.0.0.1:%d"
+                         % (http_port, origin.server_address[1]))
+        c = http.client.HTTPConnection("127.0.0.1", http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("GET", "/hello", headers={"Host": "ini.localhost"})
+        self.assertEqual(c.getresponse().read(), b"hello")
+        c.close()
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=WAIT)
+            self.assertEqual(p.returncode, 0, err)
+            self.assertIn(("config %s holds token and others can read it (mode 644): "
+                           "chmod 600 %s" % (path, path)).encode(), err)
+            self.assertNotIn(b"Traceback", err)
+
+    def test_readme_shows_every_key_at_its_default(self):
+        for command in ("serve", "expose"):
+            expected = config_example(command)
+            self.assertEqual(readme_config_example(command), expected,
+                             "README.md's example of [%s] should read:\n\n```ini\n%s\n```"
+                             % (command, "\n".join(expected)))
+            # Its lines with a default, uncommented, are valid settings: the defaults.
+            commands = {}
+            parser = tunnel.build_parser(commands)
+            defaults = vars(parser.parse_args([command] + (["5000"] if command == "expose"
+                                                            else [])))
+            flags = commands[command].flags()
+            text = "\n".join(line[2:] if line.startswith("# ") and (
+                flags[line[2:].partition(" ")[0].replace("-", "_")].default is not None)
+                else line for line in expected)
+            source = tunnel.ConfigFile(self.write(text), command, commands)
+            self.assertGreater(len(source.values), 10)
+            for dest, value in source.values.items():
+                self.assertEqual(value, defaults[dest], dest)
+
+
 class UsabilityTest(EndToEndBase):
     def setUp(self):
         self.capture = self.capture_logs(logging.DEBUG)
@@ -9608,10 +10125,11 @@ class TransportAbuseTest(EndToEndBase):
     refusals, frames without end before authentication, every client behind one load
     balancer sharing one source, and clients at the wrong port left waiting."""
 
-    setUp = WebSocketRelayTests.setUp
+    RELAY = False
+    CAPTURE = logging.DEBUG
+    CLIENT = None
     upgrade = WebSocketRelayTests.upgrade
     read_head = WebSocketRelayTests.read_head
-    status_of = WebSocketRelayTests.status_of
 
     def test_upgrade_to_a_tunnel_name_is_never_forwarded(self):
         relay = self.start_relay(control_port=None)

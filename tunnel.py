@@ -54,7 +54,8 @@ Theory of operation: one request, and its response, through both event loops
                -> send_bytes (to the visitor), HTTPParser.feed of the response
                -> _on_response_head (101: a raw pipe from here) and
                   _on_response_end -> Session.send_log (LOG)
-    client   Session._on_log -> Client.on_access_log -> the console line
+    client   Session._on_log -> Client.on_access_log -> AccessConsole (AccessSummary:
+               a line a request, or a summary line a second when busy)
 
 A connection ends in ``Conn._leave`` (closed by ``close_socket`` or handed on by
 ``detach``), which runs its ``connection_lost`` once: the selector key goes, what it
@@ -395,6 +396,9 @@ class FrameType(enum.IntEnum):
 
 
 FRAME_TYPES = frozenset(int(t) for t in FrameType)
+LOG_FRAME = struct.Struct(FRAME_HEADER.format + LOG_RECORD.format[1:])   # the two in one
+LOG_TYPE = int(FrameType.LOG)           # (an int: an enum member costs a lookup a request)
+LOG_RECORD_SIZE = LOG_RECORD.size
 
 GOAWAY_NORMAL = 0                       # planned shutdown
 
@@ -603,6 +607,24 @@ LISTEN_BACKLOG = 1024
 FD_LIMIT_WANTED = 65536                 # soft RLIMIT_NOFILE we ask for at start
 TOKEN_BYTES = 32                        # generated tokens: 256 bits
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)   # Linux only
+CONFIG_MAX_SIZE = 1024 * 1024           # --config FILE: larger is refused (not a settings file)
+CONFIG_SHARED = "DEFAULT"               # --config: the section both commands read
+CONFIG_NOT_SETTABLE = ("help", "config")   # flags a config file cannot set
+CONFIG_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,   # a flag without a
+                   "false": False, "no": False, "off": False, "0": False}   # value, in a file
+CONFIG_SECRET_MODE = 0o077              # a file with a secret in it readable beyond its owner
+CONFIG_WRITABLE_MODE = 0o022            # a config file others may change: warned about too
+
+# -- the client's console (the access log) ------------------------------------
+SUMMARY_RATE = 20                       # more lines than this in one second: one summary
+#                                         line a second instead (nobody reads more) ...
+SUMMARY_CALM = 10                       # ... until a second with at most this many requests
+SUMMARY_PERCENTILES = (50, 99)          # request durations a summary line shows
+SUMMARY_MAX_STATUSES = 8                # statuses a summary line counts by name; the rest: "other"
+SUMMARY_MAX_SAMPLES = 100000            # durations one second keeps for its percentiles (past
+#                                         that, a relay flooding LOG frames: a uniform sample)
+SUMMARY_TICK_SLACK = 0.01               # a second's summary is printed this long after it ends
+SUMMARY_NOTICE = "(busy: one summary line per second)"   # said when the summaries start
 
 # -- client dialing: the stages of one outgoing connection (Dialer), in the order used --
 DIAL_TCP = "tcp"                        # connect to each address of the first hop in turn
@@ -749,6 +771,11 @@ class ListenError(TunnelError, OSError):
 class UsageError(TunnelError, ValueError):
     """A setting that cannot work (a flag, an API keyword, a config field): one line
     that names it; the command line exits 2, an API caller gets a ValueError."""
+
+
+class ConfigError(UsageError):
+    """A mistake in a ``--config`` file: "config FILE: [section] key: ..." (on the command
+    line without the "see --help" hint: the fix is in the file)."""
 
 
 class OptionError(UsageError, TypeError):
@@ -3813,6 +3840,8 @@ class Session(Conn):
             if stream is not None:
                 self._active.add(stream.id)
                 stream._on_data(frame.payload)
+        elif ftype == LOG_TYPE and not self.is_relay:    # a client gets one a request
+            self._on_log(frame)
         elif ftype == FrameType.WINDOW:
             if len(frame.payload) != U32.size:
                 raise ProtocolError("WINDOW payload of %d bytes" % len(frame.payload))
@@ -3839,8 +3868,6 @@ class Session(Conn):
                 "utf-8", "replace"))[:MAX_REFUSAL_TEXT]     # the peer's words: one line
             log.info("%s: peer is going away%s", self.label, ": " + reason if reason else "")
             self.delegate.on_goaway(self, reason)
-        elif ftype == FrameType.LOG and not self.is_relay:
-            self._on_log(frame)
         else:
             raise ProtocolError("unexpected %s" % _frame_name(frame))
 
@@ -3998,14 +4025,21 @@ class Session(Conn):
                  websocket: bool = False) -> None:
         """One access-log record; ``bytes_in`` (bytes from the visitor) marks the end of
         an upgraded connection (FLAG_LOG_UPGRADED: only to clients that asked)."""
-        text = ("%s %s" % (method, target)).encode("utf-8", "replace")[:MAX_CHUNK_LINE]
-        record = LOG_RECORD.pack(status, min(int(duration * 1e6), 2 ** 32 - 1),
-                                 min(nbytes, 2 ** 64 - 1))
-        flags = 0
-        if bytes_in is not None:
-            flags = FLAG_LOG_UPGRADED | (FLAG_LOG_WEBSOCKET if websocket else 0)
-            record += U64.pack(min(bytes_in, 2 ** 64 - 1))
-        self._send(FRAME_HEADER.pack(FrameType.LOG, flags, stream_id, len(record) + len(text))
+        text = (method + " " + target).encode("utf-8", "replace")
+        if len(text) > MAX_CHUNK_LINE:
+            text = text[:MAX_CHUNK_LINE]
+        micros = int(duration * 1e6)
+        if micros > 2 ** 32 - 1:
+            micros = 2 ** 32 - 1
+        if bytes_in is None:            # a request (once each: no min(), no extra pack)
+            self._send(LOG_FRAME.pack(LOG_TYPE, 0, stream_id, LOG_RECORD_SIZE + len(text),
+                                      status, micros, nbytes if nbytes < 2 ** 64
+                                      else 2 ** 64 - 1) + text)
+            return
+        record = (LOG_RECORD.pack(status, micros, min(nbytes, 2 ** 64 - 1))
+                  + U64.pack(min(bytes_in, 2 ** 64 - 1)))
+        flags = FLAG_LOG_UPGRADED | (FLAG_LOG_WEBSOCKET if websocket else 0)
+        self._send(FRAME_HEADER.pack(LOG_TYPE, flags, stream_id, len(record) + len(text))
                    + record + text)
 
     def go_away(self, reason: str = "") -> None:
@@ -8715,7 +8749,7 @@ class Client(Side):
         self._ban_logged = False             # REFUSED_BANNED said once per ban
         self._refusals = (0, "")             # same upgrade refusal, how many times in a row
         self._reconnect_timer: Optional[Timer] = None
-        self._clock = (0, "")                # (second, "HH:MM:SS") for the access log
+        self.console = AccessConsole(self.loop, output)   # the access log's lines
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
                                             handshake_timeout=config.handshake_timeout,
@@ -9116,25 +9150,8 @@ class Client(Side):
     def on_access_log(self, session: Session, record: Dict[str, Any]) -> None:
         if self.on_record is not None:
             self.on_record(record)
-        if not self.config.access_log:
-            return
-        second = int(time.time())
-        if second != self._clock[0]:     # strftime once a second, not once a line
-            self._clock = (second, time.strftime("%H:%M:%S", time.localtime(second)))
-        what = "%s %s" % (record["method"], logged_target(record["target"]))
-        if not what.isprintable():   # C0, DEL, C1 (CSI is 0x9b), format and separator chars
-            what = escape_unprintable(what)
-        if record.get("upgraded"):      # the end of a WebSocket (or other 101) connection
-            seconds = record["duration"]
-            self.output("%s %s %d %s %s %s in %s out" % (
-                self._clock[1], what, record["status"],
-                "WebSocket" if record.get("websocket") else "upgraded",
-                "%.1fms" % (seconds * 1000.0) if seconds < 1.0 else "%.1fs" % seconds,
-                format_size(record["bytes_in"]), format_size(record["bytes"])))
-            return
-        self.output("%s %s %d %.1fms %s" % (
-            self._clock[1], what, record["status"],
-            record["duration"] * 1000.0, format_size(record["bytes"])))
+        if self.config.access_log:
+            self.console.record(record)
 
     def stats(self) -> Dict[str, int]:
         session = self.session
@@ -9223,6 +9240,19 @@ def _api_args(command: str, positional: List[str], options: Dict[str, Any],
             known = sorted(k for k in flags if k not in _API_SKIPPED)
             raise OptionError("%s() got an unexpected keyword argument %r (its options: %s)"
                               % (caller, key, ", ".join(known)))
+    if isinstance(options.get("config"), os.PathLike):
+        options["config"] = os.fspath(options["config"])
+    if options.get("config") is not None:     # config="FILE": the keywords override it
+        source = ConfigFile(_api_value("config", flags["config"], options["config"]),
+                            command, commands)
+        for warning in source.warnings:
+            log.warning("%s", warning)
+        for dest, value in source.values.items():
+            setattr(args, dest, value)
+        source.overridden(flags[key].dest for key in options)
+        args.config_source = source
+    for key, value in options.items():
+        action = flags[key]
         setattr(args, action.dest, _api_value(key, action, value))
     return args
 
@@ -9421,7 +9451,9 @@ def expose(target: Any, relay: Any = None, token: Optional[str] = None,
     ``basic_auth="me:secret"``, ``visitor_token=...``, ``allow=["10.0.0.0/8"]``,
     ``target_insecure=True``, ``target_ca=FILE``, ``proxy=URL``, ``tls_ca=FILE``,
     ``tls_fingerprint=...``, ``plaintext=True``, ``connect_timeout=5``,
-    ``quiet=True`` (no access log: ``requests`` stays empty), and so on.
+    ``quiet=True`` (no access log: ``requests`` stays empty), ``config="tunnel.ini"``
+    (the ``[expose]`` and ``[DEFAULT]`` sections of that file; keywords override it),
+    and so on.
 
     ``timeout``: seconds to wait for the tunnel (default API_TIMEOUT).
     ``on_request(RequestLog)`` is called (on the tunnel's thread) for each request;
@@ -9560,7 +9592,8 @@ def serve(**options: Any) -> RunningRelay:
     on the visitor port only), ``bind``, ``domain``, ``token`` (default
     $TUNNEL_TOKEN, else a generated one, in ``.token``), ``tokens`` (a users file),
     ``tls_cert``, ``tls_key``, ``state_dir``, ``plaintext=True``, ``max_visitors``,
-    ``head_timeout`` and so on; defaults as on the command line.
+    ``head_timeout``, ``config="tunnel.ini"`` (its ``[serve]`` and ``[DEFAULT]``
+    sections; keywords override it) and so on; defaults as on the command line.
 
     Raises ``ValueError`` (UsageError) for a bad option, ``OSError`` (ListenError)
     when a port is taken, ``TunnelError`` for unreadable certificates or a bad
@@ -9626,6 +9659,11 @@ def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.Ar
     common.add_argument("--grace", type=float, default=GRACE_PERIOD, metavar="SEC",
                         help="on SIGTERM/Ctrl-C, let in-flight requests finish this long "
                         "(default %(default)s)")
+    common.add_argument("--config", metavar="FILE", default=None,
+                        help="read settings from FILE (INI: a [serve] and an [expose] "
+                        "section, [DEFAULT] for both; keys are the long flags without "
+                        "their dashes); flags given here override it, it overrides "
+                        "the environment variables")
     parser = _Parser(prog="tunnel.py", description="Expose a local port through a relay you "
                      "host yourself.", epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -9848,6 +9886,240 @@ def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.Ar
     return parser
 
 
+# -- the configuration file: serve --config FILE, expose --config FILE ----------------
+#
+# INI, read by configparser without interpolation (a "%" or "$" in a password is itself):
+# a [serve] section, an [expose] section, and [DEFAULT] for the keys both commands have
+# (token, plaintext, the heartbeats...), so that one file can hold both.  A key is a long
+# flag without its dashes ("-" or "_" inside), its value what the flag takes, converted by
+# the flag's own argparse type (so a bad value reads as it would on the command line);
+# flags without a value take true/false, repeatable ones several lines or commas.  The
+# order: a flag given overrides the file, the file overrides the environment variables
+# (serve_config and expose_config read TUNNEL_TOKEN and the like only for what is still
+# unset), which override the defaults; the Python API's keywords override the file too.
+
+
+class ConfigFile:
+    """One command's settings from a config file: ``values`` (argparse dest -> value, as
+    the flag would have parsed it), ``where`` (dest -> "[section] key", for messages
+    about it) and ``warnings`` (a secret in a file others can read: said, not refused,
+    as the file is the operator's).  Raises ConfigError "config FILE: ..." for anything
+    wrong in it: unreadable, not INI, an unknown section or key, a bad value."""
+
+    def __init__(self, path: str, command: str, commands: Dict[str, "_Parser"]) -> None:
+        self.path = path
+        self.command = command
+        self.parser = commands[command]
+        self.flags = self.parser.flags()
+        self.values: Dict[str, Any] = {}
+        self.where: Dict[str, str] = {}
+        self.warnings: List[str] = []
+        self.section_names = list(commands) + [CONFIG_SHARED]   # (in that order)
+        others = [name for name in commands if name != command]
+        self.other = others[0] if others else ""
+        theirs = commands[self.other].flags() if self.other else {}
+        positional = {action.dest for action in self.parser._actions
+                      if not action.option_strings and action.help != argparse.SUPPRESS}
+        text, mode = self._read()
+        parsed = self._parse(text)
+        sections = self._sections(parsed)
+        secrets_seen: List[str] = []
+        for section in (sections.get(CONFIG_SHARED), sections.get(command)):
+            if section is None:
+                continue
+            names: Dict[str, str] = {}
+            for key, value in parsed.items(section, raw=True):
+                name = key.replace("-", "_")
+                label = "[%s] %s" % (section, key)
+                if name in names:
+                    raise self.error("[%s] %s and %s are the same key" % (section, names[name],
+                                                                           key))
+                names[name] = key
+                action = self.flags.get(name)
+                if name == "config":
+                    raise self.error("%s: one file a run (a config file names no other)"
+                                     % label)
+                if name in positional:
+                    raise self.error("%s: %s goes on the command line" % (label,
+                                                                          name.upper()))
+                if name in CONFIG_NOT_SETTABLE or action is None and name not in theirs:
+                    raise self.error("[%s] unknown key %r%s" % (section, key,
+                                                                self._hint(name)))
+                if section == sections.get(CONFIG_SHARED) and (action is None
+                                                               or name not in theirs):
+                    owner = command if action is not None else self.other
+                    raise self.error("%s: only %s has it (put it in [%s])"
+                                     % (label, owner, owner))
+                if action is None:
+                    raise self.error("%s: an option of %s, not of %s (put it in [%s])"
+                                     % (label, self.other, command, self.other))
+                self.values[action.dest] = self._value(action, label, value)
+                self.where[action.dest] = label
+                if (name.endswith("token") or name == "basic_auth"
+                        or name == "proxy" and "@" in value) and key not in secrets_seen:
+                    secrets_seen.append(key)
+        if os.name == "posix" and mode & CONFIG_WRITABLE_MODE:
+            self.warnings.append("config %s can be changed by others (mode %03o): chmod "
+                                 "go-w %s" % (path, mode & 0o777, path))
+        elif secrets_seen and os.name == "posix" and mode & CONFIG_SECRET_MODE:
+            self.warnings.append("config %s holds %s and others can read it (mode %03o): "
+                                 "chmod 600 %s" % (path, ", ".join(secrets_seen),
+                                                   mode & 0o777, path))
+
+    def error(self, what: str) -> ConfigError:
+        return ConfigError("config %s: %s" % (self.path, what))
+
+    def _read(self) -> Tuple[str, int]:
+        try:
+            with open(self.path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(CONFIG_MAX_SIZE + 1)    # bounded: --config /dev/zero ends
+        except OSError as exc:
+            raise self.error("cannot read it: %s" % describe_oserror(exc)) from None
+        if len(data) > CONFIG_MAX_SIZE:
+            raise self.error("larger than %d KiB: not a settings file"
+                             % (CONFIG_MAX_SIZE // 1024))
+        try:
+            return data.decode("utf-8-sig"), mode
+        except UnicodeDecodeError as exc:
+            raise self.error("line %d: not UTF-8 text" % (data.count(b"\n", 0, exc.start)
+                                                          + 1)) from None
+
+    def _parse(self, text: str) -> Any:
+        import configparser    # here: only a run with --config pays for the module
+        # No default section of configparser's own: [DEFAULT] is read (and checked) here.
+        parsed = configparser.ConfigParser(interpolation=None, default_section="\0",
+                                           empty_lines_in_values=False,
+                                           inline_comment_prefixes=None)
+        try:
+            parsed.read_string(text, source=self.path)
+        except configparser.MissingSectionHeaderError as exc:
+            raise self.error("line %d: %r comes before any section (such as [%s])"
+                             % (exc.lineno, exc.line.strip(), self.command)) from None
+        except configparser.DuplicateSectionError as exc:
+            raise self.error("line %s: section [%s] appears twice"
+                             % (exc.lineno, exc.section)) from None
+        except configparser.DuplicateOptionError as exc:
+            raise self.error("line %s: [%s] %s is set twice"
+                             % (exc.lineno, exc.section, exc.option)) from None
+        except configparser.ParsingError as exc:
+            lineno = exc.errors[0][0]             # (its text: a repr before Python 3.13)
+            lines = text.splitlines()
+            raise self.error("line %d: expected KEY = VALUE, not %r" % (
+                lineno, lines[lineno - 1].strip() if lineno <= len(lines) else "")) from None
+        except configparser.Error as exc:
+            raise self.error(str(exc).splitlines()[0]) from None
+        return parsed
+
+    def _sections(self, parsed: Any) -> Dict[str, str]:
+        """The sections there are, by what they mean (serve, expose, CONFIG_SHARED)."""
+        known = {name.lower(): name for name in self.section_names}
+        found: Dict[str, str] = {}
+        for section in parsed.sections():
+            meaning = known.get(section.strip().lower())
+            if meaning is None:
+                raise self.error("unknown section [%s] (expected %s)" % (
+                    section, ", ".join("[%s]" % name for name in self.section_names)))
+            if meaning in found:
+                raise self.error("sections [%s] and [%s] are the same" % (found[meaning],
+                                                                          section))
+            found[meaning] = section
+        if self.command not in found and CONFIG_SHARED not in found:
+            raise self.error("no [%s] section (nor [%s])" % (self.command, CONFIG_SHARED))
+        return found
+
+    def _hint(self, name: str) -> str:
+        import difflib
+        close = difflib.get_close_matches(name, [n for n in self.flags
+                                                 if n not in CONFIG_NOT_SETTABLE], 1)
+        return " (did you mean %s?)" % close[0].replace("_", "-") if close else ""
+
+    def _value(self, action: argparse.Action, label: str, text: str) -> Any:
+        """``text`` as the flag would have parsed it (its own type and choices)."""
+        if action.nargs == 0:                                  # store_true
+            state = CONFIG_BOOLEANS.get(text.lower())
+            if state is None:
+                raise self.error("%s: expected true or false, not %r" % (label, text))
+            return action.const if state else action.default
+        if isinstance(action, argparse._AppendAction):          # repeatable
+            items = [item.strip() for line in text.splitlines() for item in line.split(",")]
+            return [self._one(action, label, item) for item in items if item] or None
+        if "\n" in text:
+            raise self.error("%s: one value, not %d lines (only a repeatable flag takes "
+                             "several)" % (label, len(text.splitlines())))
+        if action.nargs == "?" and text.lower() in CONFIG_BOOLEANS and not text.isdigit():
+            return action.const if CONFIG_BOOLEANS[text.lower()] else action.default
+        return self._one(action, label, text)
+
+    def _one(self, action: argparse.Action, label: str, text: str) -> Any:
+        try:
+            value = self.parser._get_value(action, text)
+            self.parser._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            raise self.error("%s: %s" % (label, exc.message)) from None
+        return value
+
+    def overridden(self, dests: Iterable[str]) -> None:
+        """These settings came from the command line (or a keyword) after all."""
+        for dest in dests:
+            self.where.pop(dest, None)
+
+    def blame(self, exc: UsageError) -> UsageError:
+        """A validate() error, "config FILE: [section] key: " first when a flag it names
+        was set by this file."""
+        labels: List[str] = []
+        for flag in re.findall(r"--([a-z][a-z0-9-]*)", str(exc)):
+            action = self.flags.get(flag.replace("-", "_"))
+            label = self.where.get(action.dest) if action is not None else None
+            if label is not None and label not in labels:
+                labels.append(label)
+        if not labels:
+            return exc
+        return self.error("%s: %s" % (", ".join(labels), exc))
+
+
+def with_config_file(parser: argparse.ArgumentParser, commands: Dict[str, "_Parser"],
+                     argv: Optional[List[str]], args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` parsed again with ``args.config``'s values as the defaults: what a flag
+    gives still wins (a repeatable flag given replaces the file's list rather than adding
+    to it).  The ConfigFile is ``config_source`` on the namespace returned."""
+    source = ConfigFile(args.config, args.command, commands)
+    command = commands[args.command]
+    repeatable = {action.dest for action in command._actions
+                  if isinstance(action, argparse._AppendAction)}
+    given = vars(args)                   # without the file: a flag given differs from
+    source.overridden(dest for dest in source.values    # its default (or it is the default)
+                      if given[dest] != command.get_default(dest))
+    command.set_defaults(**{dest: value for dest, value in source.values.items()
+                            if dest not in repeatable})
+    again = parser.parse_args(argv)
+    for dest in repeatable & set(source.values):
+        setattr(again, dest, source.values[dest] if given[dest] is None else given[dest])
+    again.config_source = source
+    return again
+
+
+if TYPE_CHECKING:
+    from typing import Iterable, TypeVar
+    _Made = TypeVar("_Made")
+
+
+def _blames_config_file(make: Callable[[argparse.Namespace], _Made]
+                        ) -> Callable[[argparse.Namespace], _Made]:
+    """serve_config and expose_config: a UsageError about a flag the config file set says
+    where it was set."""
+    @functools.wraps(make)
+    def checked(args: argparse.Namespace) -> _Made:
+        try:
+            return make(args)
+        except UsageError as exc:
+            source = getattr(args, "config_source", None)
+            if source is None:
+                raise
+            raise source.blame(exc) from None
+    return checked
+
+
 def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
     """Lift the soft open-files limit towards the hard one (each visitor costs a
     descriptor on the relay and one on the client); returns the new soft limit."""
@@ -9911,6 +10183,160 @@ class LineOutput:
             self.closed = True
 
 
+def access_line(record: Dict[str, Any], clock: str) -> str:
+    """One request's access-log line: ``10:42:07 GET / 200 3.1ms 1.2KB``; an upgraded
+    connection's at its end: ``... 101 WebSocket 12.3s 1.2KB in 3.4KB out``."""
+    what = "%s %s" % (record["method"], logged_target(record["target"]))
+    if not what.isprintable():   # C0, DEL, C1 (CSI is 0x9b), format and separator chars
+        what = escape_unprintable(what)
+    if record.get("upgraded"):      # the end of a WebSocket (or other 101) connection
+        seconds = record["duration"]
+        return "%s %s %d %s %s %s in %s out" % (
+            clock, what, record["status"], "WebSocket" if record.get("websocket") else "upgraded",
+            "%.1fms" % (seconds * 1000.0) if seconds < 1.0 else "%.1fs" % seconds,
+            format_size(record["bytes_in"]), format_size(record["bytes"]))
+    return "%s %s %d %.1fms %s" % (clock, what, record["status"], record["duration"] * 1000.0,
+                                   format_size(record["bytes"]))
+
+
+class AccessSummary:
+    """The client's access log as console lines, pure (the caller says what time it is):
+    ``feed(record, now) -> lines`` for each LOG record, ``tick(now) -> lines`` after a
+    second ends while ``busy``.
+
+    One line a request (``access_line``) while at most SUMMARY_RATE come in one
+    wall-clock second.  The next one in that second starts the summaries: SUMMARY_NOTICE,
+    then one line a second, ``12:00:03  14,210 requests  200 x14,190  404 x20  p50 1.2ms
+    p99 3.4ms``, for the requests not printed as lines (each request is in one line).
+    Back to a line a request only after a second with at most SUMMARY_CALM requests: a
+    hysteresis, so that a rate around SUMMARY_RATE does not switch the console between
+    the two every second.  A second without any request is calm too.  In summary mode a
+    record costs a count and a list append: no line is formatted."""
+
+    def __init__(self, rate: int = SUMMARY_RATE, calm: int = SUMMARY_CALM,
+                 samples: int = SUMMARY_MAX_SAMPLES) -> None:
+        self.rate = rate
+        self.calm = calm
+        self.samples = samples
+        self.busy = False
+        self.second = 0.0                    # the wall-clock second being counted
+        self.ends = 0.0                      # ... and the next one
+        self.clock = ""                      # ... as HH:MM:SS (strftime once a second)
+        self.count = 0                       # requests in it
+        self.statuses: Dict[int, int] = {}   # summarized requests in it, by status
+        self.durations: List[float] = []     # ... their durations (not upgraded ones')
+        self.timed = 0                       # ... how many more there were
+
+    def feed(self, record: Dict[str, Any], now: float) -> List[str]:
+        lines = [] if self.second <= now < self.ends else self._roll(int(now))
+        self.count += 1
+        if not self.busy:
+            if self.count <= self.rate:
+                lines.append(access_line(record, self.clock))
+                return lines
+            self.busy = True
+            lines.append("%s %s" % (self.clock, SUMMARY_NOTICE))
+        status = record["status"]       # (the summary's own work, once a request: kept
+        statuses = self.statuses        # to a count and an append)
+        if status in statuses:
+            statuses[status] += 1
+        else:
+            statuses[status] = 1
+        if "upgraded" in record and record["upgraded"]:
+            return lines                # a WebSocket's life is no response time
+        durations = self.durations
+        if len(durations) < self.samples:
+            durations.append(record["duration"])
+        else:                           # a flood: keep a uniform sample of the second's
+            self.timed += 1
+            at = random.randrange(self.samples + self.timed)
+            if at < self.samples:
+                durations[at] = record["duration"]
+        return lines
+
+    def tick(self, now: float) -> List[str]:
+        return [] if self.second <= now < self.ends else self._roll(int(now))
+
+    def flush(self) -> List[str]:
+        """The summary of this second so far, now (the client is stopping)."""
+        lines = [self.summary_line()] if self.statuses else []
+        self.statuses = {}
+        self.durations = []
+        self.timed = 0
+        return lines
+
+    def _roll(self, second: int) -> List[str]:
+        """A new second: the last one's summary line; lines again after a calm second."""
+        lines = [self.summary_line()] if self.statuses else []
+        if self.busy and (self.count <= self.calm or second > self.ends):
+            self.busy = False
+        self.second = float(second)          # (floats: compared with a float a request)
+        self.ends = self.second + 1.0
+        self.clock = time.strftime("%H:%M:%S", time.localtime(second))
+        self.count = 0
+        self.statuses = {}
+        self.durations = []
+        self.timed = 0
+        return lines
+
+    def summary_line(self) -> str:
+        """The summary of the requests counted in this second so far."""
+        total = sum(self.statuses.values())
+        common = sorted(self.statuses.items(), key=lambda item: -item[1])
+        parts = ["%s  %s request%s" % (self.clock, format(total, ","),
+                                       "" if total == 1 else "s")]
+        parts += ["%d x%s" % (status, format(n, ","))
+                  for status, n in sorted(common[:SUMMARY_MAX_STATUSES])]
+        rest = sum(n for _, n in common[SUMMARY_MAX_STATUSES:])
+        if rest:
+            parts.append("other x%s" % format(rest, ","))
+        durations = sorted(self.durations)
+        for percent in SUMMARY_PERCENTILES if durations else ():
+            rank = max(1, -(-percent * len(durations) // 100))     # nearest rank
+            parts.append("p%d %.1fms" % (percent, durations[rank - 1] * 1000.0))
+        return "  ".join(parts)
+
+
+class AccessConsole:
+    """AccessSummary on a loop: its lines go to ``output``, and while it is busy a timer
+    ends each second, so a second's summary line comes when the second is over, not
+    with the next request."""
+
+    def __init__(self, loop: EventLoop, output: Callable[[str], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.loop = loop
+        self.output = output
+        self.clock = clock                   # the wall clock (the lines show its time)
+        self.summary = AccessSummary()
+        self.timer: Optional[Timer] = None
+
+    def record(self, record: Dict[str, Any]) -> None:
+        summary = self.summary
+        for line in summary.feed(record, self.clock()):
+            self.output(line)
+        if summary.busy and self.timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        delay = self.summary.ends - self.clock() + SUMMARY_TICK_SLACK
+        self.timer = self.loop.call_later(max(delay, 0.0), self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        for line in self.summary.tick(self.clock()):
+            self.output(line)
+        if self.summary.busy:
+            self._arm()
+
+    def close(self) -> None:
+        """The client stopped: the requests of a second not summarized yet, now."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for line in self.summary.flush():
+            self.output(line)
+
+
 def _install_signals(loop: EventLoop, on_signal: Callable[[], None],
                      on_hup: Optional[Callable[[], None]] = None) -> None:
     """Signals only queue work for the loop: a handler runs between any two bytecodes,
@@ -9923,6 +10349,7 @@ def _install_signals(loop: EventLoop, on_signal: Callable[[], None],
         signal.signal(signal.SIGHUP, lambda signum, frame: loop.call_soon_threadsafe(on_hup))
 
 
+@_blames_config_file
 def serve_config(args: argparse.Namespace) -> Tuple[RelayConfig, bool]:
     """``serve``'s flags (or ``tunnel.serve``'s keywords) as a checked RelayConfig, and
     whether its token was generated; raises UsageError.  The flags' destinations are
@@ -10020,6 +10447,7 @@ def parse_target_url(text: str) -> Tuple[str, str, int]:
                          % (text, exc)) from None
 
 
+@_blames_config_file
 def expose_config(args: argparse.Namespace) -> ClientConfig:
     """``expose``'s flags (or ``tunnel.expose``'s arguments) as a checked ClientConfig,
     with $TUNNEL_RELAY, $TUNNEL_TOKEN and $TUNNEL_USER filled in; raises UsageError.
@@ -10095,13 +10523,16 @@ def visitor_access(args: argparse.Namespace) -> Dict[str, Any]:
 def cmd_expose(args: argparse.Namespace) -> int:
     config = expose_config(args)
     loop = EventLoop()
+    output = LineOutput(loop)
     try:
-        client = Client(config, loop=loop, output=LineOutput(loop))
+        client = Client(config, loop=loop, output=output)
     except TunnelError as exc:       # a malformed proxy variable: the user's to fix
         loop.close()
         raise UsageError(str(exc)) from None
     _install_signals(loop, client.shutdown)
     code = client.run()
+    client.console.close()           # a busy last second's summary, after the loop ended
+    output.flush()
     if client.error and code != EXIT_OK:
         sys.stderr.write("tunnel.py: %s\n" % client.error)
     return code
@@ -10125,7 +10556,8 @@ def cmd_hash_password() -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: ``python3 tunnel.py serve|expose ...``; returns the exit status."""
-    parser = build_parser()
+    commands: Dict[str, _Parser] = {}
+    parser = build_parser(commands)
     try:
         args = parser.parse_args(argv)
         if not args.command:
@@ -10133,7 +10565,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         if args.command in ("token", "hash-password"):
             args.verbose = args.quiet = False
+        elif args.config is not None:
+            args = with_config_file(parser, commands, argv, args)
         _setup_logging(args)
+        if getattr(args, "config_source", None) is not None:
+            for warning in args.config_source.warnings:
+                log.warning("%s", warning)
         raise_fd_limit()
         if args.command in ("serve", "expose"):
             release_free_memory()      # long-running: drop what compiling this file left
@@ -10146,7 +10583,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_serve(args)
         return cmd_expose(args)
     except UsageError as exc:
-        sys.stderr.write("tunnel.py: error: %s (see --help)\n" % exc)
+        sys.stderr.write("tunnel.py: error: %s%s\n" % (
+            exc, "" if isinstance(exc, ConfigError) else " (see --help)"))
         return EXIT_USAGE
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return EXIT_OK

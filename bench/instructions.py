@@ -16,7 +16,8 @@ so start-up and shutdown cancel out.  Compare two versions of tunnel.py with
     python3 bench/instructions.py            # about 2 minutes
     python3 bench/instructions.py --against HEAD~3 --requests 5000
 
-The client runs as a user would, with its access log on (drained to /dev/null).
+The client runs as a user would, with its access log on (drained to /dev/null), unless
+``--quiet`` runs it with ``-q``.
 """
 
 import argparse
@@ -144,6 +145,9 @@ def main():
     ap.add_argument("--plaintext", action="store_true",
                     help="run the control channel with --plaintext where the version has it "
                     "(versions before TLS by default are plain anyway): to compare data paths")
+    ap.add_argument("--quiet", action="store_true",
+                    help="run the client with -q (no access log, so no LOG frames either): "
+                    "the access log's cost is the difference to a run without it")
     args = ap.parse_args()
     for tool in ("nginx", "valgrind"):
         if shutil.which(tool) is None:
@@ -173,7 +177,7 @@ def main():
         for name, path in versions:
             with open(path, "rb") as f:
                 extra = (["--plaintext"] if args.plaintext and b'"--plaintext"' in f.read()
-                         else [])
+                         else []) + (["-q"] if args.quiet else [])
             relay = per_request(path, "relay", args.requests, nginx_port, work, extra)
             client = per_request(path, "client", args.requests, nginx_port, work, extra)
             counts.append((relay, client))

@@ -595,6 +595,10 @@ def main():
     ap.add_argument("--drain-cost", action="store_true",
                     help="only the default client with its stdout to a file against a pipe "
                          "drained by a thread of this process, and ssh -R")
+    ap.add_argument("--access-log", action="store_true",
+                    help="only tunnel.py as a user runs it (the client's access log on, to "
+                         "a file) against the client with -q: 50 and 1 connections taking "
+                         "turns")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -613,6 +617,8 @@ def main():
             transport(work, secs, 1 if args.quick else args.rounds)
         elif args.drain_cost:
             drain_cost(work, secs, 1 if args.quick else args.rounds)
+        elif args.access_log:
+            access_log_cost(work, secs, 1 if args.quick else args.rounds)
         else:
             run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
@@ -657,6 +663,56 @@ def tls_cost(work, secs, rounds):
     lines += ["", "TLS / plaintext: 50 conn %.2f, 1 conn %.2f, download %.2f" % (
         t["c50"]["rps"] / p["c50"]["rps"], t["c1"]["rps"] / p["c1"]["rps"],
         t["down"]["MBps"] / p["down"]["MBps"])]
+    print("\n".join(lines))
+
+
+def access_log_cost(work, secs, rounds):
+    """The client's access log (on by default, its stdout a file) against -q, in one run:
+    the two tunnels take turns, each reports its median run.  Above SUMMARY_RATE
+    requests a second the console prints one summary line a second."""
+    print("preparing nginx and two tunnels (access log on, -q) on 127.0.0.1 ...", flush=True)
+    py_compile.compile(TUNNEL_PY, doraise=True)
+    nginx_port, _ = start_nginx(work, with_big=False)
+    rows = []
+    for label, quiet in (("access log on (default)", False), ("-q", True)):
+        http_port, _, relay, client, _ = start_tunnel(nginx_port, output="quiet" if quiet else "file")
+        rows.append((label, "http://127.0.0.1:%d/small" % http_port, (relay, client)))
+    runs = {(label, kind): [] for label, _, _ in rows for kind in ("c50", "c1")}
+
+    def measured(url, conns, procs):
+        """A wrk run, and the CPU time relay and client took per request (steadier than
+        requests/s on a shared machine: it does not count the time spent waiting)."""
+        before = sum(cpu_seconds(p.pid) for p in procs)
+        r = wrk(url, conns, secs, HOST)
+        r["cpu_us"] = (sum(cpu_seconds(p.pid) for p in procs) - before) / max(
+            r["requests"], 1) * 1e6
+        return r
+    for i in range(rounds):
+        print("round %d of %d ..." % (i + 1, rounds), flush=True)
+        for label, url, procs in rows if i % 2 == 0 else rows[::-1]:   # neither first always
+            runs[label, "c50"].append(measured(url, 50, procs))
+            runs[label, "c1"].append(measured(url, 1, procs))
+    res = {}
+    for label, _, (_, client) in rows:
+        res[label] = {kind: sorted(runs[label, kind], key=lambda r: r["rps"])[rounds // 2]
+                      for kind in ("c50", "c1")}
+        res[label]["cpu"] = sorted(r["cpu_us"] for r in runs[label, "c50"])[rounds // 2]
+        res[label]["errors"] = sum(r["errors"] for k in ("c50", "c1") for r in runs[label, k])
+        with open(client.out_path) as f:
+            res[label]["lines"] = sum(1 for _ in f)
+    lines = ["", "## The client's access log against -q (wrk -t1, %ds, median of %d; %s)"
+             % (secs, rounds, time.strftime("%Y-%m-%d")), "",
+             "| client output | 50 conn rps | 50 conn p99 | 50 conn CPU/request | 1 conn rps "
+             "| 1 conn p99 | console lines | errors |", "|---|---|---|---|---|---|---|---|"]
+    for label, _, _ in rows:
+        r = res[label]
+        lines.append("| %s | %.0f | %.2f ms | %.0f us | %.0f | %.2f ms | %d | %d |" % (
+            label, r["c50"]["rps"], r["c50"]["p99"], r["cpu"], r["c1"]["rps"],
+            r["c1"]["p99"], r["lines"], r["errors"]))
+    on, quiet = res["access log on (default)"], res["-q"]
+    lines += ["", "access log on / -q: 50 conn %.2f (CPU per request %.2f), 1 conn %.2f" % (
+        on["c50"]["rps"] / quiet["c50"]["rps"], on["cpu"] / quiet["cpu"],
+        on["c1"]["rps"] / quiet["c1"]["rps"])]
     print("\n".join(lines))
 
 
