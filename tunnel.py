@@ -8104,7 +8104,7 @@ class Client(Side):
             self.url = url
             self.output("Forwarding %s -> %s" % (url, self.target_url))
             if self.inspector is not None:      # aligned under the Forwarding line's URL
-                self.output("Inspect   %s" % self.inspector.url)
+                self.output("Inspect    %s" % self.inspector.url)
         log.info("tunnel up: %s -> %s", url, self.target_url)
         with self.changed:
             self.up_count += 1
