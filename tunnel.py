@@ -9253,6 +9253,7 @@ async function poll() {
 }
 async function select(id, quiet) {
   selected = id;
+  history.replaceState(null, "", "#" + id);
   for (const tr of $("rows").children) tr.classList.toggle("sel", tr.dataset.id === String(id));
   try {
     current = await api("/api/requests/" + id);
@@ -9370,6 +9371,7 @@ async function replay(id, edits) {
     $("status").textContent = "replay: " + e.message;
   }
 }
+if (/^#[0-9]+$/.test(location.hash)) select(Number(location.hash.slice(1)));
 poll();
 """
 
