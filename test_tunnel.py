@@ -35,6 +35,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import urllib.request
 
 import tunnel
 from tunnel import (EV_BODY, EV_END, EV_ERROR, EV_HEAD, ClientHandshake, FrameDecoder,
@@ -2759,6 +2760,103 @@ class WebSocketCodecTests(unittest.TestCase):
                         select.select([ws_server], [], [], 0.01)
 
 
+class InspectCodecTest(unittest.TestCase):
+    """The inspector's pure pieces: the chunked-body decoder, the WebSocket frame
+    counter, --inspect ADDR and the replayed request's bytes."""
+
+    def test_chunk_decoder_keeps_the_data_whole_or_byte_by_byte(self):
+        data = pattern(5000, seed=1)
+        raw = (b"7d0;name=\"quoted;value\"\r\n" + data[:2000] + b"\r\n"
+               b"BB8 \t\r\n" + data[2000:] + b"\r\n0\r\nX-Trailer: yes\r\n\r\n")
+        for step in (len(raw), 1, 7, 4096):
+            with self.subTest(step=step):
+                kept = bytearray()
+                decoder = tunnel.ChunkDecoder(kept, keep=3000)
+                for i in range(0, len(raw), step):
+                    decoder.feed(memoryview(raw)[i:i + step])
+                self.assertEqual((bytes(kept), decoder.size), (data[:3000], len(data)))
+                decoder.feed(b"after the end is ignored")
+                self.assertEqual(decoder.size, len(data))
+
+    def test_chunk_decoder_stops_at_what_no_parser_lets_through(self):
+        kept = bytearray()
+        decoder = tunnel.ChunkDecoder(kept)
+        decoder.feed(b"zz\r\nhello\r\n")
+        decoder.feed(b"5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual((bytes(kept), decoder.size), (b"", 0))
+
+    def test_frame_counter_counts_frames_and_messages_from_headers(self):
+        frames = (ws_masked(1, b"hello") + ws_masked(9, b"ping")            # text, ping
+                  + ws_masked(2, b"x" * 300)                               # 16-bit length
+                  + ws_masked(0, b"part", first=0x01)                      # fragment 1 ...
+                  + ws_masked(0, b"more", first=0x00)                      # ... 2
+                  + ws_masked(0, b"end", first=0x80)                       # ... last
+                  + ws_frame(2, b"y" * 70000, mask=False)                  # 64-bit length
+                  + ws_masked(8, b"\x03\xe8"))                             # close
+        for step in (len(frames), 1, 3, 1000):
+            with self.subTest(step=step):
+                counter = tunnel.WSFrameCounter(True)
+                for i in range(0, len(frames), step):
+                    counter.feed(frames[i:i + step])
+                self.assertEqual((counter.frames, counter.messages, counter.bytes),
+                                 (8, 4, len(frames)))
+        other = tunnel.WSFrameCounter(False)       # an upgrade that is not a WebSocket
+        other.feed(b"\x81\x05hello")
+        self.assertEqual((other.frames, other.messages, other.bytes), (0, 0, 7))
+
+    def test_inspect_addresses(self):
+        parse = tunnel.parse_inspect_address
+        self.assertEqual(parse("4041"), ("127.0.0.1", 4041))
+        self.assertEqual(parse("127.0.0.1:0"), ("127.0.0.1", 0))
+        self.assertEqual(parse("0"), ("127.0.0.1", 0))
+        self.assertEqual(parse("0.0.0.0:4040"), ("0.0.0.0", 4040))
+        self.assertEqual(parse("[::1]:0"), ("::1", 0))
+        self.assertEqual(parse(tunnel.INSPECT_DEFAULT), ("127.0.0.1", 4040))
+        for bad in ("", "host:", "host:70000", ":4040", "[::1", "a:b"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                parse(bad)
+
+    def entry(self, head, body=b""):
+        parser = tunnel.HTTPParser(True)
+        req = [v for k, v in parser.feed(head + body) if k == EV_HEAD][0]
+        entry = tunnel.InspectEntry(1, req, None)
+        entry.request_body += body[:tunnel.INSPECT_BODY_LIMIT]
+        entry.request_size = len(body)
+        return entry
+
+    def test_a_replay_is_framed_anew_and_closes(self):
+        entry = self.entry(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+                           b"Connection: keep-alive\r\nExpect: 100-continue\r\nX-A: 1\r\n\r\n",
+                           b"abc")
+        self.assertEqual(tunnel.replay_request(entry, {}),
+                         b"POST /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nContent-Length: 3\r\n"
+                         b"Connection: close\r\n\r\nabc")
+        self.assertEqual(tunnel.replay_request(entry, {"method": "GET", "body": ""}),
+                         b"GET /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nConnection: close\r\n\r\n")
+        self.assertEqual(tunnel.replay_request(entry, {"body_base64": "AAE="})[-2:], b"\x00\x01")
+        big = self.entry(b"PUT /p HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+                         % (tunnel.INSPECT_BODY_LIMIT + 1), b"z" * (tunnel.INSPECT_BODY_LIMIT + 1))
+        with self.assertRaises(tunnel.HTTPError) as cm:
+            tunnel.replay_request(big, {})
+        self.assertEqual(cm.exception.status, 409)
+        upgrade = self.entry(ws_upgrade("h"))
+        with self.assertRaises(tunnel.HTTPError) as cm:
+            tunnel.replay_request(upgrade, {})
+        self.assertEqual(cm.exception.status, 409)
+        for edits in ({"headers": [["Host", "h"]] * 101}, {"method": 5}, {"path": None},
+                      {"headers": "Host: h"}, {"headers": [["Host", "h", "x"]]},
+                      {"headers": [["Host", "h"], ["Content-Length", "5"],
+                                   ["Transfer-Encoding", "chunked"]], "body": "ab"}):
+            with self.subTest(edits=edits):
+                try:
+                    data = tunnel.replay_request(entry, edits)
+                except tunnel.HTTPError as exc:
+                    self.assertEqual(exc.status, 400)
+                else:      # framing fields are the replay's own: given ones are dropped
+                    self.assertEqual(data, b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: "
+                                     b"2\r\nConnection: close\r\n\r\nab")
+
+
 class RelayAddressTest(unittest.TestCase):
     def test_parse_relay_forms(self):
         cases = {
@@ -2982,6 +3080,11 @@ class ConfigValidationTest(unittest.TestCase):
              dict(heartbeat_timeout=1, heartbeat_interval=2)),
             (["expose", "5000", "--token", TOKEN, "--target-insecure"],
              functools.partial(tunnel.expose, 5000, token=TOKEN), dict(target_insecure=True)),
+            (["expose", "5000", "--token", TOKEN, "--inspect-keep", "0"],
+             functools.partial(tunnel.expose, 5000, token=TOKEN), dict(inspect_keep=0)),
+            (["expose", "5000", "--token", TOKEN, "--inspect", "localhost:http"],
+             functools.partial(tunnel.expose, 5000, token=TOKEN),
+             dict(inspect="localhost:http")),
         ]
         for argv, api, kw in cases:
             with self.subTest(argv=argv):
@@ -8066,6 +8169,32 @@ class CommandLineTest(unittest.TestCase):
         p.send_signal(signal.SIGTERM)
         self.assertEqual(p.wait(WAIT), 0)
 
+    def test_expose_inspect_prints_its_address_and_serves(self):
+        origin = start_origin(self)
+        relay = tunnel.serve(http_port=0, control_port=0, plaintext=True, token=TOKEN)
+        self.addCleanup(relay.close)
+        client = self.spawn("expose", str(origin.server_address[1]), "--relay", relay.relay,
+                            "--token", TOKEN, "--plaintext", "--subdomain", "cli",
+                            "--inspect", "127.0.0.1:0", "-q")
+        forwarding = client.stdout.readline().decode().rstrip("\n")
+        inspect = client.stdout.readline().decode().rstrip("\n")
+        self.assertTrue(forwarding.startswith("Forwarding http://cli.localhost:"), forwarding)
+        self.assertRegex(inspect, r"^Inspect    http://127\.0\.0\.1:\d+$")
+        self.assertEqual(inspect.index("http://"), forwarding.index("http://"))
+        url = inspect.split()[1]
+        with urllib.request.urlopen(url + "/api/tunnels", timeout=WAIT) as r:
+            self.assertEqual(json.loads(r.read())["tunnels"][0]["name"], "cli")
+        client.send_signal(signal.SIGTERM)
+        _, err = client.communicate(timeout=WAIT)
+        self.assertEqual(client.returncode, 0, err)
+        for args, why in ((["--inspect", "nowhere:99999"], b"invalid --inspect"),
+                          (["--inspect-keep", "-1"], b"--inspect-keep must be")):
+            p = self.spawn("expose", "5000", "--token", TOKEN, *args)
+            _, err = p.communicate(timeout=WAIT)
+            self.assertEqual(p.returncode, 2, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(why, err)
+
     def test_help_has_examples(self):
         p = self.spawn("expose", "--help")
         out, _ = p.communicate(timeout=WAIT)
@@ -9730,6 +9859,20 @@ class PythonAPITest(unittest.TestCase):
             # The origin's own keep-alive handler threads may still be closing sockets.
             wait_until(lambda: open_descriptors() <= fds, what="descriptors back to %d"
                        % fds)
+
+    def test_expose_with_the_inspector(self):
+        relay = self.serve(plaintext=True)
+        self.assertIsNone(self.expose(relay, subdomain="plain").inspect_url)
+        handle = self.expose(relay, subdomain="seen", inspect="127.0.0.1:0", inspect_keep=10)
+        self.assertRegex(handle.inspect_url, r"^http://127\.0\.0\.1:\d+$")
+        self.assertEqual(self.fetch(relay, "seen"), (200, b"hello"))
+        with urllib.request.urlopen(handle.inspect_url + "/api/requests", timeout=WAIT) as r:
+            listing = json.loads(r.read())["requests"]
+        self.assertEqual([(e["method"], e["path"]) for e in listing], [("GET", "/hello")])
+        with self.assertRaises(ValueError):
+            self.expose(relay, inspect=5)
+        with self.assertRaises(OSError):        # its own port: taken
+            self.expose(relay, subdomain="again", inspect=handle.inspect_url[7:])
 
     def test_two_tunnels_at_once_and_close_all(self):
         relay = self.serve(plaintext=True)
