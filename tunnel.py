@@ -55,6 +55,11 @@ Theory of operation: one request, and its response, through both event loops
                   _on_response_end -> Session.send_log (LOG)
     client   Session._on_log -> Client.on_access_log -> the console line
 
+With ``expose --inspect`` the client's TargetConn is an InspectedTarget: it hands a copy
+of both directions to an InspectCapture (a request and a response HTTPParser, as the
+relay has) before passing them on, and the Inspector keeps the last requests and serves
+a page and a JSON API from the same loop (see "Inspector"); without it, nothing changes.
+
 A connection ends in ``Conn.close_socket`` (once; the selector key goes, the
 stream is reset or finished); flow control is ``Stream.consumed`` (WINDOW) and
 the session's budget (below).  Socket plumbing (``Listener``, ``Lingering``,
@@ -644,6 +649,8 @@ INSPECT_PORT_TRIES = 10                 # ... that port taken: the next ones, th
 INSPECT_KEEP = 200                      # requests kept (--inspect-keep)
 INSPECT_KEEP_MAX = 10000                # --inspect-keep at most (each can hold 256 KiB)
 INSPECT_BODY_LIMIT = 64 * 1024          # bytes of each body kept (request, response)
+INSPECT_MAX_HEAD = 2 * MAX_HEAD_SIZE    # a head captured at most (a visitor's at the relay's
+#                                         limit, with the relay's forwarding fields added)
 INSPECT_API_BODY = 1024 * 1024          # largest request body the inspector reads (a replay)
 INSPECT_MAX_CONNECTIONS = 64            # connections to the inspector at once; more: closed
 INSPECT_IDLE_TIMEOUT = 60.0             # an inspector connection idle this long is closed
@@ -8382,7 +8389,7 @@ class _HeadKeepingParser(HTTPParser):
     relay's keeps only the status."""
 
     def __init__(self) -> None:
-        super().__init__(False)
+        super().__init__(False, INSPECT_MAX_HEAD)
         self.heads: Deque[bytes] = collections.deque()
 
     def _on_response_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
@@ -8514,7 +8521,7 @@ class InspectCapture:
     def __init__(self, inspector: "Inspector", replay_of: Optional[int] = None) -> None:
         self.inspector = inspector
         self.replay_of = replay_of
-        self.requests = HTTPParser(True)
+        self.requests = HTTPParser(True, INSPECT_MAX_HEAD)
         self.responses = _HeadKeepingParser()
         self.waiting: Deque[InspectEntry] = collections.deque()
         self.entry: Optional[InspectEntry] = None       # whose request body comes now
@@ -9512,7 +9519,8 @@ class Tunnel:
     ``url`` (the public URL), ``name``, ``target`` (the local service's URL),
     ``relay`` (where it connects), ``requests`` (the last API_KEEP_REQUESTS access-log
     records, oldest first), ``connected`` (a session is up right now; it reconnects by
-    itself), ``error`` (why it stopped for good, if it did).  ``close()`` ends it and
+    itself), ``error`` (why it stopped for good, if it did), ``inspect_url`` (the
+    request inspector's page with ``inspect=...``).  ``close()`` ends it and
     waits for its thread; a ``with`` block closes it too."""
 
     def __init__(self, client: "Client",
@@ -9651,7 +9659,9 @@ def expose(target: Any, relay: Any = None, token: Optional[str] = None,
     ``basic_auth="me:secret"``, ``visitor_token=...``, ``allow=["10.0.0.0/8"]``,
     ``target_insecure=True``, ``target_ca=FILE``, ``proxy=URL``, ``tls_ca=FILE``,
     ``tls_fingerprint=...``, ``plaintext=True``, ``connect_timeout=5``,
-    ``quiet=True`` (no access log: ``requests`` stays empty), and so on.
+    ``quiet=True`` (no access log: ``requests`` stays empty), ``inspect="127.0.0.1:0"``
+    (the request inspector on a free port: ``Tunnel.inspect_url``; True: the default
+    address), and so on.
 
     ``timeout``: seconds to wait for the tunnel (default API_TIMEOUT).
     ``on_request(RequestLog)`` is called (on the tunnel's thread) for each request;

@@ -18,6 +18,9 @@ Issue 12's row: the WebSocket transport through a CONNECT proxy (bench/connect_p
 a process of its own) to a relay with --control-port off, against the raw control port,
 both with TLS as by default: 50 and 1 connections, split p99, 256 MiB each way
 (--transport runs only that, in about 3 minutes).
+
+--inspect-cost: the client with its request inspector on (expose --inspect, which parses
+and keeps every request and response) against off, at 50 and 1 connections.
 """
 
 import argparse
@@ -305,13 +308,15 @@ STATE_DIR = tempfile.mkdtemp(prefix="tunnel-bench-state-")   # the relay's gener
 os.environ["TUNNEL_STATE_DIR"] = STATE_DIR
 
 
-def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None):
+def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None,
+                 client_args=()):
     """A relay and a client as a user runs them: by default TLS on the control channel
     (the relay's own certificate, channel binding), access log on; ``plaintext`` runs
     both with --plaintext, for the TLS-cost row.  With ``proxy_port`` the relay has no
     control port (--control-port off) and the client reaches it as
     ``--relay http://localhost:HTTP_PORT`` through the CONNECT proxy on that port: a
-    WebSocket on the visitor port, TLS inside it (control_port is then None)."""
+    WebSocket on the visitor port, TLS inside it (control_port is then None).
+    ``client_args``: more flags for the client (--inspect-cost's --inspect)."""
     http_port = free_port()
     control_port = None if proxy_port else free_port()
     plain = ["--plaintext"] if plaintext else []
@@ -332,7 +337,8 @@ def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=
     # The client runs as a user would: access log on (one line per request, drained here).
     client = spawn([python, TUNNEL_PY, "expose", str(nginx_port)] + route
                    + ["--token", TOKEN, "--subdomain", "bench"]
-                   + plain, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                   + plain + list(client_args), stdout=subprocess.PIPE,
+                  stderr=subprocess.DEVNULL)
     line = client.stdout.readline().decode()
     if not line.startswith("Forwarding"):
         raise SystemExit("tunnel did not come up: %r" % line)
@@ -507,6 +513,9 @@ def main():
                     help="only the WebSocket transport through a CONNECT proxy (relay with "
                          "--control-port off, client --relay http://... --proxy ...) against "
                          "the raw control port: 50 and 1 connections, split, 256 MiB each way")
+    ap.add_argument("--inspect-cost", action="store_true",
+                    help="only tunnel.py with the request inspector on (expose --inspect) "
+                         "against off: 50 and 1 connections taking turns")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -523,6 +532,8 @@ def main():
             tls_cost(work, secs, 1 if args.quick else args.rounds)
         elif args.transport:
             transport(work, secs, 1 if args.quick else args.rounds)
+        elif args.inspect_cost:
+            inspect_cost(work, secs, 1 if args.quick else args.rounds)
         else:
             run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
@@ -566,6 +577,51 @@ def tls_cost(work, secs, rounds):
     lines += ["", "TLS / plaintext: 50 conn %.2f, 1 conn %.2f, download %.2f" % (
         t["c50"]["rps"] / p["c50"]["rps"], t["c1"]["rps"] / p["c1"]["rps"],
         t["down"]["MBps"] / p["down"]["MBps"])]
+    print("\n".join(lines))
+
+
+def inspect_cost(work, secs, rounds):
+    """The client with its request inspector on (expose --inspect, capturing every
+    request and response) against without, in one run: the two tunnels take turns at
+    50 and 1 connections, each reports its median run; CPU per request of the client."""
+    print("preparing nginx and two tunnels (inspector off, on) on 127.0.0.1 ...", flush=True)
+    py_compile.compile(TUNNEL_PY, doraise=True)
+    nginx_port, _ = start_nginx(work, with_big=False)
+    rows = []
+    for label, args in (("inspector off (default)", ()),
+                        ("--inspect", ("--inspect", "127.0.0.1:0"))):
+        http_port, _, _, client = start_tunnel(nginx_port, client_args=args)
+        rows.append((label, "http://127.0.0.1:%d/" % http_port, client.pid))
+    runs = {(label, kind): [] for label, _, _ in rows for kind in ("c50", "c1")}
+    cpu = {label: [] for label, _, _ in rows}
+    for i in range(rounds):
+        print("round %d of %d ..." % (i + 1, rounds), flush=True)
+        for label, url, pid in rows:
+            before = cpu_seconds(pid)
+            r = wrk(url + "small", 50, secs, HOST)
+            cpu[label].append((cpu_seconds(pid) - before) * 1e6 / max(1, r["requests"]))
+            runs[label, "c50"].append(r)
+            runs[label, "c1"].append(wrk(url + "small", 1, secs, HOST))
+    res = {}
+    for label, _, _ in rows:
+        res[label] = {kind: sorted(runs[label, kind], key=lambda r: r["rps"])[rounds // 2]
+                      for kind in ("c50", "c1")}
+        res[label]["cpu"] = cpu[label][runs[label, "c50"].index(res[label]["c50"])]
+        res[label]["errors"] = sum(r["errors"] for k in ("c50", "c1") for r in runs[label, k])
+    lines = ["", "## Request inspector: expose --inspect against without (wrk -t1, %ds, "
+             "median of %d; %s)" % (secs, rounds, time.strftime("%Y-%m-%d")), "",
+             "| client | 50 conn rps | 50 conn p99 | 1 conn rps | 1 conn p99 | client CPU "
+             "per request at 50 conn | errors |", "|---|---|---|---|---|---|---|"]
+    for label, _, _ in rows:
+        r = res[label]
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.0f us | %d |" % (
+            label, r["c50"]["rps"], r["c50"]["p99"], r["c1"]["rps"], r["c1"]["p99"],
+            r["cpu"], r["errors"]))
+    off, on = res["inspector off (default)"], res["--inspect"]
+    lines += ["", "--inspect / off: 50 conn %.2f, 1 conn %.2f (aim: 0.85 or more at 50); "
+              "client CPU per request %.2f" % (
+                  on["c50"]["rps"] / off["c50"]["rps"], on["c1"]["rps"] / off["c1"]["rps"],
+                  on["cpu"] / off["cpu"])]
     print("\n".join(lines))
 
 
