@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import urllib.parse
 import urllib.request
@@ -2816,10 +2817,50 @@ class InspectCodecTest(unittest.TestCase):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 parse(bad)
 
+    def test_capture_fast_paths_match_the_parsers(self):
+        """A whole request or response in one piece is taken in one step; fed byte by
+        byte it takes the parsers' path: the entries must be the same."""
+        exchanges = [
+            (b"GET /a?b HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+            (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
+             b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+            (b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"),
+            (b"GET /n HTTP/1.1\r\nHost: h\r\n\r\n", b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+            (b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
+             b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+            (b"GET http://h/abs HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 404 Not Found\r\nContent-Length: 1\r\n\r\nx"),
+            (b"GET /up HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+             b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\nno"),
+        ]
+
+        def capture(one_byte):
+            inspector = tunnel.Inspector(types.SimpleNamespace(loop=None), "0", 100)
+            cap = tunnel.InspectCapture(inspector)
+            for request, response in exchanges:
+                for data, feed in ((request, cap.request_data), (response, cap.response_data)):
+                    if one_byte:
+                        for i in range(len(data)):
+                            feed(data[i:i + 1])
+                    else:
+                        feed(data)
+            return [(e.method, e.target, e.request_head, bytes(e.request_body),
+                     e.request_size, e.status, e.response_head, bytes(e.response_body),
+                     e.response_size, e.state) for e in inspector.entries]
+        whole = capture(False)
+        self.assertEqual(whole, capture(True))
+        self.assertEqual([e[5] for e in whole], [200, 201, 200, 304, 200, 404, 400])
+        self.assertEqual({e[9] for e in whole}, {"complete"})
+        self.assertEqual(whole[4][7], b"abc")
+        self.assertEqual(whole[5][1], "/abs")
+
     def entry(self, head, body=b""):
         parser = tunnel.HTTPParser(True)
         req = [v for k, v in parser.feed(head + body) if k == EV_HEAD][0]
-        entry = tunnel.InspectEntry(1, req, None)
+        entry = tunnel.InspectEntry(1, req.method, req.target, req.raw, req.upgrade, None)
         entry.request_body += body[:tunnel.INSPECT_BODY_LIMIT]
         entry.request_size = len(body)
         return entry

@@ -8390,16 +8390,16 @@ class _HeadKeepingParser(HTTPParser):
 
     def __init__(self) -> None:
         super().__init__(False, INSPECT_MAX_HEAD)
-        self.heads: Deque[bytes] = collections.deque()
+        self.heads: Deque[Tuple[bytes, bool]] = collections.deque()   # (head, chunked)
 
     def _on_response_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
-        self.heads.append(head)
+        self.heads.append((head, _is_chunked(head)))
         HTTPParser._on_response_head(self, head, events)
 
     def _feed_whole_response(self, data: bytes, events: List[Tuple[str, Any]]) -> bool:
         if not HTTPParser._feed_whole_response(self, data, events):
             return False
-        self.heads.append(data[:data.find(b"\r\n\r\n")])
+        self.heads.append((data[:data.find(b"\r\n\r\n")], False))
         return True
 
 
@@ -8418,13 +8418,14 @@ class InspectEntry:
                  "request_size", "status", "response_head", "response_body", "response_size",
                  "duration", "state", "error", "replay_of", "upgrade", "websocket", "counters")
 
-    def __init__(self, entry_id: int, req: Request, replay_of: Optional[int]) -> None:
+    def __init__(self, entry_id: int, method: str, target: str, head: bytes,
+                 upgrade: Optional[str], replay_of: Optional[int]) -> None:
         self.id = entry_id
         self.time = time.time()
         self.started = time.monotonic()
-        self.method = req.method
-        self.target = req.target
-        self.request_head = req.raw
+        self.method = method
+        self.target = target
+        self.request_head = head
         self.request_body = bytearray()
         self.request_size = 0
         self.status: Optional[int] = None
@@ -8435,8 +8436,8 @@ class InspectEntry:
         self.state = INSPECT_PENDING
         self.error: Optional[str] = None
         self.replay_of = replay_of
-        self.upgrade = req.upgrade is not None
-        self.websocket = (req.upgrade or "").strip().lower() == "websocket"
+        self.upgrade = upgrade is not None
+        self.websocket = (upgrade or "").strip().lower() == "websocket"
         self.counters: Optional[Tuple[WSFrameCounter, WSFrameCounter]] = None
 
     def finish(self, state: str = INSPECT_COMPLETE, error: Optional[str] = None) -> None:
@@ -8539,7 +8540,40 @@ class InspectCapture:
             self.upstream.feed(data)
             self.inspector.version += 1
         elif not self.stopped:
+            if self.entry is None and type(data) is bytes and self.requests.idle and (
+                    self._whole_request(data)):
+                return
             self._request_events(self.requests.feed(data))
+
+    def _whole_request(self, data: bytes) -> bool:
+        """The common case in one step (the relay sends a head, and a small body read
+        with it, as one DATA frame): ``data`` is one whole request in origin form without
+        a body or with a Content-Length one and no upgrade, which the relay has checked.
+        False, with nothing changed, for anything else: the parser takes it then (and
+        frames it the same)."""
+        end = data.find(b"\r\n\r\n", 0, HEAD_PROBE)
+        if end < 0:
+            return False
+        head = data[:end]
+        lowered = head.lower()
+        if b"upgrade" in lowered:
+            return False
+        fields = _FRAMING_RE.findall(lowered)
+        length = _plain_length(fields) if fields else 0
+        if length is None or end + 4 + length != len(data):
+            return False
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3 or parts[1][:1] != b"/":
+            return False
+        method = parts[0].decode("latin-1")
+        entry = self.last = self.inspector.add(method, parts[1].decode("latin-1"), head,
+                                               None, self.replay_of)
+        if length:
+            _keep(entry.request_body, data[end + 4:])
+            entry.request_size = length
+        self.waiting.append(entry)
+        self.responses.expect(method)
+        return True
 
     def _request_events(self, events: List[Tuple[str, Any]]) -> None:
         for kind, value in events:
@@ -8554,7 +8588,8 @@ class InspectCapture:
                         _keep(entry.request_body, value)
                         entry.request_size += len(value)
             elif kind is EV_HEAD:
-                entry = self.entry = self.last = self.inspector.add(value, self.replay_of)
+                entry = self.entry = self.last = self.inspector.add(
+                    value.method, value.target, value.raw, value.upgrade, self.replay_of)
                 self.waiting.append(entry)
                 self.responses.expect(value.method)
                 self._request_chunks = (ChunkDecoder(entry.request_body)
@@ -8572,8 +8607,37 @@ class InspectCapture:
             self.inspector.version += 1
         elif not self.stopped:
             if type(data) is not bytes and len(data) <= WHOLE_RESPONSE_PROBE:
-                data = bytes(data)      # (the parser takes a whole response in one step)
+                data = bytes(data)      # (a whole response is taken in one step)
+            if len(self.waiting) == 1 and type(data) is bytes and self.responses.idle and (
+                    self._whole_response(data)):
+                return
             self._response_events(self.responses.feed(data), data)
+
+    def _whole_response(self, data: bytes) -> bool:
+        """The common case in one step, as HTTPParser's own (``_feed_whole_response``):
+        ``data`` is one whole response framed by its Content-Length, to the one request
+        waiting (not HEAD, not an upgrade).  False, with nothing changed, otherwise."""
+        head_size = _whole_by_length(data)
+        entry = self.waiting[0]
+        if not head_size or entry.upgrade:
+            return False
+        m = _STATUS_LINE_RE.match(data, 0, head_size - 2)
+        if m is None:
+            return False
+        status = int(m.group(3))
+        methods = self.responses.methods
+        if status < 200 or status in (204, 304) or (methods and methods[0] == "HEAD"):
+            return False
+        if methods:
+            methods.popleft()
+        self.waiting.popleft()
+        entry.status, entry.response_head = status, data[:head_size - 4]
+        if head_size < len(data):
+            _keep(entry.response_body, memoryview(data)[head_size:])
+            entry.response_size = len(data) - head_size
+        entry.finish()
+        self.inspector.version += 1
+        return True
 
     def response_eof(self) -> None:
         if self.downstream is None and not self.stopped:
@@ -8591,7 +8655,7 @@ class InspectCapture:
                     _keep(entry.response_body, value)
                     entry.response_size += len(value)
             elif kind is EV_HEAD:
-                head = self.responses.heads.popleft()
+                head, chunked = self.responses.heads.popleft()
                 if 100 <= value.status < 200 and value.status != 101:
                     continue                    # interim (100 Continue): the final follows
                 if not self.waiting:
@@ -8599,8 +8663,7 @@ class InspectCapture:
                     return
                 entry = self.waiting[0]
                 entry.status, entry.response_head = value.status, head
-                self._response_chunks = (ChunkDecoder(entry.response_body)
-                                         if _is_chunked(head) else None)
+                self._response_chunks = ChunkDecoder(entry.response_body) if chunked else None
             elif kind is EV_END:
                 entry = self.waiting.popleft()
                 self._response_chunks = None
@@ -9041,8 +9104,9 @@ class Inspector:
         InspectorConn(self, sock)
 
     # -- entries ------------------------------------------------------------------------
-    def add(self, req: Request, replay_of: Optional[int]) -> InspectEntry:
-        entry = InspectEntry(next(self._ids), req, replay_of)
+    def add(self, method: str, target: str, head: bytes, upgrade: Optional[str],
+            replay_of: Optional[int]) -> InspectEntry:
+        entry = InspectEntry(next(self._ids), method, target, head, upgrade, replay_of)
         self.entries.append(entry)      # the oldest goes when ``keep`` are held
         if replay_of is None:
             self.requests += 1
