@@ -8412,11 +8412,24 @@ INSPECT_ERROR = "error"         # no whole response: ``error`` says why
 
 
 class InspectEntry:
-    """One request through the tunnel (or a replay), as the inspector shows it."""
+    """One request through the tunnel (or a replay), as the inspector shows it.  What a
+    new one starts with is on the class: an entry is made per request, and sets only
+    its own fields.  A body is ``bytes`` cut from the one piece that held it whole, or
+    a ``bytearray`` the parsers' events fill."""
 
-    __slots__ = ("id", "time", "started", "method", "target", "request_head", "request_body",
-                 "request_size", "status", "response_head", "response_body", "response_size",
-                 "duration", "state", "error", "replay_of", "upgrade", "websocket", "counters")
+    request_body: Any = b""                 # the first INSPECT_BODY_LIMIT bytes ...
+    request_size = 0                        # ... of how many
+    status: Optional[int] = None
+    response_head = b""                     # without its final CRLF CRLF
+    response_body: Any = b""
+    response_size = 0
+    duration: Optional[float] = None        # seconds, once answered (or closed)
+    state = INSPECT_PENDING
+    error: Optional[str] = None
+    replay_of: Optional[int] = None         # the entry this one replays
+    upgrade = False                         # the request asked for one
+    websocket = False                       # ... for a WebSocket
+    counters: Optional[Tuple[WSFrameCounter, WSFrameCounter]] = None   # after a 101
 
     def __init__(self, entry_id: int, method: str, target: str, head: bytes,
                  upgrade: Optional[str], replay_of: Optional[int]) -> None:
@@ -8426,19 +8439,11 @@ class InspectEntry:
         self.method = method
         self.target = target
         self.request_head = head
-        self.request_body = bytearray()
-        self.request_size = 0
-        self.status: Optional[int] = None
-        self.response_head = b""
-        self.response_body = bytearray()
-        self.response_size = 0
-        self.duration: Optional[float] = None
-        self.state = INSPECT_PENDING
-        self.error: Optional[str] = None
-        self.replay_of = replay_of
-        self.upgrade = upgrade is not None
-        self.websocket = (upgrade or "").strip().lower() == "websocket"
-        self.counters: Optional[Tuple[WSFrameCounter, WSFrameCounter]] = None
+        if upgrade is not None:
+            self.upgrade = True
+            self.websocket = upgrade.strip().lower() == "websocket"
+        if replay_of is not None:
+            self.replay_of = replay_of
 
     def finish(self, state: str = INSPECT_COMPLETE, error: Optional[str] = None) -> None:
         self.duration = time.monotonic() - self.started
@@ -8512,6 +8517,12 @@ def _inspect_part(head: bytes, body: bytearray, size: int) -> Dict[str, Any]:
             "text": _body_text(data if decoded is None else decoded, truncated)}
 
 
+# The fields InspectCapture's fast path for requests looks at, in any case (an Upgrade
+# field sends a request to the parser's path).
+_CAPTURE_FIELDS_RE = re.compile(rb"\r\n((?i:transfer-encoding|content-length|upgrade))[ \t]*"
+                                rb":([^\r\n]*)")
+
+
 class InspectCapture:
     """The two directions of one connection to the target, parsed for the inspector from
     copies of its bytes: an InspectEntry per request, each response matched to the
@@ -8533,6 +8544,7 @@ class InspectCapture:
         self.downstream: Optional[WSFrameCounter] = None
         self.upgraded: Optional[InspectEntry] = None
         self.stopped = False
+        self.whole: Optional[bool] = None   # the last response read was one whole message
 
     # -- visitor -> origin ------------------------------------------------------------
     def request_data(self, data: Any) -> None:
@@ -8547,32 +8559,30 @@ class InspectCapture:
 
     def _whole_request(self, data: bytes) -> bool:
         """The common case in one step (the relay sends a head, and a small body read
-        with it, as one DATA frame): ``data`` is one whole request in origin form without
-        a body or with a Content-Length one and no upgrade, which the relay has checked.
-        False, with nothing changed, for anything else: the parser takes it then (and
-        frames it the same)."""
+        with it, as one DATA frame): ``data`` is one whole request in origin form, a head
+        without framing fields or one with a plain Content-Length body, and no Upgrade
+        field, as the relay checked it.  False, with nothing changed, for anything else:
+        the parser takes it then (and frames it the same)."""
         end = data.find(b"\r\n\r\n", 0, HEAD_PROBE)
         if end < 0:
             return False
-        head = data[:end]
-        lowered = head.lower()
-        if b"upgrade" in lowered:
-            return False
-        fields = _FRAMING_RE.findall(lowered)
-        length = _plain_length(fields) if fields else 0
+        fields = _CAPTURE_FIELDS_RE.findall(data, 0, end)
+        length: Optional[int] = 0
+        if fields:      # (an Upgrade field is not plain framing either: the parser's path)
+            length = _plain_length([(name.lower(), value) for name, value in fields])
         if length is None or end + 4 + length != len(data):
             return False
-        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        parts = data.split(b" ", 2)       # (the relay checked the request line)
         if len(parts) != 3 or parts[1][:1] != b"/":
             return False
         method = parts[0].decode("latin-1")
-        entry = self.last = self.inspector.add(method, parts[1].decode("latin-1"), head,
-                                               None, self.replay_of)
+        entry = self.last = self.inspector.add(method, parts[1].decode("latin-1"),
+                                               data[:end], None, self.replay_of)
         if length:
-            _keep(entry.request_body, data[end + 4:])
+            entry.request_body = data[end + 4:end + 4 + INSPECT_BODY_LIMIT]
             entry.request_size = length
         self.waiting.append(entry)
-        self.responses.expect(method)
+        self.responses.methods.append(method)
         return True
 
     def _request_events(self, events: List[Tuple[str, Any]]) -> None:
@@ -8590,6 +8600,7 @@ class InspectCapture:
             elif kind is EV_HEAD:
                 entry = self.entry = self.last = self.inspector.add(
                     value.method, value.target, value.raw, value.upgrade, self.replay_of)
+                entry.request_body = bytearray()
                 self.waiting.append(entry)
                 self.responses.expect(value.method)
                 self._request_chunks = (ChunkDecoder(entry.request_body)
@@ -8602,27 +8613,29 @@ class InspectCapture:
 
     # -- origin -> visitor ------------------------------------------------------------
     def response_data(self, data: Any) -> None:
+        self.whole = None
         if self.downstream is not None:
             self.downstream.feed(data)
             self.inspector.version += 1
         elif not self.stopped:
             if type(data) is not bytes and len(data) <= WHOLE_RESPONSE_PROBE:
                 data = bytes(data)      # (a whole response is taken in one step)
-            if len(self.waiting) == 1 and type(data) is bytes and self.responses.idle and (
-                    self._whole_response(data)):
-                return
+            if (len(self.waiting) == 1 and type(data) is bytes and data[:5] == b"HTTP/"
+                    and self.responses.idle):
+                head_size = _whole_by_length(data)
+                self.whole = head_size > 0
+                if head_size and self._whole_response(data, head_size):
+                    return
             self._response_events(self.responses.feed(data), data)
 
-    def _whole_response(self, data: bytes) -> bool:
+    def _whole_response(self, data: bytes, head_size: int) -> bool:
         """The common case in one step, as HTTPParser's own (``_feed_whole_response``):
-        ``data`` is one whole response framed by its Content-Length, to the one request
-        waiting (not HEAD, not an upgrade).  False, with nothing changed, otherwise."""
-        head_size = _whole_by_length(data)
+        ``data`` is one whole response framed by its Content-Length (``head_size``: its
+        head's, from ``_whole_by_length``), to the one request waiting (not HEAD, not an
+        upgrade).  False, with nothing changed, otherwise."""
         entry = self.waiting[0]
-        if not head_size or entry.upgrade:
-            return False
         m = _STATUS_LINE_RE.match(data, 0, head_size - 2)
-        if m is None:
+        if m is None or entry.upgrade:
             return False
         status = int(m.group(3))
         methods = self.responses.methods
@@ -8633,9 +8646,10 @@ class InspectCapture:
         self.waiting.popleft()
         entry.status, entry.response_head = status, data[:head_size - 4]
         if head_size < len(data):
-            _keep(entry.response_body, memoryview(data)[head_size:])
+            entry.response_body = data[head_size:head_size + INSPECT_BODY_LIMIT]
             entry.response_size = len(data) - head_size
-        entry.finish()
+        entry.duration = time.monotonic() - entry.started
+        entry.state = INSPECT_COMPLETE
         self.inspector.version += 1
         return True
 
@@ -8663,6 +8677,7 @@ class InspectCapture:
                     return
                 entry = self.waiting[0]
                 entry.status, entry.response_head = value.status, head
+                entry.response_body = bytearray()
                 self._response_chunks = ChunkDecoder(entry.response_body) if chunked else None
             elif kind is EV_END:
                 entry = self.waiting.popleft()
@@ -8735,7 +8750,12 @@ class InspectedTarget(TargetConn):
     def on_socket_data(self, data: memoryview) -> None:   # (after TargetConn._first_data)
         self.inspector.bytes_out += len(data)
         self.capture.response_data(data)
-        Pipe.on_socket_data(self, data)
+        if self.stream is not None:                         # (Pipe's)
+            self.stream.write(data)
+
+    def mid_message(self, data: memoryview) -> bool:
+        whole = self.capture.whole      # (what the capture found out about this read)
+        return not whole_response(data) if whole is None else not whole
 
     def on_socket_eof(self) -> None:
         self.capture.response_eof()
