@@ -7435,6 +7435,27 @@ class HTTPSOriginTest(EndToEndBase):
             c.request("GET", "/hello", headers={"Host": "secure.localhost"})
             self.assertEqual(c.getresponse().read(), b"hello")
 
+    def test_the_inspector_replays_to_an_https_target(self):
+        client, _ = self.start_client("seen", target_tls=True, target_ca=self.cert,
+                                      inspect="127.0.0.1:0")
+        status, answer, _ = self.get("/echo", host="seen.localhost", method="POST",
+                                     body=b'{"x": 1}')
+        self.assertEqual(status, 200)
+        url = client.inspector.url
+
+        def read(path, data=None):
+            req = urllib.request.Request(url + path, data=data,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=WAIT) as r:
+                return json.loads(r.read())
+        wait_until(lambda: read("/api/requests/1")["state"] == "complete", what="captured")
+        made = read("/api/requests/1/replay", b"{}")
+        wait_until(lambda: read("/api/requests/%d" % made["id"])["state"] != "pending",
+                   what="the replay answered")
+        replayed = read("/api/requests/%d" % made["id"])
+        self.assertEqual((replayed["state"], replayed["status"]), ("complete", 200))
+        self.assertEqual(base64.b64decode(replayed["response"]["body"]), answer)
+
     def test_unverifiable_origin_is_a_502_that_names_the_flags(self):
         self.start_client("strict", target_tls=True)     # the system's CAs: not this one
         status, body, _ = self.get("/hello", host="strict.localhost")

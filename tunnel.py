@@ -8247,7 +8247,10 @@ class Client(Side):
 # was.  The page holds secrets (the visitors' cookies and tokens): it answers only to
 # its own address in Host (DNS rebinding), refuses cross-site API requests (Origin,
 # Sec-Fetch-Site) and replays without a JSON body (no form can send one), and renders
-# captured text as text only (textContent, a CSP without inline handlers).
+# captured text as text only (textContent, a CSP without inline handlers).  The usual
+# request (a head, or a head and its small body, in one DATA frame) and response (whole in
+# one read) are taken in one step each, as HTTPParser's own fast path does; the rest goes
+# through the parsers (InspectCodecTest checks that both make the same entries).
 
 def parse_inspect_address(text: str) -> Tuple[str, int]:
     """--inspect ADDR: ``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` (host 127.0.0.1 by
