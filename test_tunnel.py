@@ -35,9 +35,11 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import unittest.mock
 import urllib.parse
+import urllib.request
 
 import tunnel
 from tunnel import (EV_BODY, EV_END, EV_ERROR, EV_HEAD, ClientHandshake, FrameDecoder,
@@ -2900,6 +2902,143 @@ class WebSocketCodecTests(unittest.TestCase):
                         select.select([ws_server], [], [], 0.01)
 
 
+class InspectCodecTest(unittest.TestCase):
+    """The inspector's pure pieces: the chunked-body decoder, the WebSocket frame
+    counter, --inspect ADDR and the replayed request's bytes."""
+
+    def test_chunk_decoder_keeps_the_data_whole_or_byte_by_byte(self):
+        data = pattern(5000, seed=1)
+        raw = (b"7d0;name=\"quoted;value\"\r\n" + data[:2000] + b"\r\n"
+               b"BB8 \t\r\n" + data[2000:] + b"\r\n0\r\nX-Trailer: yes\r\n\r\n")
+        for step in (len(raw), 1, 7, 4096):
+            with self.subTest(step=step):
+                kept = bytearray()
+                decoder = tunnel.ChunkDecoder(kept, keep=3000)
+                for i in range(0, len(raw), step):
+                    decoder.feed(memoryview(raw)[i:i + step])
+                self.assertEqual((bytes(kept), decoder.size), (data[:3000], len(data)))
+                decoder.feed(b"after the end is ignored")
+                self.assertEqual(decoder.size, len(data))
+
+    def test_chunk_decoder_stops_at_what_no_parser_lets_through(self):
+        kept = bytearray()
+        decoder = tunnel.ChunkDecoder(kept)
+        decoder.feed(b"zz\r\nhello\r\n")
+        decoder.feed(b"5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual((bytes(kept), decoder.size), (b"", 0))
+
+    def test_frame_counter_counts_frames_and_messages_from_headers(self):
+        frames = (ws_masked(1, b"hello") + ws_masked(9, b"ping")            # text, ping
+                  + ws_masked(2, b"x" * 300)                               # 16-bit length
+                  + ws_masked(0, b"part", first=0x01)                      # fragment 1 ...
+                  + ws_masked(0, b"more", first=0x00)                      # ... 2
+                  + ws_masked(0, b"end", first=0x80)                       # ... last
+                  + ws_frame(2, b"y" * 70000, mask=False)                  # 64-bit length
+                  + ws_masked(8, b"\x03\xe8"))                             # close
+        for step in (len(frames), 1, 3, 1000):
+            with self.subTest(step=step):
+                counter = tunnel.WSFrameCounter(True)
+                for i in range(0, len(frames), step):
+                    counter.feed(frames[i:i + step])
+                self.assertEqual((counter.frames, counter.messages, counter.bytes),
+                                 (8, 4, len(frames)))
+        other = tunnel.WSFrameCounter(False)       # an upgrade that is not a WebSocket
+        other.feed(b"\x81\x05hello")
+        self.assertEqual((other.frames, other.messages, other.bytes), (0, 0, 7))
+
+    def test_inspect_addresses(self):
+        parse = tunnel.parse_inspect_address
+        self.assertEqual(parse("4041"), ("127.0.0.1", 4041))
+        self.assertEqual(parse("127.0.0.1:0"), ("127.0.0.1", 0))
+        self.assertEqual(parse("0"), ("127.0.0.1", 0))
+        self.assertEqual(parse("0.0.0.0:4040"), ("0.0.0.0", 4040))
+        self.assertEqual(parse("[::1]:0"), ("::1", 0))
+        self.assertEqual(parse(tunnel.INSPECT_DEFAULT), ("127.0.0.1", 4040))
+        for bad in ("", "host:", "host:70000", ":4040", "[::1", "a:b"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                parse(bad)
+
+    def test_capture_fast_paths_match_the_parsers(self):
+        """A whole request or response in one piece is taken in one step; fed byte by
+        byte it takes the parsers' path: the entries must be the same."""
+        exchanges = [
+            (b"GET /a?b HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+            (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
+             b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+            (b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"),
+            (b"GET /n HTTP/1.1\r\nHost: h\r\n\r\n", b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+            (b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
+             b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+            (b"GET http://h/abs HTTP/1.1\r\nHost: h\r\n\r\n",
+             b"HTTP/1.1 404 Not Found\r\nContent-Length: 1\r\n\r\nx"),
+            (b"GET /up HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+             b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\nno"),
+        ]
+
+        def capture(one_byte):
+            inspector = tunnel.Inspector(types.SimpleNamespace(loop=None), "0", 100)
+            cap = tunnel.InspectCapture(inspector)
+            for request, response in exchanges:
+                for data, feed in ((request, cap.request_data), (response, cap.response_data)):
+                    if one_byte:
+                        for i in range(len(data)):
+                            feed(data[i:i + 1])
+                    else:
+                        feed(data)
+            return [(e.method, e.target, e.request_head, bytes(e.request_body),
+                     e.request_size, e.status, e.response_head, bytes(e.response_body),
+                     e.response_size, e.state) for e in inspector.entries]
+        whole = capture(False)
+        self.assertEqual(whole, capture(True))
+        self.assertEqual([e[5] for e in whole], [200, 201, 200, 304, 200, 404, 400])
+        self.assertEqual({e[9] for e in whole}, {"complete"})
+        self.assertEqual(whole[4][7], b"abc")
+        self.assertEqual(whole[5][1], "/abs")
+
+    def entry(self, head, body=b""):
+        parser = tunnel.HTTPParser(True)
+        req = [v for k, v in parser.feed(head + body) if k == EV_HEAD][0]
+        entry = tunnel.InspectEntry(1, req.method, req.target, req.raw, req.upgrade, None)
+        entry.request_body += body[:tunnel.INSPECT_BODY_LIMIT]
+        entry.request_size = len(body)
+        return entry
+
+    def test_a_replay_is_framed_anew_and_closes(self):
+        entry = self.entry(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+                           b"Connection: keep-alive\r\nExpect: 100-continue\r\nX-A: 1\r\n\r\n",
+                           b"abc")
+        self.assertEqual(tunnel.replay_request(entry, {}),
+                         b"POST /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nContent-Length: 3\r\n"
+                         b"Connection: close\r\n\r\nabc")
+        self.assertEqual(tunnel.replay_request(entry, {"method": "GET", "body": ""}),
+                         b"GET /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nConnection: close\r\n\r\n")
+        self.assertEqual(tunnel.replay_request(entry, {"body_base64": "AAE="})[-2:], b"\x00\x01")
+        big = self.entry(b"PUT /p HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+                         % (tunnel.INSPECT_BODY_LIMIT + 1), b"z" * (tunnel.INSPECT_BODY_LIMIT + 1))
+        with self.assertRaises(tunnel.HTTPError) as cm:
+            tunnel.replay_request(big, {})
+        self.assertEqual(cm.exception.status, 409)
+        upgrade = self.entry(ws_upgrade("h"))
+        with self.assertRaises(tunnel.HTTPError) as cm:
+            tunnel.replay_request(upgrade, {})
+        self.assertEqual(cm.exception.status, 409)
+        for edits in ({"headers": [["Host", "h"]] * 101}, {"method": 5}, {"path": None},
+                      {"headers": "Host: h"}, {"headers": [["Host", "h", "x"]]},
+                      {"headers": [["Host", "h"], ["Content-Length", "5"],
+                                   ["Transfer-Encoding", "chunked"]], "body": "ab"}):
+            with self.subTest(edits=edits):
+                try:
+                    data = tunnel.replay_request(entry, edits)
+                except tunnel.HTTPError as exc:
+                    self.assertEqual(exc.status, 400)
+                else:      # framing fields are the replay's own: given ones are dropped
+                    self.assertEqual(data, b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: "
+                                     b"2\r\nConnection: close\r\n\r\nab")
+
+
 class RelayAddressTest(unittest.TestCase):
     def test_parse_relay_forms(self):
         cases = {
@@ -3134,6 +3273,11 @@ class ConfigValidationTest(unittest.TestCase):
              dict(heartbeat_timeout=1, heartbeat_interval=2)),
             (["expose", "5000", "--token", TOKEN, "--target-insecure"],
              functools.partial(tunnel.expose, 5000, token=TOKEN), dict(target_insecure=True)),
+            (["expose", "5000", "--token", TOKEN, "--inspect-keep", "0"],
+             functools.partial(tunnel.expose, 5000, token=TOKEN), dict(inspect_keep=0)),
+            (["expose", "5000", "--token", TOKEN, "--inspect", "localhost:http"],
+             functools.partial(tunnel.expose, 5000, token=TOKEN),
+             dict(inspect="localhost:http")),
         ]
         expose = functools.partial(tunnel.expose, token=TOKEN)
         for target in ("local host:5000", "a\nForwarding http://evil:5000", "a\x00b:5000",
@@ -8225,6 +8369,27 @@ class HTTPSOriginTest(EndToEndBase):
             c.request("GET", "/hello", headers={"Host": "secure.localhost"})
             self.assertEqual(c.getresponse().read(), b"hello")
 
+    def test_the_inspector_replays_to_an_https_target(self):
+        client, _ = self.start_client("seen", target_tls=True, target_ca=self.cert,
+                                      inspect="127.0.0.1:0")
+        status, answer, _ = self.get("/echo", host="seen.localhost", method="POST",
+                                     body=b'{"x": 1}')
+        self.assertEqual(status, 200)
+        url = client.inspector.url
+
+        def read(path, data=None):
+            req = urllib.request.Request(url + path, data=data,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=WAIT) as r:
+                return json.loads(r.read())
+        wait_until(lambda: read("/api/requests/1")["state"] == "complete", what="captured")
+        made = read("/api/requests/1/replay", b"{}")
+        wait_until(lambda: read("/api/requests/%d" % made["id"])["state"] != "pending",
+                   what="the replay answered")
+        replayed = read("/api/requests/%d" % made["id"])
+        self.assertEqual((replayed["state"], replayed["status"]), ("complete", 200))
+        self.assertEqual(base64.b64decode(replayed["response"]["body"]), answer)
+
     def test_unverifiable_origin_is_a_502_that_names_the_flags(self):
         self.start_client("strict", target_tls=True)     # the system's CAs: not this one
         status, body, _ = self.get("/hello", host="strict.localhost")
@@ -8547,6 +8712,453 @@ class HostCheckingOriginTest(EndToEndBase):
         self.assertEqual(self.get("/hello", host="jrewrite.localhost")[:2], (200, b"hello"))
 
 
+class InspectorClient:
+    """What the inspector tests share: requests to a client's inspector."""
+
+    CLIENT_OPTIONS = dict(inspect="127.0.0.1:0")
+
+    def api(self, path, method="GET", body=None, headers=None, client=None, host=None):
+        """(status, JSON or bytes, response) of one request to ``client``'s inspector."""
+        inspector = (client or self.client).inspector
+        c = http.client.HTTPConnection("127.0.0.1", inspector.port, timeout=WAIT)
+        self.addCleanup(c.close)
+        h = {"Host": host or "127.0.0.1:%d" % inspector.port}
+        h.update(headers or {})
+        c.request(method, path, body=body, headers=h)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        if r.getheader("Content-Type", "").startswith("application/json"):
+            data = json.loads(data)
+        return r.status, data, r
+
+    def replay(self, entry_id, edits=None, client=None, headers=None):
+        h = {"Content-Type": "application/json"}
+        h.update(headers or {})
+        return self.api("/api/requests/%d/replay" % entry_id, "POST",
+                        json.dumps(edits or {}).encode(), h, client)
+
+    def settled(self, entry_id, client=None):
+        """The entry once it is no longer pending."""
+        box = []
+
+        def done():
+            status, data, _ = self.api("/api/requests/%d" % entry_id, client=client)
+            box[:] = [data]
+            return status == 200 and data["state"] != "pending"
+        wait_until(done, what="entry %d settled" % entry_id)
+        return box[0]
+
+
+class InspectorTest(InspectorClient, EndToEndBase):
+    """expose --inspect: the page and JSON API on the client's own loop list what went
+    through the tunnel (heads, the first 64 KiB of each body, WebSocket message counts)
+    and replay it to the target."""
+
+    def test_a_request_and_its_bodies_are_listed_newest_first(self):
+        self.assertEqual(self.lines, ["Forwarding http://demo.localhost:%d -> http://127.0.0.1:%d"
+                                      % (self.relay.http_port, self.origin.server_address[1]),
+                                      "Inspect   %s" % self.client.inspector.url])
+        self.assertEqual(self.lines[1].index("http://"), self.lines[0].index("http://"))
+        self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
+        sent = b'{"name": "caf\xc3\xa9", "n": [1, 2]}'
+        status, body, _ = self.get("/post?x=1", method="POST", body=sent,
+                                   headers={"Content-Type": "application/json",
+                                            "Authorization": "Bearer visible-here"})
+        self.assertEqual(status, 200)
+        status, listing, r = self.api("/api/requests")
+        self.assertEqual(status, 200)
+        self.assertEqual(r.getheader("Cache-Control"), "no-store")
+        self.assertEqual([(e["method"], e["path"]) for e in listing["requests"]],
+                         [("POST", "/post?x=1"), ("GET", "/hello")])
+        entry = self.settled(listing["requests"][0]["id"])
+        self.assertEqual((entry["status"], entry["state"], entry["request_size"],
+                          entry["response_size"], entry["replay_of"]),
+                         (200, "complete", len(sent), len(body), None))
+        self.assertGreater(entry["duration"], 0)
+        self.assertAlmostEqual(entry["time"], time.time(), delta=WAIT)
+        request, response = entry["request"], entry["response"]
+        self.assertEqual(base64.b64decode(request["body"]), sent)
+        self.assertEqual(request["text"], sent.decode())
+        self.assertEqual(request["content_type"], "application/json")
+        self.assertIn("Authorization: Bearer visible-here\r\n", request["head"])
+        self.assertTrue(request["head"].startswith("POST /post?x=1 HTTP/1.1\r\n"))
+        self.assertIn(["X-Forwarded-For", "127.0.0.1"], request["headers"])
+        self.assertEqual(base64.b64decode(response["body"]), body)
+        self.assertTrue(response["head"].startswith("HTTP/1.1 200 "))
+        self.assertFalse(response["truncated"])
+        status, one, _ = self.api("/api/requests?limit=1")
+        self.assertEqual([e["path"] for e in one["requests"]], ["/post?x=1"])
+        self.assertEqual(self.api("/api/requests?limit=x")[0], 400)
+        self.assertEqual(self.api("/api/requests/999")[0], 404)
+        status, page, r = self.api("/")
+        self.assertEqual((status, r.getheader("Content-Type")), (200, "text/html; charset=utf-8"))
+        self.assertIn(b"tunnel.py inspector", page)
+
+    def test_tunnels_tell_name_url_target_and_counters(self):
+        self.get("/hello")
+        status, data, _ = self.api("/api/tunnels")
+        self.assertEqual(status, 200)
+        [info] = data["tunnels"]
+        self.assertEqual((info["name"], info["public_url"], info["target"], info["connected"]),
+                         ("demo", "http://demo.localhost:%d" % self.relay.http_port,
+                          "http://127.0.0.1:%d" % self.origin.server_address[1], True))
+        self.assertAlmostEqual(info["connected_since"], time.time(), delta=WAIT)
+        self.assertEqual(info["requests"], 1)
+        self.assertGreater(info["bytes_in"], len(b"GET /hello HTTP/1.1\r\n"))
+        self.assertGreater(info["bytes_out"], len(b"hello"))
+
+    def test_replay_reaches_the_origin_again_and_is_a_new_entry(self):
+        raw = RawOrigin(self)
+        client, _ = self.start_client("raw", target_port=raw.port)
+        body = b"payload=" + b"x" * 1000
+        status, answer, _ = self.get("/hook", host="raw.localhost", method="POST", body=body)
+        self.assertEqual((status, answer), (200, b"ok"))
+        first = self.settled(1, client)
+        status, made, _ = self.replay(1, client=client)
+        self.assertEqual(status, 200)
+        self.assertEqual(made["replay_of"], 1)
+        again = self.settled(made["id"], client)
+        self.assertEqual((again["status"], again["state"], again["replay_of"]),
+                         (200, "complete", 1))
+        self.assertEqual(base64.b64decode(again["response"]["body"]), b"ok")
+        wait_until(lambda: len(raw.requests) == 2, what="the origin's second request")
+        original, replayed = raw.requests
+        self.assertTrue(replayed.startswith(b"POST /hook HTTP/1.1\r\n"))
+        self.assertTrue(replayed.endswith(b"\r\n\r\n" + body))
+        self.assertIn(b"\r\nConnection: close\r\n", replayed)
+        self.assertIn(b"\r\nX-Forwarded-For: 127.0.0.1\r\n", replayed)   # as the origin saw it
+        self.assertEqual(replayed.count(b"Content-Length"), 1)
+        self.assertEqual(first["request"]["head"].split("\r\n")[0],
+                         again["request"]["head"].split("\r\n")[0])
+        listing = self.api("/api/requests", client=client)[1]["requests"]
+        self.assertEqual([e["id"] for e in listing], [made["id"], 1])
+        self.assertEqual(self.api("/api/tunnels", client=client)[1]["tunnels"][0]["requests"], 1)
+
+    def test_an_edited_replay(self):
+        raw = RawOrigin(self)
+        client, _ = self.start_client("edit", target_port=raw.port)
+        self.get("/a", host="edit.localhost")
+        self.settled(1, client)
+        status, made, _ = self.replay(1, {"method": "PUT", "path": "/b?c=d",
+                                          "headers": [["Host", "edit.localhost"],
+                                                      ["X-Edited", "yes"]],
+                                          "body": "caf\u00e9"}, client=client)
+        self.assertEqual(status, 200, made)
+        self.assertEqual(self.settled(made["id"], client)["status"], 200)
+        wait_until(lambda: len(raw.requests) == 2, what="the edited request")
+        self.assertEqual(raw.requests[1], b"PUT /b?c=d HTTP/1.1\r\nHost: edit.localhost\r\n"
+                         b"X-Edited: yes\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+                         b"caf\xc3\xa9")
+        for edits, why in (({"method": "GE T"}, "invalid method"),
+                           ({"path": "no-slash"}, "invalid path"),
+                           ({"path": "/a b"}, "invalid path"),
+                           ({"headers": [["X", "a\r\nInjected: 1"]]}, "invalid header"),
+                           ({"headers": [["Bad Name", "v"]]}, "invalid header"),
+                           ({"headers": [["X-Only", "no host"]]}, "Host"),
+                           ({"body_base64": "%%%"}, "base64"),
+                           ({"headers": {"Host": "h", "X": "\u20ac"}}, "Latin-1")):
+            with self.subTest(edits=edits):
+                status, data, _ = self.replay(1, edits, client=client)
+                self.assertEqual(status, 400, data)
+                self.assertIn(why, data["error"])
+        for body in (b"[1]", b"{", b"[" * 100000):
+            status, data, _ = self.api("/api/requests/1/replay", "POST", body,
+                                       {"Content-Type": "application/json"}, client)
+            self.assertEqual(status, 400, body[:10])
+        self.assertEqual(len(raw.requests), 2)
+
+    def test_only_the_last_n_are_kept(self):
+        client, _ = self.start_client("few", inspect_keep=3)
+        for i in range(5):
+            self.assertEqual(self.get("/hello?i=%d" % i, host="few.localhost")[0], 200)
+        wait_until(lambda: self.api("/api/requests", client=client)[1]["requests"][0][
+            "state"] == "complete", what="the last request answered")
+        listing = self.api("/api/requests", client=client)[1]["requests"]
+        self.assertEqual([e["path"] for e in listing], ["/hello?i=4", "/hello?i=3",
+                                                        "/hello?i=2"])
+        self.assertEqual([e["id"] for e in listing], [5, 4, 3])
+        self.assertEqual(self.api("/api/requests/2", client=client)[0], 404)
+        self.assertEqual(self.api("/api/requests/3", client=client)[0], 200)
+        self.assertEqual(self.api("/api/requests?limit=100", client=client)[1]["requests"],
+                         listing)
+
+    def test_a_websocket_is_one_entry_with_message_counts(self):
+        s = self.raw(ws_upgrade("demo.localhost"))
+        self.assertTrue(recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101"))
+        for opcode, payload in ((1, b"one"), (2, b"\x00\x01two"), (1, b"x" * 70000)):
+            s.sendall(ws_frame(opcode, payload))
+            echo = ws_frame(opcode, payload, mask=False)
+            self.assertEqual(recv_exact(s, len(echo)), echo)
+        status, listing, _ = self.api("/api/requests")
+        [entry] = listing["requests"]
+        self.assertEqual((entry["path"], entry["status"], entry["websocket"], entry["state"],
+                          entry["messages"]), ("/ws", 101, True, "open", {"in": 3, "out": 3}))
+        s.sendall(ws_frame(8, b"\x03\xe8"))
+        self.assertEqual(closed_by_peer(s), b"\x88\x02\x03\xe8")
+        s.close()
+
+        def closed():
+            entry = self.api("/api/requests/1")[1]
+            return entry["state"] == "closed" and entry
+        wait_until(closed, what="the WebSocket entry closed")
+        entry = self.api("/api/requests/1")[1]
+        self.assertEqual((entry["messages"], entry["frames"]),
+                         ({"in": 3, "out": 3}, {"in": 4, "out": 4}))
+        self.assertEqual(entry["bytes"]["out"], (2 + 3) + (2 + 5) + (2 + 8 + 70000) + (2 + 2))
+        self.assertEqual(self.replay(1)[0], 409)      # a WebSocket cannot be replayed
+
+    def test_chunked_bodies_are_kept_without_their_framing(self):
+        self.origin.sse_gate.set()
+        status, body, _ = self.get("/sse")
+        self.assertEqual(body, b"data: event 0\n\ndata: event 1\n\n")
+        entry = self.settled(1)
+        self.assertEqual(base64.b64decode(entry["response"]["body"]), body)
+        self.assertEqual(entry["response_size"], len(body))
+        data = pattern(300 * 1024, seed=3)
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + 5000]), data[i:i + 5000])
+                          for i in range(0, len(data), 5000))
+        s = self.raw(b"POST /up HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: chunked"
+                     b"\r\nContent-Type: application/octet-stream\r\n\r\n" + chunks
+                     + b"0\r\n\r\n")
+        answer = recv_until(s, b"}")
+        self.assertIn(hashlib.sha256(data).hexdigest().encode(), answer)   # all of it went
+        entry = self.settled(2)
+        self.assertEqual((entry["request_size"], entry["request"]["truncated"]),
+                         (len(data), True))
+        self.assertEqual(base64.b64decode(entry["request"]["body"]),
+                         data[:tunnel.INSPECT_BODY_LIMIT])
+        self.assertIsNone(entry["request"]["text"])
+        self.assertEqual(self.replay(2)[0], 409)       # only its start was kept
+        status, made, _ = self.replay(2, {"body": "short"})
+        self.assertEqual(status, 200)
+        replayed = self.settled(made["id"])
+        self.assertIn(hashlib.sha256(b"short").hexdigest(),
+                      base64.b64decode(replayed["response"]["body"]).decode())
+
+    def test_gzip_images_and_binary_bodies(self):
+        import gzip
+        text = b'{"compressed": true}'
+        png = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+        for reply, check in (
+                (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: "
+                 b"gzip\r\nContent-Length: %d\r\n\r\n" % len(gzip.compress(text))
+                 + gzip.compress(text),
+                 lambda p: (p["content_encoding"], base64.b64decode(p["decoded"]), p["text"])
+                 == ("gzip", text, text.decode())),
+                (b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n"
+                 % len(png) + png,
+                 lambda p: (p["content_type"], base64.b64decode(p["body"]), p["text"])
+                 == ("image/png", png, None))):
+            canned = CannedServer(self, reply)
+            name = "canned%d" % canned.port
+            client, _ = self.start_client(name, target_port=canned.port)
+            self.assertEqual(self.get("/", host=name + ".localhost")[0], 200)
+            entry = self.settled(1, client)
+            self.assertTrue(check(entry["response"]), entry["response"])
+
+    def test_a_target_that_is_down_is_an_error_entry(self):
+        client, _ = self.start_client("down", target_port=free_port())
+        self.assertEqual(self.get("/x", host="down.localhost")[0], 502)
+        entry = self.settled(1, client)
+        self.assertEqual((entry["state"], entry["status"]), ("error", 502))
+        self.assertIn("could not connect", entry["error"])
+        status, made, _ = self.replay(1, client=client)
+        self.assertEqual(status, 200)
+        replayed = self.settled(made["id"], client)
+        self.assertEqual((replayed["state"], replayed["status"]), ("error", None))
+        self.assertIn("replay: could not connect", replayed["error"])
+
+
+class InspectorAbuseTest(InspectorClient, EndToEndBase):
+    """The inspector is a local web server full of secrets: a web page the user visits
+    (DNS rebinding, cross-site requests), a visitor with hostile bodies and an origin
+    with broken answers must not read it, replay through it, or break the capture."""
+
+    def test_a_host_that_is_not_the_inspector_is_refused(self):
+        port = self.client.inspector.port
+        self.get("/hello")
+        for host in ("evil.example:%d" % port, "127.0.0.1.nip.io:%d" % port,
+                     "127.0.0.1:%d" % (port + 1), "127.0.0.1", "localhost.:%d" % port):
+            with self.subTest(host=host):
+                for path in ("/", "/api/requests", "/api/requests/1"):
+                    status, data, _ = self.api(path, host=host)
+                    self.assertEqual(status, 403, (host, path))
+                    self.assertNotIn("hello", json.dumps(data))
+        for host in ("localhost:%d" % port, "127.0.0.1:%d" % port, "127.0.0.2:%d" % port,
+                     "[::1]:%d" % port):
+            self.assertEqual(self.api("/api/requests", host=host)[0], 200, host)
+        s = socket.create_connection(("127.0.0.1", port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(b"GET /api/requests HTTP/1.1\r\nHost: \r\n\r\n")
+        self.assertTrue(recv_all(s).startswith(b"HTTP/1.1 400 "))
+
+    def test_cross_site_requests_cannot_read_or_replay(self):
+        raw = RawOrigin(self)
+        client, _ = self.start_client("victim", target_port=raw.port)
+        self.get("/secret", host="victim.localhost", headers={"Cookie": "session=s3cret"})
+        self.settled(1, client)
+        port = client.inspector.port
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Origin": "http://127.0.0.1:%d" % (port + 1)},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+            with self.subTest(headers=headers):
+                status, data, _ = self.api("/api/requests/1", headers=headers, client=client)
+                self.assertEqual(status, 403)
+                self.assertNotIn("s3cret", json.dumps(data))
+                self.assertEqual(self.replay(1, client=client, headers=headers)[0], 403)
+        # What a form or a no-preflight fetch can send: never a JSON content type.
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                      None):
+            headers = {"Content-Type": ctype} if ctype else {}
+            status, data, _ = self.api("/api/requests/1/replay", "POST", b"{}", headers, client)
+            self.assertEqual(status, 415, ctype)
+        self.assertEqual(self.api("/api/requests/1/replay", client=client)[0], 405)
+        self.assertEqual(self.api("/api/requests/1", "POST", b"{}",
+                                  {"Content-Type": "application/json"}, client)[0], 405)
+        self.assertEqual(self.api("/api/requests/1/replay", "OPTIONS", client=client)[0], 405)
+        self.assertEqual(len(raw.requests), 1)          # no replay reached the origin
+        ok = {"Origin": "http://127.0.0.1:%d" % port, "Sec-Fetch-Site": "same-origin"}
+        self.assertEqual(self.replay(1, client=client, headers=ok)[0], 200)
+        wait_until(lambda: len(raw.requests) == 2, what="the page's own replay")
+
+    def test_the_page_renders_captured_data_as_text_only(self):
+        page = self.api("/")[2]
+        csp = page.getheader("Content-Security-Policy")
+        self.assertIn("script-src 'sha256-", csp)
+        self.assertNotIn("unsafe-inline", csp)
+        self.assertIn("frame-ancestors 'none'", csp)
+        self.assertEqual(page.getheader("X-Frame-Options"), "DENY")
+        html = self.api("/")[1].decode()
+        script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        self.assertIn("'sha256-%s'" % digest, csp)
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write",
+                     "eval(", "onclick=", "http://", "https://"):
+            self.assertNotIn(sink, html)
+        self.assertIn("textContent", script)
+        # Visitor-controlled bytes reach the API only as JSON (never as a page of ours).
+        evil = "/<script>alert(1)</script>"
+        self.raw(("GET %s HTTP/1.1\r\nHost: demo.localhost\r\nX-Evil: <img src=x "
+                  "onerror=alert(1)>\r\n\r\n" % evil.replace(" ", "%20")).encode())
+        wait_until(lambda: self.api("/api/requests")[1]["requests"], what="the entry")
+        status, data, r = self.api("/api/requests/1")
+        self.assertEqual((r.getheader("Content-Type"), r.getheader("X-Content-Type-Options")),
+                         ("application/json", "nosniff"))
+        self.assertIn("X-Evil: <img src=x onerror=alert(1)>", data["request"]["head"])
+
+    def test_hostile_bodies_and_broken_origins_do_not_break_capture_or_tunnel(self):
+        canned = CannedServer(self, b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\nhello")
+        client, _ = self.start_client("broken", target_port=canned.port)
+        self.get("/one", host="broken.localhost")
+        entry = self.settled(1, client)
+        self.assertEqual(entry["state"], "error")
+        self.assertIn("capture stopped", entry["error"])
+        canned.reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        self.assertEqual(self.get("/two", host="broken.localhost")[:2], (200, b"ok"))
+        self.assertEqual(self.settled(2, client)["state"], "complete")
+        # A huge body in tiny chunks, garbage chunk extensions the relay lets through:
+        # all of it reaches the origin; 64 KiB of it is kept.
+        data = os.urandom(2 * 1024 * 1024)
+        step = 997
+        body = b"".join(b"%x;ext=\"a\\\"b\"\r\n%s\r\n" % (len(data[i:i + step]),
+                                                         data[i:i + step])
+                        for i in range(0, len(data), step)) + b"0\r\nX-Trailer: t\r\n\r\n"
+        s = self.raw(b"POST /big HTTP/1.1\r\nHost: demo.localhost\r\nTransfer-Encoding: "
+                     b"chunked\r\n\r\n" + body)
+        self.assertIn(hashlib.sha256(data).hexdigest().encode(), recv_until(s, b"}"))
+        entry = self.settled(1)
+        self.assertEqual((entry["request_size"], len(base64.b64decode(
+            entry["request"]["body"]))), (len(data), tunnel.INSPECT_BODY_LIMIT))
+        # A head just within the relay's limit, grown by the relay's own fields: kept.
+        big = "b" * (tunnel.MAX_HEAD_SIZE - 200)
+        self.assertEqual(self.get("/hello", headers={"X-Big": big})[:2], (200, b"hello"))
+        entry = self.settled(2)
+        self.assertEqual(entry["state"], "complete")
+        self.assertIn("X-Big: %s\r\n" % big, entry["request"]["head"])
+
+    def test_the_inspector_bounds_what_it_reads_and_queues(self):
+        for i in range(3):
+            self.get("/hello?i=%d" % i)
+        self.settled(3)
+        port = self.client.inspector.port
+        s = socket.create_connection(("127.0.0.1", port), WAIT)
+        self.addCleanup(s.close)
+        one = b"GET /api/requests/2 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+        s.sendall(one * 300)                     # pipelined, read back only afterwards
+        got = b""
+        while got.count(b"HTTP/1.1 200 OK") < 300:
+            chunk = s.recv(65536)
+            self.assertTrue(chunk, "closed after %d answers" % got.count(b"HTTP/1.1 200"))
+            got += chunk
+        s.close()
+        status, data, _ = self.api("/api/requests/1/replay", "POST",
+                                   b" " * (tunnel.INSPECT_API_BODY + 1),
+                                   {"Content-Type": "application/json"})
+        self.assertEqual(status, 413)
+        s = socket.create_connection(("127.0.0.1", port), WAIT)
+        self.addCleanup(s.close)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX: %s\r\n\r\n"
+                  % (port, b"a" * (tunnel.MAX_HEAD_SIZE + 10)))
+        self.assertTrue(recv_all(s).startswith(b"HTTP/1.1 431 "))
+        self.assertEqual(self.api("/api/requests")[0], 200)
+
+
+class InspectorSetupTest(EndToEndBase):
+    """--inspect is off by default; its address: a free port, the default's fallback,
+    a taken one (exit status 1)."""
+
+    def test_off_by_default_no_port_no_line_and_the_plain_target(self):
+        self.assertIsNone(self.client.inspector)
+        self.assertEqual([c for c in self.client.loop.conns if isinstance(c, tunnel.Listener)],
+                         [])
+        self.assertEqual(len(self.lines), 1)
+        slow = threading.Thread(target=self.get, args=("/slow",))
+        slow.start()
+        self.addCleanup(slow.join, WAIT)
+        self.origin.slow_started.wait(WAIT)
+        targets = self.client.loop.run_in_loop(lambda: list(self.client.targets))
+        self.assertEqual([type(t) for t in targets], [tunnel.TargetConn])
+        self.origin.slow_gate.set()
+
+    def test_a_taken_address_ends_the_client_with_status_1(self):
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        client, _ = self.start_client("taken", inspect=address, wait=False)
+        client.thread.join(WAIT)
+        self.assertEqual(client.exit_code, 1)
+        self.assertIsInstance(client.failure, tunnel.ListenError)
+        self.assertIn("cannot listen on --inspect %s" % address, client.error)
+
+    def test_the_default_address_moves_to_the_next_free_port(self):
+        capture = self.capture_logs(logging.INFO)
+        held = socket.socket()
+        self.addCleanup(held.close)
+        try:
+            held.bind(("127.0.0.1", 4040))
+            held.listen(1)
+        except OSError:
+            pass                     # something else holds it: as good for this test
+        client, lines = self.start_client("dflt", inspect=tunnel.INSPECT_DEFAULT)
+        port = client.inspector.port
+        if not 4040 < port < 4040 + tunnel.INSPECT_PORT_TRIES:
+            self.skipTest("ports 4040-4049 are busy here")
+        self.assertEqual(lines[1], "Inspect   http://127.0.0.1:%d" % port)
+        self.assertTrue(any("127.0.0.1:4040 is in use; listening on 127.0.0.1:%d" % port
+                            in r.getMessage() for r in capture.records))
+
+    def test_off_loopback_it_warns(self):
+        capture = self.capture_logs(logging.WARNING)
+        client, lines = self.start_client("wide", inspect="0.0.0.0:0")
+        self.assertEqual(lines[1], "Inspect   http://127.0.0.1:%d" % client.inspector.port)
+        [warning] = [r.getMessage() for r in capture.records if "--inspect" in r.getMessage()]
+        self.assertIn("is not on loopback", warning)
+        self.assertIn("credentials", warning)
+
+
 # =============================================================================
 # Tier 3: the command line and a new user's first hour
 # =============================================================================
@@ -8606,6 +9218,32 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn(b"visitors on 127.0.0.1:", line)
         p.send_signal(signal.SIGTERM)
         self.assertEqual(p.wait(WAIT), 0)
+
+    def test_expose_inspect_prints_its_address_and_serves(self):
+        origin = start_origin(self)
+        relay = tunnel.serve(http_port=0, control_port=0, plaintext=True, token=TOKEN)
+        self.addCleanup(relay.close)
+        client = self.spawn("expose", str(origin.server_address[1]), "--relay", relay.relay,
+                            "--token", TOKEN, "--plaintext", "--subdomain", "cli",
+                            "--inspect", "127.0.0.1:0", "-q")
+        forwarding = client.stdout.readline().decode().rstrip("\n")
+        inspect = client.stdout.readline().decode().rstrip("\n")
+        self.assertTrue(forwarding.startswith("Forwarding http://cli.localhost:"), forwarding)
+        self.assertRegex(inspect, r"^Inspect   http://127\.0\.0\.1:\d+$")
+        self.assertEqual(inspect.index("http://"), forwarding.index("http://"))
+        url = inspect.split()[1]
+        with urllib.request.urlopen(url + "/api/tunnels", timeout=WAIT) as r:
+            self.assertEqual(json.loads(r.read())["tunnels"][0]["name"], "cli")
+        client.send_signal(signal.SIGTERM)
+        _, err = client.communicate(timeout=WAIT)
+        self.assertEqual(client.returncode, 0, err)
+        for args, why in ((["--inspect", "nowhere:99999"], b"invalid --inspect"),
+                          (["--inspect-keep", "-1"], b"--inspect-keep must be")):
+            p = self.spawn("expose", "5000", "--token", TOKEN, *args)
+            _, err = p.communicate(timeout=WAIT)
+            self.assertEqual(p.returncode, 2, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(why, err)
 
     def test_help_has_examples(self):
         p = self.spawn("expose", "--help")
@@ -10625,6 +11263,20 @@ class PythonAPITest(unittest.TestCase):
             # The origin's own keep-alive handler threads may still be closing sockets.
             wait_until(lambda: open_descriptors() <= fds, what="descriptors back to %d"
                        % fds)
+
+    def test_expose_with_the_inspector(self):
+        relay = self.serve(plaintext=True)
+        self.assertIsNone(self.expose(relay, subdomain="plain").inspect_url)
+        handle = self.expose(relay, subdomain="seen", inspect="127.0.0.1:0", inspect_keep=10)
+        self.assertRegex(handle.inspect_url, r"^http://127\.0\.0\.1:\d+$")
+        self.assertEqual(self.fetch(relay, "seen"), (200, b"hello"))
+        with urllib.request.urlopen(handle.inspect_url + "/api/requests", timeout=WAIT) as r:
+            listing = json.loads(r.read())["requests"]
+        self.assertEqual([(e["method"], e["path"]) for e in listing], [("GET", "/hello")])
+        with self.assertRaises(ValueError):
+            self.expose(relay, inspect=5)
+        with self.assertRaises(OSError):        # its own port: taken
+            self.expose(relay, subdomain="again", inspect=handle.inspect_url[7:])
 
     def test_two_tunnels_at_once_and_close_all(self):
         relay = self.serve(plaintext=True)

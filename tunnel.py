@@ -57,6 +57,11 @@ Theory of operation: one request, and its response, through both event loops
     client   Session._on_log -> Client.on_access_log -> AccessConsole (AccessSummary:
                a line a request, or a summary line a second when busy)
 
+With ``expose --inspect`` the client's TargetConn is an InspectedTarget: it hands a copy
+of both directions to an InspectCapture (a request and a response HTTPParser, as the
+relay has) before passing them on, and the Inspector keeps the last requests and serves
+a page and a JSON API from the same loop (see "Inspector"); without it, nothing changes.
+
 A connection ends in ``Conn._leave`` (closed by ``close_socket`` or handed on by
 ``detach``), which runs its ``connection_lost`` once: the selector key goes, what it
 holds is released (a Pipe's stream is finished by ``Pipe.finish`` or reset by
@@ -728,6 +733,23 @@ ACCESS_LOG_EXIT_POLL = 0.01             # ... tried this often (s)
 PIPE_BUF_MIN = 512                      # what POSIX says any pipe takes in one piece
 #                                         (select.PIPE_BUF, where known, is used)
 MAX_LOGGED_HEADER = 300                 # characters of a User-Agent or Referer logged
+
+# -- request inspector (expose --inspect) -------------------------------------------
+INSPECT_DEFAULT = "127.0.0.1:4040"      # --inspect without ADDR (where ngrok's is)
+INSPECT_PORT_TRIES = 10                 # ... that port taken: the next ones, this many in all
+INSPECT_KEEP = 200                      # requests kept (--inspect-keep)
+INSPECT_KEEP_MAX = 10000                # --inspect-keep at most (each can hold 256 KiB)
+INSPECT_BODY_LIMIT = 64 * 1024          # bytes of each body kept (request, response)
+INSPECT_MAX_HEAD = 2 * MAX_HEAD_SIZE    # a head captured at most (a visitor's at the relay's
+#                                         limit, with the relay's forwarding fields added)
+INSPECT_API_BODY = 1024 * 1024          # largest request body the inspector reads (a replay)
+INSPECT_MAX_CONNECTIONS = 64            # connections to the inspector at once; more: closed
+INSPECT_IDLE_TIMEOUT = 60.0             # an inspector connection idle this long is closed
+INSPECT_REPLAY_TIMEOUT = 30.0           # a replay's whole exchange with the target (s)
+INSPECT_POLL_MS = 1000                  # the page asks for the list this often (ms)
+INSPECT_HEX_PREVIEW = 2048              # bytes of a binary body the page shows as hex
+INSPECT_JSON_CONTAINERS = 256           # '[' and '{' in a replay's JSON (no deep nesting)
+INSPECT_REASONS = {409: "Conflict", 415: "Unsupported Media Type"}   # (not in HTTP_REASONS)
 
 # =============================================================================
 # Errors
@@ -8397,6 +8419,8 @@ class ClientConfig(Settings):
     # A bare PORT TARGET: 127.0.0.1, then ::1 if that is refused (servers that listen
     # only where localhost is ::1: Node, Vite); the one that answered is tried first next.
     target_loopback_fallback: bool = False
+    inspect: Optional[str] = None           # the request inspector's ADDR (None: off)
+    inspect_keep: int = INSPECT_KEEP        # ... and how many requests it keeps
 
     def validate(self) -> "ClientConfig":
         """Check every setting together, the same for the command line and
@@ -8458,6 +8482,16 @@ class ClientConfig(Settings):
         if self.subdomain is not None and not valid_name(self.subdomain.lower()):
             raise UsageError("invalid --subdomain %r: use a-z, 0-9 and inner hyphens, 1-63 "
                              "characters" % self.subdomain)
+        if self.inspect is not None:
+            try:
+                parse_inspect_address(self.inspect)
+            except ValueError as exc:
+                raise UsageError("invalid --inspect %r: %s (expected PORT or HOST:PORT)"
+                                 % (self.inspect, exc)) from None
+        if (isinstance(self.inspect_keep, bool) or not isinstance(self.inspect_keep, int)
+                or not 1 <= self.inspect_keep <= INSPECT_KEEP_MAX):
+            raise UsageError("--inspect-keep must be 1 to %d, not %r"
+                             % (INSPECT_KEEP_MAX, self.inspect_keep))
         return self
 
 
@@ -8750,6 +8784,8 @@ class Client(Side):
         self._refusals = (0, "")             # same upgrade refusal, how many times in a row
         self._reconnect_timer: Optional[Timer] = None
         self.console = AccessConsole(self.loop, output)   # the access log's lines
+        self.up_since: Optional[float] = None    # when the session now up came up (epoch)
+        self.inspector: Optional[Inspector] = None   # --inspect: made when the loop starts
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
                                             handshake_timeout=config.handshake_timeout,
@@ -8817,6 +8853,16 @@ class Client(Side):
 
     # -- lifecycle -------------------------------------------------------------------
     def _starting(self) -> None:
+        if self.config.inspect is not None:
+            inspector = Inspector(self, self.config.inspect, self.config.inspect_keep)
+            try:
+                inspector.start()
+            except OSError as exc:
+                why = "cannot listen on --inspect %s: %s" % (self.config.inspect,
+                                                             describe_oserror(exc))
+                self.fatal(EXIT_FAILURE, why, ListenError(why))
+                return
+            self.inspector = inspector
         self.loop.call_soon(self.connect)
 
     def _drain(self, grace: float) -> None:
@@ -9052,9 +9098,12 @@ class Client(Side):
         self.name = session.name = name
         self.attempt = 0
         self._ban_logged = False
+        self.up_since = time.time()
         if url != self.url:
             self.url = url
             self.output("Forwarding %s -> %s" % (url, self.target_url))
+            if self.inspector is not None:      # as the issue spells it (contract)
+                self.output("Inspect   %s" % self.inspector.url)
         log.info("tunnel up: %s -> %s", url, self.target_url)
         with self.changed:
             self.up_count += 1
@@ -9065,6 +9114,7 @@ class Client(Side):
                           error: Optional[BaseException]) -> None:
         if session is self.session:
             self.session = None
+            self.up_since = None
         with self.changed:
             self.ready.clear()
             if not session.established:     # why, for tunnel.expose's TimeoutError
@@ -9134,7 +9184,10 @@ class Client(Side):
             return
         log.debug("stream %d from %s", stream.id, info.get("peer"))
         try:
-            target = TargetConn(self, stream, info)
+            if self.inspector is None:
+                target = TargetConn(self, stream, info)
+            else:
+                target = InspectedTarget(self, stream, info, self.inspector)
         except OSError as exc:      # no socket to be had (EMFILE): this stream only
             self._target_errors.warn("stream %d: cannot open a connection to the target: "
                                      "%s", stream.id, describe_oserror(exc))
@@ -9156,6 +9209,1277 @@ class Client(Side):
     def stats(self) -> Dict[str, int]:
         session = self.session
         return {"streams": len(session.streams) if session else 0, "targets": len(self.targets)}
+
+
+# =============================================================================
+# Inspector (expose --inspect: the requests through the tunnel, on a local page)
+# =============================================================================
+#
+# With --inspect, every stream's TargetConn is an InspectedTarget, which hands a copy of
+# both directions to an InspectCapture: a request HTTPParser and a response one, fed the
+# very bytes the origin and the stream get (nothing on the wire changes; a parse error
+# only ends the capture of that connection), make an InspectEntry per request with its
+# heads and the first INSPECT_BODY_LIMIT bytes of each body (chunked framing removed;
+# a WebSocket's frames counted from their headers).  The Inspector keeps the last
+# --inspect-keep entries and serves one inline page and a JSON API from the client's
+# own loop (InspectorConn), and replays a request to the target through the client's
+# own dialer (ReplayConn).  Without --inspect none of it exists: TargetConn runs as it
+# was.  The page holds secrets (the visitors' cookies and tokens): it answers only to
+# its own address in Host (DNS rebinding), refuses cross-site API requests (Origin,
+# Sec-Fetch-Site) and replays without a JSON body (no form can send one), and renders
+# captured text as text only (textContent, a CSP without inline handlers).  The usual
+# request (a head, or a head and its small body, in one DATA frame) and response (whole in
+# one read) are taken in one step each, as HTTPParser's own fast path does; the rest goes
+# through the parsers (InspectCodecTest checks that both make the same entries).
+
+def parse_inspect_address(text: str) -> Tuple[str, int]:
+    """--inspect ADDR: ``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` (host 127.0.0.1 by
+    default; port 0: a free one); raises ValueError."""
+    text = text.strip()
+    zero = text == "0" or (text.endswith(":0") and not text.endswith("::0"))
+    host, port = parse_hostport(text[:-1] + "1" if zero else text, default_host=LOOPBACK_BIND)
+    return host, 0 if zero else port
+
+
+def _keep(buf: bytearray, data: Any) -> None:
+    """Append to a captured body what fits within INSPECT_BODY_LIMIT."""
+    room = INSPECT_BODY_LIMIT - len(buf)
+    if room > 0:
+        buf += data[:room]
+
+
+def _is_chunked(head: bytes) -> bool:
+    """Is a response head's body chunked (as HTTPParser frames it)?"""
+    codings = _list_tokens(_framing_fields(_FRAMING_RE.findall(head.lower()))[0])
+    return bool(codings) and codings[-1] == "chunked"
+
+
+_C_SIZE, _C_DATA, _C_DATA_END, _C_TRAILER, _C_DONE = range(5)   # ChunkDecoder states
+
+
+class ChunkDecoder:
+    """The data of a chunked body whose framing an HTTPParser has checked: ``feed(raw)``
+    (its EV_BODY bytes) keeps the first ``keep`` bytes of data in ``data`` and counts
+    all of them in ``size``; chunk data is skipped by its length, only the chunk lines
+    are read.  Pure: bytes in, nothing out."""
+
+    __slots__ = ("data", "keep", "size", "_left", "_line", "_state")
+
+    def __init__(self, data: bytearray, keep: int = INSPECT_BODY_LIMIT) -> None:
+        self.data = data
+        self.keep = keep
+        self.size = 0
+        self._left = 0
+        self._line = bytearray()
+        self._state = _C_SIZE
+
+    def feed(self, raw: Any) -> None:
+        mv = memoryview(raw)
+        pos, end = 0, len(mv)
+        while pos < end and self._state != _C_DONE:
+            if self._state == _C_DATA:
+                n = min(self._left, end - pos)
+                room = self.keep - len(self.data)
+                if room > 0:
+                    self.data += mv[pos:pos + min(n, room)]
+                self.size += n
+                self._left -= n
+                pos += n
+                if not self._left:
+                    self._state = _C_DATA_END
+                continue
+            piece = bytes(mv[pos:pos + MAX_CHUNK_LINE + 2])
+            i = piece.find(b"\n")
+            if i < 0:
+                self._line += piece
+                pos += len(piece)
+                if len(self._line) > MAX_CHUNK_LINE + MAX_TRAILER_SIZE:
+                    self._state = _C_DONE       # not what the parser let through: stop
+                continue
+            line = (bytes(self._line) + piece[:i]).rstrip(b"\r")
+            self._line.clear()
+            pos += i + 1
+            if self._state == _C_SIZE:
+                try:
+                    size = int(line.split(b";", 1)[0].strip(b" \t"), 16)
+                except ValueError:
+                    self._state = _C_DONE
+                    continue
+                self._left = size
+                self._state = _C_DATA if size else _C_TRAILER
+            elif self._state == _C_DATA_END:
+                self._state = _C_SIZE
+            elif not line:                      # the empty line after the trailers
+                self._state = _C_DONE
+
+
+class WSFrameCounter:
+    """One direction of an upgraded connection: its bytes and, for a WebSocket, its
+    frames and messages (a data frame with FIN ends one), read from the frame headers
+    alone (payloads are skipped by their length, never unmasked)."""
+
+    __slots__ = ("websocket", "bytes", "frames", "messages", "_head", "_skip")
+
+    def __init__(self, websocket: bool) -> None:
+        self.websocket = websocket
+        self.bytes = 0
+        self.frames = 0
+        self.messages = 0
+        self._head = bytearray()
+        self._skip = 0
+
+    def feed(self, data: Any) -> None:
+        self.bytes += len(data)
+        if not self.websocket:
+            return
+        mv = memoryview(data)
+        pos, end = 0, len(mv)
+        head = self._head
+        while pos < end:
+            if self._skip:
+                n = min(self._skip, end - pos)
+                self._skip -= n
+                pos += n
+                continue
+            while pos < end:                    # at most 14 bytes a frame
+                head.append(mv[pos])
+                pos += 1
+                if len(head) >= 2 and len(head) == self._head_size(head[1]):
+                    break
+            else:
+                if len(head) < 2 or len(head) < self._head_size(head[1]):
+                    return
+            length = head[1] & WS_LENGTH_BITS
+            if length == WS_LENGTH_16:
+                length = WS_U16.unpack_from(head, 2)[0]
+            elif length == WS_LENGTH_64:
+                length = WS_U64.unpack_from(head, 2)[0]
+            self.frames += 1
+            if head[0] & WS_FIN and head[0] & WS_OPCODE_BITS < WS_CONTROL:
+                self.messages += 1
+            self._skip = length
+            head.clear()
+
+    @staticmethod
+    def _head_size(second: int) -> int:
+        length = second & WS_LENGTH_BITS
+        return (2 + (2 if length == WS_LENGTH_16 else 8 if length == WS_LENGTH_64 else 0)
+                + (WS_MASK_KEY_SIZE if second & WS_MASKED else 0))
+
+
+class _HeadKeepingParser(HTTPParser):
+    """A response parser that also keeps every head it reads (``heads``, in order): the
+    relay's keeps only the status."""
+
+    def __init__(self) -> None:
+        super().__init__(False, INSPECT_MAX_HEAD)
+        self.heads: Deque[Tuple[bytes, bool]] = collections.deque()   # (head, chunked)
+
+    def _on_response_head(self, head: bytes, events: List[Tuple[str, Any]]) -> None:
+        self.heads.append((head, _is_chunked(head)))
+        HTTPParser._on_response_head(self, head, events)
+
+    def _feed_whole_response(self, data: bytes, events: List[Tuple[str, Any]]) -> bool:
+        if not HTTPParser._feed_whole_response(self, data, events):
+            return False
+        self.heads.append((data[:data.find(b"\r\n\r\n")], False))
+        return True
+
+
+# InspectEntry states
+INSPECT_PENDING = "pending"     # the request came, its response is not whole yet
+INSPECT_COMPLETE = "complete"   # request and response
+INSPECT_OPEN = "open"           # upgraded (101) and open
+INSPECT_CLOSED = "closed"       # upgraded, and closed since
+INSPECT_ERROR = "error"         # no whole response: ``error`` says why
+
+
+class InspectEntry:
+    """One request through the tunnel (or a replay), as the inspector shows it.  What a
+    new one starts with is on the class: an entry is made per request, and sets only
+    its own fields.  A body is ``bytes`` cut from the one piece that held it whole, or
+    a ``bytearray`` the parsers' events fill."""
+
+    request_body: Any = b""                 # the first INSPECT_BODY_LIMIT bytes ...
+    request_size = 0                        # ... of how many
+    status: Optional[int] = None
+    response_head = b""                     # without its final CRLF CRLF
+    response_body: Any = b""
+    response_size = 0
+    duration: Optional[float] = None        # seconds, once answered (or closed)
+    state = INSPECT_PENDING
+    error: Optional[str] = None
+    replay_of: Optional[int] = None         # the entry this one replays
+    upgrade = False                         # the request asked for one
+    websocket = False                       # ... for a WebSocket
+    counters: Optional[Tuple[WSFrameCounter, WSFrameCounter]] = None   # after a 101
+
+    def __init__(self, entry_id: int, method: str, target: str, head: bytes,
+                 upgrade: Optional[str], replay_of: Optional[int]) -> None:
+        self.id = entry_id
+        self.time = time.time()
+        self.started = time.monotonic()
+        self.method = method
+        self.target = target
+        self.request_head = head
+        if upgrade is not None:
+            self.upgrade = True
+            self.websocket = upgrade.strip().lower() == "websocket"
+        if replay_of is not None:
+            self.replay_of = replay_of
+
+    def finish(self, state: str = INSPECT_COMPLETE, error: Optional[str] = None) -> None:
+        self.duration = time.monotonic() - self.started
+        self.state = state
+        self.error = error
+
+    def summary(self) -> Dict[str, Any]:
+        duration = self.duration
+        if self.state == INSPECT_OPEN:
+            duration = time.monotonic() - self.started
+        info: Dict[str, Any] = {
+            "id": self.id, "time": round(self.time, 3), "method": self.method,
+            "path": self.target, "status": self.status, "state": self.state,
+            "duration": None if duration is None else round(duration, 6),
+            "request_size": self.request_size, "response_size": self.response_size,
+            "error": self.error, "replay_of": self.replay_of, "websocket": self.websocket}
+        if self.counters is not None:     # "in": from the visitor, "out": to it
+            up, down = self.counters
+            info["bytes"] = {"in": up.bytes, "out": down.bytes}
+            if self.websocket:
+                info["messages"] = {"in": up.messages, "out": down.messages}
+                info["frames"] = {"in": up.frames, "out": down.frames}
+        return info
+
+    def detail(self) -> Dict[str, Any]:
+        info = self.summary()
+        info["request"] = _inspect_part(self.request_head, self.request_body,
+                                        self.request_size)
+        info["response"] = (_inspect_part(self.response_head, self.response_body,
+                                          self.response_size) if self.response_head else None)
+        return info
+
+
+def _inflate(data: bytes, coding: str) -> Optional[bytes]:
+    """A gzip or deflate body's first INSPECT_BODY_LIMIT bytes decoded (None if it is not)."""
+    import zlib
+    for wbits in ((31,) if coding in ("gzip", "x-gzip") else (15, -15)):
+        try:
+            return zlib.decompressobj(wbits).decompress(data, INSPECT_BODY_LIMIT)
+        except zlib.error:
+            continue
+    return None
+
+
+def _body_text(data: bytes, truncated: bool) -> Optional[str]:
+    """A body as text if it is UTF-8 without NUL (a cut at its end forgiven), else None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not truncated or exc.start < len(data) - 3:
+            return None
+        text = data[:exc.start].decode("utf-8", "replace")
+    return None if "\x00" in text else text
+
+
+def _inspect_part(head: bytes, body: bytearray, size: int) -> Dict[str, Any]:
+    """A request's or response's head and body for the API (JSON)."""
+    line, block = _split_start_line(head)
+    fields = _FIELD_RE.findall(block)
+    index = Headers(fields)
+    coding = (index.get("content-encoding") or "").strip().lower()
+    data = bytes(body)
+    truncated = size > len(data)
+    decoded = (_inflate(data, coding) if data and not truncated
+               and coding in ("gzip", "x-gzip", "deflate") else None)
+    return {"head": head.decode("latin-1"), "start_line": line,
+            "headers": [list(field) for field in fields],
+            "content_type": index.get("content-type") or "", "content_encoding": coding,
+            "body": _b64(data), "body_size": size, "truncated": truncated,
+            "decoded": None if decoded is None else _b64(decoded),
+            "text": _body_text(data if decoded is None else decoded, truncated)}
+
+
+# The fields InspectCapture's fast path for requests looks at, in any case (an Upgrade
+# field sends a request to the parser's path).
+_CAPTURE_FIELDS_RE = re.compile(rb"\r\n((?i:transfer-encoding|content-length|upgrade))[ \t]*"
+                                rb":([^\r\n]*)")
+
+
+class InspectCapture:
+    """The two directions of one connection to the target, parsed for the inspector from
+    copies of its bytes: an InspectEntry per request, each response matched to the
+    oldest request still waiting (responses come in order).  A parse error ends the
+    capture of this connection only (its waiting entries say why); after a 101 each
+    direction goes to a WSFrameCounter."""
+
+    def __init__(self, inspector: "Inspector", replay_of: Optional[int] = None) -> None:
+        self.inspector = inspector
+        self.replay_of = replay_of
+        self.requests = HTTPParser(True, INSPECT_MAX_HEAD)
+        self.responses = _HeadKeepingParser()
+        self.waiting: Deque[InspectEntry] = collections.deque()
+        self.entry: Optional[InspectEntry] = None       # whose request body comes now
+        self.last: Optional[InspectEntry] = None        # the newest entry made here
+        self._request_chunks: Optional[ChunkDecoder] = None
+        self._response_chunks: Optional[ChunkDecoder] = None
+        self.upstream: Optional[WSFrameCounter] = None     # after a 101
+        self.downstream: Optional[WSFrameCounter] = None
+        self.upgraded: Optional[InspectEntry] = None
+        self.stopped = False
+        self.whole: Optional[bool] = None   # the last response read was one whole message
+
+    # -- visitor -> origin ------------------------------------------------------------
+    def request_data(self, data: Any) -> None:
+        if self.upstream is not None:
+            self.upstream.feed(data)
+            self.inspector.version += 1
+        elif not self.stopped:
+            if self.entry is None and type(data) is bytes and self.requests.idle and (
+                    self._whole_request(data)):
+                return
+            self._request_events(self.requests.feed(data))
+
+    def _whole_request(self, data: bytes) -> bool:
+        """The common case in one step (the relay sends a head, and a small body read
+        with it, as one DATA frame): ``data`` is one whole request in origin form, a head
+        without framing fields or one with a plain Content-Length body, and no Upgrade
+        field, as the relay checked it.  False, with nothing changed, for anything else:
+        the parser takes it then (and frames it the same)."""
+        end = data.find(b"\r\n\r\n", 0, HEAD_PROBE)
+        if end < 0:
+            return False
+        fields = _CAPTURE_FIELDS_RE.findall(data, 0, end)
+        length: Optional[int] = 0
+        if fields:      # (an Upgrade field is not plain framing either: the parser's path)
+            length = _plain_length([(name.lower(), value) for name, value in fields])
+        if length is None or end + 4 + length != len(data):
+            return False
+        parts = data.split(b" ", 2)       # (the relay checked the request line)
+        if len(parts) != 3 or parts[1][:1] != b"/":
+            return False
+        method = parts[0].decode("latin-1")
+        entry = self.last = self.inspector.add(method, parts[1].decode("latin-1"),
+                                               data[:end], None, self.replay_of)
+        if length:
+            entry.request_body = data[end + 4:end + 4 + INSPECT_BODY_LIMIT]
+            entry.request_size = length
+        self.waiting.append(entry)
+        self.responses.methods.append(method)
+        return True
+
+    def _request_events(self, events: List[Tuple[str, Any]]) -> None:
+        for kind, value in events:
+            if kind is EV_BODY:
+                entry = self.entry
+                if entry is not None:
+                    chunks = self._request_chunks
+                    if chunks is not None:
+                        chunks.feed(value)
+                        entry.request_size = chunks.size
+                    else:
+                        _keep(entry.request_body, value)
+                        entry.request_size += len(value)
+            elif kind is EV_HEAD:
+                entry = self.entry = self.last = self.inspector.add(
+                    value.method, value.target, value.raw, value.upgrade, self.replay_of)
+                entry.request_body = bytearray()
+                self.waiting.append(entry)
+                self.responses.expect(value.method)
+                self._request_chunks = (ChunkDecoder(entry.request_body)
+                                        if value.body == "chunked" else None)
+            elif kind is EV_END:
+                self.entry = self._request_chunks = None
+            else:
+                self._stop("the request: %s" % value)
+                return
+
+    # -- origin -> visitor ------------------------------------------------------------
+    def response_data(self, data: Any) -> None:
+        self.whole = None
+        if self.downstream is not None:
+            self.downstream.feed(data)
+            self.inspector.version += 1
+        elif not self.stopped:
+            if type(data) is not bytes and len(data) <= WHOLE_RESPONSE_PROBE:
+                data = bytes(data)      # (a whole response is taken in one step)
+            if (len(self.waiting) == 1 and type(data) is bytes and data[:5] == b"HTTP/"
+                    and self.responses.idle):
+                head_size = _whole_by_length(data)
+                self.whole = head_size > 0
+                if head_size and self._whole_response(data, head_size):
+                    return
+            self._response_events(self.responses.feed(data), data)
+
+    def _whole_response(self, data: bytes, head_size: int) -> bool:
+        """The common case in one step, as HTTPParser's own (``_feed_whole_response``):
+        ``data`` is one whole response framed by its Content-Length (``head_size``: its
+        head's, from ``_whole_by_length``), to the one request waiting (not HEAD, not an
+        upgrade).  False, with nothing changed, otherwise."""
+        entry = self.waiting[0]
+        m = _STATUS_LINE_RE.match(data, 0, head_size - 2)
+        if m is None or entry.upgrade:
+            return False
+        status = int(m.group(3))
+        methods = self.responses.methods
+        if status < 200 or status in (204, 304) or (methods and methods[0] == "HEAD"):
+            return False
+        if methods:
+            methods.popleft()
+        self.waiting.popleft()
+        entry.status, entry.response_head = status, data[:head_size - 4]
+        if head_size < len(data):
+            entry.response_body = data[head_size:head_size + INSPECT_BODY_LIMIT]
+            entry.response_size = len(data) - head_size
+        entry.duration = time.monotonic() - entry.started
+        entry.state = INSPECT_COMPLETE
+        self.inspector.version += 1
+        return True
+
+    def response_eof(self) -> None:
+        if self.downstream is None and not self.stopped:
+            self._response_events(self.responses.feed_eof(), b"")
+
+    def _response_events(self, events: List[Tuple[str, Any]], data: Any) -> None:
+        for kind, value in events:
+            if kind is EV_BODY:
+                entry = self.waiting[0]
+                chunks = self._response_chunks
+                if chunks is not None:
+                    chunks.feed(value)
+                    entry.response_size = chunks.size
+                else:
+                    _keep(entry.response_body, value)
+                    entry.response_size += len(value)
+            elif kind is EV_HEAD:
+                head, chunked = self.responses.heads.popleft()
+                if 100 <= value.status < 200 and value.status != 101:
+                    continue                    # interim (100 Continue): the final follows
+                if not self.waiting:
+                    self._stop("a response without a request")
+                    return
+                entry = self.waiting[0]
+                entry.status, entry.response_head = value.status, head
+                entry.response_body = bytearray()
+                self._response_chunks = ChunkDecoder(entry.response_body) if chunked else None
+            elif kind is EV_END:
+                entry = self.waiting.popleft()
+                self._response_chunks = None
+                if entry.status == 101:
+                    self._upgraded(entry, data)
+                    return
+                entry.finish()
+                self.inspector.version += 1
+                if entry.upgrade:               # refused: the connection stays HTTP
+                    self._request_events(self.requests.upgrade_refused())
+            else:
+                self._stop("the response: %s" % value)
+                return
+
+    def _upgraded(self, entry: InspectEntry, data: Any) -> None:
+        entry.state = INSPECT_OPEN
+        self.upgraded = entry
+        up, down = WSFrameCounter(entry.websocket), WSFrameCounter(entry.websocket)
+        entry.counters = (up, down)
+        self.upstream, self.downstream = up, down
+        up.feed(self.requests.upgrade_done())   # what came after the request, before the 101
+        tail = self.responses.upgrade_tail
+        if tail:
+            down.feed(memoryview(data)[len(data) - tail:])
+        self.inspector.version += 1
+
+    # -- the end ----------------------------------------------------------------------
+    def _stop(self, why: str) -> None:
+        self.stopped = True
+        for entry in self.waiting:
+            entry.finish(INSPECT_ERROR, "capture stopped at %s" % why)
+        self.waiting.clear()
+        self.entry = None
+        self.inspector.version += 1
+
+    def failed(self, why: str, status: Optional[int] = None) -> None:
+        """The exchange failed (no connection to the target): the waiting entries say why
+        (``status``: what the visitor got instead, the client's 502)."""
+        for entry in self.waiting:
+            if status is not None and entry.status is None:
+                entry.status = status
+            entry.finish(INSPECT_ERROR, why)
+        self.waiting.clear()
+        self.stopped = True
+        self.inspector.version += 1
+
+    def closed(self) -> None:
+        """The connection is gone: an upgraded one is closed, unanswered ones failed."""
+        if self.upgraded is not None and self.upgraded.state == INSPECT_OPEN:
+            self.upgraded.finish(INSPECT_CLOSED)
+        self.failed("the connection closed before the response was whole")
+
+
+class InspectedTarget(TargetConn):
+    """A TargetConn that also hands a copy of both directions to an InspectCapture (only
+    with --inspect: without it the plain TargetConn runs, its data path unchanged)."""
+
+    def __init__(self, client: "Client", stream: Stream, info: Dict[str, Any],
+                 inspector: "Inspector") -> None:
+        self.inspector = inspector
+        self.capture = InspectCapture(inspector)
+        super().__init__(client, stream, info)
+
+    def on_stream_data(self, stream: Stream, data: bytes) -> None:
+        self.inspector.bytes_in += len(data)
+        self.capture.request_data(data)
+        self.send_bytes(data, True)
+
+    def on_socket_data(self, data: memoryview) -> None:   # (after TargetConn._first_data)
+        self.inspector.bytes_out += len(data)
+        self.capture.response_data(data)
+        if self.stream is not None:                         # (Pipe's)
+            self.stream.write(data)
+
+    def mid_message(self, data: memoryview) -> bool:
+        whole = self.capture.whole      # (what the capture found out about this read)
+        return not whole_response(data) if whole is None else not whole
+
+    def on_socket_eof(self) -> None:
+        self.capture.response_eof()
+        super().on_socket_eof()
+
+    def _connect_failed(self, why: str) -> None:
+        self.capture.failed(why, 502)
+        super()._connect_failed(why)
+
+    def connection_lost(self) -> None:
+        self.capture.closed()
+        super().connection_lost()
+
+
+_REPLAY_DROPPED = frozenset({"content-length", "transfer-encoding", "connection",
+                             "keep-alive", "proxy-connection", "te", "upgrade", "expect"})
+_FIELD_VALUE_RE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_REQUEST_TARGET_RE = re.compile(r"[\x21-\x7e]+\Z")
+
+
+def replay_request(entry: InspectEntry, edits: Dict[str, Any]) -> bytes:
+    """The bytes that replay ``entry``'s request, with ``edits`` (the API's JSON:
+    "method", "path", "headers" as [[name, value], ...] or {name: value}, "body" as
+    text or "body_base64"): its framing as one Content-Length, ``Connection: close``.
+    Raises HTTPError (400: a bad edit, 409: nothing to replay whole)."""
+    if entry.upgrade:
+        raise HTTPError(409, "an upgraded connection (WebSocket) cannot be replayed")
+    line, block = _split_start_line(entry.request_head)
+    method, target = line.split(" ", 2)[:2]
+    fields: List[Tuple[str, str]] = _FIELD_RE.findall(block)
+    method = edits.get("method", method)
+    target = edits.get("path", target)
+    if not isinstance(method, str) or not re.fullmatch(_TOKEN, method):
+        raise HTTPError(400, "invalid method")
+    if (not isinstance(target, str) or not _REQUEST_TARGET_RE.match(target)
+            or not (target.startswith("/") or target == "*")):
+        raise HTTPError(400, "invalid path: it starts with / and has no spaces")
+    if "headers" in edits:
+        given = edits["headers"]
+        pairs = list(given.items()) if isinstance(given, dict) else given
+        if not isinstance(pairs, list) or len(pairs) > MAX_HEADER_COUNT:
+            raise HTTPError(400, "headers: a list of [name, value] (at most %d)"
+                            % MAX_HEADER_COUNT)
+        fields = []
+        for pair in pairs:
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or not all(isinstance(x, str) for x in pair)
+                    or not re.fullmatch(_TOKEN, pair[0])
+                    or not _FIELD_VALUE_RE.match(pair[1])):
+                raise HTTPError(400, "invalid header field %s" % json.dumps(pair)[:100])
+            fields.append((pair[0], pair[1].strip(" \t")))
+    if "body" in edits:
+        if not isinstance(edits["body"], str):
+            raise HTTPError(400, "body: a string (or body_base64)")
+        body = edits["body"].encode("utf-8")
+    elif "body_base64" in edits:
+        text = edits["body_base64"]
+        body = _unb64(text) if isinstance(text, str) else b""
+        if not body and text:
+            raise HTTPError(400, "body_base64 is not base64")
+    else:
+        body = bytes(entry.request_body)
+        if entry.request_size > len(body):
+            raise HTTPError(409, "only the first %d bytes of this request's body were kept: "
+                            "replay it with an edited body" % INSPECT_BODY_LIMIT)
+    kept = [(n, v) for n, v in fields if n.lower() not in _REPLAY_DROPPED]
+    if body or method in ("POST", "PUT", "PATCH"):
+        kept.append(("Content-Length", str(len(body))))
+    kept.append(("Connection", "close"))
+    try:
+        head = ("%s %s HTTP/1.1\r\n%s\r\n" % (method, target, "".join(
+            "%s: %s\r\n" % field for field in kept))).encode("latin-1")
+    except UnicodeEncodeError:
+        raise HTTPError(400, "header values must be Latin-1 (send non-ASCII in the body)")
+    data = head + body
+    for kind, value in HTTPParser(True).feed(data):     # the relay's own rules
+        if kind is EV_ERROR:
+            raise HTTPError(400, "the edited request: %s" % value)
+    return data
+
+
+class ReplayConn(Conn):
+    """A captured request sent to the target again (POST /api/requests/ID/replay) along
+    the client's own way to it (a Dialer: TCP, TLS for an https:// TARGET); the exchange
+    is captured as a new entry marked as a replay, and the connection closes when the
+    response is whole (or after INSPECT_REPLAY_TIMEOUT)."""
+
+    def __init__(self, inspector: "Inspector", replay_of: int, data: bytes) -> None:
+        super().__init__(inspector.loop, None)
+        client = inspector.client
+        cfg = client.config
+        self.capture = InspectCapture(inspector, replay_of)
+        self.capture.request_data(data)         # the new entry, at once
+        self.entry = self.capture.last
+        self.out += data
+        self.connected = False
+        self._timer = self.loop.call_later(INSPECT_REPLAY_TIMEOUT, self._timeout)
+        self.dialer: Optional[Dialer] = Dialer(
+            self.loop, cfg.target_host, cfg.target_port, client.target_stages(),
+            cfg.connect_timeout, self._dialed, self._dial_failed,
+            addrs=client.loopback_addresses())
+
+    def __repr__(self) -> str:
+        return "<Replay of %s>" % self.capture.replay_of
+
+    def wants_read(self) -> bool:
+        return self.connected
+
+    def wants_write(self) -> bool:
+        return self.connected and (bool(self.out) or bool(getattr(self.sock, "unsent", b"")))
+
+    def _dialed(self, sock: Any) -> None:
+        self.dialer = None
+        if self.closed:
+            sock.close()
+            return
+        self.connected = True
+        self.attach(sock)
+        self.on_write()
+
+    def _dial_failed(self, why: str, kind: str) -> None:
+        self.dialer = None
+        self._fail("could not connect to %s" % why)
+
+    def _timeout(self) -> None:
+        self._fail("no whole response within %gs" % INSPECT_REPLAY_TIMEOUT)
+
+    def _fail(self, why: str) -> None:
+        self.capture.failed("replay: %s" % why)
+        self.close_socket()
+
+    def on_write(self) -> None:
+        try:
+            if self.out:
+                del self.out[:self.sock.send(self.out)]
+            elif getattr(self.sock, "unsent", b""):
+                self.sock.push()
+        except WOULD_BLOCK:
+            pass
+        except OSError as exc:
+            self._fail(describe_oserror(exc))
+            return
+        self.update()
+
+    def on_read(self) -> None:
+        try:
+            n = self.sock.recv_into(self.loop.scratch)
+        except WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._fail(describe_oserror(exc))
+            return
+        if not n:
+            self.capture.response_eof()
+        else:
+            self.capture.response_data(self.loop.scratch_view[:n])
+        if not n or not self.capture.waiting:   # answered (or the capture gave up)
+            self.close_socket()
+            return
+        self.update()
+        self.read_pending()
+
+    def abort(self, reason: str) -> None:
+        self._fail(reason)
+
+    def connection_lost(self) -> None:
+        self._timer.cancel()
+        if self.dialer is not None:
+            self.dialer.abort_quietly()
+            self.dialer = None
+        self.capture.closed()
+
+
+class InspectorConn(Conn):
+    """One connection to the inspector: HTTP/1.1 requests read by an HTTPParser (its
+    limits; a body up to INSPECT_API_BODY), answered in order by ``Inspector.answer``;
+    pipelined requests wait (``events``) while an answer over INSPECT_API_BODY is
+    queued, and nothing more is read meanwhile; closed when idle INSPECT_IDLE_TIMEOUT."""
+
+    def __init__(self, inspector: "Inspector", sock: socket.socket) -> None:
+        super().__init__(inspector.loop, sock)
+        self.inspector = inspector
+        inspector.connections += 1
+        self.parser = HTTPParser(True)
+        self.events: Deque[Tuple[str, Any]] = collections.deque()
+        self.req: Optional[Request] = None
+        self.body = bytearray()
+        self.chunks: Optional[ChunkDecoder] = None
+        self.active = time.monotonic()
+        self._timer = self.loop.call_later(INSPECT_IDLE_TIMEOUT, self._idle)
+        self.update()
+
+    def __repr__(self) -> str:
+        return "<InspectorConn>"
+
+    def wants_read(self) -> bool:
+        return not self.events and len(self.out) < INSPECT_API_BODY
+
+    def _idle(self) -> None:
+        left = self.active + INSPECT_IDLE_TIMEOUT - time.monotonic()
+        if left > 0:
+            self._timer = self.loop.call_later(left, self._idle)
+        else:
+            self.close_socket()
+
+    def on_read(self) -> None:
+        try:
+            n = self.sock.recv_into(self.loop.scratch)
+        except WOULD_BLOCK:
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self.close_socket()
+            return
+        self.active = time.monotonic()
+        for kind, value in self.parser.feed(self.loop.scratch_view[:n]):
+            # (a body's bytes are a view of the loop's scratch buffer: copied to wait)
+            self.events.append((kind, bytes(value) if kind is EV_BODY else value))
+        self._serve()
+
+    def _serve(self) -> None:
+        while True:
+            if not self._answer():
+                return                          # (closed)
+            if not self._send():
+                return
+            if not self.events or len(self.out) >= INSPECT_API_BODY:
+                break
+        self.update()
+
+    def _answer(self) -> bool:
+        """Work through the waiting events while the queued answers are small; False
+        once the connection is handed to a lingering close."""
+        events = self.events
+        while events and len(self.out) < INSPECT_API_BODY:
+            kind, value = events.popleft()
+            if kind is EV_BODY:
+                if self.chunks is not None:
+                    self.chunks.feed(value)
+                else:
+                    self.body += value
+                if len(self.body) > INSPECT_API_BODY:
+                    self._last(413, "a request body over %d bytes" % INSPECT_API_BODY)
+                    return False
+            elif kind is EV_HEAD:
+                self.req, self.body = value, bytearray()
+                self.chunks = (ChunkDecoder(self.body, INSPECT_API_BODY + 1)
+                               if value.body == "chunked" else None)
+                length = value.headers.get("content-length")
+                if value.upgrade is not None:
+                    self._last(400, "the inspector takes no upgrades")
+                    return False
+                if length is not None and length.strip().isdigit() and (
+                        int(length) > INSPECT_API_BODY):
+                    self._last(413, "a request body over %d bytes" % INSPECT_API_BODY)
+                    return False
+            elif kind is EV_END:
+                req = self.req
+                assert req is not None
+                self.out += self.inspector.answer(req, bytes(self.body))
+                if not req.keep_alive:
+                    self._last(0, "")
+                    return False
+            else:
+                self._last(value.status, str(value))
+                return False
+        return True
+
+    def _last(self, status: int, why: str) -> None:
+        """A last answer (an error page, or just what is queued), then a lingering close."""
+        if status:
+            self.out += http_response(status, why)
+        Lingering(self.loop, self.detach(), bytes(self.out))
+
+    def _send(self) -> bool:
+        """Write what the socket takes; False if the connection is gone."""
+        if self.out:
+            try:
+                del self.out[:self.sock.send(self.out)]
+            except WOULD_BLOCK:
+                pass
+            except OSError:
+                self.close_socket()
+                return False
+        return True
+
+    def on_write(self) -> None:
+        if self._send():
+            if self.events and len(self.out) < INSPECT_API_BODY:
+                self._serve()
+            else:
+                self.update()
+
+    def connection_lost(self) -> None:
+        self._timer.cancel()
+        self.inspector.connections -= 1
+
+
+def _inspect_query(query: str) -> Dict[str, str]:
+    """A query string's parameters (the last of each name; the API's are plain ASCII)."""
+    params = {}
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name:
+            params[name] = value
+    return params
+
+
+class Inspector:
+    """The request inspector of one Client (``expose --inspect``): the last ``keep``
+    InspectEntries, the page and the JSON API at ``url`` (served on the client's loop),
+    and the replays."""
+
+    def __init__(self, client: "Client", address: str, keep: int) -> None:
+        self.client = client
+        self.loop = client.loop
+        self.address = address
+        self.entries: Deque[InspectEntry] = collections.deque(maxlen=keep)
+        self._ids = itertools.count(1)
+        self.version = 0                # changes whenever an entry does (the page's poll)
+        self.host = ""
+        self.port = 0
+        self.url = ""
+        self.listener: Optional[Listener] = None
+        self.connections = 0            # InspectorConns open
+        self.requests = 0               # requests through the tunnel, ever (no replays)
+        self.bytes_in = 0               # bytes from the visitors to the target, ever
+        self.bytes_out = 0              # ... and back
+
+    # -- the listening socket --------------------------------------------------------
+    def start(self) -> None:
+        """Listen (raises OSError); the default address moves on to the next free port."""
+        host, port = parse_inspect_address(self.address)
+        tries = INSPECT_PORT_TRIES if self.address == INSPECT_DEFAULT else 1
+        sock = None
+        for i in range(tries):
+            try:
+                sock = make_listener(host, port + i)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or i + 1 == tries:
+                    raise
+                continue
+            if i:
+                log.info("inspector: %s is in use; listening on %s instead",
+                         format_hostport(host, port), format_hostport(host, port + i))
+            break
+        assert sock is not None
+        self.listener = Listener(self.loop, sock, self._accept)
+        self.host, self.port = host, sock.getsockname()[1]
+        shown = host
+        if host in ("0.0.0.0", "::", ""):       # every address: show loopback's
+            shown = "::1" if ":" in host else "127.0.0.1"
+        self.url = "http://%s" % format_hostport(shown, self.port)
+        if not is_loopback(host):
+            log.warning("--inspect %s is not on loopback: anyone who can reach it sees every "
+                        "request and response through the tunnel, request bodies and "
+                        "credentials (Authorization, cookies) included, and can replay them",
+                        format_hostport(host, self.port))
+        log.info("inspector on %s", self.url)
+
+    def _accept(self, sock: socket.socket, addr: Any) -> None:
+        if self.connections >= INSPECT_MAX_CONNECTIONS:
+            sock.close()
+            return
+        InspectorConn(self, sock)
+
+    # -- entries ------------------------------------------------------------------------
+    def add(self, method: str, target: str, head: bytes, upgrade: Optional[str],
+            replay_of: Optional[int]) -> InspectEntry:
+        entry = InspectEntry(next(self._ids), method, target, head, upgrade, replay_of)
+        self.entries.append(entry)      # the oldest goes when ``keep`` are held
+        if replay_of is None:
+            self.requests += 1
+        self.version += 1
+        return entry
+
+    def find(self, entry_id: int) -> Optional[InspectEntry]:
+        entries = self.entries          # ids are consecutive: an index, not a search
+        i = entry_id - entries[0].id if entries else -1
+        return entries[i] if 0 <= i < len(entries) else None
+
+    def tunnels(self) -> List[Dict[str, Any]]:
+        client = self.client
+        return [{"name": client.name, "public_url": client.url, "target": client.target_url,
+                 "relay": client.relay_text, "connected": client.ready.is_set(),
+                 "connected_since": client.up_since, "requests": self.requests,
+                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                 "open_connections": len(client.targets)}]
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def _host_ok(self, req: Request) -> bool:
+        """Host names this inspector (DNS rebinding: a name that resolves here is not)."""
+        try:
+            host, port = _split_host(req.host_header)
+        except HTTPError:
+            return False
+        name = host[1:-1] if host.startswith("[") else host
+        return port == str(self.port) and (name in ("localhost", self.host.lower())
+                                           or _is_ip_literal(name))
+
+    def answer(self, req: Request, body: bytes) -> bytes:
+        """The whole response to one request of the page or the API."""
+        extra: Tuple[Tuple[str, str], ...] = ()
+        try:
+            status, ctype, payload, extra = self._route(req, body)
+        except HTTPError as exc:
+            status, ctype = exc.status, "application/json"
+            payload = _json_bytes({"error": str(exc)})
+            extra = exc.headers
+        page = ctype.startswith("text/html")
+        csp = _inspector_page()[1] if page else "default-src 'none'; frame-ancestors 'none'"
+        lines = ["HTTP/1.1 %d %s" % (status, INSPECT_REASONS.get(status)
+                                     or HTTP_REASONS.get(status, "Error")),
+                 "Content-Type: %s" % ctype, "Content-Length: %d" % len(payload),
+                 "Cache-Control: no-store", "X-Content-Type-Options: nosniff",
+                 "X-Frame-Options: DENY", "Referrer-Policy: no-referrer",
+                 "Content-Security-Policy: %s" % csp]
+        lines.extend("%s: %s" % kv for kv in extra)
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head if req.method == "HEAD" else head + payload
+
+    def _route(self, req: Request, body: bytes) -> Tuple[int, str, bytes,
+                                                         Tuple[Tuple[str, str], ...]]:
+        if not self._host_ok(req):
+            raise HTTPError(403, "the inspector answers to its own address only (Host "
+                            "127.0.0.1:%d or localhost:%d)" % (self.port, self.port))
+        path, _, query = req.target.partition("?")
+        origin = req.headers.get("origin")
+        if origin is not None and origin != "http://" + req.host_header:
+            raise HTTPError(403, "a request from another origin")
+        if path.startswith("/api/") and req.headers.get("sec-fetch-site") in (
+                "cross-site", "same-site"):
+            raise HTTPError(403, "a request from another site")
+        parts = path.split("/")
+        reading = req.method in ("GET", "HEAD")
+        if path == "/":
+            self._method(reading, "GET, HEAD")
+            return 200, "text/html; charset=utf-8", _inspector_page()[0], ()
+        if path == "/api/tunnels":
+            self._method(reading, "GET, HEAD")
+            return self._json({"tunnels": self.tunnels()})
+        if path == "/api/requests":
+            self._method(reading, "GET, HEAD")
+            limit = _inspect_query(query).get("limit", "")
+            count = len(self.entries)
+            if limit:
+                if not limit.isdigit() or not limit.isascii():
+                    raise HTTPError(400, "limit: a number")
+                count = min(count, int(limit))
+            newest = [self.entries[-1 - i].summary() for i in range(count)]
+            return self._json({"version": self.version, "requests": newest})
+        if len(parts) in (4, 5) and parts[:3] == ["", "api", "requests"] and (
+                parts[3].isdigit() and parts[3].isascii() and len(parts[3]) < 19):
+            entry = self.find(int(parts[3]))
+            if len(parts) == 5 and parts[4] != "replay":
+                raise HTTPError(404, "not found")
+            if entry is None:
+                raise HTTPError(404, "no request %s (the inspector keeps the last %d)"
+                                % (parts[3], self.entries.maxlen or 0))
+            if len(parts) == 4:
+                self._method(reading, "GET, HEAD")
+                return self._json(entry.detail())
+            self._method(req.method == "POST", "POST")
+            return self._json(self._replay(entry, req, body))
+        raise HTTPError(404, "not found")
+
+    @staticmethod
+    def _method(allowed: bool, allow: str) -> None:
+        if not allowed:
+            raise HTTPError(405, "method not allowed here", headers=(("Allow", allow),))
+
+    @staticmethod
+    def _json(value: Any) -> Tuple[int, str, bytes, Tuple[Tuple[str, str], ...]]:
+        return 200, "application/json", _json_bytes(value), ()
+
+    def _replay(self, entry: InspectEntry, req: Request, body: bytes) -> Dict[str, Any]:
+        ctype = (req.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            raise HTTPError(415, "a replay takes a JSON body (Content-Type: "
+                            "application/json), {} for the request as it was")
+        edits: Any = {}
+        if body.strip():
+            if body.count(b"[") + body.count(b"{") > INSPECT_JSON_CONTAINERS:
+                raise HTTPError(400, "the JSON nests too much")
+            try:
+                edits = json.loads(body.decode("utf-8"))
+            except (ValueError, RecursionError) as exc:
+                raise HTTPError(400, "invalid JSON: %s" % exc) from None
+        if not isinstance(edits, dict):
+            raise HTTPError(400, "the body is a JSON object")
+        data = replay_request(entry, edits)
+        replay = ReplayConn(self, entry.id, data)
+        new = replay.entry
+        assert new is not None
+        return {"id": new.id, "replay_of": entry.id}
+
+
+_INSPECT_CSS = """
+body{font:13px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{padding:8px 12px;background:#234;color:#eee;display:flex;gap:16px;flex-wrap:wrap}
+header b{color:#fff}#status{color:#f99}
+main{display:grid;grid-template-columns:minmax(360px,1fr) 1.3fr;height:calc(100vh - 36px)}
+#list{overflow:auto;border-right:1px solid #ccc}
+table{border-collapse:collapse;width:100%}
+th,td{padding:3px 6px;text-align:left;white-space:nowrap;border-bottom:1px solid #eee}
+th{position:sticky;top:0;background:#eee}
+tr.row{cursor:pointer}tr.row:hover{background:#eef}tr.sel{background:#dde}
+td.path{max-width:280px;overflow:hidden;text-overflow:ellipsis}
+.s2{color:#070}.s3{color:#06a}.s4{color:#a60}.s5,.err{color:#c00}.pend{color:#888}
+#detail{overflow:auto;padding:8px 14px}
+h2{font-size:15px;word-break:break-all}h3{font-size:13px;margin:14px 0 4px}
+pre{background:#fff;border:1px solid #ddd;padding:6px;white-space:pre-wrap;
+word-break:break-all;max-height:480px;overflow:auto;margin:4px 0}
+img{max-width:100%;border:1px solid #ddd}.hint{color:#777}
+button{margin-right:6px}form{display:grid;gap:4px;margin:8px 0}
+textarea,input{font:12px monospace;width:100%;box-sizing:border-box}
+"""
+
+_INSPECT_JS = r"""
+"use strict";
+const POLL = %(poll)d, HEX = %(hex)d;
+let version = -1, selected = null, current = null;
+const $ = (id) => document.getElementById(id);
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+function ms(s) {
+  if (s === null || s === undefined) return "";
+  return s < 1 ? (s * 1000).toFixed(1) + " ms" : s.toFixed(2) + " s";
+}
+function size(n) {
+  return n < 1024 ? n + " B" : n < 1048576 ? (n / 1024).toFixed(1) + " KiB"
+    : (n / 1048576).toFixed(1) + " MiB";
+}
+function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+async function api(path, opts) {
+  const r = await fetch(path, opts);
+  const j = await r.json();
+  if (!r.ok) throw new Error(j.error || String(r.status));
+  return j;
+}
+function statusOf(r) {
+  if (r.state === "error") return [r.status ? r.status + " error" : "error", "err"];
+  if (r.status === null) return ["...", "pend"];
+  if (r.websocket) return ["WS " + (r.state === "open" ? "open" : "closed"), "s2"];
+  return [String(r.status), "s" + String(r.status)[0]];
+}
+function render(list) {
+  const rows = $("rows");
+  rows.textContent = "";
+  for (const r of list) {
+    const tr = el("tr", null, r.id === selected ? "row sel" : "row");
+    const [st, cls] = statusOf(r);
+    let sz = size(r.response_size);
+    if (r.messages) sz = r.messages.in + " in / " + r.messages.out + " out";
+    tr.append(el("td", clock(r.time)), el("td", r.method),
+              el("td", (r.replay_of ? "\u21bb " : "") + r.path, "path"),
+              el("td", st, cls), el("td", ms(r.duration)), el("td", sz));
+    tr.title = r.path;
+    tr.dataset.id = String(r.id);
+    tr.addEventListener("click", () => select(r.id));
+    rows.append(tr);
+  }
+}
+async function poll() {
+  try {
+    const t = (await api("/api/tunnels")).tunnels[0];
+    $("tunnel").textContent = (t.public_url || "(not up)") + " \u2192 " + t.target +
+      (t.connected ? "" : "  (reconnecting)") + "  \u00b7  " + t.requests + " requests";
+    const list = await api("/api/requests");
+    if (list.version !== version) {
+      version = list.version;
+      render(list.requests);
+      if (current && (current.state === "pending" || current.state === "open"))
+        select(current.id, true);
+    }
+    $("status").textContent = "";
+  } catch (e) {
+    $("status").textContent = "inspector unreachable: " + e.message;
+  }
+  setTimeout(poll, POLL);
+}
+async function select(id, quiet) {
+  selected = id;
+  history.replaceState(null, "", "#" + id);
+  for (const tr of $("rows").children) tr.classList.toggle("sel", tr.dataset.id === String(id));
+  try {
+    current = await api("/api/requests/" + id);
+    show(current);
+  } catch (e) {
+    if (!quiet) { $("detail").textContent = ""; $("detail").append(el("p", e.message, "err")); }
+  }
+}
+function bytesOf(b64) {
+  const bin = atob(b64), a = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) a[i] = bin.charCodeAt(i);
+  return a;
+}
+function hex(a) {
+  const out = [];
+  for (let i = 0; i < a.length; i += 16) {
+    const row = a.subarray(i, i + 16);
+    let h = "", t = "";
+    for (const b of row) {
+      h += b.toString(16).padStart(2, "0") + " ";
+      t += b >= 32 && b < 127 ? String.fromCharCode(b) : ".";
+    }
+    out.push(i.toString(16).padStart(8, "0") + "  " + h.padEnd(48) + " " + t);
+  }
+  return out.join("\n");
+}
+const IMAGE = /^image\/(png|jpeg|gif|webp|bmp|avif|x-icon|vnd\.microsoft\.icon|svg\+xml)$/;
+function body(p) {
+  const box = el("div");
+  const type = p.content_type.toLowerCase().split(";")[0].trim();
+  const b64 = p.decoded !== null ? p.decoded : p.body;
+  let note = size(p.body_size) + (type ? ", " + type : "");
+  if (p.content_encoding) note += ", " + p.content_encoding + (p.decoded !== null ? " (decoded)" : "");
+  if (p.truncated) note += ", the first " + size(bytesOf(p.body).length) + " kept";
+  box.append(el("p", note, "hint"));
+  if (IMAGE.test(type) && !p.truncated) {
+    const img = el("img");
+    img.alt = "the image in the body";
+    img.src = "data:" + type + ";base64," + b64;
+    box.append(img);
+  } else if (p.text !== null) {
+    let text = p.text;
+    if (/[/+]json$/.test(type)) { try { text = JSON.stringify(JSON.parse(text), null, 2); } catch (e) {} }
+    box.append(el("pre", text));
+  } else {
+    box.append(el("pre", hex(bytesOf(b64).subarray(0, HEX)) +
+      (p.body_size > HEX ? "\n..." : "")));
+  }
+  return box;
+}
+function part(title, p) {
+  const s = el("section");
+  s.append(el("h3", title));
+  if (!p) { s.append(el("p", "nothing yet", "hint")); return s; }
+  s.append(el("pre", p.head));
+  if (p.body_size) s.append(body(p));
+  return s;
+}
+function show(d) {
+  const box = $("detail");
+  box.textContent = "";
+  box.append(el("h2", d.method + " " + d.path));
+  const [st, cls] = statusOf(d);
+  let meta = clock(d.time) + "  \u00b7  " + st + "  \u00b7  " + ms(d.duration);
+  if (d.replay_of) meta += "  \u00b7  replay of #" + d.replay_of;
+  if (d.messages) meta += "  \u00b7  messages " + d.messages.in + " in, " + d.messages.out +
+    " out (frames " + d.frames.in + ", " + d.frames.out + ")";
+  if (d.bytes) meta += "  \u00b7  " + size(d.bytes.in) + " in, " + size(d.bytes.out) + " out";
+  box.append(el("p", meta, cls));
+  if (d.error) box.append(el("p", d.error, "err"));
+  if (!d.websocket) {
+    const again = el("button", "Replay"), edit = el("button", "Edit and replay");
+    again.addEventListener("click", () => replay(d.id, {}));
+    edit.addEventListener("click", () => editor(box, d));
+    box.append(again, edit);
+  }
+  box.append(part("Request", d.request), part("Response", d.response));
+}
+function editor(box, d) {
+  const form = el("form");
+  const method = el("input"), path = el("input"), heads = el("textarea"), text = el("textarea");
+  method.value = d.method;
+  path.value = d.path;
+  heads.rows = 8;
+  heads.value = d.request.headers.map((h) => h[0] + ": " + h[1]).join("\n");
+  text.rows = 6;
+  const editable = d.request.text !== null && d.request.decoded === null;
+  text.value = editable ? d.request.text : "";
+  text.disabled = !editable;
+  if (!editable && d.request.body_size) text.placeholder = "(binary body: sent as captured)";
+  const go = el("button", "Send");
+  go.type = "submit";
+  form.append(el("label", "method"), method, el("label", "path"), path,
+              el("label", "headers, one per line"), heads, el("label", "body"), text, go);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const headers = [];
+    for (const line of heads.value.split("\n")) {
+      const i = line.indexOf(":");
+      if (i > 0) headers.push([line.slice(0, i).trim(), line.slice(i + 1).trim()]);
+    }
+    const edits = {method: method.value.trim(), path: path.value.trim(), headers: headers};
+    if (editable) edits.body = text.value;
+    replay(d.id, edits);
+  });
+  box.insertBefore(form, box.children[box.children.length - 2]);
+}
+async function replay(id, edits) {
+  try {
+    const r = await api("/api/requests/" + id + "/replay", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify(edits)});
+    version = -1;
+    select(r.id);
+  } catch (e) {
+    $("status").textContent = "replay: " + e.message;
+  }
+}
+if (/^#[0-9]+$/.test(location.hash)) select(Number(location.hash.slice(1)));
+poll();
+"""
+
+_INSPECT_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tunnel.py inspector</title><style>%(css)s</style></head>
+<body><header><b>tunnel.py inspector</b><span id="tunnel"></span><span id="status"></span>
+</header><main><section id="list"><table><thead><tr><th>time</th><th>method</th>
+<th>path</th><th>status</th><th>duration</th><th>size</th></tr></thead>
+<tbody id="rows"></tbody></table></section>
+<section id="detail"><p class="hint">Requests through the tunnel appear on the left,
+newest first; click one to see it.</p></section></main>
+<script>%(js)s</script></body></html>
+"""
+
+_inspector_page_cache: List[Tuple[bytes, str]] = []
+
+
+def _inspector_page() -> Tuple[bytes, str]:
+    """The page (HTML, CSS and script inline: nothing external) and its
+    Content-Security-Policy, which allows exactly that script and style (their
+    SHA-256), images from data: URLs and requests to itself; made once."""
+    if not _inspector_page_cache:
+        js = _INSPECT_JS % {"poll": INSPECT_POLL_MS, "hex": INSPECT_HEX_PREVIEW}
+        page = _INSPECT_HTML % {"css": _INSPECT_CSS, "js": js}
+
+        def digest(text: str) -> str:
+            return "'sha256-%s'" % _b64(hashlib.sha256(text.encode("utf-8")).digest())
+        csp = ("default-src 'none'; script-src %s; style-src %s; img-src data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+               "frame-ancestors 'none'" % (digest(js), digest(_INSPECT_CSS)))
+        _inspector_page_cache.append((page.encode("utf-8"), csp))
+    return _inspector_page_cache[0]
 
 
 # =============================================================================
@@ -9187,6 +10511,8 @@ def _api_value(flag: str, action: argparse.Action, value: Any) -> Any:
         if not isinstance(value, bool):
             raise UsageError("%s must be True or False, not %s" % (flag, shown))
         return value
+    if action.nargs == "?" and isinstance(value, bool):     # --inspect [ADDR]: True is
+        return action.const if value else None              # the flag alone, False off
     if isinstance(action, argparse._AppendAction):          # repeatable: one or a list
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, (list, tuple)) or not all(isinstance(v, str)
@@ -9301,7 +10627,8 @@ class Tunnel:
     ``url`` (the public URL), ``name``, ``target`` (the local service's URL),
     ``relay`` (where it connects), ``requests`` (the last API_KEEP_REQUESTS access-log
     records, oldest first), ``connected`` (a session is up right now; it reconnects by
-    itself), ``error`` (why it stopped for good, if it did).  ``close()`` ends it and
+    itself), ``error`` (why it stopped for good, if it did), ``inspect_url`` (the
+    request inspector's page with ``inspect=...``).  ``close()`` ends it and
     waits for its thread; a ``with`` block closes it too."""
 
     def __init__(self, client: "Client",
@@ -9344,6 +10671,12 @@ class Tunnel:
     def requests(self) -> List[RequestLog]:
         with self._lock:
             return list(self._requests)
+
+    @property
+    def inspect_url(self) -> Optional[str]:
+        """The request inspector's page (``inspect=...``), else None."""
+        inspector = self._client.inspector
+        return inspector.url if inspector is not None else None
 
     def __repr__(self) -> str:
         return "<Tunnel %s -> %s%s>" % (self.url or "(not up)", self.target,
@@ -9453,7 +10786,8 @@ def expose(target: Any, relay: Any = None, token: Optional[str] = None,
     ``tls_fingerprint=...``, ``plaintext=True``, ``connect_timeout=5``,
     ``quiet=True`` (no access log: ``requests`` stays empty), ``config="tunnel.ini"``
     (the ``[expose]`` and ``[DEFAULT]`` sections of that file; keywords override it),
-    and so on.
+    ``inspect="127.0.0.1:0"`` (the request inspector on a free port:
+    ``Tunnel.inspect_url``; True: the default address), and so on.
 
     ``timeout``: seconds to wait for the tunnel (default API_TIMEOUT).
     ``on_request(RequestLog)`` is called (on the tunnel's thread) for each request;
@@ -9876,6 +11210,16 @@ def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.Ar
                         "or --tls-ca; the relay logs it")
     expose.add_argument("--backoff-max", type=float, default=BACKOFF_MAX, metavar="SEC",
                         help="longest wait between reconnects (default %(default)s)")
+    expose.add_argument("--inspect", nargs="?", const=INSPECT_DEFAULT, default=None,
+                        metavar="ADDR",
+                        help="serve a page (and a JSON API) that shows the requests and "
+                        "responses through the tunnel, with replay, on ADDR: HOST:PORT or "
+                        "PORT (without ADDR: %s, or the next free port; after TARGET); "
+                        "off unless given; off loopback it warns: it shows credentials"
+                        % INSPECT_DEFAULT)
+    expose.add_argument("--inspect-keep", type=int, default=INSPECT_KEEP, metavar="N",
+                        help="requests the inspector keeps, each with the first %d KiB of "
+                        "its bodies (default %%(default)s)" % (INSPECT_BODY_LIMIT // 1024))
     if commands is not None:
         commands.update(serve=serve, expose=expose)
     sub.add_parser("token", help="print a new strong token",

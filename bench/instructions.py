@@ -17,7 +17,8 @@ so start-up and shutdown cancel out.  Compare two versions of tunnel.py with
     python3 bench/instructions.py --against HEAD~3 --requests 5000
 
 The client runs as a user would, with its access log on (drained to /dev/null), unless
-``--quiet`` runs it with ``-q``.
+``--quiet`` runs it with ``-q``; ``--inspect`` also runs it with its request inspector
+on (expose --inspect), counted in a row of its own.
 """
 
 import argparse
@@ -84,7 +85,7 @@ def load(port, total, conns=CONNECTIONS):
         sel.close()
 
 
-def counted(tunnel_py, side, requests, nginx_port, work, extra=()):
+def counted(tunnel_py, side, requests, nginx_port, work, extra=(), client_extra=()):
     """Instructions the ``side`` ("relay" or "client") executed, serving ``requests``."""
     http_port, control_port = bench.free_port(), bench.free_port()
     out = os.path.join(work, "callgrind.out")
@@ -95,7 +96,7 @@ def counted(tunnel_py, side, requests, nginx_port, work, extra=()):
                  "-q"] + list(extra)
     client_cmd = [sys.executable, tunnel_py, "expose", str(nginx_port), "--relay",
                   "127.0.0.1:%d" % control_port, "--token", bench.TOKEN, "--subdomain",
-                  bench.HOST.split(".")[0]] + list(extra)
+                  bench.HOST.split(".")[0]] + list(extra) + list(client_extra)
     with open(os.path.join(work, "valgrind.log"), "w+") as log:
         relay = subprocess.Popen((grind if side == "relay" else []) + relay_cmd,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -132,9 +133,9 @@ def wait_tunnel(http_port):
     raise SystemExit("the tunnel did not come up")
 
 
-def per_request(tunnel_py, side, requests, nginx_port, work, extra=()):
-    idle = counted(tunnel_py, side, 0, nginx_port, work, extra)
-    busy = counted(tunnel_py, side, requests, nginx_port, work, extra)
+def per_request(tunnel_py, side, requests, nginx_port, work, extra=(), client_extra=()):
+    idle = counted(tunnel_py, side, 0, nginx_port, work, extra, client_extra)
+    busy = counted(tunnel_py, side, requests, nginx_port, work, extra, client_extra)
     return (busy - idle) / requests
 
 
@@ -148,6 +149,9 @@ def main():
     ap.add_argument("--quiet", action="store_true",
                     help="run the client with -q (no access log, so no LOG frames either): "
                     "the access log's cost is the difference to a run without it")
+    ap.add_argument("--inspect", action="store_true",
+                    help="also count this tree's client with --inspect 127.0.0.1:0 (the "
+                    "request inspector on), in a row of its own")
     args = ap.parse_args()
     for tool in ("nginx", "valgrind"):
         if shutil.which(tool) is None:
@@ -185,6 +189,11 @@ def main():
         if len(counts) == 2:
             (r0, c0), (r1, c1) = counts
             print("| ratio | %.3f | %.3f |" % (r1 / r0, c1 / c0))
+        if args.inspect:
+            client = per_request(bench.TUNNEL_PY, "client", args.requests, nginx_port, work,
+                                 client_extra=["--inspect", "127.0.0.1:0"])
+            print("| this tree, client --inspect | | %.0f |" % client)
+            print("| --inspect / off (this tree) | | %.3f |" % (client / counts[-1][1]))
     finally:
         bench.stop_all()
         shutil.rmtree(work, ignore_errors=True)

@@ -24,6 +24,9 @@ under load, 1,000 idle visitors), and 500 tunnel clients on a new relay.
 3 minutes.  --tls-cost: TLS against --plaintext.  --drain-cost: the default client's
 stdout to a file against a pipe drained by a thread of this process (as this benchmark
 did before), next to ssh -R.
+
+--inspect-cost: the client with its request inspector on (expose --inspect, which parses
+and keeps every request and response) against off, at 50 and 1 connections.
 """
 
 import argparse
@@ -369,7 +372,7 @@ def wait_forwarding(path, proc, timeout=30.0):
 
 
 def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=None,
-                 output="file", websocket=False):
+                 output="file", websocket=False, client_args=()):
     """A relay and a client as a user runs them: by default TLS on the control channel
     (the relay's own certificate, channel binding), access log on, the client's stdout
     going to a file (as a terminal would take it: nothing in this process reads it) and
@@ -381,8 +384,9 @@ def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=
     reaches it as ``--relay http://127.0.0.1:HTTP_PORT``: a WebSocket on the visitor
     port, TLS inside it; ``proxy_port`` does the same through the CONNECT proxy on that
     port (``--relay http://localhost:HTTP_PORT --proxy ...``).  control_port is then None.
-    Returns (http_port, control_port, relay, client, route): ``route`` are the client's
-    relay arguments, for more clients of the same relay."""
+    ``client_args``: more flags for the client (--inspect-cost's --inspect).  Returns
+    (http_port, control_port, relay, client, route): ``route`` are the client's relay
+    arguments, for more clients of the same relay."""
     http_port = free_port()
     websocket = websocket or bool(proxy_port)
     control_port = None if websocket else free_port()
@@ -407,7 +411,7 @@ def start_tunnel(nginx_port, python=sys.executable, plaintext=False, proxy_port=
     else:
         route = ["--relay", "127.0.0.1:%d" % control_port]
     args = ([python, TUNNEL_PY, "expose", str(nginx_port)] + route
-            + ["--token", TOKEN, "--subdomain", "bench"] + quiet + plain)
+            + ["--token", TOKEN, "--subdomain", "bench"] + quiet + plain + list(client_args))
     out_path = os.path.join(logs, "client.out")
     with open(out_path, "wb") as out, open(os.path.join(logs, "client.err"), "wb") as err:
         if output == "pipe":
@@ -599,6 +603,9 @@ def main():
                     help="only tunnel.py as a user runs it (the client's access log on, to "
                          "a file) against the client with -q: 50 and 1 connections taking "
                          "turns")
+    ap.add_argument("--inspect-cost", action="store_true",
+                    help="only tunnel.py with the request inspector on (expose --inspect) "
+                         "against off: 50 and 1 connections taking turns")
     ap.add_argument("--tunnel-only", action="store_true",
                     help="only the tunnel.py row's rps, transfer and fairness (for tuning)")
     args = ap.parse_args()
@@ -619,6 +626,8 @@ def main():
             drain_cost(work, secs, 1 if args.quick else args.rounds)
         elif args.access_log:
             access_log_cost(work, secs, 1 if args.quick else args.rounds)
+        elif args.inspect_cost:
+            inspect_cost(work, secs, 1 if args.quick else args.rounds)
         else:
             run(work, secs, args.quick, args.tunnel_only, 1 if args.quick else args.rounds)
     finally:
@@ -713,6 +722,51 @@ def access_log_cost(work, secs, rounds):
     lines += ["", "access log on / -q: 50 conn %.2f (CPU per request %.2f), 1 conn %.2f" % (
         on["c50"]["rps"] / quiet["c50"]["rps"], on["cpu"] / quiet["cpu"],
         on["c1"]["rps"] / quiet["c1"]["rps"])]
+    print("\n".join(lines))
+
+
+def inspect_cost(work, secs, rounds):
+    """The client with its request inspector on (expose --inspect, capturing every
+    request and response) against without, in one run: the two tunnels take turns at
+    50 and 1 connections, each reports its median run; CPU per request of the client."""
+    print("preparing nginx and two tunnels (inspector off, on) on 127.0.0.1 ...", flush=True)
+    py_compile.compile(TUNNEL_PY, doraise=True)
+    nginx_port, _ = start_nginx(work, with_big=False)
+    rows = []
+    for label, args in (("inspector off (default)", ()),
+                        ("--inspect", ("--inspect", "127.0.0.1:0"))):
+        http_port, _, _, client, _ = start_tunnel(nginx_port, client_args=args)
+        rows.append((label, "http://127.0.0.1:%d/" % http_port, client.pid))
+    runs = {(label, kind): [] for label, _, _ in rows for kind in ("c50", "c1")}
+    cpu = {label: [] for label, _, _ in rows}
+    for i in range(rounds):
+        print("round %d of %d ..." % (i + 1, rounds), flush=True)
+        for label, url, pid in rows:
+            before = cpu_seconds(pid)
+            r = wrk(url + "small", 50, secs, HOST)
+            cpu[label].append((cpu_seconds(pid) - before) * 1e6 / max(1, r["requests"]))
+            runs[label, "c50"].append(r)
+            runs[label, "c1"].append(wrk(url + "small", 1, secs, HOST))
+    res = {}
+    for label, _, _ in rows:
+        res[label] = {kind: sorted(runs[label, kind], key=lambda r: r["rps"])[rounds // 2]
+                      for kind in ("c50", "c1")}
+        res[label]["cpu"] = cpu[label][runs[label, "c50"].index(res[label]["c50"])]
+        res[label]["errors"] = sum(r["errors"] for k in ("c50", "c1") for r in runs[label, k])
+    lines = ["", "## Request inspector: expose --inspect against without (wrk -t1, %ds, "
+             "median of %d; %s)" % (secs, rounds, time.strftime("%Y-%m-%d")), "",
+             "| client | 50 conn rps | 50 conn p99 | 1 conn rps | 1 conn p99 | client CPU "
+             "per request at 50 conn | errors |", "|---|---|---|---|---|---|---|"]
+    for label, _, _ in rows:
+        r = res[label]
+        lines.append("| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.0f us | %d |" % (
+            label, r["c50"]["rps"], r["c50"]["p99"], r["c1"]["rps"], r["c1"]["p99"],
+            r["cpu"], r["errors"]))
+    off, on = res["inspector off (default)"], res["--inspect"]
+    lines += ["", "--inspect / off: 50 conn %.2f, 1 conn %.2f (aim: 0.85 or more at 50); "
+              "client CPU per request %.2f" % (
+                  on["c50"]["rps"] / off["c50"]["rps"], on["c1"]["rps"] / off["c1"]["rps"],
+                  on["cpu"] / off["cpu"])]
     print("\n".join(lines))
 
 
