@@ -8759,7 +8759,6 @@ class InspectorTest(InspectorClient, EndToEndBase):
         self.assertEqual(self.lines, ["Forwarding http://demo.localhost:%d -> http://127.0.0.1:%d"
                                       % (self.relay.http_port, self.origin.server_address[1]),
                                       "Inspect   %s" % self.client.inspector.url])
-        self.assertEqual(self.lines[1].index("http://"), self.lines[0].index("http://"))
         self.assertEqual(self.get("/hello")[:2], (200, b"hello"))
         sent = b'{"name": "caf\xc3\xa9", "n": [1, 2]}'
         status, body, _ = self.get("/post?x=1", method="POST", body=sent,
@@ -9230,7 +9229,6 @@ class CommandLineTest(unittest.TestCase):
         inspect = client.stdout.readline().decode().rstrip("\n")
         self.assertTrue(forwarding.startswith("Forwarding http://cli.localhost:"), forwarding)
         self.assertRegex(inspect, r"^Inspect   http://127\.0\.0\.1:\d+$")
-        self.assertEqual(inspect.index("http://"), forwarding.index("http://"))
         url = inspect.split()[1]
         with urllib.request.urlopen(url + "/api/tunnels", timeout=WAIT) as r:
             self.assertEqual(json.loads(r.read())["tunnels"][0]["name"], "cli")
@@ -9756,8 +9754,8 @@ class UsabilityTest(EndToEndBase):
              "for an https:// TARGET"),
             (["expose", "ftp://localhost:21", "--token", TOKEN], "invalid TARGET"),
             (["expose", "http://localhost:5000/app", "--token", TOKEN], "without a path"),
-            (["expose", "http", "5000", "--token", TOKEN], "use: expose 5000"),
-            (["expose", "http", "--token", TOKEN], "use: expose 5000"),
+            (["expose", "http", "5000", "--token", TOKEN], "as in 'expose 5000'"),
+            (["expose", "http", "--token", TOKEN], "as in 'expose 5000'"),
             (expose + ["--tls-ca", os.path.join(self.dir, "missing.pem")], "missing.pem"),
             (expose + ["--tls-ca", not_ca], "notes.txt"),
             (expose + ["--insecure", "--tls-fingerprint", fp], "--insecure excludes"),
@@ -9783,7 +9781,7 @@ class UsabilityTest(EndToEndBase):
             running = [(args, what, self.spawn(*args)) for args, what in
                        cases[start:start + batch]]
             for args, what, p in running:
-                _, err = p.communicate(timeout=WAIT)
+                _, err = p.communicate(timeout=3 * WAIT)   # a batch starts together
                 text = err.decode()
                 self.assertEqual(p.returncode, 2, (args, text))
                 self.assertEqual(len(text.strip().splitlines()), 1, (args, text))

@@ -8599,6 +8599,11 @@ class TargetConn(Pipe):
             why += " (the local service does not speak HTTPS: use an http:// TARGET)"
         if why.startswith("cannot resolve "):      # the Dialer's words name the host only
             why = "%s: %s" % (self.target, why)
+        elif (kind == DIAL_UNREACHABLE and why.endswith("connection refused")
+              and self.client.config.target_host == "localhost"):
+            port = self.client.config.target_port    # Node and Vite may listen on ::1 only
+            why += (" (a server listening on ::1 only? TARGET %d tries 127.0.0.1, then "
+                    "[::1]:%d)" % (port, port))
         if not self.closed:
             self._connect_failed("could not connect to %s" % why)
 
@@ -10564,8 +10569,11 @@ def _api_args(command: str, positional: List[str], options: Dict[str, Any],
         action = flags.get(key)
         if action is None or key in _API_SKIPPED:
             known = sorted(k for k in flags if k not in _API_SKIPPED)
-            raise OptionError("%s() got an unexpected keyword argument %r (its options: %s)"
-                              % (caller, key, ", ".join(known)))
+            import difflib
+            near = difflib.get_close_matches(str(key), known, 1)
+            raise OptionError("%s() got an unexpected keyword argument %r (%sits options: %s)"
+                              % (caller, key, "did you mean %r? " % near[0] if near else "",
+                                 ", ".join(known)))
     if isinstance(options.get("config"), os.PathLike):
         options["config"] = os.fspath(options["config"])
     if options.get("config") is not None:     # config="FILE": the keywords override it
@@ -10625,7 +10633,7 @@ class Tunnel:
     """A tunnel kept up by ``expose``: a Client on a daemon thread.
 
     ``url`` (the public URL), ``name``, ``target`` (the local service's URL),
-    ``relay`` (where it connects), ``requests`` (the last API_KEEP_REQUESTS access-log
+    ``relay`` (where it connects), ``requests`` (the last 100 (API_KEEP_REQUESTS) access-log
     records, oldest first), ``connected`` (a session is up right now; it reconnects by
     itself), ``error`` (why it stopped for good, if it did), ``inspect_url`` (the
     request inspector's page with ``inspect=...``).  ``close()`` ends it and
@@ -10789,7 +10797,7 @@ def expose(target: Any, relay: Any = None, token: Optional[str] = None,
     ``inspect="127.0.0.1:0"`` (the request inspector on a free port:
     ``Tunnel.inspect_url``; True: the default address), and so on.
 
-    ``timeout``: seconds to wait for the tunnel (default API_TIMEOUT).
+    ``timeout``: seconds to wait for the tunnel (default 10, API_TIMEOUT).
     ``on_request(RequestLog)`` is called (on the tunnel's thread) for each request;
     ``output``: where the Forwarding and access-log lines go (``print``; default
     nowhere).
@@ -11141,8 +11149,9 @@ def build_parser(commands: Optional[Dict[str, "_Parser"]] = None) -> argparse.Ar
     expose = sub.add_parser("expose", parents=[common], help="share a local port",
                             description="Share a local port through a relay.", epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    expose.add_argument("target", metavar="TARGET", help="PORT (127.0.0.1:PORT), HOST:PORT "
-                        "or http://HOST:PORT")
+    expose.add_argument("target", metavar="TARGET", help="PORT (127.0.0.1:PORT, or [::1]:PORT "
+                        "when 127.0.0.1 refuses), HOST:PORT, http://HOST:PORT or "
+                        "https://HOST:PORT (TLS to the local service)")
     expose.add_argument("extra", nargs="?", default=None, help=argparse.SUPPRESS)
     expose.add_argument("--proxy", default=None, metavar="URL",
                         help="reach the relay through this proxy: http://[USER:PASS@]HOST:PORT "
@@ -11768,8 +11777,8 @@ def parse_target_url(text: str) -> Tuple[str, str, int]:
         raise UsageError("invalid TARGET: it takes no user name or password (expected PORT, "
                          "HOST:PORT or http(s)://HOST:PORT)")
     if lowered in TARGET_PROTOCOLS:
-        raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: expose "
-                         "5000")
+        raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: as in "
+                         "'expose 5000'")
     scheme, sep, rest = text.strip().partition("://")
     scheme = scheme.lower() if sep else "http"
     if sep:
@@ -11799,8 +11808,8 @@ def expose_config(args: argparse.Namespace) -> ClientConfig:
     --quiet and the visitor-access flags are translated here."""
     if args.extra is not None:
         if args.target.strip().lower() in TARGET_PROTOCOLS:
-            raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: use: "
-                             "expose %s" % args.extra)
+            raise UsageError("TARGET is the port (or HOST:PORT), not a protocol: as in "
+                             "'expose %s'" % args.extra)
         raise UsageError("unexpected argument %r after TARGET %r" % (args.extra, args.target))
     config = ClientConfig(**{name: getattr(args, name) for name in ClientConfig.fields()
                              if hasattr(args, name)})
