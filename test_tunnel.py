@@ -862,6 +862,42 @@ def tearDownModule():
 LOOPBACK_TARGETS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
+class SinkOrigin:
+    """An origin that reads every request and never answers (until the test ends)."""
+
+    def __init__(self, test):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        self.conns = []
+        run_in_thread(test, self.serve, self.stop, "sink-origin")
+
+    def serve(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.conns.append(conn)
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received += len(data)
+
+    def stop(self):
+        for s in [self.sock] + self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
 class _Gone(ConnectionError):
     """The peer closed before a whole message arrived."""
 
@@ -2903,6 +2939,23 @@ class WebSocketCodecTests(unittest.TestCase):
 
 
 class InspectCodecTest(unittest.TestCase):
+    def test_websocket_frames_counted_whole_and_byte_by_byte_and_capped(self):
+        frames = (b"\x81\x02hi" + b"\x01\x01a" + b"\x80\x01b" + b"\x89\x00"
+                  + b"\x82\x7e\x00\x80" + b"x" * 128 + b"\x81\x81\x01\x02\x03\x04z")
+        for pieces in ([frames], [frames[i:i + 1] for i in range(len(frames))],
+                       [frames[:3], frames[3:9], frames[9:]]):
+            counter = tunnel.WSFrameCounter(True)
+            for piece in pieces:
+                counter.feed(piece)
+            self.assertEqual((counter.frames, counter.messages, counter.bytes, counter.capped),
+                             (6, 4, len(frames), False))
+        flood = tunnel.WSFrameCounter(True)
+        flood.feed(b"\x81\x00" * (tunnel.INSPECT_MAX_WS_FRAMES + 1000))
+        flood.feed(b"\x81\x00" * 1000)
+        self.assertEqual((flood.frames, flood.capped), (tunnel.INSPECT_MAX_WS_FRAMES, True))
+        self.assertEqual(flood.bytes, 2 * (tunnel.INSPECT_MAX_WS_FRAMES + 2000))
+
+
     """The inspector's pure pieces: the chunked-body decoder, the WebSocket frame
     counter, --inspect ADDR and the replayed request's bytes."""
 
@@ -5874,6 +5927,29 @@ class SourceLimitsTest(EndToEndBase):
         self.assertIn(b"This is a tunnel.py relay", reply)
 
 
+class PipelineLimitTest(EndToEndBase):
+    CLIENT = None
+
+    def test_reading_pauses_while_too_many_requests_await_answers(self):
+        """A visitor pipelining requests at an origin that does not answer: the relay
+        stops reading it past MAX_PIPELINED (what one read held is still sent on)."""
+        sink = SinkOrigin(self)
+        self.start_client("slow", target_port=sink.port)
+        one = b"GET /a HTTP/1.1\r\nHost: slow.localhost\r\n\r\n"
+        s = self.raw(one * (tunnel.MAX_PIPELINED + 10))
+
+        def inflight():
+            return self.relay.loop.run_in_loop(lambda: max(
+                [len(c.inflight) for c in self.relay.loop.conns
+                 if isinstance(c, tunnel.VisitorConn)] or [0]))
+        wait_until(lambda: inflight() >= tunnel.MAX_PIPELINED, what="the first read")
+        first = inflight()
+        s.sendall(one * 500)                    # in the relay's socket buffer now
+        for _ in range(5):                      # loop turns with the data readable
+            self.relay.loop.run_in_loop(lambda: None)
+        self.assertEqual(inflight(), first)
+
+
 class HTTPAbuseTest(EndToEndBase):
     """HTTP-layer abuse end to end, through a real relay and client: smuggling (the unit
     tests are RequestSmugglingTest), forwarding fields, codings, escaping."""
@@ -8629,6 +8705,12 @@ class LoopbackFallbackTest(EndToEndBase):
         self.assertFalse([m for m in self.capture.messages(logging.WARNING) if "[::1]" in m])
 
     def test_explicit_host_gets_no_fallback(self):
+        four = socket.socket()                  # bound, not listening: 127.0.0.1 refuses
+        self.addCleanup(four.close)             # (and no other test's server holds it)
+        try:
+            four.bind(("127.0.0.1", self.port6))
+        except OSError:
+            self.skipTest("port %d is taken on 127.0.0.1" % self.port6)
         self.start_client("four", target_port=self.port6)      # 127.0.0.1:PORT, as given
         status, body, _ = self.get("/hello", host="four.localhost")
         self.assertEqual(status, 502)
@@ -8780,6 +8862,31 @@ class InspectorClient:
             return status == 200 and data["state"] != "pending"
         wait_until(done, what="entry %d settled" % entry_id)
         return box[0]
+
+
+class InspectorLimitsTest(InspectorClient, EndToEndBase):
+    """What a visitor can make the inspector hold or do is bounded."""
+
+    def test_requests_that_get_no_answer_stop_the_capture_not_the_tunnel(self):
+        sink = SinkOrigin(self)
+        client, _ = self.start_client("sink", target_port=sink.port)
+        one = b"GET /a HTTP/1.1\r\nHost: sink.localhost\r\n\r\n"
+        count = tunnel.INSPECT_MAX_WAITING + 50
+        self.raw(one * count)
+        wait_until(lambda: sink.received >= len(one) * count, what="all forwarded")
+        status, data, _ = self.api("/api/requests?limit=1", client=client)
+        self.assertEqual(status, 200)
+        newest = data["requests"][0] if isinstance(data, dict) else data[0]
+        detail = self.settled(newest["id"], client=client)
+        self.assertIn("more than %d requests waiting" % tunnel.INSPECT_MAX_WAITING,
+                      json.dumps(detail))
+
+    def test_a_replay_body_that_is_not_utf8_is_a_400(self):
+        self.assertEqual(self.get("/hello")[0], 200)
+        self.settled(1)
+        status, data, _ = self.api("/api/requests/1/replay", "POST", b'{"body": "\\ud800"}',
+                                   {"Content-Type": "application/json"})
+        self.assertEqual(status, 400, data)
 
 
 class InspectorTest(InspectorClient, EndToEndBase):

@@ -539,6 +539,8 @@ ACCEPT_PAUSE = 0.5                      # out of descriptors (EMFILE...): stop a
 
 # -- caps (over a cap: 503 for visitors, a refusal for clients) -----------------
 MAX_VISITORS = 10000                    # visitor connections on the relay
+MAX_PIPELINED = 100                     # requests of one visitor connection awaiting their
+#                                         responses; more: its reading pauses until one ends
 MAX_VISITORS_PER_TUNNEL = 2000          # visitor connections bound to one tunnel
 MAX_STREAMS = 2000                      # open streams in one session
 MAX_UNAUTHENTICATED = 64                # control connections still in the handshake
@@ -629,6 +631,7 @@ CONFIG_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,   # a flag 
                    "false": False, "no": False, "off": False, "0": False}   # value, in a file
 CONFIG_SECRET_MODE = 0o077              # a file with a secret in it readable beyond its owner
 CONFIG_WRITABLE_MODE = 0o022            # a config file others may change: warned about too
+CONFIG_FOREIGN = 0o1000000              # (not a mode bit: marks a file of another user)
 
 # -- the client's console (the access log) ------------------------------------
 SUMMARY_RATE = 20                       # more lines than this in one second: one summary
@@ -760,6 +763,10 @@ INSPECT_POLL_MS = 1000                  # the page asks for the list this often 
 INSPECT_HEX_PREVIEW = 2048              # bytes of a binary body the page shows as hex
 INSPECT_JSON_CONTAINERS = 256           # '[' and '{' in a replay's JSON (no deep nesting)
 INSPECT_REASONS = {409: "Conflict", 415: "Unsupported Media Type"}   # (not in HTTP_REASONS)
+INSPECT_MAX_WS_FRAMES = 100000          # WebSocket frames counted each way, then bytes only
+#                                         (counting a flood of 2-byte frames is the cost)
+INSPECT_MAX_WAITING = 1000              # captured requests awaiting their responses on one
+#                                         connection; more: its capture stops
 
 # =============================================================================
 # Errors
@@ -6543,7 +6550,8 @@ class VisitorConn(Pipe):
 
     def wants_read(self) -> bool:
         if not self.upgraded and (self.deferred is not None or self.last_request
-                                  or self.requests.awaiting_upgrade or self.held is not None):
+                                  or self.requests.awaiting_upgrade or self.held is not None
+                                  or len(self.inflight) >= MAX_PIPELINED):
             return False
         return super().wants_read()
 
@@ -6944,6 +6952,8 @@ class VisitorConn(Pipe):
         if not self.inflight:
             return
         ex = self.inflight.popleft()
+        if len(self.inflight) + 1 == MAX_PIPELINED:
+            self.update()               # below the cap again: read the visitor on
         now = time.monotonic()
         tunnel = self.tunnel
         if tunnel is not None:
@@ -9376,13 +9386,14 @@ class WSFrameCounter:
     frames and messages (a data frame with FIN ends one), read from the frame headers
     alone (payloads are skipped by their length, never unmasked)."""
 
-    __slots__ = ("websocket", "bytes", "frames", "messages", "_head", "_skip")
+    __slots__ = ("websocket", "bytes", "frames", "messages", "capped", "_head", "_skip")
 
     def __init__(self, websocket: bool) -> None:
         self.websocket = websocket
         self.bytes = 0
         self.frames = 0
         self.messages = 0
+        self.capped = False     # INSPECT_MAX_WS_FRAMES counted: bytes only from then on
         self._head = bytearray()
         self._skip = 0
 
@@ -9399,7 +9410,25 @@ class WSFrameCounter:
                 self._skip -= n
                 pos += n
                 continue
-            while pos < end:                    # at most 14 bytes a frame
+            if self.frames >= INSPECT_MAX_WS_FRAMES:   # a flood of tiny frames costs the
+                self.websocket, self.capped = False, True   # loop every visitor shares
+                return
+            if not head and end - pos >= 2:     # a whole header in this read: at once
+                first, second = mv[pos], mv[pos + 1]
+                size = self._head_size(second)
+                if end - pos >= size:
+                    length = second & WS_LENGTH_BITS
+                    if length == WS_LENGTH_16:
+                        length = WS_U16.unpack_from(mv, pos + 2)[0]
+                    elif length == WS_LENGTH_64:
+                        length = WS_U64.unpack_from(mv, pos + 2)[0]
+                    pos += size
+                    self.frames += 1
+                    if first & WS_FIN and first & WS_OPCODE_BITS < WS_CONTROL:
+                        self.messages += 1
+                    self._skip = length
+                    continue
+            while pos < end:                    # a header cut by the read: byte by byte
                 head.append(mv[pos])
                 pos += 1
                 if len(head) >= 2 and len(head) == self._head_size(head[1]):
@@ -9507,6 +9536,7 @@ class InspectEntry:
             if self.websocket:
                 info["messages"] = {"in": up.messages, "out": down.messages}
                 info["frames"] = {"in": up.frames, "out": down.frames}
+                info["counted_all"] = not (up.capped or down.capped)
         return info
 
     def detail(self) -> Dict[str, Any]:
@@ -9624,6 +9654,8 @@ class InspectCapture:
             entry.request_size = length
         self.waiting.append(entry)
         self.responses.methods.append(method)
+        if len(self.waiting) > INSPECT_MAX_WAITING:
+            self._stop("more than %d requests waiting for responses" % INSPECT_MAX_WAITING)
         return True
 
     def _request_events(self, events: List[Tuple[str, Any]]) -> None:
@@ -9643,6 +9675,10 @@ class InspectCapture:
                     value.method, value.target, value.raw, value.upgrade, self.replay_of)
                 entry.request_body = bytearray()
                 self.waiting.append(entry)
+                if len(self.waiting) > INSPECT_MAX_WAITING:
+                    self._stop("more than %d requests waiting for responses"
+                               % INSPECT_MAX_WAITING)
+                    return
                 self.responses.expect(value.method)
                 self._request_chunks = (ChunkDecoder(entry.request_body)
                                         if value.body == "chunked" else None)
@@ -9851,7 +9887,10 @@ def replay_request(entry: InspectEntry, edits: Dict[str, Any]) -> bytes:
     if "body" in edits:
         if not isinstance(edits["body"], str):
             raise HTTPError(400, "body: a string (or body_base64)")
-        body = edits["body"].encode("utf-8")
+        try:
+            body = edits["body"].encode("utf-8")
+        except UnicodeEncodeError:                  # a lone surrogate ("\ud800")
+            raise HTTPError(400, "body: not encodable as UTF-8") from None
     elif "body_base64" in edits:
         text = edits["body_base64"]
         body = _unb64(text) if isinstance(text, str) else b""
@@ -11364,7 +11403,11 @@ class ConfigFile:
                 if (name.endswith("token") or name == "basic_auth"
                         or name == "proxy" and "@" in value) and key not in secrets_seen:
                     secrets_seen.append(key)
-        if os.name == "posix" and mode & CONFIG_WRITABLE_MODE:
+        if os.name == "posix" and mode & CONFIG_FOREIGN:
+            self.warnings.append("config %s belongs to another user, who can change what "
+                                 "this tool does (its relay, tokens, files): use a file of "
+                                 "your own" % path)
+        elif os.name == "posix" and mode & CONFIG_WRITABLE_MODE:
             self.warnings.append("config %s can be changed by others (mode %03o): chmod "
                                  "go-w %s" % (path, mode & 0o777, path))
         elif secrets_seen and os.name == "posix" and mode & CONFIG_SECRET_MODE:
@@ -11378,7 +11421,12 @@ class ConfigFile:
     def _read(self) -> Tuple[str, int]:
         try:
             with open(self.path, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
+                st = os.fstat(f.fileno())
+                mode = st.st_mode
+                import stat
+                if (os.name == "posix" and st.st_uid not in (0, os.getuid())
+                        and stat.S_ISREG(mode)):    # as ssh: another user's file
+                    mode |= CONFIG_FOREIGN          # steers this tool
                 data = f.read(CONFIG_MAX_SIZE + 1)    # bounded: --config /dev/zero ends
         except OSError as exc:
             raise self.error("cannot read it: %s" % describe_oserror(exc)) from None
