@@ -6351,6 +6351,23 @@ class ConsoleSummaryTest(EndToEndBase):
         wait_until(lambda: self.LINE.match(self.lines[-1]), what="a request line again")
 
 
+class ConsoleBatchTest(ConsoleSummaryTest):
+    """Pipelined requests end in the same loop turns: their records come in LOG batches,
+    counted without a line each while the console summarizes."""
+
+    def test_a_burst_is_summarized_and_every_request_counted(self):
+        summary = self.client.console.summary
+        summary.rate, summary.calm = 5, 2
+        s = self.raw(b"GET /hello HTTP/1.1\r\nHost: demo.localhost\r\n\r\n" * 200)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 200:
+            chunk = s.recv(65536)
+            self.assertTrue(chunk, data[-200:])
+            data += chunk
+        wait_until(lambda: self.counted() == 200, what="all requests on the console")
+        self.assertLess(len(self.lines), 50)
+
+
 class UpgradeLogTest(EndToEndBase):
     """An upgraded connection (101: WebSocket) is one access-log line, at its end: its
     duration and the bytes each way after the upgrade."""

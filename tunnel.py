@@ -3602,6 +3602,16 @@ class SessionDelegate:
 
     def on_access_log(self, session: "Session", record: Dict[str, Any]) -> None: ...
 
+    def on_access_batch(self, session: "Session",
+                        records: List[Tuple[int, int, int, bytes]]) -> None:
+        """A FLAG_LOG_BATCH frame's records as (status, us, bytes, "METHOD target"):
+        each as on_access_log has it, unless the delegate has a cheaper way."""
+        for status, micros, nbytes, text in records:
+            method, _, target = text.decode("utf-8", "replace").partition(" ")
+            self.on_access_log(session, {"method": method, "target": target,
+                                         "status": status, "duration": micros / 1e6,
+                                         "bytes": nbytes})
+
 
 class Side(SessionDelegate):
     """What the relay and the client share: one EventLoop they run until stopped, and a
@@ -3993,7 +4003,7 @@ class Session(Conn):
     def _on_log_batch(self, payload: bytes) -> None:
         """A FLAG_LOG_BATCH frame's records, in order."""
         pos, end, size = 0, len(payload), LOG_BATCH_RECORD.size
-        unpack, delegate = LOG_BATCH_RECORD.unpack_from, self.delegate
+        unpack, records = LOG_BATCH_RECORD.unpack_from, []
         while pos < end:
             if end - pos < size:
                 raise ProtocolError("LOG batch cut inside a record")
@@ -4001,10 +4011,9 @@ class Session(Conn):
             pos += size
             if n > end - pos:
                 raise ProtocolError("LOG batch record longer than the frame")
-            method, _, target = payload[pos:pos + n].decode("utf-8", "replace").partition(" ")
+            records.append((status, micros, nbytes, payload[pos:pos + n]))
             pos += n
-            delegate.on_access_log(self, {"method": method, "target": target, "status": status,
-                                          "duration": micros / 1e6, "bytes": nbytes})
+        self.delegate.on_access_batch(self, records)
 
     def _handshake_step(self, frame: Any) -> None:
         reply = self.handshake.receive(frame)
@@ -9274,6 +9283,15 @@ class Client(Side):
         if self.config.access_log:
             self.console.record(record)
 
+    def on_access_batch(self, session: Session,
+                        records: List[Tuple[int, int, int, bytes]]) -> None:
+        """While the console is summarizing and no API callback wants records, a
+        record is a count: no dict, no text decoded."""
+        if self.on_record is None and self.config.access_log:
+            records = self.console.count(records)
+        if records:
+            SessionDelegate.on_access_batch(self, session, records)
+
     def stats(self) -> Dict[str, int]:
         session = self.session
         return {"streams": len(session.streams) if session else 0, "targets": len(self.targets)}
@@ -11701,12 +11719,16 @@ class AccessSummary:
         durations = self.durations
         if len(durations) < self.samples:
             durations.append(record["duration"])
-        else:                           # a flood: keep a uniform sample of the second's
-            self.timed += 1
-            at = random.randrange(self.samples + self.timed)
-            if at < self.samples:
-                durations[at] = record["duration"]
+        else:
+            self.sample(record["duration"])
         return lines
+
+    def sample(self, duration: float) -> None:
+        """A flood: keep a uniform sample of the second's durations (reservoir)."""
+        self.timed += 1
+        at = random.randrange(self.samples + self.timed)
+        if at < self.samples:
+            self.durations[at] = duration
 
     def tick(self, now: float) -> List[str]:
         return [] if self.second <= now < self.ends else self._roll(int(now))
@@ -11770,6 +11792,29 @@ class AccessConsole:
             self.output(line)
         if summary.busy and self.timer is None:
             self._arm()
+
+    def count(self, records: List[Tuple[int, int, int, bytes]]
+              ) -> List[Tuple[int, int, int, bytes]]:
+        """The records (status, us, bytes, text) the summary takes as counts (it is busy
+        in the current second); the rest, for ``record``."""
+        summary = self.summary
+        now = self.clock()
+        if not (summary.busy and summary.second <= now < summary.ends):
+            return records
+        summary.count += len(records)
+        statuses, durations = summary.statuses, summary.durations
+        room = summary.samples - len(durations)
+        for status, micros, _, _ in records:
+            if status in statuses:
+                statuses[status] += 1
+            else:
+                statuses[status] = 1
+            if room > 0:
+                durations.append(micros / 1e6)
+                room -= 1
+            else:
+                summary.sample(micros / 1e6)
+        return []
 
     def _arm(self) -> None:
         delay = self.summary.ends - self.clock() + SUMMARY_TICK_SLACK
