@@ -3333,6 +3333,8 @@ class ConfigValidationTest(unittest.TestCase):
              dict(inspect="localhost:http")),
         ]
         expose = functools.partial(tunnel.expose, token=TOKEN)
+        cases.append((["expose", "5000", "--token", TOKEN, "--inspect-keep", "3"],
+                      functools.partial(expose, 5000), dict(inspect_keep=3)))
         for target in ("local host:5000", "a\nForwarding http://evil:5000", "a\x00b:5000",
                        "h\u00e9llo:5000", "a" * 64 + ".example:5000", "\u0665\u0660\u0660\u0660",
                        "localhost:\u0665\u0660", "http://a b:80"):
@@ -7171,6 +7173,12 @@ class AccessLogJSONTest(AccessLogBase):
         self.assertEqual((missing["tunnel"], missing["status"], missing["user_agent"]),
                          (None, 404, None))
         self.assertEqual((bad["method"], bad["target"], bad["status"]), (None, None, 400))
+
+    def test_a_utf8_user_agent_is_shown_as_its_characters(self):
+        s = self.raw("GET /hello HTTP/1.1\r\nHost: demo.localhost\r\nUser-Agent: caf\u00e9 "
+                     "\u2603\r\nConnection: close\r\n\r\n".encode("utf-8"))
+        self.assertTrue(closed_by_peer(s).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(json.loads(self.log_lines(1)[0])["user_agent"], "caf\u00e9 \u2603")
 
 
 class AccessLogOutputTest(unittest.TestCase):

@@ -7929,6 +7929,11 @@ class AccessLog:
         version, agent, referer = details or ((1, 1), None, None)
         shown = logged_target(target) if target is not None else None
         if self.json:
+            if agent is not None and not agent.isascii():   # heads are read as latin-1:
+                try:                                        # the bytes were UTF-8, mostly
+                    agent = agent.encode("latin-1").decode("utf-8")
+                except UnicodeError:
+                    pass
             line = json.dumps({
                 "time": "%s.%03dZ" % (self._clock[2], int(now * 1000) % 1000),
                 "tunnel": tunnel, "peer": peer, "method": method, "target": shown,
@@ -8564,6 +8569,14 @@ class ClientConfig(Settings):
                 or not 1 <= self.inspect_keep <= INSPECT_KEEP_MAX):
             raise UsageError("--inspect-keep must be 1 to %d, not %r"
                              % (INSPECT_KEEP_MAX, self.inspect_keep))
+        if self.inspect is None and self.inspect_keep != INSPECT_KEEP:
+            raise UsageError("--inspect-keep needs --inspect")
+        if (self.host_header and self.host_header != HOST_HEADER_REWRITE
+                and HOST_HEADER_REWRITE.startswith(self.host_header.lower()[:4])
+                and ":" not in self.host_header and "." not in self.host_header):
+            log.warning("--host-header %r is sent as the Host itself; for the local "
+                        "service's own HOST:PORT say --host-header rewrite",
+                        self.host_header)
         return self
 
 
