@@ -4306,10 +4306,10 @@ class SessionPairTest(unittest.TestCase):
         at = len(self.relay.out)                # the upgraded end went out at once
         self.assertGreater(at, sent)
         self.relay._emit_logs()                 # what the next flush does first
-        batch = (struct.pack("!HIQH", 200, 1500, 1234, len(text)) + text
-                 + struct.pack("!HIQH", 404, 2000, 10, 7) + b"HEAD /x"
+        batch = (struct.pack("!H", 3) + struct.pack("!HIQH", 200, 1500, 1234, len(text))
+                 + struct.pack("!HIQH", 404, 2000, 10, 7)
                  + struct.pack("!HIQH", 502, 2 ** 32 - 1, 2 ** 64 - 1, tunnel.MAX_CHUNK_LINE)
-                 + b"POST /" + b"x" * (tunnel.MAX_CHUNK_LINE - 6))
+                 + text + b"HEAD /x" + b"POST /" + b"x" * (tunnel.MAX_CHUNK_LINE - 6))
         self.assertEqual(bytes(self.relay.out[at:]),
                          struct.pack("!BBII", 13, 8, 0, len(batch)) + batch)
         self.relay.flush()
@@ -4318,8 +4318,9 @@ class SessionPairTest(unittest.TestCase):
         self.assertEqual(records[1], {"method": "GET", "target": "/caf\u00e9?a=1",
                                       "status": 200, "duration": 0.0015, "bytes": 1234})
         self.assertEqual(len(records[3]["target"]), tunnel.MAX_CHUNK_LINE - len("POST "))
-        for bad in (struct.pack("!HIQ", 200, 1, 1),                    # cut in a record
-                    struct.pack("!HIQH", 200, 1, 1, 9) + b"GET /"):     # text cut short
+        for bad in (b"\x00", struct.pack("!H", 1) + struct.pack("!HIQ", 200, 1, 1),
+                    struct.pack("!HHIQH", 1, 200, 1, 1, 9) + b"GET /",     # text cut short
+                    struct.pack("!HHIQH", 1, 200, 1, 1, 2) + b"GET /"):    # ... or longer
             with self.subTest(bad=bad), self.assertRaises(tunnel.ProtocolError):
                 self.client._on_log_batch(bad)
 

@@ -197,10 +197,11 @@ Frames (after the preamble, everything on the control socket is a frame)::
                        in after the u64 bytes out;   clients that asked: "log_upgrades");
                        flag WEBSOCKET=4              status 101, duration and bytes from
                                                      the request to the close
-                       flag BATCH=8 (id 0): records  the requests of one loop turn in one
-                       of u16 status, u32 us, u64    frame (to clients that asked:
-                       bytes, u16 n, n bytes of      "log_batch"); an upgraded end keeps
-                       "METHOD target"               its own frame
+                       flag BATCH=8 (id 0): u16 k,   the requests of one loop turn in one
+                       k records of u16 status, u32  frame (to clients that asked:
+                       us, u64 bytes, u16 n; then    "log_batch"); an upgraded end keeps
+                       the k texts ("METHOD target",  its own frame
+                       n bytes each), in order
 
 Streams are opened only by the relay, with increasing ids.  A frame for a
 stream id that was never opened, an unknown type, an over-long frame or a
@@ -342,6 +343,7 @@ import hmac
 import itertools
 import json
 import logging
+import operator
 import random
 import re
 import secrets
@@ -387,11 +389,14 @@ FLAG_ACK = 0x01                         # PING: this is the answer
 FLAG_LOG_UPGRADED = 0x02                # LOG: an upgraded connection (101) ended; a u64
 #                                         of the bytes from the visitor follows LOG_RECORD
 FLAG_LOG_WEBSOCKET = 0x04               # LOG: ... and it was a WebSocket
-FLAG_LOG_BATCH = 0x08                   # LOG: records of LOG_BATCH_RECORD + text, one
-#                                         loop turn's requests (a frame each cost a decode,
-#                                         a dispatch and a send: the access log's share)
+FLAG_LOG_BATCH = 0x08                   # LOG: a u16 count, that many LOG_BATCH_RECORDs, then
+#                                         their texts: one loop turn's requests (a frame
+#                                         each cost a decode, a dispatch and a send; the
+#                                         fixed part first: struct.iter_unpack reads it)
 LOG_BATCH_RECORD = struct.Struct("!HIQH")   # status, duration in us, bytes, text length
+LOG_BATCH_COUNT = struct.Struct("!H")   # records in a batch
 LOG_BATCH_LIMIT = 64 * 1024             # a batch's payload: past this, the next frame
+LOG_BATCH_MAX = 2 ** 16 - 1             # ... or past this many records
 
 
 class FrameType(enum.IntEnum):
@@ -1119,6 +1124,9 @@ class Throttle:
         log.log(level, fmt, *args, exc_info=exc_info)
         self.suppressed = 0
         self.next_at = now + self.interval
+
+
+_FIRST, _SECOND, _FOURTH = (operator.itemgetter(i) for i in (0, 1, 3))   # (C-speed maps)
 
 
 def escape_unprintable(text: str) -> str:
@@ -3602,12 +3610,14 @@ class SessionDelegate:
 
     def on_access_log(self, session: "Session", record: Dict[str, Any]) -> None: ...
 
-    def on_access_batch(self, session: "Session",
-                        records: List[Tuple[int, int, int, bytes]]) -> None:
-        """A FLAG_LOG_BATCH frame's records as (status, us, bytes, "METHOD target"):
-        each as on_access_log has it, unless the delegate has a cheaper way."""
-        for status, micros, nbytes, text in records:
-            method, _, target = text.decode("utf-8", "replace").partition(" ")
+    def on_access_batch(self, session: "Session", records: List[Tuple[int, int, int, int]],
+                        payload: bytes, at: int) -> None:
+        """A FLAG_LOG_BATCH frame's records as (status, us, bytes, text length), their
+        texts ("METHOD target") one after another in ``payload`` from ``at``: each as
+        on_access_log has it, unless the delegate has a cheaper way."""
+        for status, micros, nbytes, n in records:
+            method, _, target = payload[at:at + n].decode("utf-8", "replace").partition(" ")
+            at += n
             self.on_access_log(session, {"method": method, "target": target,
                                          "status": status, "duration": micros / 1e6,
                                          "bytes": nbytes})
@@ -3704,7 +3714,9 @@ class Session(Conn):
         self.close_reason: Optional[str] = None
         self._close_error: Optional[BaseException] = None   # what close() was given
         self.log_batch = False          # relay: LOG records go in FLAG_LOG_BATCH frames
-        self._logs = bytearray()        # ... this loop turn's, sent with the next flush
+        self._logs = bytearray()        # ... this loop turn's records, sent with the next
+        self._log_texts = bytearray()   # flush, and their texts
+        self._log_count = 0
         self._close_when_flushed: Optional[str] = None
         self._hold = False               # output held back (a delayed refusal)
         self._congested = False
@@ -3784,10 +3796,15 @@ class Session(Conn):
 
     def _emit_logs(self) -> None:
         """This turn's LOG records as one FLAG_LOG_BATCH frame, after its DATA."""
-        logs, out = self._logs, self.out     # (a flush is scheduled: the first record's)
-        out += FRAME_HEADER.pack(LOG_TYPE, FLAG_LOG_BATCH, 0, len(logs))
+        logs, texts, out = self._logs, self._log_texts, self.out   # (a flush is scheduled:
+        out += FRAME_HEADER.pack(LOG_TYPE, FLAG_LOG_BATCH, 0,        # the first record's)
+                                 LOG_BATCH_COUNT.size + len(logs) + len(texts))
+        out += LOG_BATCH_COUNT.pack(self._log_count)
         out += logs
+        out += texts
         logs.clear()
+        texts.clear()
+        self._log_count = 0
         if not self._congested and len(out) >= SESSION_HIGH_WATER:
             self._congested = True
 
@@ -4002,18 +4019,17 @@ class Session(Conn):
 
     def _on_log_batch(self, payload: bytes) -> None:
         """A FLAG_LOG_BATCH frame's records, in order."""
-        pos, end, size = 0, len(payload), LOG_BATCH_RECORD.size
-        unpack, records = LOG_BATCH_RECORD.unpack_from, []
-        while pos < end:
-            if end - pos < size:
-                raise ProtocolError("LOG batch cut inside a record")
-            status, micros, nbytes, n = unpack(payload, pos)
-            pos += size
-            if n > end - pos:
-                raise ProtocolError("LOG batch record longer than the frame")
-            records.append((status, micros, nbytes, payload[pos:pos + n]))
-            pos += n
-        self.delegate.on_access_batch(self, records)
+        if len(payload) < LOG_BATCH_COUNT.size:
+            raise ProtocolError("LOG batch without its count")
+        count = LOG_BATCH_COUNT.unpack_from(payload)[0]
+        heads = LOG_BATCH_COUNT.size + count * LOG_BATCH_RECORD.size
+        if heads > len(payload):
+            raise ProtocolError("LOG batch of %d records in %d bytes" % (count, len(payload)))
+        with memoryview(payload) as view:
+            records = list(LOG_BATCH_RECORD.iter_unpack(view[LOG_BATCH_COUNT.size:heads]))
+        if sum(map(_FOURTH, records)) != len(payload) - heads:
+            raise ProtocolError("LOG batch texts of the wrong length")
+        self.delegate.on_access_batch(self, records, payload, heads)
 
     def _handshake_step(self, frame: Any) -> None:
         reply = self.handshake.receive(frame)
@@ -4112,13 +4128,14 @@ class Session(Conn):
         if micros > 2 ** 32 - 1:
             micros = 2 ** 32 - 1
         if bytes_in is None and self.log_batch:      # the client takes batches
-            logs = self._logs
+            logs, texts = self._logs, self._log_texts
             if not logs:
                 self.loop.schedule_flush(self)      # flush() puts them in one frame
             logs += LOG_BATCH_RECORD.pack(status, micros, nbytes if nbytes < 2 ** 64
                                           else 2 ** 64 - 1, len(text))
-            logs += text
-            if len(logs) >= LOG_BATCH_LIMIT:
+            texts += text
+            self._log_count += 1
+            if len(logs) + len(texts) >= LOG_BATCH_LIMIT or self._log_count == LOG_BATCH_MAX:
                 self._emit_logs()
             return
         if bytes_in is None:            # a request (once each: no min(), no extra pack)
@@ -9296,14 +9313,13 @@ class Client(Side):
         if self.config.access_log:
             self.console.record(record)
 
-    def on_access_batch(self, session: Session,
-                        records: List[Tuple[int, int, int, bytes]]) -> None:
+    def on_access_batch(self, session: Session, records: List[Tuple[int, int, int, int]],
+                        payload: bytes, at: int) -> None:
         """While the console is summarizing and no API callback wants records, a
         record is a count: no dict, no text decoded."""
-        if self.on_record is None and self.config.access_log:
-            records = self.console.count(records)
-        if records:
-            SessionDelegate.on_access_batch(self, session, records)
+        if self.on_record is None and self.config.access_log and self.console.count(records):
+            return
+        SessionDelegate.on_access_batch(self, session, records, payload, at)
 
     def stats(self) -> Dict[str, int]:
         session = self.session
@@ -11709,7 +11725,7 @@ class AccessSummary:
         self.clock = ""                      # ... as HH:MM:SS (strftime once a second)
         self.count = 0                       # requests in it
         self.statuses: Dict[int, int] = {}   # summarized requests in it, by status
-        self.durations: List[float] = []     # ... their durations (not upgraded ones')
+        self.durations: List[float] = []     # ... their durations in us (not upgraded ones')
         self.timed = 0                       # ... how many more there were
 
     def feed(self, record: Dict[str, Any], now: float) -> List[str]:
@@ -11731,13 +11747,13 @@ class AccessSummary:
             return lines                # a WebSocket's life is no response time
         durations = self.durations
         if len(durations) < self.samples:
-            durations.append(record["duration"])
+            durations.append(record["duration"] * 1e6)
         else:
-            self.sample(record["duration"])
+            self.sample(record["duration"] * 1e6)
         return lines
 
     def sample(self, duration: float) -> None:
-        """A flood: keep a uniform sample of the second's durations (reservoir)."""
+        """A flood: keep a uniform sample of the second's durations (us; reservoir)."""
         self.timed += 1
         at = random.randrange(self.samples + self.timed)
         if at < self.samples:
@@ -11782,7 +11798,7 @@ class AccessSummary:
         durations = sorted(self.durations)
         for percent in SUMMARY_PERCENTILES if durations else ():
             rank = max(1, -(-percent * len(durations) // 100))     # nearest rank
-            parts.append("p%d %.1fms" % (percent, durations[rank - 1] * 1000.0))
+            parts.append("p%d %.1fms" % (percent, durations[rank - 1] / 1000.0))
         return "  ".join(parts)
 
 
@@ -11806,28 +11822,25 @@ class AccessConsole:
         if summary.busy and self.timer is None:
             self._arm()
 
-    def count(self, records: List[Tuple[int, int, int, bytes]]
-              ) -> List[Tuple[int, int, int, bytes]]:
-        """The records (status, us, bytes, text) the summary takes as counts (it is busy
-        in the current second); the rest, for ``record``."""
+    def count(self, records: List[Tuple[int, int, int, int]]) -> bool:
+        """Take a batch's records (status, us, bytes, text length) as counts if the
+        summary is busy in the current second (True); else False: they are for
+        ``record``, one by one."""
         summary = self.summary
         now = self.clock()
         if not (summary.busy and summary.second <= now < summary.ends):
-            return records
+            return False
         summary.count += len(records)
         statuses, durations = summary.statuses, summary.durations
+        for status, n in collections.Counter(map(_FIRST, records)).items():
+            statuses[status] = statuses.get(status, 0) + n
         room = summary.samples - len(durations)
-        for status, micros, _, _ in records:
-            if status in statuses:
-                statuses[status] += 1
-            else:
-                statuses[status] = 1
-            if room > 0:
-                durations.append(micros / 1e6)
-                room -= 1
-            else:
-                summary.sample(micros / 1e6)
-        return []
+        if len(records) <= room:
+            durations.extend(map(_SECOND, records))     # (microseconds: see AccessSummary)
+        else:
+            for _, micros, _, _ in records:
+                summary.sample(micros)
+        return True
 
     def _arm(self) -> None:
         delay = self.summary.ends - self.clock() + SUMMARY_TICK_SLACK
