@@ -635,6 +635,18 @@ class RogueClient:
                 if reply:
                     s.sendall(reply)
         self.sock = s
+        self.test = test
+
+    def next_frame(self, ftype):
+        """The next frame of type ``ftype`` from the relay (others are skipped)."""
+        while True:
+            while self.frames:
+                frame = self.frames.pop(0)
+                if frame.type == ftype:
+                    return frame
+            chunk = self.sock.recv(65536)
+            self.test.assertTrue(chunk, "the relay closed the session")
+            self.frames.extend(self.decoder.feed(chunk))
 
 
 def stalled_visitors(test, relay, n, host=b"rogue.localhost"):
@@ -6437,17 +6449,7 @@ class UpgradeLogTest(EndToEndBase):
         """A client that did not ask ("log_upgrades") gets the LOG record as before."""
         rogue = RogueClient(self, self.relay, "old")
         s = self.raw(ws_upgrade("old.localhost", "/ws?x=1"))
-        frames = list(rogue.frames)
-
-        def next_frame(ftype):
-            while True:
-                while frames:
-                    frame = frames.pop(0)
-                    if frame.type == ftype:
-                        return frame
-                chunk = rogue.sock.recv(65536)
-                self.assertTrue(chunk, "the relay closed the session")
-                frames.extend(rogue.decoder.feed(chunk))
+        next_frame = rogue.next_frame
         opened = next_frame(FrameType.OPEN)
         head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\n\r\n")
@@ -6555,17 +6557,7 @@ class ErrorLogTest(EndToEndBase):
         rogue = RogueClient(self, self.relay, name)
         s = self.raw(b"GET /rogue?key=k HTTP/1.1\r\nHost: %s.localhost\r\n\r\n"
                      % name.encode())
-        frames = list(rogue.frames)
-
-        def next_frame(ftype):
-            while True:
-                while frames:
-                    frame = frames.pop(0)
-                    if frame.type == ftype:
-                        return frame
-                chunk = rogue.sock.recv(65536)
-                self.assertTrue(chunk, "the relay closed the session")
-                frames.extend(rogue.decoder.feed(chunk))
+        next_frame = rogue.next_frame
         opened = next_frame(FrameType.OPEN)
         rogue.sock.sendall(tunnel.encode_frame(frame_type, opened.stream_id, payload))
         answer = closed_by_peer(s)

@@ -2402,6 +2402,20 @@ class Conn:
     def on_write(self) -> None:
         pass
 
+    def read_scratch(self) -> Optional[memoryview]:
+        """One recv into the loop's scratch buffer: a view of what came (valid until the
+        next read), or None when nothing was ready or the peer is gone (then closed)."""
+        try:
+            n = self.sock.recv_into(self.loop.scratch)
+        except WOULD_BLOCK:
+            return None
+        except OSError:
+            n = 0
+        if not n:
+            self.close_socket()
+            return None
+        return self.loop.scratch_view[:n]
+
     def read_pending(self) -> None:
         """TLS may hold decrypted bytes the selector cannot see: read them this turn."""
         if self.tls and not self.closed and self.sock.pending() and self.wants_read():
@@ -8381,16 +8395,10 @@ class AdminConn(Conn):
         return "<Admin %s>" % self.peer
 
     def on_read(self) -> None:
-        try:
-            n = self.sock.recv_into(self.loop.scratch)
-        except WOULD_BLOCK:
+        data = self.read_scratch()
+        if data is None:
             return
-        except OSError:
-            n = 0
-        if not n:
-            self.close_socket()
-            return
-        for kind, value in self.parser.feed(self.loop.scratch_view[:n]):
+        for kind, value in self.parser.feed(data):
             if kind == EV_HEAD:
                 answer = self.admin.respond(value)
                 log.debug("admin %s: %s %s: %s", self.peer, value.method,
@@ -10089,17 +10097,11 @@ class InspectorConn(Conn):
             self.close_socket()
 
     def on_read(self) -> None:
-        try:
-            n = self.sock.recv_into(self.loop.scratch)
-        except WOULD_BLOCK:
-            return
-        except OSError:
-            n = 0
-        if not n:
-            self.close_socket()
+        data = self.read_scratch()
+        if data is None:
             return
         self.active = time.monotonic()
-        for kind, value in self.parser.feed(self.loop.scratch_view[:n]):
+        for kind, value in self.parser.feed(data):
             # (a body's bytes are a view of the loop's scratch buffer: copied to wait)
             self.events.append((kind, bytes(value) if kind is EV_BODY else value))
         self._serve()
