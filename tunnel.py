@@ -3927,42 +3927,48 @@ class Session(Conn):
         if not self.established:
             self._handshake_step(frame)
             return
-        ftype = frame.type
-        if ftype == FrameType.DATA:
-            stream = self._stream_for(frame.stream_id)
-            if stream is not None:
-                self._active.add(stream.id)
-                stream._on_data(frame.payload)
-        elif ftype == LOG_TYPE and not self.is_relay:    # a client gets one a request
-            self._on_log(frame)
-        elif ftype == FrameType.WINDOW:
-            if len(frame.payload) != U32.size:
-                raise ProtocolError("WINDOW payload of %d bytes" % len(frame.payload))
-            stream = self._stream_for(frame.stream_id)
-            if stream is not None:
-                stream._on_window(U32.unpack(frame.payload)[0])
-        elif ftype == FrameType.FIN:
-            stream = self._stream_for(frame.stream_id)
-            if stream is not None:
-                stream._on_fin()
-        elif ftype == FrameType.RST:
-            stream = self._stream_for(frame.stream_id)
-            if stream is not None:
-                stream._on_rst(frame.payload.decode("utf-8", "replace"))
-        elif ftype == FrameType.OPEN:
-            self._on_open(frame)
-        elif ftype == FrameType.PING:
-            self._on_ping(frame)
-        elif ftype == FrameType.GOAWAY:
-            if self.goaway_received:        # once is news; a stream of them is noise
-                return
-            self.goaway_received = True
-            reason = escape_unprintable(frame.payload[U32.size:].decode(
-                "utf-8", "replace"))[:MAX_REFUSAL_TEXT]     # the peer's words: one line
-            log.info("%s: peer is going away%s", self.label, ": " + reason if reason else "")
-            self.delegate.on_goaway(self, reason)
-        else:
+        reader = self._READERS.get(frame.type)
+        if reader is None:
             raise ProtocolError("unexpected %s" % _frame_name(frame))
+        reader(self, frame)
+
+    # -- one reader per frame type once established (_READERS) ------------------------
+    def _read_data(self, frame: Frame) -> None:
+        stream = self._stream_for(frame.stream_id)
+        if stream is not None:
+            self._active.add(stream.id)
+            stream._on_data(frame.payload)
+
+    def _read_log(self, frame: Frame) -> None:
+        if self.is_relay:                       # only the relay sends them
+            raise ProtocolError("unexpected %s" % _frame_name(frame))
+        self._on_log(frame)
+
+    def _read_window(self, frame: Frame) -> None:
+        if len(frame.payload) != U32.size:
+            raise ProtocolError("WINDOW payload of %d bytes" % len(frame.payload))
+        stream = self._stream_for(frame.stream_id)
+        if stream is not None:
+            stream._on_window(U32.unpack(frame.payload)[0])
+
+    def _read_fin(self, frame: Frame) -> None:
+        stream = self._stream_for(frame.stream_id)
+        if stream is not None:
+            stream._on_fin()
+
+    def _read_rst(self, frame: Frame) -> None:
+        stream = self._stream_for(frame.stream_id)
+        if stream is not None:
+            stream._on_rst(frame.payload.decode("utf-8", "replace"))
+
+    def _read_goaway(self, frame: Frame) -> None:
+        if self.goaway_received:        # once is news; a stream of them is noise
+            return
+        self.goaway_received = True
+        reason = escape_unprintable(frame.payload[U32.size:].decode(
+            "utf-8", "replace"))[:MAX_REFUSAL_TEXT]     # the peer's words: one line
+        log.info("%s: peer is going away%s", self.label, ": " + reason if reason else "")
+        self.delegate.on_goaway(self, reason)
 
     def shared(self, now: float) -> bool:
         """Has more than one stream moved data within about ACTIVITY_WINDOW?"""
@@ -4207,6 +4213,13 @@ class Session(Conn):
 
     def abort(self, reason: str) -> None:
         self.close(reason)
+
+    # Frames after the handshake, by type (HELLO..REFUSE there are handshake errors).
+    _READERS: Dict[int, Callable[["Session", Frame], None]] = {
+        int(FrameType.DATA): _read_data, LOG_TYPE: _read_log,
+        int(FrameType.WINDOW): _read_window, int(FrameType.FIN): _read_fin,
+        int(FrameType.RST): _read_rst, int(FrameType.OPEN): _on_open,
+        int(FrameType.PING): _on_ping, int(FrameType.GOAWAY): _read_goaway}
 
 
 # =============================================================================
