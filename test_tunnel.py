@@ -10041,6 +10041,37 @@ class UsabilityTest(EndToEndBase):
                     if m.startswith("relay refused") and "too many failed" in m]
         self.assertEqual(len(refusals), 1, refusals)
 
+    def site_probe(self):
+        """A user site-packages (for PYTHONUSERBASE) whose .pth file creates ``marker``."""
+        marker = os.path.join(self.dir, "site-ran")
+        user_base = os.path.join(self.dir, "userbase")
+        env = dict(os.environ, PYTHONUSERBASE=user_base)
+        site_dir = subprocess.run([sys.executable, "-c", "import site; print(site.USER_SITE)"],
+                                  capture_output=True, text=True, env=env).stdout.strip()
+        os.makedirs(site_dir)
+        with open(os.path.join(site_dir, "probe.pth"), "w") as f:
+            f.write("import os; f = open(%r, 'a'); f.write('ran\\n'); f.close()\n" % marker)
+        return marker, user_base
+
+    def test_the_deferred_site_runs_before_the_system_store_is_trusted(self):
+        marker, user_base = self.site_probe()
+        cert = make_certificate(self.dir)[0]
+        code = ("import os, sys, tunnel; assert %r not in os.environ; "
+                "print(os.path.exists(%r)); tunnel.trusting_context('%s'); "
+                "print(os.path.exists(%r)); tunnel.trusting_context(None); "
+                "tunnel.trusting_context(None); print(os.path.exists(%r))"
+                % (tunnel._DEFERRED_SITE_ENV, marker, cert, marker, marker))
+        env = dict(os.environ, PYTHONUSERBASE=user_base, PYTHONPATH=os.path.dirname(TUNNEL_PY))
+        env[tunnel._DEFERRED_SITE_ENV] = "1"
+        p = subprocess.run([sys.executable, "-W", "error", "-S", "-c", code],
+                           capture_output=True, text=True, env=env, timeout=WAIT)
+        self.assertEqual((p.stdout.split(), p.stderr), (["False", "False", "True"], ""))
+        os.unlink(marker)
+        del env[tunnel._DEFERRED_SITE_ENV]   # an -S of the user's own is left alone
+        p = subprocess.run([sys.executable, "-W", "error", "-S", "-c", code],
+                           capture_output=True, text=True, env=env, timeout=WAIT)
+        self.assertEqual((p.stdout.split(), p.stderr), (["False", "False", "False"], ""))
+
     def test_ctrl_c_while_the_reexec_stub_imports_exits_0_quietly(self):
         fake = os.path.join(self.dir, "tunnel.py")
         with open(fake, "w") as f:          # a real Ctrl-C, while the module body runs
@@ -10054,8 +10085,9 @@ class UsabilityTest(EndToEndBase):
     def test_the_reexec_and_its_switch(self):
         if sys.version_info < (3, 10) or not os.path.isdir("/proc/self"):
             self.skipTest("the re-exec needs sys.orig_argv (3.10+) and /proc to be seen")
+        marker, user_base = self.site_probe()
         for env, reexec in (({}, True), ({"TUNNEL_NO_REEXEC": "1"}, False)):
-            e = dict(os.environ, **env)
+            e = dict(os.environ, PYTHONUSERBASE=user_base, **env)
             e[tunnel.STATE_DIR_ENV] = self.dir
             p = subprocess.Popen([sys.executable, "-W", "error", TUNNEL_PY, "serve",
                                   "--http-port", "0", "--control-port", "0", "--plaintext"],
@@ -10068,6 +10100,11 @@ class UsabilityTest(EndToEndBase):
                 with open("/proc/%d/cmdline" % p.pid, "rb") as f:
                     argv = f.read().split(b"\0")
                 self.assertEqual(b"-c" in argv, reexec, argv)
+                # the .pth files ran once, in the first interpreter: not again after the
+                # re-exec (-S), which would have imported what they import a second time
+                with open(marker) as f:
+                    self.assertEqual(f.read(), "ran\n")
+                os.unlink(marker)
                 self.assertEqual(argv[-7:], [b"serve", b"--http-port", b"0", b"--control-port",
                                              b"0", b"--plaintext", b""])
                 p.send_signal(signal.SIGTERM)

@@ -307,6 +307,28 @@ _REEXEC = ("import os, sys; sys.path[:1] == [''] and sys.path.__setitem__(0, "
            "sys.exit(m._script_main())")
 
 
+# The child starts with -S as well: no site-packages on sys.path and none of their .pth
+# files run.  The tool imports only the standard library, but a .pth may import a lot
+# (a CA bundle's certifi pulls in importlib.resources, pathlib, zipfile, typing: 100
+# modules and 4 MiB on this kind of machine).  Some .pth files matter to TLS, though
+# (truststore, pip-system-certs, a sandbox's egress CA put the corporate CA in the
+# system store), so ``load_site`` runs them after all, once, before the first TLS
+# context that trusts the system store.  The stub learns that it owes the site from
+# _DEFERRED_SITE_ENV, which the module takes out of the environment again.
+_DEFERRED_SITE_ENV = "TUNNEL_DEFERRED_SITE"
+_site_deferred = os.environ.pop(_DEFERRED_SITE_ENV, "") == "1"
+
+
+def load_site() -> None:
+    """Run the site module's start-up now if the re-exec put it off (-S): site-packages
+    on sys.path, their .pth files, sitecustomize.  Once; nothing otherwise."""
+    global _site_deferred
+    if _site_deferred:
+        _site_deferred = False
+        import site
+        site.main()
+
+
 def _reexec_as_module() -> None:
     """Replace this process with ``python FLAGS -c _REEXEC tunnel.py ARGS`` if possible."""
     orig = getattr(sys, "orig_argv", None)
@@ -319,9 +341,14 @@ def _reexec_as_module() -> None:
         return
     if not os.path.isfile(script) or orig[at + 1:] != sys.argv[1:]:
         return
+    flags = orig[1:at]
+    env = os.environ
+    if not sys.flags.no_site:                # -S: site-packages wait for load_site()
+        flags = flags + ["-S"]
+        env = dict(env, **{_DEFERRED_SITE_ENV: "1"})
     try:
-        os.execv(sys.executable, [sys.executable] + orig[1:at] + ["-c", _REEXEC, script]
-                 + sys.argv[1:])
+        os.execve(sys.executable, [sys.executable] + flags + ["-c", _REEXEC, script]
+                  + sys.argv[1:], env)
     except OSError:
         pass                                 # run in this interpreter after all
 
@@ -918,6 +945,14 @@ def normalize_fingerprint(text: str) -> str:
     if not re.fullmatch(r"[0-9A-F]{64}", hexdigits):
         raise ValueError("not a SHA-256 fingerprint: %r" % text)
     return ":".join(hexdigits[i:i + 2] for i in range(0, 64, 2))
+
+
+def trusting_context(cafile: Optional[str]) -> Any:
+    """A client TLS context that verifies against ``cafile``, or the system store
+    (after ``load_site``: a .pth file may be what puts the local CA into it)."""
+    if cafile is None:
+        load_site()
+    return load_ssl().create_default_context(cafile=cafile)
 
 
 def server_tls_context(cert: str, key: Optional[str]) -> Any:
@@ -8937,7 +8972,7 @@ class Client(Side):
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             else:
-                ctx = ssl.create_default_context(cafile=cfg.target_ca)
+                ctx = trusting_context(cfg.target_ca)
             self._target_tls_context = ctx
         return [DialStage(DIAL_TLS, self._target_tls_context, cfg.target_host, False)]
 
@@ -9058,7 +9093,7 @@ class Client(Side):
         """TLS to an https:// proxy: verified against the system store (or --proxy-ca),
         with its host name checked, always."""
         ssl = load_ssl()
-        ctx = ssl.create_default_context(cafile=self.config.proxy_ca)
+        ctx = trusting_context(self.config.proxy_ca)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
@@ -9070,7 +9105,7 @@ class Client(Side):
             ssl = load_ssl()
             cfg = self.config
             if cfg.tls or cfg.tls_ca:
-                ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+                ctx = trusting_context(cfg.tls_ca)
             else:
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 ctx.check_hostname = False
