@@ -197,11 +197,11 @@ Frames (after the preamble, everything on the control socket is a frame)::
                        in after the u64 bytes out;   clients that asked: "log_upgrades");
                        flag WEBSOCKET=4              status 101, duration and bytes from
                                                      the request to the close
-                       flag BATCH=8 (id 0): u16 k,   the requests answered since the last
-                       k records of u16 status, u32  batch in one frame (to clients that
-                       us, u64 bytes, u16 n; then    asked: "log_batch"), sent with the
-                       the k texts ("METHOD target",  next frame or after LOG_DELAY; an
-                       n bytes each), in order       upgraded end keeps its own frame
+                       flag BATCH=8 (id 0): u16 k,   the requests of one loop turn in one
+                       k records of u16 status, u32  frame (to clients that asked:
+                       us, u64 bytes, u16 n; then    "log_batch"); an upgraded end keeps
+                       the k texts ("METHOD target",  its own frame
+                       n bytes each), in order
 
 Streams are opened only by the relay, with increasing ids.  A frame for a
 stream id that was never opened, an unknown type, an over-long frame or a
@@ -3767,8 +3767,8 @@ class Session(Conn):
         self.close_reason: Optional[str] = None
         self._close_error: Optional[BaseException] = None   # what close() was given
         self.log_batch = False          # relay: LOG records go in FLAG_LOG_BATCH frames
-        self._logs = bytearray()        # ... the waiting records, sent with the next
-        self._log_texts = bytearray()   # flush that has other frames, and their texts
+        self._logs = bytearray()        # ... this loop turn's records, sent with the next
+        self._log_texts = bytearray()   # flush, and their texts
         self._log_count = 0
         self._log_timer: Optional[Timer] = None   # LOG_DELAY: the batch goes out alone
         self._close_when_flushed: Optional[str] = None
