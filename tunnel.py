@@ -424,9 +424,6 @@ LOG_BATCH_RECORD = struct.Struct("!HIQH")   # status, duration in us, bytes, tex
 LOG_BATCH_COUNT = struct.Struct("!H")   # records in a batch
 LOG_BATCH_LIMIT = 64 * 1024             # a batch's payload: past this, the next frame
 LOG_BATCH_MAX = 2 ** 16 - 1             # ... or past this many records
-LOG_DELAY = 0.1                         # seconds a batch may wait for other frames to the
-#                                         client, so that it rides in their send: at one
-#                                         request at a time, one send and one wake-up less
 
 
 class FrameType(enum.IntEnum):
@@ -3723,7 +3720,6 @@ class SessionConfig(Settings):
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     window_budget: int = SESSION_BUDGET     # receive windows of all streams together
-    log_delay: float = LOG_DELAY            # relay: how long LOG records may wait
 
 
 class Session(Conn):
@@ -3770,7 +3766,6 @@ class Session(Conn):
         self._logs = bytearray()        # ... this loop turn's records, sent with the next
         self._log_texts = bytearray()   # flush, and their texts
         self._log_count = 0
-        self._log_timer: Optional[Timer] = None   # LOG_DELAY: the batch goes out alone
         self._close_when_flushed: Optional[str] = None
         self._hold = False               # output held back (a delayed refusal)
         self._congested = False
@@ -3849,13 +3844,9 @@ class Session(Conn):
         self.flush()
 
     def _emit_logs(self) -> None:
-        """The waiting LOG records as one FLAG_LOG_BATCH frame, after its DATA (the
-        caller flushes)."""
-        if self._log_timer is not None:
-            self._log_timer.cancel()
-            self._log_timer = None
-        logs, texts, out = self._logs, self._log_texts, self.out
-        out += FRAME_HEADER.pack(LOG_TYPE, FLAG_LOG_BATCH, 0,
+        """This turn's LOG records as one FLAG_LOG_BATCH frame, after its DATA."""
+        logs, texts, out = self._logs, self._log_texts, self.out   # (a flush is scheduled:
+        out += FRAME_HEADER.pack(LOG_TYPE, FLAG_LOG_BATCH, 0,        # the first record's)
                                  LOG_BATCH_COUNT.size + len(logs) + len(texts))
         out += LOG_BATCH_COUNT.pack(self._log_count)
         out += logs
@@ -3866,16 +3857,9 @@ class Session(Conn):
         if not self._congested and len(out) >= SESSION_HIGH_WATER:
             self._congested = True
 
-    def _logs_due(self) -> None:
-        """LOG_DELAY has passed with nothing else for the client: the batch goes alone."""
-        self._log_timer = None
+    def flush(self) -> None:
         if self._logs and not self.closed:
             self._emit_logs()
-            self.flush()
-
-    def flush(self) -> None:
-        if self._logs and self.out and not self.closed:
-            self._emit_logs()           # other frames go now: the records ride along
         if self.closed or not self.out or self._hold:
             return
         try:
@@ -4200,19 +4184,15 @@ class Session(Conn):
             micros = 2 ** 32 - 1
         if bytes_in is None and self.log_batch:      # the client takes batches
             logs, texts = self._logs, self._log_texts
-            if not logs and self._log_timer is None:    # the next flush with other
-                self._log_timer = self.loop.call_later(  # frames, or this, sends them
-                    self.config.log_delay, self._logs_due)
+            if not logs:
+                self.loop.schedule_flush(self)      # flush() puts them in one frame
             logs += LOG_BATCH_RECORD.pack(status, micros, nbytes if nbytes < 2 ** 64
                                           else 2 ** 64 - 1, len(text))
             texts += text
             self._log_count += 1
             if len(logs) + len(texts) >= LOG_BATCH_LIMIT or self._log_count == LOG_BATCH_MAX:
                 self._emit_logs()
-                self.loop.schedule_flush(self)
             return
-        if self._logs:
-            self._emit_logs()           # in order: the waiting records first
         if bytes_in is None:            # a request (once each: no min(), no extra pack)
             self._send(LOG_FRAME.pack(LOG_TYPE, 0, stream_id, LOG_RECORD_SIZE + len(text),
                                       status, micros, nbytes if nbytes < 2 ** 64
@@ -4228,15 +4208,11 @@ class Session(Conn):
         if self.goaway_sent or self.closed or not self.established:
             return
         self.goaway_sent = True
-        if self._logs:
-            self._emit_logs()
         self._send(encode_frame(FrameType.GOAWAY, 0,
                                 U32.pack(GOAWAY_NORMAL) + reason.encode("utf-8")[:200]))
 
     def close_after_flush(self, reason: str) -> None:
         self._close_when_flushed = reason
-        if self._logs and not self.closed:
-            self._emit_logs()
         self.loop.schedule_flush(self)
         if not self.out and not (self.tls and self.sock.unsent):
             self.close(reason)
@@ -4260,9 +4236,6 @@ class Session(Conn):
         for timer in self._timers:
             timer.cancel()
         self._timers = []
-        if self._log_timer is not None:
-            self._log_timer.cancel()
-            self._log_timer = None
         streams = list(self.streams.values())
         self.streams.clear()
         if self.established or error is not None:
@@ -6293,7 +6266,7 @@ def _check_ca_file(flag: str, cafile: Optional[str]) -> None:
 class RelayConfig(Settings):
     FLAG_NAMES = {"trusted_proxies": "--trusted-proxy", "redirect_port": "--http-redirect-port",
                   "tokens_file": "--tokens", "tls_proxy_fingerprints": "--tls-proxy-fingerprint"}
-    NO_FLAG = frozenset({"reservation", "accept_pause", "log_delay"})
+    NO_FLAG = frozenset({"reservation", "accept_pause"})
 
     bind: str = DEFAULT_BIND
     http_port: int = DEFAULT_HTTP_PORT
@@ -6322,7 +6295,6 @@ class RelayConfig(Settings):
     body_timeout: float = BODY_TIMEOUT       # a request body stalled this long: 408
     send_timeout: float = SEND_TIMEOUT       # a visitor that takes nothing this long: closed
     accept_pause: float = ACCEPT_PAUSE       # out of descriptors: stop accepting this long
-    log_delay: float = LOG_DELAY             # LOG records wait this long for other frames
     max_head_size: int = MAX_HEAD_SIZE       # request heads larger than this: 431
     tls_cert: Optional[str] = None          # visitors over HTTPS (and control, by default)
     tls_key: Optional[str] = None
@@ -7219,8 +7191,7 @@ class Relay(Side):
         self.session_config = SessionConfig(heartbeat_interval=config.heartbeat_interval,
                                             heartbeat_timeout=config.heartbeat_timeout,
                                             handshake_timeout=config.handshake_timeout,
-                                            window_budget=config.session_budget,
-                                            log_delay=config.log_delay)
+                                            window_budget=config.session_budget)
         # serve --admin and --access-log (RelayAdmin, AccessLog), and what they show:
         # counted only where something is refused or answered by the relay itself.
         self.access_log: Optional[AccessLog] = None
