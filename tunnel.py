@@ -309,12 +309,13 @@ _REEXEC = ("import os, sys; sys.path[:1] == [''] and sys.path.__setitem__(0, "
 
 # The child starts with -S as well: no site-packages on sys.path and none of their .pth
 # files run.  The tool imports only the standard library, but a .pth may import a lot
-# (a CA bundle's certifi pulls in importlib.resources, pathlib, zipfile, typing: 100
-# modules and 4 MiB on this kind of machine).  Some .pth files matter to TLS, though
-# (truststore, pip-system-certs, a sandbox's egress CA put the corporate CA in the
-# system store), so ``load_site`` runs them after all, once, before the first TLS
-# context that trusts the system store.  The stub learns that it owes the site from
-# _DEFERRED_SITE_ENV, which the module takes out of the environment again.
+# (a CA bundle's certifi pulls in importlib.resources, pathlib, zipfile, typing: 80
+# modules and about 2 MiB per process on this kind of machine).  Some .pth files matter
+# to TLS, though (truststore, pip-system-certs, a sandbox's egress CA put the corporate
+# CA in the system store), so ``load_site`` runs them after all, once, before the first
+# TLS context that trusts the system store.  The module learns that it owes the site
+# from _DEFERRED_SITE_ENV (a -S of the user's own is not ours to undo) and takes it out
+# of the environment again.
 _DEFERRED_SITE_ENV = "TUNNEL_DEFERRED_SITE"
 _site_deferred = os.environ.pop(_DEFERRED_SITE_ENV, "") == "1"
 
