@@ -10042,12 +10042,18 @@ class UsabilityTest(EndToEndBase):
         self.assertEqual(len(refusals), 1, refusals)
 
     def site_probe(self):
-        """A user site-packages (for PYTHONUSERBASE) whose .pth file creates ``marker``."""
+        """A user site-packages (for PYTHONUSERBASE) whose .pth file appends a line to
+        ``marker`` each time it runs.  Skips where Python has no user site (a venv, a
+        setuid process): its .pth files never run there."""
         marker = os.path.join(self.dir, "site-ran")
         user_base = os.path.join(self.dir, "userbase")
         env = dict(os.environ, PYTHONUSERBASE=user_base)
-        site_dir = subprocess.run([sys.executable, "-c", "import site; print(site.USER_SITE)"],
-                                  capture_output=True, text=True, env=env).stdout.strip()
+        enabled, site_dir = subprocess.run(
+            [sys.executable, "-c", "import site; print(site.ENABLE_USER_SITE, site.USER_SITE)"],
+            capture_output=True, text=True, env=env, timeout=WAIT).stdout.split(None, 1)
+        if enabled != "True":
+            self.skipTest("this Python runs no user site-packages")
+        site_dir = site_dir.strip()
         os.makedirs(site_dir)
         with open(os.path.join(site_dir, "probe.pth"), "w") as f:
             f.write("import os; f = open(%r, 'a'); f.write('ran\\n'); f.close()\n" % marker)
