@@ -7314,6 +7314,7 @@ class TLSTest(EndToEndBase):
         client.thread.join(WAIT)
         self.assertEqual(client.exit_code, 2)
         self.assertIn("could not verify the relay's certificate", client.error)
+        self.assertIn("leave out --tls", client.error)      # what to do instead
 
     def test_stalled_tls_handshakes_block_nobody(self):
         silent = socket.create_connection(("127.0.0.1", self.relay.http_port), WAIT)

@@ -9139,6 +9139,10 @@ class Client(Side):
                     "proxy" if at_proxy else "relay", why)
                 if at_proxy and not self.config.proxy_ca:
                     why += "; pass its CA with --proxy-ca FILE"
+                elif not at_proxy and "self-signed" in why and not self.config.tls_ca:
+                    why += ("; a relay's own certificate passes no CA check: leave out "
+                            "--tls (the handshake proves the relay), or pin it with "
+                            "--tls-fingerprint as serve printed it")
             self.fatal(EXIT_USAGE, why)
             return
         first = self.url is None
